@@ -1,0 +1,20 @@
+//! The one criterion harness of the lb crates: a module per crate registers its groups.
+//! Run with `cargo bench -p lb-benches` (all) or `cargo bench -p lb-benches -- <group filter>`.
+#![allow(missing_docs, unreachable_pub)]
+
+use criterion::{criterion_group, criterion_main, Criterion};
+
+mod core_hash;
+
+fn all(c: &mut Criterion) {
+    core_hash::register(c);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = all
+}
+criterion_main!(benches);

@@ -1,0 +1,512 @@
+//! Flow keys: the 5-tuple that names a connection, for IPv4 and IPv6.
+
+use core::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::CoreError;
+
+/// An IP protocol number (the IPv4 `protocol` field or the IPv6 upper-layer `next header`).
+///
+/// The protocols the balancer treats specially have their own variants; every other number is
+/// [`IpProto::Other`]. `IpProto::from(6) == IpProto::Tcp`, and conversions round-trip for all 256
+/// values (`Other` never holds a number that has its own variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpProto {
+    /// ICMP for IPv4 (1).
+    Icmp,
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// ICMPv6 (58).
+    Icmpv6,
+    /// SCTP (132).
+    Sctp,
+    /// Any other protocol number.
+    Other(u8),
+}
+
+impl IpProto {
+    /// The protocol number.
+    #[inline]
+    pub const fn number(self) -> u8 {
+        match self {
+            IpProto::Icmp => 1,
+            IpProto::Tcp => 6,
+            IpProto::Udp => 17,
+            IpProto::Icmpv6 => 58,
+            IpProto::Sctp => 132,
+            IpProto::Other(n) => n,
+        }
+    }
+
+    /// The protocol with number `n`.
+    #[inline]
+    pub const fn from_number(n: u8) -> Self {
+        match n {
+            1 => IpProto::Icmp,
+            6 => IpProto::Tcp,
+            17 => IpProto::Udp,
+            58 => IpProto::Icmpv6,
+            132 => IpProto::Sctp,
+            n => IpProto::Other(n),
+        }
+    }
+
+    /// Whether this protocol carries 16-bit source and destination ports (TCP, UDP, SCTP).
+    #[inline]
+    pub const fn has_ports(self) -> bool {
+        matches!(self, IpProto::Tcp | IpProto::Udp | IpProto::Sctp)
+    }
+}
+
+impl From<u8> for IpProto {
+    #[inline]
+    fn from(n: u8) -> Self {
+        IpProto::from_number(n)
+    }
+}
+
+impl From<IpProto> for u8 {
+    #[inline]
+    fn from(p: IpProto) -> u8 {
+        p.number()
+    }
+}
+
+impl fmt::Display for IpProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpProto::Icmp => f.write_str("icmp"),
+            IpProto::Tcp => f.write_str("tcp"),
+            IpProto::Udp => f.write_str("udp"),
+            IpProto::Icmpv6 => f.write_str("icmpv6"),
+            IpProto::Sctp => f.write_str("sctp"),
+            IpProto::Other(n) => write!(f, "proto-{n}"),
+        }
+    }
+}
+
+/// The 5-tuple of a flow: source and destination address and port, and the IP protocol.
+///
+/// Both addresses are always of the same family (the constructors guarantee it). For protocols
+/// without ports, and for non-first fragments, the ports are zero: such keys name a 3-tuple. For
+/// ICMP echo, callers may put the echo identifier in both ports.
+///
+/// ```
+/// use lb_core::{FlowKey, IpProto};
+/// use std::net::Ipv4Addr;
+/// let k = FlowKey::v4(Ipv4Addr::new(192, 0, 2, 1), 40000, Ipv4Addr::new(203, 0, 113, 10), 80, IpProto::Tcp);
+/// assert_eq!(k.to_string(), "tcp 192.0.2.1:40000 -> 203.0.113.10:80");
+/// assert_eq!(k.reversed().reversed(), k);
+/// assert_eq!(k.canonical(), k.reversed().canonical());
+/// assert_eq!(lb_core::FlowKey::decode(&k.encode()), Ok(k));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    src: IpAddr,
+    dst: IpAddr,
+    src_port: u16,
+    dst_port: u16,
+    proto: IpProto,
+}
+
+/// Length of [`FlowKey::encode`]'s output, the same for both families.
+pub const FLOW_KEY_ENCODED_LEN: usize = 38;
+
+impl FlowKey {
+    /// Length of the fixed-size encoding (see [`FlowKey::encode`]).
+    pub const ENCODED_LEN: usize = FLOW_KEY_ENCODED_LEN;
+
+    /// An IPv4 flow key.
+    #[inline]
+    pub const fn v4(
+        src: Ipv4Addr,
+        src_port: u16,
+        dst: Ipv4Addr,
+        dst_port: u16,
+        proto: IpProto,
+    ) -> Self {
+        FlowKey {
+            src: IpAddr::V4(src),
+            dst: IpAddr::V4(dst),
+            src_port,
+            dst_port,
+            proto,
+        }
+    }
+
+    /// An IPv6 flow key.
+    #[inline]
+    pub const fn v6(
+        src: Ipv6Addr,
+        src_port: u16,
+        dst: Ipv6Addr,
+        dst_port: u16,
+        proto: IpProto,
+    ) -> Self {
+        FlowKey {
+            src: IpAddr::V6(src),
+            dst: IpAddr::V6(dst),
+            src_port,
+            dst_port,
+            proto,
+        }
+    }
+
+    /// A flow key from addresses of either family.
+    ///
+    /// # Errors
+    /// [`CoreError::FamilyMismatch`] if `src` and `dst` are of different families.
+    pub fn new(
+        src: IpAddr,
+        src_port: u16,
+        dst: IpAddr,
+        dst_port: u16,
+        proto: IpProto,
+    ) -> Result<Self, CoreError> {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => Ok(Self::v4(s, src_port, d, dst_port, proto)),
+            (IpAddr::V6(s), IpAddr::V6(d)) => Ok(Self::v6(s, src_port, d, dst_port, proto)),
+            (s, d) => Err(CoreError::FamilyMismatch {
+                src: family(s),
+                dst: family(d),
+            }),
+        }
+    }
+
+    /// Source address.
+    #[inline]
+    pub const fn src(&self) -> IpAddr {
+        self.src
+    }
+    /// Destination address.
+    #[inline]
+    pub const fn dst(&self) -> IpAddr {
+        self.dst
+    }
+    /// Source port (0 when the protocol has none or the packet is a non-first fragment).
+    #[inline]
+    pub const fn src_port(&self) -> u16 {
+        self.src_port
+    }
+    /// Destination port (0 when the protocol has none or the packet is a non-first fragment).
+    #[inline]
+    pub const fn dst_port(&self) -> u16 {
+        self.dst_port
+    }
+    /// IP protocol.
+    #[inline]
+    pub const fn proto(&self) -> IpProto {
+        self.proto
+    }
+    /// Whether both addresses are IPv4.
+    #[inline]
+    pub const fn is_ipv4(&self) -> bool {
+        matches!(self.src, IpAddr::V4(_))
+    }
+
+    /// The same key with ports set to zero: the 3-tuple used for non-first fragments.
+    #[inline]
+    pub const fn without_ports(&self) -> Self {
+        FlowKey {
+            src_port: 0,
+            dst_port: 0,
+            ..*self
+        }
+    }
+
+    /// The same key with the destination replaced (for example by a NAT rewrite).
+    ///
+    /// # Errors
+    /// [`CoreError::FamilyMismatch`] if `dst` is not of this key's family.
+    pub fn with_dst(&self, dst: IpAddr, dst_port: u16) -> Result<Self, CoreError> {
+        Self::new(self.src, self.src_port, dst, dst_port, self.proto)
+    }
+
+    /// The same key with the source replaced (for example by a source NAT).
+    ///
+    /// # Errors
+    /// [`CoreError::FamilyMismatch`] if `src` is not of this key's family.
+    pub fn with_src(&self, src: IpAddr, src_port: u16) -> Result<Self, CoreError> {
+        Self::new(src, src_port, self.dst, self.dst_port, self.proto)
+    }
+
+    /// The key of the opposite direction: source and destination swapped.
+    #[inline]
+    pub const fn reversed(&self) -> Self {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+        }
+    }
+
+    /// A direction-independent form: the one of `self` and `self.reversed()` whose
+    /// `(src, src_port)` endpoint is the smaller. `k.canonical() == k.reversed().canonical()`.
+    #[inline]
+    pub fn canonical(&self) -> Self {
+        if self.is_canonical() {
+            *self
+        } else {
+            self.reversed()
+        }
+    }
+
+    /// Whether `self` is already in canonical form (see [`FlowKey::canonical`]).
+    #[inline]
+    pub fn is_canonical(&self) -> bool {
+        (self.src, self.src_port) <= (self.dst, self.dst_port)
+    }
+
+    /// The fixed-size encoding: 38 bytes for both families.
+    ///
+    /// Layout: `[family (4 or 6), protocol, src port (BE), dst port (BE), src address (16),
+    /// dst address (16)]`. An IPv4 address occupies the first 4 bytes of its 16-byte field and the
+    /// other 12 are zero. Every key has exactly one encoding and [`FlowKey::decode`] accepts exactly
+    /// the encodings of keys.
+    pub fn encode(&self) -> [u8; FLOW_KEY_ENCODED_LEN] {
+        let mut out = [0u8; FLOW_KEY_ENCODED_LEN];
+        out[0] = family(self.src);
+        out[1] = self.proto.number();
+        out[2..4].copy_from_slice(&self.src_port.to_be_bytes());
+        out[4..6].copy_from_slice(&self.dst_port.to_be_bytes());
+        write_addr(&mut out[6..22], self.src);
+        write_addr(&mut out[22..38], self.dst);
+        out
+    }
+
+    /// Decodes the output of [`FlowKey::encode`].
+    ///
+    /// # Errors
+    /// [`CoreError::Length`] unless `bytes` is exactly 38 bytes long, [`CoreError::UnknownFamily`]
+    /// for a family tag other than 4 or 6, [`CoreError::NonZeroPadding`] for an IPv4 key whose
+    /// address fields have non-zero bytes after the address.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CoreError> {
+        let b: &[u8; FLOW_KEY_ENCODED_LEN] = bytes.try_into().map_err(|_| CoreError::Length {
+            what: "flow key",
+            need: FLOW_KEY_ENCODED_LEN,
+            have: bytes.len(),
+        })?;
+        let proto = IpProto::from_number(b[1]);
+        let src_port = u16::from_be_bytes([b[2], b[3]]);
+        let dst_port = u16::from_be_bytes([b[4], b[5]]);
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&b[6..22]);
+        dst.copy_from_slice(&b[22..38]);
+        match b[0] {
+            4 => {
+                if src[4..].iter().chain(&dst[4..]).any(|&x| x != 0) {
+                    return Err(CoreError::NonZeroPadding);
+                }
+                let s = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+                let d = Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]);
+                Ok(Self::v4(s, src_port, d, dst_port, proto))
+            }
+            6 => Ok(Self::v6(
+                Ipv6Addr::from(src),
+                src_port,
+                Ipv6Addr::from(dst),
+                dst_port,
+                proto,
+            )),
+            t => Err(CoreError::UnknownFamily(t)),
+        }
+    }
+
+    /// Writes the packed hashing form into `buf` and returns its length: 13 bytes for IPv4
+    /// (`src, dst, src port, dst port, protocol`), 37 for IPv6. The two families never produce the
+    /// same bytes because their lengths differ.
+    #[inline]
+    pub(crate) fn pack(&self, buf: &mut [u8; 37]) -> usize {
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                buf[0..4].copy_from_slice(&s.octets());
+                buf[4..8].copy_from_slice(&d.octets());
+                buf[8..10].copy_from_slice(&self.src_port.to_be_bytes());
+                buf[10..12].copy_from_slice(&self.dst_port.to_be_bytes());
+                buf[12] = self.proto.number();
+                13
+            }
+            (s, d) => {
+                buf[0..16].copy_from_slice(&v6_octets(s));
+                buf[16..32].copy_from_slice(&v6_octets(d));
+                buf[32..34].copy_from_slice(&self.src_port.to_be_bytes());
+                buf[34..36].copy_from_slice(&self.dst_port.to_be_bytes());
+                buf[36] = self.proto.number();
+                37
+            }
+        }
+    }
+}
+
+fn family(a: IpAddr) -> u8 {
+    match a {
+        IpAddr::V4(_) => 4,
+        IpAddr::V6(_) => 6,
+    }
+}
+
+fn write_addr(out: &mut [u8], a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.copy_from_slice(&a.octets()),
+    }
+}
+
+fn v6_octets(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+impl fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => write!(
+                f,
+                "{} {}:{} -> {}:{}",
+                self.proto, s, self.src_port, d, self.dst_port
+            ),
+            (s, d) => write!(
+                f,
+                "{} [{}]:{} -> [{}]:{}",
+                self.proto, s, self.src_port, d, self.dst_port
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_key() -> impl Strategy<Value = FlowKey> {
+        prop_oneof![
+            (
+                any::<[u8; 4]>(),
+                any::<u16>(),
+                any::<[u8; 4]>(),
+                any::<u16>(),
+                any::<u8>()
+            )
+                .prop_map(|(s, sp, d, dp, p)| FlowKey::v4(
+                    s.into(),
+                    sp,
+                    d.into(),
+                    dp,
+                    p.into()
+                )),
+            (
+                any::<[u8; 16]>(),
+                any::<u16>(),
+                any::<[u8; 16]>(),
+                any::<u16>(),
+                any::<u8>()
+            )
+                .prop_map(|(s, sp, d, dp, p)| FlowKey::v6(
+                    s.into(),
+                    sp,
+                    d.into(),
+                    dp,
+                    p.into()
+                )),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn reversed_twice_is_identity(k in any_key()) {
+            prop_assert_eq!(k.reversed().reversed(), k);
+        }
+
+        #[test]
+        fn canonical_is_direction_independent(k in any_key()) {
+            prop_assert_eq!(k.canonical(), k.reversed().canonical());
+            prop_assert!(k.canonical().is_canonical());
+            prop_assert!(k.canonical() == k || k.canonical() == k.reversed());
+        }
+
+        #[test]
+        fn encode_decode_roundtrip(k in any_key()) {
+            prop_assert_eq!(FlowKey::decode(&k.encode()), Ok(k));
+        }
+
+        #[test]
+        fn decode_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..80)) {
+            if let Ok(k) = FlowKey::decode(&b) {
+                // Anything accepted is the unique encoding of its key.
+                prop_assert_eq!(&k.encode()[..], &b[..]);
+            }
+        }
+
+        #[test]
+        fn proto_number_roundtrip(n in any::<u8>()) {
+            prop_assert_eq!(IpProto::from(n).number(), n);
+        }
+    }
+
+    #[test]
+    fn family_mismatch_is_an_error() {
+        let e = FlowKey::new(
+            Ipv4Addr::LOCALHOST.into(),
+            1,
+            Ipv6Addr::LOCALHOST.into(),
+            2,
+            IpProto::Udp,
+        );
+        assert_eq!(e, Err(CoreError::FamilyMismatch { src: 4, dst: 6 }));
+    }
+
+    #[test]
+    fn decode_errors() {
+        assert!(matches!(
+            FlowKey::decode(&[4; 37]),
+            Err(CoreError::Length {
+                need: 38,
+                have: 37,
+                ..
+            })
+        ));
+        let mut b =
+            FlowKey::v4([1, 2, 3, 4].into(), 1, [5, 6, 7, 8].into(), 2, IpProto::Tcp).encode();
+        b[0] = 5;
+        assert_eq!(FlowKey::decode(&b), Err(CoreError::UnknownFamily(5)));
+        b[0] = 4;
+        b[37] = 1;
+        assert_eq!(FlowKey::decode(&b), Err(CoreError::NonZeroPadding));
+    }
+
+    #[test]
+    fn display_v6_and_other() {
+        let k = FlowKey::v6(
+            "2001:db8::1".parse().unwrap(),
+            5060,
+            "2001:db8::2".parse().unwrap(),
+            5060,
+            IpProto::Other(250),
+        );
+        assert_eq!(
+            k.to_string(),
+            "proto-250 [2001:db8::1]:5060 -> [2001:db8::2]:5060"
+        );
+        assert!(!k.is_ipv4());
+        assert_eq!(k.without_ports().src_port(), 0);
+        assert!(k.with_dst(Ipv4Addr::LOCALHOST.into(), 1).is_err());
+    }
+
+    #[test]
+    fn pack_lengths_differ_by_family() {
+        let mut buf = [0u8; 37];
+        let k4 = FlowKey::v4([1, 2, 3, 4].into(), 1, [5, 6, 7, 8].into(), 2, IpProto::Tcp);
+        assert_eq!(k4.pack(&mut buf), 13);
+        assert_eq!(&buf[..13], &[1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2, 6]);
+        let k6 = FlowKey::v6(Ipv6Addr::LOCALHOST, 1, Ipv6Addr::LOCALHOST, 2, IpProto::Udp);
+        assert_eq!(k6.pack(&mut buf), 37);
+    }
+}

@@ -317,30 +317,51 @@ impl FlowKey {
         }
     }
 
-    /// Writes the packed hashing form into `buf` and returns its length: 13 bytes for IPv4
-    /// (`src, dst, src port, dst port, protocol`), 37 for IPv6. The two families never produce the
-    /// same bytes because their lengths differ.
-    #[inline]
-    pub(crate) fn pack(&self, buf: &mut [u8; 37]) -> usize {
+    /// The packed hashing form: 13 bytes for IPv4 (`src, dst, src port, dst port, protocol`), 37
+    /// for IPv6. The two families never produce the same bytes because their lengths differ. With
+    /// `canonical`, the endpoints are ordered as in [`FlowKey::canonical`] (computed on the packed
+    /// integers, cheaper than building the canonical key).
+    #[inline(always)]
+    pub(crate) fn packed(&self, canonical: bool) -> Packed {
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                buf[0..4].copy_from_slice(&s.octets());
-                buf[4..8].copy_from_slice(&d.octets());
-                buf[8..10].copy_from_slice(&self.src_port.to_be_bytes());
-                buf[10..12].copy_from_slice(&self.dst_port.to_be_bytes());
+                let (mut a, mut ap, mut b, mut bp) =
+                    (u32::from(s), self.src_port, u32::from(d), self.dst_port);
+                if canonical && (a, ap) > (b, bp) {
+                    core::mem::swap(&mut a, &mut b);
+                    core::mem::swap(&mut ap, &mut bp);
+                }
+                let mut buf = [0u8; 13];
+                buf[0..4].copy_from_slice(&a.to_be_bytes());
+                buf[4..8].copy_from_slice(&b.to_be_bytes());
+                buf[8..10].copy_from_slice(&ap.to_be_bytes());
+                buf[10..12].copy_from_slice(&bp.to_be_bytes());
                 buf[12] = self.proto.number();
-                13
+                Packed::V4(buf)
             }
             (s, d) => {
-                buf[0..16].copy_from_slice(&v6_octets(s));
-                buf[16..32].copy_from_slice(&v6_octets(d));
-                buf[32..34].copy_from_slice(&self.src_port.to_be_bytes());
-                buf[34..36].copy_from_slice(&self.dst_port.to_be_bytes());
+                let (mut a, mut ap, mut b, mut bp) =
+                    (v6_octets(s), self.src_port, v6_octets(d), self.dst_port);
+                if canonical && (a, ap) > (b, bp) {
+                    core::mem::swap(&mut a, &mut b);
+                    core::mem::swap(&mut ap, &mut bp);
+                }
+                let mut buf = [0u8; 37];
+                buf[0..16].copy_from_slice(&a);
+                buf[16..32].copy_from_slice(&b);
+                buf[32..34].copy_from_slice(&ap.to_be_bytes());
+                buf[34..36].copy_from_slice(&bp.to_be_bytes());
                 buf[36] = self.proto.number();
-                37
+                Packed::V6(buf)
             }
         }
     }
+}
+
+/// The packed hashing form of a flow key (see `FlowKey::packed`).
+pub(crate) enum Packed {
+    V4([u8; 13]),
+    V6([u8; 37]),
 }
 
 fn family(a: IpAddr) -> u8 {
@@ -501,12 +522,24 @@ mod tests {
     }
 
     #[test]
-    fn pack_lengths_differ_by_family() {
-        let mut buf = [0u8; 37];
-        let k4 = FlowKey::v4([1, 2, 3, 4].into(), 1, [5, 6, 7, 8].into(), 2, IpProto::Tcp);
-        assert_eq!(k4.pack(&mut buf), 13);
-        assert_eq!(&buf[..13], &[1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2, 6]);
-        let k6 = FlowKey::v6(Ipv6Addr::LOCALHOST, 1, Ipv6Addr::LOCALHOST, 2, IpProto::Udp);
-        assert_eq!(k6.pack(&mut buf), 37);
+    fn packed_forms() {
+        let k4 = FlowKey::v4([5, 6, 7, 8].into(), 1, [1, 2, 3, 4].into(), 2, IpProto::Tcp);
+        assert!(
+            matches!(k4.packed(false), Packed::V4(b) if b == [5, 6, 7, 8, 1, 2, 3, 4, 0, 1, 0, 2, 6])
+        );
+        assert!(
+            matches!(k4.packed(true), Packed::V4(b) if b == [1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 0, 1, 6])
+        );
+        let k6 = FlowKey::v6(
+            Ipv6Addr::LOCALHOST,
+            1,
+            Ipv6Addr::UNSPECIFIED,
+            2,
+            IpProto::Udp,
+        );
+        assert!(
+            matches!(k6.packed(false), Packed::V6(b) if b[15] == 1 && b[31] == 0 && b[36] == 17)
+        );
+        assert!(matches!(k6.packed(true), Packed::V6(b) if b[15] == 0 && b[31] == 1 && b[33] == 2));
     }
 }

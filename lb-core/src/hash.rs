@@ -13,9 +13,9 @@
 
 use core::hash::Hasher;
 
-use siphasher::sip::SipHasher13;
 use siphasher::sip128::{Hasher128, SipHasher24};
 
+use crate::flow::Packed;
 use crate::FlowKey;
 
 /// A 128-bit secret key for [`FlowHasher`].
@@ -130,12 +130,60 @@ impl KeyedHash for SipHash13 {
         SipHash13 { k0, k1 }
     }
 
-    #[inline]
+    /// SipHash-1-3 (Aumasson & Bernstein; one compression round, three finalization rounds),
+    /// written over whole little-endian words so that, for the fixed-length flow keys, the
+    /// compiler unrolls it completely. Output-identical to the `siphasher` crate's
+    /// `SipHasher13::new_with_keys(k0, k1)` + `write` + `finish` (tested for every length 0..=256).
+    #[inline(always)]
     fn hash_bytes(&self, bytes: &[u8]) -> u64 {
-        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
-        h.write(bytes);
-        h.finish()
+        let mut v = [
+            self.k0 ^ 0x736f_6d65_7073_6575,
+            self.k1 ^ 0x646f_7261_6e64_6f6d,
+            self.k0 ^ 0x6c79_6765_6e65_7261,
+            self.k1 ^ 0x7465_6462_7974_6573,
+        ];
+        let len = bytes.len();
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            let m = u64::from_le_bytes(w);
+            v[3] ^= m;
+            sip_round(&mut v);
+            v[0] ^= m;
+        }
+        // The last block: the 0..=7 remaining bytes, little-endian, with len mod 256 in the top byte.
+        let rest = chunks.remainder();
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        let m = u64::from_le_bytes(w) | ((len as u64) << 56);
+        v[3] ^= m;
+        sip_round(&mut v);
+        v[0] ^= m;
+        v[2] ^= 0xff;
+        sip_round(&mut v);
+        sip_round(&mut v);
+        sip_round(&mut v);
+        v[0] ^ v[1] ^ v[2] ^ v[3]
     }
+}
+
+#[inline(always)]
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
 }
 
 /// A fast keyed multiply-mix hash (wyhash-style folded 64×64→128 multiplies).
@@ -180,7 +228,7 @@ impl KeyedHash for FastHash {
         FastHash { k0, k1 }
     }
 
-    #[inline]
+    #[inline(always)]
     fn hash_bytes(&self, bytes: &[u8]) -> u64 {
         let len = bytes.len();
         let mut seed = self.k0 ^ P0;
@@ -256,9 +304,16 @@ impl<H: KeyedHash> FlowHasher<H> {
     /// The hash of a flow's 5-tuple. Direction matters: see [`FlowHasher::hash_symmetric`].
     #[inline]
     pub fn hash_flow(&self, key: &FlowKey) -> u64 {
-        let mut buf = [0u8; 37];
-        let n = key.pack(&mut buf);
-        self.h.hash_bytes(&buf[..n])
+        self.hash_packed(key.packed(false))
+    }
+
+    #[inline(always)]
+    fn hash_packed(&self, p: Packed) -> u64 {
+        // One call per family so the byte length is a constant the hash can fold.
+        match p {
+            Packed::V4(b) => self.h.hash_bytes(&b),
+            Packed::V6(b) => self.h.hash_bytes(&b),
+        }
     }
 
     /// The hash of a flow's 3-tuple (addresses and protocol, ports ignored): what non-first
@@ -272,7 +327,7 @@ impl<H: KeyedHash> FlowHasher<H> {
     /// A direction-independent hash: `hash_symmetric(k) == hash_symmetric(k.reversed())`.
     #[inline]
     pub fn hash_symmetric(&self, key: &FlowKey) -> u64 {
-        self.hash_flow(&key.canonical())
+        self.hash_packed(key.packed(true))
     }
 
     /// The hash of arbitrary bytes, such as a layer-5 affinity key (a SIP Call-ID).
@@ -293,6 +348,7 @@ mod tests {
     use super::*;
     use crate::IpProto;
     use proptest::prelude::*;
+    use siphasher::sip::SipHasher13;
     use std::collections::HashSet;
 
     const KEY: HashKey = HashKey::from_bytes(*b"0123456789abcdef");
@@ -311,6 +367,19 @@ mod tests {
             FlowHasher::<SipHash13>::with_key(KEY).hash_flow(&k),
             r.finish()
         );
+    }
+
+    #[test]
+    fn siphash13_equals_siphasher_crate_for_every_length() {
+        let h = SipHash13::with_key(&KEY);
+        let buf: Vec<u8> = (0..=255u8)
+            .map(|b| b.wrapping_mul(31).wrapping_add(7))
+            .collect();
+        for n in 0..=256 {
+            let mut r = SipHasher13::new_with_key(b"0123456789abcdef");
+            r.write(&buf[..n]);
+            assert_eq!(h.hash_bytes(&buf[..n]), r.finish(), "length {n}");
+        }
     }
 
     #[test]
@@ -413,6 +482,7 @@ mod tests {
             prop_assert_eq!(sip.hash_symmetric(&k), sip.hash_symmetric(&k.reversed()));
             prop_assert_eq!(fast.hash_symmetric(&k), fast.hash_symmetric(&k.reversed()));
             prop_assert_eq!(sip.hash_3tuple(&k), sip.hash_flow(&k.without_ports()));
+            prop_assert_eq!(sip.hash_symmetric(&k), sip.hash_flow(&k.canonical()));
         }
 
         #[test]

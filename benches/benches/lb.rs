@@ -5,9 +5,21 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod core_hash;
+mod sched_hash;
+mod sched_policy;
+mod packet;
+mod conntrack;
+mod health;
+mod dataplane;
 
 fn all(c: &mut Criterion) {
     core_hash::register(c);
+    sched_hash::register(c);
+    sched_policy::register(c);
+    packet::register(c);
+    conntrack::register(c);
+    health::register(c);
+    dataplane::register(c);
 }
 
 criterion_group! {

@@ -5,3 +5,5 @@
 //! TUN/TAP), `lb-decap` (backend-side decapsulation), `lb-sim` (hashing and scheduling simulator)
 //! and the demo. Not built yet.
 #![forbid(unsafe_code)]
+
+pub mod sim;

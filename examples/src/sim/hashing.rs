@@ -1,0 +1,13 @@
+//! Consistent-hashing simulator (lb-sched part 1).
+
+use super::SimOptions;
+
+/// Runs the simulation, prints its table and writes its plot under `opts.out_dir`.
+///
+/// # Errors
+/// I/O errors writing the plot.
+pub fn run(opts: &SimOptions) -> std::io::Result<()> {
+    let _ = opts;
+    println!("(this simulation is not built yet)");
+    Ok(())
+}

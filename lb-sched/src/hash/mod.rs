@@ -1,0 +1,1 @@
+//! Consistent hashing: a flow hash in, a backend out.

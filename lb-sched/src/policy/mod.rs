@@ -1,0 +1,1 @@
+//! Scheduling policies over a live [`crate::pool`].

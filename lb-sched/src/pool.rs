@@ -1,0 +1,1 @@
+//! A pool of backends with live state, read by the policies.

@@ -1,0 +1,1 @@
+//! Site selection: DNS SRV and RSerPool pool-element policies.

@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput};
 use lb_benches::{ipv4_flows, ipv6_flows};
-use lb_core::{FastHash, FlowHasher, HashKey, SipHash13};
+use lb_core::{FastHash, FlowHasher, HashKey, KeyedHash, SipHash13};
 
 pub fn register(c: &mut Criterion) {
     let key = HashKey::from_bytes(*b"bench-key-000001");
@@ -61,6 +61,22 @@ pub fn register(c: &mut Criterion) {
             let mut h = siphasher::sip::SipHasher13::new_with_keys(k0, k1);
             h.write(black_box(&packed[i]));
             h.finish()
+        })
+    });
+    let fast_fn = FastHash::with_key(&key);
+    let mut i = 0usize;
+    g.bench_function("fasthash_prepacked/ipv4", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            fast_fn.hash_bytes(black_box(&packed[i]))
+        })
+    });
+    let sip_fn = SipHash13::with_key(&key);
+    let mut i = 0usize;
+    g.bench_function("siphash13_prepacked/ipv4", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            sip_fn.hash_bytes(black_box(&packed[i]))
         })
     });
     let fh = foldhash::fast::FixedState::with_seed(7);

@@ -232,8 +232,8 @@ impl KeyedHash for FastHash {
     fn hash_bytes(&self, bytes: &[u8]) -> u64 {
         let len = bytes.len();
         let mut seed = self.k0 ^ P0;
-        let (a, b) = if len <= 16 {
-            if len >= 8 {
+        if len <= 16 {
+            let (a, b) = if len >= 8 {
                 (read8(bytes, 0), read8(bytes, len - 8))
             } else if len >= 4 {
                 (read4(bytes, 0), read4(bytes, len - 4))
@@ -244,15 +244,17 @@ impl KeyedHash for FastHash {
                 (x, 0)
             } else {
                 (0, 0)
-            }
-        } else {
-            let mut i = 0;
-            while i + 16 < len {
-                seed = folded_mul(read8(bytes, i) ^ P1, read8(bytes, i + 8) ^ seed);
-                i += 16;
-            }
-            (read8(bytes, len - 16), read8(bytes, len - 8))
-        };
+            };
+            // Short inputs (every IPv4 flow key): one folded multiply, the length mixed into
+            // one operand because the two reads may overlap.
+            return folded_mul(a ^ P1 ^ self.k1, b ^ seed ^ (len as u64).wrapping_mul(P2));
+        }
+        let mut i = 0;
+        while i + 16 < len {
+            seed = folded_mul(read8(bytes, i) ^ P1, read8(bytes, i + 8) ^ seed);
+            i += 16;
+        }
+        let (a, b) = (read8(bytes, len - 16), read8(bytes, len - 8));
         let m = folded_mul(a ^ P1 ^ self.k1, b ^ seed);
         folded_mul(m ^ P2, (len as u64) ^ P1 ^ self.k1)
     }

@@ -331,13 +331,14 @@ impl FlowKey {
                     core::mem::swap(&mut a, &mut b);
                     core::mem::swap(&mut ap, &mut bp);
                 }
-                let mut buf = [0u8; 13];
-                buf[0..4].copy_from_slice(&a.to_be_bytes());
-                buf[4..8].copy_from_slice(&b.to_be_bytes());
-                buf[8..10].copy_from_slice(&ap.to_be_bytes());
-                buf[10..12].copy_from_slice(&bp.to_be_bytes());
-                buf[12] = self.proto.number();
-                Packed::V4(buf)
+                // The 13 bytes `src ‖ dst ‖ src port ‖ dst port ‖ proto` (network order) as two
+                // little-endian words, computed arithmetically: building a byte array and reading it
+                // back as words stalls store-to-load forwarding on the hot path.
+                let w0 = u64::from(a.swap_bytes()) | (u64::from(b.swap_bytes()) << 32);
+                let w1 = u64::from(ap.swap_bytes())
+                    | (u64::from(bp.swap_bytes()) << 16)
+                    | (u64::from(self.proto.number()) << 32);
+                Packed::V4 { w0, w1 }
             }
             (s, d) => {
                 let (mut a, mut ap, mut b, mut bp) =
@@ -360,7 +361,11 @@ impl FlowKey {
 
 /// The packed hashing form of a flow key (see `FlowKey::packed`).
 pub(crate) enum Packed {
-    V4([u8; 13]),
+    /// The 13 IPv4 bytes as little-endian words: bytes 0..8 and bytes 8..13.
+    V4 {
+        w0: u64,
+        w1: u64,
+    },
     V6([u8; 37]),
 }
 
@@ -524,11 +529,23 @@ mod tests {
     #[test]
     fn packed_forms() {
         let k4 = FlowKey::v4([5, 6, 7, 8].into(), 1, [1, 2, 3, 4].into(), 2, IpProto::Tcp);
-        assert!(
-            matches!(k4.packed(false), Packed::V4(b) if b == [5, 6, 7, 8, 1, 2, 3, 4, 0, 1, 0, 2, 6])
+        let bytes = |p: Packed| match p {
+            Packed::V4 { w0, w1 } => {
+                let mut b = [0u8; 13];
+                b[..8].copy_from_slice(&w0.to_le_bytes());
+                b[8..].copy_from_slice(&w1.to_le_bytes()[..5]);
+                assert_eq!(w1 >> 40, 0);
+                Some(b)
+            }
+            Packed::V6(_) => None,
+        };
+        assert_eq!(
+            bytes(k4.packed(false)),
+            Some([5, 6, 7, 8, 1, 2, 3, 4, 0, 1, 0, 2, 6])
         );
-        assert!(
-            matches!(k4.packed(true), Packed::V4(b) if b == [1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 0, 1, 6])
+        assert_eq!(
+            bytes(k4.packed(true)),
+            Some([1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 0, 1, 6])
         );
         let k6 = FlowKey::v6(
             Ipv6Addr::LOCALHOST,

@@ -114,6 +114,17 @@ pub trait KeyedHash: Clone + Send + Sync + 'static {
     fn with_key(key: &HashKey) -> Self;
     /// The hash of `bytes`.
     fn hash_bytes(&self, bytes: &[u8]) -> u64;
+
+    /// The hash of a packed 13-byte IPv4 flow key given as two little-endian words: `w0` holds
+    /// bytes 0..8 and `w1` bytes 8..13 (its top three bytes zero). Must equal `hash_bytes` of
+    /// those 13 bytes; implementations override it to skip the byte round trip.
+    #[inline(always)]
+    fn hash_13(&self, w0: u64, w1: u64) -> u64 {
+        let mut b = [0u8; 13];
+        b[..8].copy_from_slice(&w0.to_le_bytes());
+        b[8..].copy_from_slice(&w1.to_le_bytes()[..5]);
+        self.hash_bytes(&b)
+    }
 }
 
 /// SipHash-1-3 keyed with a [`HashKey`]: the default, flood-resistant choice.
@@ -157,6 +168,28 @@ impl KeyedHash for SipHash13 {
         let mut w = [0u8; 8];
         w[..rest.len()].copy_from_slice(rest);
         let m = u64::from_le_bytes(w) | ((len as u64) << 56);
+        v[3] ^= m;
+        sip_round(&mut v);
+        v[0] ^= m;
+        v[2] ^= 0xff;
+        sip_round(&mut v);
+        sip_round(&mut v);
+        sip_round(&mut v);
+        v[0] ^ v[1] ^ v[2] ^ v[3]
+    }
+
+    #[inline(always)]
+    fn hash_13(&self, w0: u64, w1: u64) -> u64 {
+        let mut v = [
+            self.k0 ^ 0x736f_6d65_7073_6575,
+            self.k1 ^ 0x646f_7261_6e64_6f6d,
+            self.k0 ^ 0x6c79_6765_6e65_7261,
+            self.k1 ^ 0x7465_6462_7974_6573,
+        ];
+        v[3] ^= w0;
+        sip_round(&mut v);
+        v[0] ^= w0;
+        let m = w1 | (13u64 << 56);
         v[3] ^= m;
         sip_round(&mut v);
         v[0] ^= m;
@@ -258,6 +291,13 @@ impl KeyedHash for FastHash {
         let m = folded_mul(a ^ P1 ^ self.k1, b ^ seed);
         folded_mul(m ^ P2, (len as u64) ^ P1 ^ self.k1)
     }
+
+    #[inline(always)]
+    fn hash_13(&self, w0: u64, w1: u64) -> u64 {
+        // As `hash_bytes` for 13 bytes: a = bytes 0..8, b = bytes 5..13.
+        let b = (w0 >> 40) | (w1 << 24);
+        folded_mul(w0 ^ P1 ^ self.k1, b ^ self.k0 ^ P0 ^ 13u64.wrapping_mul(P2))
+    }
 }
 
 /// Hashes flows, 3-tuples and affinity keys with a keyed hash `H` (SipHash-1-3 by default).
@@ -313,7 +353,7 @@ impl<H: KeyedHash> FlowHasher<H> {
     fn hash_packed(&self, p: Packed) -> u64 {
         // One call per family so the byte length is a constant the hash can fold.
         match p {
-            Packed::V4(b) => self.h.hash_bytes(&b),
+            Packed::V4 { w0, w1 } => self.h.hash_13(w0, w1),
             Packed::V6(b) => self.h.hash_bytes(&b),
         }
     }
@@ -382,6 +422,26 @@ mod tests {
             r.write(&buf[..n]);
             assert_eq!(h.hash_bytes(&buf[..n]), r.finish(), "length {n}");
         }
+    }
+
+    #[test]
+    fn hash_13_equals_hash_bytes() {
+        let bytes: [u8; 13] = [192, 0, 2, 1, 203, 0, 113, 10, 0x04, 0xd2, 0, 80, 6];
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[..8]);
+        let w0 = u64::from_le_bytes(w);
+        let mut w = [0u8; 8];
+        w[..5].copy_from_slice(&bytes[8..]);
+        let w1 = u64::from_le_bytes(w);
+        let sip = SipHash13::with_key(&KEY);
+        let fast = FastHash::with_key(&KEY);
+        assert_eq!(sip.hash_13(w0, w1), sip.hash_bytes(&bytes));
+        assert_eq!(fast.hash_13(w0, w1), fast.hash_bytes(&bytes));
+        let k = k4([192, 0, 2, 1], 1234, [203, 0, 113, 10], 80);
+        assert_eq!(
+            FlowHasher::<FastHash>::with_key(KEY).hash_flow(&k),
+            fast.hash_bytes(&bytes)
+        );
     }
 
     #[test]
@@ -485,6 +545,19 @@ mod tests {
             prop_assert_eq!(fast.hash_symmetric(&k), fast.hash_symmetric(&k.reversed()));
             prop_assert_eq!(sip.hash_3tuple(&k), sip.hash_flow(&k.without_ports()));
             prop_assert_eq!(sip.hash_symmetric(&k), sip.hash_flow(&k.canonical()));
+        }
+
+        #[test]
+        fn v4_word_path_equals_byte_path(s in any::<[u8; 4]>(), d in any::<[u8; 4]>(), sp in any::<u16>(), dp in any::<u16>(), p in any::<u8>()) {
+            let k = FlowKey::v4(s.into(), sp, d.into(), dp, p.into());
+            let mut b = [0u8; 13];
+            b[..4].copy_from_slice(&s);
+            b[4..8].copy_from_slice(&d);
+            b[8..10].copy_from_slice(&sp.to_be_bytes());
+            b[10..12].copy_from_slice(&dp.to_be_bytes());
+            b[12] = p;
+            prop_assert_eq!(FlowHasher::<SipHash13>::with_key(KEY).hash_flow(&k), SipHash13::with_key(&KEY).hash_bytes(&b));
+            prop_assert_eq!(FlowHasher::<FastHash>::with_key(KEY).hash_flow(&k), FastHash::with_key(&KEY).hash_bytes(&b));
         }
 
         #[test]

@@ -1,5 +1,314 @@
-//! lb-conntrack (issue 6): groups registered here.
+//! lb-conntrack (issue 6): the connection table at 1 M IPv4 flows (hit, miss, batched hit, churn)
+//! with SipHash-1-3 and FastHash, against plain hashbrown maps of the same content (SipHash-1-3
+//! via `siphasher`, and foldhash), plus the sharded table with 1 and 2 threads.
+//!
+//! Tables are built lazily inside the benchmark closures, so filtering other groups costs
+//! nothing here.
 
-use criterion::Criterion;
+use std::cell::RefCell;
+use std::hash::BuildHasherDefault;
+use std::hint::black_box;
+use std::time::Instant as StdInstant;
 
-pub fn register(_c: &mut Criterion) {}
+use criterion::{Criterion, Throughput};
+use lb_benches::ipv4_flows;
+use lb_conntrack::{Config, ConnTable, Hit, NewFlow, Packet, ShardedConnTable, TcpFlags, Timeouts};
+use lb_core::{
+    BackendId, Duration, FastHash, FlowKey, HashKey, Instant, IpProto, KeyedHash, SipHash13,
+};
+
+const N: usize = 1 << 20;
+const KEY: HashKey = HashKey::from_bytes(*b"bench-conntrack1");
+
+type SipMap = hashbrown::HashMap<FlowKey, u32, BuildHasherDefault<siphasher::sip::SipHasher13>>;
+type FoldMap = hashbrown::HashMap<FlowKey, u32, foldhash::fast::RandomState>;
+
+fn cfg() -> Config {
+    Config {
+        ipv6_capacity: 0,
+        flow_stats: true,
+        ..Config::with_capacity(N)
+    }
+}
+
+fn build<H: KeyedHash>(keys: &[FlowKey]) -> ConnTable<H> {
+    let mut t = ConnTable::<H>::with_hasher(cfg(), KEY).expect("config");
+    let now = Instant::from_secs(1);
+    for (i, k) in keys.iter().enumerate() {
+        t.insert_with(
+            NewFlow::new(*k, BackendId(i as u32 & 63))
+                .with_first(Packet::original(TcpFlags::SYN, 60)),
+            now,
+        );
+    }
+    t
+}
+
+fn ack() -> Packet {
+    Packet::original(TcpFlags::ACK, 1500)
+}
+
+pub fn register(c: &mut Criterion) {
+    let keys = RefCell::new(Vec::<FlowKey>::new());
+    let misses = RefCell::new(Vec::<FlowKey>::new());
+    let get_keys = || {
+        let mut k = keys.borrow_mut();
+        if k.is_empty() {
+            *k = ipv4_flows(N, 11);
+        }
+        k.clone()
+    };
+    let get_misses = || {
+        let mut k = misses.borrow_mut();
+        if k.is_empty() {
+            *k = ipv4_flows(N, 12);
+        }
+        k.clone()
+    };
+    let now = Instant::from_secs(1);
+
+    let mut g = c.benchmark_group("conntrack/1M");
+    g.throughput(Throughput::Elements(1));
+
+    let sip: RefCell<Option<ConnTable<SipHash13>>> = RefCell::new(None);
+    let fast: RefCell<Option<ConnTable<FastHash>>> = RefCell::new(None);
+
+    g.bench_function("hit/ct_siphash13", |b| {
+        let keys = get_keys();
+        let mut s = sip.borrow_mut();
+        let t = s.get_or_insert_with(|| {
+            let t = build::<SipHash13>(&keys);
+            let m = t.memory();
+            eprintln!(
+                "conntrack: {} entries, {:?}, {:.1} B/entry (total heap / capacity)",
+                t.len(),
+                m,
+                m.total as f64 / N as f64
+            );
+            let lean = ConnTable::new(
+                Config {
+                    flow_stats: false,
+                    persist_capacity: 1,
+                    stats_backends: 0,
+                    ..cfg()
+                },
+                KEY,
+            )
+            .expect("cfg")
+            .memory();
+            eprintln!(
+                "conntrack without per-flow counters: {:.1} B/entry",
+                lean.total as f64 / N as f64
+            );
+            t
+        });
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(t.track(black_box(&keys[i]), ack(), now))
+        })
+    });
+    g.bench_function("hit_moving_clock/ct_siphash13", |b| {
+        // Every hit advances the clock by 1 ms: each one moves its entry to its list's tail.
+        let keys = get_keys();
+        let mut s = sip.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+        let mut i = 0;
+        let mut ms = 1_000u64;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            ms += 1;
+            black_box(t.track(black_box(&keys[i]), ack(), Instant::from_millis(ms)))
+        })
+    });
+    g.bench_function("miss/ct_siphash13", |b| {
+        let keys = get_keys();
+        let miss = get_misses();
+        let mut s = sip.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+        let mut i = 0;
+        // Far past every deadline would expire entries on hit; misses never touch them.
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(t.track(black_box(&miss[i]), ack(), now))
+        })
+    });
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("hit_batch16/ct_siphash13", |b| {
+        let keys = get_keys();
+        let mut s = sip.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+        let pkts = [ack(); 16];
+        let mut out = [None::<Hit>; 16];
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 16) & (N - 1);
+            t.track_batch(black_box(&keys[i..i + 16]), &pkts, now, &mut out);
+            black_box(&out);
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    *sip.borrow_mut() = None;
+
+    g.bench_function("hit/ct_fasthash", |b| {
+        let keys = get_keys();
+        let mut s = fast.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<FastHash>(&keys));
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(t.track(black_box(&keys[i]), ack(), now))
+        })
+    });
+    g.bench_function("miss/ct_fasthash", |b| {
+        let keys = get_keys();
+        let miss = get_misses();
+        let mut s = fast.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<FastHash>(&keys));
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(t.track(black_box(&miss[i]), ack(), now))
+        })
+    });
+    *fast.borrow_mut() = None;
+
+    // Churn: a full table of UDP flows that time out in arrival order; each iteration expires
+    // what is due (about one entry) and inserts a new flow.
+    let churn: RefCell<Option<(ConnTable<SipHash13>, u64)>> = RefCell::new(None);
+    g.bench_function("churn_expire_insert/ct_siphash13", |b| {
+        let udp = |n: u64| {
+            FlowKey::v4(
+                ((n as u32) ^ 0x5bd1_e995).into(),
+                (n >> 32) as u16 ^ 0x1234,
+                [203, 0, 113, 10].into(),
+                53,
+                IpProto::Udp,
+            )
+        };
+        let mut cell = churn.borrow_mut();
+        let (t, n) = cell.get_or_insert_with(|| {
+            let timeouts = Timeouts {
+                udp_unconfirmed: Duration::from_millis(1024),
+                ..Timeouts::default()
+            };
+            let mut t = ConnTable::new(Config { timeouts, ..cfg() }, KEY).expect("cfg");
+            for n in 0..N as u64 {
+                t.insert(udp(n), BackendId(1), None, Instant::from_millis(n >> 10));
+            }
+            (t, N as u64)
+        });
+        b.iter(|| {
+            let now = Instant::from_millis(*n >> 10);
+            let e = t.expire(now, 4);
+            let r = t.insert(udp(*n), BackendId(1), None, now);
+            *n += 1;
+            black_box((e, r))
+        })
+    });
+    *churn.borrow_mut() = None;
+
+    // Peers: plain hashbrown maps, same keys, value = backend id.
+    let sipmap: RefCell<Option<SipMap>> = RefCell::new(None);
+    let foldmap: RefCell<Option<FoldMap>> = RefCell::new(None);
+    let build_sip = |keys: &[FlowKey]| {
+        let mut m = SipMap::with_capacity_and_hasher(N, Default::default());
+        for (i, k) in keys.iter().enumerate() {
+            m.insert(*k, i as u32);
+        }
+        eprintln!(
+            "hashbrown<FlowKey,u32> siphash13: {:.1} B/entry (allocation_size / N)",
+            m.allocation_size() as f64 / N as f64
+        );
+        m
+    };
+    let build_fold = |keys: &[FlowKey]| {
+        let mut m = FoldMap::with_capacity_and_hasher(N, Default::default());
+        for (i, k) in keys.iter().enumerate() {
+            m.insert(*k, i as u32);
+        }
+        m
+    };
+    g.bench_function("hit/hashbrown_siphash13", |b| {
+        let keys = get_keys();
+        let mut c = sipmap.borrow_mut();
+        let m = c.get_or_insert_with(|| build_sip(&keys));
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(m.get(black_box(&keys[i])).copied())
+        })
+    });
+    g.bench_function("miss/hashbrown_siphash13", |b| {
+        let keys = get_keys();
+        let miss = get_misses();
+        let mut c = sipmap.borrow_mut();
+        let m = c.get_or_insert_with(|| build_sip(&keys));
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(m.get(black_box(&miss[i])).copied())
+        })
+    });
+    *sipmap.borrow_mut() = None;
+    g.bench_function("hit/hashbrown_foldhash", |b| {
+        let keys = get_keys();
+        let mut c = foldmap.borrow_mut();
+        let m = c.get_or_insert_with(|| build_fold(&keys));
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(m.get(black_box(&keys[i])).copied())
+        })
+    });
+    g.bench_function("miss/hashbrown_foldhash", |b| {
+        let keys = get_keys();
+        let miss = get_misses();
+        let mut c = foldmap.borrow_mut();
+        let m = c.get_or_insert_with(|| build_fold(&keys));
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            black_box(m.get(black_box(&miss[i])).copied())
+        })
+    });
+    *foldmap.borrow_mut() = None;
+    g.finish();
+
+    // Sharded: 1 vs 2 threads hammering one table (8 shards), hits only. Each thread walks its
+    // own half of the keys; the reported time is per operation of the whole group of threads.
+    let sharded: RefCell<Option<ShardedConnTable>> = RefCell::new(None);
+    let mut g = c.benchmark_group("conntrack/sharded_1M");
+    for threads in [1usize, 2] {
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("hit/{threads}_threads"), |b| {
+            let keys = get_keys();
+            let mut cell = sharded.borrow_mut();
+            let t = cell.get_or_insert_with(|| {
+                let t = ShardedConnTable::new(8, cfg(), KEY).expect("cfg");
+                for (i, k) in keys.iter().enumerate() {
+                    t.insert_with(NewFlow::new(*k, BackendId(i as u32 & 63)), now);
+                }
+                t
+            });
+            b.iter_custom(|iters| {
+                let start = StdInstant::now();
+                std::thread::scope(|s| {
+                    for th in 0..threads {
+                        let (t, keys) = (&*t, &keys);
+                        s.spawn(move || {
+                            let mut i = th * (N / 2);
+                            for _ in 0..iters {
+                                i = (i + 1) & (N - 1);
+                                black_box(t.track(&keys[i], ack(), now));
+                            }
+                        });
+                    }
+                });
+                // Wall time per operation of the group: iters × threads operations.
+                start.elapsed() / threads as u32
+            })
+        });
+    }
+    g.finish();
+}

@@ -1,5 +1,104 @@
-//! # lb-conntrack
+//! # lb-conntrack: bounded, flood-resistant connection tracking
 //!
-//! Bounded connection tracking with per-state timeouts, flood resistance, persistence (client
-//! affinity), NAT mappings, session statistics and state sync to a backup balancer. Not built yet.
+//! Stateful switching remembers the decision taken for each flow so that every packet of a
+//! connection reaches the same backend. This crate is the table that remembers, sized for the
+//! data path of a layer-4 balancer:
+//!
+//! - [`ConnTable`]: a fixed-capacity table keyed by [`lb_core::FlowKey`] under a keyed hash,
+//!   32 bytes per IPv4 entry plus the hash index: 42 B per flow at 2^20 flows (total heap /
+//!   capacity, from [`ConnTable::memory`]), 58.5 B with per-flow counters
+//!   ([`Config::flow_stats`], 16 B), +36 B per IPv6 place ([`Config::ipv6_capacity`]), +~50 B
+//!   with full-NAT reply tuples ([`Config::nat`]). Linux nf_conntrack: 304 B, IPVS: 136 B. No
+//!   allocation after construction.
+//! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine
+//!   ([`TcpState`]) driven by the flags seen in each [`Direction`], and incremental expiry
+//!   ([`ConnTable::expire`] with a budget, [`ConnTable::next_deadline`]).
+//! - Flood resistance: a full table sheds half-open entries first, then the least recently used;
+//!   every eviction and refusal is counted ([`Counters`]).
+//! - Persistence templates ([`PersistTable`]): client affinity by masked address, or by an
+//!   arbitrary affinity key such as a hashed SIP Call-ID.
+//! - Full NAT: per-backend SNAT port pools ([`SnatPool`]) and an O(1) reply-tuple index
+//!   ([`ConnTable::track_reply`]).
+//! - Session statistics ([`SessionStats`]): duration and packets-per-session histograms.
+//! - [`ShardedConnTable`]: the same behind per-shard `parking_lot` mutexes for several threads.
+//! - State sync ([`sync`]): authenticated, sequenced, MTU-sized messages to a backup.
+//!
+//! The crate does no I/O and reads no clock: every call that depends on time takes `now`.
+//!
+//! ## Drive loop
+//! Per packet: [`ConnTable::track`] (lookup + state update). On `None`, choose a backend
+//! (persistence template first, then the scheduler) and [`ConnTable::insert_with`] the flow with
+//! its first packet. Every millisecond or so: `expire(now, budget)`.
+//!
+//! ```
+//! use lb_conntrack::{Config, ConnTable, FlowState, Insert, NewFlow, Packet, TcpFlags, TcpState};
+//! use lb_core::{BackendId, FlowKey, HashKey, Instant, IpProto};
+//! use std::net::Ipv4Addr;
+//!
+//! let mut ct = ConnTable::new(Config::with_capacity(1024), HashKey::from_bytes([7; 16])).unwrap();
+//! let flow = FlowKey::v4(Ipv4Addr::new(192, 0, 2, 1), 40000, Ipv4Addr::new(203, 0, 113, 10), 80, IpProto::Tcp);
+//! let t0 = Instant::from_secs(1);
+//!
+//! // First packet: a miss; the scheduler picks backend 3.
+//! assert!(ct.track(&flow, Packet::original(TcpFlags::SYN, 60), t0).is_none());
+//! let first = Packet::original(TcpFlags::SYN, 60);
+//! assert_eq!(ct.insert_with(NewFlow::new(flow, BackendId(3)).with_first(first), t0), Insert::New);
+//!
+//! // Next packet: a hit, the handshake completes.
+//! let hit = ct.track(&flow, Packet::original(TcpFlags::ACK, 52), t0).unwrap();
+//! assert_eq!(hit.backend, BackendId(3));
+//! assert_eq!(hit.state, FlowState::Tcp(TcpState::Established));
+//!
+//! // Idle for longer than the ESTABLISHED timeout (15 min): expired.
+//! let later = Instant::from_secs(1 + 901);
+//! assert_eq!(ct.next_deadline(), Some(Instant::from_secs(901)));
+//! assert_eq!(ct.expire(later, 64), 1);
+//! assert!(ct.is_empty());
+//! ```
 #![forbid(unsafe_code)]
+
+mod entry;
+mod evict;
+mod nat_pool;
+mod persist;
+mod sharded;
+mod stats;
+pub mod sync;
+mod table;
+mod tcp_state;
+mod timeout;
+
+pub use entry::{EntryInfo, Hit, Packet};
+pub use nat_pool::SnatPool;
+pub use persist::{mask_addr, PersistInsert, PersistTable, Service, TemplateKey};
+pub use sharded::ShardedConnTable;
+pub use stats::{
+    Counters, EvictReason, Histogram, Refusal, SessionHistograms, SessionStats, HISTOGRAM_BUCKETS,
+};
+pub use table::{Config, ConnTable, EntryRef, Insert, Lookup, MemoryUsage, NewFlow, MAX_CAPACITY};
+pub use tcp_state::{Direction, TcpFlags, TcpState};
+pub use timeout::{FlowState, Timeouts, MAX_TIMEOUT};
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConntrackError {
+    /// A capacity was zero or too large.
+    #[error("invalid capacity {capacity}")]
+    InvalidCapacity {
+        /// The rejected capacity.
+        capacity: usize,
+    },
+    /// A timeout was zero or longer than [`MAX_TIMEOUT`].
+    #[error("invalid timeout for state {state:?}")]
+    InvalidTimeout {
+        /// The state whose timeout is wrong.
+        state: FlowState,
+    },
+    /// An SNAT pool had no address, too many, mixed families, or an empty port range.
+    #[error("invalid SNAT pool (1..=256 addresses of one family and a non-empty port range)")]
+    InvalidSnatPool,
+    /// A sync message was rejected.
+    #[error("sync message rejected: {0}")]
+    Sync(#[from] sync::SyncError),
+}

@@ -1,0 +1,316 @@
+//! The compact per-connection record and its public views.
+//!
+//! A [`Slot`] is 32 bytes: an IPv4 key packed in 13 bytes, the state class, flags, the backend,
+//! the two links of its class list and the last-seen time in 32-bit milliseconds. An IPv6 key
+//! does not fit: its two addresses (32 bytes) live in a side store of
+//! [`Config::ipv6_capacity`](crate::Config::ipv6_capacity) pairs and the slot keeps their
+//! index. Per-flow counters (created time, packets, bytes: 16 bytes) live in a parallel array
+//! when [`Config::flow_stats`](crate::Config::flow_stats) is on, the NAT reply tuple in another
+//! when [`Config::nat`](crate::Config::nat) is on: a table pays only for what it uses.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_core::{BackendId, FlowKey, Instant, IpProto};
+
+use crate::tcp_state::{Direction, TcpFlags};
+use crate::timeout::FlowState;
+
+/// "No slot": the end of a list.
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// Slot flag: the slot holds a live entry.
+pub(crate) const F_LIVE: u8 = 1;
+/// Slot flag: the key is IPv6 (`a` indexes the IPv6 address store).
+pub(crate) const F_V6: u8 = 2;
+/// Slot flag: the balancer sees both directions (NAT given or a reply seen).
+pub(crate) const F_BIDIR: u8 = 4;
+/// Slot flag: a reply tuple is stored and indexed.
+pub(crate) const F_NAT: u8 = 8;
+/// Slot flag: the reply tuple's SNAT port came from the table's pool (released on removal).
+pub(crate) const F_POOL: u8 = 16;
+/// Slot flag: a persistence template is attached (its prefix length is in `persist`).
+pub(crate) const F_PERSIST: u8 = 32;
+
+/// One entry of the slab. 32 bytes, 4-byte aligned.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Slot {
+    /// IPv4 source address, or the index of the IPv6 address pair.
+    pub(crate) a: u32,
+    /// IPv4 destination address (0 for IPv6).
+    pub(crate) b: u32,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) proto: u8,
+    /// Flow class (see `timeout::FlowState::class`).
+    pub(crate) class: u8,
+    pub(crate) flags: u8,
+    /// Prefix length of the attached persistence template.
+    pub(crate) persist: u8,
+    pub(crate) backend: u32,
+    pub(crate) prev: u32,
+    pub(crate) next: u32,
+    /// Last-seen time, milliseconds modulo 2^32.
+    pub(crate) last: u32,
+}
+
+/// Per-flow counters kept beside the slab when `flow_stats` is on.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FlowCounters {
+    /// Creation time, milliseconds modulo 2^32.
+    pub(crate) created: u32,
+    pub(crate) packets: u32,
+    pub(crate) bytes: u64,
+}
+
+/// A flow key in the form the slab stores, for comparison without rebuilding keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Probe {
+    V4 {
+        a: u32,
+        b: u32,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    },
+    V6 {
+        addrs: [u8; 32],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    },
+}
+
+impl Probe {
+    #[inline(always)]
+    pub(crate) fn of(key: &FlowKey) -> Probe {
+        let (sport, dport, proto) = (key.src_port(), key.dst_port(), key.proto().number());
+        match (key.src(), key.dst()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => Probe::V4 {
+                a: u32::from(s),
+                b: u32::from(d),
+                sport,
+                dport,
+                proto,
+            },
+            (s, d) => {
+                let mut addrs = [0u8; 32];
+                addrs[..16].copy_from_slice(&v6(s).octets());
+                addrs[16..].copy_from_slice(&v6(d).octets());
+                Probe::V6 {
+                    addrs,
+                    sport,
+                    dport,
+                    proto,
+                }
+            }
+        }
+    }
+
+    /// Whether slot `s` (with IPv6 store `v6`) holds this key.
+    #[inline(always)]
+    pub(crate) fn matches(&self, s: &Slot, v6store: &[[u8; 32]]) -> bool {
+        match self {
+            Probe::V4 {
+                a,
+                b,
+                sport,
+                dport,
+                proto,
+            } => {
+                s.flags & F_V6 == 0
+                    && s.a == *a
+                    && s.b == *b
+                    && s.sport == *sport
+                    && s.dport == *dport
+                    && s.proto == *proto
+            }
+            Probe::V6 {
+                addrs,
+                sport,
+                dport,
+                proto,
+            } => {
+                s.flags & F_V6 != 0
+                    && s.sport == *sport
+                    && s.dport == *dport
+                    && s.proto == *proto
+                    && v6store.get(s.a as usize) == Some(addrs)
+            }
+        }
+    }
+}
+
+fn v6(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    }
+}
+
+/// Rebuilds the key of slot `s`.
+#[inline]
+pub(crate) fn slot_key(s: &Slot, v6store: &[[u8; 32]]) -> FlowKey {
+    let proto = IpProto::from_number(s.proto);
+    if s.flags & F_V6 == 0 {
+        FlowKey::v4(
+            Ipv4Addr::from(s.a),
+            s.sport,
+            Ipv4Addr::from(s.b),
+            s.dport,
+            proto,
+        )
+    } else {
+        let pair = v6store.get(s.a as usize).copied().unwrap_or([0; 32]);
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&pair[..16]);
+        dst.copy_from_slice(&pair[16..]);
+        FlowKey::v6(
+            Ipv6Addr::from(src),
+            s.sport,
+            Ipv6Addr::from(dst),
+            s.dport,
+            proto,
+        )
+    }
+}
+
+/// One packet as the state machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    /// Which way it travels.
+    pub dir: Direction,
+    /// Its TCP flags (ignored for other protocols).
+    pub tcp_flags: TcpFlags,
+    /// Its length in bytes (IP total length, or whatever the caller counts).
+    pub bytes: u32,
+}
+
+impl Packet {
+    /// A client-to-service packet.
+    #[inline]
+    pub const fn original(tcp_flags: TcpFlags, bytes: u32) -> Packet {
+        Packet {
+            dir: Direction::Original,
+            tcp_flags,
+            bytes,
+        }
+    }
+
+    /// A backend-to-client packet.
+    #[inline]
+    pub const fn reply(tcp_flags: TcpFlags, bytes: u32) -> Packet {
+        Packet {
+            dir: Direction::Reply,
+            tcp_flags,
+            bytes,
+        }
+    }
+}
+
+/// A snapshot of one entry, for inspection, export and sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The flow key (original direction).
+    pub key: FlowKey,
+    /// The backend the flow is bound to.
+    pub backend: BackendId,
+    /// The protocol state.
+    pub state: FlowState,
+    /// The NAT reply tuple (backend → SNAT address), if any.
+    pub nat: Option<FlowKey>,
+    /// Last packet seen (millisecond precision).
+    pub last_seen: Instant,
+    /// When the entry times out if no further packet comes.
+    pub deadline: Instant,
+    /// Packets seen (0 when per-flow counters are off).
+    pub packets: u64,
+    /// Bytes seen (0 when per-flow counters are off).
+    pub bytes: u64,
+}
+
+/// What a table hit hands the data path: everything needed to forward the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// The flow's backend.
+    pub backend: BackendId,
+    /// The state after the packet.
+    pub state: FlowState,
+    /// The NAT reply tuple, if any (its `src` is the backend, its `dst` the SNAT address).
+    pub nat: Option<FlowKey>,
+    /// Whether the packet changed the state (a reason to send a sync update).
+    pub changed: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_is_32_bytes() {
+        assert_eq!(core::mem::size_of::<Slot>(), 32);
+        assert_eq!(core::mem::size_of::<FlowCounters>(), 16);
+    }
+
+    #[test]
+    fn probe_round_trip() {
+        let k4 = FlowKey::v4(
+            [1, 2, 3, 4].into(),
+            5,
+            [6, 7, 8, 9].into(),
+            10,
+            IpProto::Udp,
+        );
+        let p = Probe::of(&k4);
+        let Probe::V4 {
+            a,
+            b,
+            sport,
+            dport,
+            proto,
+        } = p
+        else {
+            panic!("v4")
+        };
+        let s = Slot {
+            a,
+            b,
+            sport,
+            dport,
+            proto,
+            flags: F_LIVE,
+            ..Slot::default()
+        };
+        assert!(p.matches(&s, &[]));
+        assert_eq!(slot_key(&s, &[]), k4);
+        let k6 = FlowKey::v6(
+            "2001:db8::1".parse().unwrap(),
+            5,
+            "2001:db8::2".parse().unwrap(),
+            6,
+            IpProto::Tcp,
+        );
+        let p6 = Probe::of(&k6);
+        let Probe::V6 {
+            addrs,
+            sport,
+            dport,
+            proto,
+        } = p6
+        else {
+            panic!("v6")
+        };
+        let s6 = Slot {
+            a: 0,
+            sport,
+            dport,
+            proto,
+            flags: F_LIVE | F_V6,
+            ..Slot::default()
+        };
+        assert!(p6.matches(&s6, &[addrs]));
+        assert!(!p.matches(&s6, &[addrs]));
+        assert!(!p6.matches(&s, &[addrs]));
+        assert_eq!(slot_key(&s6, &[addrs]), k6);
+    }
+}

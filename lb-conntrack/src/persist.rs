@@ -1,0 +1,545 @@
+//! Persistence templates: client affinity (IPVS `-p`) and layer-5 affinity keys.
+//!
+//! A template binds either *(client address masked to a prefix, service)* or *(service,
+//! affinity key)*, e.g. a keyed hash of a SIP Call-ID, to a backend, with its own idle
+//! timeout. While connections that were placed through a client template are alive, the
+//! template is pinned (its reference count is above zero) and does not expire; when the last one
+//! goes, its timeout starts again (IPVS' behaviour).
+//!
+//! Templates live in a fixed-capacity slab indexed by a `hashbrown::HashTable` under the keyed
+//! flow hash; a single LRU list gives bounded expiry and eviction. Because timeouts may differ
+//! per template, expiry stops at the first live head: a template with a shorter timeout behind it
+//! is reclaimed when it reaches the head or when it is looked up (lookups always check the
+//! deadline, so an expired template is never returned).
+
+use std::net::IpAddr;
+
+use hashbrown::HashTable;
+use lb_core::{
+    BackendId, Duration, FlowHasher, FlowKey, HashKey, Instant, IpProto, KeyedHash, SipHash13,
+};
+
+use crate::entry::NIL;
+use crate::ConntrackError;
+
+/// A virtual service: address, port and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// Virtual IP address.
+    pub vip: IpAddr,
+    /// Port (0 for a port-less "firewall mark" style service).
+    pub port: u16,
+    /// Protocol.
+    pub proto: IpProto,
+}
+
+impl Service {
+    /// The service a flow is addressed to (its destination).
+    #[inline]
+    pub fn of_flow(key: &FlowKey) -> Service {
+        Service {
+            vip: key.dst(),
+            port: key.dst_port(),
+            proto: key.proto(),
+        }
+    }
+}
+
+/// What a template is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TemplateKey {
+    /// Client affinity: the client address masked to `prefix` bits, and the service.
+    Client {
+        /// The masked client address (use [`TemplateKey::client`] to build it).
+        client: IpAddr,
+        /// Prefix length (clamped to 32 for IPv4, 128 for IPv6).
+        prefix: u8,
+        /// The service.
+        service: Service,
+    },
+    /// An arbitrary affinity key (e.g. a keyed hash of a SIP Call-ID) within a service.
+    Affinity {
+        /// The service.
+        service: Service,
+        /// The affinity key.
+        key: u64,
+    },
+}
+
+/// `addr` with all but its first `prefix` bits cleared.
+pub fn mask_addr(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let p = u32::from(prefix.min(32));
+            let m = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let p = u32::from(prefix.min(128));
+            let m = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+impl TemplateKey {
+    /// A client-affinity key: `client` masked to `prefix` bits (e.g. 24 for IPVS' default
+    /// persistence netmask 255.255.255.0, or 32 for one address).
+    pub fn client(client: IpAddr, prefix: u8, service: Service) -> Self {
+        let max = if client.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.min(max);
+        TemplateKey::Client {
+            client: mask_addr(client, prefix),
+            prefix,
+            service,
+        }
+    }
+
+    /// An affinity-key template key.
+    pub fn affinity(service: Service, key: u64) -> Self {
+        TemplateKey::Affinity { service, key }
+    }
+
+    /// A fixed-length encoding for hashing.
+    fn encode(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        let (tag, service) = match self {
+            TemplateKey::Client {
+                client,
+                prefix,
+                service,
+            } => {
+                b[1] = *prefix;
+                write_addr(&mut b[4..20], *client);
+                (1, service)
+            }
+            TemplateKey::Affinity { service, key } => {
+                b[4..12].copy_from_slice(&key.to_le_bytes());
+                (2, service)
+            }
+        };
+        b[0] = tag;
+        b[2] = service.proto.number();
+        b[20..22].copy_from_slice(&service.port.to_be_bytes());
+        write_addr(&mut b[22..38], service.vip);
+        b[38] = if service.vip.is_ipv4() { 4 } else { 6 };
+        b
+    }
+}
+
+fn write_addr(out: &mut [u8], a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => out.iter_mut().zip(a.octets()).for_each(|(o, x)| *o = x),
+        IpAddr::V6(a) => out.iter_mut().zip(a.octets()).for_each(|(o, x)| *o = x),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Template {
+    key: TemplateKey,
+    backend: BackendId,
+    last: u64,
+    timeout_ms: u64,
+    refs: u32,
+    prev: u32,
+    next: u32,
+}
+
+/// Outcome of [`PersistTable::insert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersistInsert {
+    /// A new template.
+    New,
+    /// The template existed; its backend and timeout were replaced.
+    Updated,
+    /// A new template, after evicting the least recently used unpinned one.
+    Evicted(TemplateKey),
+    /// Full of pinned templates: refused.
+    Full,
+}
+
+/// A fixed-capacity table of persistence templates.
+///
+/// ```
+/// use lb_conntrack::{PersistTable, Service, TemplateKey};
+/// use lb_core::{BackendId, Duration, HashKey, Instant, IpProto};
+/// let mut p = PersistTable::new(1024, HashKey::from_bytes([3; 16])).unwrap();
+/// let svc = Service { vip: "203.0.113.10".parse().unwrap(), port: 443, proto: IpProto::Tcp };
+/// let k = TemplateKey::client("192.0.2.77".parse().unwrap(), 24, svc);
+/// p.insert(k, BackendId(2), Duration::from_secs(300), Instant::from_secs(1));
+/// // Another client of the same /24 is sent to the same backend.
+/// let k2 = TemplateKey::client("192.0.2.200".parse().unwrap(), 24, svc);
+/// assert_eq!(p.lookup(&k2, Instant::from_secs(2)), Some(BackendId(2)));
+/// assert_eq!(p.lookup(&k2, Instant::from_secs(400)), None); // timed out
+/// ```
+#[derive(Debug, Clone)]
+pub struct PersistTable<H: KeyedHash = SipHash13> {
+    hasher: FlowHasher<H>,
+    index: HashTable<u32>,
+    slots: Vec<Template>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    capacity: usize,
+}
+
+fn ms(t: Instant) -> u64 {
+    t.as_millis()
+}
+
+impl PersistTable<SipHash13> {
+    /// A table of at most `capacity` templates, hashed with SipHash-1-3 under `key`.
+    ///
+    /// # Errors
+    /// [`ConntrackError::InvalidCapacity`] if `capacity` is 0 or above 2^31.
+    pub fn new(capacity: usize, key: HashKey) -> Result<Self, ConntrackError> {
+        Self::with_hasher(capacity, key)
+    }
+}
+
+impl<H: KeyedHash> PersistTable<H> {
+    /// As [`PersistTable::new`] with hash function `H`.
+    ///
+    /// # Errors
+    /// [`ConntrackError::InvalidCapacity`] if `capacity` is 0 or above 2^31.
+    pub fn with_hasher(capacity: usize, key: HashKey) -> Result<Self, ConntrackError> {
+        if capacity == 0 || capacity > 1 << 31 {
+            return Err(ConntrackError::InvalidCapacity { capacity });
+        }
+        Ok(PersistTable {
+            hasher: FlowHasher::with_key(key),
+            index: HashTable::with_capacity(capacity),
+            slots: Vec::with_capacity(capacity),
+            free: Vec::with_capacity(capacity),
+            head: NIL,
+            tail: NIL,
+            capacity,
+        })
+    }
+
+    /// Number of templates held (including expired ones not yet reclaimed).
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The configured capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    #[inline]
+    fn hash(&self, k: &TemplateKey) -> u64 {
+        self.hasher.hash_bytes(&k.encode())
+    }
+
+    fn find(&self, k: &TemplateKey) -> Option<u32> {
+        let h = self.hash(k);
+        let slots = &self.slots;
+        self.index
+            .find(h, |&i| slots.get(i as usize).is_some_and(|t| t.key == *k))
+            .copied()
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let Some(t) = self.slots.get(i as usize) else {
+            return;
+        };
+        let (p, n) = (t.prev, t.next);
+        match self.slots.get_mut(p as usize) {
+            Some(ps) => ps.next = n,
+            None => self.head = n,
+        }
+        match self.slots.get_mut(n as usize) {
+            Some(ns) => ns.prev = p,
+            None => self.tail = p,
+        }
+    }
+
+    fn push_back(&mut self, i: u32) {
+        let t = self.tail;
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            s.prev = t;
+            s.next = NIL;
+        }
+        match self.slots.get_mut(t as usize) {
+            Some(ts) => ts.next = i,
+            None => self.head = i,
+        }
+        self.tail = i;
+    }
+
+    fn touch(&mut self, i: u32, now: Instant) {
+        if let Some(t) = self.slots.get_mut(i as usize) {
+            t.last = t.last.max(ms(now));
+        }
+        if self.tail != i {
+            self.unlink(i);
+            self.push_back(i);
+        }
+    }
+
+    fn remove_slot(&mut self, i: u32) -> Option<TemplateKey> {
+        let key = self.slots.get(i as usize)?.key;
+        let h = self.hash(&key);
+        if let Ok(e) = self.index.find_entry(h, |&x| x == i) {
+            e.remove();
+        }
+        self.unlink(i);
+        self.free.push(i);
+        Some(key)
+    }
+
+    fn expired(t: &Template, now: Instant) -> bool {
+        t.refs == 0 && ms(now).saturating_sub(t.last) >= t.timeout_ms
+    }
+
+    /// The backend of the template `key`, refreshing its idle timer. An expired template is
+    /// removed and `None` returned.
+    pub fn lookup(&mut self, key: &TemplateKey, now: Instant) -> Option<BackendId> {
+        let i = self.find(key)?;
+        let t = *self.slots.get(i as usize)?;
+        if Self::expired(&t, now) {
+            self.remove_slot(i);
+            return None;
+        }
+        self.touch(i, now);
+        Some(t.backend)
+    }
+
+    /// The backend of `key` without refreshing (expired templates read as absent).
+    pub fn peek(&self, key: &TemplateKey, now: Instant) -> Option<BackendId> {
+        let t = self.slots.get(self.find(key)? as usize)?;
+        (!Self::expired(t, now)).then_some(t.backend)
+    }
+
+    /// Binds `key` to `backend` with idle timeout `timeout`.
+    pub fn insert(
+        &mut self,
+        key: TemplateKey,
+        backend: BackendId,
+        timeout: Duration,
+        now: Instant,
+    ) -> PersistInsert {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if let Some(i) = self.find(&key) {
+            if let Some(t) = self.slots.get_mut(i as usize) {
+                t.backend = backend;
+                t.timeout_ms = timeout_ms;
+            }
+            self.touch(i, now);
+            return PersistInsert::Updated;
+        }
+        let mut evicted = None;
+        if self.index.len() >= self.capacity {
+            // Reclaim the oldest unpinned template, looking at a bounded number from the head.
+            let mut i = self.head;
+            let mut steps = 0;
+            while i != NIL && steps < 16 {
+                let Some(t) = self.slots.get(i as usize) else {
+                    break;
+                };
+                if t.refs == 0 {
+                    break;
+                }
+                i = t.next;
+                steps += 1;
+            }
+            if i == NIL || steps == 16 {
+                return PersistInsert::Full;
+            }
+            evicted = self.remove_slot(i);
+        }
+        let t = Template {
+            key,
+            backend,
+            last: ms(now),
+            timeout_ms,
+            refs: 0,
+            prev: NIL,
+            next: NIL,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                if let Some(s) = self.slots.get_mut(i as usize) {
+                    *s = t;
+                }
+                i
+            }
+            None => {
+                self.slots.push(t);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let h = self.hash(&key);
+        let (hasher, slots) = (&self.hasher, &self.slots);
+        self.index.insert_unique(h, i, |&x| {
+            slots
+                .get(x as usize)
+                .map_or(0, |t| hasher.hash_bytes(&t.key.encode()))
+        });
+        self.push_back(i);
+        match evicted {
+            Some(k) => PersistInsert::Evicted(k),
+            None => PersistInsert::New,
+        }
+    }
+
+    /// Pins template `key` for one more connection. Returns whether it exists.
+    pub fn attach(&mut self, key: &TemplateKey) -> bool {
+        match self.find(key).and_then(|i| self.slots.get_mut(i as usize)) {
+            Some(t) => {
+                t.refs = t.refs.saturating_add(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Unpins template `key` for one connection; when none is left its timeout starts at `now`.
+    pub fn detach(&mut self, key: &TemplateKey, now: Instant) {
+        if let Some(i) = self.find(key) {
+            let last_ref = match self.slots.get_mut(i as usize) {
+                Some(t) => {
+                    t.refs = t.refs.saturating_sub(1);
+                    t.refs == 0
+                }
+                None => false,
+            };
+            if last_ref {
+                self.touch(i, now);
+            }
+        }
+    }
+
+    /// Number of connections pinning `key` (0 if absent).
+    pub fn refs(&self, key: &TemplateKey) -> u32 {
+        self.find(key)
+            .and_then(|i| self.slots.get(i as usize))
+            .map_or(0, |t| t.refs)
+    }
+
+    /// Removes templates that timed out, looking at no more than `budget` of them. Returns the
+    /// number removed.
+    pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
+        let mut removed = 0;
+        for _ in 0..budget {
+            let i = self.head;
+            let Some(t) = self.slots.get(i as usize).copied() else {
+                break;
+            };
+            if t.refs > 0 {
+                // Pinned: move it out of the way; it is refreshed when unpinned.
+                if self.tail == i {
+                    break;
+                }
+                self.unlink(i);
+                self.push_back(i);
+            } else if Self::expired(&t, now) {
+                self.remove_slot(i);
+                removed += 1;
+            } else {
+                break;
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn svc() -> Service {
+        Service {
+            vip: "203.0.113.10".parse().unwrap(),
+            port: 80,
+            proto: IpProto::Tcp,
+        }
+    }
+
+    #[test]
+    fn masking() {
+        let a: IpAddr = "192.0.2.77".parse().unwrap();
+        assert_eq!(mask_addr(a, 24), "192.0.2.0".parse::<IpAddr>().unwrap());
+        assert_eq!(mask_addr(a, 0), "0.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(mask_addr(a, 99), a);
+        let b: IpAddr = "2001:db8:1:2::9".parse().unwrap();
+        assert_eq!(mask_addr(b, 48), "2001:db8:1::".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn pinned_templates_do_not_expire() {
+        let mut p = PersistTable::new(4, HashKey::from_bytes([1; 16])).unwrap();
+        let k = TemplateKey::client("192.0.2.1".parse().unwrap(), 32, svc());
+        assert_eq!(
+            p.insert(k, BackendId(1), Duration::from_secs(10), Instant::ZERO),
+            PersistInsert::New
+        );
+        assert!(p.attach(&k));
+        assert_eq!(p.expire(Instant::from_secs(100), 10), 0);
+        assert_eq!(p.peek(&k, Instant::from_secs(100)), Some(BackendId(1)));
+        p.detach(&k, Instant::from_secs(100));
+        assert_eq!(p.expire(Instant::from_secs(105), 10), 0);
+        assert_eq!(p.expire(Instant::from_secs(110), 10), 1);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn full_evicts_unpinned_lru_or_refuses() {
+        let mut p = PersistTable::new(2, HashKey::from_bytes([1; 16])).unwrap();
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        let d = Duration::from_secs(60);
+        p.insert(k(1), BackendId(1), d, Instant::ZERO);
+        p.insert(k(2), BackendId(2), d, Instant::ZERO);
+        assert_eq!(
+            p.insert(k(3), BackendId(3), d, Instant::ZERO),
+            PersistInsert::Evicted(k(1))
+        );
+        p.attach(&k(2));
+        p.attach(&k(3));
+        assert_eq!(
+            p.insert(k(4), BackendId(4), d, Instant::ZERO),
+            PersistInsert::Full
+        );
+        assert_eq!(
+            p.insert(k(3), BackendId(9), d, Instant::ZERO),
+            PersistInsert::Updated
+        );
+        assert_eq!(p.lookup(&k(3), Instant::ZERO), Some(BackendId(9)));
+        assert_eq!(p.len(), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn never_exceeds_capacity_and_lookups_match_model(
+            ops in proptest::collection::vec((0u64..12, 0u32..4, 0u64..30), 1..150)
+        ) {
+            let cap = 5;
+            let mut p = PersistTable::new(cap, HashKey::from_bytes([7; 16])).unwrap();
+            let mut now = Instant::ZERO;
+            let d = Duration::from_secs(10);
+            for (k, b, dt) in ops {
+                now += Duration::from_secs(dt);
+                let key = TemplateKey::affinity(svc(), k);
+                let before = p.peek(&key, now);
+                match p.lookup(&key, now) {
+                    Some(got) => prop_assert_eq!(Some(got), before),
+                    None => {
+                        prop_assert_eq!(before, None);
+                        let r = p.insert(key, BackendId(b), d, now);
+                        prop_assert!(r != PersistInsert::Full);
+                        prop_assert_eq!(p.peek(&key, now), Some(BackendId(b)));
+                    }
+                }
+                p.expire(now, 3);
+                prop_assert!(p.len() <= cap);
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Counters and session statistics.
+//!
+//! [`Counters`] count every outcome of the table's operations, including each eviction and
+//! refusal reason. [`SessionStats`] keep log2 histograms of session duration and of packets per
+//! session, overall and per backend, recorded when an entry leaves the table (the figures an
+//! operator sizes timeouts with and spots unfairly long sessions by).
+
+use lb_core::BackendId;
+
+/// Why an entry was evicted to make room for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EvictReason {
+    /// The oldest half-open entry (TCP without a completed handshake, unconfirmed UDP).
+    HalfOpen,
+    /// The least recently used entry, when no half-open entry was left.
+    Lru,
+}
+
+/// Why an insertion was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The table is full and no entry may be evicted (only established entries are left and
+    /// [`Config::evict_established`](crate::Config::evict_established) is off).
+    TableFull,
+    /// The IPv6 address store is full and no IPv6 entry could be evicted.
+    Ipv6Full,
+    /// The NAT reply tuple is already in use by another entry.
+    NatConflict,
+    /// A NAT reply tuple was given but the table was built without NAT support.
+    NatDisabled,
+    /// The backend's SNAT port pool is exhausted (or the backend has no pool).
+    PortsExhausted,
+    /// The backend's address family differs from the SNAT addresses'.
+    FamilyMismatch,
+}
+
+/// Counters of the table's operations. All wrap on overflow (they are `u64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Lookups that found a live entry.
+    pub hits: u64,
+    /// Lookups that found nothing.
+    pub misses: u64,
+    /// Lookups that found an entry past its timeout (removed on the spot).
+    pub expired_on_lookup: u64,
+    /// Reply-tuple lookups that found a live entry.
+    pub reply_hits: u64,
+    /// Reply-tuple lookups that found nothing.
+    pub reply_misses: u64,
+    /// Entries inserted.
+    pub inserts: u64,
+    /// Insertions of a key already present (the existing entry was kept).
+    pub exists: u64,
+    /// Entries removed by [`ConnTable::expire`](crate::ConnTable::expire) or to make room
+    /// because they had timed out.
+    pub expired: u64,
+    /// Entries evicted because they were half-open.
+    pub evicted_half_open: u64,
+    /// Entries evicted as least recently used.
+    pub evicted_lru: u64,
+    /// Insertions refused: table full.
+    pub refused_full: u64,
+    /// Insertions refused: IPv6 store full.
+    pub refused_ipv6: u64,
+    /// Insertions refused: NAT tuple conflict or NAT disabled.
+    pub refused_nat: u64,
+    /// Insertions refused: SNAT ports exhausted or family mismatch.
+    pub refused_ports: u64,
+    /// Entries removed explicitly.
+    pub removed: u64,
+    /// TIME_WAIT / CLOSE entries reused by a new SYN.
+    pub reused: u64,
+    /// Times the hash index was rebuilt in place to purge tombstones.
+    pub index_rebuilds: u64,
+}
+
+impl Counters {
+    pub(crate) fn evicted(&mut self, r: EvictReason) {
+        match r {
+            EvictReason::HalfOpen => self.evicted_half_open += 1,
+            EvictReason::Lru => self.evicted_lru += 1,
+        }
+    }
+
+    pub(crate) fn refused(&mut self, r: Refusal) {
+        match r {
+            Refusal::TableFull => self.refused_full += 1,
+            Refusal::Ipv6Full => self.refused_ipv6 += 1,
+            Refusal::NatConflict | Refusal::NatDisabled => self.refused_nat += 1,
+            Refusal::PortsExhausted | Refusal::FamilyMismatch => self.refused_ports += 1,
+        }
+    }
+}
+
+/// Number of buckets of a [`Histogram`].
+pub const HISTOGRAM_BUCKETS: usize = 33;
+
+/// A log2 histogram of `u64` samples: bucket 0 holds 0, bucket `i ≥ 1` holds `[2^(i-1), 2^i)`,
+/// the last bucket everything from 2^31 up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Histogram {
+    buckets: [u64; HISTOGRAM_BUCKETS],
+    count: u64,
+    sum: u64,
+    max: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: [0; HISTOGRAM_BUCKETS],
+            count: 0,
+            sum: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    /// The bucket a value falls in.
+    #[inline]
+    pub const fn bucket_of(v: u64) -> usize {
+        let b = (64 - v.leading_zeros()) as usize;
+        if b >= HISTOGRAM_BUCKETS {
+            HISTOGRAM_BUCKETS - 1
+        } else {
+            b
+        }
+    }
+
+    /// Records one sample.
+    #[inline]
+    pub fn record(&mut self, v: u64) {
+        let b = Self::bucket_of(v);
+        if let Some(slot) = self.buckets.get_mut(b) {
+            *slot += 1;
+        }
+        self.count += 1;
+        self.sum = self.sum.saturating_add(v);
+        self.max = self.max.max(v);
+    }
+
+    /// The bucket counts.
+    pub fn buckets(&self) -> &[u64; HISTOGRAM_BUCKETS] {
+        &self.buckets
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Largest sample.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Mean of the samples (0 when empty).
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.count as f64
+        }
+    }
+
+    /// An upper bound of the `q`-quantile (`q` in 0..=1): the top of the bucket holding it.
+    pub fn quantile_upper(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return if i == 0 {
+                    0
+                } else {
+                    (1u64 << i).saturating_sub(1).min(self.max)
+                };
+            }
+        }
+        self.max
+    }
+
+    /// Adds another histogram's samples into this one.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum = self.sum.saturating_add(other.sum);
+        self.max = self.max.max(other.max);
+    }
+}
+
+/// Duration (milliseconds) and packet-count histograms of finished sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionHistograms {
+    /// Session duration, first packet to last packet, in milliseconds.
+    pub duration_ms: Histogram,
+    /// Packets per session (both directions).
+    pub packets: Histogram,
+}
+
+/// Session statistics, overall and for backends with ids below a configured bound.
+#[derive(Debug, Clone)]
+pub struct SessionStats {
+    overall: SessionHistograms,
+    per_backend: Vec<SessionHistograms>,
+}
+
+impl SessionStats {
+    /// Statistics keeping per-backend histograms for backend ids `0..backends`.
+    pub fn new(backends: usize) -> Self {
+        SessionStats {
+            overall: SessionHistograms::default(),
+            per_backend: vec![SessionHistograms::default(); backends],
+        }
+    }
+
+    /// Records a finished session.
+    #[inline]
+    pub fn record(&mut self, backend: BackendId, duration_ms: u64, packets: u64) {
+        self.overall.duration_ms.record(duration_ms);
+        self.overall.packets.record(packets);
+        if let Some(b) = self.per_backend.get_mut(backend.get() as usize) {
+            b.duration_ms.record(duration_ms);
+            b.packets.record(packets);
+        }
+    }
+
+    /// Histograms over all backends.
+    pub fn overall(&self) -> &SessionHistograms {
+        &self.overall
+    }
+
+    /// Histograms of one backend (`None` if its id is beyond the configured bound).
+    pub fn backend(&self, id: BackendId) -> Option<&SessionHistograms> {
+        self.per_backend.get(id.get() as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn buckets_and_quantiles() {
+        let mut h = Histogram::default();
+        for v in [0u64, 1, 2, 3, 4, 1000] {
+            h.record(v);
+        }
+        assert_eq!(h.count(), 6);
+        assert_eq!(h.buckets()[0], 1);
+        assert_eq!(h.buckets()[1], 1);
+        assert_eq!(h.buckets()[2], 2);
+        assert_eq!(h.buckets()[3], 1);
+        assert_eq!(h.max(), 1000);
+        assert_eq!(h.quantile_upper(1.0), 1000);
+        assert_eq!(h.quantile_upper(0.5), 3);
+        assert_eq!(Histogram::bucket_of(u64::MAX), HISTOGRAM_BUCKETS - 1);
+    }
+
+    #[test]
+    fn per_backend_bounded() {
+        let mut s = SessionStats::new(2);
+        s.record(BackendId(1), 10, 3);
+        s.record(BackendId(7), 10, 3);
+        assert_eq!(s.overall().packets.count(), 2);
+        assert_eq!(s.backend(BackendId(1)).map(|b| b.packets.count()), Some(1));
+        assert!(s.backend(BackendId(7)).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn every_sample_is_counted_in_its_bucket(v in proptest::collection::vec(any::<u64>(), 0..50)) {
+            let mut h = Histogram::default();
+            for &x in &v { h.record(x); }
+            prop_assert_eq!(h.buckets().iter().sum::<u64>(), v.len() as u64);
+            for &x in &v {
+                let b = Histogram::bucket_of(x);
+                prop_assert!(b == HISTOGRAM_BUCKETS - 1 || x < (1u64 << b));
+                prop_assert!(b == 0 || x >= 1u64 << (b - 1));
+            }
+        }
+    }
+}

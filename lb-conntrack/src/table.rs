@@ -1,0 +1,754 @@
+//! The connection table: a fixed-capacity slab of compact entries indexed by a
+//! `hashbrown::HashTable<u32>` under a keyed flow hash.
+//!
+//! Layout (see `entry.rs` for the slot):
+//! - `index`: `HashTable<u32>` of slot indices under the keyed hash of the flow key. Its control
+//!   bytes keep 7 bits of each hash, so a probe compares a full key only on a tag match;
+//!   removals find their bucket by hash and slot index, never by comparing keys.
+//! - `slots`: `capacity` slots of 32 bytes, preallocated; free slots are chained through `next`.
+//! - class lists (`evict.rs`): one intrusive list per state class, ordered by last-seen time.
+//! - side arrays, only when enabled: IPv6 address pairs, per-flow counters, NAT reply tuples and
+//!   their own `HashTable<u32>` index.
+//!
+//! Nothing allocates after construction. When removals have left the index without free
+//! buckets (hashbrown keeps tombstones), the index is rebuilt in place from the slab: an O(n)
+//! pause, at most once per ~`buckets − capacity` removals, counted in
+//! [`Counters::index_rebuilds`].
+
+use std::net::SocketAddr;
+
+use hashbrown::HashTable;
+use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHash13};
+
+use crate::entry::{
+    slot_key, EntryInfo, FlowCounters, Hit, Packet, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST,
+    F_POOL, F_V6, NIL,
+};
+use crate::evict::Lists;
+use crate::nat_pool::SnatPool;
+use crate::persist::{PersistTable, Service, TemplateKey};
+use crate::stats::{Counters, Refusal, SessionStats};
+use crate::tcp_state::{Direction, TcpState};
+use crate::timeout::{FlowState, Timeouts, CLASSES};
+use crate::ConntrackError;
+
+mod config;
+mod handle;
+mod insert;
+
+pub use config::{Config, Insert, NewFlow, MAX_CAPACITY};
+pub use handle::{EntryRef, Lookup, MemoryUsage};
+
+/// A fixed-capacity connection-tracking table.
+///
+/// Drive order, per packet: [`ConnTable::lookup`] (or [`ConnTable::track`]); on a hit,
+/// [`EntryRef::update`]; on a miss, schedule and [`ConnTable::insert_with`]. Replies in NAT modes:
+/// [`ConnTable::track_reply`]. Periodically (every millisecond or so, or when
+/// [`ConnTable::next_deadline`] passes): [`ConnTable::expire`] with a budget.
+///
+/// `now` must not go backwards; an earlier `now` is treated as the latest seen.
+#[derive(Debug)]
+pub struct ConnTable<H: KeyedHash = SipHash13> {
+    pub(crate) hasher: FlowHasher<H>,
+    index: HashTable<u32>,
+    reply_index: HashTable<u32>,
+    pub(crate) slots: Vec<Slot>,
+    free: u32,
+    len: usize,
+    lists: Lists,
+    v6: Vec<[u8; 32]>,
+    v6_free: Vec<u32>,
+    flow: Vec<FlowCounters>,
+    nat: Vec<FlowKey>,
+    timeouts: Timeouts,
+    timeout_ms: [u32; CLASSES],
+    clock: u64,
+    cfg: Config,
+    counters: Counters,
+    sessions: SessionStats,
+    persist: PersistTable<H>,
+    snat: Option<SnatPool>,
+}
+
+impl ConnTable<SipHash13> {
+    /// A table keyed with SipHash-1-3 under `key` (derive a dedicated key, e.g.
+    /// `cluster_key.derive("conntrack")`).
+    ///
+    /// # Errors
+    /// As [`Config::validate`].
+    pub fn new(cfg: Config, key: HashKey) -> Result<Self, ConntrackError> {
+        Self::with_hasher(cfg, key)
+    }
+}
+
+#[inline(always)]
+fn hash_slot<H: KeyedHash>(h: &FlowHasher<H>, slots: &[Slot], v6: &[[u8; 32]], i: u32) -> u64 {
+    slots
+        .get(i as usize)
+        .map_or(0, |s| h.hash_flow(&slot_key(s, v6)))
+}
+
+impl<H: KeyedHash> ConnTable<H> {
+    /// A table using hash function `H` (e.g. [`lb_core::FastHash`]).
+    ///
+    /// # Errors
+    /// As [`Config::validate`].
+    pub fn with_hasher(cfg: Config, key: HashKey) -> Result<Self, ConntrackError> {
+        cfg.validate()?;
+        let cap = cfg.capacity;
+        let mut slots = vec![Slot::default(); cap];
+        for (i, s) in slots.iter_mut().enumerate() {
+            s.next = if i + 1 < cap { (i + 1) as u32 } else { NIL };
+        }
+        let v6_free: Vec<u32> = (0..cfg.ipv6_capacity as u32).rev().collect();
+        let dummy = FlowKey::v4(0.into(), 0, 0.into(), 0, lb_core::IpProto::Tcp);
+        Ok(ConnTable {
+            hasher: FlowHasher::with_key(key),
+            index: HashTable::with_capacity(cap),
+            reply_index: HashTable::with_capacity(if cfg.nat { cap } else { 0 }),
+            slots,
+            free: 0,
+            len: 0,
+            lists: Lists::new(),
+            v6: vec![[0; 32]; cfg.ipv6_capacity],
+            v6_free,
+            flow: if cfg.flow_stats {
+                vec![FlowCounters::default(); cap]
+            } else {
+                Vec::new()
+            },
+            nat: if cfg.nat {
+                vec![dummy; cap]
+            } else {
+                Vec::new()
+            },
+            timeouts: cfg.timeouts,
+            timeout_ms: cfg.timeouts.class_millis(),
+            clock: 0,
+            cfg,
+            counters: Counters::default(),
+            sessions: SessionStats::new(cfg.stats_backends),
+            persist: PersistTable::with_hasher(cfg.persist_capacity, key.derive("persist"))?,
+            snat: None,
+        })
+    }
+
+    // ---- getters ----
+
+    /// Number of entries (live, or timed out but not yet reclaimed).
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the table is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The fixed capacity.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.cfg.capacity
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The timeouts in force.
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// Operation counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Session statistics (recorded when entries leave; needs `flow_stats`).
+    pub fn sessions(&self) -> &SessionStats {
+        &self.sessions
+    }
+
+    /// Number of entries in each state class, by state.
+    pub fn state_counts(&self) -> impl Iterator<Item = (FlowState, usize)> + '_ {
+        (0..CLASSES as u8).filter_map(move |c| {
+            let n = self.lists.len.get(usize::from(c)).copied().unwrap_or(0) as usize;
+            FlowState::from_class(c).map(|s| (s, n))
+        })
+    }
+
+    /// The persistence templates.
+    pub fn persist(&self) -> &PersistTable<H> {
+        &self.persist
+    }
+
+    /// The persistence templates, to look up and insert templates.
+    pub fn persist_mut(&mut self) -> &mut PersistTable<H> {
+        &mut self.persist
+    }
+
+    /// Installs the SNAT port pool used by [`ConnTable::insert_snat`] (control path).
+    pub fn set_snat_pool(&mut self, pool: SnatPool) {
+        self.snat = Some(pool);
+    }
+
+    /// The SNAT pool, to register or remove backends (control path).
+    pub fn snat_pool_mut(&mut self) -> Option<&mut SnatPool> {
+        self.snat.as_mut()
+    }
+
+    /// Heap memory in use, by part. Everything is allocated at construction, so this is also
+    /// the steady-state footprint.
+    pub fn memory(&self) -> MemoryUsage {
+        use core::mem::size_of;
+        let slots = self.slots.capacity() * size_of::<Slot>();
+        let index = self.index.allocation_size();
+        let ipv6 = self.v6.capacity() * 32 + self.v6_free.capacity() * 4;
+        let flow_stats = self.flow.capacity() * size_of::<FlowCounters>();
+        let nat = self.nat.capacity() * size_of::<FlowKey>() + self.reply_index.allocation_size();
+        let persist = self.persist.capacity() * 80;
+        let sessions = (self.cfg.stats_backends + 1) * size_of::<crate::stats::SessionHistograms>();
+        MemoryUsage {
+            slots,
+            index,
+            ipv6,
+            flow_stats,
+            nat,
+            total: slots + index + ipv6 + flow_stats + nat + persist + sessions,
+        }
+    }
+
+    /// The keyed hash the table indexes `key` under (for [`ConnTable::track_hashed`] and for
+    /// sharding).
+    #[inline]
+    pub fn flow_hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash_flow(key)
+    }
+
+    // ---- time ----
+
+    #[inline]
+    pub(crate) fn advance(&mut self, now: Instant) -> u32 {
+        let m = now.as_millis();
+        if m > self.clock {
+            self.clock = m;
+        }
+        self.clock as u32
+    }
+
+    #[inline]
+    fn age(&self, s: &Slot) -> u32 {
+        (self.clock as u32).wrapping_sub(s.last)
+    }
+
+    /// The clock as it would be after `now` (for `&self` queries).
+    #[inline]
+    fn clock_at(&self, now: Instant) -> u64 {
+        self.clock.max(now.as_millis())
+    }
+
+    #[inline]
+    fn timeout_of(&self, class: u8) -> u32 {
+        self.timeout_ms
+            .get(usize::from(class))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[inline]
+    fn slot_expired(&self, i: u32) -> bool {
+        self.slot_expired_at(i, self.clock)
+    }
+
+    #[inline]
+    fn slot_expired_at(&self, i: u32, clock: u64) -> bool {
+        match self.slots.get(i as usize) {
+            Some(s) => (clock as u32).wrapping_sub(s.last) >= self.timeout_of(s.class),
+            None => true,
+        }
+    }
+
+    fn deadline_of(&self, s: &Slot) -> Instant {
+        let age = u64::from(self.age(s));
+        let t = u64::from(self.timeout_of(s.class));
+        Instant::from_millis((self.clock + t).saturating_sub(age))
+    }
+
+    // ---- finding ----
+
+    #[inline(always)]
+    fn find(&self, hash: u64, probe: &Probe) -> Option<u32> {
+        let (slots, v6) = (&self.slots, &self.v6);
+        self.index
+            .find(hash, |&i| {
+                slots.get(i as usize).is_some_and(|s| probe.matches(s, v6))
+            })
+            .copied()
+    }
+
+    fn find_reply(&self, hash: u64, reply: &FlowKey) -> Option<u32> {
+        let nat = &self.nat;
+        self.reply_index
+            .find(hash, |&i| nat.get(i as usize) == Some(reply))
+            .copied()
+    }
+
+    #[inline]
+    fn nat_of(&self, i: u32) -> Option<FlowKey> {
+        let s = self.slots.get(i as usize)?;
+        if s.flags & F_NAT != 0 {
+            self.nat.get(i as usize).copied()
+        } else {
+            None
+        }
+    }
+
+    fn key_of(&self, i: u32) -> Option<FlowKey> {
+        self.slots.get(i as usize).map(|s| slot_key(s, &self.v6))
+    }
+
+    pub(crate) fn info(&self, i: u32) -> EntryInfo {
+        let s = self.slots.get(i as usize).copied().unwrap_or_default();
+        let fc = self.flow.get(i as usize).copied().unwrap_or_default();
+        EntryInfo {
+            key: slot_key(&s, &self.v6),
+            backend: BackendId(s.backend),
+            state: FlowState::from_class(s.class).unwrap_or(FlowState::Other),
+            nat: self.nat_of(i),
+            last_seen: Instant::from_millis(self.clock.saturating_sub(u64::from(self.age(&s)))),
+            deadline: self.deadline_of(&s),
+            packets: u64::from(fc.packets),
+            bytes: fc.bytes,
+        }
+    }
+
+    // ---- the data path ----
+
+    /// Looks `key` up. A timed-out entry is removed and reported as [`Lookup::Expired`].
+    /// Does not refresh the entry: call [`EntryRef::update`] with the packet.
+    #[inline]
+    pub fn lookup(&mut self, key: &FlowKey, now: Instant) -> Lookup<'_, H> {
+        let hash = self.hasher.hash_flow(key);
+        self.lookup_hashed(hash, key, now)
+    }
+
+    /// [`ConnTable::lookup`] with a precomputed `hash` (which must be
+    /// [`ConnTable::flow_hash`] of `key`, else the entry is not found).
+    #[inline]
+    pub fn lookup_hashed(&mut self, hash: u64, key: &FlowKey, now: Instant) -> Lookup<'_, H> {
+        self.advance(now);
+        let probe = Probe::of(key);
+        match self.find(hash, &probe) {
+            None => {
+                self.counters.misses += 1;
+                Lookup::Miss
+            }
+            Some(i) if self.slot_expired(i) => {
+                let backend = BackendId(self.slots.get(i as usize).map_or(0, |s| s.backend));
+                self.counters.expired_on_lookup += 1;
+                self.remove_slot(i);
+                Lookup::Expired { backend }
+            }
+            Some(i) => {
+                self.counters.hits += 1;
+                Lookup::Hit(EntryRef {
+                    table: self,
+                    idx: i,
+                })
+            }
+        }
+    }
+
+    /// Lookup and update in one call: the per-packet entry point. `None` on a miss (or a
+    /// timed-out entry, which is removed).
+    #[inline]
+    pub fn track(&mut self, key: &FlowKey, pkt: Packet, now: Instant) -> Option<Hit> {
+        let hash = self.hasher.hash_flow(key);
+        self.track_hashed(hash, key, pkt, now)
+    }
+
+    /// [`ConnTable::track`] with a precomputed hash (see [`ConnTable::lookup_hashed`]).
+    #[inline]
+    pub fn track_hashed(
+        &mut self,
+        hash: u64,
+        key: &FlowKey,
+        pkt: Packet,
+        now: Instant,
+    ) -> Option<Hit> {
+        match self.lookup_hashed(hash, key, now) {
+            Lookup::Hit(mut e) => Some(e.update(pkt, now)),
+            _ => None,
+        }
+    }
+
+    /// Tracks a burst: hashes every key first, then probes and updates, so that the hash
+    /// computations of the burst overlap and the probes' cache misses are issued back to back.
+    /// `out[i]` receives the result for `keys[i]` (`pkts[i]`); the burst is cut to the shortest
+    /// of the three slices.
+    pub fn track_batch(
+        &mut self,
+        keys: &[FlowKey],
+        pkts: &[Packet],
+        now: Instant,
+        out: &mut [Option<Hit>],
+    ) {
+        const BURST: usize = 16;
+        let n = keys.len().min(pkts.len()).min(out.len());
+        let mut base = 0;
+        while base < n {
+            let m = (n - base).min(BURST);
+            let mut hashes = [0u64; BURST];
+            for (h, k) in hashes.iter_mut().zip(&keys[base..base + m]) {
+                *h = self.hasher.hash_flow(k);
+            }
+            for j in 0..m {
+                out[base + j] = self.track_hashed(hashes[j], &keys[base + j], pkts[base + j], now);
+            }
+            base += m;
+        }
+    }
+
+    /// Looks a NAT reply tuple up (a packet from a backend to the SNAT address) and feeds it
+    /// the packet (as [`Direction::Reply`]). Returns the original flow key and the hit.
+    pub fn track_reply(
+        &mut self,
+        reply: &FlowKey,
+        pkt: Packet,
+        now: Instant,
+    ) -> Option<(FlowKey, Hit)> {
+        let now32 = self.advance(now);
+        let hash = self.hasher.hash_flow(reply);
+        let Some(i) = self.find_reply(hash, reply) else {
+            self.counters.reply_misses += 1;
+            return None;
+        };
+        if self.slot_expired(i) {
+            self.counters.expired_on_lookup += 1;
+            self.remove_slot(i);
+            return None;
+        }
+        self.counters.reply_hits += 1;
+        let key = self.key_of(i)?;
+        let pkt = Packet {
+            dir: Direction::Reply,
+            ..pkt
+        };
+        Some((key, self.apply_packet(i, pkt, now32, false)))
+    }
+
+    /// A snapshot of the entry of `key`, if live at `now`. Does not refresh it.
+    pub fn get(&self, key: &FlowKey, now: Instant) -> Option<EntryInfo> {
+        let i = self.find(self.hasher.hash_flow(key), &Probe::of(key))?;
+        (!self.slot_expired_at(i, self.clock_at(now))).then(|| self.info(i))
+    }
+
+    /// Removes the entry of `key`. Returns whether there was one.
+    pub fn remove(&mut self, key: &FlowKey, now: Instant) -> bool {
+        self.advance(now);
+        match self.find(self.hasher.hash_flow(key), &Probe::of(key)) {
+            Some(i) => {
+                self.counters.removed += 1;
+                self.remove_slot(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inserts a flow bound to `backend`, with an optional NAT reply tuple. The entry starts in
+    /// its protocol's initial state; prefer [`ConnTable::insert_with`] with the first packet.
+    #[inline]
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        backend: BackendId,
+        nat: Option<FlowKey>,
+        now: Instant,
+    ) -> Insert {
+        self.insert_with(
+            NewFlow {
+                nat,
+                ..NewFlow::new(key, backend)
+            },
+            now,
+        )
+    }
+
+    /// Inserts a new flow. When the table is full, reclaims a timed-out entry, else evicts the
+    /// oldest half-open entry, else (if allowed) the least recently used one.
+    pub fn insert_with(&mut self, flow: NewFlow, now: Instant) -> Insert {
+        self.insert_inner(flow, false, None, now)
+    }
+
+    /// Full NAT: allocates an SNAT (address, port) from `flow.backend`'s pool (see
+    /// [`ConnTable::set_snat_pool`]), builds the reply tuple `backend_addr → SNAT`, and inserts
+    /// the flow with it. The port returns to the pool when the entry leaves. Returns the
+    /// outcome and the reply tuple (whose `dst` is the SNAT source to write into the packet).
+    pub fn insert_snat(
+        &mut self,
+        flow: NewFlow,
+        backend_addr: SocketAddr,
+        now: Instant,
+    ) -> (Insert, Option<FlowKey>) {
+        let Some(pool) = self.snat.as_mut() else {
+            self.counters.refused(Refusal::PortsExhausted);
+            return (Insert::Refused(Refusal::PortsExhausted), None);
+        };
+        let Some((addr, port)) = pool.allocate(flow.backend) else {
+            self.counters.refused(Refusal::PortsExhausted);
+            return (Insert::Refused(Refusal::PortsExhausted), None);
+        };
+        let reply = match FlowKey::new(
+            backend_addr.ip(),
+            backend_addr.port(),
+            addr,
+            port,
+            flow.key.proto(),
+        ) {
+            Ok(r) => r,
+            Err(_) => {
+                pool.release(flow.backend, addr, port);
+                self.counters.refused(Refusal::FamilyMismatch);
+                return (Insert::Refused(Refusal::FamilyMismatch), None);
+            }
+        };
+        let r = self.insert_inner(
+            NewFlow {
+                nat: Some(reply),
+                ..flow
+            },
+            true,
+            None,
+            now,
+        );
+        if r.is_inserted() {
+            (r, Some(reply))
+        } else {
+            if let Some(pool) = self.snat.as_mut() {
+                pool.release(flow.backend, addr, port);
+            }
+            (r, None)
+        }
+    }
+
+    /// Applies one packet to live slot `i`.
+    #[inline]
+    pub(crate) fn apply_packet(&mut self, i: u32, pkt: Packet, now32: u32, first: bool) -> Hit {
+        let Some(s) = self.slots.get(i as usize).copied() else {
+            return Hit {
+                backend: BackendId(0),
+                state: FlowState::Other,
+                nat: None,
+                changed: false,
+            };
+        };
+        let old = FlowState::from_class(s.class).unwrap_or(FlowState::Other);
+        let mut flags = s.flags;
+        if pkt.dir == Direction::Reply {
+            flags |= F_BIDIR;
+        }
+        let mut reused = false;
+        let new = match old {
+            FlowState::Tcp(t) => {
+                let n = t.next(pkt.dir, pkt.tcp_flags, flags & F_BIDIR != 0);
+                reused =
+                    matches!(t, TcpState::TimeWait | TcpState::Close) && n == TcpState::SynRecv;
+                FlowState::Tcp(n)
+            }
+            FlowState::UdpUnconfirmed if !first || pkt.dir == Direction::Reply => FlowState::Udp,
+            other => other,
+        };
+        if reused {
+            self.counters.reused += 1;
+            self.record_session(i, &s);
+        }
+        if let Some(fc) = self.flow.get_mut(i as usize) {
+            if reused {
+                *fc = FlowCounters {
+                    created: now32,
+                    packets: 0,
+                    bytes: 0,
+                };
+            }
+            fc.packets = fc.packets.saturating_add(1);
+            fc.bytes = fc.bytes.saturating_add(u64::from(pkt.bytes));
+        }
+        let class = new.class();
+        if class != s.class || now32 != s.last {
+            self.lists.requeue(&mut self.slots, s.class, class, i);
+        }
+        if let Some(m) = self.slots.get_mut(i as usize) {
+            m.class = class;
+            m.flags = flags;
+            m.last = now32;
+        }
+        Hit {
+            backend: BackendId(s.backend),
+            state: new,
+            nat: self.nat_of(i),
+            changed: new != old,
+        }
+    }
+
+    fn record_session(&mut self, i: u32, s: &Slot) {
+        if let Some(fc) = self.flow.get(i as usize) {
+            let dur = u64::from(s.last.wrapping_sub(fc.created));
+            self.sessions
+                .record(BackendId(s.backend), dur, u64::from(fc.packets));
+        }
+    }
+
+    /// Removes live slot `i` from every structure and returns it to the free list.
+    pub(crate) fn remove_slot(&mut self, i: u32) {
+        let Some(s) = self.slots.get(i as usize).copied() else {
+            return;
+        };
+        if s.flags & F_LIVE == 0 {
+            return;
+        }
+        let key = slot_key(&s, &self.v6);
+        let h = self.hasher.hash_flow(&key);
+        if let Ok(e) = self.index.find_entry(h, |&x| x == i) {
+            e.remove();
+        }
+        if s.flags & F_NAT != 0 {
+            if let Some(reply) = self.nat.get(i as usize).copied() {
+                let rh = self.hasher.hash_flow(&reply);
+                if let Ok(e) = self.reply_index.find_entry(rh, |&x| x == i) {
+                    e.remove();
+                }
+                if s.flags & F_POOL != 0 {
+                    if let Some(pool) = self.snat.as_mut() {
+                        pool.release(BackendId(s.backend), reply.dst(), reply.dst_port());
+                    }
+                }
+            }
+        }
+        if s.flags & F_PERSIST != 0 {
+            let tk = TemplateKey::client(key.src(), s.persist, Service::of_flow(&key));
+            let now = Instant::from_millis(self.clock);
+            self.persist.detach(&tk, now);
+        }
+        self.record_session(i, &s);
+        if s.flags & F_V6 != 0 {
+            self.v6_free.push(s.a);
+        }
+        self.lists.unlink(&mut self.slots, s.class, i);
+        let free = self.free;
+        if let Some(m) = self.slots.get_mut(i as usize) {
+            *m = Slot {
+                next: free,
+                ..Slot::default()
+            };
+        }
+        self.free = i;
+        self.len = self.len.saturating_sub(1);
+    }
+
+    fn rebuild_index(&mut self) {
+        self.counters.index_rebuilds += 1;
+        self.index.clear();
+        let (h, slots, v6) = (&self.hasher, &self.slots, &self.v6);
+        for (i, s) in slots.iter().enumerate() {
+            if s.flags & F_LIVE != 0 {
+                let hash = h.hash_flow(&slot_key(s, v6));
+                self.index
+                    .insert_unique(hash, i as u32, |&x| hash_slot(h, slots, v6, x));
+            }
+        }
+    }
+
+    fn rebuild_reply_index(&mut self) {
+        self.counters.index_rebuilds += 1;
+        self.reply_index.clear();
+        let (h, slots, nat) = (&self.hasher, &self.slots, &self.nat);
+        for (i, s) in slots.iter().enumerate() {
+            if s.flags & F_LIVE != 0 && s.flags & F_NAT != 0 {
+                if let Some(k) = nat.get(i) {
+                    self.reply_index
+                        .insert_unique(h.hash_flow(k), i as u32, |&x| {
+                            nat.get(x as usize).map_or(0, |k| h.hash_flow(k))
+                        });
+                }
+            }
+        }
+    }
+
+    // ---- timers ----
+
+    /// Removes timed-out entries, at most `budget` of them (bounded work: each removal is O(1),
+    /// plus a look at one list head per state class). Returns how many were removed.
+    pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
+        self.advance(now);
+        let mut n = 0;
+        for c in 0..CLASSES {
+            while n < budget {
+                let h = self.lists.head[c];
+                if h == NIL || !self.slot_expired(h) {
+                    break;
+                }
+                self.counters.expired += 1;
+                self.remove_slot(h);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// When the next entry times out (`None` when empty). May be in the past if
+    /// [`ConnTable::expire`] is behind.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.lists
+            .head
+            .iter()
+            .filter_map(|&h| self.slots.get(h as usize))
+            .map(|s| self.deadline_of(s))
+            .min()
+    }
+
+    /// Snapshots up to `max` entries live at `now` from slot `cursor` on, appending them to
+    /// `out`, and returns the cursor to continue from (`None` when done). Bounded work: at most
+    /// `max` entries and `4 × max` slots are visited per call. Used for bulk sync.
+    pub fn export_chunk(
+        &self,
+        cursor: u32,
+        max: usize,
+        now: Instant,
+        out: &mut Vec<EntryInfo>,
+    ) -> Option<u32> {
+        let clock = self.clock_at(now);
+        let mut i = cursor as usize;
+        let mut visited = 0;
+        let mut taken = 0;
+        while i < self.slots.len() && taken < max && visited < max.saturating_mul(4).max(1) {
+            if let Some(s) = self.slots.get(i) {
+                if s.flags & F_LIVE != 0 && !self.slot_expired_at(i as u32, clock) {
+                    out.push(self.info(i as u32));
+                    taken += 1;
+                }
+            }
+            i += 1;
+            visited += 1;
+        }
+        (i < self.slots.len()).then_some(i as u32)
+    }
+
+    /// Every entry live at `now` (allocates a vector: for tests and inspection, not the data
+    /// path).
+    pub fn entries(&self, now: Instant) -> Vec<EntryInfo> {
+        let mut v = Vec::with_capacity(self.len);
+        let mut c = Some(0);
+        while let Some(cur) = c {
+            c = self.export_chunk(cur, 4096, now, &mut v);
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! Table configuration and insertion inputs and outcomes.
+
+use lb_core::{BackendId, FlowKey};
+
+use crate::entry::Packet;
+use crate::stats::{EvictReason, Refusal};
+use crate::timeout::Timeouts;
+use crate::ConntrackError;
+
+/// The largest capacity accepted (2^31 entries).
+pub const MAX_CAPACITY: usize = 1 << 31;
+
+/// How far eviction walks down a list looking for an IPv6 victim.
+pub(super) const V6_VICTIM_WALK: usize = 16;
+
+/// Table configuration, validated by [`crate::ConnTable::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Maximum number of entries (fixed, preallocated).
+    pub capacity: usize,
+    /// Maximum number of IPv6 entries (≤ `capacity`). An IPv6 key does not fit the 32-byte slot:
+    /// its address pair (32 bytes) and a free-list index (4 bytes) are preallocated for each of
+    /// these, so an IPv6 flow costs 36 bytes more than an IPv4 one, and each configured IPv6
+    /// place costs 36 bytes whether used or not.
+    pub ipv6_capacity: usize,
+    /// Idle timeouts.
+    pub timeouts: Timeouts,
+    /// Keep NAT reply tuples and their reverse index (full NAT). Costs
+    /// `size_of::<FlowKey>()` + a `u32` index bucket per entry of capacity.
+    pub nat: bool,
+    /// Keep per-flow counters (created time, packets, bytes: 16 bytes per entry) and record
+    /// session statistics when entries leave.
+    pub flow_stats: bool,
+    /// When full and no half-open entry is left, evict the least recently used entry even if
+    /// established (`true`, default), or refuse the new one (`false`).
+    pub evict_established: bool,
+    /// Capacity of the persistence-template table.
+    pub persist_capacity: usize,
+    /// Keep per-backend session histograms for backend ids below this bound.
+    pub stats_backends: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            capacity: 65_536,
+            ipv6_capacity: 16_384,
+            timeouts: Timeouts::default(),
+            nat: false,
+            flow_stats: true,
+            evict_established: true,
+            persist_capacity: 4_096,
+            stats_backends: 256,
+        }
+    }
+}
+
+impl Config {
+    /// A default configuration with the given capacity (and a quarter of it for IPv6).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Config {
+            capacity,
+            ipv6_capacity: capacity / 4,
+            ..Config::default()
+        }
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// [`ConntrackError::InvalidCapacity`] for a zero or too large capacity (or an IPv6 /
+    /// persistence capacity out of range), [`ConntrackError::InvalidTimeout`] for a bad timeout.
+    pub fn validate(&self) -> Result<(), ConntrackError> {
+        if self.capacity == 0 || self.capacity > MAX_CAPACITY {
+            return Err(ConntrackError::InvalidCapacity {
+                capacity: self.capacity,
+            });
+        }
+        if self.ipv6_capacity > self.capacity {
+            return Err(ConntrackError::InvalidCapacity {
+                capacity: self.ipv6_capacity,
+            });
+        }
+        if self.persist_capacity == 0 || self.persist_capacity > MAX_CAPACITY {
+            return Err(ConntrackError::InvalidCapacity {
+                capacity: self.persist_capacity,
+            });
+        }
+        self.timeouts.validate()
+    }
+}
+
+/// A new flow to insert (see [`crate::ConnTable::insert_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewFlow {
+    /// The flow key, original direction.
+    pub key: FlowKey,
+    /// The backend chosen for it.
+    pub backend: BackendId,
+    /// The NAT reply tuple (backend addr:port → SNAT addr:port), indexed for reverse lookup.
+    pub nat: Option<FlowKey>,
+    /// Pin the client-persistence template `(src masked to this prefix, service)` while the
+    /// flow lives (the template must exist in [`crate::ConnTable::persist_mut`]).
+    pub persist_prefix: Option<u8>,
+    /// The packet that created the flow, fed to the state machine.
+    pub first: Option<Packet>,
+}
+
+impl NewFlow {
+    /// A flow bound to `backend`, without NAT, persistence or first packet.
+    pub const fn new(key: FlowKey, backend: BackendId) -> Self {
+        NewFlow {
+            key,
+            backend,
+            nat: None,
+            persist_prefix: None,
+            first: None,
+        }
+    }
+
+    /// With a NAT reply tuple.
+    #[must_use]
+    pub const fn with_nat(mut self, reply: FlowKey) -> Self {
+        self.nat = Some(reply);
+        self
+    }
+
+    /// Pinning the client template of prefix length `prefix`.
+    #[must_use]
+    pub const fn with_persist(mut self, prefix: u8) -> Self {
+        self.persist_prefix = Some(prefix);
+        self
+    }
+
+    /// With the packet that created the flow.
+    #[must_use]
+    pub const fn with_first(mut self, pkt: Packet) -> Self {
+        self.first = Some(pkt);
+        self
+    }
+}
+
+/// Outcome of an insertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Inserted into free space (possibly after reclaiming an expired entry).
+    New,
+    /// Inserted after evicting `victim`.
+    Evicted {
+        /// The evicted flow.
+        victim: FlowKey,
+        /// Why it was chosen.
+        reason: EvictReason,
+    },
+    /// A live entry with this key exists; it was left unchanged.
+    Exists,
+    /// Not inserted.
+    Refused(Refusal),
+}
+
+impl Insert {
+    /// Whether the flow is now in the table as a new entry.
+    pub const fn is_inserted(&self) -> bool {
+        matches!(self, Insert::New | Insert::Evicted { .. })
+    }
+}

@@ -1,0 +1,734 @@
+//! Tests of the table: behaviour, a reference model, the flood scenario, memory.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
+use proptest::prelude::*;
+
+use crate::entry::Packet;
+use crate::evict::class_is_half_open;
+use crate::persist::{Service, TemplateKey};
+use crate::tcp_state::{Direction, TcpFlags, TcpState};
+use crate::timeout::{FlowState, Timeouts, CLASSES};
+use crate::{Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Refusal, SnatPool};
+
+const KEY: HashKey = HashKey::from_bytes(*b"conntrack-test-k");
+
+fn k4(i: u32, proto: IpProto) -> FlowKey {
+    FlowKey::v4(
+        Ipv4Addr::from(0x0a00_0000 + i),
+        1024 + (i % 50_000) as u16,
+        Ipv4Addr::new(203, 0, 113, 10),
+        80,
+        proto,
+    )
+}
+
+fn k6(i: u32) -> FlowKey {
+    FlowKey::v6(
+        Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)),
+        5000,
+        "2001:db8::10".parse().unwrap(),
+        443,
+        IpProto::Tcp,
+    )
+}
+
+fn syn() -> Packet {
+    Packet::original(TcpFlags::SYN, 60)
+}
+
+fn ack() -> Packet {
+    Packet::original(TcpFlags::ACK, 52)
+}
+
+fn table(cap: usize) -> ConnTable {
+    ConnTable::new(Config::with_capacity(cap), KEY).unwrap()
+}
+
+#[test]
+fn insert_lookup_update_remove() {
+    let mut t = table(16);
+    let k = k4(1, IpProto::Tcp);
+    let now = Instant::from_secs(5);
+    assert!(matches!(t.lookup(&k, now), Lookup::Miss));
+    assert_eq!(
+        t.insert_with(NewFlow::new(k, BackendId(9)).with_first(syn()), now),
+        Insert::New
+    );
+    assert_eq!(t.insert(k, BackendId(1), None, now), Insert::Exists);
+    match t.lookup(&k, now) {
+        Lookup::Hit(mut e) => {
+            assert_eq!(e.backend(), BackendId(9));
+            assert_eq!(e.state(), FlowState::Tcp(TcpState::SynRecv));
+            let h = e.update(ack(), now);
+            assert!(h.changed);
+            assert_eq!(e.info().packets, 2);
+            assert_eq!(e.info().bytes, 112);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        t.get(&k, now).map(|e| e.state),
+        Some(FlowState::Tcp(TcpState::Established))
+    );
+    assert!(t.remove(&k, now));
+    assert!(!t.remove(&k, now));
+    assert!(t.is_empty());
+    let c = t.counters();
+    assert_eq!(
+        (c.hits, c.misses, c.inserts, c.exists, c.removed),
+        (1, 1, 1, 1, 1)
+    );
+}
+
+#[test]
+fn lookup_reports_expired_and_removes() {
+    let mut t = table(16);
+    let k = k4(2, IpProto::Udp);
+    t.insert_with(
+        NewFlow::new(k, BackendId(4)).with_first(Packet::original(TcpFlags::NONE, 100)),
+        Instant::ZERO,
+    );
+    // Unconfirmed UDP: 30 s.
+    assert!(t
+        .track(
+            &k,
+            Packet::original(TcpFlags::NONE, 1),
+            Instant::from_secs(29)
+        )
+        .is_some());
+    // Now confirmed: 300 s from the last packet.
+    assert!(matches!(
+        t.lookup(&k, Instant::from_secs(300)),
+        Lookup::Hit(_)
+    ));
+    assert!(matches!(
+        t.lookup(&k, Instant::from_secs(329)),
+        Lookup::Expired {
+            backend: BackendId(4)
+        }
+    ));
+    assert!(t.is_empty());
+}
+
+#[test]
+fn time_wait_is_reused_by_syn() {
+    let mut t = table(8);
+    let k = k4(3, IpProto::Tcp);
+    let t0 = Instant::from_secs(1);
+    t.insert_with(NewFlow::new(k, BackendId(1)).with_first(syn()), t0);
+    for p in [
+        ack(),
+        Packet::reply(TcpFlags::FIN, 52),
+        Packet::original(TcpFlags::FIN, 52),
+    ] {
+        t.track(&k, p, t0);
+    }
+    assert_eq!(
+        t.get(&k, t0).map(|e| e.state),
+        Some(FlowState::Tcp(TcpState::TimeWait))
+    );
+    let h = t.track(&k, syn(), Instant::from_secs(2)).unwrap();
+    assert_eq!(h.state, FlowState::Tcp(TcpState::SynRecv));
+    assert_eq!(h.backend, BackendId(1));
+    assert_eq!(t.counters().reused, 1);
+    assert_eq!(t.get(&k, Instant::from_secs(2)).map(|e| e.packets), Some(1));
+    assert_eq!(t.sessions().overall().packets.count(), 1);
+}
+
+#[test]
+fn expire_is_bounded_and_deadline_is_exact() {
+    let mut t = table(64);
+    for i in 0..50 {
+        t.insert_with(
+            NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn()),
+            Instant::from_millis(u64::from(i)),
+        );
+    }
+    // SYN_RECV: 60 s after each insert.
+    assert_eq!(t.next_deadline(), Some(Instant::from_secs(60)));
+    let late = Instant::from_secs(100);
+    assert_eq!(t.expire(late, 20), 20);
+    assert_eq!(t.next_deadline(), Some(Instant::from_millis(60_020)));
+    assert_eq!(t.expire(late, 1000), 30);
+    assert_eq!(t.next_deadline(), None);
+    assert_eq!(t.counters().expired, 50);
+}
+
+#[test]
+fn full_table_evicts_half_open_then_lru_or_refuses() {
+    let mut t = table(4);
+    let now = Instant::from_secs(1);
+    for i in 0..3 {
+        t.insert_with(
+            NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn()),
+            now,
+        );
+        t.track(&k4(i, IpProto::Tcp), ack(), now);
+    }
+    t.insert_with(
+        NewFlow::new(k4(10, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    let r = t.insert_with(
+        NewFlow::new(k4(11, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    assert_eq!(
+        r,
+        Insert::Evicted {
+            victim: k4(10, IpProto::Tcp),
+            reason: EvictReason::HalfOpen
+        }
+    );
+    // Make k4(11) established too: no half-open left, LRU goes (k4(0) is the oldest touched).
+    t.track(&k4(11, IpProto::Tcp), ack(), Instant::from_secs(2));
+    for i in 1..3 {
+        t.track(&k4(i, IpProto::Tcp), ack(), Instant::from_secs(2));
+    }
+    let r = t.insert_with(
+        NewFlow::new(k4(12, IpProto::Tcp), BackendId(0)),
+        Instant::from_secs(2),
+    );
+    assert_eq!(
+        r,
+        Insert::Evicted {
+            victim: k4(0, IpProto::Tcp),
+            reason: EvictReason::Lru
+        }
+    );
+    assert_eq!(t.counters().evicted_half_open, 1);
+    assert_eq!(t.counters().evicted_lru, 1);
+
+    let cfg = Config {
+        evict_established: false,
+        ..Config::with_capacity(1)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    t.insert_with(
+        NewFlow::new(k4(1, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    t.track(&k4(1, IpProto::Tcp), ack(), now);
+    let r = t.insert(k4(2, IpProto::Tcp), BackendId(0), None, now);
+    assert_eq!(r, Insert::Refused(Refusal::TableFull));
+    assert_eq!(t.counters().refused_full, 1);
+}
+
+#[test]
+fn ipv6_store_is_bounded_and_evicts_v6() {
+    let cfg = Config {
+        ipv6_capacity: 2,
+        ..Config::with_capacity(8)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let now = Instant::from_secs(1);
+    for i in 0..4 {
+        t.insert_with(
+            NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn()),
+            now,
+        );
+    }
+    t.insert_with(NewFlow::new(k6(1), BackendId(0)).with_first(syn()), now);
+    t.insert_with(NewFlow::new(k6(2), BackendId(0)).with_first(syn()), now);
+    let r = t.insert_with(NewFlow::new(k6(3), BackendId(0)).with_first(syn()), now);
+    assert_eq!(
+        r,
+        Insert::Evicted {
+            victim: k6(1),
+            reason: EvictReason::HalfOpen
+        }
+    );
+    assert!(t.get(&k6(3), now).is_some());
+    assert_eq!(t.get(&k6(3), now).map(|e| e.key), Some(k6(3)));
+    assert_eq!(t.len(), 6);
+}
+
+#[test]
+fn full_nat_reply_lookup_and_port_release() {
+    let cfg = Config {
+        nat: true,
+        ..Config::with_capacity(16)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let snat: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+    let mut pool = SnatPool::new(vec![snat], 40000..=40000).unwrap();
+    pool.add_backend(BackendId(5));
+    t.set_snat_pool(pool);
+    let k = k4(1, IpProto::Tcp);
+    let now = Instant::from_secs(1);
+    let backend_addr = "10.1.0.5:8080".parse().unwrap();
+    let (r, reply) = t.insert_snat(
+        NewFlow::new(k, BackendId(5)).with_first(syn()),
+        backend_addr,
+        now,
+    );
+    assert_eq!(r, Insert::New);
+    let reply = reply.unwrap();
+    assert_eq!((reply.dst(), reply.dst_port()), (snat, 40000));
+    assert_eq!(reply.src_port(), 8080);
+    // Pool exhausted for a second flow.
+    let (r2, _) = t.insert_snat(
+        NewFlow::new(k4(2, IpProto::Tcp), BackendId(5)),
+        backend_addr,
+        now,
+    );
+    assert_eq!(r2, Insert::Refused(Refusal::PortsExhausted));
+    let (orig, hit) = t
+        .track_reply(
+            &reply,
+            Packet::reply(TcpFlags::SYN | TcpFlags::ACK, 60),
+            now,
+        )
+        .unwrap();
+    assert_eq!(orig, k);
+    assert_eq!(hit.nat, Some(reply));
+    assert_eq!(t.counters().reply_hits, 1);
+    // A conflicting manual reply tuple is refused.
+    let r3 = t.insert(k4(3, IpProto::Tcp), BackendId(5), Some(reply), now);
+    assert_eq!(r3, Insert::Refused(Refusal::NatConflict));
+    // Expiry releases the port: the next flow gets it.
+    assert_eq!(t.expire(Instant::from_secs(100), 10), 1);
+    assert!(t
+        .track_reply(
+            &reply,
+            Packet::reply(TcpFlags::ACK, 1),
+            Instant::from_secs(100)
+        )
+        .is_none());
+    let (r4, reply4) = t.insert_snat(
+        NewFlow::new(k4(2, IpProto::Tcp), BackendId(5)),
+        backend_addr,
+        Instant::from_secs(100),
+    );
+    assert_eq!(r4, Insert::New);
+    assert_eq!(reply4, Some(reply));
+    // NAT disabled table refuses reply tuples.
+    let mut plain = table(4);
+    assert_eq!(
+        plain.insert(k, BackendId(0), Some(reply), now),
+        Insert::Refused(Refusal::NatDisabled)
+    );
+}
+
+#[test]
+fn persistence_template_pinned_by_connections() {
+    let mut t = table(16);
+    let k = k4(7, IpProto::Tcp);
+    let now = Instant::from_secs(1);
+    let tk = TemplateKey::client(k.src(), 24, Service::of_flow(&k));
+    t.persist_mut()
+        .insert(tk, BackendId(3), Duration::from_secs(5), now);
+    t.insert_with(
+        NewFlow::new(k, BackendId(3))
+            .with_persist(24)
+            .with_first(syn()),
+        now,
+    );
+    assert_eq!(t.persist().refs(&tk), 1);
+    // Pinned: survives its own timeout while the connection lives.
+    assert_eq!(t.persist_mut().expire(Instant::from_secs(30), 10), 0);
+    t.remove(&k, Instant::from_secs(30));
+    assert_eq!(t.persist().refs(&tk), 0);
+    assert_eq!(
+        t.persist().peek(&tk, Instant::from_secs(34)),
+        Some(BackendId(3))
+    );
+    assert_eq!(t.persist().peek(&tk, Instant::from_secs(36)), None);
+}
+
+#[test]
+fn index_rebuilds_in_place_under_churn() {
+    let mut t = table(64);
+    let before = t.memory();
+    let mut now = Instant::ZERO;
+    for i in 0..20_000u32 {
+        now += Duration::from_millis(1);
+        t.insert(k4(i, IpProto::Udp), BackendId(i), None, now);
+        if i >= 50 {
+            assert!(t.remove(&k4(i - 50, IpProto::Udp), now));
+        }
+    }
+    assert_eq!(t.len(), 50);
+    for i in 19_950..20_000 {
+        assert_eq!(
+            t.get(&k4(i, IpProto::Udp), now).map(|e| e.backend),
+            Some(BackendId(i))
+        );
+    }
+    assert_eq!(t.memory(), before, "no reallocation");
+}
+
+#[test]
+fn batch_matches_single() {
+    let mut a = table(256);
+    let mut b = table(256);
+    let keys: Vec<FlowKey> = (0..100).map(|i| k4(i, IpProto::Tcp)).collect();
+    let now = Instant::from_secs(1);
+    for k in keys.iter().step_by(2) {
+        a.insert_with(NewFlow::new(*k, BackendId(1)).with_first(syn()), now);
+        b.insert_with(NewFlow::new(*k, BackendId(1)).with_first(syn()), now);
+    }
+    let pkts = vec![ack(); keys.len()];
+    let mut out = vec![None; keys.len()];
+    a.track_batch(&keys, &pkts, now, &mut out);
+    for (k, o) in keys.iter().zip(&out) {
+        assert_eq!(*o, b.track(k, ack(), now));
+    }
+    assert_eq!(out.iter().filter(|o| o.is_some()).count(), 50);
+}
+
+#[test]
+fn memory_per_ipv4_entry() {
+    // Capacity-based: total heap / capacity, with the parts the table reports from the actual
+    // allocations (Vec capacities, hashbrown's allocation_size).
+    let cap = 1 << 20;
+    let cfg = Config {
+        ipv6_capacity: 0,
+        flow_stats: false,
+        persist_capacity: 1,
+        stats_backends: 0,
+        ..Config::with_capacity(cap)
+    };
+    let t = ConnTable::new(cfg, KEY).unwrap();
+    let m = t.memory();
+    let per = m.total as f64 / cap as f64;
+    assert!(per <= 48.0, "{per} B per entry: {m:?}");
+    assert_eq!(m.slots, cap * 32);
+}
+
+#[test]
+fn session_statistics_per_backend() {
+    let cfg = Config {
+        stats_backends: 4,
+        ..Config::with_capacity(64)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    // Backend 1: three sessions of 2 s and 3 packets; backend 2: one of 100 s and 51 packets.
+    let t0 = Instant::from_secs(10);
+    let first = Packet::original(TcpFlags::NONE, 10);
+    for i in 0..3 {
+        t.insert_with(
+            NewFlow::new(k4(i, IpProto::Udp), BackendId(1)).with_first(first),
+            t0,
+        );
+    }
+    let k = k4(9, IpProto::Udp);
+    t.insert_with(NewFlow::new(k, BackendId(2)).with_first(first), t0);
+    for i in 0..3 {
+        t.track(
+            &k4(i, IpProto::Udp),
+            Packet::reply(TcpFlags::NONE, 10),
+            Instant::from_secs(11),
+        );
+    }
+    for i in 0..3 {
+        t.track(&k4(i, IpProto::Udp), first, Instant::from_secs(12));
+    }
+    for s in 0..50 {
+        t.track(&k, first, Instant::from_secs(12 + s * 2));
+    }
+    assert_eq!(t.expire(Instant::from_secs(10_000), 100), 4);
+    let b1 = t.sessions().backend(BackendId(1)).unwrap();
+    assert_eq!(b1.duration_ms.count(), 3);
+    assert_eq!(b1.duration_ms.max(), 2_000);
+    assert_eq!(b1.packets.max(), 3);
+    let b2 = t.sessions().backend(BackendId(2)).unwrap();
+    assert_eq!(b2.duration_ms.max(), 110_000 - 10_000);
+    assert_eq!(b2.packets.max(), 51);
+    assert_eq!(t.sessions().overall().packets.count(), 4);
+    assert!(t.sessions().backend(BackendId(9)).is_none());
+}
+
+// ---- the flood ----
+
+fn flood(cap: usize, established: u32, syns: u32) {
+    let cfg = Config {
+        ipv6_capacity: 0,
+        ..Config::with_capacity(cap)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let mem = t.memory();
+    let t0 = Instant::from_secs(1);
+    for i in 0..established {
+        let k = k4(i, IpProto::Tcp);
+        t.insert_with(NewFlow::new(k, BackendId(i % 7)).with_first(syn()), t0);
+        t.track(&k, ack(), t0);
+    }
+    let mut now = t0;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for n in 0..syns {
+        // xorshift: deterministic spoofed sources.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let k = FlowKey::v4(
+            Ipv4Addr::from((x >> 32) as u32 | 0x8000_0000),
+            x as u16,
+            Ipv4Addr::new(203, 0, 113, 10),
+            80,
+            IpProto::Tcp,
+        );
+        if n % 1000 == 0 {
+            now += Duration::from_millis(1);
+        }
+        let r = t.insert_with(NewFlow::new(k, BackendId(0)).with_first(syn()), now);
+        assert!(
+            !matches!(
+                r,
+                Insert::Evicted {
+                    reason: EvictReason::Lru,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert!(t.len() <= cap);
+    }
+    assert_eq!(t.len(), cap);
+    for i in 0..established {
+        let e = t
+            .get(&k4(i, IpProto::Tcp), now)
+            .expect("established flow survives");
+        assert_eq!(e.state, FlowState::Tcp(TcpState::Established));
+    }
+    assert_eq!(t.memory(), mem);
+    assert_eq!(t.counters().evicted_lru, 0);
+    assert!(t.counters().evicted_half_open >= u64::from(syns) - cap as u64);
+}
+
+#[test]
+fn syn_flood_spares_established_flows() {
+    // The full scale of the issue: 1 M spoofed SYNs, 100 k entries, 10 k established.
+    flood(100_000, 10_000, 1_000_000);
+}
+
+// ---- the reference model ----
+
+#[derive(Debug, Clone, Copy)]
+struct M {
+    backend: u32,
+    state: FlowState,
+    last: u64,
+    pos: u64,
+    v6: bool,
+    bidir: bool,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    map: BTreeMap<FlowKey, M>,
+    clock: u64,
+    seq: u64,
+}
+
+impl Model {
+    fn timeout(t: &Timeouts, s: FlowState) -> u64 {
+        t.get(s).as_millis() as u64
+    }
+    fn expired(&self, t: &Timeouts, m: &M) -> bool {
+        self.clock - m.last >= Self::timeout(t, m.state)
+    }
+    fn head(&self, c: u8, need_v6: bool) -> Option<FlowKey> {
+        self.map
+            .iter()
+            .filter(|(_, m)| m.state.class() == c && (!need_v6 || m.v6))
+            .min_by_key(|(_, m)| m.pos)
+            .map(|(k, _)| *k)
+    }
+    fn make_room(
+        &mut self,
+        t: &Timeouts,
+        need_v6: bool,
+        evict_est: bool,
+    ) -> Result<Insert, Refusal> {
+        for c in 0..CLASSES as u8 {
+            if let Some(k) = self.head(c, need_v6) {
+                if self.expired(t, &self.map[&k]) {
+                    self.map.remove(&k);
+                    return Ok(Insert::New);
+                }
+            }
+        }
+        for (reason, half) in [(EvictReason::HalfOpen, true), (EvictReason::Lru, false)] {
+            if !half && !evict_est {
+                break;
+            }
+            let mut best: Option<(FlowKey, u64)> = None;
+            for c in 0..CLASSES as u8 {
+                if half && !class_is_half_open(c) {
+                    continue;
+                }
+                if let Some(k) = self.head(c, need_v6) {
+                    let age = self.clock - self.map[&k].last;
+                    if best.is_none_or(|(_, a)| age > a) {
+                        best = Some((k, age));
+                    }
+                }
+            }
+            if let Some((k, _)) = best {
+                self.map.remove(&k);
+                return Ok(Insert::Evicted { victim: k, reason });
+            }
+        }
+        Err(if need_v6 {
+            Refusal::Ipv6Full
+        } else {
+            Refusal::TableFull
+        })
+    }
+    fn apply(&mut self, k: &FlowKey, p: Packet, first: bool) {
+        let (clock, seq) = (self.clock, self.seq);
+        let Some(m) = self.map.get_mut(k) else { return };
+        if p.dir == Direction::Reply {
+            m.bidir = true;
+        }
+        let new = match m.state {
+            FlowState::Tcp(s) => FlowState::Tcp(s.next(p.dir, p.tcp_flags, m.bidir)),
+            FlowState::UdpUnconfirmed if !first || p.dir == Direction::Reply => FlowState::Udp,
+            o => o,
+        };
+        if new.class() != m.state.class() || clock != m.last {
+            m.pos = seq;
+            self.seq += 1;
+        }
+        m.state = new;
+        m.last = clock;
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(u8, u32, Option<(bool, u8)>),
+    Track(u8, bool, u8),
+    Advance(u32),
+    Expire(u8),
+    Remove(u8),
+}
+
+fn key_of(i: u8) -> FlowKey {
+    match i % 4 {
+        0 | 1 => k4(u32::from(i), IpProto::Tcp),
+        2 => k4(u32::from(i), IpProto::Udp),
+        _ => k6(u32::from(i)),
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let pkt = (
+        any::<bool>(),
+        prop::sample::select(vec![0u8, 0x02, 0x10, 0x01, 0x11, 0x04, 0x12]),
+    );
+    prop_oneof![
+        3 => (0u8..14, 0u32..4, prop::option::of(pkt.clone())).prop_map(|(k, b, p)| Op::Insert(k, b, p)),
+        4 => (0u8..14, pkt).prop_map(|(k, (r, f))| Op::Track(k, r, f)),
+        2 => (0u32..40_000).prop_map(Op::Advance),
+        1 => (0u8..5).prop_map(Op::Expire),
+        1 => (0u8..14).prop_map(Op::Remove),
+    ]
+}
+
+fn packet(reply: bool, flags: u8) -> Packet {
+    let dir = if reply {
+        Direction::Reply
+    } else {
+        Direction::Original
+    };
+    Packet {
+        dir,
+        tcp_flags: TcpFlags(flags),
+        bytes: 10,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn table_matches_model(ops in proptest::collection::vec(op(), 1..120), evict_est in any::<bool>()) {
+        let s = Duration::from_secs;
+        let timeouts = Timeouts {
+            tcp_none: s(2), tcp_established: s(50), tcp_syn_sent: s(12), tcp_syn_recv: s(6),
+            tcp_fin_wait: s(9), tcp_time_wait: s(8), tcp_close: s(1), tcp_close_wait: s(7),
+            tcp_last_ack: s(3), udp_unconfirmed: s(4), udp: s(30), icmp: s(5), other: s(5),
+        };
+        let cap = 6;
+        let cfg = Config { capacity: cap, ipv6_capacity: 2, timeouts, evict_established: evict_est, ..Config::default() };
+        let mut t = ConnTable::new(cfg, KEY).unwrap();
+        let mut m = Model::default();
+        let mut now = Instant::ZERO;
+        for op in ops {
+            match op {
+                Op::Insert(k, b, p) => {
+                    let key = key_of(k);
+                    let first = p.map(|(r, f)| packet(r, f));
+                    let mut flow = NewFlow::new(key, BackendId(b));
+                    flow.first = first;
+                    let got = t.insert_with(flow, now);
+                    // Model.
+                    let want = (|| {
+                        if let Some(e) = m.map.get(&key).copied() {
+                            if !m.expired(&timeouts, &e) { return Insert::Exists; }
+                            m.map.remove(&key);
+                        }
+                        let mut out = Insert::New;
+                        if !key_of(k).is_ipv4() && m.map.values().filter(|e| e.v6).count() >= 2 {
+                            match m.make_room(&timeouts, true, evict_est) { Ok(o) => out = o, Err(r) => return Insert::Refused(r) }
+                        }
+                        if m.map.len() >= cap {
+                            match m.make_room(&timeouts, false, evict_est) { Ok(o) => out = o, Err(r) => return Insert::Refused(r) }
+                        }
+                        let pos = m.seq;
+                        m.seq += 1;
+                        m.map.insert(key, M { backend: b, state: FlowState::initial(key.proto()), last: m.clock, pos, v6: !key.is_ipv4(), bidir: false });
+                        if let Some(p) = first { m.apply(&key, p, true); }
+                        out
+                    })();
+                    prop_assert_eq!(got, want);
+                }
+                Op::Track(k, r, f) => {
+                    let key = key_of(k);
+                    let got = t.track(&key, packet(r, f), now).map(|h| (h.backend.get(), h.state));
+                    let want = match m.map.get(&key).copied() {
+                        Some(e) if m.expired(&timeouts, &e) => { m.map.remove(&key); None }
+                        Some(e) => { m.apply(&key, packet(r, f), false); Some((e.backend, m.map[&key].state)) }
+                        None => None,
+                    };
+                    prop_assert_eq!(got, want);
+                }
+                Op::Advance(ms) => {
+                    now += Duration::from_millis(u64::from(ms));
+                    m.clock = now.as_millis();
+                }
+                Op::Expire(budget) => {
+                    let got = t.expire(now, usize::from(budget));
+                    let mut n = 0;
+                    for c in 0..CLASSES as u8 {
+                        while n < usize::from(budget) {
+                            match m.head(c, false) {
+                                Some(k) if m.expired(&timeouts, &m.map[&k]) => { m.map.remove(&k); n += 1; }
+                                _ => break,
+                            }
+                        }
+                    }
+                    prop_assert_eq!(got, n);
+                }
+                Op::Remove(k) => {
+                    let key = key_of(k);
+                    prop_assert_eq!(t.remove(&key, now), m.map.remove(&key).is_some());
+                }
+            }
+            prop_assert!(t.len() <= cap);
+            prop_assert_eq!(t.len(), m.map.len());
+            let mut live: Vec<(FlowKey, u32, FlowState)> = t.entries(now).iter().map(|e| (e.key, e.backend.get(), e.state)).collect();
+            live.sort_by_key(|e| e.0);
+            let want: Vec<(FlowKey, u32, FlowState)> = m.map.iter().filter(|(_, e)| !m.expired(&timeouts, e)).map(|(k, e)| (*k, e.backend, e.state)).collect();
+            prop_assert_eq!(live, want);
+            // The next deadline is the earliest of the model's.
+            let nd = m.map.values().map(|e| e.last + Model::timeout(&timeouts, e.state)).min();
+            prop_assert_eq!(t.next_deadline().map(|d| d.as_millis()), nd);
+        }
+    }
+}

@@ -1,5 +1,125 @@
-//! lb-examples dataplane (issue 8): groups registered here.
+//! lb-examples dataplane (issue 8): the whole per-packet path — parse → conntrack → (on a miss)
+//! schedule + SNAT allocation + insert → NAT rewrite — in memory, at 1 M tracked flows.
+//!
+//! Workload: mode `nat`, 3 backends (maglev), 16 SNAT addresses, a flow table of 2^20 entries
+//! filled with 1 M flows. Each iteration processes one TCP packet: 90 % belong to a random one of
+//! the 1 M most recent flows (conntrack hit), 10 % open a new flow (miss → maglev → SNAT port →
+//! insert, evicting the least recently used half-open entry of the full table). A hit on a flow
+//! that eviction removed is an ACK without a flow: dropped (`no_flow`); the summary line printed
+//! after the run gives the mix actually measured. The 54-byte packet is written into the buffer
+//! each iteration (a few bytes change), which the figures include.
 
-use criterion::Criterion;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-pub fn register(_c: &mut Criterion) {}
+use criterion::{Criterion, Throughput};
+use lb_core::{HashKey, Instant};
+use lb_examples::dataplane::{
+    ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto, ServiceSpec, Verdict,
+    HEADROOM,
+};
+
+const FLOWS: u32 = 1_000_000;
+
+/// An IPv4/TCP packet 20 + 20 bytes + 14 bytes of payload, with ports and flags to be patched.
+fn template() -> [u8; 54] {
+    let mut p = [0u8; 54];
+    p[..20].copy_from_slice(&[
+        0x45, 0, 0, 54, 0, 1, 0x40, 0, 64, 6, 0, 0, 198, 18, 0, 0, 203, 0, 113, 10,
+    ]);
+    p[22..24].copy_from_slice(&80u16.to_be_bytes());
+    p[32] = 0x50;
+    p[34..36].copy_from_slice(&[0xff, 0xff]);
+    p
+}
+
+/// Writes flow `i`'s source (198.18.0.0/15 + port) and the flags into the packet.
+#[inline(always)]
+fn patch(p: &mut [u8], i: u32, flags: u8) {
+    let host = i / 60_000;
+    let port = 1024 + (i % 60_000) as u16;
+    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + host);
+    p[12..16].copy_from_slice(&src.octets());
+    p[20..22].copy_from_slice(&port.to_be_bytes());
+    p[33] = flags;
+}
+
+pub fn register(c: &mut Criterion) {
+    let mut svc = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+    for b in 11..14 {
+        svc = svc.with_backend(SocketAddr::new(IpAddr::from([198, 51, 100, b]), 8080), 1);
+    }
+    let spec = DataplaneSpec {
+        snat_addrs: (1..=16)
+            .map(|i| IpAddr::from([203, 0, 113, 100 + i]))
+            .collect(),
+        conntrack_capacity: 1 << 20,
+        services: vec![svc],
+        ..DataplaneSpec::default()
+    };
+    let key = HashKey::from_bytes([42; 16]);
+    let mut cp = ControlPlane::new(spec.clone(), key).expect("control plane");
+    let mut dp = Dataplane::new(
+        &spec,
+        cp.build().expect("tables"),
+        DataplaneOptions::new(key),
+    )
+    .expect("dataplane");
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    let mut pkt = template();
+    let now = Instant::from_secs(1);
+    for i in 0..FLOWS {
+        patch(&mut pkt, i, 0x02);
+        buf[HEADROOM..HEADROOM + 54].copy_from_slice(&pkt);
+        let v = dp.process(&mut buf, HEADROOM, 54, now);
+        assert!(
+            matches!(v, Verdict::Forward { .. }),
+            "warm-up flow {i}: {v:?}"
+        );
+    }
+    let mut g = c.benchmark_group("dataplane");
+    g.throughput(Throughput::Elements(1));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next_new = FLOWS;
+    g.bench_function("process/nat_1M_flows_90pct_hits", |b| {
+        b.iter(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 10 == 0 {
+                // A new flow: a SYN from a source never seen.
+                next_new = next_new.wrapping_add(1).max(FLOWS);
+                patch(&mut pkt, next_new, 0x02);
+            } else {
+                // One of the 1 M most recent flows (older ones are being evicted by new ones).
+                let back = ((x >> 16) % u64::from(FLOWS)) as u32;
+                patch(&mut pkt, next_new.wrapping_sub(back), 0x10);
+            }
+            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&pkt);
+            black_box(dp.process(&mut buf, HEADROOM, 54, now))
+        })
+    });
+    g.bench_function("process/nat_1M_flows_all_hits", |b| {
+        b.iter(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let back = ((x >> 16) % u64::from(FLOWS)) as u32;
+            patch(&mut pkt, next_new.wrapping_sub(back), 0x10);
+            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&pkt);
+            black_box(dp.process(&mut buf, HEADROOM, 54, now))
+        })
+    });
+    g.finish();
+    let s = dp.stats();
+    let t = dp.table_stats();
+    println!(
+        "dataplane bench: {} packets, {} forwarded, drops {:?}, table {} / {} entries, {} MiB",
+        s.rx_packets,
+        s.forwarded,
+        s.drops,
+        t.entries,
+        t.capacity,
+        t.memory_bytes >> 20
+    );
+}

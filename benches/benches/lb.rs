@@ -4,13 +4,13 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
+mod conntrack;
 mod core_hash;
+mod dataplane;
+mod health;
+mod packet;
 mod sched_hash;
 mod sched_policy;
-mod packet;
-mod conntrack;
-mod health;
-mod dataplane;
 
 fn all(c: &mut Criterion) {
     core_hash::register(c);

@@ -1,9 +1,26 @@
 //! # lb-examples
 //!
-//! The lb crates composed: the no-I/O `dataplane` module (parse → track → schedule → rewrite) that
-//! an embedding proxy copies, and the binaries built on it: `tun-balancer` (a balancer over
-//! TUN/TAP), `lb-decap` (backend-side decapsulation), `lb-sim` (hashing and scheduling simulator)
-//! and the demo. Not built yet.
-#![forbid(unsafe_code)]
+//! The lb crates composed: the no-I/O [`dataplane`] module (parse → track → schedule → rewrite)
+//! that an embedding proxy copies, and the binaries built on it: `tun-balancer` (a balancer over
+//! TUN/TAP), `lb-decap` (backend-side decapsulation), `lb-sim` (hashing and scheduling simulator).
+//!
+//! The I/O lives in [`config`] (the TOML file), [`sys`] (TUN/TAP devices and raw sockets: the
+//! only module with `unsafe`), [`probe`] (health-check probes) and [`stats_server`] (statistics
+//! over TCP); [`runtime`] runs the `tun-balancer` process on them.
+//!
+//! Binaries:
+//! - `tun-balancer --config FILE [--check]`: see [`config`] for the file, [`runtime`] for the
+//!   threads. SIGHUP reloads, SIGTERM / SIGINT stop, `RUST_LOG` sets the log level.
+//! - `lb-decap --device NAME [--gue-port PORT]`: tunnel-mode backends without kernel tunnels.
+//!
+//! The end-to-end tests (`tests/`, root only) build client / balancer / backend namespaces and
+//! document the exact `ip` commands in `tests/common/mod.rs`.
+#![deny(unsafe_code)]
 
+pub mod config;
+pub mod dataplane;
+pub mod probe;
+pub mod runtime;
 pub mod sim;
+pub mod stats_server;
+pub mod sys;

@@ -33,7 +33,9 @@ fn main() {
                 }
             },
             "-h" | "--help" => {
-                println!("usage: lb-sim [hash|sched|all] [--flows N] [--seed S] [--out DIR] [--quick]");
+                println!(
+                    "usage: lb-sim [hash|sched|all] [--flows N] [--seed S] [--out DIR] [--quick]"
+                );
                 return;
             }
             other => {

@@ -1,0 +1,135 @@
+//! `lb-decap --device NAME [--gue-port PORT]`: the backend side of `tun-balancer`'s tunnel mode
+//! on kernels without `ipip` / `ip6tnl` / `fou`. Receives IPIP (IPv4 protocol 4), IPv6-in-IPv6
+//! and IPv4-in-IPv6 (IPv6 next headers 41 and 4) on raw sockets, and optionally GUE on a UDP port,
+//! removes the outer headers with lb-packet and writes the inner packet to a local TUN device, so
+//! that the backend's own kernel receives it as if it had arrived directly (put the VIP on `lo`
+//! and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing its counters.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use lb_examples::sys::{poll_readable, set_link_up, DeviceKind, RawSocket, TunQueue};
+use lb_packet::{parse, tunnel, Link, PacketBuf};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lb-decap",
+    about = "Decapsulates IPIP / IP6IP6 / GUE into a local TUN device."
+)]
+struct Cli {
+    /// The TUN device to create (or attach to) and write inner packets to.
+    #[arg(long, short)]
+    device: String,
+    /// Also accept GUE on this UDP port.
+    #[arg(long)]
+    gue_port: Option<u16>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    received: u64,
+    delivered: u64,
+    bad: u64,
+}
+
+/// Offset of the inner packet in a GUE payload (variant 0 data message, or variant 1 = bare IP).
+fn gue_inner(payload: &[u8]) -> Option<usize> {
+    let b0 = *payload.first()?;
+    match b0 >> 6 {
+        0 if b0 & 0x20 == 0 => Some(4 + usize::from(b0 & 0x1f) * 4),
+        1 => Some(0),
+        _ => None,
+    }
+}
+
+fn deliver(tun: &mut TunQueue, inner: &[u8], c: &mut Counters) {
+    if parse(inner, Link::Ip).is_ok() && tun.send(inner).is_ok() {
+        c.delivered += 1;
+    } else {
+        c.bad += 1;
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let fail = |what: &str, e: std::io::Error| -> ! {
+        eprintln!("lb-decap: {what}: {e}");
+        std::process::exit(1);
+    };
+    let mut tun =
+        TunQueue::open(&cli.device, DeviceKind::Tun, false).unwrap_or_else(|e| fail("open TUN", e));
+    set_link_up(&cli.device).unwrap_or_else(|e| fail("set device up", e));
+    let mut v4 =
+        RawSocket::open(false, 4).unwrap_or_else(|e| fail("raw socket (IPv4, protocol 4)", e));
+    let mut v6 =
+        RawSocket::open(true, 41).unwrap_or_else(|e| fail("raw socket (IPv6, next header 41)", e));
+    let mut v4in6 =
+        RawSocket::open(true, 4).unwrap_or_else(|e| fail("raw socket (IPv6, next header 4)", e));
+    let gue = cli.gue_port.map(|p| {
+        let s = UdpSocket::bind(("::", p)).unwrap_or_else(|e| fail("bind GUE port", e));
+        s.set_nonblocking(true)
+            .unwrap_or_else(|e| fail("GUE socket", e));
+        s
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).unwrap_or_else(|e| fail("signal", e));
+    }
+    println!(
+        "lb-decap: decapsulating into {} (gue port {:?})",
+        tun.name(),
+        cli.gue_port
+    );
+    let mut c = Counters::default();
+    let mut buf = vec![0u8; 65_536];
+    while !stop.load(Ordering::Acquire) {
+        let mut fds: Vec<&dyn AsRawFd> = vec![&v4, &v6, &v4in6];
+        if let Some(g) = &gue {
+            fds.push(g);
+        }
+        let ready = match poll_readable(&fds, 100) {
+            Ok(m) => m,
+            Err(e) => fail("poll", e),
+        };
+        if ready & 1 != 0 {
+            if let Ok(n) = v4.recv(&mut buf) {
+                c.received += 1;
+                // IPv4 raw sockets return the outer header too: decapsulate with lb-packet.
+                match PacketBuf::new(&mut buf[..n], 0, n) {
+                    Ok(mut pb) => match tunnel::decap(&mut pb, None) {
+                        Ok(_) => deliver(&mut tun, pb.data(), &mut c),
+                        Err(_) => c.bad += 1,
+                    },
+                    Err(_) => c.bad += 1,
+                }
+            }
+        }
+        // IPv6 raw sockets return the payload after the outer header: the inner packet.
+        for (bit, sock) in [(2u64, &mut v6), (4, &mut v4in6)] {
+            if ready & bit != 0 {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    c.received += 1;
+                    deliver(&mut tun, &buf[..n], &mut c);
+                }
+            }
+        }
+        if ready & 8 != 0 {
+            if let Some(g) = &gue {
+                while let Ok(n) = g.recv(&mut buf) {
+                    c.received += 1;
+                    match gue_inner(&buf[..n]).and_then(|off| buf.get(off..n)) {
+                        Some(inner) => deliver(&mut tun, inner, &mut c),
+                        None => c.bad += 1,
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "lb-decap: received {} delivered {} bad {}",
+        c.received, c.delivered, c.bad
+    );
+}

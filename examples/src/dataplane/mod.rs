@@ -1,0 +1,758 @@
+//! The no-I/O data path: parse → conntrack → persistence / affinity → scheduler → rewrite, and the
+//! reply path (un-NAT by the reverse index). This is the part an embedding proxy copies.
+//!
+//! # Drive loop
+//! ```text
+//! control path:  ControlPlane::new(spec, key) → build() → Arc<Tables>
+//!                on reload: apply(new spec); on a health transition: set_healthy(id, up);
+//!                then build() and hand the new Arc<Tables> to every data path (set_tables).
+//! data path:     let v = dp.process(&mut buf, HEADROOM, len, now);
+//!                Forward { start, len } → write buf[start..start + len] back to the device
+//!                Reply { start, len }   → write buf[start..start + len] (an ICMP error)
+//!                Drop(reason)           → nothing (counted in stats)
+//!                every millisecond or so: dp.housekeeping(now)
+//! ```
+//! `process` never panics on packet bytes, never allocates, takes no lock and dispatches without
+//! `dyn`. Established flows keep their backend across table swaps: they are found in the flow
+//! table before the scheduler is asked.
+//!
+//! ```
+//! use lb_examples::dataplane::{ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto, ServiceSpec, Verdict, HEADROOM};
+//! use lb_core::{HashKey, Instant};
+//!
+//! let spec = DataplaneSpec {
+//!     snat_addrs: vec!["203.0.113.100".parse().unwrap()],
+//!     services: vec![ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat)
+//!         .with_backend("198.51.100.11:8080".parse().unwrap(), 1)],
+//!     ..DataplaneSpec::default()
+//! };
+//! let key = HashKey::from_passphrase("example cluster secret");
+//! let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
+//! let mut dp = Dataplane::new(&spec, cp.build().unwrap(), DataplaneOptions::new(key)).unwrap();
+//! let mut buf = [0u8; 2048];
+//! // A packet that is not IP at all is dropped and counted, never a panic.
+//! assert!(matches!(dp.process(&mut buf, HEADROOM, 20, Instant::ZERO), Verdict::Drop(_)));
+//! assert_eq!(dp.stats().dropped(), 1);
+//! ```
+
+mod sip;
+mod spec;
+mod stats;
+mod tables;
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use lb_conntrack::{
+    Config as CtConfig, ConnTable, Insert, NewFlow, Packet, Refusal, Service, SnatPool, TcpFlags,
+    TemplateKey,
+};
+use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, IpProto};
+use lb_packet::icmp::{self, IcmpError};
+use lb_packet::tunnel::{self, Encap, TunnelParams};
+use lb_packet::{dr, nat, parse, Family, Fragment, Link, PacketBuf, PacketError, Parsed};
+use lb_sched::hash::ConsistentHash;
+use lb_sched::policy::{Pick, Policy, Request};
+use lb_sched::pool::Pool;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+pub use sip::SIP_CALL_TIMEOUT;
+pub use spec::{
+    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind,
+    UnknownName,
+};
+pub use stats::{
+    to_json, to_prometheus, BackendLabel, BackendStats, DropReason, Stats, TableStats,
+};
+pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables, SCHEDULERS};
+
+use tables::Scheduler;
+
+/// Headroom to leave in front of each packet: enough for any encapsulation (IPv6 + UDP + GUE).
+pub const HEADROOM: usize = 64;
+
+/// SNAT source ports handed out per backend and SNAT address.
+pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 1024..=65535;
+
+/// What to do with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send `buf[start..start + len]` (the rewritten packet) back out.
+    Forward {
+        /// Offset of the packet in the buffer (smaller than the input's after encapsulation).
+        start: usize,
+        /// Its length.
+        len: usize,
+    },
+    /// Send `buf[start..start + len]`: an ICMP error for the packet's sender (which replaced it).
+    Reply {
+        /// Offset of the reply in the buffer.
+        start: usize,
+        /// Its length.
+        len: usize,
+    },
+    /// Drop the packet.
+    Drop(DropReason),
+}
+
+/// How a data path is set up, beside the configuration.
+#[derive(Debug, Clone)]
+pub struct DataplaneOptions {
+    /// What the device delivers: IP packets (TUN) or Ethernet frames (TAP).
+    pub link: Link,
+    /// Keys the flow hashes (the same key on every balancer of a cluster keeps their choices
+    /// identical).
+    pub key: HashKey,
+    /// Seeds the randomised schedulers.
+    pub seed: u64,
+    /// SNAT source ports this data path hands out; several data paths sharing SNAT addresses
+    /// must use disjoint ranges.
+    pub snat_ports: core::ops::RangeInclusive<u16>,
+}
+
+impl DataplaneOptions {
+    /// IP packets, all SNAT ports ([`SNAT_PORTS`]), seed 1.
+    pub fn new(key: HashKey) -> Self {
+        DataplaneOptions {
+            link: Link::Ip,
+            key,
+            seed: 1,
+            snat_ports: SNAT_PORTS,
+        }
+    }
+
+    /// The same options for Ethernet frames (TAP).
+    #[must_use]
+    pub fn ethernet(mut self) -> Self {
+        self.link = Link::Ethernet;
+        self
+    }
+}
+
+/// What can go wrong setting up a data path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataplaneError {
+    /// The flow table rejected its configuration.
+    #[error("conntrack: {0}")]
+    Conntrack(#[from] lb_conntrack::ConntrackError),
+}
+
+/// One data path: its own flow tables and scheduler state, over shared immutable [`Tables`].
+#[derive(Debug)]
+pub struct Dataplane {
+    link: Link,
+    tables: Arc<Tables>,
+    /// Mutable copies of the policy schedulers, by service index.
+    policies: Vec<Option<(Policy, Pool)>>,
+    /// IPv4 flows and IPv6 flows: one SNAT pool per table, as lb-conntrack's pools are of one
+    /// address family.
+    ct4: ConnTable,
+    ct6: ConnTable,
+    flows: FlowHasher,
+    rng: SmallRng,
+    stats: Stats,
+    scratch: Box<[u8]>,
+}
+
+#[inline]
+fn tcp_flags(pkt: &[u8], p: &Parsed) -> TcpFlags {
+    if p.proto == IpProto::Tcp && p.fragment == Fragment::None && p.icmp.is_none() {
+        TcpFlags(pkt.get(p.l4 + 13).copied().unwrap_or(0))
+    } else {
+        TcpFlags::NONE
+    }
+}
+
+#[inline]
+fn endpoint(addr: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(addr, port)
+}
+
+fn refusal(i: Insert) -> DropReason {
+    match i {
+        Insert::Refused(Refusal::PortsExhausted) => DropReason::PortsExhausted,
+        Insert::Refused(Refusal::FamilyMismatch | Refusal::NatDisabled) => {
+            DropReason::RewriteFailed
+        }
+        _ => DropReason::TableFull,
+    }
+}
+
+impl Dataplane {
+    /// A data path for `spec` (capacity, SNAT addresses) starting with `tables`.
+    ///
+    /// # Errors
+    /// The flow table rejected the capacity, the SNAT addresses or the port range.
+    pub fn new(
+        spec: &DataplaneSpec,
+        tables: Arc<Tables>,
+        opts: DataplaneOptions,
+    ) -> Result<Dataplane, DataplaneError> {
+        let DataplaneOptions {
+            link,
+            key,
+            seed,
+            snat_ports,
+        } = opts;
+        let cap = spec.conntrack_capacity.max(16);
+        let cfg = CtConfig {
+            capacity: cap,
+            ipv6_capacity: 0,
+            nat: true,
+            flow_stats: false,
+            ..CtConfig::default()
+        };
+        let cap6 = (cap / 4).max(16);
+        let cfg6 = CtConfig {
+            capacity: cap6,
+            ipv6_capacity: cap6,
+            ..cfg
+        };
+        let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
+        let mut ct6 = ConnTable::new(cfg6, key.derive("conntrack6"))?;
+        let v4: Vec<IpAddr> = spec
+            .snat_addrs
+            .iter()
+            .copied()
+            .filter(IpAddr::is_ipv4)
+            .collect();
+        let v6: Vec<IpAddr> = spec
+            .snat_addrs
+            .iter()
+            .copied()
+            .filter(IpAddr::is_ipv6)
+            .collect();
+        if !v4.is_empty() {
+            ct4.set_snat_pool(SnatPool::new(v4, snat_ports.clone())?);
+        }
+        if !v6.is_empty() {
+            ct6.set_snat_pool(SnatPool::new(v6, snat_ports)?);
+        }
+        let mut dp = Dataplane {
+            link,
+            tables: tables.clone(),
+            policies: Vec::new(),
+            ct4,
+            ct6,
+            flows: FlowHasher::new(key.derive("flow")),
+            rng: SmallRng::seed_from_u64(seed),
+            stats: Stats::default(),
+            scratch: vec![0u8; icmp::ICMPV6_MAX].into_boxed_slice(),
+        };
+        dp.set_tables(tables);
+        Ok(dp)
+    }
+
+    /// Installs new tables (control path: allocates). Established flows keep their backends.
+    pub fn set_tables(&mut self, tables: Arc<Tables>) {
+        self.policies = tables
+            .services
+            .iter()
+            .map(|s| match &s.sched {
+                Scheduler::Policy { policy, pool } => Some(((**policy).clone(), (**pool).clone())),
+                _ => None,
+            })
+            .collect();
+        for b in tables.backends.iter().flatten() {
+            if b.mode == Mode::Nat {
+                let ct = if b.addr.is_ipv4() {
+                    &mut self.ct4
+                } else {
+                    &mut self.ct6
+                };
+                if let Some(pool) = ct.snat_pool_mut() {
+                    pool.add_backend(b.id);
+                }
+            }
+        }
+        if self.stats.backends.len() < tables.backends.len() {
+            self.stats
+                .backends
+                .resize(tables.backends.len(), BackendStats::default());
+        }
+        self.tables = tables;
+    }
+
+    /// The tables in force.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Flow-table figures (both families).
+    pub fn table_stats(&self) -> TableStats {
+        let (c4, c6) = (self.ct4.counters(), self.ct6.counters());
+        TableStats {
+            entries: (self.ct4.len() + self.ct6.len()) as u64,
+            capacity: (self.ct4.capacity() + self.ct6.capacity()) as u64,
+            memory_bytes: (self.ct4.memory().total + self.ct6.memory().total) as u64,
+            evicted_half_open: c4.evicted_half_open + c6.evicted_half_open,
+            evicted_lru: c4.evicted_lru + c6.evicted_lru,
+            refused: c4.refused_full
+                + c6.refused_full
+                + c4.refused_ipv6
+                + c6.refused_ipv6
+                + c4.refused_nat
+                + c6.refused_nat
+                + c4.refused_ports
+                + c6.refused_ports,
+        }
+    }
+
+    /// The backend of a flow tracked at `now` (original direction), if any.
+    pub fn flow_backend(&self, key: &FlowKey, now: Instant) -> Option<BackendId> {
+        let ct = if key.is_ipv4() { &self.ct4 } else { &self.ct6 };
+        ct.get(key, now).map(|e| e.backend)
+    }
+
+    /// Expires idle flows and persistence templates, at most `budget` of each per table.
+    /// Returns the number of flows removed.
+    pub fn housekeeping(&mut self, now: Instant, budget: usize) -> usize {
+        let mut n = 0;
+        for ct in [&mut self.ct4, &mut self.ct6] {
+            n += ct.expire(now, budget);
+            ct.persist_mut().expire(now, budget);
+        }
+        n
+    }
+
+    /// Processes the packet at `buf[start..start + len]` (with `start` bytes of headroom before
+    /// it, at least [`HEADROOM`] for tunnel mode), rewriting it in place.
+    #[inline]
+    pub fn process(&mut self, buf: &mut [u8], start: usize, len: usize, now: Instant) -> Verdict {
+        self.stats.rx_packets += 1;
+        self.stats.rx_bytes += len as u64;
+        let v = match start.checked_add(len) {
+            Some(end) if end <= buf.len() => self.process_inner(buf, start, end, now),
+            _ => Verdict::Drop(DropReason::Malformed),
+        };
+        match v {
+            Verdict::Forward { .. } => self.stats.forwarded += 1,
+            Verdict::Reply { .. } => self.stats.icmp_generated += 1,
+            Verdict::Drop(r) => {
+                if let Some(d) = self.stats.drops.get_mut(r as usize) {
+                    *d += 1;
+                }
+            }
+        }
+        v
+    }
+
+    fn process_inner(&mut self, buf: &mut [u8], start: usize, end: usize, now: Instant) -> Verdict {
+        let Some(pkt) = buf.get(start..end) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let p = match parse(pkt, self.link) {
+            Ok(p) => p,
+            Err(PacketError::UnsupportedEtherType(_)) => return Verdict::Drop(DropReason::NotIp),
+            Err(_) => return Verdict::Drop(DropReason::Malformed),
+        };
+        if p.fragment != Fragment::None {
+            return Verdict::Drop(DropReason::Fragment);
+        }
+        let key = p.key;
+        let bytes = u32::try_from(p.end - p.l3).unwrap_or(u32::MAX);
+        let flags = tcp_flags(pkt, &p);
+        match self
+            .tables
+            .service_index(key.dst(), key.dst_port(), key.proto())
+        {
+            Some(si) => self.forward(buf, start, end, &p, si, flags, bytes, now),
+            None => self.reply(buf, start, end, &p, flags, bytes, now),
+        }
+    }
+
+    /// Client → service.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn forward(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        si: usize,
+        flags: TcpFlags,
+        bytes: u32,
+        now: Instant,
+    ) -> Verdict {
+        // UDP SIP with `affinity = "sip-call-id"`: placed per message by Call-ID (sip.rs).
+        if let Some(v) = self.sip_forward(buf, start, end, p, si, bytes, now) {
+            return v;
+        }
+        let key = p.key;
+        let first = Packet::original(flags, bytes);
+        let ct = if key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
+        };
+        let (id, nat_tuple) = match ct.track(&key, first, now) {
+            Some(hit) => (hit.backend, hit.nat),
+            None => {
+                if p.icmp.is_some() {
+                    return Verdict::Drop(DropReason::NoFlow);
+                }
+                match self.new_flow(buf, start, end, p, si, first, now) {
+                    Ok(x) => x,
+                    Err(r) => return Verdict::Drop(r),
+                }
+            }
+        };
+        let tables = &*self.tables;
+        let Some(b) = tables.backend(id) else {
+            return Verdict::Drop(DropReason::NoBackend);
+        };
+        if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
+            s.packets += 1;
+            s.bytes += u64::from(bytes);
+        }
+        let Some(pkt) = buf.get_mut(start..end) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let done = Verdict::Forward {
+            start,
+            len: end - start,
+        };
+        match b.mode {
+            Mode::Nat => {
+                let Some(r) = nat_tuple else {
+                    return Verdict::Drop(DropReason::RewriteFailed);
+                };
+                match nat::rewrite(pkt, p, Some(endpoint(r.dst(), r.dst_port())), Some(b.addr)) {
+                    Ok(()) => done,
+                    Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+                }
+            }
+            Mode::Dnat => match nat::set_dst(pkt, p, b.addr) {
+                Ok(()) => done,
+                Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+            },
+            Mode::Dr => match b.mac.map(|m| dr::set_macs(pkt, m, Some(tables.mac))) {
+                Some(Ok(_)) => done,
+                _ => Verdict::Drop(DropReason::RewriteFailed),
+            },
+            Mode::Tunnel => {
+                let h = self.flows.hash_flow(&key);
+                encapsulate(buf, start, end, p, b, tables, h, &mut self.scratch)
+            }
+        }
+    }
+
+    /// A flow the table does not know: persistence, affinity, scheduler, insert. Returns the
+    /// backend and the NAT reply tuple.
+    #[allow(clippy::too_many_arguments)]
+    fn new_flow(
+        &mut self,
+        buf: &[u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        si: usize,
+        first: Packet,
+        now: Instant,
+    ) -> Result<(BackendId, Option<FlowKey>), DropReason> {
+        let key = p.key;
+        let tables = &*self.tables;
+        let svc = tables.services.get(si).ok_or(DropReason::NoService)?;
+        let syn =
+            first.tcp_flags.contains(TcpFlags::SYN) && !first.tcp_flags.contains(TcpFlags::ACK);
+        if svc.proto == IpProto::Tcp && matches!(svc.mode, Mode::Nat | Mode::Dnat) && !syn {
+            // Only a SYN opens a NAT flow: anything else would reach the backend from a fresh
+            // SNAT port (and an ACK flood would fill the table).
+            return Err(DropReason::NoFlow);
+        }
+        let ct = if key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
+        };
+        let pkt = buf.get(start..end).unwrap_or(&[]);
+        let (so, sl) = ip_octets(key.src());
+        let src_hash = self.flows.hash_bytes(so.get(..sl).unwrap_or(&[]));
+        let h = match svc.affinity {
+            Affinity::None | Affinity::PerPacket => self.flows.hash_flow(&key),
+            Affinity::Source => src_hash,
+            Affinity::SipCallId => match lb_packet::sip::call_id(p.payload(pkt)) {
+                Some(id) => self.flows.hash_bytes(id),
+                None => self.flows.hash_flow(&key),
+            },
+        };
+        let persist = (!svc.persistence.is_zero()).then(|| {
+            let prefix = if key.is_ipv4() { 32 } else { 128 };
+            (
+                prefix,
+                TemplateKey::client(key.src(), prefix, Service::of_flow(&key)),
+            )
+        });
+        let remembered = persist.and_then(|(_, tk)| {
+            ct.persist_mut()
+                .lookup(&tk, now)
+                .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible))
+        });
+        let id = match remembered {
+            Some(b) => b,
+            None => {
+                let policy = self.policies.get_mut(si).and_then(Option::as_mut);
+                let (d, dl) = ip_octets(key.dst());
+                let dst_hash = self.flows.hash_bytes(d.get(..dl).unwrap_or(&[]));
+                pick(
+                    &svc.sched,
+                    policy,
+                    h,
+                    src_hash,
+                    dst_hash,
+                    &mut self.rng,
+                    now,
+                )?
+            }
+        };
+        let b = tables.backend(id).ok_or(DropReason::NoBackend)?;
+        let mut flow = NewFlow::new(key, id).with_first(first);
+        if let Some((prefix, tk)) = persist {
+            let _ = ct.persist_mut().insert(tk, id, svc.persistence, now);
+            flow = flow.with_persist(prefix);
+        }
+        let nat_tuple = match svc.mode {
+            Mode::Nat => {
+                let (ins, reply) = ct.insert_snat(flow, b.addr, now);
+                if !ins.is_inserted() {
+                    return Err(refusal(ins));
+                }
+                reply
+            }
+            Mode::Dnat => {
+                let reply = FlowKey::new(
+                    b.addr.ip(),
+                    b.addr.port(),
+                    key.src(),
+                    key.src_port(),
+                    key.proto(),
+                )
+                .map_err(|_| DropReason::RewriteFailed)?;
+                let ins = ct.insert_with(flow.with_nat(reply), now);
+                if !ins.is_inserted() {
+                    return Err(refusal(ins));
+                }
+                Some(reply)
+            }
+            // Stateless fallback: a refused insert still forwards (the consistent hash sends the
+            // flow's next packets to the same backend while the backend set is unchanged).
+            Mode::Tunnel | Mode::Dr => {
+                let _ = ct.insert_with(flow, now);
+                None
+            }
+        };
+        if let Some((_, pool)) = self.policies.get_mut(si).and_then(Option::as_mut) {
+            let _ = pool.conn_opened(id);
+        }
+        if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
+            s.flows += 1;
+        }
+        Ok((id, nat_tuple))
+    }
+
+    /// Not addressed to a service: a reply of a NAT flow (backend → SNAT address in `nat` mode,
+    /// backend → client in `dnat` mode), or an ICMP error travelling with one.
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        flags: TcpFlags,
+        bytes: u32,
+        now: Instant,
+    ) -> Verdict {
+        let key = p.key;
+        let ct = if key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
+        };
+        let Some((orig, hit)) = ct.track_reply(&key, Packet::reply(flags, bytes), now) else {
+            return Verdict::Drop(DropReason::NoService);
+        };
+        let Some(b) = self.tables.backend(hit.backend) else {
+            return Verdict::Drop(DropReason::NoBackend);
+        };
+        if let Some(s) = self.stats.backends.get_mut(hit.backend.get() as usize) {
+            s.reply_packets += 1;
+            s.reply_bytes += u64::from(bytes);
+        }
+        let Some(pkt) = buf.get_mut(start..end) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let mut vip = endpoint(orig.dst(), orig.dst_port());
+        if orig.dst() == b.addr.ip() && b.vip.ip() != b.addr.ip() {
+            // A `sip-call-id` flow, tracked as client → backend (sip.rs): the client sent to
+            // the VIP.
+            vip = endpoint(
+                b.vip.ip(),
+                if b.vip.port() == 0 {
+                    orig.dst_port()
+                } else {
+                    b.vip.port()
+                },
+            );
+        }
+        let client = endpoint(orig.src(), orig.src_port());
+        let r = match b.mode {
+            Mode::Nat => nat::rewrite(pkt, p, Some(vip), Some(client)),
+            Mode::Dnat => nat::set_src(pkt, p, vip),
+            Mode::Tunnel | Mode::Dr => return Verdict::Drop(DropReason::NoService),
+        };
+        match r {
+            Ok(()) => Verdict::Forward {
+                start,
+                len: end - start,
+            },
+            Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+        }
+    }
+}
+
+/// An address's octets (4 or 16 significant) without allocating.
+#[inline]
+fn ip_octets(a: IpAddr) -> ([u8; 16], usize) {
+    let mut o = [0u8; 16];
+    match a {
+        IpAddr::V4(a) => {
+            o[..4].copy_from_slice(&a.octets());
+            (o, 4)
+        }
+        IpAddr::V6(a) => (a.octets(), 16),
+    }
+}
+
+/// The scheduler's choice for a new flow.
+#[inline]
+fn pick(
+    sched: &Scheduler,
+    policy: Option<&mut (Policy, Pool)>,
+    flow_hash: u64,
+    src_hash: u64,
+    dst_hash: u64,
+    rng: &mut SmallRng,
+    now: Instant,
+) -> Result<BackendId, DropReason> {
+    match sched {
+        Scheduler::Empty => Err(DropReason::NoBackend),
+        Scheduler::Hash { table, up } => table
+            .lookup_eligible_index(flow_hash, |i| up.get(i).copied().unwrap_or(false))
+            .and_then(|i| table.backends().get(i))
+            .map(|b| b.id)
+            .ok_or(DropReason::NoBackend),
+        Scheduler::Policy { .. } => {
+            let (policy, pool) = policy.ok_or(DropReason::NoBackend)?;
+            let req = Request::at(now)
+                .with_src_hash(src_hash)
+                .with_dst_hash(dst_hash);
+            match policy.pick(pool, &req, rng) {
+                Pick::Backend(id) => Ok(id),
+                Pick::Overloaded => Err(DropReason::Overloaded),
+                Pick::Unavailable => Err(DropReason::NoBackend),
+            }
+        }
+    }
+}
+
+/// Tunnel mode: encapsulate in the headroom, or answer "too big" / drop.
+#[allow(clippy::too_many_arguments)]
+fn encapsulate(
+    buf: &mut [u8],
+    start: usize,
+    end: usize,
+    p: &Parsed,
+    b: &BackendInfo,
+    tables: &Tables,
+    flow_hash: u64,
+    scratch: &mut [u8],
+) -> Verdict {
+    let Some(src) = tables.snat_for(b.addr.ip()) else {
+        return Verdict::Drop(DropReason::RewriteFailed);
+    };
+    // The kernel already decremented the inner TTL when it routed the packet into the device.
+    let params = TunnelParams {
+        ttl: 64,
+        path_mtu: tables.mtu,
+        decrement_ttl: false,
+    };
+    let Some(region) = buf.get_mut(..end) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    let Ok(mut pb) = PacketBuf::new(region, start, end - start) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    let label = (flow_hash as u32) & 0x000f_ffff;
+    let r = match (b.tunnel, src, b.addr.ip(), p.family) {
+        (TunnelKind::Ipip, IpAddr::V4(s), IpAddr::V4(d), Family::V4) => {
+            tunnel::encap_ipip(&mut pb, s, d, &params)
+        }
+        (TunnelKind::Ipip, IpAddr::V6(s), IpAddr::V6(d), Family::V6) => {
+            tunnel::encap_ip6ip6(&mut pb, s, d, label, &params)
+        }
+        (TunnelKind::Ipip, IpAddr::V6(s), IpAddr::V6(d), Family::V4) => {
+            tunnel::encap_4in6(&mut pb, s, d, label, &params)
+        }
+        (TunnelKind::Gue { port }, s, d, _) => tunnel::encap_gue(
+            &mut pb,
+            s,
+            d,
+            port,
+            tunnel::entropy_port(flow_hash),
+            &params,
+        ),
+        _ => return Verdict::Drop(DropReason::RewriteFailed),
+    };
+    match r {
+        Ok(Encap::Done) => Verdict::Forward {
+            start: pb.offset(),
+            len: pb.len(),
+        },
+        Ok(Encap::TooBig { mtu }) => icmp_reply(
+            buf,
+            start,
+            end - start,
+            b.vip.ip(),
+            IcmpError::TooBig { mtu },
+            scratch,
+        ),
+        Err(PacketError::TtlExpired) => Verdict::Drop(DropReason::TtlExpired),
+        Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+    }
+}
+
+/// Builds an ICMP error about `buf[start..start + len]` from `from` and places it at the start
+/// of `buf`.
+fn icmp_reply(
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    from: IpAddr,
+    kind: IcmpError,
+    scratch: &mut [u8],
+) -> Verdict {
+    let Some(orig) = buf.get(start..start + len) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    let Ok(n) = icmp::error_reply(orig, from, kind, scratch) else {
+        return Verdict::Drop(DropReason::RewriteFailed);
+    };
+    match (buf.get_mut(..n), scratch.get(..n)) {
+        (Some(dst), Some(src)) => {
+            dst.copy_from_slice(src);
+            Verdict::Reply { start: 0, len: n }
+        }
+        _ => Verdict::Drop(DropReason::RewriteFailed),
+    }
+}

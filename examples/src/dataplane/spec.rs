@@ -1,0 +1,248 @@
+//! What a service is: the typed, validated description the data path is built from.
+//!
+//! Strings are parsed here (`FromStr`) so that the config loader and tests share one vocabulary;
+//! the data path itself only sees the enums.
+
+use core::fmt;
+use core::str::FromStr;
+use std::net::{IpAddr, SocketAddr};
+
+use lb_core::{Duration, MacAddr, Weight};
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// How packets reach the chosen backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Full NAT (double rewrite): destination to the backend, source to a balancer address and port.
+    Nat,
+    /// Destination NAT only (single rewrite): backends route replies back through the balancer.
+    Dnat,
+    /// IP-in-IP (or GUE) encapsulation to the backend, which answers the client directly.
+    Tunnel,
+    /// Direct routing: only the destination MAC changes; backends hold the VIP.
+    Dr,
+}
+
+/// How new flows of a client stick to a backend beyond the flow itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Affinity {
+    /// Only the flow's own conntrack entry.
+    None,
+    /// All flows of a client address go to one backend (hash of the source address).
+    Source,
+    /// UDP SIP: the hash of the Call-ID header picks the backend.
+    SipCallId,
+    /// UDP (modes `nat`, `dnat`): no affinity at all, every datagram is scheduled on its own
+    /// (a per-packet policy: the baseline that shows why layer-5 affinity matters).
+    PerPacket,
+}
+
+/// Encapsulation used by [`Mode::Tunnel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TunnelKind {
+    /// IPIP (IPv4 in IPv4, protocol 4) or IP6IP6 (protocol 41).
+    Ipip,
+    /// Generic UDP Encapsulation (variant 1: the inner IP packet directly after UDP).
+    Gue {
+        /// UDP destination port of the encapsulation.
+        port: u16,
+    },
+}
+
+/// One backend of a service, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendSpec {
+    /// Address, and port for the NAT modes (0: keep the VIP's port).
+    pub addr: SocketAddr,
+    /// Share of new flows; zero drains the backend.
+    pub weight: Weight,
+    /// MAC address on the balancer's segment (mode `dr`).
+    pub mac: Option<MacAddr>,
+}
+
+/// One service: a VIP and port, its mode and scheduling, and its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Virtual address and port clients connect to.
+    pub vip: SocketAddr,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// Forwarding mode.
+    pub mode: Mode,
+    /// Scheduler name (see [`crate::dataplane::SCHEDULERS`]).
+    pub scheduler: String,
+    /// Client affinity.
+    pub affinity: Affinity,
+    /// Persistence: a client's new flows go to its previous backend for this long (zero: off).
+    pub persistence_timeout: Duration,
+    /// Encapsulation for [`Mode::Tunnel`].
+    pub tunnel: TunnelKind,
+    /// The backends.
+    pub backends: Vec<BackendSpec>,
+}
+
+impl ServiceSpec {
+    /// A service with the defaults: maglev, no affinity, no persistence, IPIP, no backends.
+    pub fn new(vip: SocketAddr, proto: Proto, mode: Mode) -> Self {
+        ServiceSpec {
+            vip,
+            proto,
+            mode,
+            scheduler: "maglev".to_owned(),
+            affinity: Affinity::None,
+            persistence_timeout: Duration::ZERO,
+            tunnel: TunnelKind::Ipip,
+            backends: Vec::new(),
+        }
+    }
+
+    /// The same service with a backend added.
+    #[must_use]
+    pub fn with_backend(mut self, addr: SocketAddr, weight: u32) -> Self {
+        self.backends.push(BackendSpec {
+            addr,
+            weight: Weight::new(weight),
+            mac: None,
+        });
+        self
+    }
+}
+
+/// Settings of the whole data path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataplaneSpec {
+    /// Source addresses for full NAT (mode `nat`), at least one per family used.
+    pub snat_addrs: Vec<IpAddr>,
+    /// Maximum number of tracked flows.
+    pub conntrack_capacity: usize,
+    /// MTU of the path to the backends: tunnel mode answers larger packets with ICMP
+    /// "fragmentation needed" / "packet too big".
+    pub mtu: u16,
+    /// Source MAC of frames sent in mode `dr`.
+    pub mac: MacAddr,
+    /// The services.
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Default for DataplaneSpec {
+    fn default() -> Self {
+        DataplaneSpec {
+            snat_addrs: Vec::new(),
+            conntrack_capacity: 65_536,
+            mtu: 1500,
+            mac: MacAddr([0x02, 0x00, 0x5e, 0x10, 0x00, 0x01]),
+            services: Vec::new(),
+        }
+    }
+}
+
+/// A name that is not one of an enum's accepted spellings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{got}`, expected one of: {expected}")]
+pub struct UnknownName {
+    /// What was being parsed.
+    pub what: &'static str,
+    /// The rejected input.
+    pub got: String,
+    /// The accepted names, comma-separated.
+    pub expected: &'static str,
+}
+
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, $( $name:literal => $variant:expr ),+ $(,)?) => {
+        impl FromStr for $ty {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                match s {
+                    $( $name => Ok($variant), )+
+                    _ => Err(UnknownName {
+                        what: $what,
+                        got: s.to_owned(),
+                        expected: concat!($( $name, " " ),+),
+                    }),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(Proto, "protocol", "tcp" => Proto::Tcp, "udp" => Proto::Udp);
+named_enum!(Mode, "mode", "nat" => Mode::Nat, "dnat" => Mode::Dnat, "tunnel" => Mode::Tunnel, "dr" => Mode::Dr);
+named_enum!(Affinity, "affinity", "none" => Affinity::None, "source" => Affinity::Source,
+    "sip-call-id" => Affinity::SipCallId, "per-packet" => Affinity::PerPacket);
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Nat => "nat",
+            Mode::Dnat => "dnat",
+            Mode::Tunnel => "tunnel",
+            Mode::Dr => "dr",
+        })
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`).
+///
+/// # Errors
+/// A message when the text is not six hexadecimal octets.
+pub fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    let mut out = [0u8; 6];
+    let mut n = 0;
+    for part in s.split([':', '-']) {
+        if n == 6 || part.len() != 2 {
+            return Err(format!("`{s}` is not a MAC address (six hex octets)"));
+        }
+        out[n] = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("`{s}` is not a MAC address (six hex octets)"))?;
+        n += 1;
+    }
+    if n != 6 {
+        return Err(format!("`{s}` is not a MAC address (six hex octets)"));
+    }
+    Ok(MacAddr(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_display() {
+        assert_eq!("nat".parse::<Mode>(), Ok(Mode::Nat));
+        assert_eq!("dr".parse::<Mode>().map(|m| m.to_string()), Ok("dr".into()));
+        let e = "ipvs".parse::<Mode>().unwrap_err();
+        assert!(e.to_string().contains("nat dnat tunnel dr"), "{e}");
+        assert_eq!("sip-call-id".parse::<Affinity>(), Ok(Affinity::SipCallId));
+        assert!("TCP".parse::<Proto>().is_err());
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("02:00:5e:10:00:0a"),
+            Ok(MacAddr([2, 0, 0x5e, 0x10, 0, 0x0a]))
+        );
+        assert!(parse_mac("02:00:5e:10:00").is_err());
+        assert!(parse_mac("02:00:5e:10:00:0a:01").is_err());
+        assert!(parse_mac("zz:00:5e:10:00:0a").is_err());
+        assert!(parse_mac("").is_err());
+    }
+}

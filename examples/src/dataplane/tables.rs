@@ -1,0 +1,533 @@
+//! Scheduling tables: built by the control path from a [`DataplaneSpec`] and the backends' health,
+//! then handed to the data path whole (an `Arc` swap). Nothing here runs per packet.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use lb_core::{Backend, BackendId, Duration, HashKey, IpProto, MacAddr, Weight};
+use lb_sched::hash::{AnyHash, HashAlgorithm};
+use lb_sched::policy::{self, Policy};
+use lb_sched::pool::{Pool, PoolConfig};
+
+use super::spec::{Affinity, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind};
+
+/// Scheduler names a service may use: the consistent hashes first, then the policies (IPVS
+/// spellings where IPVS has them).
+pub const SCHEDULERS: &[&str] = &[
+    "maglev",
+    "ring",
+    "rendezvous",
+    "jump",
+    "modulo",
+    "random",
+    "rr",
+    "wrr",
+    "swrr",
+    "sh",
+    "dh",
+    "lc",
+    "wlc",
+    "sed",
+    "nq",
+    "lblc",
+    "lblcr",
+    "fo",
+    "ovf",
+    "p2c",
+    "peak-ewma",
+    "least-request",
+];
+
+/// What went wrong building tables.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A scheduler name that is not in [`SCHEDULERS`].
+    #[error("service {vip}: unknown scheduler `{name}`")]
+    UnknownScheduler {
+        /// The service.
+        vip: SocketAddr,
+        /// The rejected name.
+        name: String,
+    },
+    /// The scheduler rejected the backend set.
+    #[error("service {vip}: {reason}")]
+    Scheduler {
+        /// The service.
+        vip: SocketAddr,
+        /// lb-sched's error, as text.
+        reason: String,
+    },
+    /// More backends than ids.
+    #[error("too many backends")]
+    TooManyBackends,
+}
+
+/// Everything the data path needs to know about one backend, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Its id (stable across reloads for the same service and address).
+    pub id: BackendId,
+    /// Where packets go: address and port (the VIP's port when configured as 0).
+    pub addr: SocketAddr,
+    /// MAC address (mode `dr`).
+    pub mac: Option<MacAddr>,
+    /// The service's VIP and port.
+    pub vip: SocketAddr,
+    /// The service's protocol.
+    pub proto: Proto,
+    /// The service's mode.
+    pub mode: Mode,
+    /// The service's encapsulation (mode `tunnel`).
+    pub tunnel: TunnelKind,
+    /// Configured weight.
+    pub weight: Weight,
+    /// In the current configuration. A removed backend stays known so that its established flows
+    /// keep flowing until they end, but receives no new flow.
+    pub live: bool,
+    /// Health as last reported (true until a check says otherwise).
+    pub healthy: bool,
+}
+
+impl BackendInfo {
+    /// Whether the backend may receive new flows.
+    #[inline]
+    pub fn eligible(&self) -> bool {
+        self.live && self.healthy && !self.weight.is_zero()
+    }
+}
+
+/// How a service chooses a backend for a new flow.
+#[derive(Debug, Clone)]
+pub(crate) enum Scheduler {
+    /// No eligible backend.
+    Empty,
+    /// A consistent hash over the weighted backends; `up[i]` is the health of
+    /// `table.backends()[i]` (down backends are skipped along the flow's preference list, so only
+    /// their own flows move).
+    Hash { table: Arc<AnyHash>, up: Vec<bool> },
+    /// A policy over a pool; the data path keeps its own mutable copy of both.
+    Policy {
+        policy: Box<Policy>,
+        pool: Box<Pool>,
+    },
+}
+
+/// One service as the data path sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceTable {
+    /// VIP and port.
+    pub vip: SocketAddr,
+    /// Protocol as an IP protocol number.
+    pub proto: IpProto,
+    /// Mode.
+    pub mode: Mode,
+    /// Affinity.
+    pub affinity: Affinity,
+    /// Persistence timeout (zero: off).
+    pub persistence: Duration,
+    /// Encapsulation.
+    pub tunnel: TunnelKind,
+    pub(crate) sched: Scheduler,
+}
+
+/// An immutable snapshot of all services and backends: what the data path runs on.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// Increases with every build.
+    pub generation: u64,
+    /// The services.
+    pub services: Vec<ServiceTable>,
+    /// Backends by id (index = `BackendId::get()`); `None` for ids never used.
+    pub backends: Vec<Option<BackendInfo>>,
+    /// SNAT (and tunnel source) addresses.
+    pub snat_addrs: Vec<IpAddr>,
+    /// Path MTU towards backends (tunnel mode).
+    pub mtu: u16,
+    /// Source MAC for mode `dr`.
+    pub mac: MacAddr,
+}
+
+impl Tables {
+    /// The backend with id `id`.
+    #[inline]
+    pub fn backend(&self, id: BackendId) -> Option<&BackendInfo> {
+        self.backends
+            .get(id.get() as usize)
+            .and_then(Option::as_ref)
+    }
+
+    /// The service listening on `addr:port` for `proto`.
+    #[inline]
+    pub fn service_index(&self, addr: IpAddr, port: u16, proto: IpProto) -> Option<usize> {
+        self.services
+            .iter()
+            .position(|s| s.proto == proto && s.vip.port() == port && s.vip.ip() == addr)
+    }
+
+    /// The first SNAT address of `addr`'s family.
+    #[inline]
+    pub fn snat_for(&self, addr: IpAddr) -> Option<IpAddr> {
+        self.snat_addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == addr.is_ipv4())
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reload {
+    /// Backends new in this configuration.
+    pub added: Vec<BackendId>,
+    /// Backends no longer configured (their flows continue, they get no new ones).
+    pub removed: Vec<BackendId>,
+}
+
+type ServiceKey = (SocketAddr, Proto);
+
+/// The control path: keeps backend ids stable across reloads, tracks health, and builds
+/// [`Tables`] off the data path.
+#[derive(Debug)]
+pub struct ControlPlane {
+    key: HashKey,
+    spec: DataplaneSpec,
+    ids: HashMap<(ServiceKey, SocketAddr), BackendId>,
+    infos: Vec<Option<BackendInfo>>,
+    /// Consistent-hash tables by service, reused while the weighted backend set is unchanged
+    /// (a health change only flips bits in `up`).
+    hashes: HashMap<ServiceKey, (String, Vec<Backend>, Arc<AnyHash>)>,
+    generation: u64,
+}
+
+fn hash_algorithm(name: &str) -> Option<HashAlgorithm> {
+    HashAlgorithm::ALL.into_iter().find(|a| a.name() == name)
+}
+
+fn policy_by_name(name: &str) -> Option<Policy> {
+    use policy::*;
+    Some(match name {
+        "random" => Policy::Random(random::WeightedRandom),
+        "rr" => Policy::RoundRobin(rr::RoundRobin::default()),
+        "wrr" => Policy::IpvsWrr(wrr::IpvsWrr::default()),
+        "swrr" => Policy::SmoothWrr(wrr::SmoothWrr::default()),
+        "sh" => Policy::SourceHash(sh::SourceHash::default()),
+        "dh" => Policy::DestinationHash(sh::DestinationHash::default()),
+        "lc" => Policy::LeastConn(lc::LeastConn),
+        "wlc" => Policy::Wlc(lc::Wlc),
+        "sed" => Policy::Sed(sed::Sed),
+        "nq" => Policy::Nq(sed::Nq),
+        "lblc" => Policy::Lblc(lblc::Lblc::default()),
+        "lblcr" => Policy::Lblcr(lblc::Lblcr::default()),
+        "fo" => Policy::Failover(fo::Failover),
+        "ovf" => Policy::Overflow(fo::Overflow),
+        "p2c" => Policy::P2c(p2c::P2c::default()),
+        "peak-ewma" => Policy::PeakEwma(ewma::PeakEwma),
+        "least-request" => Policy::LeastRequest(least_request::LeastRequest::default()),
+        _ => return None,
+    })
+}
+
+fn effective_addr(s: &ServiceSpec, addr: SocketAddr) -> SocketAddr {
+    if addr.port() == 0 {
+        SocketAddr::new(addr.ip(), s.vip.port())
+    } else {
+        addr
+    }
+}
+
+impl ControlPlane {
+    /// A control plane for `spec`; `key` keys the consistent hashes (derive it from a cluster
+    /// secret so that several balancers build the same tables).
+    ///
+    /// # Errors
+    /// As [`ControlPlane::apply`].
+    pub fn new(spec: DataplaneSpec, key: HashKey) -> Result<ControlPlane, BuildError> {
+        let mut cp = ControlPlane {
+            key,
+            spec: DataplaneSpec::default(),
+            ids: HashMap::new(),
+            infos: Vec::new(),
+            hashes: HashMap::new(),
+            generation: 0,
+        };
+        cp.apply(spec)?;
+        Ok(cp)
+    }
+
+    /// The configuration in force.
+    pub fn spec(&self) -> &DataplaneSpec {
+        &self.spec
+    }
+
+    /// Replaces the configuration. Backends keep their ids (same service, same address) and their
+    /// health; removed ones are retired. On error nothing changes.
+    ///
+    /// # Errors
+    /// An unknown scheduler or a backend set the scheduler rejects.
+    pub fn apply(&mut self, spec: DataplaneSpec) -> Result<Reload, BuildError> {
+        for s in &spec.services {
+            if !SCHEDULERS.contains(&s.scheduler.as_str()) {
+                return Err(BuildError::UnknownScheduler {
+                    vip: s.vip,
+                    name: s.scheduler.clone(),
+                });
+            }
+        }
+        // Assign ids on a copy so that a failed build leaves everything as it was.
+        let mut ids = self.ids.clone();
+        let mut infos = self.infos.clone();
+        let mut live = vec![false; infos.len()];
+        let mut reload = Reload::default();
+        for s in &spec.services {
+            for b in &s.backends {
+                let k = ((s.vip, s.proto), b.addr);
+                let id = match ids.get(&k) {
+                    Some(&id) => id,
+                    None => {
+                        let n =
+                            u32::try_from(infos.len()).map_err(|_| BuildError::TooManyBackends)?;
+                        let id = BackendId(n);
+                        ids.insert(k, id);
+                        infos.push(None);
+                        live.push(false);
+                        reload.added.push(id);
+                        id
+                    }
+                };
+                let i = id.get() as usize;
+                let healthy = infos[i].is_none_or(|x| x.healthy);
+                infos[i] = Some(BackendInfo {
+                    id,
+                    addr: effective_addr(s, b.addr),
+                    mac: b.mac,
+                    vip: s.vip,
+                    proto: s.proto,
+                    mode: s.mode,
+                    tunnel: s.tunnel,
+                    weight: b.weight,
+                    live: true,
+                    healthy,
+                });
+                live[i] = true;
+            }
+        }
+        for (i, info) in infos.iter_mut().enumerate() {
+            if let Some(x) = info {
+                if x.live && !live[i] {
+                    x.live = false;
+                    reload.removed.push(x.id);
+                }
+            }
+        }
+        let old = (
+            core::mem::replace(&mut self.ids, ids),
+            core::mem::replace(&mut self.infos, infos),
+            core::mem::replace(&mut self.spec, spec),
+        );
+        if let Err(e) = self.build() {
+            self.ids = old.0;
+            self.infos = old.1;
+            self.spec = old.2;
+            return Err(e);
+        }
+        Ok(reload)
+    }
+
+    /// Records a backend's health. Returns whether it changed (then build new tables).
+    pub fn set_healthy(&mut self, id: BackendId, healthy: bool) -> bool {
+        match self.infos.get_mut(id.get() as usize) {
+            Some(Some(x)) if x.healthy != healthy => {
+                x.healthy = healthy;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A backend by id.
+    pub fn backend(&self, id: BackendId) -> Option<&BackendInfo> {
+        self.infos.get(id.get() as usize).and_then(Option::as_ref)
+    }
+
+    /// Every backend ever configured (retired ones have `live == false`).
+    pub fn backends(&self) -> impl Iterator<Item = &BackendInfo> + '_ {
+        self.infos.iter().filter_map(Option::as_ref)
+    }
+
+    /// The id of the backend at `addr` in the service `vip`/`proto`.
+    pub fn backend_id(&self, vip: SocketAddr, proto: Proto, addr: SocketAddr) -> Option<BackendId> {
+        self.ids.get(&((vip, proto), addr)).copied()
+    }
+
+    /// Builds new tables from the configuration and health in force.
+    ///
+    /// # Errors
+    /// The scheduler rejected a backend set.
+    pub fn build(&mut self) -> Result<Arc<Tables>, BuildError> {
+        let mut services = Vec::with_capacity(self.spec.services.len());
+        let mut hashes = HashMap::new();
+        for s in &self.spec.services {
+            let sk = (s.vip, s.proto);
+            let members: Vec<&BackendInfo> = s
+                .backends
+                .iter()
+                .filter_map(|b| self.ids.get(&(sk, b.addr)))
+                .filter_map(|id| self.backend(*id))
+                .collect();
+            let sched = if let Some(algo) = hash_algorithm(&s.scheduler) {
+                let mut set: Vec<Backend> = members
+                    .iter()
+                    .filter(|b| !b.weight.is_zero())
+                    .map(|b| Backend::new(b.id, b.addr).with_weight(b.weight))
+                    .collect();
+                set.sort_by_key(|b| b.id);
+                if set.is_empty() {
+                    Scheduler::Empty
+                } else {
+                    let table = match self.hashes.get(&sk) {
+                        Some((name, prev, t)) if *name == s.scheduler && *prev == set => t.clone(),
+                        _ => Arc::new(AnyHash::build(algo, &set, self.key).map_err(|e| {
+                            BuildError::Scheduler {
+                                vip: s.vip,
+                                reason: e.to_string(),
+                            }
+                        })?),
+                    };
+                    use lb_sched::hash::ConsistentHash;
+                    let up = table
+                        .backends()
+                        .iter()
+                        .map(|b| self.backend(b.id).is_some_and(|x| x.healthy))
+                        .collect();
+                    hashes.insert(sk, (s.scheduler.clone(), set, table.clone()));
+                    Scheduler::Hash { table, up }
+                }
+            } else {
+                let policy =
+                    policy_by_name(&s.scheduler).ok_or_else(|| BuildError::UnknownScheduler {
+                        vip: s.vip,
+                        name: s.scheduler.clone(),
+                    })?;
+                let err = |e: lb_sched::SchedError| BuildError::Scheduler {
+                    vip: s.vip,
+                    reason: e.to_string(),
+                };
+                let mut pool = Pool::new(PoolConfig::default()).map_err(err)?;
+                for b in &members {
+                    pool.insert(
+                        Backend::new(b.id, b.addr).with_weight(b.weight),
+                        lb_core::Instant::ZERO,
+                    )
+                    .map_err(err)?;
+                    pool.set_healthy(b.id, b.healthy, lb_core::Instant::ZERO)
+                        .map_err(err)?;
+                }
+                Scheduler::Policy {
+                    policy: Box::new(policy),
+                    pool: Box::new(pool),
+                }
+            };
+            services.push(ServiceTable {
+                vip: s.vip,
+                proto: match s.proto {
+                    Proto::Tcp => IpProto::Tcp,
+                    Proto::Udp => IpProto::Udp,
+                },
+                mode: s.mode,
+                affinity: s.affinity,
+                persistence: s.persistence_timeout,
+                tunnel: s.tunnel,
+                sched,
+            });
+        }
+        self.hashes = hashes;
+        self.generation += 1;
+        Ok(Arc::new(Tables {
+            generation: self.generation,
+            services,
+            backends: self.infos.clone(),
+            snat_addrs: self.spec.snat_addrs.clone(),
+            mtu: self.spec.mtu,
+            mac: self.spec.mac,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(backends: &[&str]) -> DataplaneSpec {
+        let mut s = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+        for b in backends {
+            s = s.with_backend(b.parse().unwrap(), 1);
+        }
+        DataplaneSpec {
+            snat_addrs: vec!["203.0.113.100".parse().unwrap()],
+            services: vec![s],
+            ..DataplaneSpec::default()
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_across_reloads_and_removed_backends_retire() {
+        let key = HashKey::from_bytes([3; 16]);
+        let mut cp =
+            ControlPlane::new(spec(&["198.51.100.11:80", "198.51.100.12:80"]), key).unwrap();
+        let vip: SocketAddr = "203.0.113.10:80".parse().unwrap();
+        let b2 = cp
+            .backend_id(vip, Proto::Tcp, "198.51.100.12:80".parse().unwrap())
+            .unwrap();
+        let r = cp
+            .apply(spec(&["198.51.100.12:80", "198.51.100.13:80"]))
+            .unwrap();
+        assert_eq!(r.added, vec![BackendId(2)]);
+        assert_eq!(r.removed, vec![BackendId(0)]);
+        assert_eq!(
+            cp.backend_id(vip, Proto::Tcp, "198.51.100.12:80".parse().unwrap()),
+            Some(b2)
+        );
+        let t = cp.build().unwrap();
+        assert!(!t.backend(BackendId(0)).unwrap().live);
+        assert!(t.backend(BackendId(2)).unwrap().eligible());
+    }
+
+    #[test]
+    fn health_change_reuses_the_hash_table() {
+        let mut cp = ControlPlane::new(
+            spec(&["198.51.100.11:80", "198.51.100.12:80"]),
+            HashKey::from_bytes([3; 16]),
+        )
+        .unwrap();
+        let t1 = cp.build().unwrap();
+        assert!(cp.set_healthy(BackendId(1), false));
+        assert!(!cp.set_healthy(BackendId(1), false));
+        let t2 = cp.build().unwrap();
+        match (&t1.services[0].sched, &t2.services[0].sched) {
+            (Scheduler::Hash { table: a, up: ua }, Scheduler::Hash { table: b, up: ub }) => {
+                assert!(Arc::ptr_eq(a, b));
+                assert_eq!(ua, &vec![true, true]);
+                assert_eq!(ub, &vec![true, false]);
+            }
+            _ => panic!("expected hash schedulers"),
+        }
+        assert!(t2.generation > t1.generation);
+    }
+
+    #[test]
+    fn bad_scheduler_leaves_config_unchanged() {
+        let mut cp =
+            ControlPlane::new(spec(&["198.51.100.11:80"]), HashKey::from_bytes([3; 16])).unwrap();
+        let mut bad = spec(&["198.51.100.11:80", "198.51.100.12:80"]);
+        bad.services[0].scheduler = "nope".into();
+        assert!(cp.apply(bad).is_err());
+        assert_eq!(cp.backends().count(), 1);
+        for name in SCHEDULERS {
+            let mut s = spec(&["198.51.100.11:80", "198.51.100.12:80"]);
+            s.services[0].scheduler = (*name).into();
+            cp.apply(s).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! Crafted packets through the whole data path: client packet → backend packet → reply → the
+//! client sees the VIP; every mode, both families, bad input.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use lb_core::{HashKey, Instant, MacAddr};
+use lb_packet::checksum::recompute;
+use lb_packet::{parse, Link};
+
+use super::*;
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const SYNACK: u8 = 0x12;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// An IP packet with transport header `l4` (checksums filled in).
+fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut v = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = (20 + l4.len()) as u16;
+            let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+            h[2..4].copy_from_slice(&total.to_be_bytes());
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut h = vec![0x60, 0, 0, 0];
+            h.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            h.push(proto);
+            h.push(64);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        _ => panic!("mixed families"),
+    };
+    v.extend_from_slice(l4);
+    let p = parse(&v, Link::Ip).unwrap();
+    recompute(&mut v, &p).unwrap();
+    v
+}
+
+fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    l4.extend_from_slice(payload);
+    ip_packet(src.ip(), dst.ip(), 6, &l4)
+}
+
+fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(payload);
+    ip_packet(src.ip(), dst.ip(), 17, &l4)
+}
+
+/// Asserts that every checksum of an IP packet is what a full recompute gives.
+fn assert_checksums(pkt: &[u8], link: Link) {
+    let p = parse(pkt, link).unwrap();
+    let mut c = pkt.to_vec();
+    recompute(&mut c[p.l3..], &parse(&pkt[p.l3..], Link::Ip).unwrap()).unwrap();
+    assert_eq!(c, pkt, "checksums differ from a full recompute");
+}
+
+struct Rig {
+    cp: ControlPlane,
+    dp: Dataplane,
+    buf: Vec<u8>,
+    now: Instant,
+}
+
+impl Rig {
+    fn new(spec: DataplaneSpec, link: Link) -> Rig {
+        let key = HashKey::from_bytes([9; 16]);
+        let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
+        let mut opts = DataplaneOptions::new(key);
+        opts.link = link;
+        let dp = Dataplane::new(&spec, cp.build().unwrap(), opts).unwrap();
+        Rig {
+            cp,
+            dp,
+            buf: vec![0; 4096],
+            now: Instant::from_secs(1),
+        }
+    }
+
+    /// Runs a packet; returns the verdict and the output bytes (empty on drop).
+    fn run(&mut self, pkt: &[u8]) -> (Verdict, Vec<u8>) {
+        self.buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(pkt);
+        let v = self
+            .dp
+            .process(&mut self.buf, HEADROOM, pkt.len(), self.now);
+        let out = match v {
+            Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                self.buf[start..start + len].to_vec()
+            }
+            Verdict::Drop(_) => Vec::new(),
+        };
+        (v, out)
+    }
+
+    fn forward(&mut self, pkt: &[u8]) -> Vec<u8> {
+        let (v, out) = self.run(pkt);
+        assert!(
+            matches!(v, Verdict::Forward { .. }),
+            "expected Forward, got {v:?}"
+        );
+        out
+    }
+
+    fn rebuild(&mut self) {
+        let t = self.cp.build().unwrap();
+        self.dp.set_tables(t);
+    }
+}
+
+fn nat_spec(vip: &str, proto: Proto, backends: &[&str]) -> DataplaneSpec {
+    let mut s = ServiceSpec::new(sa(vip), proto, Mode::Nat);
+    for b in backends {
+        s = s.with_backend(sa(b), 1);
+    }
+    DataplaneSpec {
+        snat_addrs: vec![
+            "203.0.113.100".parse().unwrap(),
+            "2001:db8:100::100".parse().unwrap(),
+        ],
+        conntrack_capacity: 4096,
+        services: vec![s],
+        ..DataplaneSpec::default()
+    }
+}
+
+const B3: [&str; 3] = [
+    "198.51.100.11:8080",
+    "198.51.100.12:8080",
+    "198.51.100.13:8080",
+];
+
+#[test]
+fn nat_round_trip_ipv4_tcp() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let out = r.forward(&tcp(client, vip, SYN, b""));
+    assert_checksums(&out, Link::Ip);
+    let p = parse(&out, Link::Ip).unwrap();
+    assert_eq!(p.key.src(), "203.0.113.100".parse::<IpAddr>().unwrap());
+    assert!(B3
+        .iter()
+        .any(|b| sa(b) == SocketAddr::new(p.key.dst(), p.key.dst_port())));
+    let backend = SocketAddr::new(p.key.dst(), p.key.dst_port());
+    let snat = SocketAddr::new(p.key.src(), p.key.src_port());
+
+    // The backend answers the SNAT address: the client sees the VIP.
+    let back = r.forward(&tcp(backend, snat, SYNACK, b""));
+    assert_checksums(&back, Link::Ip);
+    let q = parse(&back, Link::Ip).unwrap();
+    assert_eq!(
+        q.key,
+        lb_core::FlowKey::new(vip.ip(), 80, client.ip(), 40000, lb_core::IpProto::Tcp).unwrap()
+    );
+
+    // The rest of the flow keeps its backend and SNAT port.
+    let out2 = r.forward(&tcp(client, vip, ACK, b"GET / HTTP/1.0\r\n\r\n"));
+    assert_checksums(&out2, Link::Ip);
+    let p2 = parse(&out2, Link::Ip).unwrap();
+    assert_eq!(p2.key, p.key);
+    let s = r.dp.stats();
+    assert_eq!(s.forwarded, 3);
+    assert_eq!(s.backends.iter().map(|b| b.flows).sum::<u64>(), 1);
+    assert_eq!(s.backends.iter().map(|b| b.reply_packets).sum::<u64>(), 1);
+}
+
+#[test]
+fn nat_round_trip_ipv6_udp() {
+    let backends = ["[2001:db8:b::11]:5353", "[2001:db8:b::12]:5353"];
+    let mut r = Rig::new(
+        nat_spec("[2001:db8:10::10]:53", Proto::Udp, &backends),
+        Link::Ip,
+    );
+    let client = sa("[2001:db8:c::2]:5000");
+    let vip = sa("[2001:db8:10::10]:53");
+    let out = r.forward(&udp(client, vip, b"query"));
+    assert_checksums(&out, Link::Ip);
+    let p = parse(&out, Link::Ip).unwrap();
+    assert_eq!(p.key.src(), "2001:db8:100::100".parse::<IpAddr>().unwrap());
+    let backend = SocketAddr::new(p.key.dst(), p.key.dst_port());
+    assert!(backends.iter().any(|b| sa(b) == backend));
+    let back = r.forward(&udp(
+        backend,
+        SocketAddr::new(p.key.src(), p.key.src_port()),
+        b"answer",
+    ));
+    assert_checksums(&back, Link::Ip);
+    let q = parse(&back, Link::Ip).unwrap();
+    assert_eq!((q.key.src(), q.key.src_port()), (vip.ip(), 53));
+    assert_eq!((q.key.dst(), q.key.dst_port()), (client.ip(), 5000));
+    assert_eq!(q.payload(&back), b"answer");
+}
+
+#[test]
+fn maglev_spreads_new_flows_evenly() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    let mut per: HashMap<IpAddr, usize> = HashMap::new();
+    let n = 3000;
+    for i in 0..n {
+        let client = SocketAddr::new("192.0.2.2".parse().unwrap(), 10_000 + i as u16);
+        let out = r.forward(&tcp(client, vip, SYN, b""));
+        *per.entry(parse(&out, Link::Ip).unwrap().key.dst())
+            .or_default() += 1;
+    }
+    assert_eq!(per.len(), 3);
+    for (b, c) in per {
+        assert!(
+            (c as f64 / n as f64 - 1.0 / 3.0).abs() < 0.05,
+            "{b}: {c} of {n}"
+        );
+    }
+}
+
+#[test]
+fn health_and_reload_keep_established_flows() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    let flows: Vec<(SocketAddr, IpAddr)> = (0..60)
+        .map(|i| {
+            let c = SocketAddr::new("192.0.2.2".parse().unwrap(), 20_000 + i);
+            let out = r.forward(&tcp(c, vip, SYN, b""));
+            (c, parse(&out, Link::Ip).unwrap().key.dst())
+        })
+        .collect();
+    // Backend .13 goes down: new flows avoid it, established flows to the others are untouched.
+    let down = r.cp.backend_id(vip, Proto::Tcp, sa(B3[2])).unwrap();
+    assert!(r.cp.set_healthy(down, false));
+    r.rebuild();
+    for i in 0..200 {
+        let c = SocketAddr::new("192.0.2.3".parse().unwrap(), 30_000 + i);
+        let out = r.forward(&tcp(c, vip, SYN, b""));
+        assert_ne!(parse(&out, Link::Ip).unwrap().key.dst(), sa(B3[2]).ip());
+    }
+    for (c, b) in &flows {
+        let out = r.forward(&tcp(*c, vip, ACK, b"x"));
+        assert_eq!(
+            parse(&out, Link::Ip).unwrap().key.dst(),
+            *b,
+            "flow {c} moved"
+        );
+    }
+    // Reload without .12: its flows still reach it (retired, not reset); others unchanged.
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &[B3[0], B3[2]]);
+    spec.conntrack_capacity = 4096;
+    let reload = r.cp.apply(spec).unwrap();
+    assert_eq!(reload.removed.len(), 1);
+    r.rebuild();
+    for (c, b) in &flows {
+        let out = r.forward(&tcp(*c, vip, ACK, b"y"));
+        assert_eq!(parse(&out, Link::Ip).unwrap().key.dst(), *b);
+    }
+    for i in 0..100 {
+        let c = SocketAddr::new("192.0.2.4".parse().unwrap(), 30_000 + i);
+        let out = r.forward(&tcp(c, vip, SYN, b""));
+        assert_eq!(parse(&out, Link::Ip).unwrap().key.dst(), sa(B3[0]).ip());
+    }
+}
+
+#[test]
+fn bad_traffic_is_dropped_and_counted() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    let client = sa("192.0.2.2:40000");
+    // Not a SYN, unknown flow.
+    assert_eq!(
+        r.run(&tcp(client, vip, ACK, b"")).0,
+        Verdict::Drop(DropReason::NoFlow)
+    );
+    // A fragment (MF set).
+    let mut frag = tcp(client, vip, SYN, b"");
+    frag[6] = 0x20;
+    assert_eq!(r.run(&frag).0, Verdict::Drop(DropReason::Fragment));
+    // Truncated and garbage.
+    let good = tcp(client, vip, SYN, b"");
+    for n in 0..good.len() {
+        assert!(
+            matches!(r.run(&good[..n]).0, Verdict::Drop(_)),
+            "prefix of {n} bytes"
+        );
+    }
+    let mut bad_ihl = good.clone();
+    bad_ihl[0] = 0x44;
+    assert_eq!(r.run(&bad_ihl).0, Verdict::Drop(DropReason::Malformed));
+    // To no service.
+    assert_eq!(
+        r.run(&udp(client, sa("203.0.113.11:80"), b"")).0,
+        Verdict::Drop(DropReason::NoService)
+    );
+    // Pseudo-random bytes never panic.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for len in 0..600 {
+        let mut pkt = vec![0u8; len];
+        for b in &mut pkt {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        if let Some(b) = pkt.first_mut() {
+            *b = if len % 2 == 0 { 0x45 } else { 0x60 };
+        }
+        let _ = r.run(&pkt);
+    }
+    // Length beyond the buffer.
+    assert_eq!(
+        r.dp.process(&mut [0u8; 10], 4, 100, r.now),
+        Verdict::Drop(DropReason::Malformed)
+    );
+    let s = r.dp.stats();
+    assert_eq!(s.drops_for(DropReason::NoFlow), 1);
+    assert!(s.drops_for(DropReason::Fragment) >= 1);
+    assert!(s.drops_for(DropReason::Malformed) >= good.len() as u64);
+    assert_eq!(s.forwarded, 0);
+}
+
+fn backend_of(p: &lb_packet::Parsed) -> SocketAddr {
+    SocketAddr::new(p.key.dst(), p.key.dst_port())
+}
+
+#[test]
+fn icmp_error_from_backend_follows_its_flow() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let out = r.forward(&tcp(client, vip, SYN, b""));
+    let p = parse(&out, Link::Ip).unwrap();
+    // The backend answers with "port unreachable" quoting the packet it got.
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&out[..28]);
+    let err = ip_packet(p.key.dst(), p.key.src(), 1, &icmp);
+    let back = r.forward(&err);
+    assert_checksums(&back, Link::Ip);
+    let q = parse(&back, Link::Ip).unwrap();
+    // Outer: VIP → client; the quote is the client's original packet again.
+    assert_eq!(q.key.dst(), client.ip());
+    let e = q.icmp.unwrap();
+    assert_eq!(e.key.src(), client.ip());
+    assert_eq!((e.key.dst(), e.key.dst_port()), (vip.ip(), 80));
+    // An ICMP error for no known flow is dropped, not scheduled.
+    let other = tcp(sa("203.0.113.100:9"), backend_of(&p), SYN, b"");
+    let mut icmp2 = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp2.extend_from_slice(&other[..28]);
+    let stray = ip_packet(p.key.dst(), p.key.src(), 1, &icmp2);
+    assert!(matches!(r.run(&stray).0, Verdict::Drop(_)));
+}
+
+#[test]
+fn dnat_round_trip() {
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3);
+    spec.services[0].mode = Mode::Dnat;
+    let mut r = Rig::new(spec, Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let out = r.forward(&tcp(client, vip, SYN, b""));
+    assert_checksums(&out, Link::Ip);
+    let p = parse(&out, Link::Ip).unwrap();
+    assert_eq!(p.key.src(), client.ip());
+    let backend = SocketAddr::new(p.key.dst(), p.key.dst_port());
+    let back = r.forward(&tcp(backend, client, SYNACK, b""));
+    assert_checksums(&back, Link::Ip);
+    let q = parse(&back, Link::Ip).unwrap();
+    assert_eq!((q.key.src(), q.key.src_port()), (vip.ip(), 80));
+    assert_eq!(q.key.dst(), client.ip());
+}
+
+#[test]
+fn tunnel_encapsulates_into_headroom_and_answers_too_big() {
+    let mut spec = nat_spec(
+        "203.0.113.10:80",
+        Proto::Tcp,
+        &["198.51.100.11:0", "198.51.100.12:0"],
+    );
+    spec.services[0].mode = Mode::Tunnel;
+    spec.mtu = 1400;
+    let mut r = Rig::new(spec, Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let inner = tcp(client, vip, SYN, b"");
+    let (v, out) = r.run(&inner);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            start: HEADROOM - 20,
+            len: inner.len() + 20
+        }
+    );
+    let p = parse(&out, Link::Ip).unwrap();
+    assert_eq!(p.proto, lb_core::IpProto::Other(4));
+    assert_eq!(p.key.src(), "203.0.113.100".parse::<IpAddr>().unwrap());
+    assert_eq!(&out[20..], &inner[..], "inner packet unchanged");
+    assert_checksums(&out, Link::Ip);
+    // A later, too-large packet of the same flow (DF set) gets "fragmentation needed".
+    let big = tcp(client, vip, ACK, &[0u8; 1400]);
+    let (v, reply) = r.run(&big);
+    assert!(matches!(v, Verdict::Reply { .. }), "{v:?}");
+    let q = parse(&reply, Link::Ip).unwrap();
+    assert_eq!(q.key.dst(), client.ip(), "the error goes to the client");
+    assert_eq!(&reply[12..16], &[203, 0, 113, 10], "from the VIP");
+    assert_eq!(&reply[20..22], &[3, 4]);
+    assert_eq!(u16::from_be_bytes([reply[26], reply[27]]), 1380);
+    assert_eq!(r.dp.stats().icmp_generated, 1);
+    // IPv6 in IPv6.
+    let mut spec6 = nat_spec("[2001:db8:10::10]:80", Proto::Tcp, &["[2001:db8:b::11]:0"]);
+    spec6.services[0].mode = Mode::Tunnel;
+    let mut r6 = Rig::new(spec6, Link::Ip);
+    let inner6 = tcp(
+        sa("[2001:db8:c::2]:4000"),
+        sa("[2001:db8:10::10]:80"),
+        SYN,
+        b"",
+    );
+    let out6 = r6.forward(&inner6);
+    assert_eq!(out6[6], 41);
+    assert_eq!(&out6[40..], &inner6[..]);
+}
+
+#[test]
+fn gue_encapsulation() {
+    let mut spec = nat_spec("203.0.113.10:53", Proto::Udp, &["198.51.100.11:0"]);
+    spec.services[0].mode = Mode::Tunnel;
+    spec.services[0].tunnel = TunnelKind::Gue { port: 6080 };
+    let mut r = Rig::new(spec, Link::Ip);
+    let inner = udp(sa("192.0.2.2:5000"), sa("203.0.113.10:53"), b"q");
+    let out = r.forward(&inner);
+    let p = parse(&out, Link::Ip).unwrap();
+    assert_eq!(p.key.dst_port(), 6080);
+    assert_eq!(p.key.dst(), sa("198.51.100.11:0").ip());
+    assert!(out.ends_with(&inner));
+}
+
+#[test]
+fn dr_rewrites_the_destination_mac() {
+    let mut spec = nat_spec(
+        "203.0.113.10:80",
+        Proto::Tcp,
+        &["198.51.100.11:0", "198.51.100.12:0"],
+    );
+    spec.services[0].mode = Mode::Dr;
+    spec.services[0].backends[0].mac = Some(MacAddr([2, 0, 0, 0, 0, 0x11]));
+    spec.services[0].backends[1].mac = Some(MacAddr([2, 0, 0, 0, 0, 0x12]));
+    let mut r = Rig::new(spec, Link::Ethernet);
+    let ip = tcp(sa("192.0.2.2:40000"), sa("203.0.113.10:80"), SYN, b"");
+    let mut frame = vec![2, 0, 0x5e, 0x10, 0, 1, 2, 0, 0, 0, 0, 0xcc, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    let out = r.forward(&frame);
+    assert!(out[..6] == [2, 0, 0, 0, 0, 0x11] || out[..6] == [2, 0, 0, 0, 0, 0x12]);
+    assert_eq!(out[6..12], [0x02, 0x00, 0x5e, 0x10, 0x00, 0x01]);
+    assert_eq!(&out[14..], &ip[..], "IP packet untouched");
+    // ARP is not IP.
+    let mut arp = frame.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(r.run(&arp).0, Verdict::Drop(DropReason::NotIp));
+}
+
+#[test]
+fn persistence_and_policies() {
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3);
+    spec.services[0].persistence_timeout = lb_core::Duration::from_secs(60);
+    let mut r = Rig::new(spec, Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    let first = parse(
+        &r.forward(&tcp(sa("192.0.2.7:1000"), vip, SYN, b"")),
+        Link::Ip,
+    )
+    .unwrap()
+    .key
+    .dst();
+    for port in 1001..1050 {
+        let out = r.forward(&tcp(
+            SocketAddr::new("192.0.2.7".parse().unwrap(), port),
+            vip,
+            SYN,
+            b"",
+        ));
+        assert_eq!(parse(&out, Link::Ip).unwrap().key.dst(), first);
+    }
+    // Round robin cycles through the backends.
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3);
+    spec.services[0].scheduler = "rr".into();
+    let mut r = Rig::new(spec, Link::Ip);
+    let picks: Vec<IpAddr> = (0..6)
+        .map(|i| {
+            let out = r.forward(&tcp(
+                SocketAddr::new("192.0.2.8".parse().unwrap(), 2000 + i),
+                vip,
+                SYN,
+                b"",
+            ));
+            parse(&out, Link::Ip).unwrap().key.dst()
+        })
+        .collect();
+    assert_eq!(picks[0..3], picks[3..6]);
+    assert_ne!(picks[0], picks[1]);
+    assert_ne!(picks[1], picks[2]);
+}
+
+#[test]
+fn syn_flood_stays_within_capacity() {
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3);
+    spec.conntrack_capacity = 256;
+    let mut r = Rig::new(spec, Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    // An established flow first.
+    let c = sa("192.0.2.2:40000");
+    let out = r.forward(&tcp(c, vip, SYN, b""));
+    let p = parse(&out, Link::Ip).unwrap();
+    let backend = SocketAddr::new(p.key.dst(), p.key.dst_port());
+    r.forward(&tcp(
+        backend,
+        SocketAddr::new(p.key.src(), p.key.src_port()),
+        SYNACK,
+        b"",
+    ));
+    r.forward(&tcp(c, vip, ACK, b""));
+    for i in 0..10_000u32 {
+        let src = SocketAddr::new(
+            IpAddr::from([198, 18, (i >> 8) as u8, i as u8]),
+            1024 + (i % 60000) as u16,
+        );
+        let _ = r.run(&tcp(src, vip, SYN, b""));
+    }
+    let t = r.dp.table_stats();
+    assert!(t.entries <= t.capacity, "{t:?}");
+    assert!(t.evicted_half_open > 0);
+    // The established flow survived the flood.
+    let out = r.forward(&tcp(c, vip, ACK, b"after"));
+    assert_eq!(parse(&out, Link::Ip).unwrap().key.dst(), backend.ip());
+}

@@ -1,0 +1,446 @@
+//! The `tun-balancer` process: TUN/TAP queues, data-path threads, health checks, signals, stats.
+//!
+//! Threads:
+//! - one data-path thread per device queue (`balancer.queues`, multi-queue TUN when > 1). They
+//!   share one [`Dataplane`] (one flow table, so both directions of every flow meet whatever queue
+//!   the kernel puts them on) behind a mutex taken once per *batch* of up to 32 packets: each
+//!   thread reads a batch with no lock held, processes it under the lock, and writes it back with
+//!   no lock held. The system calls, which are most of a packet's cost through TUN (see
+//!   `benches/results/balancer.md`), run in parallel; only the rewriting is serialised;
+//! - the main thread: health checks ([`lb_health::HealthChecker`] driving [`ProbeRunner`]),
+//!   SIGHUP reloads, SIGTERM / SIGINT shutdown, and building new [`crate::dataplane::Tables`] off the
+//!   data path, installed between two batches;
+//! - the statistics server, when configured: it reads the counters under the same lock, on demand.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as StdInstant};
+
+use lb_core::{BackendId, HashKey, Instant};
+use lb_health::{Action, HealthChecker};
+use rand::SeedableRng;
+
+use crate::config::{Config, HealthSpec};
+use crate::dataplane::{
+    to_json, to_prometheus, BackendLabel, ControlPlane, Dataplane, DataplaneOptions, Reload, Stats,
+    TableStats, Verdict, HEADROOM,
+};
+use crate::probe::ProbeRunner;
+use crate::stats_server::{Format, Render, StatsServer};
+use crate::sys::{set_link_up, DeviceKind, TunQueue};
+
+/// State shared between the control thread, the data-path threads and the stats server.
+struct Shared {
+    stop: AtomicBool,
+    dp: Mutex<Dataplane>,
+    labels: Mutex<Vec<BackendLabel>>,
+    tx_errors: AtomicU64,
+}
+
+impl Shared {
+    fn render(&self, f: Format) -> String {
+        let (s, t): (Stats, TableStats) = match self.dp.lock() {
+            Ok(dp) => (dp.stats().clone(), dp.table_stats()),
+            Err(_) => Default::default(),
+        };
+        let labels = self.labels.lock().map(|l| l.clone()).unwrap_or_default();
+        match f {
+            Format::Json => to_json(&s, &t, &labels),
+            Format::Prometheus => {
+                let mut o = to_prometheus(&s, &t, &labels);
+                o.push_str(&format!(
+                    "# HELP lb_tx_errors_total Writes to the device that failed.\n# TYPE lb_tx_errors_total counter\nlb_tx_errors_total {}\n",
+                    self.tx_errors.load(Ordering::Relaxed)
+                ));
+                o
+            }
+        }
+    }
+}
+
+fn labels(cp: &ControlPlane) -> Vec<BackendLabel> {
+    cp.backends()
+        .map(|b| BackendLabel {
+            id: b.id.get(),
+            addr: b.addr.to_string(),
+            service: format!("{} {}", b.proto, b.vip),
+            live: b.live,
+            healthy: b.healthy,
+        })
+        .collect()
+}
+
+/// A random key for the flow hashes (16 bytes from the kernel).
+fn random_key() -> HashKey {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    HashKey::from_bytes(b)
+}
+
+/// Monotonic time since process start, as the libraries want it.
+fn now(epoch: StdInstant) -> Instant {
+    Instant::from_nanos(u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Runs the balancer until SIGTERM / SIGINT. Returns an error message for a fatal start-up error.
+///
+/// # Errors
+/// The configuration is invalid, the device cannot be opened, or the stats port cannot be bound.
+pub fn run(config_path: &Path) -> Result<(), String> {
+    let cfg = Config::load(config_path).map_err(|e| e.to_string())?;
+    let key = random_key();
+    let mut cp = ControlPlane::new(cfg.dataplane.clone(), key).map_err(|e| e.to_string())?;
+    let tables = cp.build().map_err(|e| e.to_string())?;
+    let kind = if cfg.needs_tap() {
+        DeviceKind::Tap
+    } else {
+        DeviceKind::Tun
+    };
+    let queues = TunQueue::open_queues(&cfg.device, kind, cfg.queues)
+        .map_err(|e| format!("cannot open {kind:?} device {}: {e}", cfg.device))?;
+    set_link_up(&cfg.device).map_err(|e| format!("cannot set {} up: {e}", cfg.device))?;
+    tracing::info!(
+        device = %cfg.device, ?kind, queues = queues.len(), services = cfg.dataplane.services.len(),
+        "tun-balancer started"
+    );
+    let opts = DataplaneOptions {
+        link: if kind == DeviceKind::Tap {
+            lb_packet::Link::Ethernet
+        } else {
+            lb_packet::Link::Ip
+        },
+        key,
+        seed: 1,
+        snat_ports: crate::dataplane::SNAT_PORTS,
+    };
+    let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        dp: Mutex::new(dp),
+        labels: Mutex::new(labels(&cp)),
+        tx_errors: AtomicU64::new(0),
+    });
+    let stats_server = match cfg.stats {
+        Some(addr) => {
+            let sh = shared.clone();
+            let render: Render = Arc::new(move |f| sh.render(f));
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = StatsServer::start(addr, render, stop.clone())
+                .map_err(|e| format!("cannot serve stats on {addr}: {e}"))?;
+            tracing::info!(addr = %s.local_addr(), "serving stats (JSON on /, Prometheus on /metrics)");
+            Some((s, stop))
+        }
+        None => None,
+    };
+    let epoch = StdInstant::now();
+    let mut workers = Vec::new();
+    for (i, q) in queues.into_iter().enumerate() {
+        let sh = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("datapath-{i}"))
+            .spawn(move || datapath(i, q, &sh, epoch))
+            .map_err(|e| e.to_string())?;
+        workers.push(h);
+    }
+    let result = control(config_path, cfg, &mut cp, &shared, epoch);
+    shared.stop.store(true, Ordering::Release);
+    for w in workers {
+        let _ = w.join();
+    }
+    let (s, t) = match shared.dp.lock() {
+        Ok(dp) => (dp.stats().clone(), dp.table_stats()),
+        Err(_) => Default::default(),
+    };
+    tracing::info!(
+        rx = s.rx_packets,
+        forwarded = s.forwarded,
+        dropped = s.dropped(),
+        flows = t.entries,
+        "tun-balancer stopped"
+    );
+    if let Some((s, stop)) = stats_server {
+        stop.store(true, Ordering::Release);
+        s.join();
+    }
+    result
+}
+
+/// Packets read per batch (one lock of the shared data path per batch).
+const BATCH: usize = 32;
+
+/// One data-path thread: read a batch, process it under the lock, write it, until told to stop.
+fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
+    // Buffers for one batch, allocated once: headroom + the largest packet a TUN device hands out.
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 65_536]).collect();
+    let mut lens = [0usize; BATCH];
+    let mut verdicts = [Verdict::Drop(crate::dataplane::DropReason::NoService); BATCH];
+    let mut last_housekeeping = StdInstant::now();
+    let mut write_errors = 0u64;
+    let mut full = false;
+    while !sh.stop.load(Ordering::Acquire) {
+        // After a full batch more is probably queued: read again without waiting in poll.
+        if !full {
+            if let Err(e) = q.wait_readable(100) {
+                tracing::error!(queue = i, "poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        // Read what is queued (the fd is non-blocking), up to a batch.
+        let mut n = 0;
+        while n < BATCH {
+            match q.recv(&mut bufs[n][HEADROOM..]) {
+                Ok(len) => {
+                    lens[n] = len;
+                    n += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!(queue = i, "read failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+        full = n == BATCH;
+        let housekeeping = last_housekeeping.elapsed() >= Duration::from_millis(10);
+        if n == 0 && !housekeeping {
+            continue;
+        }
+        if let Ok(mut dp) = sh.dp.lock() {
+            let t = now(epoch);
+            for k in 0..n {
+                verdicts[k] = dp.process(&mut bufs[k], HEADROOM, lens[k], t);
+            }
+            if housekeeping {
+                dp.housekeeping(t, 1024);
+            }
+        }
+        if housekeeping {
+            last_housekeeping = StdInstant::now();
+        }
+        for k in 0..n {
+            match verdicts[k] {
+                Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                    if let Err(e) = q.send(&bufs[k][start..start + len]) {
+                        write_errors += 1;
+                        sh.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        if write_errors.is_power_of_two() {
+                            tracing::warn!(queue = i, errors = write_errors, "write failed: {e}");
+                        }
+                    }
+                }
+                Verdict::Drop(reason) => {
+                    tracing::trace!(queue = i, reason = reason.name(), "drop");
+                }
+            }
+        }
+    }
+}
+
+/// Where a health probe for a backend goes.
+fn probe_target(b: &crate::dataplane::BackendInfo, h: &HealthSpec) -> std::net::SocketAddr {
+    let mut a = b.addr;
+    if let Some(p) = h.port {
+        a.set_port(p);
+    }
+    a
+}
+
+/// The health checks of the configuration in force: backend → (probe target, check spec).
+fn register_checks(
+    cfg: &Config,
+    cp: &ControlPlane,
+    checker: &mut HealthChecker,
+    targets: &mut HashMap<BackendId, (std::net::SocketAddr, HealthSpec)>,
+    now: Instant,
+) {
+    let mut wanted = HashMap::new();
+    for (svc, h) in cfg.dataplane.services.iter().zip(&cfg.health) {
+        if h.check_config().is_none() {
+            continue;
+        }
+        for b in &svc.backends {
+            if let Some(info) = cp
+                .backend_id(svc.vip, svc.proto, b.addr)
+                .and_then(|id| cp.backend(id))
+            {
+                wanted.insert(info.id, (probe_target(info, h), h.clone()));
+            }
+        }
+    }
+    // Drop checks of removed backends and of changed checks; add the new ones.
+    let old: Vec<BackendId> = targets.keys().copied().collect();
+    for id in old {
+        let keep = match (targets.get(&id), wanted.get(&id)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        if !keep {
+            checker.remove(id);
+            targets.remove(&id);
+        }
+    }
+    for (id, (addr, h)) in wanted {
+        if targets.contains_key(&id) {
+            continue;
+        }
+        if let Some(cc) = h.check_config() {
+            match checker.add(id, cc, now) {
+                Ok(()) => {
+                    targets.insert(id, (addr, h));
+                }
+                Err(e) => tracing::warn!(backend = %addr, "cannot check: {e}"),
+            }
+        }
+    }
+}
+
+/// The control loop on the main thread.
+fn control(
+    config_path: &Path,
+    mut cfg: Config,
+    cp: &mut ControlPlane,
+    sh: &Shared,
+    epoch: StdInstant,
+) -> Result<(), String> {
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone()).map_err(|e| e.to_string())?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .map_err(|e| e.to_string())?;
+    let mut checker = HealthChecker::new();
+    let mut targets = HashMap::new();
+    let runner = ProbeRunner::new();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
+    register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
+    while !term.load(Ordering::Acquire) {
+        let mut dirty = false;
+        let mut reloaded = None;
+        if hup.swap(false, Ordering::AcqRel) {
+            match reload(config_path, &cfg, cp) {
+                Ok((new, r)) => {
+                    cfg = new;
+                    register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
+                    dirty = true;
+                    reloaded = Some(r);
+                }
+                Err(e) => {
+                    tracing::error!("reload rejected, keeping the running configuration: {e}")
+                }
+            }
+        }
+        let t = now(epoch);
+        while let Some(action) = checker.poll(t, &mut rng) {
+            match action {
+                Action::Probe(p) => {
+                    if let Some((addr, h)) = targets.get(&p.backend) {
+                        runner.start(p.backend, p.token, p.kind, *addr, h.timeout);
+                    }
+                }
+                Action::Transition(tr) => {
+                    dirty |= transition(cp, &targets, tr.backend, tr.to.is_serving())
+                }
+            }
+        }
+        let wait = checker
+            .next_deadline()
+            .map_or(Duration::from_millis(100), |d| {
+                d.saturating_duration_since(now(epoch))
+            })
+            .min(Duration::from_millis(100));
+        if let Some(res) = runner.next(wait) {
+            if let Some(tr) = checker.on_result(res.backend, res.token, res.outcome, now(epoch)) {
+                dirty |= transition(cp, &targets, tr.backend, tr.to.is_serving());
+            }
+        }
+        if dirty {
+            match cp.build() {
+                Ok(t) => {
+                    if let Ok(mut l) = sh.labels.lock() {
+                        *l = labels(cp);
+                    }
+                    if let Ok(mut dp) = sh.dp.lock() {
+                        dp.set_tables(t);
+                    }
+                }
+                Err(e) => tracing::error!("cannot build tables: {e}"),
+            }
+        }
+        if let Some(r) = reloaded {
+            // Logged once the new tables are published.
+            tracing::info!(
+                added = r.added.len(),
+                removed = r.removed.len(),
+                "configuration reloaded"
+            );
+        }
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn transition(
+    cp: &mut ControlPlane,
+    targets: &HashMap<BackendId, (std::net::SocketAddr, HealthSpec)>,
+    id: BackendId,
+    up: bool,
+) -> bool {
+    let changed = cp.set_healthy(id, up);
+    if changed {
+        let addr = targets
+            .get(&id)
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
+        if up {
+            tracing::info!(backend = %addr, "backend up");
+        } else {
+            tracing::warn!(backend = %addr, "backend down");
+        }
+    }
+    changed
+}
+
+/// Loads a new configuration; the device, queues and statistics address cannot change.
+fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, Reload), String> {
+    let new = Config::load(path).map_err(|e| e.to_string())?;
+    if new.device != old.device || new.queues != old.queues || new.needs_tap() != old.needs_tap() {
+        return Err("balancer.device, balancer.queues and the device kind need a restart".into());
+    }
+    if new.dataplane.conntrack_capacity != old.dataplane.conntrack_capacity
+        || new.dataplane.snat_addrs != old.dataplane.snat_addrs
+    {
+        return Err("balancer.conntrack_capacity and balancer.snat_addrs need a restart".into());
+    }
+    let r = cp.apply(new.dataplane.clone()).map_err(|e| e.to_string())?;
+    for id in &r.removed {
+        if let Some(b) = cp.backend(*id) {
+            let mode = b.mode;
+            tracing::info!(backend = %b.addr, %mode, "backend removed: its flows continue, it gets no new ones");
+        }
+    }
+    Ok((new, r))
+}
+
+/// Command-line options of `tun-balancer`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "tun-balancer",
+    about = "A layer-4 load balancer over a TUN/TAP device (lb crates)."
+)]
+pub struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Only validate the configuration and exit (0 if valid).
+    #[arg(long)]
+    pub check: bool,
+}

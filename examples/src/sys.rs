@@ -1,0 +1,322 @@
+//! The operating-system edge: TUN/TAP devices and raw IP sockets, through `ioctl`/`socket`.
+//!
+//! This is the only module of the crate that uses `unsafe`: four system calls (`ioctl` to attach a
+//! TUN/TAP queue and to set interface flags, `socket` for raw IP sockets, `poll` for a timed wait)
+//! whose arguments are plain `repr(C)` structs built here. A TUN crate would hide the same calls
+//! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
+//! through [`std::fs::File`].
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Kind of virtual device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Layer 3: each read is one IP packet.
+    Tun,
+    /// Layer 2: each read is one Ethernet frame.
+    Tap,
+}
+
+const IFNAMSIZ: usize = 16;
+const IFF_TUN: i16 = 0x0001;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+// _IOW('T', 202, int)
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// `struct ifreq` with the flags member of its union (40 bytes on Linux).
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; IFNAMSIZ],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+impl IfReqFlags {
+    fn new(name: &str, flags: i16) -> io::Result<Self> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad interface name {name:?}"),
+            ));
+        }
+        let mut req = IfReqFlags {
+            name: [0; IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        req.name[..bytes.len()].copy_from_slice(bytes);
+        Ok(req)
+    }
+}
+
+/// One queue of a TUN or TAP device, opened without packet information headers (`IFF_NO_PI`).
+///
+/// A device that does not exist is created (and disappears when its last queue is closed, unless it
+/// was created persistent with `ip tuntap add`).
+#[derive(Debug)]
+pub struct TunQueue {
+    file: File,
+    name: String,
+}
+
+impl AsRawFd for TunQueue {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsRawFd for RawSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl TunQueue {
+    /// Opens one queue of device `name`. With `multi_queue`, the device must be (or is created)
+    /// multi-queue and further queues may be opened by calling this again.
+    ///
+    /// # Errors
+    /// Opening `/dev/net/tun` or the `TUNSETIFF` ioctl failed (not root, a device of another kind or
+    /// queue mode with that name exists, ...).
+    pub fn open(name: &str, kind: DeviceKind, multi_queue: bool) -> io::Result<TunQueue> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: the data path drains what is queued, then waits in `poll`.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/net/tun")?;
+        let mut flags = IFF_NO_PI
+            | match kind {
+                DeviceKind::Tun => IFF_TUN,
+                DeviceKind::Tap => IFF_TAP,
+            };
+        if multi_queue {
+            flags |= IFF_MULTI_QUEUE;
+        }
+        let mut req = IfReqFlags::new(name, flags)?;
+        // SAFETY: `req` is a valid, initialised `struct ifreq` that outlives the call; TUNSETIFF
+        // reads and writes only within its 40 bytes. The fd is open.
+        let rc = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                TUNSETIFF as _,
+                &mut req as *mut IfReqFlags,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        Ok(TunQueue { file, name })
+    }
+
+    /// Opens `n` queues of a multi-queue device (one queue without `IFF_MULTI_QUEUE` when `n == 1`).
+    ///
+    /// # Errors
+    /// As [`TunQueue::open`].
+    pub fn open_queues(name: &str, kind: DeviceKind, n: usize) -> io::Result<Vec<TunQueue>> {
+        if n <= 1 {
+            return Ok(vec![TunQueue::open(name, kind, false)?]);
+        }
+        (0..n).map(|_| TunQueue::open(name, kind, true)).collect()
+    }
+
+    /// The device name the kernel gave.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one packet (or frame); returns its length.
+    ///
+    /// # Errors
+    /// The read failed; `WouldBlock` when no packet is queued (the device is non-blocking).
+    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+
+    /// Writes one packet (or frame).
+    ///
+    /// # Errors
+    /// The write failed (the kernel rejects malformed packets with `EINVAL`).
+    pub fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    /// Waits up to `timeout_ms` for a packet to read; `Ok(false)` on timeout.
+    ///
+    /// # Errors
+    /// `poll` failed other than by a signal.
+    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
+        wait_readable(self.file.as_raw_fd(), timeout_ms)
+    }
+}
+
+fn wait_readable(fd: i32, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(rc > 0)
+}
+
+/// Waits up to `timeout_ms` until one of `fds` is readable; returns a bit mask of the readable
+/// ones (bit `i` for `fds[i]`, at most 64 descriptors), 0 on timeout or signal.
+///
+/// # Errors
+/// `poll` failed other than by a signal, or more than 64 descriptors.
+pub fn poll_readable(fds: &[&dyn AsRawFd], timeout_ms: i32) -> io::Result<u64> {
+    if fds.len() > 64 {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs that outlives the call.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    let mut mask = 0u64;
+    for (i, p) in pfds.iter().enumerate() {
+        if p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
+            mask |= 1 << i;
+        }
+    }
+    Ok(mask)
+}
+
+/// Sets an interface up (`IFF_UP`), as `ip link set NAME up` does.
+///
+/// # Errors
+/// The interface does not exist or the caller lacks `CAP_NET_ADMIN`.
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the result is checked and owned immediately.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReqFlags::new(name, 0)?;
+    // SAFETY: `req` is a valid `struct ifreq`; SIOCGIFFLAGS writes the flags member only.
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS as _,
+            &mut req as *mut IfReqFlags,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    req.flags |= libc::IFF_UP as i16;
+    // SAFETY: as above; SIOCSIFFLAGS reads the flags member.
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFFLAGS as _,
+            &mut req as *mut IfReqFlags,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A raw IP socket receiving every packet of one IP protocol (4 = IPIP, 41 = IPv6-in-IP).
+///
+/// For IPv4 (`AF_INET`) each read returns the whole packet including the outer IPv4 header; for
+/// IPv6 (`AF_INET6`) the kernel strips the outer IPv6 header and returns the payload only.
+#[derive(Debug)]
+pub struct RawSocket {
+    file: File,
+}
+
+impl RawSocket {
+    /// Opens a raw socket for `protocol` on IPv4 (`ipv6 == false`) or IPv6.
+    ///
+    /// # Errors
+    /// Needs `CAP_NET_RAW`.
+    pub fn open(ipv6: bool, protocol: u8) -> io::Result<RawSocket> {
+        let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+        // SAFETY: plain socket(2) call; the result is checked and owned immediately.
+        let fd = unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::c_int::from(protocol),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(RawSocket {
+            file: File::from(fd),
+        })
+    }
+
+    /// Reads one packet.
+    ///
+    /// # Errors
+    /// The read failed.
+    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+
+    /// Waits up to `timeout_ms` for a packet; `Ok(false)` on timeout.
+    ///
+    /// # Errors
+    /// `poll` failed other than by a signal.
+    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
+        wait_readable(self.file.as_raw_fd(), timeout_ms)
+    }
+}
+
+/// Whether the process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_layout_and_names() {
+        assert_eq!(core::mem::size_of::<IfReqFlags>(), 40);
+        assert!(IfReqFlags::new("", 0).is_err());
+        assert!(IfReqFlags::new("sixteen-chars-xx", 0).is_err());
+        assert!(IfReqFlags::new("lb0", 0).is_ok());
+    }
+}

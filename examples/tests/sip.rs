@@ -21,8 +21,7 @@
 //! - `source_affinity_sends_every_call_to_one_backend`: `affinity = "source"`: 0 failed calls,
 //!   one backend takes (nearly) all of them;
 //! - `per_packet_round_robin_breaks_calls`: `scheduler = "rr"`, `affinity = "per-packet"`:
-//!   calls fail or retransmit (skipped while `tun-balancer` lacks the knob, see
-//!   `tests/sip/per-packet.patch`);
+//!   calls fail or retransmit;
 //! - `sip_backend_killed_mid_run`: a UAS killed mid-run: the calls on the others complete, new
 //!   calls go to the survivors once the SIP OPTIONS check has noticed.
 //!
@@ -493,8 +492,8 @@ fn source_affinity_sends_every_call_to_one_backend() {
     );
 }
 
-/// Whether `tun-balancer` accepts `config` (`--check`); prints why not.
-fn balancer_accepts(config: &str, what: &str) -> bool {
+/// Asserts that `tun-balancer --check` accepts `config`.
+fn assert_balancer_accepts(config: &str, what: &str) {
     let path = std::env::temp_dir().join(format!("lbt-{}-sip-check.toml", std::process::id()));
     std::fs::write(&path, config).expect("write config");
     let out = std::process::Command::new(common::balancer_bin())
@@ -504,13 +503,11 @@ fn balancer_accepts(config: &str, what: &str) -> bool {
         .output()
         .expect("run tun-balancer --check");
     let _ = std::fs::remove_file(&path);
-    if !out.status.success() {
-        println!(
-            "skipped: tun-balancer does not accept {what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    out.status.success()
+    assert!(
+        out.status.success(),
+        "tun-balancer rejects {what}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }
 
 #[test]
@@ -521,9 +518,7 @@ fn per_packet_round_robin_breaks_calls() {
     // Per-packet policy: round robin over every datagram, no affinity, no flow entry choosing
     // the backend (the flow entries that remain only hold each (client, backend) NAT mapping).
     let config = sip_config(Fam::V4, "rr", "per-packet");
-    if !balancer_accepts(&config, "affinity = \"per-packet\"") {
-        return;
-    }
+    assert_balancer_accepts(&config, "affinity = \"per-packet\"");
     let label = "scheduler = \"rr\", affinity = \"per-packet\"";
     let (_s, u, per) = three_way("siprr", Fam::V4, CALLS, &config, label);
     // The demonstration of why layer 5 matters: the messages of a call land on different UASes,

@@ -147,12 +147,7 @@ impl KeyedHash for SipHash13 {
     /// `SipHasher13::new_with_keys(k0, k1)` + `write` + `finish` (tested for every length 0..=256).
     #[inline(always)]
     fn hash_bytes(&self, bytes: &[u8]) -> u64 {
-        let mut v = [
-            self.k0 ^ 0x736f_6d65_7073_6575,
-            self.k1 ^ 0x646f_7261_6e64_6f6d,
-            self.k0 ^ 0x6c79_6765_6e65_7261,
-            self.k1 ^ 0x7465_6462_7974_6573,
-        ];
+        let mut v = self.initial_state();
         let len = bytes.len();
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
@@ -167,38 +162,44 @@ impl KeyedHash for SipHash13 {
         let rest = chunks.remainder();
         let mut w = [0u8; 8];
         w[..rest.len()].copy_from_slice(rest);
-        let m = u64::from_le_bytes(w) | ((len as u64) << 56);
-        v[3] ^= m;
-        sip_round(&mut v);
-        v[0] ^= m;
-        v[2] ^= 0xff;
-        sip_round(&mut v);
-        sip_round(&mut v);
-        sip_round(&mut v);
-        v[0] ^ v[1] ^ v[2] ^ v[3]
+        sip_finish(v, u64::from_le_bytes(w) | ((len as u64) << 56))
     }
 
     #[inline(always)]
     fn hash_13(&self, w0: u64, w1: u64) -> u64 {
-        let mut v = [
+        let mut v = self.initial_state();
+        v[3] ^= w0;
+        sip_round(&mut v);
+        v[0] ^= w0;
+        sip_finish(v, w1 | (13u64 << 56))
+    }
+}
+
+impl SipHash13 {
+    /// The SipHash initial state for this key.
+    #[inline(always)]
+    fn initial_state(&self) -> [u64; 4] {
+        [
             self.k0 ^ 0x736f_6d65_7073_6575,
             self.k1 ^ 0x646f_7261_6e64_6f6d,
             self.k0 ^ 0x6c79_6765_6e65_7261,
             self.k1 ^ 0x7465_6462_7974_6573,
-        ];
-        v[3] ^= w0;
-        sip_round(&mut v);
-        v[0] ^= w0;
-        let m = w1 | (13u64 << 56);
-        v[3] ^= m;
-        sip_round(&mut v);
-        v[0] ^= m;
-        v[2] ^= 0xff;
-        sip_round(&mut v);
-        sip_round(&mut v);
-        sip_round(&mut v);
-        v[0] ^ v[1] ^ v[2] ^ v[3]
+        ]
     }
+}
+
+/// Compresses the last block `m` (which carries the length in its top byte), then the three
+/// finalization rounds of SipHash-1-3.
+#[inline(always)]
+fn sip_finish(mut v: [u64; 4], m: u64) -> u64 {
+    v[3] ^= m;
+    sip_round(&mut v);
+    v[0] ^= m;
+    v[2] ^= 0xff;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
 #[inline(always)]

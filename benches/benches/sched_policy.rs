@@ -5,9 +5,7 @@
 
 use criterion::{black_box, BenchmarkId, Criterion};
 use lb_core::{Backend, BackendId, Duration, Instant, Weight};
-use lb_sched::policy::{
-    ewma, fo, lblc, lc, least_request, p2c, random, rr, sed, sh, wrr, Policy, Request,
-};
+use lb_sched::policy::{lc, Policy, PolicyKind, Request};
 use lb_sched::pool::{ConnPhase, LeastKey, Pool, PoolConfig};
 use rand::{Rng, SeedableRng};
 
@@ -42,25 +40,7 @@ fn make_pool(n: u32, seed: u64, least_index: Option<LeastKey>) -> Pool {
 }
 
 fn policies() -> Vec<Policy> {
-    vec![
-        Policy::Random(random::WeightedRandom::new()),
-        Policy::RoundRobin(rr::RoundRobin::new()),
-        Policy::SmoothWrr(wrr::SmoothWrr::new()),
-        Policy::IpvsWrr(wrr::IpvsWrr::new()),
-        Policy::SourceHash(sh::SourceHash::default()),
-        Policy::DestinationHash(sh::DestinationHash::default()),
-        Policy::LeastConn(lc::LeastConn::new()),
-        Policy::Wlc(lc::Wlc::new()),
-        Policy::Sed(sed::Sed::new()),
-        Policy::Nq(sed::Nq::new()),
-        Policy::Lblc(lblc::Lblc::default()),
-        Policy::Lblcr(lblc::Lblcr::default()),
-        Policy::Failover(fo::Failover::new()),
-        Policy::Overflow(fo::Overflow::new()),
-        Policy::P2c(p2c::P2c::new(p2c::P2cLoad::Connections)),
-        Policy::PeakEwma(ewma::PeakEwma::new()),
-        Policy::LeastRequest(least_request::LeastRequest::default()),
-    ]
+    PolicyKind::ALL.into_iter().map(Policy::new).collect()
 }
 
 /// The baseline: WLC the obvious way, floating-point division over a `Vec`.

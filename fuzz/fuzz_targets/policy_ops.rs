@@ -7,10 +7,7 @@
 use lb_core::{Backend, BackendId, Duration, Instant, Weight};
 use lb_sched::policy::admission::{Load, Thresholds};
 use lb_sched::policy::slow_start::SlowStart;
-use lb_sched::policy::{
-    ewma, fo, lblc, lc, least_request, p2c, random, rr, sed, sh, wrr, Pick, Policy, Request,
-    RngCore,
-};
+use lb_sched::policy::{p2c, Pick, Policy, PolicyKind, Request, RngCore};
 use lb_sched::pool::{AdminState, ConnPhase, LeastKey, Pool, PoolConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -35,25 +32,14 @@ impl RngCore for Mix {
 }
 
 fn policies() -> Vec<Policy> {
-    vec![
-        Policy::Random(random::WeightedRandom::new()),
-        Policy::RoundRobin(rr::RoundRobin::new()),
-        Policy::SmoothWrr(wrr::SmoothWrr::new()),
-        Policy::IpvsWrr(wrr::IpvsWrr::new()),
-        Policy::SourceHash(sh::SourceHash::default()),
-        Policy::DestinationHash(sh::DestinationHash::default()),
-        Policy::LeastConn(lc::LeastConn::new()),
-        Policy::Wlc(lc::Wlc::new()),
-        Policy::Sed(sed::Sed::new()),
-        Policy::Nq(sed::Nq::new()),
-        Policy::Lblc(lblc::Lblc::default()),
-        Policy::Lblcr(lblc::Lblcr::default()),
-        Policy::Failover(fo::Failover::new()),
-        Policy::Overflow(fo::Overflow::new()),
-        Policy::P2c(p2c::P2c::new(p2c::P2cLoad::InFlight)),
-        Policy::PeakEwma(ewma::PeakEwma::new()),
-        Policy::LeastRequest(least_request::LeastRequest::default()),
-    ]
+    // Every kind with its defaults, P2C on in-flight requests rather than connections.
+    PolicyKind::ALL
+        .into_iter()
+        .map(|k| match k {
+            PolicyKind::P2c => Policy::P2c(p2c::P2c::new(p2c::P2cLoad::InFlight)),
+            k => Policy::new(k),
+        })
+        .collect()
 }
 
 fuzz_target!(|data: &[u8]| {

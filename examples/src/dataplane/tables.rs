@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use lb_core::{Backend, BackendId, Duration, HashKey, IpProto, MacAddr, Weight};
 use lb_sched::hash::{AnyHash, HashAlgorithm};
-use lb_sched::policy::{self, Policy};
+use lb_sched::policy::{Policy, PolicyKind};
 use lb_sched::pool::{Pool, PoolConfig};
 
 use super::spec::{Affinity, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind};
@@ -206,27 +206,10 @@ fn hash_algorithm(name: &str) -> Option<HashAlgorithm> {
 }
 
 fn policy_by_name(name: &str) -> Option<Policy> {
-    use policy::*;
-    Some(match name {
-        "random" => Policy::Random(random::WeightedRandom),
-        "rr" => Policy::RoundRobin(rr::RoundRobin::default()),
-        "wrr" => Policy::IpvsWrr(wrr::IpvsWrr::default()),
-        "swrr" => Policy::SmoothWrr(wrr::SmoothWrr::default()),
-        "sh" => Policy::SourceHash(sh::SourceHash::default()),
-        "dh" => Policy::DestinationHash(sh::DestinationHash::default()),
-        "lc" => Policy::LeastConn(lc::LeastConn),
-        "wlc" => Policy::Wlc(lc::Wlc),
-        "sed" => Policy::Sed(sed::Sed),
-        "nq" => Policy::Nq(sed::Nq),
-        "lblc" => Policy::Lblc(lblc::Lblc::default()),
-        "lblcr" => Policy::Lblcr(lblc::Lblcr::default()),
-        "fo" => Policy::Failover(fo::Failover),
-        "ovf" => Policy::Overflow(fo::Overflow),
-        "p2c" => Policy::P2c(p2c::P2c::default()),
-        "peak-ewma" => Policy::PeakEwma(ewma::PeakEwma),
-        "least-request" => Policy::LeastRequest(least_request::LeastRequest::default()),
-        _ => return None,
-    })
+    PolicyKind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .map(Policy::new)
 }
 
 fn effective_addr(s: &ServiceSpec, addr: SocketAddr) -> SocketAddr {

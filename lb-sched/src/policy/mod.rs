@@ -185,7 +185,148 @@ pub enum Policy {
     LeastRequest(least_request::LeastRequest),
 }
 
+/// The kind of a [`Policy`], without its state: what a configuration names.
+///
+/// ```
+/// use lb_sched::policy::{Policy, PolicyKind};
+/// let wlc = Policy::new(PolicyKind::Wlc);
+/// assert_eq!(wlc.kind(), PolicyKind::Wlc);
+/// assert_eq!(PolicyKind::ALL.iter().find(|k| k.name() == "wlc"), Some(&PolicyKind::Wlc));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PolicyKind {
+    /// [`Policy::Random`].
+    Random,
+    /// [`Policy::RoundRobin`].
+    RoundRobin,
+    /// [`Policy::SmoothWrr`].
+    SmoothWrr,
+    /// [`Policy::IpvsWrr`].
+    IpvsWrr,
+    /// [`Policy::SourceHash`].
+    SourceHash,
+    /// [`Policy::DestinationHash`].
+    DestinationHash,
+    /// [`Policy::LeastConn`].
+    LeastConn,
+    /// [`Policy::Wlc`].
+    Wlc,
+    /// [`Policy::Sed`].
+    Sed,
+    /// [`Policy::Nq`].
+    Nq,
+    /// [`Policy::Lblc`].
+    Lblc,
+    /// [`Policy::Lblcr`].
+    Lblcr,
+    /// [`Policy::Failover`].
+    Failover,
+    /// [`Policy::Overflow`].
+    Overflow,
+    /// [`Policy::P2c`] (least connections of two weighted draws).
+    P2c,
+    /// [`Policy::PeakEwma`].
+    PeakEwma,
+    /// [`Policy::LeastRequest`].
+    LeastRequest,
+}
+
+impl PolicyKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [PolicyKind; 17] = [
+        PolicyKind::Random,
+        PolicyKind::RoundRobin,
+        PolicyKind::SmoothWrr,
+        PolicyKind::IpvsWrr,
+        PolicyKind::SourceHash,
+        PolicyKind::DestinationHash,
+        PolicyKind::LeastConn,
+        PolicyKind::Wlc,
+        PolicyKind::Sed,
+        PolicyKind::Nq,
+        PolicyKind::Lblc,
+        PolicyKind::Lblcr,
+        PolicyKind::Failover,
+        PolicyKind::Overflow,
+        PolicyKind::P2c,
+        PolicyKind::PeakEwma,
+        PolicyKind::LeastRequest,
+    ];
+
+    /// The conventional short name (IPVS's where IPVS has the policy): `rr`, `wlc`, `p2c`, ….
+    pub const fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Random => "random",
+            PolicyKind::RoundRobin => "rr",
+            PolicyKind::SmoothWrr => "swrr",
+            PolicyKind::IpvsWrr => "wrr",
+            PolicyKind::SourceHash => "sh",
+            PolicyKind::DestinationHash => "dh",
+            PolicyKind::LeastConn => "lc",
+            PolicyKind::Wlc => "wlc",
+            PolicyKind::Sed => "sed",
+            PolicyKind::Nq => "nq",
+            PolicyKind::Lblc => "lblc",
+            PolicyKind::Lblcr => "lblcr",
+            PolicyKind::Failover => "fo",
+            PolicyKind::Overflow => "ovf",
+            PolicyKind::P2c => "p2c",
+            PolicyKind::PeakEwma => "peak-ewma",
+            PolicyKind::LeastRequest => "least-request",
+        }
+    }
+}
+
 impl Policy {
+    /// A policy of `kind` with its default parameters.
+    pub fn new(kind: PolicyKind) -> Self {
+        match kind {
+            PolicyKind::Random => Policy::Random(random::WeightedRandom::new()),
+            PolicyKind::RoundRobin => Policy::RoundRobin(rr::RoundRobin::new()),
+            PolicyKind::SmoothWrr => Policy::SmoothWrr(wrr::SmoothWrr::new()),
+            PolicyKind::IpvsWrr => Policy::IpvsWrr(wrr::IpvsWrr::new()),
+            PolicyKind::SourceHash => Policy::SourceHash(sh::SourceHash::default()),
+            PolicyKind::DestinationHash => Policy::DestinationHash(sh::DestinationHash::default()),
+            PolicyKind::LeastConn => Policy::LeastConn(lc::LeastConn::new()),
+            PolicyKind::Wlc => Policy::Wlc(lc::Wlc::new()),
+            PolicyKind::Sed => Policy::Sed(sed::Sed::new()),
+            PolicyKind::Nq => Policy::Nq(sed::Nq::new()),
+            PolicyKind::Lblc => Policy::Lblc(lblc::Lblc::default()),
+            PolicyKind::Lblcr => Policy::Lblcr(lblc::Lblcr::default()),
+            PolicyKind::Failover => Policy::Failover(fo::Failover::new()),
+            PolicyKind::Overflow => Policy::Overflow(fo::Overflow::new()),
+            PolicyKind::P2c => Policy::P2c(p2c::P2c::new(p2c::P2cLoad::Connections)),
+            PolicyKind::PeakEwma => Policy::PeakEwma(ewma::PeakEwma::new()),
+            PolicyKind::LeastRequest => {
+                Policy::LeastRequest(least_request::LeastRequest::default())
+            }
+        }
+    }
+
+    /// The kind of this policy.
+    pub fn kind(&self) -> PolicyKind {
+        match self {
+            Policy::Random(_) => PolicyKind::Random,
+            Policy::RoundRobin(_) => PolicyKind::RoundRobin,
+            Policy::SmoothWrr(_) => PolicyKind::SmoothWrr,
+            Policy::IpvsWrr(_) => PolicyKind::IpvsWrr,
+            Policy::SourceHash(_) => PolicyKind::SourceHash,
+            Policy::DestinationHash(_) => PolicyKind::DestinationHash,
+            Policy::LeastConn(_) => PolicyKind::LeastConn,
+            Policy::Wlc(_) => PolicyKind::Wlc,
+            Policy::Sed(_) => PolicyKind::Sed,
+            Policy::Nq(_) => PolicyKind::Nq,
+            Policy::Lblc(_) => PolicyKind::Lblc,
+            Policy::Lblcr(_) => PolicyKind::Lblcr,
+            Policy::Failover(_) => PolicyKind::Failover,
+            Policy::Overflow(_) => PolicyKind::Overflow,
+            Policy::P2c(_) => PolicyKind::P2c,
+            Policy::PeakEwma(_) => PolicyKind::PeakEwma,
+            Policy::LeastRequest(_) => PolicyKind::LeastRequest,
+        }
+    }
+
     /// Picks a backend for a new flow. Randomised policies draw from `rng`.
     #[inline]
     pub fn pick<R: RngCore + ?Sized>(&mut self, pool: &Pool, req: &Request, rng: &mut R) -> Pick {

@@ -11,28 +11,20 @@ use super::*;
 use crate::pool::tests::backend;
 use crate::pool::{AdminState, ConnPhase, Pool, PoolConfig};
 
-/// One instance of every policy.
+/// One instance of every policy (and P2C a second time, on peak-EWMA).
 pub(crate) fn all_policies() -> Vec<Policy> {
-    vec![
-        Policy::Random(random::WeightedRandom::new()),
-        Policy::RoundRobin(rr::RoundRobin::new()),
-        Policy::SmoothWrr(wrr::SmoothWrr::new()),
-        Policy::IpvsWrr(wrr::IpvsWrr::new()),
-        Policy::SourceHash(sh::SourceHash::default()),
-        Policy::DestinationHash(sh::DestinationHash::default()),
-        Policy::LeastConn(lc::LeastConn::new()),
-        Policy::Wlc(lc::Wlc::new()),
-        Policy::Sed(sed::Sed::new()),
-        Policy::Nq(sed::Nq::new()),
-        Policy::Lblc(lblc::Lblc::default()),
-        Policy::Lblcr(lblc::Lblcr::default()),
-        Policy::Failover(fo::Failover::new()),
-        Policy::Overflow(fo::Overflow::new()),
-        Policy::P2c(p2c::P2c::new(p2c::P2cLoad::Connections)),
-        Policy::P2c(p2c::P2c::new(p2c::P2cLoad::PeakEwma)),
-        Policy::PeakEwma(ewma::PeakEwma::new()),
-        Policy::LeastRequest(least_request::LeastRequest::default()),
-    ]
+    let mut v: Vec<Policy> = PolicyKind::ALL.into_iter().map(Policy::new).collect();
+    v.push(Policy::P2c(p2c::P2c::new(p2c::P2cLoad::PeakEwma)));
+    v
+}
+
+#[test]
+fn kinds_round_trip_and_names_are_unique() {
+    let mut names = std::collections::HashSet::new();
+    for k in PolicyKind::ALL {
+        assert_eq!(Policy::new(k).kind(), k);
+        assert!(names.insert(k.name()), "duplicate name {}", k.name());
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -476,8 +476,7 @@ impl Dataplane {
             &mut self.ct6
         };
         let pkt = buf.get(start..end).unwrap_or(&[]);
-        let (so, sl) = ip_octets(key.src());
-        let src_hash = self.flows.hash_bytes(so.get(..sl).unwrap_or(&[]));
+        let src_hash = addr_hash(&self.flows, key.src());
         let h = match svc.affinity {
             Affinity::None | Affinity::PerPacket => self.flows.hash_flow(&key),
             Affinity::Source => src_hash,
@@ -502,8 +501,7 @@ impl Dataplane {
             Some(b) => b,
             None => {
                 let policy = self.policies.get_mut(si).and_then(Option::as_mut);
-                let (d, dl) = ip_octets(key.dst());
-                let dst_hash = self.flows.hash_bytes(d.get(..dl).unwrap_or(&[]));
+                let dst_hash = addr_hash(&self.flows, key.dst());
                 pick(
                     &svc.sched,
                     policy,
@@ -621,16 +619,13 @@ impl Dataplane {
     }
 }
 
-/// An address's octets (4 or 16 significant) without allocating.
+/// The keyed hash of one address (4 bytes for IPv4, 16 for IPv6): the source-hash and
+/// destination-hash input of the schedulers.
 #[inline]
-fn ip_octets(a: IpAddr) -> ([u8; 16], usize) {
-    let mut o = [0u8; 16];
+fn addr_hash(h: &FlowHasher, a: IpAddr) -> u64 {
     match a {
-        IpAddr::V4(a) => {
-            o[..4].copy_from_slice(&a.octets());
-            (o, 4)
-        }
-        IpAddr::V6(a) => (a.octets(), 16),
+        IpAddr::V4(a) => h.hash_bytes(&a.octets()),
+        IpAddr::V6(a) => h.hash_bytes(&a.octets()),
     }
 }
 

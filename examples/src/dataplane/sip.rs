@@ -34,7 +34,7 @@ use lb_packet::{nat, Parsed};
 use rand::RngCore;
 
 use super::{
-    endpoint, ip_octets, pick, refusal, Affinity, BackendInfo, Dataplane, DropReason, Mode,
+    addr_hash, endpoint, pick, refusal, Affinity, BackendInfo, Dataplane, DropReason, Mode,
     ServiceTable, Verdict,
 };
 
@@ -125,10 +125,8 @@ impl Dataplane {
             Some(id) => id,
             None => {
                 let policy = self.policies.get_mut(si).and_then(Option::as_mut);
-                let (so, sl) = ip_octets(key.src());
-                let src_hash = self.flows.hash_bytes(so.get(..sl).unwrap_or(&[]));
-                let (d, dl) = ip_octets(key.dst());
-                let dst_hash = self.flows.hash_bytes(d.get(..dl).unwrap_or(&[]));
+                let src_hash = addr_hash(&self.flows, key.src());
+                let dst_hash = addr_hash(&self.flows, key.dst());
                 let h = match (how, call) {
                     (_, Some(h)) => h,
                     (Placement::Packet, None) => self.rng.next_u64(),

@@ -147,6 +147,20 @@ pub fn register(c: &mut Criterion) {
             black_box(&out);
         })
     });
+    g.bench_function("miss_batch16/ct_siphash13", |b| {
+        let keys = get_keys();
+        let miss = get_misses();
+        let mut s = sip.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+        let pkts = [ack(); 16];
+        let mut out = [None::<Hit>; 16];
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 16) & (N - 1);
+            t.track_batch(black_box(&miss[i..i + 16]), &pkts, now, &mut out);
+            black_box(&out);
+        })
+    });
     g.throughput(Throughput::Elements(1));
     *sip.borrow_mut() = None;
 

@@ -215,9 +215,7 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         }
         if let Ok(mut dp) = sh.dp.lock() {
             let t = now(epoch);
-            for k in 0..n {
-                verdicts[k] = dp.process(&mut bufs[k], HEADROOM, lens[k], t);
-            }
+            dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
             if housekeeping {
                 dp.housekeeping(t, 1024);
             }

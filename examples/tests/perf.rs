@@ -35,12 +35,35 @@ fn iperf_json(lab: &Lab, ns: &str, args: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {out}"))
 }
 
-fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str) {
+/// CPU time (user + system, all threads) a process has used, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let hz: f64 = common::run_timeout(Duration::from_secs(5), "getconf", &["CLK_TCK"])
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ticks / hz)
+}
+
+/// `balancer`: the balancer's pid, to report its packet rate per CPU-second.
+fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str, balancer: Option<u32>) {
     let tcp = iperf_json(lab, &t.client, &format!("-c {vip} -p 5201 -t 5"));
     let gbps = tcp["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
         / 1e9;
+    let before = balancer.and_then(|pid| {
+        Some((
+            cpu_seconds(pid)?,
+            lab.balancer_stats(t)["rx_packets"].as_f64()?,
+        ))
+    });
     let udp = iperf_json(
         lab,
         &t.client,
@@ -49,6 +72,20 @@ fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str) {
     let pps = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0)
         * (1.0 - udp["end"]["sum"]["lost_percent"].as_f64().unwrap_or(0.0) / 100.0)
         / udp["end"]["sum"]["seconds"].as_f64().unwrap_or(1.0);
+    if let (Some((cpu0, rx0)), Some(pid)) = (before, balancer) {
+        if let (Some(cpu1), Some(rx1)) = (
+            cpu_seconds(pid),
+            lab.balancer_stats(t)["rx_packets"].as_f64(),
+        ) {
+            let cpu = (cpu1 - cpu0).max(0.01);
+            println!(
+                "{label}: 64-byte UDP run: {:.0} k packets in {cpu:.2} s of balancer CPU = {:.0} kpps per core (balancer busy {:.0} % of one core)",
+                (rx1 - rx0) / 1e3,
+                (rx1 - rx0) / cpu / 1e3,
+                cpu / 5.0 * 100.0
+            );
+        }
+    }
     let wrk = lab
         .try_sh_timeout(
             &t.client,
@@ -101,7 +138,13 @@ fn nat_throughput_vs_kernel_nat() {
     lab.ip(&t.balancer, "link set lb0 txqueuelen 10000");
     println!("| path | TCP (iperf3, 1 stream) | UDP | HTTP connections (wrk, Connection: close) |");
     println!("|---|---|---|---|");
-    measure(&lab, &t, "203.0.113.10", "tun-balancer nat, 1 queue");
+    measure(
+        &lab,
+        &t,
+        "203.0.113.10",
+        "tun-balancer nat, 1 queue",
+        lab.pid("balancer"),
+    );
     // The same with two TUN queues and two data-path threads.
     lab.kill("balancer");
     let cfg2 = cfg.replace("[balancer]\n", "[balancer]\nqueues = 2\n");
@@ -112,7 +155,13 @@ fn nat_throughput_vs_kernel_nat() {
         &["203.0.113.10/32 dev lb0", "203.0.113.100/32 dev lb0"],
     );
     lab.ip(&t.balancer, "link set lb0 txqueuelen 10000");
-    measure(&lab, &t, "203.0.113.10", "tun-balancer nat, 2 queues");
+    measure(
+        &lab,
+        &t,
+        "203.0.113.10",
+        "tun-balancer nat, 2 queues",
+        lab.pid("balancer"),
+    );
     println!("2 queues: drops {}", lab.balancer_stats(&t)["drops"]);
     println!(
         "{}",
@@ -162,7 +211,7 @@ fn nat_throughput_vs_kernel_nat() {
     }\n";
     let f = lab.write("lbk.nft", nft);
     lab.sh(&t.balancer, &format!("nft -f {}", f.display()));
-    measure(&lab, &t, "203.0.113.20", "kernel nftables NAT");
+    measure(&lab, &t, "203.0.113.20", "kernel nftables NAT", None);
     // Plain routing, no NAT at all (the floor of this setup).
-    measure(&lab, &t, "198.51.100.11", "kernel routing, no NAT");
+    measure(&lab, &t, "198.51.100.11", "kernel routing, no NAT", None);
 }

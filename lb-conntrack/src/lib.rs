@@ -5,9 +5,9 @@
 //! data path of a layer-4 balancer:
 //!
 //! - [`ConnTable`]: a fixed-capacity table keyed by [`lb_core::FlowKey`] under a keyed hash,
-//!   32 bytes per IPv4 entry plus the hash index: 42 B per flow at 2^20 flows (total heap /
-//!   capacity, from [`ConnTable::memory`]), 58.5 B with per-flow counters
-//!   ([`Config::flow_stats`], 16 B), +36 B per IPv6 place ([`Config::ipv6_capacity`]), +~50 B
+//!   32 bytes per IPv4 entry plus an 8-byte share of a cache-line hash index: 40 B per flow
+//!   (total heap / capacity, from [`ConnTable::memory`]), 56 B with per-flow counters
+//!   ([`Config::flow_stats`], 16 B), +36 B per IPv6 place ([`Config::ipv6_capacity`]), +48 B
 //!   with full-NAT reply tuples ([`Config::nat`]). Linux nf_conntrack: 304 B, IPVS: 136 B. No
 //!   allocation after construction.
 //! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine
@@ -26,7 +26,10 @@
 //! The crate does no I/O and reads no clock: every call that depends on time takes `now`.
 //!
 //! ## Drive loop
-//! Per packet: [`ConnTable::track`] (lookup + state update). On `None`, choose a backend
+//! Per packet: [`ConnTable::track`] (lookup + state update); per burst of packets,
+//! [`ConnTable::track_batch`], or [`ConnTable::prefetch`] the burst's hashes and then
+//! [`ConnTable::track_hashed`] each (a lookup is two dependent cache misses; a burst overlaps
+//! them). On `None`, choose a backend
 //! (persistence template first, then the scheduler) and [`ConnTable::insert_with`] the flow with
 //! its first packet. Every millisecond or so: `expire(now, budget)`.
 //!
@@ -59,6 +62,7 @@
 
 mod entry;
 mod evict;
+mod index;
 mod nat_pool;
 mod persist;
 mod sharded;

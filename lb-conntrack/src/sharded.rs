@@ -180,7 +180,6 @@ impl<H: KeyedHash> ShardedConnTable<H> {
             t.refused_ports += c.refused_ports;
             t.removed += c.removed;
             t.reused += c.reused;
-            t.index_rebuilds += c.index_rebuilds;
         }
         t
     }

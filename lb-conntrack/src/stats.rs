@@ -70,8 +70,6 @@ pub struct Counters {
     pub removed: u64,
     /// TIME_WAIT / CLOSE entries reused by a new SYN.
     pub reused: u64,
-    /// Times the hash index was rebuilt in place to purge tombstones.
-    pub index_rebuilds: u64,
 }
 
 impl Counters {

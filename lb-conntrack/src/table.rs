@@ -2,9 +2,9 @@
 //! `hashbrown::HashTable<u32>` under a keyed flow hash.
 //!
 //! Layout (see `entry.rs` for the slot):
-//! - `index`: `HashTable<u32>` of slot indices under the keyed hash of the flow key. Its control
-//!   bytes keep 7 bits of each hash, so a probe compares a full key only on a tag match;
-//!   removals find their bucket by hash and slot index, never by comparing keys.
+//! - `index` (`index.rs`): cache-line buckets of (16-bit hash tag, slot id) under the keyed
+//!   hash of the flow key, so a probe reads one line and compares a full key only on a tag
+//!   match; removals find their way by hash and slot id, never by comparing keys.
 //! - `slots`: `capacity` slots of 32 bytes, preallocated; free slots are chained through `next`.
 //! - class lists (`evict.rs`): one intrusive list per state class, ordered by last-seen time.
 //! - side arrays, only when enabled: IPv6 address pairs, per-flow counters, NAT reply tuples and
@@ -17,7 +17,6 @@
 
 use std::net::SocketAddr;
 
-use hashbrown::HashTable;
 use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHash13};
 
 use crate::entry::{
@@ -25,6 +24,7 @@ use crate::entry::{
     F_POOL, F_V6, NIL,
 };
 use crate::evict::Lists;
+use crate::index::Index;
 use crate::nat_pool::SnatPool;
 use crate::persist::{PersistTable, Service, TemplateKey};
 use crate::stats::{Counters, Refusal, SessionStats};
@@ -50,8 +50,8 @@ pub use handle::{EntryRef, Lookup, MemoryUsage};
 #[derive(Debug)]
 pub struct ConnTable<H: KeyedHash = SipHash13> {
     pub(crate) hasher: FlowHasher<H>,
-    index: HashTable<u32>,
-    reply_index: HashTable<u32>,
+    index: Index,
+    reply_index: Index,
     pub(crate) slots: Vec<Slot>,
     free: u32,
     len: usize,
@@ -70,6 +70,10 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     snat: Option<SnatPool>,
 }
 
+/// Keys per burst in [`ConnTable::prefetch`] and [`ConnTable::track_batch`]: enough to keep
+/// the memory system busy, few enough that a burst's lines stay in L1/L2 until used.
+const BURST: usize = 16;
+
 impl ConnTable<SipHash13> {
     /// A table keyed with SipHash-1-3 under `key` (derive a dedicated key, e.g.
     /// `cluster_key.derive("conntrack")`).
@@ -79,13 +83,6 @@ impl ConnTable<SipHash13> {
     pub fn new(cfg: Config, key: HashKey) -> Result<Self, ConntrackError> {
         Self::with_hasher(cfg, key)
     }
-}
-
-#[inline(always)]
-fn hash_slot<H: KeyedHash>(h: &FlowHasher<H>, slots: &[Slot], v6: &[[u8; 32]], i: u32) -> u64 {
-    slots
-        .get(i as usize)
-        .map_or(0, |s| h.hash_flow(&slot_key(s, v6)))
 }
 
 impl<H: KeyedHash> ConnTable<H> {
@@ -104,8 +101,8 @@ impl<H: KeyedHash> ConnTable<H> {
         let dummy = FlowKey::v4(0.into(), 0, 0.into(), 0, lb_core::IpProto::Tcp);
         Ok(ConnTable {
             hasher: FlowHasher::with_key(key),
-            index: HashTable::with_capacity(cap),
-            reply_index: HashTable::with_capacity(if cfg.nat { cap } else { 0 }),
+            index: Index::with_capacity(cap),
+            reply_index: Index::with_capacity(if cfg.nat { cap } else { 0 }),
             slots,
             free: 0,
             len: 0,
@@ -283,18 +280,15 @@ impl<H: KeyedHash> ConnTable<H> {
     #[inline(always)]
     fn find(&self, hash: u64, probe: &Probe) -> Option<u32> {
         let (slots, v6) = (&self.slots, &self.v6);
-        self.index
-            .find(hash, |&i| {
-                slots.get(i as usize).is_some_and(|s| probe.matches(s, v6))
-            })
-            .copied()
+        self.index.find(hash, |i| {
+            slots.get(i as usize).is_some_and(|s| probe.matches(s, v6))
+        })
     }
 
     fn find_reply(&self, hash: u64, reply: &FlowKey) -> Option<u32> {
         let nat = &self.nat;
         self.reply_index
-            .find(hash, |&i| nat.get(i as usize) == Some(reply))
-            .copied()
+            .find(hash, |i| nat.get(i as usize) == Some(reply))
     }
 
     #[inline]
@@ -386,10 +380,10 @@ impl<H: KeyedHash> ConnTable<H> {
         }
     }
 
-    /// Tracks a burst: hashes every key first, then probes and updates, so that the hash
-    /// computations of the burst overlap and the probes' cache misses are issued back to back.
-    /// `out[i]` receives the result for `keys[i]` (`pkts[i]`); the burst is cut to the shortest
-    /// of the three slices.
+    /// Tracks a burst: hashes every key, [`ConnTable::prefetch`]es the burst, then looks up
+    /// and updates each key in order. `out[i]` receives the result for `keys[i]` (`pkts[i]`);
+    /// the burst is cut to the shortest of the three slices. Same results as calling
+    /// [`ConnTable::track`] on each key in turn.
     pub fn track_batch(
         &mut self,
         keys: &[FlowKey],
@@ -397,7 +391,6 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
         out: &mut [Option<Hit>],
     ) {
-        const BURST: usize = 16;
         let n = keys.len().min(pkts.len()).min(out.len());
         let mut base = 0;
         while base < n {
@@ -406,6 +399,7 @@ impl<H: KeyedHash> ConnTable<H> {
             for (h, k) in hashes.iter_mut().zip(&keys[base..base + m]) {
                 *h = self.hasher.hash_flow(k);
             }
+            self.prefetch(&hashes[..m]);
             for j in 0..m {
                 out[base + j] = self.track_hashed(hashes[j], &keys[base + j], pkts[base + j], now);
             }
@@ -413,16 +407,80 @@ impl<H: KeyedHash> ConnTable<H> {
         }
     }
 
+    /// Brings into cache, for a burst of flow hashes (from [`ConnTable::flow_hash`]), the
+    /// lines their lookups will touch: every hash's index line, loaded back to back, then the
+    /// slot (and per-flow counters and NAT tuple) each index line points at. A lookup of one
+    /// key costs two dependent cache misses; a burst pays for them once, overlapped, instead of
+    /// once per key. Purely a performance hint: results never depend on it.
+    #[inline]
+    pub fn prefetch(&self, hashes: &[u64]) {
+        Self::prefetch_in(&self.index, hashes, |ids| self.touch(ids));
+    }
+
+    /// [`ConnTable::prefetch`] for a burst of NAT reply tuples' hashes (for
+    /// [`ConnTable::track_reply_hashed`]).
+    #[inline]
+    pub fn prefetch_replies(&self, hashes: &[u64]) {
+        Self::prefetch_in(&self.reply_index, hashes, |ids| self.touch(ids));
+    }
+
+    /// Three passes per chunk, so that no branch waits on a line still in flight (a
+    /// mispredicted branch on missing data would stall the burst behind one miss at a time):
+    /// issue the index loads (no branch), pick each candidate (the lines have arrived by
+    /// then), issue the slot loads.
+    #[inline(always)]
+    fn prefetch_in(index: &Index, hashes: &[u64], touch: impl Fn(&[u32])) {
+        for chunk in hashes.chunks(BURST) {
+            let mut acc = 0u16;
+            for &h in chunk {
+                acc ^= index.touch(h);
+            }
+            core::hint::black_box(acc);
+            let mut ids = [NIL; BURST];
+            for (id, &h) in ids.iter_mut().zip(chunk) {
+                *id = index.candidate(h);
+            }
+            touch(&ids[..chunk.len()]);
+        }
+    }
+
+    /// Loads the lines of slots `ids` (and their side-array entries), back to back.
+    #[inline(always)]
+    fn touch(&self, ids: &[u32]) {
+        let mut acc = 0u32;
+        for &i in ids {
+            let i = i as usize;
+            acc ^= self.slots.get(i).map_or(0, |s| s.last);
+            acc ^= self.flow.get(i).map_or(0, |f| f.packets);
+            acc ^= self.nat.get(i).map_or(0, |k| u32::from(k.src_port()));
+        }
+        // The loads are the point: keep the optimiser from dropping them.
+        core::hint::black_box(acc);
+    }
+
     /// Looks a NAT reply tuple up (a packet from a backend to the SNAT address) and feeds it
     /// the packet (as [`Direction::Reply`]). Returns the original flow key and the hit.
+    #[inline]
     pub fn track_reply(
         &mut self,
         reply: &FlowKey,
         pkt: Packet,
         now: Instant,
     ) -> Option<(FlowKey, Hit)> {
-        let now32 = self.advance(now);
         let hash = self.hasher.hash_flow(reply);
+        self.track_reply_hashed(hash, reply, pkt, now)
+    }
+
+    /// [`ConnTable::track_reply`] with a precomputed hash ([`ConnTable::flow_hash`] of
+    /// `reply`).
+    pub fn track_reply_hashed(
+        &mut self,
+        hash: u64,
+        reply: &FlowKey,
+        pkt: Packet,
+        now: Instant,
+    ) -> Option<(FlowKey, Hit)> {
+        let now32 = self.advance(now);
         let Some(i) = self.find_reply(hash, reply) else {
             self.counters.reply_misses += 1;
             return None;
@@ -613,15 +671,11 @@ impl<H: KeyedHash> ConnTable<H> {
         }
         let key = slot_key(&s, &self.v6);
         let h = self.hasher.hash_flow(&key);
-        if let Ok(e) = self.index.find_entry(h, |&x| x == i) {
-            e.remove();
-        }
+        self.index.remove(h, i);
         if s.flags & F_NAT != 0 {
             if let Some(reply) = self.nat.get(i as usize).copied() {
                 let rh = self.hasher.hash_flow(&reply);
-                if let Ok(e) = self.reply_index.find_entry(rh, |&x| x == i) {
-                    e.remove();
-                }
+                self.reply_index.remove(rh, i);
                 if s.flags & F_POOL != 0 {
                     if let Some(pool) = self.snat.as_mut() {
                         pool.release(BackendId(s.backend), reply.dst(), reply.dst_port());
@@ -648,35 +702,6 @@ impl<H: KeyedHash> ConnTable<H> {
         }
         self.free = i;
         self.len = self.len.saturating_sub(1);
-    }
-
-    fn rebuild_index(&mut self) {
-        self.counters.index_rebuilds += 1;
-        self.index.clear();
-        let (h, slots, v6) = (&self.hasher, &self.slots, &self.v6);
-        for (i, s) in slots.iter().enumerate() {
-            if s.flags & F_LIVE != 0 {
-                let hash = h.hash_flow(&slot_key(s, v6));
-                self.index
-                    .insert_unique(hash, i as u32, |&x| hash_slot(h, slots, v6, x));
-            }
-        }
-    }
-
-    fn rebuild_reply_index(&mut self) {
-        self.counters.index_rebuilds += 1;
-        self.reply_index.clear();
-        let (h, slots, nat) = (&self.hasher, &self.slots, &self.nat);
-        for (i, s) in slots.iter().enumerate() {
-            if s.flags & F_LIVE != 0 && s.flags & F_NAT != 0 {
-                if let Some(k) = nat.get(i) {
-                    self.reply_index
-                        .insert_unique(h.hash_flow(k), i as u32, |&x| {
-                            nat.get(x as usize).map_or(0, |k| h.hash_flow(k))
-                        });
-                }
-            }
-        }
     }
 
     // ---- timers ----

@@ -545,3 +545,96 @@ fn syn_flood_stays_within_capacity() {
     let out = r.forward(&tcp(c, vip, ACK, b"after"));
     assert_eq!(parse(&out, Link::Ip).unwrap().key.dst(), backend.ip());
 }
+
+/// `process_batch` is `process` on each packet in turn: same verdicts, same bytes, same
+/// counters, over bursts that mix new flows, established flows, replies, both families and
+/// garbage, with burst sizes that do not divide [`BURST`].
+#[test]
+fn batch_matches_one_by_one() {
+    let spec = |vip4: &str| {
+        let mut s = nat_spec(vip4, Proto::Tcp, &B3);
+        let mut v6 = ServiceSpec::new(sa("[2001:db8::10]:80"), Proto::Tcp, Mode::Nat);
+        for b in ["[2001:db8:1::11]:8080", "[2001:db8:1::12]:8080"] {
+            v6 = v6.with_backend(sa(b), 1);
+        }
+        s.services.push(v6);
+        s
+    };
+    let mut one = Rig::new(spec("203.0.113.10:80"), Link::Ip);
+    let mut many = Rig::new(spec("203.0.113.10:80"), Link::Ip);
+    let vip4 = sa("203.0.113.10:80");
+    let vip6 = sa("[2001:db8::10]:80");
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    for round in 0..4u16 {
+        let mut pkts: Vec<Vec<u8>> = Vec::new();
+        for c in 0..30u16 {
+            let port = 20_000 + c;
+            let (client, vip) = if c % 3 == 0 {
+                (
+                    SocketAddr::new("2001:db8:2::2".parse().unwrap(), port),
+                    vip6,
+                )
+            } else {
+                (SocketAddr::new("192.0.2.2".parse().unwrap(), port), vip4)
+            };
+            // Round 0 opens the flows, later rounds continue them (and open a few more).
+            let flags = if round == 0 || c % 7 == round {
+                SYN
+            } else {
+                ACK
+            };
+            pkts.push(tcp(client, vip, flags, b"x"));
+            if c % 11 == 0 {
+                pkts.push(vec![0x45, 0, 0, 8, 1, 2]); // truncated
+            }
+        }
+        pkts.append(&mut replies);
+        // One by one.
+        let mut outs_one = Vec::new();
+        for p in &pkts {
+            outs_one.push(one.run(p));
+        }
+        // In bursts of 13 (not a divisor of BURST), through process_batch.
+        let mut outs_many = Vec::new();
+        for chunk in pkts.chunks(13) {
+            let mut bufs: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|p| {
+                    let mut b = vec![0u8; HEADROOM + p.len() + 64];
+                    b[HEADROOM..HEADROOM + p.len()].copy_from_slice(p);
+                    b
+                })
+                .collect();
+            let lens: Vec<usize> = chunk.iter().map(Vec::len).collect();
+            let mut verdicts = vec![Verdict::Drop(DropReason::Malformed); chunk.len()];
+            many.dp
+                .process_batch(&mut bufs, HEADROOM, &lens, many.now, &mut verdicts);
+            for (b, v) in bufs.iter().zip(&verdicts) {
+                let out = match *v {
+                    Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                        b[start..start + len].to_vec()
+                    }
+                    Verdict::Drop(_) => Vec::new(),
+                };
+                outs_many.push((*v, out));
+            }
+        }
+        assert_eq!(outs_one, outs_many, "round {round}");
+        // The backends answer every forwarded client packet: next round's replies.
+        for (v, out) in &outs_one {
+            if matches!(v, Verdict::Forward { .. }) {
+                let p = parse(out, Link::Ip).unwrap();
+                if p.key.dst_port() == 8080 {
+                    let backend = SocketAddr::new(p.key.dst(), 8080);
+                    let snat = SocketAddr::new(p.key.src(), p.key.src_port());
+                    replies.push(tcp(backend, snat, SYNACK, b"y"));
+                }
+            }
+        }
+        assert!(!replies.is_empty());
+    }
+    let (a, b) = (one.dp.stats(), many.dp.stats());
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    assert!(a.forwarded > 200, "{a:?}");
+    assert!(a.backends.iter().map(|b| b.reply_packets).sum::<u64>() >= 60);
+}

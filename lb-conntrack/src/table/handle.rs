@@ -78,7 +78,7 @@ impl<H: KeyedHash> EntryRef<'_, H> {
 pub struct MemoryUsage {
     /// The slab of 32-byte slots.
     pub slots: usize,
-    /// The hash index (hashbrown's allocation).
+    /// The hash index (64-byte buckets, 8 B per entry of capacity).
     pub index: usize,
     /// IPv6 address store and its free list.
     pub ipv6: usize,

@@ -3,7 +3,7 @@
 use lb_core::{Instant, KeyedHash};
 
 use super::config::V6_VICTIM_WALK;
-use super::{hash_slot, ConnTable, Insert, NewFlow};
+use super::{ConnTable, Insert, NewFlow};
 use crate::entry::{
     FlowCounters, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, NIL,
 };
@@ -111,14 +111,7 @@ impl<H: KeyedHash> ConnTable<H> {
             if let (Some(n), Some(r)) = (self.nat.get_mut(i as usize), flow.nat) {
                 *n = r;
             }
-            if self.reply_index.len() >= self.reply_index.capacity() {
-                self.rebuild_reply_index();
-            }
-            let nat = &self.nat;
-            let h = &self.hasher;
-            self.reply_index.insert_unique(rh, i, |&x| {
-                nat.get(x as usize).map_or(0, |k| h.hash_flow(k))
-            });
+            self.reply_index.insert(rh, i);
         }
         if let Some(prefix) = flow.persist_prefix {
             let tk = TemplateKey::client(flow.key.src(), prefix, Service::of_flow(&flow.key));
@@ -148,12 +141,8 @@ impl<H: KeyedHash> ConnTable<H> {
         } else {
             self.lists.push_back(&mut self.slots, slot.class, i);
         }
-        if self.index.len() >= self.index.capacity() {
-            self.rebuild_index();
-        }
-        let (h, slots, v6) = (&self.hasher, &self.slots, &self.v6);
-        self.index
-            .insert_unique(hash, i, |&x| hash_slot(h, slots, v6, x));
+        // Cannot fail: the index is sized for the capacity and holds one way per live slot.
+        self.index.insert(hash, i);
         self.len += 1;
         self.counters.inserts += 1;
         if let Some(pkt) = flow.first {

@@ -86,6 +86,33 @@ fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str, balancer: Option
             );
         }
     }
+    // Client-side TCP counters and the balancer's TUN drops (packets the kernel could not
+    // queue to the device) around the connection-rate run.
+    let retrans = |lab: &Lab| -> Vec<u64> {
+        let out = lab
+            .try_sh(&t.client, "nstat -az TcpActiveOpens TcpRetransSegs TcpExtTCPSynRetrans")
+            .unwrap_or_default();
+        let get = |name: &str| {
+            out.lines()
+                .find_map(|l| {
+                    let mut f = l.split_whitespace();
+                    (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+                })
+                .unwrap_or(0)
+        };
+        let tun_drops = lab
+            .try_sh(&t.balancer, "cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo 0")
+            .ok()
+            .and_then(|x| x.trim().parse().ok())
+            .unwrap_or(0);
+        vec![
+            get("TcpRetransSegs"),
+            get("TcpExtTCPSynRetrans"),
+            get("TcpActiveOpens"),
+            tun_drops,
+        ]
+    };
+    let r0 = retrans(lab);
     let wrk = lab
         .try_sh_timeout(
             &t.client,
@@ -93,6 +120,14 @@ fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str, balancer: Option
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| e);
+    let r1 = retrans(lab);
+    println!(
+        "{label}: during wrk, client TCP: {} segments retransmitted, {} SYN retransmissions, {} connections opened; lb0 tx_dropped +{}",
+        r1[0] - r0[0],
+        r1[1] - r0[1],
+        r1[2] - r0[2],
+        r1[3] - r0[3]
+    );
     println!(
         "| {label} | {gbps:.2} Gbit/s | {:.0} kpps (64-byte UDP, delivered) | {} |",
         pps / 1e3,

@@ -16,6 +16,9 @@ use lb_conntrack::{Config, ConnTable, Hit, NewFlow, Packet, ShardedConnTable, Tc
 use lb_core::{
     BackendId, Duration, FastHash, FlowKey, HashKey, Instant, IpProto, KeyedHash, SipHash13,
 };
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 
 const N: usize = 1 << 20;
 const KEY: HashKey = HashKey::from_bytes(*b"bench-conntrack1");
@@ -58,6 +61,19 @@ pub fn register(c: &mut Criterion) {
         }
         k.clone()
     };
+    // Lookups visit the keys in another (random) order than they were inserted in, so that the
+    // slab entries they reach are as scattered as the index lines (inserting and probing in the
+    // same order would walk the slab sequentially and flatter the table).
+    let probe = RefCell::new(Vec::<FlowKey>::new());
+    let get_probe = || {
+        let mut p = probe.borrow_mut();
+        if p.is_empty() {
+            let mut v = get_keys();
+            v.shuffle(&mut StdRng::seed_from_u64(13));
+            *p = v;
+        }
+        p.clone()
+    };
     let get_misses = || {
         let mut k = misses.borrow_mut();
         if k.is_empty() {
@@ -75,6 +91,7 @@ pub fn register(c: &mut Criterion) {
 
     g.bench_function("hit/ct_siphash13", |b| {
         let keys = get_keys();
+        let probe = get_probe();
         let mut s = sip.borrow_mut();
         let t = s.get_or_insert_with(|| {
             let t = build::<SipHash13>(&keys);
@@ -105,20 +122,7 @@ pub fn register(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            black_box(t.track(black_box(&keys[i]), ack(), now))
-        })
-    });
-    g.bench_function("hit_moving_clock/ct_siphash13", |b| {
-        // Every hit advances the clock by 1 ms: each one moves its entry to its list's tail.
-        let keys = get_keys();
-        let mut s = sip.borrow_mut();
-        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
-        let mut i = 0;
-        let mut ms = 1_000u64;
-        b.iter(|| {
-            i = (i + 1) & (N - 1);
-            ms += 1;
-            black_box(t.track(black_box(&keys[i]), ack(), Instant::from_millis(ms)))
+            black_box(t.track(black_box(&probe[i]), ack(), now))
         })
     });
     g.bench_function("miss/ct_siphash13", |b| {
@@ -136,6 +140,7 @@ pub fn register(c: &mut Criterion) {
     g.throughput(Throughput::Elements(16));
     g.bench_function("hit_batch16/ct_siphash13", |b| {
         let keys = get_keys();
+        let probe = get_probe();
         let mut s = sip.borrow_mut();
         let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
         let pkts = [ack(); 16];
@@ -143,7 +148,7 @@ pub fn register(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 16) & (N - 1);
-            t.track_batch(black_box(&keys[i..i + 16]), &pkts, now, &mut out);
+            t.track_batch(black_box(&probe[i..i + 16]), &pkts, now, &mut out);
             black_box(&out);
         })
     });
@@ -162,16 +167,35 @@ pub fn register(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements(1));
+    g.bench_function("hit_moving_clock/ct_siphash13", |b| {
+        // The clock advances 1 ms every 1024 hits (about 1 Mpps): nearly every hit finds its
+        // entry last seen in an earlier millisecond and moves it to its list's tail. (An entry
+        // is hit about once a second of this clock, far inside its timeout: a faster clock
+        // would let entries expire between hits and measure misses.)
+        let keys = get_keys();
+        let probe = get_probe();
+        let mut s = sip.borrow_mut();
+        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+        let mut i = 0;
+        let mut n = 1_000u64 << 10;
+        b.iter(|| {
+            i = (i + 1) & (N - 1);
+            n += 1;
+            let ms = n >> 10;
+            black_box(t.track(black_box(&probe[i]), ack(), Instant::from_millis(ms)))
+        })
+    });
     *sip.borrow_mut() = None;
 
     g.bench_function("hit/ct_fasthash", |b| {
         let keys = get_keys();
+        let probe = get_probe();
         let mut s = fast.borrow_mut();
         let t = s.get_or_insert_with(|| build::<FastHash>(&keys));
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            black_box(t.track(black_box(&keys[i]), ack(), now))
+            black_box(t.track(black_box(&probe[i]), ack(), now))
         })
     });
     g.bench_function("miss/ct_fasthash", |b| {
@@ -245,12 +269,13 @@ pub fn register(c: &mut Criterion) {
     };
     g.bench_function("hit/hashbrown_siphash13", |b| {
         let keys = get_keys();
+        let probe = get_probe();
         let mut c = sipmap.borrow_mut();
         let m = c.get_or_insert_with(|| build_sip(&keys));
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            black_box(m.get(black_box(&keys[i])).copied())
+            black_box(m.get(black_box(&probe[i])).copied())
         })
     });
     g.bench_function("miss/hashbrown_siphash13", |b| {
@@ -267,12 +292,13 @@ pub fn register(c: &mut Criterion) {
     *sipmap.borrow_mut() = None;
     g.bench_function("hit/hashbrown_foldhash", |b| {
         let keys = get_keys();
+        let probe = get_probe();
         let mut c = foldmap.borrow_mut();
         let m = c.get_or_insert_with(|| build_fold(&keys));
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            black_box(m.get(black_box(&keys[i])).copied())
+            black_box(m.get(black_box(&probe[i])).copied())
         })
     });
     g.bench_function("miss/hashbrown_foldhash", |b| {
@@ -297,6 +323,7 @@ pub fn register(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("hit/{threads}_threads"), |b| {
             let keys = get_keys();
+            let probe = get_probe();
             let mut cell = sharded.borrow_mut();
             let t = cell.get_or_insert_with(|| {
                 let t = ShardedConnTable::new(8, cfg(), KEY).expect("cfg");
@@ -309,7 +336,7 @@ pub fn register(c: &mut Criterion) {
                 let start = StdInstant::now();
                 std::thread::scope(|s| {
                     for th in 0..threads {
-                        let (t, keys) = (&*t, &keys);
+                        let (t, keys) = (&*t, &probe);
                         s.spawn(move || {
                             let mut i = th * (N / 2);
                             for _ in 0..iters {

@@ -90,7 +90,10 @@ fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str, balancer: Option
     // queue to the device) around the connection-rate run.
     let retrans = |lab: &Lab| -> Vec<u64> {
         let out = lab
-            .try_sh(&t.client, "nstat -az TcpActiveOpens TcpRetransSegs TcpExtTCPSynRetrans")
+            .try_sh(
+                &t.client,
+                "nstat -az TcpActiveOpens TcpRetransSegs TcpExtTCPSynRetrans",
+            )
             .unwrap_or_default();
         let get = |name: &str| {
             out.lines()
@@ -101,7 +104,10 @@ fn measure(lab: &Lab, t: &common::Topo, vip: &str, label: &str, balancer: Option
                 .unwrap_or(0)
         };
         let tun_drops = lab
-            .try_sh(&t.balancer, "cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo 0")
+            .try_sh(
+                &t.balancer,
+                "cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo 0",
+            )
             .ok()
             .and_then(|x| x.trim().parse().ok())
             .unwrap_or(0);

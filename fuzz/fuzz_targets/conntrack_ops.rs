@@ -239,22 +239,36 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(got, m.insert(key, u32::from(c & 3), first));
             }
             2 => {
-                let key = key_of(b);
-                let got = table
-                    .track(&key, packet(c), now)
-                    .map(|h| (h.backend.get(), h.state));
-                let want = match m.map.get(&key).copied() {
-                    Some(e) if m.expired(&e) => {
-                        m.map.remove(&key);
-                        None
+                // One key through `track`, or (high bit of b) two through `track_batch`: the
+                // burst must give what tracking them one after the other gives.
+                let want_of =
+                    |m: &mut Model, key: FlowKey, p: Packet| match m.map.get(&key).copied() {
+                        Some(e) if m.expired(&e) => {
+                            m.map.remove(&key);
+                            None
+                        }
+                        Some(e) => {
+                            m.apply(&key, p, false);
+                            Some((e.backend, m.map[&key].state))
+                        }
+                        None => None,
+                    };
+                if b & 0x80 == 0 {
+                    let key = key_of(b);
+                    let got = table
+                        .track(&key, packet(c), now)
+                        .map(|h| (h.backend.get(), h.state));
+                    assert_eq!(got, want_of(&mut m, key, packet(c)));
+                } else {
+                    let keys = [key_of(b), key_of((b >> 2) ^ c)];
+                    let pkts = [packet(c), packet(c >> 1)];
+                    let mut out = [None; 2];
+                    table.track_batch(&keys, &pkts, now, &mut out);
+                    for j in 0..2 {
+                        let got = out[j].map(|h| (h.backend.get(), h.state));
+                        assert_eq!(got, want_of(&mut m, keys[j], pkts[j]));
                     }
-                    Some(e) => {
-                        m.apply(&key, packet(c), false);
-                        Some((e.backend, m.map[&key].state))
-                    }
-                    None => None,
-                };
-                assert_eq!(got, want);
+                }
             }
             3 => {
                 now += Duration::from_millis(u64::from(u16::from_le_bytes([b, c])) * 2);

@@ -72,14 +72,19 @@ fn labels(cp: &ControlPlane) -> Vec<BackendLabel> {
         .collect()
 }
 
-/// A random key for the flow hashes (16 bytes from the kernel).
-fn random_key() -> HashKey {
+/// `N` random bytes from the kernel.
+fn random_bytes<const N: usize>() -> [u8; N] {
     use std::io::Read;
-    let mut b = [0u8; 16];
+    let mut b = [0u8; N];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);
     }
-    HashKey::from_bytes(b)
+    b
+}
+
+/// A random key for the flow hashes.
+fn random_key() -> HashKey {
+    HashKey::from_bytes(random_bytes())
 }
 
 /// Monotonic time since process start, as the libraries want it.
@@ -115,7 +120,8 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             lb_packet::Link::Ip
         },
         key,
-        seed: 1,
+        // Fresh per process: the schedulers' randomness and where the SNAT pools start.
+        seed: u64::from_le_bytes(random_bytes()),
         snat_ports: crate::dataplane::SNAT_PORTS,
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;

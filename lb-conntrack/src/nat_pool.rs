@@ -5,8 +5,20 @@
 //! protocol)* must be unique; since it contains the backend, each backend has its own pool of
 //! *(SNAT address, port)* pairs and the same pair serves many backends at once.
 //!
-//! A pool is a stack of free pairs (4 bytes each) plus a bitmap of pairs in use (which makes
+//! A pool is a FIFO ring of free pairs (4 bytes each) plus a bitmap of pairs in use (which makes
 //! double releases harmless). Allocation and release are O(1) and do not allocate.
+//!
+//! FIFO, not a stack: a released pair goes to the back and is handed out again only after every
+//! other free pair, so the same (SNAT address, port, backend) tuple comes back as late as
+//! possible. The backend may still hold the previous connection on that tuple in TIME_WAIT (60 s on
+//! Linux) and answer a new SYN on it with an ACK instead of a SYN-ACK, which costs the client a
+//! 1-second retransmission. For the same reason a pool can start at an arbitrary pair
+//! ([`SnatPool::with_start`]): a restarted balancer that starts where its predecessor did reuses
+//! first exactly the tuples the predecessor closed last. (Seen in the tun-balancer performance
+//! runs: a second balancer started seconds after a first, against a backend holding 8 000
+//! TIME_WAIT sockets, had up to a fifth of its SYNs answered by no SYN-ACK. A random start
+//! spreads the reuse but does not remove it, and those restarts were slow for other reasons too:
+//! see benches/results/balancer.md.)
 
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
@@ -18,7 +30,10 @@ use crate::ConntrackError;
 #[derive(Debug, Clone)]
 struct BackendPool {
     id: BackendId,
-    free: Vec<u32>,
+    /// Ring of free pairs: `len` of them from `head`.
+    ring: Vec<u32>,
+    head: u32,
+    len: u32,
     used: Vec<u64>,
 }
 
@@ -41,6 +56,7 @@ pub struct SnatPool {
     addrs: Vec<IpAddr>,
     first_port: u16,
     ports: u32,
+    start: u32,
     backends: Vec<BackendPool>,
 }
 
@@ -60,8 +76,18 @@ impl SnatPool {
             addrs,
             first_port: *ports.start(),
             ports: n,
+            start: 0,
             backends: Vec::new(),
         })
+    }
+
+    /// Makes every pool registered from now on hand out pair number `start` (modulo the number
+    /// of pairs; pairs are numbered address-major, port-minor) first and continue in order from
+    /// there. Give a restarted balancer a random start (see the module docs).
+    #[must_use]
+    pub fn with_start(mut self, start: u32) -> Self {
+        self.start = start % self.pairs().max(1);
+        self
     }
 
     /// The SNAT addresses.
@@ -82,10 +108,19 @@ impl SnatPool {
     pub fn add_backend(&mut self, id: BackendId) {
         if let Err(at) = self.pos(id) {
             let n = self.pairs();
-            // Pop order: lowest address and port first.
-            let free: Vec<u32> = (0..n).rev().collect();
+            let start = self.start;
+            let ring: Vec<u32> = (0..n).map(|i| (start + i) % n).collect();
             let used = vec![0u64; (n as usize).div_ceil(64)];
-            self.backends.insert(at, BackendPool { id, free, used });
+            self.backends.insert(
+                at,
+                BackendPool {
+                    id,
+                    ring,
+                    head: 0,
+                    len: n,
+                    used,
+                },
+            );
         }
     }
 
@@ -103,7 +138,12 @@ impl SnatPool {
         let ports = self.ports;
         let first = self.first_port;
         let bp = self.backends.get_mut(at)?;
-        let pair = bp.free.pop()?;
+        if bp.len == 0 {
+            return None;
+        }
+        let pair = *bp.ring.get(bp.head as usize)?;
+        bp.head = (bp.head + 1) % (bp.ring.len() as u32).max(1);
+        bp.len -= 1;
         if let Some(w) = bp.used.get_mut((pair / 64) as usize) {
             *w |= 1 << (pair % 64);
         }
@@ -138,7 +178,12 @@ impl SnatPool {
             return false;
         }
         *w &= !bit;
-        bp.free.push(pair);
+        let n = bp.ring.len() as u32;
+        let tail = (bp.head + bp.len) % n.max(1);
+        if let Some(slot) = bp.ring.get_mut(tail as usize) {
+            *slot = pair;
+            bp.len += 1;
+        }
         true
     }
 
@@ -147,7 +192,7 @@ impl SnatPool {
         self.pos(backend)
             .ok()
             .and_then(|at| self.backends.get(at))
-            .map_or(0, |b| b.free.len())
+            .map_or(0, |b| b.len as usize)
     }
 }
 
@@ -186,10 +231,37 @@ mod tests {
         assert_eq!(p.allocate(BackendId(1)), None);
     }
 
+    #[test]
+    fn released_pairs_come_back_last_and_start_is_honoured() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut p = SnatPool::new(vec![a], 100..=103).unwrap().with_start(6);
+        p.add_backend(BackendId(1));
+        // Start at pair 6 % 4 = 2, then in order, wrapping.
+        let got: Vec<u16> = (0..4)
+            .map(|_| p.allocate(BackendId(1)).unwrap().1)
+            .collect();
+        assert_eq!(got, [102, 103, 100, 101]);
+        assert_eq!(p.allocate(BackendId(1)), None);
+        // Released in the order 101, 103: handed out in that order.
+        assert!(p.release(BackendId(1), a, 101));
+        assert!(p.release(BackendId(1), a, 103));
+        assert_eq!(p.allocate(BackendId(1)), Some((a, 101)));
+        // A released pair waits behind every other free pair.
+        let mut q = SnatPool::new(vec![a], 100..=109).unwrap();
+        q.add_backend(BackendId(1));
+        let x = q.allocate(BackendId(1)).unwrap();
+        assert!(q.release(BackendId(1), x.0, x.1));
+        let order: Vec<u16> = (0..10)
+            .map(|_| q.allocate(BackendId(1)).unwrap().1)
+            .collect();
+        assert_eq!(order.last(), Some(&x.1));
+        assert_eq!(order[..9], [101, 102, 103, 104, 105, 106, 107, 108, 109]);
+    }
+
     proptest! {
         #[test]
-        fn allocations_are_unique_until_released(ops in proptest::collection::vec(any::<bool>(), 1..200)) {
-            let mut p = SnatPool::new(vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()], 5000..=5009).unwrap();
+        fn allocations_are_unique_until_released(ops in proptest::collection::vec(any::<bool>(), 1..200), start in any::<u32>()) {
+            let mut p = SnatPool::new(vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()], 5000..=5009).unwrap().with_start(start);
             p.add_backend(BackendId(0));
             let mut held: Vec<(IpAddr, u16)> = Vec::new();
             for alloc in ops {

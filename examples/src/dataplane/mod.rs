@@ -120,7 +120,8 @@ pub struct DataplaneOptions {
     /// Keys the flow hashes (the same key on every balancer of a cluster keeps their choices
     /// identical).
     pub key: HashKey,
-    /// Seeds the randomised schedulers.
+    /// Seeds the randomised schedulers and the SNAT pools' starting port (give each process
+    /// a fresh random seed).
     pub seed: u64,
     /// SNAT source ports this data path hands out; several data paths sharing SNAT addresses
     /// must use disjoint ranges.
@@ -240,11 +241,15 @@ impl Dataplane {
             .copied()
             .filter(IpAddr::is_ipv6)
             .collect();
+        // Where the SNAT pools start handing out ports: from the seed, so that a restarted
+        // balancer (given a fresh seed) does not reuse the tuples its predecessor just closed,
+        // which backends may still hold in TIME_WAIT (see `lb_conntrack::SnatPool`).
+        let start = (seed ^ (seed >> 32)) as u32;
         if !v4.is_empty() {
-            ct4.set_snat_pool(SnatPool::new(v4, snat_ports.clone())?);
+            ct4.set_snat_pool(SnatPool::new(v4, snat_ports.clone())?.with_start(start));
         }
         if !v6.is_empty() {
-            ct6.set_snat_pool(SnatPool::new(v6, snat_ports)?);
+            ct6.set_snat_pool(SnatPool::new(v6, snat_ports)?.with_start(start));
         }
         let mut dp = Dataplane {
             link,

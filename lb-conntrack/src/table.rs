@@ -1,5 +1,5 @@
-//! The connection table: a fixed-capacity slab of compact entries indexed by a
-//! `hashbrown::HashTable<u32>` under a keyed flow hash.
+//! The connection table: a fixed-capacity slab of compact entries indexed by a cache-line
+//! hash index (`index.rs`) under a keyed flow hash.
 //!
 //! Layout (see `entry.rs` for the slot):
 //! - `index` (`index.rs`): cache-line buckets of (16-bit hash tag, slot id) under the keyed
@@ -331,7 +331,7 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     /// [`ConnTable::lookup`] with a precomputed `hash` (which must be
-    /// [`ConnTable::flow_hash`] of `key`, else the entry is not found).
+    /// [`ConnTable::flow_hash`] of `key`; with another hash the lookup may miss).
     #[inline]
     pub fn lookup_hashed(&mut self, hash: u64, key: &FlowKey, now: Instant) -> Lookup<'_, H> {
         self.advance(now);

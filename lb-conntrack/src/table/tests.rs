@@ -286,6 +286,23 @@ fn full_nat_reply_lookup_and_port_release() {
     assert_eq!(orig, k);
     assert_eq!(hit.nat, Some(reply));
     assert_eq!(t.counters().reply_hits, 1);
+    // The burst path: prefetch the reply's lines, then look it up by its precomputed hash.
+    let h = t.flow_hash(&reply);
+    t.prefetch_replies(&[h, h ^ (1 << 63)]);
+    t.prefetch(&[t.flow_hash(&k)]);
+    let (orig2, hit2) = t
+        .track_reply_hashed(
+            h,
+            &reply,
+            Packet::reply(TcpFlags::SYN | TcpFlags::ACK, 60),
+            now,
+        )
+        .unwrap();
+    assert_eq!((orig2, hit2.backend), (k, BackendId(5)));
+    assert!(t
+        .track_reply_hashed(h ^ (1 << 63), &reply, Packet::reply(TcpFlags::SYN, 60), now)
+        .is_none());
+    assert_eq!(t.counters().reply_hits, 2);
     // A conflicting manual reply tuple is refused.
     let r3 = t.insert(k4(3, IpProto::Tcp), BackendId(5), Some(reply), now);
     assert_eq!(r3, Insert::Refused(Refusal::NatConflict));

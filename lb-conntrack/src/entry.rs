@@ -53,6 +53,21 @@ pub(crate) struct Slot {
     pub(crate) last: u32,
 }
 
+/// An IPv4 NAT reply tuple (backend → SNAT address), kept beside the slab when `nat` is on:
+/// 12 bytes padded to 16, so that an element never straddles two cache lines. The protocol is
+/// the flow's. IPv6 reply tuples live in [`Nat6`]s indexed like the IPv6 address store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub(crate) struct Nat4 {
+    pub(crate) backend: u32,
+    pub(crate) snat: u32,
+    pub(crate) backend_port: u16,
+    pub(crate) snat_port: u16,
+}
+
+/// An IPv6 NAT reply tuple: backend address, SNAT address, backend port, SNAT port.
+pub(crate) type Nat6 = [u8; 36];
+
 /// Per-flow counters kept beside the slab when `flow_stats` is on.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct FlowCounters {
@@ -249,6 +264,7 @@ mod tests {
     #[test]
     fn slot_is_32_bytes() {
         assert_eq!(core::mem::size_of::<Slot>(), 32);
+        assert_eq!(core::mem::size_of::<Nat4>(), 16);
         assert_eq!(core::mem::size_of::<FlowCounters>(), 16);
     }
 

@@ -7,7 +7,7 @@
 //! - [`ConnTable`]: a fixed-capacity table keyed by [`lb_core::FlowKey`] under a keyed hash,
 //!   32 bytes per IPv4 entry plus an 8-byte share of a cache-line hash index: 40 B per flow
 //!   (total heap / capacity, from [`ConnTable::memory`]), 56 B with per-flow counters
-//!   ([`Config::flow_stats`], 16 B), +36 B per IPv6 place ([`Config::ipv6_capacity`]), +48 B
+//!   ([`Config::flow_stats`], 16 B), +36 B per IPv6 place ([`Config::ipv6_capacity`]), +24 B
 //!   with full-NAT reply tuples ([`Config::nat`]). Linux nf_conntrack: 304 B, IPVS: 136 B. No
 //!   allocation after construction.
 //! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine

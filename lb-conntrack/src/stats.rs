@@ -30,7 +30,8 @@ pub enum Refusal {
     NatDisabled,
     /// The backend's SNAT port pool is exhausted (or the backend has no pool).
     PortsExhausted,
-    /// The backend's address family differs from the SNAT addresses'.
+    /// The backend's address family differs from the SNAT addresses', or a reply tuple's
+    /// family or protocol differs from its flow's.
     FamilyMismatch,
 }
 

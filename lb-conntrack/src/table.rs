@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHash13};
 
 use crate::entry::{
-    slot_key, EntryInfo, FlowCounters, Hit, Packet, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST,
-    F_POOL, F_V6, NIL,
+    slot_key, EntryInfo, FlowCounters, Hit, Nat4, Nat6, Packet, Probe, Slot, F_BIDIR, F_LIVE,
+    F_NAT, F_PERSIST, F_POOL, F_V6, NIL,
 };
 use crate::evict::Lists;
 use crate::index::Index;
@@ -59,7 +59,8 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     v6: Vec<[u8; 32]>,
     v6_free: Vec<u32>,
     flow: Vec<FlowCounters>,
-    nat: Vec<FlowKey>,
+    nat: Vec<Nat4>,
+    nat6: Vec<Nat6>,
     timeouts: Timeouts,
     timeout_ms: [u32; CLASSES],
     clock: u64,
@@ -98,7 +99,6 @@ impl<H: KeyedHash> ConnTable<H> {
             s.next = if i + 1 < cap { (i + 1) as u32 } else { NIL };
         }
         let v6_free: Vec<u32> = (0..cfg.ipv6_capacity as u32).rev().collect();
-        let dummy = FlowKey::v4(0.into(), 0, 0.into(), 0, lb_core::IpProto::Tcp);
         Ok(ConnTable {
             hasher: FlowHasher::with_key(key),
             index: Index::with_capacity(cap),
@@ -115,7 +115,12 @@ impl<H: KeyedHash> ConnTable<H> {
                 Vec::new()
             },
             nat: if cfg.nat {
-                vec![dummy; cap]
+                vec![Nat4::default(); cap]
+            } else {
+                Vec::new()
+            },
+            nat6: if cfg.nat {
+                vec![[0; 36]; cfg.ipv6_capacity]
             } else {
                 Vec::new()
             },
@@ -206,7 +211,9 @@ impl<H: KeyedHash> ConnTable<H> {
         let index = self.index.allocation_size();
         let ipv6 = self.v6.capacity() * 32 + self.v6_free.capacity() * 4;
         let flow_stats = self.flow.capacity() * size_of::<FlowCounters>();
-        let nat = self.nat.capacity() * size_of::<FlowKey>() + self.reply_index.allocation_size();
+        let nat = self.nat.capacity() * size_of::<Nat4>()
+            + self.nat6.capacity() * size_of::<Nat6>()
+            + self.reply_index.allocation_size();
         let persist = self.persist.capacity() * 80;
         let sessions = (self.cfg.stats_backends + 1) * size_of::<crate::stats::SessionHistograms>();
         MemoryUsage {
@@ -286,18 +293,73 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     fn find_reply(&self, hash: u64, reply: &FlowKey) -> Option<u32> {
-        let nat = &self.nat;
         self.reply_index
-            .find(hash, |i| nat.get(i as usize) == Some(reply))
+            .find(hash, |i| self.nat_of(i).as_ref() == Some(reply))
     }
 
     #[inline]
     fn nat_of(&self, i: u32) -> Option<FlowKey> {
         let s = self.slots.get(i as usize)?;
-        if s.flags & F_NAT != 0 {
-            self.nat.get(i as usize).copied()
+        if s.flags & F_NAT == 0 {
+            return None;
+        }
+        let proto = lb_core::IpProto::from_number(s.proto);
+        if s.flags & F_V6 == 0 {
+            let n = self.nat.get(i as usize)?;
+            Some(FlowKey::v4(
+                n.backend.into(),
+                n.backend_port,
+                n.snat.into(),
+                n.snat_port,
+                proto,
+            ))
         } else {
-            None
+            let n = self.nat6.get(s.a as usize)?;
+            let addr = |o: usize| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&n[o..o + 16]);
+                std::net::Ipv6Addr::from(a)
+            };
+            Some(FlowKey::v6(
+                addr(0),
+                u16::from_be_bytes([n[32], n[33]]),
+                addr(16),
+                u16::from_be_bytes([n[34], n[35]]),
+                proto,
+            ))
+        }
+    }
+
+    /// Stores reply tuple `r` for slot `i` (live, with its key's family and `a` set). False if
+    /// `r` does not fit: another family than the flow's, or NAT storage off.
+    pub(crate) fn store_nat(&mut self, i: u32, r: &FlowKey) -> bool {
+        let Some(s) = self.slots.get(i as usize).copied() else {
+            return false;
+        };
+        match (s.flags & F_V6 != 0, r.src(), r.dst()) {
+            (false, std::net::IpAddr::V4(b), std::net::IpAddr::V4(n)) => {
+                let Some(slot) = self.nat.get_mut(i as usize) else {
+                    return false;
+                };
+                *slot = Nat4 {
+                    backend: b.into(),
+                    snat: n.into(),
+                    backend_port: r.src_port(),
+                    snat_port: r.dst_port(),
+                };
+                true
+            }
+            (true, std::net::IpAddr::V6(b), std::net::IpAddr::V6(n)) => {
+                let Some(slot) = self.nat6.get_mut(s.a as usize) else {
+                    return false;
+                };
+                slot[..16].copy_from_slice(&b.octets());
+                slot[16..32].copy_from_slice(&n.octets());
+                slot[32..34].copy_from_slice(&r.src_port().to_be_bytes());
+                slot[34..].copy_from_slice(&r.dst_port().to_be_bytes());
+                true
+            }
+            _ => false,
         }
     }
 
@@ -452,7 +514,7 @@ impl<H: KeyedHash> ConnTable<H> {
             let i = i as usize;
             acc ^= self.slots.get(i).map_or(0, |s| s.last);
             acc ^= self.flow.get(i).map_or(0, |f| f.packets);
-            acc ^= self.nat.get(i).map_or(0, |k| u32::from(k.src_port()));
+            acc ^= self.nat.get(i).map_or(0, |k| k.snat);
         }
         // The loads are the point: keep the optimiser from dropping them.
         core::hint::black_box(acc);
@@ -673,7 +735,7 @@ impl<H: KeyedHash> ConnTable<H> {
         let h = self.hasher.hash_flow(&key);
         self.index.remove(h, i);
         if s.flags & F_NAT != 0 {
-            if let Some(reply) = self.nat.get(i as usize).copied() {
+            if let Some(reply) = self.nat_of(i) {
                 let rh = self.hasher.hash_flow(&reply);
                 self.reply_index.remove(rh, i);
                 if s.flags & F_POOL != 0 {

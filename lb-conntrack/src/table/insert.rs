@@ -34,6 +34,9 @@ impl<H: KeyedHash> ConnTable<H> {
             self.remove_slot(i);
         }
         let reply_hash = match flow.nat {
+            Some(r) if r.is_ipv4() != flow.key.is_ipv4() || r.proto() != flow.key.proto() => {
+                return self.refuse(Refusal::FamilyMismatch);
+            }
             Some(r) if self.cfg.nat => {
                 let h = self.hasher.hash_flow(&r);
                 if let Some(j) = self.find_reply(h, &r) {
@@ -108,9 +111,6 @@ impl<H: KeyedHash> ConnTable<H> {
             if pool {
                 slot.flags |= F_POOL;
             }
-            if let (Some(n), Some(r)) = (self.nat.get_mut(i as usize), flow.nat) {
-                *n = r;
-            }
             self.reply_index.insert(rh, i);
         }
         if let Some(prefix) = flow.persist_prefix {
@@ -128,6 +128,10 @@ impl<H: KeyedHash> ConnTable<H> {
         self.free = next_free;
         if let Some(s) = self.slots.get_mut(i as usize) {
             *s = slot;
+        }
+        if let (Some(r), Some(_)) = (flow.nat, reply_hash) {
+            // Fits: the family and protocol were checked above.
+            self.store_nat(i, &r);
         }
         if let Some(fc) = self.flow.get_mut(i as usize) {
             *fc = FlowCounters {

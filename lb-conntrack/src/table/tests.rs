@@ -758,3 +758,65 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn nat_tuples_round_trip_in_compact_form() {
+    let cfg = Config {
+        nat: true,
+        ipv6_capacity: 4,
+        ..Config::with_capacity(16)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let now = Instant::from_secs(1);
+    let k6 = FlowKey::v6(
+        "2001:db8::1".parse().unwrap(),
+        40000,
+        "2001:db8::10".parse().unwrap(),
+        443,
+        IpProto::Udp,
+    );
+    let r6 = FlowKey::v6(
+        "2001:db8:1::5".parse().unwrap(),
+        8443,
+        "2001:db8:2::1".parse().unwrap(),
+        61000,
+        IpProto::Udp,
+    );
+    let k = k4(7, IpProto::Tcp);
+    let r4 = FlowKey::v4(
+        [10, 1, 0, 5].into(),
+        8080,
+        [198, 51, 100, 1].into(),
+        50000,
+        IpProto::Tcp,
+    );
+    assert_eq!(t.insert(k6, BackendId(1), Some(r6), now), Insert::New);
+    assert_eq!(t.insert(k, BackendId(2), Some(r4), now), Insert::New);
+    assert_eq!(t.get(&k6, now).unwrap().nat, Some(r6));
+    assert_eq!(t.get(&k, now).unwrap().nat, Some(r4));
+    let (orig, _) = t
+        .track_reply(&r6, Packet::reply(TcpFlags(0), 1), now)
+        .unwrap();
+    assert_eq!(orig, k6);
+    let (orig, _) = t
+        .track_reply(&r4, Packet::reply(TcpFlags::ACK, 1), now)
+        .unwrap();
+    assert_eq!(orig, k);
+    // A reply tuple of another family or protocol than its flow's is refused, not truncated.
+    assert_eq!(
+        t.insert(k4(8, IpProto::Tcp), BackendId(2), Some(r6), now),
+        Insert::Refused(Refusal::FamilyMismatch)
+    );
+    let r4udp = FlowKey::v4(
+        [10, 1, 0, 5].into(),
+        8080,
+        [198, 51, 100, 1].into(),
+        50001,
+        IpProto::Udp,
+    );
+    assert_eq!(
+        t.insert(k4(9, IpProto::Tcp), BackendId(2), Some(r4udp), now),
+        Insert::Refused(Refusal::FamilyMismatch)
+    );
+    assert_eq!(t.len(), 2);
+}

@@ -373,7 +373,7 @@ impl Dataplane {
             let mut counts = [0usize; 4];
             for j in 0..m {
                 let (buf, len) = (bufs[base + j].as_mut(), lens[base + j]);
-                let Some(x) = self.classify(buf, start, len) else {
+                let Some(x) = self.pre_classify(buf, start, len) else {
                     continue;
                 };
                 let list = usize::from(!x.p.key.is_ipv4()) * 2 + usize::from(x.si.is_none());
@@ -393,24 +393,40 @@ impl Dataplane {
         }
     }
 
-    /// Parses and classifies a packet for a burst; `None` for whatever `process` drops
-    /// before the flow table (it then parses again and counts the reason).
+    /// Parses a packet and finds the service it is addressed to (`None`: a reply or ICMP
+    /// error of a NAT flow). The drop reason for what never reaches the flow table.
     #[inline]
-    fn classify(&self, buf: &[u8], start: usize, len: usize) -> Option<Pre> {
-        let pkt = buf.get(start..start.checked_add(len)?)?;
-        let p = parse(pkt, self.link).ok()?;
+    fn classify(&self, pkt: &[u8]) -> Result<(Parsed, Option<usize>), DropReason> {
+        let p = match parse(pkt, self.link) {
+            Ok(p) => p,
+            Err(PacketError::UnsupportedEtherType(_)) => return Err(DropReason::NotIp),
+            Err(_) => return Err(DropReason::Malformed),
+        };
         if p.fragment != Fragment::None {
-            return None;
+            return Err(DropReason::Fragment);
         }
-        let key = p.key;
-        let si = self
-            .tables
-            .service_index(key.dst(), key.dst_port(), key.proto());
-        let ct = if key.is_ipv4() { &self.ct4 } else { &self.ct6 };
+        let k = p.key;
+        Ok((
+            p,
+            self.tables.service_index(k.dst(), k.dst_port(), k.proto()),
+        ))
+    }
+
+    /// [`Dataplane::classify`] plus the flow-table hash, for a burst; `None` for whatever
+    /// `process` drops before the flow table (it classifies again and counts the reason).
+    #[inline]
+    fn pre_classify(&self, buf: &[u8], start: usize, len: usize) -> Option<Pre> {
+        let pkt = buf.get(start..start.checked_add(len)?)?;
+        let (p, si) = self.classify(pkt).ok()?;
+        let ct = if p.key.is_ipv4() {
+            &self.ct4
+        } else {
+            &self.ct6
+        };
         Some(Pre {
             p,
             si,
-            hash: ct.flow_hash(&key),
+            hash: ct.flow_hash(&p.key),
         })
     }
 

@@ -6,11 +6,12 @@
 //! nothing here.
 
 use std::cell::RefCell;
-use std::hash::BuildHasherDefault;
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::hint::black_box;
 use std::time::Instant as StdInstant;
 
-use criterion::{Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput};
 use lb_benches::ipv4_flows;
 use lb_conntrack::{Config, ConnTable, Hit, NewFlow, Packet, ShardedConnTable, TcpFlags, Timeouts};
 use lb_core::{
@@ -22,9 +23,6 @@ use rand::SeedableRng;
 
 const N: usize = 1 << 20;
 const KEY: HashKey = HashKey::from_bytes(*b"bench-conntrack1");
-
-type SipMap = hashbrown::HashMap<FlowKey, u32, BuildHasherDefault<siphasher::sip::SipHasher13>>;
-type FoldMap = hashbrown::HashMap<FlowKey, u32, foldhash::fast::RandomState>;
 
 fn cfg() -> Config {
     Config {
@@ -49,6 +47,40 @@ fn build<H: KeyedHash>(keys: &[FlowKey]) -> ConnTable<H> {
 
 fn ack() -> Packet {
     Packet::original(TcpFlags::ACK, 1500)
+}
+
+/// The peer for hasher `S`: a plain `hashbrown::HashMap<FlowKey, u32>` with the table's keys,
+/// built on first use; a hit benchmark (keys probed in `probe` order) and a miss benchmark.
+fn bench_peer<S: BuildHasher + Default>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    keys: &dyn Fn() -> Vec<FlowKey>,
+    probe: &dyn Fn() -> Vec<FlowKey>,
+    misses: &dyn Fn() -> Vec<FlowKey>,
+) {
+    let map: RefCell<Option<hashbrown::HashMap<FlowKey, u32, S>>> = RefCell::new(None);
+    for (what, lookups) in [("hit", probe), ("miss", misses)] {
+        g.bench_function(format!("{what}/hashbrown_{name}"), |b| {
+            let lookups = lookups();
+            let mut cell = map.borrow_mut();
+            let m = cell.get_or_insert_with(|| {
+                let mut m = hashbrown::HashMap::with_capacity_and_hasher(N, S::default());
+                for (i, k) in keys().iter().enumerate() {
+                    m.insert(*k, i as u32);
+                }
+                eprintln!(
+                    "hashbrown<FlowKey,u32> {name}: {:.1} B/entry (allocation_size / N)",
+                    m.allocation_size() as f64 / N as f64
+                );
+                m
+            });
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & (N - 1);
+                black_box(m.get(black_box(&lookups[i])).copied())
+            })
+        });
+    }
 }
 
 pub fn register(c: &mut Criterion) {
@@ -246,73 +278,21 @@ pub fn register(c: &mut Criterion) {
     });
     *churn.borrow_mut() = None;
 
-    // Peers: plain hashbrown maps, same keys, value = backend id.
-    let sipmap: RefCell<Option<SipMap>> = RefCell::new(None);
-    let foldmap: RefCell<Option<FoldMap>> = RefCell::new(None);
-    let build_sip = |keys: &[FlowKey]| {
-        let mut m = SipMap::with_capacity_and_hasher(N, Default::default());
-        for (i, k) in keys.iter().enumerate() {
-            m.insert(*k, i as u32);
-        }
-        eprintln!(
-            "hashbrown<FlowKey,u32> siphash13: {:.1} B/entry (allocation_size / N)",
-            m.allocation_size() as f64 / N as f64
-        );
-        m
-    };
-    let build_fold = |keys: &[FlowKey]| {
-        let mut m = FoldMap::with_capacity_and_hasher(N, Default::default());
-        for (i, k) in keys.iter().enumerate() {
-            m.insert(*k, i as u32);
-        }
-        m
-    };
-    g.bench_function("hit/hashbrown_siphash13", |b| {
-        let keys = get_keys();
-        let probe = get_probe();
-        let mut c = sipmap.borrow_mut();
-        let m = c.get_or_insert_with(|| build_sip(&keys));
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) & (N - 1);
-            black_box(m.get(black_box(&probe[i])).copied())
-        })
-    });
-    g.bench_function("miss/hashbrown_siphash13", |b| {
-        let keys = get_keys();
-        let miss = get_misses();
-        let mut c = sipmap.borrow_mut();
-        let m = c.get_or_insert_with(|| build_sip(&keys));
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) & (N - 1);
-            black_box(m.get(black_box(&miss[i])).copied())
-        })
-    });
-    *sipmap.borrow_mut() = None;
-    g.bench_function("hit/hashbrown_foldhash", |b| {
-        let keys = get_keys();
-        let probe = get_probe();
-        let mut c = foldmap.borrow_mut();
-        let m = c.get_or_insert_with(|| build_fold(&keys));
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) & (N - 1);
-            black_box(m.get(black_box(&probe[i])).copied())
-        })
-    });
-    g.bench_function("miss/hashbrown_foldhash", |b| {
-        let keys = get_keys();
-        let miss = get_misses();
-        let mut c = foldmap.borrow_mut();
-        let m = c.get_or_insert_with(|| build_fold(&keys));
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) & (N - 1);
-            black_box(m.get(black_box(&miss[i])).copied())
-        })
-    });
-    *foldmap.borrow_mut() = None;
+    // Peers: plain hashbrown maps, same keys, value = insertion index.
+    bench_peer::<BuildHasherDefault<siphasher::sip::SipHasher13>>(
+        &mut g,
+        "siphash13",
+        &get_keys,
+        &get_probe,
+        &get_misses,
+    );
+    bench_peer::<foldhash::fast::RandomState>(
+        &mut g,
+        "foldhash",
+        &get_keys,
+        &get_probe,
+        &get_misses,
+    );
     g.finish();
 
     // Sharded: 1 vs 2 threads hammering one table (8 shards), hits only. Each thread walks its

@@ -22,6 +22,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 const N: usize = 1 << 20;
+/// Flows in the cache-resident comparison case.
+const SMALL: usize = 1 << 14;
 const KEY: HashKey = HashKey::from_bytes(*b"bench-conntrack1");
 
 fn cfg() -> Config {
@@ -169,21 +171,24 @@ pub fn register(c: &mut Criterion) {
             black_box(t.track(black_box(&miss[i]), ack(), now))
         })
     });
+    for burst in [16usize, 64] {
+        g.throughput(Throughput::Elements(burst as u64));
+        g.bench_function(format!("hit_batch{burst}/ct_siphash13"), |b| {
+            let keys = get_keys();
+            let probe = get_probe();
+            let mut s = sip.borrow_mut();
+            let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+            let pkts = vec![ack(); burst];
+            let mut out = vec![None::<Hit>; burst];
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + burst) & (N - 1);
+                t.track_batch(black_box(&probe[i..i + burst]), &pkts, now, &mut out);
+                black_box(&out);
+            })
+        });
+    }
     g.throughput(Throughput::Elements(16));
-    g.bench_function("hit_batch16/ct_siphash13", |b| {
-        let keys = get_keys();
-        let probe = get_probe();
-        let mut s = sip.borrow_mut();
-        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
-        let pkts = [ack(); 16];
-        let mut out = [None::<Hit>; 16];
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 16) & (N - 1);
-            t.track_batch(black_box(&probe[i..i + 16]), &pkts, now, &mut out);
-            black_box(&out);
-        })
-    });
     g.bench_function("miss_batch16/ct_siphash13", |b| {
         let keys = get_keys();
         let miss = get_misses();
@@ -195,6 +200,37 @@ pub fn register(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 16) & (N - 1);
             t.track_batch(black_box(&miss[i..i + 16]), &pkts, now, &mut out);
+            black_box(&out);
+        })
+    });
+    // The same burst over a table small enough to stay in L2 (16 Ki flows): the compute cost
+    // per key without the memory system, to compare with the 1 M case above.
+    g.bench_function("hit_batch16_cached_16k/ct_siphash13", |b| {
+        let keys = ipv4_flows(SMALL, 21);
+        let mut probe = keys.clone();
+        probe.shuffle(&mut StdRng::seed_from_u64(22));
+        let mut t = ConnTable::<SipHash13>::new(
+            Config {
+                ipv6_capacity: 0,
+                flow_stats: true,
+                ..Config::with_capacity(SMALL)
+            },
+            KEY,
+        )
+        .expect("cfg");
+        for (i, k) in keys.iter().enumerate() {
+            t.insert_with(
+                NewFlow::new(*k, BackendId(i as u32 & 63))
+                    .with_first(Packet::original(TcpFlags::SYN, 60)),
+                now,
+            );
+        }
+        let pkts = [ack(); 16];
+        let mut out = [None::<Hit>; 16];
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 16) & (SMALL - 1);
+            t.track_batch(black_box(&probe[i..i + 16]), &pkts, now, &mut out);
             black_box(&out);
         })
     });

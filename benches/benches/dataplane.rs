@@ -18,7 +18,7 @@ use criterion::{Criterion, Throughput};
 use lb_core::{HashKey, Instant};
 use lb_examples::dataplane::{
     ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, DropReason, Mode, Proto, ServiceSpec,
-    Verdict, BURST, HEADROOM,
+    Verdict, HEADROOM,
 };
 
 const FLOWS: u32 = 1_000_000;
@@ -134,14 +134,15 @@ pub fn register(c: &mut Criterion) {
             black_box(dp.process(&mut buf, HEADROOM, 54, now))
         })
     });
-    // The same two mixes through `process_batch`, 16 packets per call.
-    g.throughput(Throughput::Elements(BURST as u64));
-    let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; HEADROOM + 2048]).collect();
-    let lens = [54usize; BURST];
-    let mut verdicts = [Verdict::Drop(DropReason::Malformed); BURST];
+    // The same two mixes through `process_batch`, 32 packets per call (tun-balancer's batch).
+    const BATCH: usize = 32;
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 2048]).collect();
+    let lens = [54usize; BATCH];
+    let mut verdicts = [Verdict::Drop(DropReason::Malformed); BATCH];
     for (name, new_every) in [
-        ("process_batch16/nat_1M_flows_90pct_hits", 10),
-        ("process_batch16/nat_1M_flows_all_hits", 0),
+        ("process_batch32/nat_1M_flows_90pct_hits", 10),
+        ("process_batch32/nat_1M_flows_all_hits", 0),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {

@@ -5,7 +5,7 @@
 //! Also prints the heap peak of a Maglev build (ours and `maglev`'s), measured with a counting
 //! global allocator that is a plain pass-through (one relaxed load) unless a measurement is on.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::hash::BuildHasherDefault;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,19 +13,24 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use criterion::{BatchSize, Criterion, Throughput};
 use lb_benches::ipv4_flows;
 use lb_core::{Backend, BackendId, FastHash, FlowHasher, FlowKey, HashKey, SipHash13};
+use lb_examples::sys::HugePageAlloc;
 use lb_sched::hash::{
     ConsistentHash, Jump, Maglev, MaglevConfig, Modulo, Rendezvous, Ring, RingConfig,
 };
 
-/// Counts live heap bytes and their peak while `TRACK` is set.
+/// The bench binary's allocator: counts live heap bytes and their peak while `TRACK` is set,
+/// and otherwise is `tun-balancer`'s, [`HugePageAlloc`] (large tables on transparent huge
+/// pages; the peers get the same memory).
 struct Counting;
+
+const INNER: HugePageAlloc = HugePageAlloc;
 
 static TRACK: AtomicBool = AtomicBool::new(false);
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 #[allow(unsafe_code)]
-// SAFETY: forwards every call to `System` unchanged; only counts sizes.
+// SAFETY: forwards every call to `HugePageAlloc` unchanged; only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         if TRACK.load(Ordering::Relaxed) {
@@ -33,14 +38,22 @@ unsafe impl GlobalAlloc for Counting {
             PEAK.fetch_max(now, Ordering::Relaxed);
         }
         // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
+        unsafe { INNER.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if TRACK.load(Ordering::Relaxed) {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { INNER.alloc_zeroed(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         if TRACK.load(Ordering::Relaxed) {
             LIVE.fetch_sub(l.size(), Ordering::Relaxed);
         }
         // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
+        unsafe { INNER.dealloc(p, l) }
     }
 }
 

@@ -320,3 +320,161 @@ mod tests {
         assert!(IfReqFlags::new("lb0", 0).is_ok());
     }
 }
+
+/// A global allocator that backs large allocations (4 MiB and more) with transparent huge pages:
+/// anonymous `mmap`s aligned to 2 MiB and marked `MADV_HUGEPAGE`, and everything else with the
+/// system allocator.
+///
+/// Why: a connection table of a million flows spans tens of MiB and every lookup lands on a
+/// random page, so with 4 KiB pages nearly every access also misses the TLB, and under a
+/// hypervisor each page walk is two-dimensional. On machines whose transparent huge pages are
+/// in `madvise` mode (a common default) huge pages come only to memory that asks for them.
+/// `tun-balancer` and the benchmarks install it with
+/// `#[global_allocator] static A: HugePageAlloc = HugePageAlloc;`. The advice is only a hint:
+/// where it is refused (THP `never`, no free huge page) the memory is ordinary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HugePageAlloc;
+
+const HUGE_PAGE: usize = 2 << 20;
+const HUGE_THRESHOLD: usize = 4 << 20;
+
+#[inline]
+fn huge_len(size: usize) -> usize {
+    size.div_ceil(HUGE_PAGE).saturating_mul(HUGE_PAGE)
+}
+
+#[inline]
+fn is_huge(layout: std::alloc::Layout) -> bool {
+    layout.size() >= HUGE_THRESHOLD && layout.align() <= HUGE_PAGE
+}
+
+/// Maps `len` (a multiple of 2 MiB) bytes aligned to 2 MiB, zeroed, advised for huge pages.
+fn map_huge(len: usize) -> *mut u8 {
+    let Some(span) = len.checked_add(HUGE_PAGE) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return std::ptr::null_mut();
+    }
+    let start = p as usize;
+    let aligned = start.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+    let head = aligned - start;
+    let tail = span - head - len;
+    // SAFETY: both ranges lie inside the mapping just made and outside the part handed out; the
+    // advice only changes how the kernel backs the range it names.
+    unsafe {
+        if head > 0 {
+            libc::munmap(p, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    aligned as *mut u8
+}
+
+// SAFETY: every block comes either from `System` (and goes back to it) or from `map_huge` (and is
+// unmapped with the same length); which one is decided by the layout alone, which callers must
+// pass unchanged to `dealloc`, so the two never mix. Mapped memory is zeroed and 2 MiB aligned,
+// which satisfies any layout `is_huge` admits.
+unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if is_huge(layout) {
+            map_huge(huge_len(layout.size()))
+        } else {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if is_huge(layout) {
+            map_huge(huge_len(layout.size()))
+        } else {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if is_huge(layout) {
+            // SAFETY: `ptr` came from `map_huge` with this length (see the impl's comment).
+            unsafe {
+                libc::munmap(ptr.cast(), huge_len(layout.size()));
+            }
+        } else {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let Ok(new_layout) = std::alloc::Layout::from_size_align(new_size, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        if !is_huge(layout) && !is_huge(new_layout) {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        }
+        if is_huge(layout) && is_huge(new_layout) && huge_len(new_size) == huge_len(layout.size()) {
+            return ptr;
+        }
+        // SAFETY: a fresh block of the new layout, the old contents copied (the shorter of the two
+        // lengths), then the old block released by the path that made it.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
+    }
+}
+
+#[cfg(test)]
+mod huge_tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout};
+
+    #[test]
+    fn large_blocks_are_aligned_zeroed_and_reallocate() {
+        let a = HugePageAlloc;
+        let l = Layout::from_size_align(5 << 20, 64).expect("layout");
+        // SAFETY: the layout is non-zero; every block is released with its layout.
+        unsafe {
+            let p = a.alloc_zeroed(l);
+            assert!(!p.is_null());
+            assert_eq!(p as usize % HUGE_PAGE, 0);
+            assert!(std::slice::from_raw_parts(p, l.size())
+                .iter()
+                .all(|&b| b == 0));
+            p.write_bytes(7, l.size());
+            // Grow across the 2 MiB boundary, shrink below the threshold: contents survive.
+            let q = a.realloc(p, l, 9 << 20);
+            assert!(!q.is_null());
+            assert_eq!(*q.add(l.size() - 1), 7);
+            let l2 = Layout::from_size_align(9 << 20, 64).expect("layout");
+            let r = a.realloc(q, l2, 1000);
+            assert!(!r.is_null());
+            assert_eq!(*r.add(999), 7);
+            a.dealloc(r, Layout::from_size_align(1000, 64).expect("layout"));
+            // Small blocks go to the system allocator.
+            let s = a.alloc(Layout::from_size_align(100, 8).expect("layout"));
+            assert!(!s.is_null());
+            a.dealloc(s, Layout::from_size_align(100, 8).expect("layout"));
+        }
+    }
+}

@@ -88,11 +88,10 @@ impl Index {
         }
     }
 
-    /// Reads one word of `hash`'s home bucket: issues the line's load and nothing else (no
-    /// branch on its contents), for bursts.
+    /// Prefetches `hash`'s home bucket (a hint: no load waits for it).
     #[inline(always)]
-    pub(crate) fn touch(&self, hash: u64) -> u16 {
-        self.buckets.get(self.home(hash)).map_or(0, |b| b.overflow)
+    pub(crate) fn prefetch(&self, hash: u64) {
+        prefetch_index::prefetch_index(&self.buckets, self.home(hash));
     }
 
     /// The first slot id in `hash`'s home bucket whose tag matches, or `NIL`: the line a
@@ -104,13 +103,19 @@ impl Index {
         let Some(b) = self.buckets.get(self.home(hash)) else {
             return NIL;
         };
-        let mut id = NIL;
-        for w in (0..WAYS).rev() {
-            if b.tags[w] == t {
-                id = b.ids[w];
-            }
+        // A bit mask of the matching ways, built without branches (the compiler turns it into
+        // a vector compare), then the lowest set bit.
+        let mut mask = 0u32;
+        for (w, &x) in b.tags.iter().enumerate() {
+            mask |= u32::from(x == t) << w;
         }
-        id
+        if mask == 0 {
+            return NIL;
+        }
+        b.ids
+            .get(mask.trailing_zeros() as usize)
+            .copied()
+            .unwrap_or(NIL)
     }
 
     /// The slot id stored under `hash` for which `eq` holds.

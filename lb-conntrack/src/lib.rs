@@ -79,7 +79,10 @@ pub use sharded::ShardedConnTable;
 pub use stats::{
     Counters, EvictReason, Histogram, Refusal, SessionHistograms, SessionStats, HISTOGRAM_BUCKETS,
 };
-pub use table::{Config, ConnTable, EntryRef, Insert, Lookup, MemoryUsage, NewFlow, MAX_CAPACITY};
+pub use table::{
+    Config, ConnTable, EntryRef, Insert, Lookup, MemoryUsage, NewFlow, Prefetched, MAX_CAPACITY,
+    PIPELINE,
+};
 pub use tcp_state::{Direction, TcpFlags, TcpState};
 pub use timeout::{FlowState, Timeouts, MAX_TIMEOUT};
 

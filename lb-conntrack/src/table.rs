@@ -7,13 +7,11 @@
 //!   match; removals find their way by hash and slot id, never by comparing keys.
 //! - `slots`: `capacity` slots of 32 bytes, preallocated; free slots are chained through `next`.
 //! - class lists (`evict.rs`): one intrusive list per state class, ordered by last-seen time.
-//! - side arrays, only when enabled: IPv6 address pairs, per-flow counters, NAT reply tuples and
-//!   their own `HashTable<u32>` index.
+//! - side arrays, only when enabled: IPv6 address pairs, per-flow counters, NAT reply tuples
+//!   (compact, see `entry.rs`) and a second index of the same kind over the reply tuples.
 //!
-//! Nothing allocates after construction. When removals have left the index without free
-//! buckets (hashbrown keeps tombstones), the index is rebuilt in place from the slab: an O(n)
-//! pause, at most once per ~`buckets − capacity` removals, counted in
-//! [`Counters::index_rebuilds`].
+//! Nothing allocates after construction, and removal leaves no tombstones (see `index.rs`),
+//! so no operation ever pauses to rebuild.
 
 use std::net::SocketAddr;
 
@@ -71,9 +69,33 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     snat: Option<SnatPool>,
 }
 
-/// Keys per burst in [`ConnTable::prefetch`] and [`ConnTable::track_batch`]: enough to keep
-/// the memory system busy, few enough that a burst's lines stay in L1/L2 until used.
-const BURST: usize = 16;
+/// One key of a prefetched burst (from [`ConnTable::prefetch_into`]): its flow hash and the
+/// slot its index line pointed at. Only a hint: lookups through it return what they would
+/// without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefetched {
+    hash: u64,
+    slot: u32,
+}
+
+impl Prefetched {
+    /// A key known only by its hash ([`ConnTable::flow_hash`]): no candidate slot.
+    #[inline]
+    pub fn of_hash(hash: u64) -> Prefetched {
+        Prefetched { hash, slot: NIL }
+    }
+
+    /// The flow hash.
+    #[inline]
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+/// How many keys ahead [`ConnTable::track_batch`] works at each stage: its slot prefetch runs
+/// this many keys ahead of the key being processed, and its index prefetch twice as far. At
+/// ~25 ns of work per key, 8 keys cover a ~200 ns memory latency.
+pub const PIPELINE: usize = 8;
 
 impl ConnTable<SipHash13> {
     /// A table keyed with SipHash-1-3 under `key` (derive a dedicated key, e.g.
@@ -292,9 +314,37 @@ impl<H: KeyedHash> ConnTable<H> {
         })
     }
 
+    /// [`ConnTable::find`], trying the prefetched candidate slot first. Keys are unique among
+    /// live slots, so a live candidate holding the key is the slot `find` would return; any
+    /// other candidate (a tag collision, a slot freed or reused since the prefetch, none)
+    /// falls back to the full probe.
+    #[inline(always)]
+    fn find_hinted(&self, p: Prefetched, probe: &Probe) -> Option<u32> {
+        if let Some(s) = self.slots.get(p.slot as usize) {
+            if s.flags & F_LIVE != 0 && probe.matches(s, &self.v6) {
+                return Some(p.slot);
+            }
+        }
+        self.find(p.hash, probe)
+    }
+
     fn find_reply(&self, hash: u64, reply: &FlowKey) -> Option<u32> {
         self.reply_index
             .find(hash, |i| self.nat_of(i).as_ref() == Some(reply))
+    }
+
+    /// [`ConnTable::find_reply`], trying the prefetched candidate first (as
+    /// [`ConnTable::find_hinted`]).
+    #[inline(always)]
+    fn find_reply_hinted(&self, p: Prefetched, reply: &FlowKey) -> Option<u32> {
+        let live = self
+            .slots
+            .get(p.slot as usize)
+            .is_some_and(|s| s.flags & (F_LIVE | F_NAT) == (F_LIVE | F_NAT));
+        if live && self.nat_of(p.slot).as_ref() == Some(reply) {
+            return Some(p.slot);
+        }
+        self.find_reply(p.hash, reply)
     }
 
     #[inline]
@@ -396,9 +446,23 @@ impl<H: KeyedHash> ConnTable<H> {
     /// [`ConnTable::flow_hash`] of `key`; with another hash the lookup may miss).
     #[inline]
     pub fn lookup_hashed(&mut self, hash: u64, key: &FlowKey, now: Instant) -> Lookup<'_, H> {
+        self.lookup_prefetched(Prefetched::of_hash(hash), key, now)
+    }
+
+    /// [`ConnTable::lookup`] for a key of a burst prefetched with
+    /// [`ConnTable::prefetch_into`]: the candidate slot found then is checked first, so the
+    /// index line is not scanned again on a hit. Same result as [`ConnTable::lookup`] (for a
+    /// `p` whose hash is [`ConnTable::flow_hash`] of `key`), whatever changed in between.
+    #[inline(always)]
+    pub fn lookup_prefetched(
+        &mut self,
+        p: Prefetched,
+        key: &FlowKey,
+        now: Instant,
+    ) -> Lookup<'_, H> {
         self.advance(now);
         let probe = Probe::of(key);
-        match self.find(hash, &probe) {
+        match self.find_hinted(p, &probe) {
             None => {
                 self.counters.misses += 1;
                 Lookup::Miss
@@ -436,16 +500,33 @@ impl<H: KeyedHash> ConnTable<H> {
         pkt: Packet,
         now: Instant,
     ) -> Option<Hit> {
-        match self.lookup_hashed(hash, key, now) {
+        self.track_prefetched(Prefetched::of_hash(hash), key, pkt, now)
+    }
+
+    /// [`ConnTable::track`] for a key of a burst prefetched with [`ConnTable::prefetch_into`]
+    /// (see [`ConnTable::lookup_prefetched`]).
+    #[inline(always)]
+    pub fn track_prefetched(
+        &mut self,
+        p: Prefetched,
+        key: &FlowKey,
+        pkt: Packet,
+        now: Instant,
+    ) -> Option<Hit> {
+        match self.lookup_prefetched(p, key, now) {
             Lookup::Hit(mut e) => Some(e.update(pkt, now)),
             _ => None,
         }
     }
 
-    /// Tracks a burst: hashes every key, [`ConnTable::prefetch`]es the burst, then looks up
-    /// and updates each key in order. `out[i]` receives the result for `keys[i]` (`pkts[i]`);
-    /// the burst is cut to the shortest of the three slices. Same results as calling
-    /// [`ConnTable::track`] on each key in turn.
+    /// Tracks a burst: looks up and updates each key in order, as [`ConnTable::track`] would,
+    /// `out[i]` receiving the result for `keys[i]` (`pkts[i]`); the burst is cut to the
+    /// shortest of the three slices.
+    ///
+    /// Software-pipelined: while key `i` is processed, the slot of key `i + D` is being
+    /// fetched (its index line has arrived) and the index line of key `i + 2D` is on its way,
+    /// with `D` = [`PIPELINE`] keys. A hit then costs its share of memory bandwidth and
+    /// compute instead of two cache misses in a row.
     pub fn track_batch(
         &mut self,
         keys: &[FlowKey],
@@ -453,71 +534,153 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
         out: &mut [Option<Hit>],
     ) {
+        const D: usize = PIPELINE;
+        const RING: usize = 4 * PIPELINE;
         let n = keys.len().min(pkts.len()).min(out.len());
-        let mut base = 0;
-        while base < n {
-            let m = (n - base).min(BURST);
-            let mut hashes = [0u64; BURST];
-            for (h, k) in hashes.iter_mut().zip(&keys[base..base + m]) {
-                *h = self.hasher.hash_flow(k);
+        let mut ring = [Prefetched::of_hash(0); RING];
+        for j in 0..n + 2 * D {
+            if let Some(k) = keys.get(j).filter(|_| j < n) {
+                let hash = self.hasher.hash_flow(k);
+                self.prefetch_bucket(hash);
+                ring[j % RING] = Prefetched::of_hash(hash);
             }
-            self.prefetch(&hashes[..m]);
-            for j in 0..m {
-                out[base + j] = self.track_hashed(hashes[j], &keys[base + j], pkts[base + j], now);
+            if let Some(c) = j.checked_sub(D).filter(|&c| c < n) {
+                let p = &mut ring[c % RING];
+                *p = self.candidate(p.hash);
             }
-            base += m;
+            if let Some(c) = j.checked_sub(2 * D).filter(|&c| c < n) {
+                if let (Some(k), Some(&pkt), Some(o)) = (keys.get(c), pkts.get(c), out.get_mut(c)) {
+                    *o = self.track_prefetched(ring[c % RING], k, pkt, now);
+                }
+            }
         }
     }
 
+    /// First stage of a pipelined lookup: prefetches the index line of flow hash `hash` (a
+    /// hint; nothing waits for it). Some keys later, call [`ConnTable::candidate`].
+    #[inline(always)]
+    pub fn prefetch_bucket(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
+    /// Second stage of a pipelined lookup: reads `hash`'s index line (best prefetched with
+    /// [`ConnTable::prefetch_bucket`] a few keys earlier), prefetches the slot it points at,
+    /// and returns the hint for [`ConnTable::track_prefetched`] /
+    /// [`ConnTable::lookup_prefetched`] some keys later.
+    #[inline(always)]
+    pub fn candidate(&self, hash: u64) -> Prefetched {
+        let slot = self.index.candidate(hash);
+        self.prefetch_slot(slot);
+        Prefetched { hash, slot }
+    }
+
+    /// [`ConnTable::prefetch_bucket`] for a NAT reply tuple's hash.
+    #[inline(always)]
+    pub fn prefetch_reply_bucket(&self, hash: u64) {
+        self.reply_index.prefetch(hash);
+    }
+
+    /// [`ConnTable::candidate`] for a NAT reply tuple's hash (for
+    /// [`ConnTable::track_reply_prefetched`]).
+    #[inline(always)]
+    pub fn reply_candidate(&self, hash: u64) -> Prefetched {
+        let slot = self.reply_index.candidate(hash);
+        self.prefetch_slot(slot);
+        Prefetched { hash, slot }
+    }
+
     /// Brings into cache, for a burst of flow hashes (from [`ConnTable::flow_hash`]), the
-    /// lines their lookups will touch: every hash's index line, loaded back to back, then the
-    /// slot (and per-flow counters and NAT tuple) each index line points at. A lookup of one
-    /// key costs two dependent cache misses; a burst pays for them once, overlapped, instead of
-    /// once per key. Purely a performance hint: results never depend on it.
+    /// lines their lookups will touch: every hash's index line, then the slot (and per-flow
+    /// counters and NAT tuple) each index line points at. Waits for the index lines (all in
+    /// flight at once), not for the slots: process the burst after the call and the slot
+    /// lines arrive meanwhile. Purely a performance hint: results never depend on it.
     #[inline]
     pub fn prefetch(&self, hashes: &[u64]) {
-        Self::prefetch_in(&self.index, hashes, |ids| self.touch(ids));
+        Self::prefetch_in(&self.index, hashes, |i| self.prefetch_slot(i), |_, _| {});
+    }
+
+    /// [`ConnTable::prefetch`], also handing back, for `hashes[i]`, the candidate slot its
+    /// index line pointed at in `out[i]` (for [`ConnTable::lookup_prefetched`] and
+    /// [`ConnTable::track_prefetched`], which then skip the index scan on a hit). Fills the
+    /// first `min(hashes.len(), out.len())` elements.
+    #[inline]
+    pub fn prefetch_into(&self, hashes: &[u64], out: &mut [Prefetched]) {
+        let n = hashes.len().min(out.len());
+        Self::prefetch_in(
+            &self.index,
+            &hashes[..n],
+            |i| self.prefetch_slot(i),
+            |i, p| {
+                if let Some(o) = out.get_mut(i) {
+                    *o = p;
+                }
+            },
+        );
     }
 
     /// [`ConnTable::prefetch`] for a burst of NAT reply tuples' hashes (for
     /// [`ConnTable::track_reply_hashed`]).
     #[inline]
     pub fn prefetch_replies(&self, hashes: &[u64]) {
-        Self::prefetch_in(&self.reply_index, hashes, |ids| self.touch(ids));
+        Self::prefetch_in(
+            &self.reply_index,
+            hashes,
+            |i| self.prefetch_slot(i),
+            |_, _| {},
+        );
     }
 
-    /// Three passes per chunk, so that no branch waits on a line still in flight (a
-    /// mispredicted branch on missing data would stall the burst behind one miss at a time):
-    /// issue the index loads (no branch), pick each candidate (the lines have arrived by
-    /// then), issue the slot loads.
+    /// [`ConnTable::prefetch_replies`] with candidates (for
+    /// [`ConnTable::track_reply_prefetched`]), as [`ConnTable::prefetch_into`].
+    #[inline]
+    pub fn prefetch_replies_into(&self, hashes: &[u64], out: &mut [Prefetched]) {
+        let n = hashes.len().min(out.len());
+        Self::prefetch_in(
+            &self.reply_index,
+            &hashes[..n],
+            |i| self.prefetch_slot(i),
+            |i, p| {
+                if let Some(o) = out.get_mut(i) {
+                    *o = p;
+                }
+            },
+        );
+    }
+
+    /// Two passes: prefetch every index line, then pick each candidate (waiting for its line,
+    /// all of them in flight together) and prefetch its slot. `emit(i, p)` receives the
+    /// candidate of `hashes[i]`.
     #[inline(always)]
-    fn prefetch_in(index: &Index, hashes: &[u64], touch: impl Fn(&[u32])) {
-        for chunk in hashes.chunks(BURST) {
-            let mut acc = 0u16;
-            for &h in chunk {
-                acc ^= index.touch(h);
-            }
-            core::hint::black_box(acc);
-            let mut ids = [NIL; BURST];
-            for (id, &h) in ids.iter_mut().zip(chunk) {
-                *id = index.candidate(h);
-            }
-            touch(&ids[..chunk.len()]);
+    fn prefetch_in(
+        index: &Index,
+        hashes: &[u64],
+        slot: impl Fn(u32),
+        mut emit: impl FnMut(usize, Prefetched),
+    ) {
+        for &h in hashes {
+            index.prefetch(h);
+        }
+        for (i, &hash) in hashes.iter().enumerate() {
+            let s = index.candidate(hash);
+            slot(s);
+            emit(i, Prefetched { hash, slot: s });
         }
     }
 
-    /// Loads the lines of slots `ids` (and their side-array entries), back to back.
+    /// Prefetches the lines of slot `i` and of its side-array entries (a hint).
     #[inline(always)]
-    fn touch(&self, ids: &[u32]) {
-        let mut acc = 0u32;
-        for &i in ids {
-            let i = i as usize;
-            acc ^= self.slots.get(i).map_or(0, |s| s.last);
-            acc ^= self.flow.get(i).map_or(0, |f| f.packets);
-            acc ^= self.nat.get(i).map_or(0, |k| k.snat);
+    fn prefetch_slot(&self, i: u32) {
+        if i == NIL {
+            return;
         }
-        // The loads are the point: keep the optimiser from dropping them.
-        core::hint::black_box(acc);
+        let i = i as usize;
+        prefetch_index::prefetch_index(&self.slots, i);
+        if !self.flow.is_empty() {
+            prefetch_index::prefetch_index(&self.flow, i);
+        }
+        if !self.nat.is_empty() {
+            prefetch_index::prefetch_index(&self.nat, i);
+        }
     }
 
     /// Looks a NAT reply tuple up (a packet from a backend to the SNAT address) and feeds it
@@ -542,8 +705,20 @@ impl<H: KeyedHash> ConnTable<H> {
         pkt: Packet,
         now: Instant,
     ) -> Option<(FlowKey, Hit)> {
+        self.track_reply_prefetched(Prefetched::of_hash(hash), reply, pkt, now)
+    }
+
+    /// [`ConnTable::track_reply`] for a reply tuple of a burst prefetched with
+    /// [`ConnTable::prefetch_replies_into`].
+    pub fn track_reply_prefetched(
+        &mut self,
+        p: Prefetched,
+        reply: &FlowKey,
+        pkt: Packet,
+        now: Instant,
+    ) -> Option<(FlowKey, Hit)> {
         let now32 = self.advance(now);
-        let Some(i) = self.find_reply(hash, reply) else {
+        let Some(i) = self.find_reply_hinted(p, reply) else {
             self.counters.reply_misses += 1;
             return None;
         };
@@ -657,7 +832,7 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     /// Applies one packet to live slot `i`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn apply_packet(&mut self, i: u32, pkt: Packet, now32: u32, first: bool) -> Hit {
         let Some(s) = self.slots.get(i as usize).copied() else {
             return Hit {

@@ -6,6 +6,11 @@
 use clap::Parser;
 use lb_examples::config::Config;
 use lb_examples::runtime::{run, Cli};
+use lb_examples::sys::HugePageAlloc;
+
+/// The connection tables and scheduler tables on transparent huge pages (see [`HugePageAlloc`]).
+#[global_allocator]
+static ALLOC: HugePageAlloc = HugePageAlloc;
 
 fn main() {
     let cli = Cli::parse();

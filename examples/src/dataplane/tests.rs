@@ -548,7 +548,9 @@ fn syn_flood_stays_within_capacity() {
 
 /// `process_batch` is `process` on each packet in turn: same verdicts, same bytes, same
 /// counters, over bursts that mix new flows, established flows, replies, both families and
-/// garbage, with burst sizes that do not divide [`BURST`].
+/// garbage, duplicates inside a burst (a retransmitted SYN whose flow the first copy creates
+/// after the second copy's lookup was prefetched), with burst sizes below, around and above
+/// the pipeline's depth (2 × [`PIPELINE`]).
 #[test]
 fn batch_matches_one_by_one() {
     let spec = |vip4: &str| {
@@ -584,6 +586,9 @@ fn batch_matches_one_by_one() {
                 ACK
             };
             pkts.push(tcp(client, vip, flags, b"x"));
+            if c % 5 == 0 {
+                pkts.push(tcp(client, vip, flags, b"x"));
+            }
             if c % 11 == 0 {
                 pkts.push(vec![0x45, 0, 0, 8, 1, 2]); // truncated
             }
@@ -594,9 +599,9 @@ fn batch_matches_one_by_one() {
         for p in &pkts {
             outs_one.push(one.run(p));
         }
-        // In bursts of 13 (not a divisor of BURST), through process_batch.
+        // In bursts through process_batch.
         let mut outs_many = Vec::new();
-        for chunk in pkts.chunks(13) {
+        for chunk in pkts.chunks([13, 5, 1, 32][usize::from(round)]) {
             let mut bufs: Vec<Vec<u8>> = chunk
                 .iter()
                 .map(|p| {

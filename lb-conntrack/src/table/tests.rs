@@ -7,11 +7,14 @@ use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use proptest::prelude::*;
 
 use crate::entry::Packet;
+use crate::entry::NIL;
 use crate::evict::class_is_half_open;
 use crate::persist::{Service, TemplateKey};
 use crate::tcp_state::{Direction, TcpFlags, TcpState};
 use crate::timeout::{FlowState, Timeouts, CLASSES};
-use crate::{Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Refusal, SnatPool};
+use crate::{
+    Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Prefetched, Refusal, SnatPool,
+};
 
 const KEY: HashKey = HashKey::from_bytes(*b"conntrack-test-k");
 
@@ -404,6 +407,101 @@ fn batch_matches_single() {
         assert_eq!(*o, b.track(k, ack(), now));
     }
     assert_eq!(out.iter().filter(|o| o.is_some()).count(), 50);
+}
+
+/// A hint is only a hint: one pointing at another flow's slot (a tag collision), at a slot
+/// freed and reused since, or at nothing (the flow was created after the prefetch) gives the
+/// same result as a plain lookup. Forward and reply directions.
+#[test]
+fn wrong_and_stale_hints_are_ignored() {
+    let cfg = Config {
+        nat: true,
+        ..Config::with_capacity(16)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let snat: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+    let mut pool = SnatPool::new(vec![snat], 40000..=40100).unwrap();
+    pool.add_backend(BackendId(1));
+    pool.add_backend(BackendId(2));
+    t.set_snat_pool(pool);
+    let now = Instant::from_secs(1);
+    let (a, b, c) = (
+        k4(1, IpProto::Tcp),
+        k4(2, IpProto::Tcp),
+        k4(3, IpProto::Tcp),
+    );
+    let backend = "10.1.0.5:8080".parse().unwrap();
+    // Created after its hint was taken: the hint has no slot.
+    let hint_a = t.candidate(t.flow_hash(&a));
+    assert_eq!(hint_a, Prefetched::of_hash(t.flow_hash(&a)));
+    let (_, reply_a) = t.insert_snat(NewFlow::new(a, BackendId(1)), backend, now);
+    let reply_a = reply_a.unwrap();
+    assert_eq!(
+        t.track_prefetched(hint_a, &a, ack(), now).unwrap().backend,
+        BackendId(1)
+    );
+    let backend2 = "10.1.0.6:8080".parse().unwrap();
+    let (_, reply_b) = t.insert_snat(NewFlow::new(b, BackendId(2)), backend2, now);
+    let reply_b = reply_b.unwrap();
+    // B's hash with A's slot: a collision must not hand B A's entry, in either direction.
+    let slot_a = t.candidate(t.flow_hash(&a)).slot;
+    let rslot_a = t.reply_candidate(t.flow_hash(&reply_a)).slot;
+    assert_ne!(slot_a, NIL);
+    assert_eq!(slot_a, rslot_a);
+    let lie = Prefetched {
+        hash: t.flow_hash(&b),
+        slot: slot_a,
+    };
+    assert_eq!(
+        t.track_prefetched(lie, &b, ack(), now).unwrap().backend,
+        BackendId(2)
+    );
+    let rlie = Prefetched {
+        hash: t.flow_hash(&reply_b),
+        slot: slot_a,
+    };
+    let (orig, hit) = t
+        .track_reply_prefetched(rlie, &reply_b, ack(), now)
+        .unwrap();
+    assert_eq!((orig, hit.backend), (b, BackendId(2)));
+    // A's slot freed and reused by C: A's old hint finds nothing, in either direction.
+    let hint_a = t.candidate(t.flow_hash(&a));
+    let rhint_a = t.reply_candidate(t.flow_hash(&reply_a));
+    assert!(t.remove(&a, now));
+    t.insert_snat(NewFlow::new(c, BackendId(1)), backend, now);
+    assert_eq!(
+        t.candidate(t.flow_hash(&c)).slot,
+        slot_a,
+        "C reuses A's slot"
+    );
+    assert_eq!(t.track_prefetched(hint_a, &a, ack(), now), None);
+    assert_eq!(
+        t.track_reply_prefetched(rhint_a, &reply_a, ack(), now),
+        None
+    );
+    // A free slot is zeroed, which looks like the all-zero key of protocol 0: a hint to it
+    // must still miss.
+    let zero = FlowKey::v4(
+        Ipv4Addr::UNSPECIFIED,
+        0,
+        Ipv4Addr::UNSPECIFIED,
+        0,
+        IpProto::Other(0),
+    );
+    let free = Prefetched {
+        hash: t.flow_hash(&zero),
+        slot: 15,
+    };
+    assert_eq!(t.track_prefetched(free, &zero, ack(), now), None);
+    // An out-of-range slot is harmless.
+    let wild = Prefetched {
+        hash: t.flow_hash(&c),
+        slot: u32::MAX - 1,
+    };
+    assert_eq!(
+        t.track_prefetched(wild, &c, ack(), now).unwrap().backend,
+        BackendId(1)
+    );
 }
 
 #[test]

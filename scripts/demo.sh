@@ -79,6 +79,7 @@ device = "lb0"
 snat_addrs = ["$SNAT"]
 conntrack_capacity = 100000
 stats = "127.0.0.1:9100"
+hash_key = "demo cluster secret: use your own"
 
 [[service]]
 vip = "$VIP:80"

@@ -12,6 +12,9 @@
 //! queues = 1                 # optional: TUN queues = data-path threads (multi-queue when > 1)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
 //! mac = "02:00:5e:10:00:01"  # optional: source MAC of mode "dr" frames
+//! hash_key = "..."           # optional: secret passphrase (16+ characters) keying the flow
+//!                            # hashes; give every balancer of a cluster the same one so they
+//!                            # agree on backends (default: a random key per process)
 //!
 //! [[service]]
 //! vip = "203.0.113.10:80"
@@ -49,7 +52,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use lb_core::{Duration, Weight};
+use lb_core::{Duration, HashKey, Weight};
 
 use crate::dataplane::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind,
@@ -175,6 +178,9 @@ impl Default for HealthSpec {
     }
 }
 
+/// Shortest `balancer.hash_key` accepted: the passphrase is the key's only entropy.
+pub const MIN_PASSPHRASE: usize = 16;
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -188,6 +194,8 @@ pub struct Config {
     pub dataplane: DataplaneSpec,
     /// Health checks, one per service, in the order of `dataplane.services`.
     pub health: Vec<HealthSpec>,
+    /// The flow-hash key from `balancer.hash_key` (`None`: draw a random one at start).
+    pub hash_key: Option<HashKey>,
 }
 
 impl Config {
@@ -252,6 +260,7 @@ struct RawBalancer {
     queues: Option<Spanned<u64>>,
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
+    hash_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +381,20 @@ impl Validator<'_> {
             Some(m) => self.int(m, "balancer.mtu", 1280, 9000)? as u16,
             None => 1500,
         };
+        let hash_key = match &b.hash_key {
+            Some(k) if k.get_ref().chars().count() < MIN_PASSPHRASE => {
+                return Err(self.err(
+                    k.span(),
+                    "balancer.hash_key",
+                    format!(
+                        "a secret of at least {MIN_PASSPHRASE} characters (it keys the flow \
+                         hashes that every balancer of a cluster must share)"
+                    ),
+                ))
+            }
+            Some(k) => Some(HashKey::from_passphrase(k.get_ref())),
+            None => None,
+        };
         let mut spec = DataplaneSpec {
             snat_addrs,
             conntrack_capacity,
@@ -413,6 +436,7 @@ impl Validator<'_> {
             queues,
             dataplane: spec,
             health,
+            hash_key,
         })
     }
 
@@ -690,6 +714,20 @@ addr = "[2001:db8:51::11]:53"
 
     fn err(text: &str) -> ConfigError {
         Config::parse(text, "t.toml").unwrap_err()
+    }
+
+    #[test]
+    fn hash_key_is_a_shared_passphrase() {
+        assert_eq!(Config::parse(GOOD, "t.toml").unwrap().hash_key, None);
+        let with = |k: &str| GOOD.replace("stats = ", &format!("hash_key = \"{k}\"\nstats = "));
+        let c = Config::parse(&with("sixteen chars ok"), "t.toml").unwrap();
+        assert_eq!(
+            c.hash_key,
+            Some(HashKey::from_passphrase("sixteen chars ok"))
+        );
+        let e = err(&with("too short"));
+        assert_eq!((e.field.as_str(), e.line), ("balancer.hash_key", 6), "{e}");
+        assert!(e.message.contains("at least 16 characters"), "{e}");
     }
 
     #[test]

@@ -98,7 +98,16 @@ fn now(epoch: StdInstant) -> Instant {
 /// The configuration is invalid, the device cannot be opened, or the stats port cannot be bound.
 pub fn run(config_path: &Path) -> Result<(), String> {
     let cfg = Config::load(config_path).map_err(|e| e.to_string())?;
-    let key = random_key();
+    let key = match cfg.hash_key {
+        Some(k) => k,
+        None => {
+            tracing::warn!(
+                "no balancer.hash_key: flows are hashed under a random key, so other balancers \
+                 (and this one after a restart) will place them differently"
+            );
+            random_key()
+        }
+    };
     let mut cp = ControlPlane::new(cfg.dataplane.clone(), key).map_err(|e| e.to_string())?;
     let tables = cp.build().map_err(|e| e.to_string())?;
     let kind = if cfg.needs_tap() {
@@ -421,8 +430,12 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
     }
     if new.dataplane.conntrack_capacity != old.dataplane.conntrack_capacity
         || new.dataplane.snat_addrs != old.dataplane.snat_addrs
+        || new.hash_key != old.hash_key
     {
-        return Err("balancer.conntrack_capacity and balancer.snat_addrs need a restart".into());
+        return Err(
+            "balancer.conntrack_capacity, balancer.snat_addrs and balancer.hash_key need a restart"
+                .into(),
+        );
     }
     let r = cp.apply(new.dataplane.clone()).map_err(|e| e.to_string())?;
     for id in &r.removed {

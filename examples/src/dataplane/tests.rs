@@ -82,7 +82,10 @@ struct Rig {
 
 impl Rig {
     fn new(spec: DataplaneSpec, link: Link) -> Rig {
-        let key = HashKey::from_bytes([9; 16]);
+        Rig::with_key(spec, link, HashKey::from_bytes([9; 16]))
+    }
+
+    fn with_key(spec: DataplaneSpec, link: Link, key: HashKey) -> Rig {
         let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
         let mut opts = DataplaneOptions::new(key);
         opts.link = link;
@@ -642,4 +645,32 @@ fn batch_matches_one_by_one() {
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
     assert!(a.forwarded > 200, "{a:?}");
     assert!(a.backends.iter().map(|b| b.reply_packets).sum::<u64>() >= 60);
+}
+
+/// Balancers given the same key (tun-balancer's `balancer.hash_key`) send every new flow to the
+/// same backend, as a cluster behind ECMP must; under another key the placement differs. Two
+/// processes, or one restarted, therefore keep their flows' backends only with a shared key.
+#[test]
+fn balancers_sharing_a_key_agree_on_backends() {
+    let spec = || nat_spec("203.0.113.10:80", Proto::Tcp, &B3);
+    let key = HashKey::from_passphrase("cluster secret for the test");
+    let mut a = Rig::with_key(spec(), Link::Ip, key);
+    let mut b = Rig::with_key(spec(), Link::Ip, key);
+    let mut c = Rig::with_key(
+        spec(),
+        Link::Ip,
+        HashKey::from_passphrase("another cluster's secret"),
+    );
+    let vip = sa("203.0.113.10:80");
+    let mut differ = 0;
+    for port in 0..200u16 {
+        let client = SocketAddr::new("192.0.2.7".parse().unwrap(), 10_000 + port);
+        let pkt = tcp(client, vip, SYN, b"");
+        let dst = |r: &mut Rig| parse(&r.forward(&pkt), Link::Ip).unwrap().key.dst();
+        let (da, db, dc) = (dst(&mut a), dst(&mut b), dst(&mut c));
+        assert_eq!(da, db, "client port {}", 10_000 + port);
+        differ += usize::from(da != dc);
+    }
+    // Three backends: an unrelated key agrees on about a third of the flows.
+    assert!(differ > 80, "only {differ} of 200 flows placed differently");
 }

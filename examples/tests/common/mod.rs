@@ -562,7 +562,8 @@ impl Lab {
 pub fn nat_config(mode: &str, families: &[&str], health_interval_ms: u64) -> String {
     let mut c = String::from(
         "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
-         conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\n",
+         conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\n\
+         hash_key = \"e2e cluster secret 0123456789\"\n",
     );
     for fam in families {
         let v4 = *fam == "4";

@@ -171,38 +171,27 @@ pub fn register(c: &mut Criterion) {
             black_box(t.track(black_box(&miss[i]), ack(), now))
         })
     });
-    for burst in [16usize, 64] {
-        g.throughput(Throughput::Elements(burst as u64));
-        g.bench_function(format!("hit_batch{burst}/ct_siphash13"), |b| {
-            let keys = get_keys();
-            let probe = get_probe();
-            let mut s = sip.borrow_mut();
-            let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
-            let pkts = vec![ack(); burst];
-            let mut out = vec![None::<Hit>; burst];
-            let mut i = 0;
-            b.iter(|| {
-                i = (i + burst) & (N - 1);
-                t.track_batch(black_box(&probe[i..i + burst]), &pkts, now, &mut out);
-                black_box(&out);
-            })
-        });
+    let sets: [(&str, &dyn Fn() -> Vec<FlowKey>); 2] = [("hit", &get_probe), ("miss", &get_misses)];
+    for (what, lookups) in sets {
+        for burst in [16usize, 64] {
+            g.throughput(Throughput::Elements(burst as u64));
+            g.bench_function(format!("{what}_batch{burst}/ct_siphash13"), |b| {
+                let keys = get_keys();
+                let lookups = lookups();
+                let mut s = sip.borrow_mut();
+                let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
+                let pkts = vec![ack(); burst];
+                let mut out = vec![None::<Hit>; burst];
+                let mut i = 0;
+                b.iter(|| {
+                    i = (i + burst) & (N - 1);
+                    t.track_batch(black_box(&lookups[i..i + burst]), &pkts, now, &mut out);
+                    black_box(&out);
+                })
+            });
+        }
     }
     g.throughput(Throughput::Elements(16));
-    g.bench_function("miss_batch16/ct_siphash13", |b| {
-        let keys = get_keys();
-        let miss = get_misses();
-        let mut s = sip.borrow_mut();
-        let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
-        let pkts = [ack(); 16];
-        let mut out = [None::<Hit>; 16];
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 16) & (N - 1);
-            t.track_batch(black_box(&miss[i..i + 16]), &pkts, now, &mut out);
-            black_box(&out);
-        })
-    });
     // The same burst over a table small enough to stay in L2 (16 Ki flows): the compute cost
     // per key without the memory system, to compare with the 1 M case above.
     g.bench_function("hit_batch16_cached_16k/ct_siphash13", |b| {

@@ -409,6 +409,44 @@ fn batch_matches_single() {
     assert_eq!(out.iter().filter(|o| o.is_some()).count(), 50);
 }
 
+proptest! {
+    /// `track_batch` (pipelined, hints taken keys ahead) equals `track` key by key, for bursts
+    /// shorter and longer than the pipeline, with duplicates and with entries that time out
+    /// (removed on lookup) between a key's hint and its turn.
+    #[test]
+    fn batch_equals_single_under_expiry_and_duplicates(
+        present in proptest::collection::vec(0u32..64, 0..64),
+        keys in proptest::collection::vec(0u32..80, 0..70),
+        ages in proptest::collection::vec(0u64..20, 64),
+        at in 0u64..25,
+    ) {
+        let timeouts = Timeouts {
+            udp: Duration::from_secs(10),
+            udp_unconfirmed: Duration::from_secs(10),
+            ..Timeouts::default()
+        };
+        let cfg = Config { timeouts, ..Config::with_capacity(128) };
+        let mut a = ConnTable::new(cfg.clone(), KEY).unwrap();
+        let mut b = ConnTable::new(cfg, KEY).unwrap();
+        for &i in &present {
+            let t = Instant::from_secs(ages[i as usize]);
+            let f = NewFlow::new(k4(i, IpProto::Udp), BackendId(i));
+            a.insert_with(f, t);
+            b.insert_with(NewFlow::new(k4(i, IpProto::Udp), BackendId(i)), t);
+        }
+        let now = Instant::from_secs(20 + at);
+        let ks: Vec<FlowKey> = keys.iter().map(|&i| k4(i, IpProto::Udp)).collect();
+        let pkts = vec![Packet::original(TcpFlags::default(), 100); ks.len()];
+        let mut out = vec![None; ks.len()];
+        a.track_batch(&ks, &pkts, now, &mut out);
+        for (k, (o, p)) in ks.iter().zip(out.iter().zip(&pkts)) {
+            prop_assert_eq!(*o, b.track(k, *p, now));
+        }
+        prop_assert_eq!(a.len(), b.len());
+        prop_assert_eq!(a.counters(), b.counters());
+    }
+}
+
 /// A hint is only a hint: one pointing at another flow's slot (a tag collision), at a slot
 /// freed and reused since, or at nothing (the flow was created after the prefetch) gives the
 /// same result as a plain lookup. Forward and reply directions.

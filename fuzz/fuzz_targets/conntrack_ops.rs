@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_conntrack::{
-    Config, ConnTable, Direction, EvictReason, FlowState, Insert, NewFlow, Packet, Refusal,
-    TcpFlags, TcpState, Timeouts,
+    Config, ConnTable, Direction, EvictReason, FlowState, Insert, NewFlow, Packet, Prefetched,
+    Refusal, TcpFlags, TcpState, Timeouts,
 };
 use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use libfuzzer_sys::fuzz_target;
@@ -227,6 +227,8 @@ fuzz_target!(|data: &[u8]| {
         evict_est,
     };
     let mut now = Instant::ZERO;
+    // Prefetch hints kept across ops, by key byte.
+    let mut hints: [Option<(u8, Prefetched)>; 4] = [None; 4];
     for op in data.chunks_exact(3).skip(1) {
         let (a, b, c) = (op[0], op[1], op[2]);
         match a % 6 {
@@ -253,7 +255,23 @@ fuzz_target!(|data: &[u8]| {
                         }
                         None => None,
                     };
-                if b & 0x80 == 0 {
+                if b & 0x80 == 0 && c & 0x40 != 0 {
+                    // Through a hint taken some ops ago (if one was kept for this key), which
+                    // inserts, removals and expiry since may have made stale: a hint never
+                    // changes the result. Then keep a fresh hint for a later op.
+                    let key = key_of(b);
+                    let hint = match hints[usize::from(b % 4)] {
+                        Some((kb, h)) if kb == b => h,
+                        _ => Prefetched::of_hash(table.flow_hash(&key)),
+                    };
+                    let got = table
+                        .track_prefetched(hint, &key, packet(c), now)
+                        .map(|h| (h.backend.get(), h.state));
+                    assert_eq!(got, want_of(&mut m, key, packet(c)));
+                    let other = b ^ (c >> 4);
+                    hints[usize::from(other % 4)] =
+                        Some((other, table.candidate(table.flow_hash(&key_of(other)))));
+                } else if b & 0x80 == 0 {
                     let key = key_of(b);
                     let got = table
                         .track(&key, packet(c), now)

@@ -426,7 +426,7 @@ proptest! {
             ..Timeouts::default()
         };
         let cfg = Config { timeouts, ..Config::with_capacity(128) };
-        let mut a = ConnTable::new(cfg.clone(), KEY).unwrap();
+        let mut a = ConnTable::new(cfg, KEY).unwrap();
         let mut b = ConnTable::new(cfg, KEY).unwrap();
         for &i in &present {
             let t = Instant::from_secs(ages[i as usize]);

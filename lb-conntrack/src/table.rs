@@ -69,7 +69,7 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     snat: Option<SnatPool>,
 }
 
-/// One key of a prefetched burst (from [`ConnTable::prefetch_into`]): its flow hash and the
+/// One key of a prefetched burst (from [`ConnTable::candidate`]): its flow hash and the
 /// slot its index line pointed at. Only a hint: lookups through it return what they would
 /// without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,7 +450,7 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     /// [`ConnTable::lookup`] for a key of a burst prefetched with
-    /// [`ConnTable::prefetch_into`]: the candidate slot found then is checked first, so the
+    /// [`ConnTable::candidate`]: the candidate slot found then is checked first, so the
     /// index line is not scanned again on a hit. Same result as [`ConnTable::lookup`] (for a
     /// `p` whose hash is [`ConnTable::flow_hash`] of `key`), whatever changed in between.
     #[inline(always)]
@@ -503,7 +503,7 @@ impl<H: KeyedHash> ConnTable<H> {
         self.track_prefetched(Prefetched::of_hash(hash), key, pkt, now)
     }
 
-    /// [`ConnTable::track`] for a key of a burst prefetched with [`ConnTable::prefetch_into`]
+    /// [`ConnTable::track`] for a key of a burst prefetched with [`ConnTable::candidate`]
     /// (see [`ConnTable::lookup_prefetched`]).
     #[inline(always)]
     pub fn track_prefetched(
@@ -593,77 +593,28 @@ impl<H: KeyedHash> ConnTable<H> {
     /// lines their lookups will touch: every hash's index line, then the slot (and per-flow
     /// counters and NAT tuple) each index line points at. Waits for the index lines (all in
     /// flight at once), not for the slots: process the burst after the call and the slot
-    /// lines arrive meanwhile. Purely a performance hint: results never depend on it.
+    /// lines arrive meanwhile. Purely a performance hint: results never depend on it. (The
+    /// pipelined form, [`ConnTable::prefetch_bucket`] then [`ConnTable::candidate`] some keys
+    /// later, also hides the wait for the index lines.)
     #[inline]
     pub fn prefetch(&self, hashes: &[u64]) {
-        Self::prefetch_in(&self.index, hashes, |i| self.prefetch_slot(i), |_, _| {});
-    }
-
-    /// [`ConnTable::prefetch`], also handing back, for `hashes[i]`, the candidate slot its
-    /// index line pointed at in `out[i]` (for [`ConnTable::lookup_prefetched`] and
-    /// [`ConnTable::track_prefetched`], which then skip the index scan on a hit). Fills the
-    /// first `min(hashes.len(), out.len())` elements.
-    #[inline]
-    pub fn prefetch_into(&self, hashes: &[u64], out: &mut [Prefetched]) {
-        let n = hashes.len().min(out.len());
-        Self::prefetch_in(
-            &self.index,
-            &hashes[..n],
-            |i| self.prefetch_slot(i),
-            |i, p| {
-                if let Some(o) = out.get_mut(i) {
-                    *o = p;
-                }
-            },
-        );
+        for &h in hashes {
+            self.prefetch_bucket(h);
+        }
+        for &h in hashes {
+            self.candidate(h);
+        }
     }
 
     /// [`ConnTable::prefetch`] for a burst of NAT reply tuples' hashes (for
     /// [`ConnTable::track_reply_hashed`]).
     #[inline]
     pub fn prefetch_replies(&self, hashes: &[u64]) {
-        Self::prefetch_in(
-            &self.reply_index,
-            hashes,
-            |i| self.prefetch_slot(i),
-            |_, _| {},
-        );
-    }
-
-    /// [`ConnTable::prefetch_replies`] with candidates (for
-    /// [`ConnTable::track_reply_prefetched`]), as [`ConnTable::prefetch_into`].
-    #[inline]
-    pub fn prefetch_replies_into(&self, hashes: &[u64], out: &mut [Prefetched]) {
-        let n = hashes.len().min(out.len());
-        Self::prefetch_in(
-            &self.reply_index,
-            &hashes[..n],
-            |i| self.prefetch_slot(i),
-            |i, p| {
-                if let Some(o) = out.get_mut(i) {
-                    *o = p;
-                }
-            },
-        );
-    }
-
-    /// Two passes: prefetch every index line, then pick each candidate (waiting for its line,
-    /// all of them in flight together) and prefetch its slot. `emit(i, p)` receives the
-    /// candidate of `hashes[i]`.
-    #[inline(always)]
-    fn prefetch_in(
-        index: &Index,
-        hashes: &[u64],
-        slot: impl Fn(u32),
-        mut emit: impl FnMut(usize, Prefetched),
-    ) {
         for &h in hashes {
-            index.prefetch(h);
+            self.prefetch_reply_bucket(h);
         }
-        for (i, &hash) in hashes.iter().enumerate() {
-            let s = index.candidate(hash);
-            slot(s);
-            emit(i, Prefetched { hash, slot: s });
+        for &h in hashes {
+            self.reply_candidate(h);
         }
     }
 
@@ -709,7 +660,7 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     /// [`ConnTable::track_reply`] for a reply tuple of a burst prefetched with
-    /// [`ConnTable::prefetch_replies_into`].
+    /// [`ConnTable::reply_candidate`].
     pub fn track_reply_prefetched(
         &mut self,
         p: Prefetched,

@@ -378,12 +378,11 @@ impl Dataplane {
                     _ => None,
                 };
                 if let Some(x) = &x {
-                    let h = x.hash.hash();
-                    match (x.p.key.is_ipv4(), x.si.is_some()) {
-                        (true, true) => self.ct4.prefetch_bucket(h),
-                        (true, false) => self.ct4.prefetch_reply_bucket(h),
-                        (false, true) => self.ct6.prefetch_bucket(h),
-                        (false, false) => self.ct6.prefetch_reply_bucket(h),
+                    let (ct, h) = (self.table_of(x), x.hash.hash());
+                    if x.si.is_some() {
+                        ct.prefetch_bucket(h);
+                    } else {
+                        ct.prefetch_reply_bucket(h);
                     }
                 }
                 ring[j % RING] = x;
@@ -391,12 +390,11 @@ impl Dataplane {
             // Stage 2: read the index line, fetch the candidate slot.
             if let Some(c) = j.checked_sub(D).filter(|&c| c < n) {
                 if let Some(x) = ring[c % RING].as_mut() {
-                    let h = x.hash.hash();
-                    x.hash = match (x.p.key.is_ipv4(), x.si.is_some()) {
-                        (true, true) => self.ct4.candidate(h),
-                        (true, false) => self.ct4.reply_candidate(h),
-                        (false, true) => self.ct6.candidate(h),
-                        (false, false) => self.ct6.reply_candidate(h),
+                    let (ct, h) = (self.table_of(x), x.hash.hash());
+                    x.hash = if x.si.is_some() {
+                        ct.candidate(h)
+                    } else {
+                        ct.reply_candidate(h)
                     };
                 }
             }
@@ -447,9 +445,18 @@ impl Dataplane {
         }
         let k = &x.p.key;
         x.si = self.tables.service_index(k.dst(), k.dst_port(), k.proto());
-        let ct = if k.is_ipv4() { &self.ct4 } else { &self.ct6 };
-        x.hash = Prefetched::of_hash(ct.flow_hash(k));
+        x.hash = Prefetched::of_hash(self.table_of(&x).flow_hash(k));
         Some(x)
+    }
+
+    /// The flow table of a classified packet's family.
+    #[inline(always)]
+    fn table_of(&self, x: &Pre) -> &ConnTable {
+        if x.p.key.is_ipv4() {
+            &self.ct4
+        } else {
+            &self.ct6
+        }
     }
 
     #[inline]

@@ -19,8 +19,10 @@
 //!
 //! Sizing: `ceil(1.25 × capacity / WAYS)` buckets, so the index is at most 80 % full and costs
 //! 8 bytes per entry of capacity (hashbrown: 10 at 2^20, up to 20 just above a power of two).
-//! A sparser index (2/3 full, 9.6 B) and branch-free tag matching were measured and were not
-//! faster on the bench machine: the tag loop's branches are cheap next to the line's miss.
+//! A sparser index (2/3 full, 9.6 B) and branch-free tag matching in [`Index::find`] were
+//! measured and were not faster on the bench machine: the tag loop's branches are cheap next to
+//! the line's miss. ([`Index::candidate`], which runs on a line a burst prefetched, builds a
+//! branch-free match mask.)
 
 use crate::entry::NIL;
 

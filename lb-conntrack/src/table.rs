@@ -857,20 +857,20 @@ impl<H: KeyedHash> ConnTable<H> {
         if s.flags & F_LIVE == 0 {
             return;
         }
+        // The index lines to edit are random memory: ask for them first, do the bookkeeping
+        // that touches lines already here, edit the index last.
         let key = slot_key(&s, &self.v6);
         let h = self.hasher.hash_flow(&key);
-        self.index.remove(h, i);
-        if s.flags & F_NAT != 0 {
-            if let Some(reply) = self.nat_of(i) {
-                let rh = self.hasher.hash_flow(&reply);
-                self.reply_index.remove(rh, i);
-                if s.flags & F_POOL != 0 {
-                    if let Some(pool) = self.snat.as_mut() {
-                        pool.release(BackendId(s.backend), reply.dst(), reply.dst_port());
-                    }
-                }
-            }
-        }
+        self.index.prefetch(h);
+        let reply = if s.flags & F_NAT != 0 {
+            self.nat_of(i).map(|r| {
+                let rh = self.hasher.hash_flow(&r);
+                self.reply_index.prefetch(rh);
+                (r, rh)
+            })
+        } else {
+            None
+        };
         if s.flags & F_PERSIST != 0 {
             let tk = TemplateKey::client(key.src(), s.persist, Service::of_flow(&key));
             let now = Instant::from_millis(self.clock);
@@ -881,6 +881,21 @@ impl<H: KeyedHash> ConnTable<H> {
             self.v6_free.push(s.a);
         }
         self.lists.unlink(&mut self.slots, s.class, i);
+        if s.prev == NIL {
+            // A list head left (expiry, eviction): its successor, the next one to go, will be
+            // read whole (slot, and its counters for the session statistics). Its slot line is
+            // on its way already (the unlink wrote to it); fetch its side lines too.
+            self.prefetch_slot(s.next);
+        }
+        self.index.remove(h, i);
+        if let Some((r, rh)) = reply {
+            self.reply_index.remove(rh, i);
+            if s.flags & F_POOL != 0 {
+                if let Some(pool) = self.snat.as_mut() {
+                    pool.release(BackendId(s.backend), r.dst(), r.dst_port());
+                }
+            }
+        }
         let free = self.free;
         if let Some(m) = self.slots.get_mut(i as usize) {
             *m = Slot {

@@ -27,15 +27,25 @@ const SMALL: usize = 1 << 14;
 const KEY: HashKey = HashKey::from_bytes(*b"bench-conntrack1");
 
 fn cfg() -> Config {
+    cfg_of(N)
+}
+
+/// IPv4 only, per-flow counters on, `capacity` entries.
+fn cfg_of(capacity: usize) -> Config {
     Config {
         ipv6_capacity: 0,
         flow_stats: true,
-        ..Config::with_capacity(N)
+        ..Config::with_capacity(capacity)
     }
 }
 
 fn build<H: KeyedHash>(keys: &[FlowKey]) -> ConnTable<H> {
-    let mut t = ConnTable::<H>::with_hasher(cfg(), KEY).expect("config");
+    build_in(cfg(), keys)
+}
+
+/// A table of configuration `cfg` holding `keys` (TCP flows opened by a SYN, 64 backends).
+fn build_in<H: KeyedHash>(cfg: Config, keys: &[FlowKey]) -> ConnTable<H> {
+    let mut t = ConnTable::<H>::with_hasher(cfg, KEY).expect("config");
     let now = Instant::from_secs(1);
     for (i, k) in keys.iter().enumerate() {
         t.insert_with(
@@ -198,22 +208,7 @@ pub fn register(c: &mut Criterion) {
         let keys = ipv4_flows(SMALL, 21);
         let mut probe = keys.clone();
         probe.shuffle(&mut StdRng::seed_from_u64(22));
-        let mut t = ConnTable::<SipHash13>::new(
-            Config {
-                ipv6_capacity: 0,
-                flow_stats: true,
-                ..Config::with_capacity(SMALL)
-            },
-            KEY,
-        )
-        .expect("cfg");
-        for (i, k) in keys.iter().enumerate() {
-            t.insert_with(
-                NewFlow::new(*k, BackendId(i as u32 & 63))
-                    .with_first(Packet::original(TcpFlags::SYN, 60)),
-                now,
-            );
-        }
+        let mut t = build_in::<SipHash13>(cfg_of(SMALL), &keys);
         let pkts = [ack(); 16];
         let mut out = [None::<Hit>; 16];
         let mut i = 0;

@@ -249,17 +249,29 @@ fn ipv6_store_is_bounded_and_evicts_v6() {
     assert_eq!(t.len(), 6);
 }
 
-#[test]
-fn full_nat_reply_lookup_and_port_release() {
+/// A 16-entry full-NAT table with an SNAT pool of `ports` on one address (returned) for
+/// `backends`.
+fn nat_table(
+    ports: std::ops::RangeInclusive<u16>,
+    backends: &[u32],
+) -> (ConnTable, std::net::IpAddr) {
     let cfg = Config {
         nat: true,
         ..Config::with_capacity(16)
     };
     let mut t = ConnTable::new(cfg, KEY).unwrap();
     let snat: std::net::IpAddr = "198.51.100.1".parse().unwrap();
-    let mut pool = SnatPool::new(vec![snat], 40000..=40000).unwrap();
-    pool.add_backend(BackendId(5));
+    let mut pool = SnatPool::new(vec![snat], ports).unwrap();
+    for &b in backends {
+        pool.add_backend(BackendId(b));
+    }
     t.set_snat_pool(pool);
+    (t, snat)
+}
+
+#[test]
+fn full_nat_reply_lookup_and_port_release() {
+    let (mut t, snat) = nat_table(40000..=40000, &[5]);
     let k = k4(1, IpProto::Tcp);
     let now = Instant::from_secs(1);
     let backend_addr = "10.1.0.5:8080".parse().unwrap();
@@ -452,16 +464,7 @@ proptest! {
 /// same result as a plain lookup. Forward and reply directions.
 #[test]
 fn wrong_and_stale_hints_are_ignored() {
-    let cfg = Config {
-        nat: true,
-        ..Config::with_capacity(16)
-    };
-    let mut t = ConnTable::new(cfg, KEY).unwrap();
-    let snat: std::net::IpAddr = "198.51.100.1".parse().unwrap();
-    let mut pool = SnatPool::new(vec![snat], 40000..=40100).unwrap();
-    pool.add_backend(BackendId(1));
-    pool.add_backend(BackendId(2));
-    t.set_snat_pool(pool);
+    let (mut t, _) = nat_table(40000..=40100, &[1, 2]);
     let now = Instant::from_secs(1);
     let (a, b, c) = (
         k4(1, IpProto::Tcp),

@@ -141,25 +141,11 @@ pub fn register(c: &mut Criterion) {
             let t = build::<SipHash13>(&keys);
             let m = t.memory();
             eprintln!(
-                "conntrack: {} entries, {:?}, {:.1} B/entry (total heap / capacity)",
+                "conntrack: {} entries, {:?}: per flow (slots + index) {:.1} B, total heap / capacity {:.2} B",
                 t.len(),
                 m,
+                (m.slots + m.index) as f64 / N as f64,
                 m.total as f64 / N as f64
-            );
-            let lean = ConnTable::new(
-                Config {
-                    flow_stats: false,
-                    persist_capacity: 1,
-                    stats_backends: 0,
-                    ..cfg()
-                },
-                KEY,
-            )
-            .expect("cfg")
-            .memory();
-            eprintln!(
-                "conntrack without per-flow counters: {:.1} B/entry",
-                lean.total as f64 / N as f64
             );
             t
         });

@@ -1,12 +1,18 @@
 //! The compact per-connection record and its public views.
 //!
-//! A [`Slot`] is 32 bytes: an IPv4 key packed in 13 bytes, the state class, flags, the backend,
-//! the two links of its class list and the last-seen time in 32-bit milliseconds. An IPv6 key
-//! does not fit: its two addresses (32 bytes) live in a side store of
+//! A [`Slot`] is 40 bytes and holds everything a connection needs: an IPv4 key packed in 13
+//! bytes, the state class, flags, the backend, the two links of its class list, the last-seen
+//! and creation times in 32-bit milliseconds, and its packet and byte counters packed in one
+//! 64-bit word (a flow that outgrows them moves its counters to a small side table of exact
+//! 64-bit pairs, see [`Counts`]). With the 8-byte index share that makes 48 bytes per IPv4
+//! flow. An IPv6 key does not fit: its two addresses (32 bytes) live in a side store of
 //! [`Config::ipv6_capacity`](crate::Config::ipv6_capacity) pairs and the slot keeps their
-//! index. Per-flow counters (created time, packets, bytes: 16 bytes) live in a parallel array
-//! when [`Config::flow_stats`](crate::Config::flow_stats) is on, the NAT reply tuple in another
-//! when [`Config::nat`](crate::Config::nat) is on: a table pays only for what it uses.
+//! index. The NAT reply tuple lives in a parallel array when [`Config::nat`](crate::Config::nat)
+//! is on: a table pays only for what it uses.
+//!
+//! The price of 40 bytes: list links are 24-bit (a table holds at most
+//! [`MAX_CAPACITY`](crate::MAX_CAPACITY) entries) and backend ids are 16-bit (an insert with a
+//! larger id is refused).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -17,6 +23,12 @@ use crate::timeout::FlowState;
 
 /// "No slot": the end of a list.
 pub(crate) const NIL: u32 = u32::MAX;
+
+/// A 24-bit list link's "no slot".
+const NIL24: u64 = (1 << 24) - 1;
+
+/// The largest backend id a slot stores.
+pub(crate) const MAX_BACKEND: u32 = crate::MAX_BACKEND_ID;
 
 /// Slot flag: the slot holds a live entry.
 pub(crate) const F_LIVE: u8 = 1;
@@ -31,8 +43,9 @@ pub(crate) const F_POOL: u8 = 16;
 /// Slot flag: a persistence template is attached (its prefix length is in `persist`).
 pub(crate) const F_PERSIST: u8 = 32;
 
-/// One entry of the slab. 32 bytes, 4-byte aligned.
+/// One entry of the slab. 40 bytes, 8-byte aligned.
 #[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
 pub(crate) struct Slot {
     /// IPv4 source address, or the index of the IPv6 address pair.
     pub(crate) a: u32,
@@ -46,11 +59,132 @@ pub(crate) struct Slot {
     pub(crate) flags: u8,
     /// Prefix length of the attached persistence template.
     pub(crate) persist: u8,
-    pub(crate) backend: u32,
-    pub(crate) prev: u32,
-    pub(crate) next: u32,
+    /// Previous (bits 0..24) and next (24..48) slot of the class list, backend (48..64).
+    pub(crate) links: u64,
     /// Last-seen time, milliseconds modulo 2^32.
     pub(crate) last: u32,
+    /// Creation time, milliseconds modulo 2^32.
+    pub(crate) created: u32,
+    /// Packet and byte counters.
+    pub(crate) counts: Counts,
+}
+
+impl Slot {
+    #[inline(always)]
+    fn link(&self, shift: u32) -> u32 {
+        let v = (self.links >> shift) & NIL24;
+        if v == NIL24 {
+            NIL
+        } else {
+            v as u32
+        }
+    }
+
+    #[inline(always)]
+    fn set_link(&mut self, shift: u32, i: u32) {
+        let v = if i == NIL {
+            NIL24
+        } else {
+            u64::from(i) & NIL24
+        };
+        self.links = (self.links & !(NIL24 << shift)) | (v << shift);
+    }
+
+    /// The previous slot of the class list (or the free list), [`NIL`] at the head.
+    #[inline(always)]
+    pub(crate) fn prev(&self) -> u32 {
+        self.link(0)
+    }
+
+    /// The next slot of the class list (or the free list), [`NIL`] at the tail.
+    #[inline(always)]
+    pub(crate) fn next(&self) -> u32 {
+        self.link(24)
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_prev(&mut self, i: u32) {
+        self.set_link(0, i);
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_next(&mut self, i: u32) {
+        self.set_link(24, i);
+    }
+
+    /// The backend id.
+    #[inline(always)]
+    pub(crate) fn backend(&self) -> u32 {
+        (self.links >> 48) as u32
+    }
+
+    /// Sets the backend id (the caller checked it is at most [`MAX_BACKEND`]).
+    #[inline(always)]
+    pub(crate) fn set_backend(&mut self, b: u32) {
+        self.links = (self.links & ((1 << 48) - 1)) | (u64::from(b.min(MAX_BACKEND)) << 48);
+    }
+
+    /// A free slot whose free-list successor is `next`.
+    pub(crate) fn free(next: u32) -> Slot {
+        let mut s = Slot::default();
+        s.set_prev(NIL);
+        s.set_next(next);
+        s
+    }
+}
+
+/// A flow's packet and byte counters in one word.
+///
+/// Small (the common case): packets in bits 0..26 (up to 2^26 − 1, 67 M packets) and bytes in
+/// bits 26..63 (up to 2^37 − 1, 128 GiB). When a packet would overflow either, the flow becomes
+/// an elephant: bit 63 is set and bits 0..32 index a pair of exact `u64` counters in the
+/// table's elephant store. If that store is full the small counters saturate instead (and the
+/// table counts it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts(pub(crate) u64);
+
+const PACKET_BITS: u32 = 26;
+const PACKET_MAX: u64 = (1 << PACKET_BITS) - 1;
+const BYTE_MAX: u64 = (1 << 37) - 1;
+const ELEPHANT: u64 = 1 << 63;
+
+impl Counts {
+    /// Zero packets, zero bytes.
+    pub(crate) const ZERO: Counts = Counts(0);
+
+    /// Small counters (saturated at their maxima).
+    #[inline]
+    pub(crate) fn small(packets: u64, bytes: u64) -> Counts {
+        Counts(packets.min(PACKET_MAX) | (bytes.min(BYTE_MAX) << PACKET_BITS))
+    }
+
+    /// Counters kept in elephant-store entry `e`.
+    #[inline]
+    pub(crate) fn elephant(e: u32) -> Counts {
+        Counts(ELEPHANT | u64::from(e))
+    }
+
+    /// The elephant-store entry, if the counters live there.
+    #[inline(always)]
+    pub(crate) fn elephant_index(self) -> Option<u32> {
+        (self.0 & ELEPHANT != 0).then_some(self.0 as u32)
+    }
+
+    /// (packets, bytes) of small counters (meaningless for an elephant).
+    #[inline(always)]
+    pub(crate) fn small_values(self) -> (u64, u64) {
+        (self.0 & PACKET_MAX, (self.0 >> PACKET_BITS) & BYTE_MAX)
+    }
+
+    /// Small counters plus one packet of `bytes`, or `None` if that overflows them (or they
+    /// are an elephant's).
+    #[inline(always)]
+    pub(crate) fn bumped(self, bytes: u32) -> Option<Counts> {
+        let (p, b) = self.small_values();
+        let b = b + u64::from(bytes);
+        (self.0 & ELEPHANT == 0 && p < PACKET_MAX && b <= BYTE_MAX)
+            .then_some(Counts(self.0 + 1 + (u64::from(bytes) << PACKET_BITS)))
+    }
 }
 
 /// An IPv4 NAT reply tuple (backend → SNAT address), kept beside the slab when `nat` is on:
@@ -67,15 +201,6 @@ pub(crate) struct Nat4 {
 
 /// An IPv6 NAT reply tuple: backend address, SNAT address, backend port, SNAT port.
 pub(crate) type Nat6 = [u8; 36];
-
-/// Per-flow counters kept beside the slab when `flow_stats` is on.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct FlowCounters {
-    /// Creation time, milliseconds modulo 2^32.
-    pub(crate) created: u32,
-    pub(crate) packets: u32,
-    pub(crate) bytes: u64,
-}
 
 /// A flow key in the form the slab stores, for comparison without rebuilding keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,9 +363,9 @@ pub struct EntryInfo {
     pub last_seen: Instant,
     /// When the entry times out if no further packet comes.
     pub deadline: Instant,
-    /// Packets seen (0 when per-flow counters are off).
+    /// Packets seen.
     pub packets: u64,
-    /// Bytes seen (0 when per-flow counters are off).
+    /// Bytes seen.
     pub bytes: u64,
 }
 
@@ -262,10 +387,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slot_is_32_bytes() {
-        assert_eq!(core::mem::size_of::<Slot>(), 32);
+    fn slot_is_40_bytes() {
+        assert_eq!(core::mem::size_of::<Slot>(), 40);
         assert_eq!(core::mem::size_of::<Nat4>(), 16);
-        assert_eq!(core::mem::size_of::<FlowCounters>(), 16);
+    }
+
+    #[test]
+    fn links_and_backend_share_a_word() {
+        let mut s = Slot::free(NIL);
+        assert_eq!((s.prev(), s.next(), s.backend()), (NIL, NIL, 0));
+        s.set_backend(MAX_BACKEND);
+        s.set_next(7);
+        s.set_prev(0xFF_FFFE);
+        assert_eq!(
+            (s.prev(), s.next(), s.backend()),
+            (0xFF_FFFE, 7, MAX_BACKEND)
+        );
+        s.set_prev(NIL);
+        s.set_backend(3);
+        assert_eq!((s.prev(), s.next(), s.backend()), (NIL, 7, 3));
+    }
+
+    #[test]
+    fn small_counts_bump_until_they_overflow() {
+        let c = Counts::ZERO.bumped(1500).and_then(|c| c.bumped(60));
+        assert_eq!(c.map(Counts::small_values), Some((2, 1560)));
+        assert_eq!(Counts::small(PACKET_MAX, 0).bumped(1), None);
+        assert_eq!(Counts::small(1, BYTE_MAX - 10).bumped(11), None);
+        assert_eq!(
+            Counts::small(1, BYTE_MAX - 10)
+                .bumped(10)
+                .map(Counts::small_values),
+            Some((2, BYTE_MAX))
+        );
+        let e = Counts::elephant(9);
+        assert_eq!(e.elephant_index(), Some(9));
+        assert_eq!(e.bumped(1), None);
+        assert_eq!(
+            Counts::small(u64::MAX, u64::MAX).small_values(),
+            (PACKET_MAX, BYTE_MAX)
+        );
     }
 
     #[test]

@@ -33,11 +33,11 @@ impl Lists {
         let c = usize::from(c) % CLASSES;
         let t = self.tail[c];
         if let Some(s) = slots.get_mut(i as usize) {
-            s.prev = t;
-            s.next = NIL;
+            s.set_prev(t);
+            s.set_next(NIL);
         }
         match slots.get_mut(t as usize) {
-            Some(ts) => ts.next = i,
+            Some(ts) => ts.set_next(i),
             None => self.head[c] = i,
         }
         self.tail[c] = i;
@@ -49,15 +49,15 @@ impl Lists {
     pub(crate) fn unlink(&mut self, slots: &mut [Slot], c: u8, i: u32) {
         let c = usize::from(c) % CLASSES;
         let (p, n) = match slots.get(i as usize) {
-            Some(s) => (s.prev, s.next),
+            Some(s) => (s.prev(), s.next()),
             None => return,
         };
         match slots.get_mut(p as usize) {
-            Some(ps) => ps.next = n,
+            Some(ps) => ps.set_next(n),
             None => self.head[c] = n,
         }
         match slots.get_mut(n as usize) {
-            Some(ns) => ns.prev = p,
+            Some(ns) => ns.set_prev(p),
             None => self.tail[c] = p,
         }
         self.len[c] = self.len[c].saturating_sub(1);
@@ -89,7 +89,7 @@ mod tests {
         let mut i = l.head[c as usize];
         while i != NIL {
             v.push(i);
-            i = s[i as usize].next;
+            i = s[i as usize].next();
         }
         v
     }

@@ -5,11 +5,11 @@
 //! data path of a layer-4 balancer:
 //!
 //! - [`ConnTable`]: a fixed-capacity table keyed by [`lb_core::FlowKey`] under a keyed hash,
-//!   32 bytes per IPv4 entry plus an 8-byte share of a cache-line hash index: 40 B per flow
-//!   (total heap / capacity, from [`ConnTable::memory`]), 56 B with per-flow counters
-//!   ([`Config::flow_stats`], 16 B), +36 B per IPv6 place ([`Config::ipv6_capacity`]), +24 B
-//!   with full-NAT reply tuples ([`Config::nat`]). Linux nf_conntrack: 304 B, IPVS: 136 B. No
-//!   allocation after construction.
+//!   40 bytes per IPv4 entry (key, state, backend, expiry-list links, created and last-seen
+//!   times, packet and byte counters) plus an 8-byte share of a cache-line hash index: 48 B
+//!   per flow (from [`ConnTable::memory`]), +36 B per IPv6 place ([`Config::ipv6_capacity`]),
+//!   +24 B with full-NAT reply tuples ([`Config::nat`]). Linux nf_conntrack: 304 B, IPVS:
+//!   136 B. No allocation after construction.
 //! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine
 //!   ([`TcpState`]) driven by the flags seen in each [`Direction`], and incremental expiry
 //!   ([`ConnTable::expire`] with a budget, [`ConnTable::next_deadline`]).
@@ -80,8 +80,8 @@ pub use stats::{
     Counters, EvictReason, Histogram, Refusal, SessionHistograms, SessionStats, HISTOGRAM_BUCKETS,
 };
 pub use table::{
-    Config, ConnTable, EntryRef, Insert, Lookup, MemoryUsage, NewFlow, Prefetched, MAX_CAPACITY,
-    PIPELINE,
+    Config, ConnTable, EntryRef, Insert, Lookup, MemoryUsage, NewFlow, Prefetched, MAX_BACKEND_ID,
+    MAX_CAPACITY, PIPELINE,
 };
 pub use tcp_state::{Direction, TcpFlags, TcpState};
 pub use timeout::{FlowState, Timeouts, MAX_TIMEOUT};

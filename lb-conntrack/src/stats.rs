@@ -33,6 +33,8 @@ pub enum Refusal {
     /// The backend's address family differs from the SNAT addresses', or a reply tuple's
     /// family or protocol differs from its flow's.
     FamilyMismatch,
+    /// The backend id is above what a slot stores (65 535).
+    BackendId,
 }
 
 /// Counters of the table's operations. All wrap on overflow (they are `u64`).
@@ -67,6 +69,13 @@ pub struct Counters {
     pub refused_nat: u64,
     /// Insertions refused: SNAT ports exhausted or family mismatch.
     pub refused_ports: u64,
+    /// Insertions refused: backend id above 65 535.
+    pub refused_backend: u64,
+    /// Flows whose counters outgrew a slot's and moved to the elephant store.
+    pub elephants: u64,
+    /// Packets counted in saturated counters: the flow outgrew its slot's counters while the
+    /// elephant store was full (its packet and byte counts stop growing).
+    pub counts_saturated: u64,
     /// Entries removed explicitly.
     pub removed: u64,
     /// TIME_WAIT / CLOSE entries reused by a new SYN.
@@ -87,6 +96,7 @@ impl Counters {
             Refusal::Ipv6Full => self.refused_ipv6 += 1,
             Refusal::NatConflict | Refusal::NatDisabled => self.refused_nat += 1,
             Refusal::PortsExhausted | Refusal::FamilyMismatch => self.refused_ports += 1,
+            Refusal::BackendId => self.refused_backend += 1,
         }
     }
 }

@@ -5,10 +5,12 @@
 //! - `index` (`index.rs`): cache-line buckets of (16-bit hash tag, slot id) under the keyed
 //!   hash of the flow key, so a probe reads one line and compares a full key only on a tag
 //!   match; removals find their way by hash and slot id, never by comparing keys.
-//! - `slots`: `capacity` slots of 32 bytes, preallocated; free slots are chained through `next`.
+//! - `slots`: `capacity` slots of 40 bytes (key, state, backend, list links, times, counters),
+//!   preallocated; free slots are chained through `next`.
 //! - class lists (`evict.rs`): one intrusive list per state class, ordered by last-seen time.
-//! - side arrays, only when enabled: IPv6 address pairs, per-flow counters, NAT reply tuples
-//!   (compact, see `entry.rs`) and a second index of the same kind over the reply tuples.
+//! - side arrays: IPv6 address pairs, exact counters of the few flows that outgrow a slot's
+//!   (the elephant store), and when NAT is on, reply tuples (compact, see `entry.rs`) and a
+//!   second index of the same kind over them.
 //!
 //! Nothing allocates after construction, and removal leaves no tombstones (see `index.rs`),
 //! so no operation ever pauses to rebuild.
@@ -18,8 +20,8 @@ use std::net::SocketAddr;
 use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHash13};
 
 use crate::entry::{
-    slot_key, EntryInfo, FlowCounters, Hit, Nat4, Nat6, Packet, Probe, Slot, F_BIDIR, F_LIVE,
-    F_NAT, F_PERSIST, F_POOL, F_V6, NIL,
+    slot_key, Counts, EntryInfo, Hit, Nat4, Nat6, Packet, Probe, Slot, F_BIDIR, F_LIVE, F_NAT,
+    F_PERSIST, F_POOL, F_V6, NIL,
 };
 use crate::evict::Lists;
 use crate::index::Index;
@@ -34,7 +36,7 @@ mod config;
 mod handle;
 mod insert;
 
-pub use config::{Config, Insert, NewFlow, MAX_CAPACITY};
+pub use config::{Config, Insert, NewFlow, MAX_BACKEND_ID, MAX_CAPACITY};
 pub use handle::{EntryRef, Lookup, MemoryUsage};
 
 /// A fixed-capacity connection-tracking table.
@@ -56,7 +58,8 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     lists: Lists,
     v6: Vec<[u8; 32]>,
     v6_free: Vec<u32>,
-    flow: Vec<FlowCounters>,
+    elephants: Vec<[u64; 2]>,
+    elephant_free: Vec<u32>,
     nat: Vec<Nat4>,
     nat6: Vec<Nat6>,
     timeouts: Timeouts,
@@ -67,6 +70,25 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     sessions: SessionStats,
     persist: PersistTable<H>,
     snat: Option<SnatPool>,
+    /// The next list head to leave and its key's hashes (forward, reply), computed when its
+    /// predecessor left: see `remove_slot`.
+    next_out: NextOut,
+}
+
+/// A list head's hashes, computed ahead of its removal.
+#[derive(Debug, Clone, Copy)]
+struct NextOut {
+    slot: u32,
+    hash: u64,
+    reply: u64,
+}
+
+impl NextOut {
+    const NONE: NextOut = NextOut {
+        slot: NIL,
+        hash: 0,
+        reply: 0,
+    };
 }
 
 /// One key of a prefetched burst (from [`ConnTable::candidate`]): its flow hash and the
@@ -116,10 +138,9 @@ impl<H: KeyedHash> ConnTable<H> {
     pub fn with_hasher(cfg: Config, key: HashKey) -> Result<Self, ConntrackError> {
         cfg.validate()?;
         let cap = cfg.capacity;
-        let mut slots = vec![Slot::default(); cap];
-        for (i, s) in slots.iter_mut().enumerate() {
-            s.next = if i + 1 < cap { (i + 1) as u32 } else { NIL };
-        }
+        let slots: Vec<Slot> = (0..cap)
+            .map(|i| Slot::free(if i + 1 < cap { (i + 1) as u32 } else { NIL }))
+            .collect();
         let v6_free: Vec<u32> = (0..cfg.ipv6_capacity as u32).rev().collect();
         Ok(ConnTable {
             hasher: FlowHasher::with_key(key),
@@ -131,11 +152,8 @@ impl<H: KeyedHash> ConnTable<H> {
             lists: Lists::new(),
             v6: vec![[0; 32]; cfg.ipv6_capacity],
             v6_free,
-            flow: if cfg.flow_stats {
-                vec![FlowCounters::default(); cap]
-            } else {
-                Vec::new()
-            },
+            elephants: vec![[0; 2]; cfg.elephants],
+            elephant_free: (0..cfg.elephants as u32).rev().collect(),
             nat: if cfg.nat {
                 vec![Nat4::default(); cap]
             } else {
@@ -154,6 +172,7 @@ impl<H: KeyedHash> ConnTable<H> {
             sessions: SessionStats::new(cfg.stats_backends),
             persist: PersistTable::with_hasher(cfg.persist_capacity, key.derive("persist"))?,
             snat: None,
+            next_out: NextOut::NONE,
         })
     }
 
@@ -232,7 +251,7 @@ impl<H: KeyedHash> ConnTable<H> {
         let slots = self.slots.capacity() * size_of::<Slot>();
         let index = self.index.allocation_size();
         let ipv6 = self.v6.capacity() * 32 + self.v6_free.capacity() * 4;
-        let flow_stats = self.flow.capacity() * size_of::<FlowCounters>();
+        let elephants = self.elephants.capacity() * 16 + self.elephant_free.capacity() * 4;
         let nat = self.nat.capacity() * size_of::<Nat4>()
             + self.nat6.capacity() * size_of::<Nat6>()
             + self.reply_index.allocation_size();
@@ -242,9 +261,9 @@ impl<H: KeyedHash> ConnTable<H> {
             slots,
             index,
             ipv6,
-            flow_stats,
+            elephants,
             nat,
-            total: slots + index + ipv6 + flow_stats + nat + persist + sessions,
+            total: slots + index + ipv6 + elephants + nat + persist + sessions,
         }
     }
 
@@ -419,16 +438,71 @@ impl<H: KeyedHash> ConnTable<H> {
 
     pub(crate) fn info(&self, i: u32) -> EntryInfo {
         let s = self.slots.get(i as usize).copied().unwrap_or_default();
-        let fc = self.flow.get(i as usize).copied().unwrap_or_default();
+        let (packets, bytes) = self.counts_of(&s);
         EntryInfo {
             key: slot_key(&s, &self.v6),
-            backend: BackendId(s.backend),
+            backend: BackendId(s.backend()),
             state: FlowState::from_class(s.class).unwrap_or(FlowState::Other),
             nat: self.nat_of(i),
             last_seen: Instant::from_millis(self.clock.saturating_sub(u64::from(self.age(&s)))),
             deadline: self.deadline_of(&s),
-            packets: u64::from(fc.packets),
-            bytes: fc.bytes,
+            packets,
+            bytes,
+        }
+    }
+
+    /// The (packets, bytes) counters of slot `s`.
+    fn counts_of(&self, s: &Slot) -> (u64, u64) {
+        match s.counts.elephant_index() {
+            Some(e) => self
+                .elephants
+                .get(e as usize)
+                .map_or((0, 0), |&[p, b]| (p, b)),
+            None => s.counts.small_values(),
+        }
+    }
+
+    /// Counts a packet of `bytes` in slot `i`'s counters whose small form overflowed (or
+    /// which live in the elephant store already).
+    #[cold]
+    #[inline(never)]
+    fn count_slow(&mut self, i: u32, bytes: u32) {
+        let Some(s) = self.slots.get(i as usize).copied() else {
+            return;
+        };
+        let (p, b) = self.counts_of(&s);
+        let (p, b) = (p.saturating_add(1), b.saturating_add(u64::from(bytes)));
+        let counts = match s.counts.elephant_index() {
+            Some(e) => {
+                if let Some(x) = self.elephants.get_mut(e as usize) {
+                    *x = [p, b];
+                }
+                s.counts
+            }
+            None => match self.elephant_free.pop() {
+                Some(e) => {
+                    if let Some(x) = self.elephants.get_mut(e as usize) {
+                        *x = [p, b];
+                    }
+                    self.counters.elephants += 1;
+                    Counts::elephant(e)
+                }
+                None => {
+                    self.counters.counts_saturated += 1;
+                    Counts::small(p, b)
+                }
+            },
+        };
+        if let Some(m) = self.slots.get_mut(i as usize) {
+            m.counts = counts;
+        }
+    }
+
+    /// Resets slot `s`'s counters (returning an elephant-store entry), to be stored back.
+    #[inline]
+    fn release_counts(&mut self, s: &Slot) {
+        if let Some(e) = s.counts.elephant_index() {
+            self.elephant_free.push(e);
         }
     }
 
@@ -468,7 +542,7 @@ impl<H: KeyedHash> ConnTable<H> {
                 Lookup::Miss
             }
             Some(i) if self.slot_expired(i) => {
-                let backend = BackendId(self.slots.get(i as usize).map_or(0, |s| s.backend));
+                let backend = BackendId(self.slots.get(i as usize).map_or(0, Slot::backend));
                 self.counters.expired_on_lookup += 1;
                 self.remove_slot(i);
                 Lookup::Expired { backend }
@@ -618,7 +692,8 @@ impl<H: KeyedHash> ConnTable<H> {
         }
     }
 
-    /// Prefetches the lines of slot `i` and of its side-array entries (a hint).
+    /// Prefetches the lines of slot `i` (one or two: a 40-byte slot straddles a line boundary
+    /// three times in eight) and of its NAT tuple (a hint).
     #[inline(always)]
     fn prefetch_slot(&self, i: u32) {
         if i == NIL {
@@ -626,9 +701,11 @@ impl<H: KeyedHash> ConnTable<H> {
         }
         let i = i as usize;
         prefetch_index::prefetch_index(&self.slots, i);
-        if !self.flow.is_empty() {
-            prefetch_index::prefetch_index(&self.flow, i);
-        }
+        // The slot's second line if it straddles, else its first again: no branch (a branch
+        // taken three times in eight at random mispredicts, and costs more than the prefetch).
+        let start = (self.slots.as_ptr() as usize).wrapping_add(i * size_of::<Slot>());
+        let straddles = usize::from(start % 64 > 64 - size_of::<Slot>());
+        prefetch_index::prefetch_index(&self.slots, i + straddles);
         if !self.nat.is_empty() {
             prefetch_index::prefetch_index(&self.nat, i);
         }
@@ -785,7 +862,12 @@ impl<H: KeyedHash> ConnTable<H> {
     /// Applies one packet to live slot `i`.
     #[inline(always)]
     pub(crate) fn apply_packet(&mut self, i: u32, pkt: Packet, now32: u32, first: bool) -> Hit {
-        let Some(s) = self.slots.get(i as usize).copied() else {
+        // Only the fields needed: a copy of the whole 40-byte slot costs more than the reads.
+        let Some((class0, flags0, last0, counts0, backend)) = self
+            .slots
+            .get(i as usize)
+            .map(|s| (s.class, s.flags, s.last, s.counts, s.backend()))
+        else {
             return Hit {
                 backend: BackendId(0),
                 state: FlowState::Other,
@@ -793,8 +875,8 @@ impl<H: KeyedHash> ConnTable<H> {
                 changed: false,
             };
         };
-        let old = FlowState::from_class(s.class).unwrap_or(FlowState::Other);
-        let mut flags = s.flags;
+        let old = FlowState::from_class(class0).unwrap_or(FlowState::Other);
+        let mut flags = flags0;
         if pkt.dir == Direction::Reply {
             flags |= F_BIDIR;
         }
@@ -809,43 +891,51 @@ impl<H: KeyedHash> ConnTable<H> {
             FlowState::UdpUnconfirmed if !first || pkt.dir == Direction::Reply => FlowState::Udp,
             other => other,
         };
+        let mut counts = counts0;
         if reused {
-            self.counters.reused += 1;
-            self.record_session(i, &s);
-        }
-        if let Some(fc) = self.flow.get_mut(i as usize) {
-            if reused {
-                *fc = FlowCounters {
-                    created: now32,
-                    packets: 0,
-                    bytes: 0,
-                };
-            }
-            fc.packets = fc.packets.saturating_add(1);
-            fc.bytes = fc.bytes.saturating_add(u64::from(pkt.bytes));
+            self.reuse(i);
+            counts = Counts::ZERO;
         }
         let class = new.class();
-        if class != s.class || now32 != s.last {
-            self.lists.requeue(&mut self.slots, s.class, class, i);
+        if class != class0 || now32 != last0 {
+            self.lists.requeue(&mut self.slots, class0, class, i);
         }
+        let bumped = counts.bumped(pkt.bytes);
         if let Some(m) = self.slots.get_mut(i as usize) {
             m.class = class;
             m.flags = flags;
             m.last = now32;
+            if reused {
+                m.created = now32;
+            }
+            m.counts = bumped.unwrap_or(counts);
+        }
+        if bumped.is_none() {
+            self.count_slow(i, pkt.bytes);
         }
         Hit {
-            backend: BackendId(s.backend),
+            backend: BackendId(backend),
             state: new,
             nat: self.nat_of(i),
             changed: new != old,
         }
     }
 
-    fn record_session(&mut self, i: u32, s: &Slot) {
-        if let Some(fc) = self.flow.get(i as usize) {
-            let dur = u64::from(s.last.wrapping_sub(fc.created));
-            self.sessions
-                .record(BackendId(s.backend), dur, u64::from(fc.packets));
+    /// A TIME_WAIT / CLOSE entry reused by a new SYN: the old session ends here.
+    #[cold]
+    fn reuse(&mut self, i: u32) {
+        if let Some(s) = self.slots.get(i as usize).copied() {
+            self.counters.reused += 1;
+            self.record_session(&s);
+            self.release_counts(&s);
+        }
+    }
+
+    fn record_session(&mut self, s: &Slot) {
+        if self.cfg.flow_stats {
+            let dur = u64::from(s.last.wrapping_sub(s.created));
+            let (packets, _) = self.counts_of(s);
+            self.sessions.record(BackendId(s.backend()), dur, packets);
         }
     }
 
@@ -858,14 +948,30 @@ impl<H: KeyedHash> ConnTable<H> {
             return;
         }
         // The index lines to edit are random memory: ask for them first, do the bookkeeping
-        // that touches lines already here, edit the index last.
+        // that touches lines already here, edit the index last. A list head's hashes were
+        // computed, and its lines asked for, when its predecessor left.
         let key = slot_key(&s, &self.v6);
-        let h = self.hasher.hash_flow(&key);
-        self.index.prefetch(h);
+        let ahead = self.next_out;
+        let known = ahead.slot == i;
+        if known {
+            self.next_out = NextOut::NONE;
+        }
+        let h = if known {
+            ahead.hash
+        } else {
+            let h = self.hasher.hash_flow(&key);
+            self.index.prefetch(h);
+            h
+        };
         let reply = if s.flags & F_NAT != 0 {
             self.nat_of(i).map(|r| {
-                let rh = self.hasher.hash_flow(&r);
-                self.reply_index.prefetch(rh);
+                let rh = if known {
+                    ahead.reply
+                } else {
+                    let rh = self.hasher.hash_flow(&r);
+                    self.reply_index.prefetch(rh);
+                    rh
+                };
                 (r, rh)
             })
         } else {
@@ -876,35 +982,58 @@ impl<H: KeyedHash> ConnTable<H> {
             let now = Instant::from_millis(self.clock);
             self.persist.detach(&tk, now);
         }
-        self.record_session(i, &s);
+        self.record_session(&s);
+        self.release_counts(&s);
         if s.flags & F_V6 != 0 {
             self.v6_free.push(s.a);
         }
         self.lists.unlink(&mut self.slots, s.class, i);
-        if s.prev == NIL {
-            // A list head left (expiry, eviction): its successor, the next one to go, will be
-            // read whole (slot, and its counters for the session statistics). Its slot line is
-            // on its way already (the unlink wrote to it); fetch its side lines too.
-            self.prefetch_slot(s.next);
+        if s.prev() == NIL {
+            // A list head left (expiry, eviction): its successor is the next to go. Its lines
+            // were asked for when this one became head; now fetch the one after it, and hash
+            // the successor's key and ask for its index lines.
+            self.prepare_next_out(s.next());
         }
         self.index.remove(h, i);
         if let Some((r, rh)) = reply {
             self.reply_index.remove(rh, i);
             if s.flags & F_POOL != 0 {
                 if let Some(pool) = self.snat.as_mut() {
-                    pool.release(BackendId(s.backend), r.dst(), r.dst_port());
+                    pool.release(BackendId(s.backend()), r.dst(), r.dst_port());
                 }
             }
         }
         let free = self.free;
         if let Some(m) = self.slots.get_mut(i as usize) {
-            *m = Slot {
-                next: free,
-                ..Slot::default()
-            };
+            *m = Slot::free(free);
         }
         self.free = i;
         self.len = self.len.saturating_sub(1);
+    }
+
+    /// For list head `n` (whose slot lines were prefetched when it reached second place):
+    /// prefetches its successor's slot, computes `n`'s hashes and prefetches its index lines,
+    /// so that removing `n` later waits for nothing.
+    fn prepare_next_out(&mut self, n: u32) {
+        let Some(ns) = self.slots.get(n as usize).copied() else {
+            return;
+        };
+        self.prefetch_slot(ns.next());
+        let hash = self.hasher.hash_flow(&slot_key(&ns, &self.v6));
+        self.index.prefetch(hash);
+        let reply = match (ns.flags & F_NAT != 0).then(|| self.nat_of(n)).flatten() {
+            Some(r) => {
+                let rh = self.hasher.hash_flow(&r);
+                self.reply_index.prefetch(rh);
+                rh
+            }
+            None => 0,
+        };
+        self.next_out = NextOut {
+            slot: n,
+            hash,
+            reply,
+        };
     }
 
     // ---- timers ----

@@ -59,7 +59,8 @@ pub enum BuildError {
         /// lb-sched's error, as text.
         reason: String,
     },
-    /// More backends than ids.
+    /// More backends than the flow table's ids (65 536 over the process's life: ids are not
+    /// reused, so a flow keeps its backend's meaning across reloads).
     #[error("too many backends")]
     TooManyBackends,
 }
@@ -269,8 +270,11 @@ impl ControlPlane {
                 let id = match ids.get(&k) {
                     Some(&id) => id,
                     None => {
-                        let n =
-                            u32::try_from(infos.len()).map_err(|_| BuildError::TooManyBackends)?;
+                        // Ids are what the flow table stores: at most `MAX_BACKEND_ID`.
+                        let n = u32::try_from(infos.len())
+                            .ok()
+                            .filter(|&n| n <= lb_conntrack::MAX_BACKEND_ID)
+                            .ok_or(BuildError::TooManyBackends)?;
                         let id = BackendId(n);
                         ids.insert(k, id);
                         infos.push(None);

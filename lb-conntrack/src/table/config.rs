@@ -7,8 +7,13 @@ use crate::stats::{EvictReason, Refusal};
 use crate::timeout::Timeouts;
 use crate::ConntrackError;
 
-/// The largest capacity accepted (2^31 entries).
-pub const MAX_CAPACITY: usize = 1 << 31;
+/// The largest capacity accepted (2^24 − 1 = 16 777 215 entries: slots link to each other with
+/// 24-bit indices to fit in 40 bytes; shard a [`crate::ShardedConnTable`] for more).
+pub const MAX_CAPACITY: usize = (1 << 24) - 1;
+
+/// The largest backend id a table stores (65 535: slots keep 16-bit backend ids to fit in 40
+/// bytes). An insert with a larger id is refused ([`crate::Refusal::BackendId`]).
+pub const MAX_BACKEND_ID: u32 = u16::MAX as u32;
 
 /// How far eviction walks down a list looking for an IPv6 victim.
 pub(super) const V6_VICTIM_WALK: usize = 16;
@@ -18,7 +23,7 @@ pub(super) const V6_VICTIM_WALK: usize = 16;
 pub struct Config {
     /// Maximum number of entries (fixed, preallocated).
     pub capacity: usize,
-    /// Maximum number of IPv6 entries (≤ `capacity`). An IPv6 key does not fit the 32-byte slot:
+    /// Maximum number of IPv6 entries (≤ `capacity`). An IPv6 key does not fit the 40-byte slot:
     /// its address pair (32 bytes) and a free-list index (4 bytes) are preallocated for each of
     /// these, so an IPv6 flow costs 36 bytes more than an IPv4 one, and each configured IPv6
     /// place costs 36 bytes whether used or not.
@@ -28,9 +33,13 @@ pub struct Config {
     /// Keep NAT reply tuples and their reverse index (full NAT). Costs
     /// `size_of::<FlowKey>()` + a `u32` index bucket per entry of capacity.
     pub nat: bool,
-    /// Keep per-flow counters (created time, packets, bytes: 16 bytes per entry) and record
-    /// session statistics when entries leave.
+    /// Record session statistics (duration, packets) when entries leave. Per-flow counters
+    /// (created time, packets, bytes) are kept either way: they live in the slot.
     pub flow_stats: bool,
+    /// Size of the elephant store: how many flows at once may keep exact counters beyond a
+    /// slot's (2^26 − 1 packets, 2^37 − 1 bytes); 20 bytes each. Past that, counters saturate
+    /// (see [`crate::Counters::counts_saturated`]).
+    pub elephants: usize,
     /// When full and no half-open entry is left, evict the least recently used entry even if
     /// established (`true`, default), or refuse the new one (`false`).
     pub evict_established: bool,
@@ -48,6 +57,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             nat: false,
             flow_stats: true,
+            elephants: 1_024,
             evict_established: true,
             persist_capacity: 4_096,
             stats_backends: 256,
@@ -79,6 +89,11 @@ impl Config {
         if self.ipv6_capacity > self.capacity {
             return Err(ConntrackError::InvalidCapacity {
                 capacity: self.ipv6_capacity,
+            });
+        }
+        if self.elephants > MAX_CAPACITY {
+            return Err(ConntrackError::InvalidCapacity {
+                capacity: self.elephants,
             });
         }
         if self.persist_capacity == 0 || self.persist_capacity > MAX_CAPACITY {

@@ -39,7 +39,7 @@ impl<H: KeyedHash> EntryRef<'_, H> {
     /// The flow's backend.
     #[inline]
     pub fn backend(&self) -> BackendId {
-        BackendId(self.slot().backend)
+        BackendId(self.slot().backend())
     }
 
     /// The protocol state.
@@ -76,14 +76,14 @@ impl<H: KeyedHash> EntryRef<'_, H> {
 /// Heap memory of a table, by part (bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryUsage {
-    /// The slab of 32-byte slots.
+    /// The slab of 40-byte slots (key, state, backend, list links, times, counters).
     pub slots: usize,
     /// The hash index (64-byte buckets, 8 B per entry of capacity).
     pub index: usize,
     /// IPv6 address store and its free list.
     pub ipv6: usize,
-    /// Per-flow counters.
-    pub flow_stats: usize,
+    /// The elephant store: exact counters for flows that outgrow a slot's, and its free list.
+    pub elephants: usize,
     /// NAT reply tuples and their index.
     pub nat: usize,
     /// Everything, including persistence templates and session histograms.

@@ -5,7 +5,7 @@ use lb_core::{Instant, KeyedHash};
 use super::config::V6_VICTIM_WALK;
 use super::{ConnTable, Insert, NewFlow};
 use crate::entry::{
-    FlowCounters, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, NIL,
+    Counts, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, MAX_BACKEND, NIL,
 };
 use crate::evict::class_is_half_open;
 use crate::persist::{Service, TemplateKey};
@@ -23,6 +23,9 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
     ) -> Insert {
         let now32 = self.advance(now);
+        if flow.backend.get() > MAX_BACKEND {
+            return self.refuse(Refusal::BackendId);
+        }
         let hash = self.hasher.hash_flow(&flow.key);
         let probe = Probe::of(&flow.key);
         if let Some(i) = self.find(hash, &probe) {
@@ -66,15 +69,16 @@ impl<H: KeyedHash> ConnTable<H> {
             }
         }
         let i = self.free;
-        let Some(next_free) = self.slots.get(i as usize).map(|s| s.next) else {
+        let Some(next_free) = self.slots.get(i as usize).map(Slot::next) else {
             return self.refuse(Refusal::TableFull);
         };
         let mut slot = Slot {
             last: now32,
-            backend: flow.backend.get(),
             flags: F_LIVE,
+            counts: Counts::ZERO,
             ..Slot::default()
         };
+        slot.set_backend(flow.backend.get());
         match probe {
             Probe::V4 {
                 a,
@@ -125,6 +129,7 @@ impl<H: KeyedHash> ConnTable<H> {
             let t = self.timeout_of(slot.class);
             slot.last = now32.wrapping_sub(t.saturating_sub(remaining));
         }
+        slot.created = slot.last;
         self.free = next_free;
         if let Some(s) = self.slots.get_mut(i as usize) {
             *s = slot;
@@ -132,13 +137,6 @@ impl<H: KeyedHash> ConnTable<H> {
         if let (Some(r), Some(_)) = (flow.nat, reply_hash) {
             // Fits: the family and protocol were checked above.
             self.store_nat(i, &r);
-        }
-        if let Some(fc) = self.flow.get_mut(i as usize) {
-            *fc = FlowCounters {
-                created: slot.last,
-                packets: 0,
-                bytes: 0,
-            };
         }
         if install.is_some() {
             self.link_installed(i);
@@ -169,11 +167,11 @@ impl<H: KeyedHash> ConnTable<H> {
             .is_some_and(|h| self.age(&s) > self.age(h));
         if older_than_head {
             if let Some(x) = self.slots.get_mut(i as usize) {
-                x.prev = NIL;
-                x.next = head;
+                x.set_prev(NIL);
+                x.set_next(head);
             }
             if let Some(h) = self.slots.get_mut(head as usize) {
-                h.prev = i;
+                h.set_prev(i);
             }
             self.lists.head[c] = i;
             self.lists.len[c] += 1;
@@ -245,7 +243,7 @@ impl<H: KeyedHash> ConnTable<H> {
             if !need_v6 || s.flags & F_V6 != 0 {
                 return Some(i);
             }
-            i = s.next;
+            i = s.next();
         }
         None
     }
@@ -261,6 +259,9 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
     ) -> Insert {
         let now32 = self.advance(now);
+        if flow.backend.get() > MAX_BACKEND {
+            return self.refuse(Refusal::BackendId);
+        }
         let hash = self.hasher.hash_flow(&flow.key);
         match self.find(hash, &Probe::of(&flow.key)) {
             Some(i) if !self.slot_expired(i) => {
@@ -272,7 +273,7 @@ impl<H: KeyedHash> ConnTable<H> {
                 let t = self.timeout_of(class);
                 if let Some(s) = self.slots.get_mut(i as usize) {
                     s.class = class;
-                    s.backend = flow.backend.get();
+                    s.set_backend(flow.backend.get());
                     s.last = now32.wrapping_sub(t.saturating_sub(remaining_ms));
                 }
                 self.link_installed(i);

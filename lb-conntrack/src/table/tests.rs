@@ -549,19 +549,34 @@ fn wrong_and_stale_hints_are_ignored() {
 fn memory_per_ipv4_entry() {
     // Capacity-based: total heap / capacity, with the parts the table reports from the actual
     // allocations (Vec capacities, the index's buckets).
+    // Per-flow counters are in the slot: turning session statistics on costs nothing per flow.
+    // The elephant store is a fixed size (1 024 × 20 B by default), not per flow.
     let cap = 1 << 20;
     let cfg = Config {
         ipv6_capacity: 0,
-        flow_stats: false,
+        flow_stats: true,
         persist_capacity: 1,
         stats_backends: 0,
         ..Config::with_capacity(cap)
     };
     let t = ConnTable::new(cfg, KEY).unwrap();
     let m = t.memory();
-    let per = m.total as f64 / cap as f64;
-    assert!(per <= 48.0, "{per} B per entry: {m:?}");
-    assert_eq!(m.slots, cap * 32);
+    assert_eq!(m.slots, cap * 40);
+    assert_eq!(m.index, cap * 8, "{m:?}");
+    // The rest is per table, not per flow: the elephant store, one empty reply-index line,
+    // one persistence template, the overall session histograms.
+    assert_eq!(m.elephants, 1024 * 20);
+    let fixed = m.total - m.slots - m.index;
+    assert!(fixed < 24 * 1024, "{m:?}");
+    let lean = ConnTable::new(
+        Config {
+            flow_stats: false,
+            ..cfg
+        },
+        KEY,
+    )
+    .unwrap();
+    assert_eq!(lean.memory(), m);
 }
 
 #[test]
@@ -887,6 +902,8 @@ proptest! {
             }
             prop_assert!(t.len() <= cap);
             prop_assert_eq!(t.len(), m.map.len());
+            // Every removal found its index way (by hash and slot id).
+            prop_assert_eq!(t.index.len(), t.len());
             let mut live: Vec<(FlowKey, u32, FlowState)> = t.entries(now).iter().map(|e| (e.key, e.backend.get(), e.state)).collect();
             live.sort_by_key(|e| e.0);
             let want: Vec<(FlowKey, u32, FlowState)> = m.map.iter().filter(|(_, e)| !m.expired(&timeouts, e)).map(|(k, e)| (*k, e.backend, e.state)).collect();
@@ -958,4 +975,113 @@ fn nat_tuples_round_trip_in_compact_form() {
         Insert::Refused(Refusal::FamilyMismatch)
     );
     assert_eq!(t.len(), 2);
+}
+
+// ---- per-flow counters in the slot ----
+
+#[test]
+fn backend_ids_beyond_a_slot_are_refused() {
+    let mut t = table(8);
+    let now = Instant::from_secs(1);
+    let k = k4(1, IpProto::Tcp);
+    assert_eq!(
+        t.insert(k, BackendId(65_536), None, now),
+        Insert::Refused(Refusal::BackendId)
+    );
+    assert_eq!(t.counters().refused_backend, 1);
+    assert_eq!(t.len(), 0);
+    assert!(t.insert(k, BackendId(65_535), None, now).is_inserted());
+    assert_eq!(t.get(&k, now).map(|e| e.backend), Some(BackendId(65_535)));
+}
+
+#[test]
+fn capacity_is_bounded_by_the_links() {
+    let too_big = Config {
+        ipv6_capacity: 0,
+        ..Config::with_capacity(crate::MAX_CAPACITY + 1)
+    };
+    assert!(ConnTable::new(too_big, KEY).is_err());
+}
+
+#[test]
+fn elephants_keep_exact_counters_and_give_them_back() {
+    let cfg = Config {
+        elephants: 1,
+        ..Config::with_capacity(8)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let now = Instant::from_secs(1);
+    let (a, b) = (k4(1, IpProto::Udp), k4(2, IpProto::Udp));
+    let big = Packet::original(TcpFlags::NONE, u32::MAX);
+    for k in [a, b] {
+        t.insert(k, BackendId(1), None, now);
+    }
+    // 40 × 4 GiB outgrows the slot's 2^37 − 1 bytes: `a` takes the only elephant entry.
+    for _ in 0..40 {
+        t.track(&a, big, now);
+        t.track(&b, big, now);
+    }
+    let info = |t: &ConnTable, k| t.get(&k, now).map(|e| (e.packets, e.bytes));
+    assert_eq!(info(&t, a), Some((40, 40 * u64::from(u32::MAX))));
+    // `b` found the store full: saturated, and counted.
+    assert_eq!(info(&t, b), Some((40, (1 << 37) - 1)));
+    assert_eq!(t.counters().elephants, 1);
+    assert!(t.counters().counts_saturated > 0);
+    // `a` leaves: its entry goes back, and `b`'s next packet takes it.
+    assert!(t.remove(&a, now));
+    t.track(&b, big, now);
+    assert_eq!(info(&t, b), Some((41, (1 << 37) - 1 + u64::from(u32::MAX))));
+    assert_eq!(t.counters().elephants, 2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Counters are exact while they fit the slot or the flow holds an elephant entry, and
+    /// saturate (then resume exactly from the saturated values once an entry is free) otherwise;
+    /// removal and re-insertion start from zero and give the entry back.
+    #[test]
+    fn counters_match_a_model(
+        ops in proptest::collection::vec((0u32..3, prop::bool::weighted(0.8), prop::bool::weighted(0.03)), 1..300),
+        store in 0usize..3,
+    ) {
+        const PMAX: u64 = (1 << 26) - 1;
+        const BMAX: u64 = (1 << 37) - 1;
+        let cfg = Config { elephants: store, ..Config::with_capacity(8) };
+        let mut t = ConnTable::new(cfg, KEY).unwrap();
+        let now = Instant::from_secs(1);
+        // Model: per flow (packets, bytes, holds an elephant entry); free entries.
+        let mut m = [(0u64, 0u64, false); 3];
+        let mut free = store;
+        for f in 0..3 {
+            t.insert(k4(f, IpProto::Udp), BackendId(f), None, now);
+        }
+        for (f, big, remove) in ops {
+            let k = k4(f, IpProto::Udp);
+            let e = &mut m[f as usize];
+            if remove {
+                prop_assert!(t.remove(&k, now));
+                prop_assert!(t.insert(k, BackendId(f), None, now).is_inserted());
+                if e.2 { free += 1; }
+                *e = (0, 0, false);
+                continue;
+            }
+            let bytes: u32 = if big { u32::MAX } else { 1500 };
+            t.track(&k, Packet::original(TcpFlags::NONE, bytes), now);
+            let (p, b) = (e.0 + 1, e.1 + u64::from(bytes));
+            if e.2 || (p <= PMAX && b <= BMAX) {
+                (e.0, e.1) = (p, b);
+            } else if free > 0 {
+                free -= 1;
+                *e = (p, b, true);
+            } else {
+                (e.0, e.1) = (p.min(PMAX), b.min(BMAX));
+            }
+            for g in 0..3u32 {
+                let want = m[g as usize];
+                let got = t.get(&k4(g, IpProto::Udp), now).map(|i| (i.packets, i.bytes));
+                prop_assert_eq!(got, Some((want.0, want.1)));
+            }
+        }
+    }
 }

@@ -95,6 +95,37 @@ fn bench_peer<S: BuildHasher + Default>(
     }
 }
 
+/// Batched hits and misses (`track_batch` over bursts of each size in `bursts`) against the
+/// table in `cell`, built from `keys` on first use; `sets` names the lookup streams.
+fn bench_batches<H: KeyedHash>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    cell: &RefCell<Option<ConnTable<H>>>,
+    keys: &dyn Fn() -> Vec<FlowKey>,
+    sets: &[(&str, &dyn Fn() -> Vec<FlowKey>)],
+    bursts: &[usize],
+) {
+    let now = Instant::from_secs(1);
+    for (what, lookups) in sets {
+        for &burst in bursts {
+            g.throughput(Throughput::Elements(burst as u64));
+            g.bench_function(format!("{what}_batch{burst}/{name}"), |b| {
+                let lookups = lookups();
+                let mut s = cell.borrow_mut();
+                let t = s.get_or_insert_with(|| build::<H>(&keys()));
+                let pkts = vec![ack(); burst];
+                let mut out = vec![None::<Hit>; burst];
+                let mut i = 0;
+                b.iter(|| {
+                    i = (i + burst) & (N - 1);
+                    t.track_batch(black_box(&lookups[i..i + burst]), &pkts, now, &mut out);
+                    black_box(&out);
+                })
+            });
+        }
+    }
+}
+
 pub fn register(c: &mut Criterion) {
     let keys = RefCell::new(Vec::<FlowKey>::new());
     let misses = RefCell::new(Vec::<FlowKey>::new());
@@ -168,25 +199,7 @@ pub fn register(c: &mut Criterion) {
         })
     });
     let sets: [(&str, &dyn Fn() -> Vec<FlowKey>); 2] = [("hit", &get_probe), ("miss", &get_misses)];
-    for (what, lookups) in sets {
-        for burst in [16usize, 64] {
-            g.throughput(Throughput::Elements(burst as u64));
-            g.bench_function(format!("{what}_batch{burst}/ct_siphash13"), |b| {
-                let keys = get_keys();
-                let lookups = lookups();
-                let mut s = sip.borrow_mut();
-                let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
-                let pkts = vec![ack(); burst];
-                let mut out = vec![None::<Hit>; burst];
-                let mut i = 0;
-                b.iter(|| {
-                    i = (i + burst) & (N - 1);
-                    t.track_batch(black_box(&lookups[i..i + burst]), &pkts, now, &mut out);
-                    black_box(&out);
-                })
-            });
-        }
-    }
+    bench_batches(&mut g, "ct_siphash13", &sip, &get_keys, &sets, &[16, 64]);
     g.throughput(Throughput::Elements(16));
     // The same burst over a table small enough to stay in L2 (16 Ki flows): the compute cost
     // per key without the memory system, to compare with the 1 M case above.
@@ -247,6 +260,10 @@ pub fn register(c: &mut Criterion) {
             black_box(t.track(black_box(&miss[i]), ack(), now))
         })
     });
+    // The same bursts with the unkeyed-strength hash: what the table costs when the hash is
+    // cheap (FastHash offers no flood resistance; the budgets are for a keyed hash).
+    bench_batches(&mut g, "ct_fasthash", &fast, &get_keys, &sets, &[64]);
+    g.throughput(Throughput::Elements(1));
     *fast.borrow_mut() = None;
 
     // Churn: a full table of UDP flows that time out in arrival order; each iteration expires

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_conntrack::{
     Config, ConnTable, Direction, EvictReason, FlowState, Insert, NewFlow, Packet, Prefetched,
-    Refusal, TcpFlags, TcpState, Timeouts,
+    Refusal, TcpFlags, TcpState, Timeouts, MAX_BACKEND_ID,
 };
 use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use libfuzzer_sys::fuzz_target;
@@ -235,10 +235,17 @@ fuzz_target!(|data: &[u8]| {
             0 | 1 => {
                 let key = key_of(b);
                 let first = (c & 0x80 != 0).then(|| packet(c));
-                let mut f = NewFlow::new(key, BackendId(u32::from(c & 3)));
+                // Now and then a backend id above what a slot stores: refused, nothing changes.
+                let too_big = a % 6 == 1 && c & 0x04 != 0;
+                let backend = u32::from(c & 3) + if too_big { MAX_BACKEND_ID + 1 } else { 0 };
+                let mut f = NewFlow::new(key, BackendId(backend));
                 f.first = first;
                 let got = table.insert_with(f, now);
-                assert_eq!(got, m.insert(key, u32::from(c & 3), first));
+                if too_big {
+                    assert_eq!(got, Insert::Refused(Refusal::BackendId));
+                } else {
+                    assert_eq!(got, m.insert(key, backend, first));
+                }
             }
             2 => {
                 // One key through `track`, or (high bit of b) two through `track_batch`: the

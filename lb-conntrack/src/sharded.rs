@@ -42,7 +42,8 @@ pub struct ShardedConnTable<H: KeyedHash = SipHash13> {
 
 impl ShardedConnTable<SipHash13> {
     /// `shards` shards, each a [`ConnTable`] with `cfg` divided by the shard count (capacity,
-    /// IPv6 capacity and persistence capacity, rounded up).
+    /// IPv6 capacity, persistence capacity and elephant store, rounded up). Each shard may hold
+    /// up to [`crate::MAX_CAPACITY`] entries, so a sharded table can exceed it.
     ///
     /// # Errors
     /// [`ConntrackError::InvalidCapacity`] for zero shards, else as [`Config::validate`].
@@ -64,6 +65,7 @@ impl<H: KeyedHash> ShardedConnTable<H> {
             capacity: cfg.capacity.div_ceil(shards),
             ipv6_capacity: cfg.ipv6_capacity.div_ceil(shards),
             persist_capacity: cfg.persist_capacity.div_ceil(shards),
+            elephants: cfg.elephants.div_ceil(shards),
             ..cfg
         };
         let mut v = Vec::with_capacity(shards);
@@ -209,6 +211,17 @@ mod tests {
         let t = ShardedConnTable::new(3, Config::with_capacity(10), key).unwrap();
         assert_eq!(t.capacity(), 12);
         assert_eq!(t.shards(), 3);
+        let elephants = ShardedConnTable::new(
+            4,
+            Config {
+                elephants: 10,
+                ..Config::with_capacity(16)
+            },
+            key,
+        )
+        .unwrap();
+        let per_shard = elephants.with_shard(&k(0, 1), |s| s.config().elephants);
+        assert_eq!(per_shard, Some(3));
     }
 
     // Threads are banned in the library by clippy.toml; this test needs two to exercise the

@@ -1,7 +1,7 @@
 //! Sync wire tests: round trips, tampering, truncation, replay and gap handling.
 
 use super::*;
-use crate::sync::apply;
+use crate::sync::{apply, ApplyReport};
 use crate::tcp_state::TcpState;
 use crate::{Config, ConnTable, NewFlow, Packet, TcpFlags};
 use lb_core::Duration;
@@ -203,6 +203,41 @@ fn bulk_resync_installs_with_remaining_timeouts() {
     // SYN_RECV timeout 60 s: inserted at 50..59 s, so all gone at 120 s, none at 109 s.
     assert_eq!(backup.expire(Instant::from_millis(109_999), 1000), 0);
     assert_eq!(backup.expire(Instant::from_secs(120), 1000), 300);
+}
+
+#[test]
+fn records_with_backend_ids_beyond_a_slot_are_refused() {
+    let now = Instant::from_secs(100);
+    let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    let mut rx = SyncReceiver::new(K);
+    let mut backup =
+        ConnTable::new(Config::with_capacity(64), HashKey::from_bytes([2; 16])).unwrap();
+    let ok = rec(1, false, false);
+    let big = SyncRecord {
+        backend: BackendId(crate::MAX_BACKEND_ID + 1),
+        ..rec(2, false, false)
+    };
+    // An update moving an installed entry to such a backend is refused too, and leaves it.
+    let moved = SyncRecord {
+        op: RecordOp::Update,
+        backend: BackendId(u32::MAX),
+        ..ok
+    };
+    let mut msgs = Vec::new();
+    tx.encode_bulk(&[ok, big, moved], &mut msgs);
+    let mut total = ApplyReport::default();
+    for m in &msgs {
+        let r = apply(&mut backup, &rx.receive(m).unwrap().message, now);
+        total.installed += r.installed;
+        total.refused += r.refused;
+    }
+    assert_eq!((total.installed, total.refused), (1, 2));
+    assert_eq!(
+        backup.get(&ok.key, now).map(|e| e.backend),
+        Some(BackendId(1))
+    );
+    assert!(backup.get(&big.key, now).is_none());
+    assert_eq!(backup.counters().refused_backend, 2);
 }
 
 proptest! {

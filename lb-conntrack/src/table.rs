@@ -75,7 +75,8 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     next_out: NextOut,
 }
 
-/// A list head's hashes, computed ahead of its removal.
+/// A live slot's hashes (its key's, and its NAT reply tuple's or 0), computed with its index
+/// lines asked for: a list head's, ahead of its removal.
 #[derive(Debug, Clone, Copy)]
 struct NextOut {
     slot: u32,
@@ -498,7 +499,8 @@ impl<H: KeyedHash> ConnTable<H> {
         }
     }
 
-    /// Resets slot `s`'s counters (returning an elephant-store entry), to be stored back.
+    /// Returns slot `s`'s elephant-store entry, if it holds one, to the free list (the caller
+    /// resets or frees the slot).
     #[inline]
     fn release_counts(&mut self, s: &Slot) {
         if let Some(e) = s.counts.elephant_index() {
@@ -950,34 +952,19 @@ impl<H: KeyedHash> ConnTable<H> {
         // The index lines to edit are random memory: ask for them first, do the bookkeeping
         // that touches lines already here, edit the index last. A list head's hashes were
         // computed, and its lines asked for, when its predecessor left.
-        let key = slot_key(&s, &self.v6);
-        let ahead = self.next_out;
-        let known = ahead.slot == i;
-        if known {
-            self.next_out = NextOut::NONE;
-        }
-        let h = if known {
-            ahead.hash
+        let lines = if self.next_out.slot == i {
+            core::mem::replace(&mut self.next_out, NextOut::NONE)
         } else {
-            let h = self.hasher.hash_flow(&key);
-            self.index.prefetch(h);
-            h
+            self.ask_index_lines(i, &s)
         };
+        let h = lines.hash;
         let reply = if s.flags & F_NAT != 0 {
-            self.nat_of(i).map(|r| {
-                let rh = if known {
-                    ahead.reply
-                } else {
-                    let rh = self.hasher.hash_flow(&r);
-                    self.reply_index.prefetch(rh);
-                    rh
-                };
-                (r, rh)
-            })
+            self.nat_of(i).map(|r| (r, lines.reply))
         } else {
             None
         };
         if s.flags & F_PERSIST != 0 {
+            let key = slot_key(&s, &self.v6);
             let tk = TemplateKey::client(key.src(), s.persist, Service::of_flow(&key));
             let now = Instant::from_millis(self.clock);
             self.persist.detach(&tk, now);
@@ -1012,16 +999,22 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     /// For list head `n` (whose slot lines were prefetched when it reached second place):
-    /// prefetches its successor's slot, computes `n`'s hashes and prefetches its index lines,
+    /// prefetches its successor's slot, and computes `n`'s hashes and asks for its index lines,
     /// so that removing `n` later waits for nothing.
     fn prepare_next_out(&mut self, n: u32) {
         let Some(ns) = self.slots.get(n as usize).copied() else {
             return;
         };
         self.prefetch_slot(ns.next());
-        let hash = self.hasher.hash_flow(&slot_key(&ns, &self.v6));
+        self.next_out = self.ask_index_lines(n, &ns);
+    }
+
+    /// The hashes of live slot `i` (`s`): its key's and, with a NAT tuple, the reply tuple's;
+    /// prefetches the index lines they lead to.
+    fn ask_index_lines(&self, i: u32, s: &Slot) -> NextOut {
+        let hash = self.hasher.hash_flow(&slot_key(s, &self.v6));
         self.index.prefetch(hash);
-        let reply = match (ns.flags & F_NAT != 0).then(|| self.nat_of(n)).flatten() {
+        let reply = match (s.flags & F_NAT != 0).then(|| self.nat_of(i)).flatten() {
             Some(r) => {
                 let rh = self.hasher.hash_flow(&r);
                 self.reply_index.prefetch(rh);
@@ -1029,11 +1022,11 @@ impl<H: KeyedHash> ConnTable<H> {
             }
             None => 0,
         };
-        self.next_out = NextOut {
-            slot: n,
+        NextOut {
+            slot: i,
             hash,
             reply,
-        };
+        }
     }
 
     // ---- timers ----

@@ -20,15 +20,13 @@ use lb_core::{BackendId, FlowKey, Instant, IpProto};
 
 use crate::tcp_state::{Direction, TcpFlags};
 use crate::timeout::FlowState;
+use crate::MAX_BACKEND_ID;
 
 /// "No slot": the end of a list.
 pub(crate) const NIL: u32 = u32::MAX;
 
 /// A 24-bit list link's "no slot".
 const NIL24: u64 = (1 << 24) - 1;
-
-/// The largest backend id a slot stores.
-pub(crate) const MAX_BACKEND: u32 = crate::MAX_BACKEND_ID;
 
 /// Slot flag: the slot holds a live entry.
 pub(crate) const F_LIVE: u8 = 1;
@@ -118,10 +116,10 @@ impl Slot {
         (self.links >> 48) as u32
     }
 
-    /// Sets the backend id (the caller checked it is at most [`MAX_BACKEND`]).
+    /// Sets the backend id (the caller checked it is at most [`MAX_BACKEND_ID`]).
     #[inline(always)]
     pub(crate) fn set_backend(&mut self, b: u32) {
-        self.links = (self.links & ((1 << 48) - 1)) | (u64::from(b.min(MAX_BACKEND)) << 48);
+        self.links = (self.links & ((1 << 48) - 1)) | (u64::from(b.min(MAX_BACKEND_ID)) << 48);
     }
 
     /// A free slot whose free-list successor is `next`.
@@ -396,12 +394,12 @@ mod tests {
     fn links_and_backend_share_a_word() {
         let mut s = Slot::free(NIL);
         assert_eq!((s.prev(), s.next(), s.backend()), (NIL, NIL, 0));
-        s.set_backend(MAX_BACKEND);
+        s.set_backend(MAX_BACKEND_ID);
         s.set_next(7);
         s.set_prev(0xFF_FFFE);
         assert_eq!(
             (s.prev(), s.next(), s.backend()),
-            (0xFF_FFFE, 7, MAX_BACKEND)
+            (0xFF_FFFE, 7, MAX_BACKEND_ID)
         );
         s.set_prev(NIL);
         s.set_backend(3);

@@ -4,13 +4,12 @@ use lb_core::{Instant, KeyedHash};
 
 use super::config::V6_VICTIM_WALK;
 use super::{ConnTable, Insert, NewFlow};
-use crate::entry::{
-    Counts, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, MAX_BACKEND, NIL,
-};
+use crate::entry::{Counts, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, NIL};
 use crate::evict::class_is_half_open;
 use crate::persist::{Service, TemplateKey};
 use crate::stats::{EvictReason, Refusal};
 use crate::timeout::{FlowState, CLASSES};
+use crate::MAX_BACKEND_ID;
 
 impl<H: KeyedHash> ConnTable<H> {
     /// The insertion engine. `pool`: the reply tuple's port came from the SNAT pool.
@@ -23,7 +22,7 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
     ) -> Insert {
         let now32 = self.advance(now);
-        if flow.backend.get() > MAX_BACKEND {
+        if flow.backend.get() > MAX_BACKEND_ID {
             return self.refuse(Refusal::BackendId);
         }
         let hash = self.hasher.hash_flow(&flow.key);
@@ -259,7 +258,7 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
     ) -> Insert {
         let now32 = self.advance(now);
-        if flow.backend.get() > MAX_BACKEND {
+        if flow.backend.get() > MAX_BACKEND_ID {
             return self.refuse(Refusal::BackendId);
         }
         let hash = self.hasher.hash_flow(&flow.key);

@@ -159,6 +159,22 @@ impl Histogram {
         self.count
     }
 
+    /// Sum of the samples (saturating).
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+
+    /// The largest value bucket `i` holds (`None` for the last bucket, which is unbounded, and
+    /// past the end): 0 for bucket 0, `2^i − 1` for the others. What a Prometheus `le` label
+    /// says.
+    pub const fn upper_bound(i: usize) -> Option<u64> {
+        if i + 1 >= HISTOGRAM_BUCKETS {
+            None
+        } else {
+            Some((1u64 << i) - 1)
+        }
+    }
+
     /// Largest sample.
     pub fn max(&self) -> u64 {
         self.max
@@ -271,6 +287,14 @@ mod tests {
         assert_eq!(h.quantile_upper(1.0), 1000);
         assert_eq!(h.quantile_upper(0.5), 3);
         assert_eq!(Histogram::bucket_of(u64::MAX), HISTOGRAM_BUCKETS - 1);
+        assert_eq!(h.sum(), 1010);
+        assert_eq!(Histogram::upper_bound(0), Some(0));
+        assert_eq!(Histogram::upper_bound(3), Some(7));
+        assert_eq!(
+            Histogram::upper_bound(HISTOGRAM_BUCKETS - 2),
+            Some((1 << 31) - 1)
+        );
+        assert_eq!(Histogram::upper_bound(HISTOGRAM_BUCKETS - 1), None);
     }
 
     #[test]
@@ -293,7 +317,11 @@ mod tests {
                 let b = Histogram::bucket_of(x);
                 prop_assert!(b == HISTOGRAM_BUCKETS - 1 || x < (1u64 << b));
                 prop_assert!(b == 0 || x >= 1u64 << (b - 1));
+                // The bucket's bound holds the sample, and the previous bucket's does not.
+                prop_assert!(Histogram::upper_bound(b).is_none_or(|u| x <= u));
+                prop_assert!(b == 0 || Histogram::upper_bound(b - 1).is_some_and(|u| x > u));
             }
+            prop_assert_eq!(h.sum(), v.iter().fold(0u64, |a, &x| a.saturating_add(x)));
         }
     }
 }

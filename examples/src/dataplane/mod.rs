@@ -220,7 +220,10 @@ impl Dataplane {
             capacity: cap,
             ipv6_capacity: 0,
             nat: true,
-            flow_stats: false,
+            // Session histograms (duration, packets) for the stats endpoint: recorded when a
+            // flow leaves; the per-flow counters they come from are in every slot anyway.
+            flow_stats: true,
+            stats_backends: 0,
             ..CtConfig::default()
         };
         let cap6 = (cap / 4).max(16);
@@ -325,6 +328,13 @@ impl Dataplane {
                 + c6.refused_nat
                 + c4.refused_ports
                 + c6.refused_ports,
+            sessions: {
+                let mut h = *self.ct4.sessions().overall();
+                let o6 = self.ct6.sessions().overall();
+                h.duration_ms.merge(&o6.duration_ms);
+                h.packets.merge(&o6.packets);
+                h
+            },
         }
     }
 

@@ -3,6 +3,8 @@
 
 use core::fmt::Write as _;
 
+use lb_conntrack::{Histogram, SessionHistograms};
+
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -124,6 +126,8 @@ pub struct TableStats {
     pub evicted_lru: u64,
     /// New flows refused.
     pub refused: u64,
+    /// Finished flows (both families): duration and packet-count histograms.
+    pub sessions: SessionHistograms,
 }
 
 impl Stats {
@@ -210,10 +214,47 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
             "entries": t.entries, "capacity": t.capacity, "memory_bytes": t.memory_bytes,
             "evicted_half_open": t.evicted_half_open, "evicted_lru": t.evicted_lru,
             "refused": t.refused,
+            "sessions": {
+                "count": t.sessions.duration_ms.count(),
+                "duration_ms": summary(&t.sessions.duration_ms),
+                "packets": summary(&t.sessions.packets),
+            },
         },
         "backends": backends,
     })
     .to_string()
+}
+
+/// Mean, quantile upper bounds and maximum of a histogram, for JSON.
+fn summary(h: &Histogram) -> serde_json::Value {
+    serde_json::json!({
+        "mean": h.mean(), "p50": h.quantile_upper(0.5), "p90": h.quantile_upper(0.9),
+        "p99": h.quantile_upper(0.99), "max": h.max(),
+    })
+}
+
+/// Appends `h` as a Prometheus histogram `lb_{name}`: cumulative `_bucket` series up to each
+/// bucket's bound (the last is `+Inf`), `_sum` and `_count`.
+fn prometheus_histogram(o: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(o, "# HELP lb_{name} {help}\n# TYPE lb_{name} histogram");
+    let mut below = 0;
+    for (i, n) in h.buckets().iter().enumerate() {
+        below += n;
+        match Histogram::upper_bound(i) {
+            Some(le) => {
+                let _ = writeln!(o, "lb_{name}_bucket{{le=\"{le}\"}} {below}");
+            }
+            None => {
+                let _ = writeln!(o, "lb_{name}_bucket{{le=\"+Inf\"}} {below}");
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "lb_{name}_sum {}\nlb_{name}_count {}",
+        h.sum(),
+        h.count()
+    );
 }
 
 /// Renders the statistics in the Prometheus text format.
@@ -271,6 +312,18 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
     let _ = writeln!(o, "lb_conntrack_capacity {}", t.capacity);
     let _ = writeln!(o, "# HELP lb_conntrack_memory_bytes Flow table memory.\n# TYPE lb_conntrack_memory_bytes gauge");
     let _ = writeln!(o, "lb_conntrack_memory_bytes {}", t.memory_bytes);
+    prometheus_histogram(
+        &mut o,
+        "session_duration_milliseconds",
+        "Duration of finished flows, first packet to last.",
+        &t.sessions.duration_ms,
+    );
+    prometheus_histogram(
+        &mut o,
+        "session_packets",
+        "Packets of finished flows, both directions.",
+        &t.sessions.packets,
+    );
     for (name, help, pick) in [
         (
             "backend_flows_total",
@@ -388,5 +441,53 @@ mod tests {
         assert!(p.contains(
             "lb_backend_flows_total{backend=\"198.51.100.11:80\",service=\"203.0.113.10:80\"} 3"
         ));
+    }
+
+    #[test]
+    fn session_histograms_render_cumulatively() {
+        let mut t = TableStats::default();
+        for (ms, pk) in [(0, 1), (5, 3), (5, 4), (3_000, 40)] {
+            t.sessions.duration_ms.record(ms);
+            t.sessions.packets.record(pk);
+        }
+        let p = to_prometheus(&Stats::default(), &t, &[]);
+        let name = "lb_session_duration_milliseconds";
+        assert!(p.contains(&format!("# TYPE {name} histogram")), "{p}");
+        // 0 ms in le=0, the two 5 ms sessions from le=7 on, 3 s from le=4095 on.
+        for (le, n) in [
+            ("0", 1),
+            ("3", 1),
+            ("7", 3),
+            ("2047", 3),
+            ("4095", 4),
+            ("+Inf", 4),
+        ] {
+            assert!(
+                p.contains(&format!("{name}_bucket{{le=\"{le}\"}} {n}\n")),
+                "{le}: {p}"
+            );
+        }
+        assert!(
+            p.contains(&format!("{name}_sum 3010\n{name}_count 4\n")),
+            "{p}"
+        );
+        assert!(
+            p.contains("lb_session_packets_bucket{le=\"63\"} 4\n"),
+            "{p}"
+        );
+        // Buckets never decrease.
+        let counts: Vec<u64> = p
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), lb_conntrack::HISTOGRAM_BUCKETS);
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]));
+        let j: serde_json::Value =
+            serde_json::from_str(&to_json(&Stats::default(), &t, &[])).unwrap();
+        let sj = &j["conntrack"]["sessions"];
+        assert_eq!(sj["count"], 4);
+        assert_eq!(sj["duration_ms"]["max"], 3_000);
+        assert_eq!(sj["packets"]["p50"], 3);
     }
 }

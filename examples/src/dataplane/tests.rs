@@ -674,3 +674,30 @@ fn balancers_sharing_a_key_agree_on_backends() {
     // Three backends: an unrelated key agrees on about a third of the flows.
     assert!(differ > 80, "only {differ} of 200 flows placed differently");
 }
+
+/// Flows that end show up in the session histograms of `table_stats` (what the stats endpoint
+/// renders): one sample per flow, its duration first packet to last, its packets both ways.
+#[test]
+fn finished_flows_feed_the_session_histograms() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    for i in 0..3u16 {
+        // Flow i: first packet at 1 + 10 i s, last 500 (i + 1) ms later (time never goes back).
+        r.now = Instant::from_secs(1 + 10 * u64::from(i));
+        let c = SocketAddr::new("192.0.2.2".parse().unwrap(), 40_000 + i);
+        let p = parse(&r.forward(&tcp(c, vip, SYN, b"")), Link::Ip).unwrap();
+        let backend = SocketAddr::new(p.key.dst(), p.key.dst_port());
+        let snat = SocketAddr::new(p.key.src(), p.key.src_port());
+        r.forward(&tcp(backend, snat, SYNACK, b""));
+        r.now += lb_core::Duration::from_millis(500 * (u64::from(i) + 1));
+        r.forward(&tcp(c, vip, ACK, b""));
+    }
+    assert_eq!(r.dp.table_stats().sessions.duration_ms.count(), 0);
+    // Far past every timeout: all three leave.
+    assert_eq!(r.dp.housekeeping(Instant::from_secs(100_000), 100), 3);
+    let s = r.dp.table_stats().sessions;
+    assert_eq!(s.duration_ms.count(), 3);
+    assert_eq!(s.duration_ms.sum(), 500 + 1_000 + 1_500);
+    assert_eq!(s.packets.sum(), 9);
+    assert_eq!(s.packets.max(), 3);
+}

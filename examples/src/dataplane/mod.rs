@@ -47,8 +47,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use lb_conntrack::{
-    Config as CtConfig, ConnTable, Insert, NewFlow, Packet, Prefetched, Refusal, Service, SnatPool,
-    TcpFlags, TemplateKey,
+    Config as CtConfig, ConnTable, Insert, NewFlow, Packet, Prefetched, Refusal, Service,
+    SessionHistograms, SnatPool, TcpFlags, TemplateKey,
 };
 use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, IpProto};
 use lb_packet::icmp::{self, IcmpError};
@@ -67,6 +67,7 @@ pub use spec::{
 };
 pub use stats::{
     to_json, to_prometheus, BackendLabel, BackendStats, DropReason, Stats, TableStats,
+    SESSION_STATS_BACKENDS,
 };
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables, SCHEDULERS};
 
@@ -184,6 +185,14 @@ fn tcp_flags(pkt: &[u8], p: &Parsed) -> TcpFlags {
     }
 }
 
+/// Both families' session histograms as one.
+fn merged(a: &SessionHistograms, b: &SessionHistograms) -> SessionHistograms {
+    let mut h = *a;
+    h.duration_ms.merge(&b.duration_ms);
+    h.packets.merge(&b.packets);
+    h
+}
+
 #[inline]
 fn endpoint(addr: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(addr, port)
@@ -223,7 +232,7 @@ impl Dataplane {
             // Session histograms (duration, packets) for the stats endpoint: recorded when a
             // flow leaves; the per-flow counters they come from are in every slot anyway.
             flow_stats: true,
-            stats_backends: 0,
+            stats_backends: SESSION_STATS_BACKENDS,
             ..CtConfig::default()
         };
         let cap6 = (cap / 4).max(16);
@@ -328,13 +337,15 @@ impl Dataplane {
                 + c6.refused_nat
                 + c4.refused_ports
                 + c6.refused_ports,
-            sessions: {
-                let mut h = *self.ct4.sessions().overall();
-                let o6 = self.ct6.sessions().overall();
-                h.duration_ms.merge(&o6.duration_ms);
-                h.packets.merge(&o6.packets);
-                h
-            },
+            sessions: merged(self.ct4.sessions().overall(), self.ct6.sessions().overall()),
+            backend_sessions: (0..SESSION_STATS_BACKENDS as u32)
+                .map(|id| {
+                    let none = SessionHistograms::default();
+                    let of =
+                        |ct: &ConnTable| *ct.sessions().backend(BackendId(id)).unwrap_or(&none);
+                    merged(&of(&self.ct4), &of(&self.ct6))
+                })
+                .collect(),
         }
     }
 

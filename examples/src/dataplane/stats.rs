@@ -112,7 +112,7 @@ pub struct Stats {
 }
 
 /// The flow table's figures, for reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableStats {
     /// Entries now.
     pub entries: u64,
@@ -128,7 +128,13 @@ pub struct TableStats {
     pub refused: u64,
     /// Finished flows (both families): duration and packet-count histograms.
     pub sessions: SessionHistograms,
+    /// The same per backend, by id (ids below [`SESSION_STATS_BACKENDS`]).
+    pub backend_sessions: Vec<SessionHistograms>,
 }
+
+/// How many backend ids (from 0) get their own session histograms (about 600 bytes each, per
+/// flow table).
+pub const SESSION_STATS_BACKENDS: usize = 256;
 
 impl Stats {
     /// Total drops.
@@ -199,6 +205,11 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
                 "reply_packets": b.reply_packets, "reply_bytes": b.reply_bytes,
                 "sip_calls": b.sip_calls, "sip_messages": b.sip_messages,
                 "sip_call_id_misses": b.sip_call_id_misses,
+                "sessions": t.backend_sessions.get(l.id as usize).map(|h| serde_json::json!({
+                    "count": h.duration_ms.count(),
+                    "duration_ms": summary(&h.duration_ms),
+                    "packets": summary(&h.packets),
+                })),
             })
         })
         .collect();
@@ -376,6 +387,29 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
             );
         }
     }
+    // Per backend, only the count and total duration of finished flows (their ratio is the
+    // mean): full histograms per backend would be 33 series each.
+    for (name, help, pick) in [
+        ("backend_sessions_total", "Finished flows of a backend.", 0),
+        (
+            "backend_session_duration_milliseconds_total",
+            "Summed duration of a backend's finished flows.",
+            1,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP lb_{name} {help}\n# TYPE lb_{name} counter");
+        for l in labels {
+            let Some(h) = t.backend_sessions.get(l.id as usize) else {
+                continue;
+            };
+            let v = [h.duration_ms.count(), h.duration_ms.sum()][pick];
+            let _ = writeln!(
+                o,
+                "lb_{name}{{backend=\"{}\",service=\"{}\"}} {v}",
+                l.addr, l.service
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "# HELP lb_backend_up Backend health (1 up).\n# TYPE lb_backend_up gauge"
@@ -489,5 +523,46 @@ mod tests {
         assert_eq!(sj["count"], 4);
         assert_eq!(sj["duration_ms"]["max"], 3_000);
         assert_eq!(sj["packets"]["p50"], 3);
+    }
+
+    #[test]
+    fn per_backend_sessions_render_as_count_and_sum() {
+        let mut t = TableStats {
+            backend_sessions: vec![SessionHistograms::default(); 2],
+            ..TableStats::default()
+        };
+        for ms in [100, 300] {
+            t.backend_sessions[1].duration_ms.record(ms);
+            t.backend_sessions[1].packets.record(10);
+        }
+        let labels = [1, 7].map(|id| BackendLabel {
+            id,
+            addr: format!("198.51.100.{id}:80"),
+            service: "203.0.113.10:80".into(),
+            live: true,
+            healthy: true,
+        });
+        let p = to_prometheus(&Stats::default(), &t, &labels);
+        let l = "{backend=\"198.51.100.1:80\",service=\"203.0.113.10:80\"}";
+        assert!(
+            p.contains(&format!("lb_backend_sessions_total{l} 2\n")),
+            "{p}"
+        );
+        assert!(
+            p.contains(&format!(
+                "lb_backend_session_duration_milliseconds_total{l} 400\n"
+            )),
+            "{p}"
+        );
+        // Backend 7 has no histograms (its id is past the table's): no series rather than zeros.
+        assert!(
+            !p.contains("lb_backend_sessions_total{backend=\"198.51.100.7:80\""),
+            "{p}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&to_json(&Stats::default(), &t, &labels)).unwrap();
+        assert_eq!(j["backends"][0]["sessions"]["count"], 2);
+        assert_eq!(j["backends"][0]["sessions"]["duration_ms"]["max"], 300);
+        assert!(j["backends"][1]["sessions"].is_null());
     }
 }

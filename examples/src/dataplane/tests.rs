@@ -700,4 +700,12 @@ fn finished_flows_feed_the_session_histograms() {
     assert_eq!(s.duration_ms.sum(), 500 + 1_000 + 1_500);
     assert_eq!(s.packets.sum(), 9);
     assert_eq!(s.packets.max(), 3);
+    // Per backend: the same three sessions, split by where they went.
+    let per = r.dp.table_stats().backend_sessions;
+    assert_eq!(per.iter().map(|h| h.duration_ms.count()).sum::<u64>(), 3);
+    assert_eq!(per.iter().map(|h| h.duration_ms.sum()).sum::<u64>(), 3_000);
+    let flows: Vec<u64> = r.dp.stats().backends.iter().map(|b| b.flows).collect();
+    for (id, f) in flows.iter().enumerate() {
+        assert_eq!(per[id].duration_ms.count(), *f, "backend {id}");
+    }
 }

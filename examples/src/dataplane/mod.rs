@@ -204,6 +204,8 @@ fn refusal(i: Insert) -> DropReason {
         Insert::Refused(Refusal::FamilyMismatch | Refusal::NatDisabled) => {
             DropReason::RewriteFailed
         }
+        // Not reached: the tables give backends ids up to MAX_BACKEND_ID only.
+        Insert::Refused(Refusal::BackendId) => DropReason::NoBackend,
         _ => DropReason::TableFull,
     }
 }

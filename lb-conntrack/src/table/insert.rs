@@ -4,7 +4,7 @@ use lb_core::{Instant, KeyedHash};
 
 use super::config::V6_VICTIM_WALK;
 use super::{ConnTable, Insert, NewFlow};
-use crate::entry::{Counts, Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, NIL};
+use crate::entry::{Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, NIL};
 use crate::evict::class_is_half_open;
 use crate::persist::{Service, TemplateKey};
 use crate::stats::{EvictReason, Refusal};
@@ -74,7 +74,6 @@ impl<H: KeyedHash> ConnTable<H> {
         let mut slot = Slot {
             last: now32,
             flags: F_LIVE,
-            counts: Counts::ZERO,
             ..Slot::default()
         };
         slot.set_backend(flow.backend.get());

@@ -1,4 +1,4 @@
-//! lb-examples dataplane (issue 8): the whole per-packet path — parse → conntrack → (on a miss)
+//! lb-dataplane (issue 8): the whole per-packet path — parse → conntrack → (on a miss)
 //! schedule + SNAT allocation + insert → NAT rewrite — in memory, at 1 M tracked flows.
 //!
 //! Workload: mode `nat`, 3 backends (maglev), 16 SNAT addresses, a flow table of 2^20 entries
@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use criterion::{Criterion, Throughput};
 use lb_core::{HashKey, Instant};
-use lb_examples::dataplane::{
+use lb_dataplane::{
     ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, DropReason, Mode, Proto, ServiceSpec,
     Verdict, HEADROOM,
 };

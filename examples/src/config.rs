@@ -54,9 +54,9 @@ use toml::Spanned;
 
 use lb_core::{Duration, HashKey, Weight};
 
-use crate::dataplane::{
-    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind,
-    SCHEDULERS,
+use lb_dataplane::{
+    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Proto, SchedulerKind, ServiceSpec,
+    TunnelKind,
 };
 
 /// A configuration error, located in the file.
@@ -182,7 +182,7 @@ impl Default for HealthSpec {
 pub const MIN_PASSPHRASE: usize = 16;
 
 /// The whole validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// TUN/TAP device name.
     pub device: String,
@@ -453,18 +453,10 @@ impl Validator<'_> {
         let mode: Mode = self.parse(&r.mode, &f("mode"))?;
         let mut svc = ServiceSpec::new(vip, proto, mode);
         if let Some(sch) = &r.scheduler {
-            if !SCHEDULERS.contains(&sch.get_ref().as_str()) {
-                return Err(self.err(
-                    sch.span(),
-                    f("scheduler"),
-                    format!(
-                        "unknown scheduler `{}`, expected one of: {}",
-                        sch.get_ref(),
-                        SCHEDULERS.join(" ")
-                    ),
-                ));
-            }
-            svc.scheduler = sch.get_ref().clone();
+            svc.scheduler = sch
+                .get_ref()
+                .parse::<SchedulerKind>()
+                .map_err(|e| self.err(sch.span(), f("scheduler"), e.to_string()))?;
         }
         if let Some(a) = &r.affinity {
             svc.affinity = self.parse(a, &f("affinity"))?;
@@ -570,6 +562,8 @@ impl Validator<'_> {
                 addr,
                 weight: Weight::new(weight),
                 mac,
+                upper_conns: None,
+                lower_conns: None,
             });
         }
         let health = match &r.health {

@@ -1,12 +1,13 @@
 //! # lb-examples
 //!
-//! The lb crates composed: the no-I/O [`dataplane`] module (parse → track → schedule → rewrite)
-//! that an embedding proxy copies, and the binaries built on it: `tun-balancer` (a balancer over
+//! The lb crates composed into programs. The per-packet composition itself (parse → track →
+//! schedule → rewrite) is the no-I/O crate `lb_dataplane`; this package holds the binaries built
+//! on it: `tun-balancer` (a balancer over
 //! TUN/TAP), `lb-decap` (backend-side decapsulation), `lb-sim` (hashing and scheduling simulator).
 //!
 //! The I/O lives in [`config`] (the TOML file), [`sys`] (TUN/TAP devices and raw sockets: the
-//! only module with `unsafe`), [`probe`] (health-check probes) and [`stats_server`] (statistics
-//! over TCP); [`runtime`] runs the `tun-balancer` process on them.
+//! only module with `unsafe`), [`probe`] (health-check probes) [`stats_server`] (statistics
+//! over TCP) and [`render`] (their JSON and Prometheus text); [`runtime`] runs the `tun-balancer` process on them.
 //!
 //! Binaries:
 //! - `tun-balancer --config FILE [--check]`: see [`config`] for the file, [`runtime`] for the
@@ -18,8 +19,8 @@
 #![deny(unsafe_code)]
 
 pub mod config;
-pub mod dataplane;
 pub mod probe;
+pub mod render;
 pub mod runtime;
 pub mod sim;
 pub mod stats_server;

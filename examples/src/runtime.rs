@@ -8,7 +8,7 @@
 //!   no lock held. The system calls, which are most of a packet's cost through TUN (see
 //!   `benches/results/balancer.md`), run in parallel; only the rewriting is serialised;
 //! - the main thread: health checks ([`lb_health::HealthChecker`] driving [`ProbeRunner`]),
-//!   SIGHUP reloads, SIGTERM / SIGINT shutdown, and building new [`crate::dataplane::Tables`] off the
+//!   SIGHUP reloads, SIGTERM / SIGINT shutdown, and building new [`lb_dataplane::Tables`] off the
 //!   data path, installed between two batches;
 //! - the statistics server, when configured: it reads the counters under the same lock, on demand.
 
@@ -23,9 +23,9 @@ use lb_health::{Action, HealthChecker};
 use rand::SeedableRng;
 
 use crate::config::{Config, HealthSpec};
-use crate::dataplane::{
-    to_json, to_prometheus, BackendLabel, ControlPlane, Dataplane, DataplaneOptions, Reload, Stats,
-    TableStats, Verdict, HEADROOM,
+use crate::render::{to_json, to_prometheus, BackendLabel};
+use lb_dataplane::{
+    ControlPlane, Dataplane, DataplaneOptions, Reload, Stats, TableStats, Verdict, HEADROOM,
 };
 use crate::probe::ProbeRunner;
 use crate::stats_server::{Format, Render, StatsServer};
@@ -131,7 +131,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         key,
         // Fresh per process: the schedulers' randomness and where the SNAT pools start.
         seed: u64::from_le_bytes(random_bytes()),
-        snat_ports: crate::dataplane::SNAT_PORTS,
+        snat_ports: cfg.dataplane.snat_ports.clone(),
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared {
@@ -193,7 +193,7 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
     // Buffers for one batch, allocated once: headroom + the largest packet a TUN device hands out.
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 65_536]).collect();
     let mut lens = [0usize; BATCH];
-    let mut verdicts = [Verdict::Drop(crate::dataplane::DropReason::NoService); BATCH];
+    let mut verdicts = [Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
     let mut last_housekeeping = StdInstant::now();
     let mut write_errors = 0u64;
     let mut full = false;
@@ -258,7 +258,7 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
 }
 
 /// Where a health probe for a backend goes.
-fn probe_target(b: &crate::dataplane::BackendInfo, h: &HealthSpec) -> std::net::SocketAddr {
+fn probe_target(b: &lb_dataplane::BackendInfo, h: &HealthSpec) -> std::net::SocketAddr {
     let mut a = b.addr;
     if let Some(p) = h.port {
         a.set_port(p);

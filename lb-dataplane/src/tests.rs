@@ -498,7 +498,7 @@ fn persistence_and_policies() {
     }
     // Round robin cycles through the backends.
     let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3);
-    spec.services[0].scheduler = "rr".into();
+    spec.services[0].scheduler = "rr".parse().unwrap();
     let mut r = Rig::new(spec, Link::Ip);
     let picks: Vec<IpAddr> = (0..6)
         .map(|i| {

@@ -4,10 +4,15 @@
 //! the data path itself only sees the enums.
 
 use core::fmt;
+use core::ops::RangeInclusive;
 use core::str::FromStr;
 use std::net::{IpAddr, SocketAddr};
 
+use lb_conntrack::Timeouts;
 use lb_core::{Duration, MacAddr, Weight};
+use lb_health::OutlierConfig;
+use lb_sched::hash::HashAlgorithm;
+use lb_sched::policy::PolicyKind;
 
 /// Transport protocol of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +62,72 @@ pub enum TunnelKind {
     },
 }
 
+/// How a service chooses the backend of a new flow: a consistent hash or a policy, named as
+/// lb-sched names them ([`HashAlgorithm::name`], [`PolicyKind::name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// A consistent hash of the flow (or of the affinity key): stateless, the same on every
+    /// balancer that shares the hash key.
+    Hash(HashAlgorithm),
+    /// A policy over the backends' live load.
+    Policy(PolicyKind),
+}
+
+impl SchedulerKind {
+    /// Every scheduler: the consistent hashes first, then the policies.
+    pub fn all() -> impl Iterator<Item = SchedulerKind> {
+        HashAlgorithm::ALL
+            .into_iter()
+            .map(SchedulerKind::Hash)
+            .chain(PolicyKind::ALL.into_iter().map(SchedulerKind::Policy))
+    }
+
+    /// Its name (`maglev`, `rr`, `peak-ewma`, …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Hash(h) => h.name(),
+            SchedulerKind::Policy(p) => p.name(),
+        }
+    }
+
+    /// Every name, space-separated (for error messages and docs).
+    pub fn names() -> String {
+        SchedulerKind::all()
+            .map(SchedulerKind::name)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl Default for SchedulerKind {
+    fn default() -> Self {
+        SchedulerKind::Hash(HashAlgorithm::Maglev)
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A scheduler name that lb-sched does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduler `{got}`, expected one of: {}", SchedulerKind::names())]
+pub struct UnknownScheduler {
+    /// The rejected name.
+    pub got: String,
+}
+
+impl FromStr for SchedulerKind {
+    type Err = UnknownScheduler;
+    fn from_str(s: &str) -> Result<Self, UnknownScheduler> {
+        SchedulerKind::all()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| UnknownScheduler { got: s.to_owned() })
+    }
+}
+
 /// One backend of a service, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BackendSpec {
@@ -66,10 +137,53 @@ pub struct BackendSpec {
     pub weight: Weight,
     /// MAC address on the balancer's segment (mode `dr`).
     pub mac: Option<MacAddr>,
+    /// Upper connection threshold for this backend (overrides the service's
+    /// [`ServiceSpec::upper_conns`]).
+    pub upper_conns: Option<u32>,
+    /// Lower connection threshold for this backend (overrides [`ServiceSpec::lower_conns`]).
+    pub lower_conns: Option<u32>,
+}
+
+/// The prefixes that group clients for persistence (IPVS `-M`, `persistence_netmask`): a
+/// client's new flows follow the backend of any earlier flow from the same prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Netmask {
+    /// IPv4 prefix length (0..=32).
+    pub v4: u8,
+    /// IPv6 prefix length (0..=128).
+    pub v6: u8,
+}
+
+impl Default for Netmask {
+    /// One client per address: /32 and /128.
+    fn default() -> Self {
+        Netmask { v4: 32, v6: 128 }
+    }
+}
+
+/// Passive outlier ejection of a service: what the data path observes (a backend's RST to a
+/// SYN, a SYN it leaves unanswered for `syn_timeout`, an ICMP unreachable from it) is fed to
+/// lb-health's [`lb_health::OutlierDetector`]; a handshake answered is a success.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierSpec {
+    /// The detector's settings (consecutive failures, failure rate, ejection times, cap).
+    pub detector: OutlierConfig,
+    /// How long a SYN may stay unanswered before it counts as a failure.
+    pub syn_timeout: Duration,
+}
+
+impl Default for OutlierSpec {
+    /// lb-health's defaults; a SYN unanswered for 1 s is a failure.
+    fn default() -> Self {
+        OutlierSpec {
+            detector: OutlierConfig::default(),
+            syn_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// One service: a VIP and port, its mode and scheduling, and its backends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
     /// Virtual address and port clients connect to.
     pub vip: SocketAddr,
@@ -77,14 +191,34 @@ pub struct ServiceSpec {
     pub proto: Proto,
     /// Forwarding mode.
     pub mode: Mode,
-    /// Scheduler name (see [`crate::dataplane::SCHEDULERS`]).
-    pub scheduler: String,
+    /// How new flows choose a backend.
+    pub scheduler: SchedulerKind,
     /// Client affinity.
     pub affinity: Affinity,
     /// Persistence: a client's new flows go to its previous backend for this long (zero: off).
     pub persistence_timeout: Duration,
+    /// Which clients persistence groups together.
+    pub persistence_netmask: Netmask,
     /// Encapsulation for [`Mode::Tunnel`].
     pub tunnel: TunnelKind,
+    /// Admission control (IPVS `-x`): a backend with this many connections (active +
+    /// inactive) takes no new flow until it falls below [`ServiceSpec::lower_conns`]; 0: no
+    /// limit. Backends may override it.
+    pub upper_conns: u32,
+    /// Admission control (IPVS `-y`): where an overloaded backend becomes eligible again (0: 3/4
+    /// of the upper threshold).
+    pub lower_conns: u32,
+    /// Slow start: a backend that is added or becomes healthy ramps its weight up over this
+    /// long (policies only; zero: off).
+    pub slow_start: Duration,
+    /// Envoy's panic threshold, in percent: when fewer than this share of the backends are
+    /// healthy, health is ignored and every backend takes flows (0: off).
+    pub panic_threshold_percent: u8,
+    /// Passive outlier ejection (`None`: off).
+    pub outlier: Option<OutlierSpec>,
+    /// Maglev table size (a prime); `None`: the smallest prime ≥ max(65537, 100 × backends),
+    /// as the Maglev paper advises for a disruption close to the ideal.
+    pub maglev_size: Option<u64>,
     /// The backends.
     pub backends: Vec<BackendSpec>,
 }
@@ -96,10 +230,17 @@ impl ServiceSpec {
             vip,
             proto,
             mode,
-            scheduler: "maglev".to_owned(),
+            scheduler: SchedulerKind::default(),
             affinity: Affinity::None,
             persistence_timeout: Duration::ZERO,
+            persistence_netmask: Netmask::default(),
             tunnel: TunnelKind::Ipip,
+            upper_conns: 0,
+            lower_conns: 0,
+            slow_start: Duration::ZERO,
+            panic_threshold_percent: 0,
+            outlier: None,
+            maglev_size: None,
             backends: Vec::new(),
         }
     }
@@ -111,13 +252,22 @@ impl ServiceSpec {
             addr,
             weight: Weight::new(weight),
             mac: None,
+            upper_conns: None,
+            lower_conns: None,
         });
+        self
+    }
+
+    /// The same service with another scheduler.
+    #[must_use]
+    pub fn with_scheduler(mut self, scheduler: SchedulerKind) -> Self {
+        self.scheduler = scheduler;
         self
     }
 }
 
 /// Settings of the whole data path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DataplaneSpec {
     /// Source addresses for full NAT (mode `nat`), at least one per family used.
     pub snat_addrs: Vec<IpAddr>,
@@ -128,6 +278,13 @@ pub struct DataplaneSpec {
     pub mtu: u16,
     /// Source MAC of frames sent in mode `dr`.
     pub mac: MacAddr,
+    /// Idle timeouts per flow state.
+    pub timeouts: Timeouts,
+    /// SNAT source ports handed out per backend and SNAT address (the data paths of one
+    /// process split it, see [`crate::DataplaneOptions::snat_ports`]).
+    pub snat_ports: RangeInclusive<u16>,
+    /// Capacity of the persistence table: client templates and SIP Call-ID bindings.
+    pub persist_capacity: usize,
     /// The services.
     pub services: Vec<ServiceSpec>,
 }
@@ -139,6 +296,9 @@ impl Default for DataplaneSpec {
             conntrack_capacity: 65_536,
             mtu: 1500,
             mac: MacAddr([0x02, 0x00, 0x5e, 0x10, 0x00, 0x01]),
+            timeouts: Timeouts::default(),
+            snat_ports: crate::SNAT_PORTS,
+            persist_capacity: 4096,
             services: Vec::new(),
         }
     }

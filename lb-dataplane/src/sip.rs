@@ -33,7 +33,7 @@ use lb_core::{Duration, FlowKey, Instant, IpProto};
 use lb_packet::{nat, Parsed};
 use rand::RngCore;
 
-use super::{
+use crate::{
     addr_hash, endpoint, pick, refusal, Affinity, BackendInfo, Dataplane, DropReason, Mode,
     ServiceTable, Verdict,
 };
@@ -248,7 +248,7 @@ mod tests {
     use lb_packet::{parse, Link};
 
     use super::looks_like_sip;
-    use crate::dataplane::{
+    use crate::{
         Affinity, ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto,
         ServiceSpec, Verdict, HEADROOM,
     };

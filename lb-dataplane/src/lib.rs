@@ -1,5 +1,10 @@
-//! The no-I/O data path: parse → conntrack → persistence / affinity → scheduler → rewrite, and the
-//! reply path (un-NAT by the reverse index). This is the part an embedding proxy copies.
+//! # lb-dataplane
+//!
+//! The per-packet composition of the lb crates, with no I/O: parse (lb-packet) → conntrack
+//! (lb-conntrack) → persistence / layer-5 affinity → scheduler (lb-sched) → rewrite (lb-packet),
+//! and the reply path (un-NAT by the reverse index). An embedding proxy uses it as it is: it
+//! hands in packets, buffers and the time, and gets back verdicts and counters. No clock, no
+//! socket, no thread, no rendering: `tun-balancer` (in `lb-examples`) is one such embedding.
 //!
 //! # Drive loop
 //! ```text
@@ -18,7 +23,7 @@
 //! table before the scheduler is asked.
 //!
 //! ```
-//! use lb_examples::dataplane::{ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto, ServiceSpec, Verdict, HEADROOM};
+//! use lb_dataplane::{ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto, ServiceSpec, Verdict, HEADROOM};
 //! use lb_core::{HashKey, Instant};
 //!
 //! let spec = DataplaneSpec {
@@ -62,14 +67,11 @@ use rand::SeedableRng;
 
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
-    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind,
-    UnknownName,
+    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Netmask, OutlierSpec, Proto,
+    SchedulerKind, ServiceSpec, TunnelKind, UnknownName, UnknownScheduler,
 };
-pub use stats::{
-    to_json, to_prometheus, BackendLabel, BackendStats, DropReason, Stats, TableStats,
-    SESSION_STATS_BACKENDS,
-};
-pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables, SCHEDULERS};
+pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
+pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
 
 use tables::Scheduler;
 
@@ -235,6 +237,8 @@ impl Dataplane {
             // flow leaves; the per-flow counters they come from are in every slot anyway.
             flow_stats: true,
             stats_backends: SESSION_STATS_BACKENDS,
+            timeouts: spec.timeouts,
+            persist_capacity: spec.persist_capacity.max(1),
             ..CtConfig::default()
         };
         let cap6 = (cap / 4).max(16);
@@ -659,7 +663,11 @@ impl Dataplane {
             },
         };
         let persist = (!svc.persistence.is_zero()).then(|| {
-            let prefix = if key.is_ipv4() { 32 } else { 128 };
+            let prefix = if key.is_ipv4() {
+                svc.persistence_netmask.v4.min(32)
+            } else {
+                svc.persistence_netmask.v6.min(128)
+            };
             (
                 prefix,
                 TemplateKey::client(key.src(), prefix, Service::of_flow(&key)),

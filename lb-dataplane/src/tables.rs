@@ -6,51 +6,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use lb_core::{Backend, BackendId, Duration, HashKey, IpProto, MacAddr, Weight};
-use lb_sched::hash::{AnyHash, HashAlgorithm};
-use lb_sched::policy::{Policy, PolicyKind};
+use lb_sched::hash::{AnyHash, HashAlgorithm, Maglev, MaglevConfig, MaglevSize};
+use lb_sched::policy::Policy;
 use lb_sched::pool::{Pool, PoolConfig};
 
-use super::spec::{Affinity, DataplaneSpec, Mode, Proto, ServiceSpec, TunnelKind};
-
-/// Scheduler names a service may use: the consistent hashes first, then the policies (IPVS
-/// spellings where IPVS has them).
-pub const SCHEDULERS: &[&str] = &[
-    "maglev",
-    "ring",
-    "rendezvous",
-    "jump",
-    "modulo",
-    "random",
-    "rr",
-    "wrr",
-    "swrr",
-    "sh",
-    "dh",
-    "lc",
-    "wlc",
-    "sed",
-    "nq",
-    "lblc",
-    "lblcr",
-    "fo",
-    "ovf",
-    "p2c",
-    "peak-ewma",
-    "least-request",
-];
+use crate::spec::{
+    Affinity, DataplaneSpec, Mode, Netmask, Proto, SchedulerKind, ServiceSpec, TunnelKind,
+};
 
 /// What went wrong building tables.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// A scheduler name that is not in [`SCHEDULERS`].
-    #[error("service {vip}: unknown scheduler `{name}`")]
-    UnknownScheduler {
-        /// The service.
-        vip: SocketAddr,
-        /// The rejected name.
-        name: String,
-    },
     /// The scheduler rejected the backend set.
     #[error("service {vip}: {reason}")]
     Scheduler {
@@ -128,6 +95,8 @@ pub struct ServiceTable {
     pub affinity: Affinity,
     /// Persistence timeout (zero: off).
     pub persistence: Duration,
+    /// Which clients persistence groups together.
+    pub persistence_netmask: Netmask,
     /// Encapsulation.
     pub tunnel: TunnelKind,
     pub(crate) sched: Scheduler,
@@ -198,19 +167,28 @@ pub struct ControlPlane {
     infos: Vec<Option<BackendInfo>>,
     /// Consistent-hash tables by service, reused while the weighted backend set is unchanged
     /// (a health change only flips bits in `up`).
-    hashes: HashMap<ServiceKey, (String, Vec<Backend>, Arc<AnyHash>)>,
+    hashes: HashMap<ServiceKey, (HashAlgorithm, Option<u64>, Vec<Backend>, Arc<AnyHash>)>,
     generation: u64,
 }
 
-fn hash_algorithm(name: &str) -> Option<HashAlgorithm> {
-    HashAlgorithm::ALL.into_iter().find(|a| a.name() == name)
-}
-
-fn policy_by_name(name: &str) -> Option<Policy> {
-    PolicyKind::ALL
-        .into_iter()
-        .find(|k| k.name() == name)
-        .map(Policy::new)
+/// Builds a consistent hash; Maglev at `size`, or by default at the smallest prime ≥
+/// max(65537, 100 × backends) (the Maglev paper: M ≫ N keeps the disruption of a removal near
+/// the ideal 1/N).
+fn build_hash(
+    algo: HashAlgorithm,
+    size: Option<u64>,
+    set: &[Backend],
+    key: HashKey,
+) -> Result<AnyHash, lb_sched::SchedError> {
+    if algo != HashAlgorithm::Maglev {
+        return AnyHash::build(algo, set, key);
+    }
+    let size = match size {
+        Some(m) => MaglevSize::new(m)?,
+        None => MaglevSize::at_least((100 * set.len() as u64).max(65_537))?,
+    };
+    let cfg = MaglevConfig::new(key.derive(algo.name())).with_size(size);
+    Ok(AnyHash::Maglev(Maglev::new(set, cfg)?))
 }
 
 fn effective_addr(s: &ServiceSpec, addr: SocketAddr) -> SocketAddr {
@@ -249,16 +227,8 @@ impl ControlPlane {
     /// health; removed ones are retired. On error nothing changes.
     ///
     /// # Errors
-    /// An unknown scheduler or a backend set the scheduler rejects.
+    /// A backend set the scheduler rejects, or more backends than ids.
     pub fn apply(&mut self, spec: DataplaneSpec) -> Result<Reload, BuildError> {
-        for s in &spec.services {
-            if !SCHEDULERS.contains(&s.scheduler.as_str()) {
-                return Err(BuildError::UnknownScheduler {
-                    vip: s.vip,
-                    name: s.scheduler.clone(),
-                });
-            }
-        }
         // Assign ids on a copy so that a failed build leaves everything as it was.
         let mut ids = self.ids.clone();
         let mut infos = self.infos.clone();
@@ -363,7 +333,7 @@ impl ControlPlane {
                 .filter_map(|b| self.ids.get(&(sk, b.addr)))
                 .filter_map(|id| self.backend(*id))
                 .collect();
-            let sched = if let Some(algo) = hash_algorithm(&s.scheduler) {
+            let sched = if let SchedulerKind::Hash(algo) = s.scheduler {
                 let mut set: Vec<Backend> = members
                     .iter()
                     .filter(|b| !b.weight.is_zero())
@@ -374,13 +344,17 @@ impl ControlPlane {
                     Scheduler::Empty
                 } else {
                     let table = match self.hashes.get(&sk) {
-                        Some((name, prev, t)) if *name == s.scheduler && *prev == set => t.clone(),
-                        _ => Arc::new(AnyHash::build(algo, &set, self.key).map_err(|e| {
-                            BuildError::Scheduler {
+                        Some((a, size, prev, t))
+                            if *a == algo && *size == s.maglev_size && *prev == set =>
+                        {
+                            t.clone()
+                        }
+                        _ => Arc::new(build_hash(algo, s.maglev_size, &set, self.key).map_err(
+                            |e| BuildError::Scheduler {
                                 vip: s.vip,
                                 reason: e.to_string(),
-                            }
-                        })?),
+                            },
+                        )?),
                     };
                     use lb_sched::hash::ConsistentHash;
                     let up = table
@@ -388,15 +362,11 @@ impl ControlPlane {
                         .iter()
                         .map(|b| self.backend(b.id).is_some_and(|x| x.healthy))
                         .collect();
-                    hashes.insert(sk, (s.scheduler.clone(), set, table.clone()));
+                    hashes.insert(sk, (algo, s.maglev_size, set, table.clone()));
                     Scheduler::Hash { table, up }
                 }
-            } else {
-                let policy =
-                    policy_by_name(&s.scheduler).ok_or_else(|| BuildError::UnknownScheduler {
-                        vip: s.vip,
-                        name: s.scheduler.clone(),
-                    })?;
+            } else if let SchedulerKind::Policy(kind) = s.scheduler {
+                let policy = Policy::new(kind);
                 let err = |e: lb_sched::SchedError| BuildError::Scheduler {
                     vip: s.vip,
                     reason: e.to_string(),
@@ -415,6 +385,8 @@ impl ControlPlane {
                     policy: Box::new(policy),
                     pool: Box::new(pool),
                 }
+            } else {
+                Scheduler::Empty
             };
             services.push(ServiceTable {
                 vip: s.vip,
@@ -425,6 +397,7 @@ impl ControlPlane {
                 mode: s.mode,
                 affinity: s.affinity,
                 persistence: s.persistence_timeout,
+                persistence_netmask: s.persistence_netmask,
                 tunnel: s.tunnel,
                 sched,
             });
@@ -508,13 +481,14 @@ mod tests {
         let mut cp =
             ControlPlane::new(spec(&["198.51.100.11:80"]), HashKey::from_bytes([3; 16])).unwrap();
         let mut bad = spec(&["198.51.100.11:80", "198.51.100.12:80"]);
-        bad.services[0].scheduler = "nope".into();
+        bad.services[0].scheduler = SchedulerKind::Hash(HashAlgorithm::Maglev);
+        bad.services[0].maglev_size = Some(65_536); // not a prime
         assert!(cp.apply(bad).is_err());
         assert_eq!(cp.backends().count(), 1);
-        for name in SCHEDULERS {
+        for kind in SchedulerKind::all() {
             let mut s = spec(&["198.51.100.11:80", "198.51.100.12:80"]);
-            s.services[0].scheduler = (*name).into();
-            cp.apply(s).unwrap_or_else(|e| panic!("{name}: {e}"));
+            s.services[0].scheduler = kind;
+            cp.apply(s).unwrap_or_else(|e| panic!("{kind}: {e}"));
         }
     }
 }

@@ -1,0 +1,208 @@
+//! Counters of the data path: per backend, and drops by reason. Plain integers, bumped per packet
+//! without allocation (the per-backend vector grows only when new tables are installed).
+
+use lb_conntrack::SessionHistograms;
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Not an IP packet (e.g. ARP on a TAP device).
+    NotIp,
+    /// Failed validation (truncated, bad lengths, bad header fields).
+    Malformed,
+    /// An IP fragment: flows are tracked by ports, which fragments do not all carry, and the
+    /// balancer does not reassemble.
+    Fragment,
+    /// Addressed to no service and not a reply of a tracked flow.
+    NoService,
+    /// A TCP segment other than a SYN, or an ICMP error, for a flow the table does not know.
+    NoFlow,
+    /// The service has no healthy backend with weight > 0.
+    NoBackend,
+    /// Every eligible backend is above its admission threshold.
+    Overloaded,
+    /// The flow table refused the new flow (full of established flows, or IPv6 space exhausted).
+    TableFull,
+    /// No SNAT port left for the backend.
+    PortsExhausted,
+    /// The TTL would expire in the tunnel.
+    TtlExpired,
+    /// The rewrite failed (e.g. no SNAT address of the packet's family; no room for headers).
+    RewriteFailed,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 11;
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::NotIp,
+        DropReason::Malformed,
+        DropReason::Fragment,
+        DropReason::NoService,
+        DropReason::NoFlow,
+        DropReason::NoBackend,
+        DropReason::Overloaded,
+        DropReason::TableFull,
+        DropReason::PortsExhausted,
+        DropReason::TtlExpired,
+        DropReason::RewriteFailed,
+    ];
+
+    /// A snake_case name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::NotIp => "not_ip",
+            DropReason::Malformed => "malformed",
+            DropReason::Fragment => "fragment",
+            DropReason::NoService => "no_service",
+            DropReason::NoFlow => "no_flow",
+            DropReason::NoBackend => "no_backend",
+            DropReason::Overloaded => "overloaded",
+            DropReason::TableFull => "table_full",
+            DropReason::PortsExhausted => "ports_exhausted",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::RewriteFailed => "rewrite_failed",
+        }
+    }
+}
+
+/// Counters of one backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// New flows scheduled to it.
+    pub flows: u64,
+    /// Packets forwarded to it.
+    pub packets: u64,
+    /// Bytes forwarded to it (IP packets, before encapsulation).
+    pub bytes: u64,
+    /// Reply packets from it (NAT modes).
+    pub reply_packets: u64,
+    /// Reply bytes from it.
+    pub reply_bytes: u64,
+    /// SIP calls pinned to it (`affinity = "sip-call-id"`: a new Call-ID persistence entry).
+    pub sip_calls: u64,
+    /// SIP messages forwarded to it by the per-message (Call-ID) path.
+    pub sip_messages: u64,
+    /// Datagrams of a `sip-call-id` service without a Call-ID, sent to it by the scheduler.
+    pub sip_call_id_misses: u64,
+}
+
+/// Counters of a data path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets given to `process`.
+    pub rx_packets: u64,
+    /// Bytes given to `process`.
+    pub rx_bytes: u64,
+    /// Packets forwarded (towards a backend, or a reply towards a client).
+    pub forwarded: u64,
+    /// ICMP errors generated (fragmentation needed / packet too big / time exceeded).
+    pub icmp_generated: u64,
+    /// Drops by [`DropReason`] (index = `reason as usize`).
+    pub drops: [u64; DropReason::COUNT],
+    /// Datagrams of a `sip-call-id` service that are not SIP (no Call-ID and no SIP start
+    /// line), or malformed; forwarded by the scheduler, never a crash.
+    pub sip_not_sip: u64,
+    /// Per backend, by id.
+    pub backends: Vec<BackendStats>,
+}
+
+/// The flow table's figures, for reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Entries now.
+    pub entries: u64,
+    /// Capacity.
+    pub capacity: u64,
+    /// Bytes of memory held (fixed at construction).
+    pub memory_bytes: u64,
+    /// Half-open entries shed to make room.
+    pub evicted_half_open: u64,
+    /// Established entries evicted (least recently used) to make room.
+    pub evicted_lru: u64,
+    /// New flows refused.
+    pub refused: u64,
+    /// Finished flows (both families): duration and packet-count histograms.
+    pub sessions: SessionHistograms,
+    /// The same per backend, by id (ids below [`SESSION_STATS_BACKENDS`]).
+    pub backend_sessions: Vec<SessionHistograms>,
+}
+
+/// How many backend ids (from 0) get their own session histograms (about 600 bytes each, per
+/// flow table).
+pub const SESSION_STATS_BACKENDS: usize = 256;
+
+impl Stats {
+    /// Total drops.
+    pub fn dropped(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Drops for one reason.
+    pub fn drops_for(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+
+    /// Adds `other` into `self` (to sum the data-path threads).
+    pub fn merge(&mut self, other: &Stats) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.forwarded += other.forwarded;
+        self.icmp_generated += other.icmp_generated;
+        self.sip_not_sip += other.sip_not_sip;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+        if self.backends.len() < other.backends.len() {
+            self.backends
+                .resize(other.backends.len(), BackendStats::default());
+        }
+        for (a, b) in self.backends.iter_mut().zip(other.backends.iter()) {
+            a.flows += b.flows;
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.reply_packets += b.reply_packets;
+            a.reply_bytes += b.reply_bytes;
+            a.sip_calls += b.sip_calls;
+            a.sip_messages += b.sip_messages;
+            a.sip_call_id_misses += b.sip_call_id_misses;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_in_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert_eq!(DropReason::ALL.iter().filter(|x| x.name() == r.name()).count(), 1);
+        }
+    }
+
+    #[test]
+    fn merge_adds_every_counter() {
+        let mut a = Stats::default();
+        a.drops[DropReason::Fragment as usize] = 2;
+        let mut b = Stats {
+            rx_packets: 5,
+            backends: vec![
+                BackendStats::default(),
+                BackendStats {
+                    flows: 3,
+                    ..Default::default()
+                },
+            ],
+            ..Stats::default()
+        };
+        b.drops[DropReason::Fragment as usize] = 1;
+        a.merge(&b);
+        assert_eq!(a.drops_for(DropReason::Fragment), 3);
+        assert_eq!(a.rx_packets, 5);
+        assert_eq!(a.backends[1].flows, 3);
+    }
+}

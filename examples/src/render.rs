@@ -3,11 +3,16 @@
 
 use core::fmt::Write as _;
 
+use std::net::SocketAddr;
+
 use lb_conntrack::Histogram;
-use lb_dataplane::{DropReason, Stats, TableStats};
+use lb_core::{BackendId, FlowKey, IpProto};
+use lb_dataplane::{
+    BackendInfo, BackendLoad, Decision, DropReason, Explanation, Stats, TableStats,
+};
 
 /// A backend's label for reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendLabel {
     /// Its id.
     pub id: u32,
@@ -19,6 +24,8 @@ pub struct BackendLabel {
     pub live: bool,
     /// Whether it is healthy.
     pub healthy: bool,
+    /// Its live load (connections, admission, latency, ejection), when known.
+    pub load: Option<BackendLoad>,
 }
 
 /// Renders the statistics as JSON.
@@ -37,6 +44,15 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
                 "reply_packets": b.reply_packets, "reply_bytes": b.reply_bytes,
                 "sip_calls": b.sip_calls, "sip_messages": b.sip_messages,
                 "sip_call_id_misses": b.sip_call_id_misses,
+                "active_conns": l.load.map_or(0, |x| x.active_conns),
+                "inactive_conns": l.load.map_or(0, |x| x.inactive_conns),
+                "overloaded": l.load.is_some_and(|x| x.overloaded),
+                "ejected": l.load.is_some_and(|x| x.observed.ejected),
+                "ejections": l.load.map_or(0, |x| x.observed.ejections),
+                "failures": l.load.map_or(0, |x| x.observed.failures),
+                "handshake_ms": l.load.and_then(|x| x.observed.handshake.millis()),
+                "response_ms": l.load.and_then(|x| x.observed.response.millis()),
+                "peak_ewma_ms": l.load.map(|x| x.peak_ewma_ms),
                 "sessions": t.backend_sessions.get(l.id as usize).map(|h| serde_json::json!({
                     "count": h.duration_ms.count(),
                     "duration_ms": summary(&h.duration_ms),
@@ -255,7 +271,178 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
             u8::from(l.healthy && l.live)
         );
     }
+    type Gauge = fn(&BackendLoad) -> Option<f64>;
+    let gauges: [(&str, &str, Gauge); 7] = [
+        (
+            "backend_active_conns",
+            "Active connections (TCP established; live UDP flows).",
+            |l| Some(f64::from(l.active_conns)),
+        ),
+        (
+            "backend_inactive_conns",
+            "Inactive connections (TCP handshake and closing states).",
+            |l| Some(f64::from(l.inactive_conns)),
+        ),
+        (
+            "backend_overloaded",
+            "Above its admission threshold (1).",
+            |l| Some(f64::from(u8::from(l.overloaded))),
+        ),
+        (
+            "backend_ejected",
+            "Ejected by passive outlier detection (1).",
+            |l| Some(f64::from(u8::from(l.observed.ejected))),
+        ),
+        ("backend_ejections_total", "Outlier ejections.", |l| {
+            Some(l.observed.ejections as f64)
+        }),
+        (
+            "backend_handshake_milliseconds",
+            "EWMA of SYN to SYN-ACK as the balancer saw it.",
+            |l| l.observed.handshake.millis(),
+        ),
+        (
+            "backend_response_milliseconds",
+            "EWMA of a connection's first request to its first response.",
+            |l| l.observed.response.millis(),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(o, "# HELP lb_{name} {help}\n# TYPE lb_{name} {kind}");
+        for l in labels {
+            if let Some(v) = l.load.as_ref().and_then(get) {
+                let _ = writeln!(
+                    o,
+                    "lb_{name}{{backend=\"{}\",service=\"{}\"}} {v}",
+                    l.addr, l.service
+                );
+            }
+        }
+    }
     o
+}
+
+/// Parses the query of `/explain`: `proto=tcp|udp&src=IP:PORT&dst=VIP:PORT`.
+///
+/// # Errors
+/// A message naming the missing or malformed parameter.
+pub fn explain_query(q: &str) -> Result<FlowKey, String> {
+    let (mut proto, mut src, mut dst) = (None, None, None);
+    for kv in q.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = v
+            .replace("%5B", "[")
+            .replace("%5D", "]")
+            .replace("%3A", ":");
+        match k {
+            "proto" => {
+                proto = Some(match v.as_str() {
+                    "tcp" => IpProto::Tcp,
+                    "udp" => IpProto::Udp,
+                    _ => return Err(format!("proto `{v}`: expected tcp or udp")),
+                })
+            }
+            "src" => {
+                src = Some(
+                    v.parse::<SocketAddr>()
+                        .map_err(|e| format!("src `{v}`: {e}"))?,
+                )
+            }
+            "dst" => {
+                dst = Some(
+                    v.parse::<SocketAddr>()
+                        .map_err(|e| format!("dst `{v}`: {e}"))?,
+                )
+            }
+            _ => {}
+        }
+    }
+    let (Some(proto), Some(src), Some(dst)) = (proto, src, dst) else {
+        return Err("expected proto=tcp|udp&src=IP:PORT&dst=VIP:PORT".into());
+    };
+    FlowKey::new(src.ip(), src.port(), dst.ip(), dst.port(), proto)
+        .map_err(|e| format!("src and dst: {e}"))
+}
+
+/// `{"error": message}`.
+pub fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// Renders an explanation as JSON (backends named by address; `backends` is the tables'
+/// by-id list).
+pub fn explain_json(e: &Explanation, backends: &[Option<BackendInfo>]) -> String {
+    let addr = |id: BackendId| {
+        backends
+            .get(id.get() as usize)
+            .and_then(|b| b.as_ref())
+            .map(|b| b.addr.to_string())
+    };
+    let (by, backend, reason) = match e.decision {
+        Decision::Flow(b) => (
+            "flow",
+            addr(b),
+            "the flow is tracked: its packets keep their backend".to_owned(),
+        ),
+        Decision::Persistence(b) => (
+            "persistence",
+            addr(b),
+            "a persistence template of the client names it".to_owned(),
+        ),
+        Decision::Scheduler(b) => (
+            "scheduler",
+            addr(b),
+            "the scheduler would pick it for a new flow now".to_owned(),
+        ),
+        Decision::PerMessage => (
+            "per-message",
+            None,
+            "placed per message by its SIP Call-ID".to_owned(),
+        ),
+        Decision::NoService => ("none", None, "no service listens there".to_owned()),
+        Decision::Drop(r) => (
+            "none",
+            None,
+            format!("a new flow would be dropped: {}", r.name()),
+        ),
+        _ => ("none", None, String::new()),
+    };
+    let cands: Vec<serde_json::Value> = e
+        .backends
+        .iter()
+        .map(|b| {
+            let l = &b.load;
+            serde_json::json!({
+                "id": b.info.id.get(), "addr": b.info.addr.to_string(),
+                "eligible": l.available, "healthy": b.info.healthy, "weight": b.info.weight.get(),
+                "overloaded": l.overloaded, "ejected": l.observed.ejected,
+                "active_conns": l.active_conns, "inactive_conns": l.inactive_conns,
+                "cost": b.cost, "response_ms": l.observed.response.millis(),
+                "handshake_ms": l.observed.handshake.millis(), "peak_ewma_ms": l.peak_ewma_ms,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "service": e.service.map(|s| serde_json::json!({
+            "vip": s.vip.to_string(),
+            "proto": if s.proto == IpProto::Tcp { "tcp" } else { "udp" },
+            "mode": s.mode.to_string(), "scheduler": s.scheduler.name(),
+        })),
+        "flow": e.flow.map(|f| serde_json::json!({
+            "backend": addr(f.backend), "state": format!("{:?}", f.state),
+            "idle_ms": f.idle.as_millis(), "idle_left_ms": f.idle_left.as_millis(),
+            "packets": f.packets, "bytes": f.bytes,
+        })),
+        "persistence": e.persistence.and_then(addr),
+        "decision": { "by": by, "backend": backend, "reason": reason },
+        "backends": cands,
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -289,12 +476,23 @@ mod tests {
             service: "203.0.113.10:80".into(),
             live: true,
             healthy: true,
+            load: Some(BackendLoad {
+                active_conns: 4,
+                inactive_conns: 2,
+                ..BackendLoad::default()
+            }),
         }];
         let t = TableStats::default();
         let j: serde_json::Value = serde_json::from_str(&to_json(&a, &t, &labels)).unwrap();
         assert_eq!(j["drops"]["fragment"], 3);
         assert_eq!(j["backends"][0]["flows"], 3);
+        assert_eq!(j["backends"][0]["active_conns"], 4);
+        assert_eq!(j["backends"][0]["inactive_conns"], 2);
+        assert!(j["backends"][0]["response_ms"].is_null());
         let p = to_prometheus(&a, &t, &labels);
+        assert!(p.contains(
+            "lb_backend_active_conns{backend=\"198.51.100.11:80\",service=\"203.0.113.10:80\"} 4"
+        ));
         assert!(
             p.contains("lb_dropped_packets_total{reason=\"fragment\"} 3"),
             "{p}"
@@ -368,6 +566,7 @@ mod tests {
             service: "203.0.113.10:80".into(),
             live: true,
             healthy: true,
+            load: None,
         });
         let p = to_prometheus(&Stats::default(), &t, &labels);
         let l = "{backend=\"198.51.100.1:80\",service=\"203.0.113.10:80\"}";
@@ -391,5 +590,26 @@ mod tests {
         assert_eq!(j["backends"][0]["sessions"]["count"], 2);
         assert_eq!(j["backends"][0]["sessions"]["duration_ms"]["max"], 300);
         assert!(j["backends"][1]["sessions"].is_null());
+    }
+
+    #[test]
+    fn explain_queries_parse_or_name_the_bad_parameter() {
+        let k = explain_query("proto=tcp&src=192.0.2.2:4000&dst=203.0.113.10:80").unwrap();
+        assert_eq!(
+            (k.src_port(), k.dst_port(), k.proto()),
+            (4000, 80, IpProto::Tcp)
+        );
+        let k6 = explain_query("proto=udp&src=%5B2001:db8::2%5D:53&dst=[2001:db8:10::10]:53");
+        assert!(!k6.unwrap().is_ipv4());
+        assert!(
+            explain_query("proto=sctp&src=192.0.2.2:1&dst=203.0.113.10:80")
+                .unwrap_err()
+                .contains("proto")
+        );
+        assert!(explain_query("proto=tcp&src=nope&dst=203.0.113.10:80")
+            .unwrap_err()
+            .contains("src"));
+        assert!(explain_query("proto=tcp&src=192.0.2.2:1&dst=[2001:db8::1]:80").is_err());
+        assert!(explain_query("").is_err());
     }
 }

@@ -23,17 +23,20 @@ use lb_health::{Action, HealthChecker};
 use rand::SeedableRng;
 
 use crate::config::{Config, HealthSpec};
-use crate::render::{to_json, to_prometheus, BackendLabel};
+use crate::probe::ProbeRunner;
+use crate::render::{
+    error_json, explain_json, explain_query, to_json, to_prometheus, BackendLabel,
+};
+use crate::stats_server::{Format, Render, StatsServer};
+use crate::sys::{set_link_up, DeviceKind, TunQueue};
 use lb_dataplane::{
     ControlPlane, Dataplane, DataplaneOptions, Reload, Stats, TableStats, Verdict, HEADROOM,
 };
-use crate::probe::ProbeRunner;
-use crate::stats_server::{Format, Render, StatsServer};
-use crate::sys::{set_link_up, DeviceKind, TunQueue};
 
 /// State shared between the control thread, the data-path threads and the stats server.
 struct Shared {
     stop: AtomicBool,
+    epoch: StdInstant,
     dp: Mutex<Dataplane>,
     labels: Mutex<Vec<BackendLabel>>,
     tx_errors: AtomicU64,
@@ -41,12 +44,31 @@ struct Shared {
 
 impl Shared {
     fn render(&self, f: Format) -> String {
+        let t_now = now(self.epoch);
+        if let Format::Explain(q) = &f {
+            return match explain_query(q) {
+                Ok(key) => match self.dp.lock() {
+                    Ok(dp) => {
+                        let e = dp.explain(&key, t_now);
+                        explain_json(&e, &dp.tables().backends)
+                    }
+                    Err(_) => error_json("data path unavailable"),
+                },
+                Err(e) => error_json(&e),
+            };
+        }
+        let mut labels = self.labels.lock().map(|l| l.clone()).unwrap_or_default();
         let (s, t): (Stats, TableStats) = match self.dp.lock() {
-            Ok(dp) => (dp.stats().clone(), dp.table_stats()),
+            Ok(dp) => {
+                for l in &mut labels {
+                    l.load = dp.backend_load(BackendId(l.id), t_now);
+                }
+                (dp.stats().clone(), dp.table_stats())
+            }
             Err(_) => Default::default(),
         };
-        let labels = self.labels.lock().map(|l| l.clone()).unwrap_or_default();
         match f {
+            Format::Explain(_) => String::new(),
             Format::Json => to_json(&s, &t, &labels),
             Format::Prometheus => {
                 let mut o = to_prometheus(&s, &t, &labels);
@@ -68,6 +90,7 @@ fn labels(cp: &ControlPlane) -> Vec<BackendLabel> {
             service: format!("{} {}", b.proto, b.vip),
             live: b.live,
             healthy: b.healthy,
+            load: None,
         })
         .collect()
 }
@@ -134,8 +157,10 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         snat_ports: cfg.dataplane.snat_ports.clone(),
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
+    let epoch = StdInstant::now();
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
+        epoch,
         dp: Mutex::new(dp),
         labels: Mutex::new(labels(&cp)),
         tx_errors: AtomicU64::new(0),
@@ -152,7 +177,6 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         }
         None => None,
     };
-    let epoch = StdInstant::now();
     let mut workers = Vec::new();
     for (i, q) in queues.into_iter().enumerate() {
         let sh = shared.clone();
@@ -233,6 +257,24 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
             dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
             if housekeeping {
                 dp.housekeeping(t, 1024);
+                while let Some(e) = dp.poll_event() {
+                    match e {
+                        lb_dataplane::LoadEvent::Ejected {
+                            backend,
+                            until,
+                            count,
+                        } => tracing::warn!(
+                            backend = backend.get(),
+                            ejections = count,
+                            for_ms = (until - t).as_millis(),
+                            "outlier ejected: the data path saw it fail"
+                        ),
+                        lb_dataplane::LoadEvent::Returned { backend } => {
+                            tracing::info!(backend = backend.get(), "outlier back in rotation")
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         if housekeeping {
@@ -382,7 +424,7 @@ fn control(
                         *l = labels(cp);
                     }
                     if let Ok(mut dp) = sh.dp.lock() {
-                        dp.set_tables(t);
+                        dp.set_tables(t, now(epoch));
                     }
                 }
                 Err(e) => tracing::error!("cannot build tables: {e}"),

@@ -1,4 +1,5 @@
-//! Serves statistics on demand over TCP: `GET /metrics` answers Prometheus text, anything else JSON.
+//! Serves statistics on demand over TCP: `GET /metrics` answers Prometheus text,
+//! `GET /explain?...` an explanation of a flow's placement, anything else JSON.
 //!
 //! A tiny HTTP/1.0 responder on its own thread: one request per connection, answered and closed.
 //! What it serves comes from a render function the caller supplies, so the server knows nothing of
@@ -11,13 +12,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// The two formats served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
-    /// `application/json`.
+    /// The statistics, `application/json`.
     Json,
-    /// Prometheus text exposition format 0.0.4.
+    /// The statistics, Prometheus text exposition format 0.0.4.
     Prometheus,
+    /// "Why this backend" (`/explain?proto=tcp&src=IP:PORT&dst=VIP:PORT`), JSON; holds the
+    /// query string.
+    Explain(String),
 }
 
 /// Produces the current statistics in a format.
@@ -99,6 +103,9 @@ fn answer(mut conn: TcpStream, render: &Render) -> io::Result<()> {
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let (format, ctype) = if path.starts_with("/metrics") {
         (Format::Prometheus, "text/plain; version=0.0.4")
+    } else if let Some(rest) = path.strip_prefix("/explain") {
+        let query = rest.strip_prefix('?').unwrap_or("").to_owned();
+        (Format::Explain(query), "application/json")
     } else {
         (Format::Json, "application/json")
     };
@@ -137,11 +144,16 @@ mod tests {
         let render: Render = Arc::new(|f| match f {
             Format::Json => "{\"ok\":1}".to_owned(),
             Format::Prometheus => "lb_ok 1\n".to_owned(),
+            Format::Explain(q) => format!("{{\"q\":\"{q}\"}}"),
         });
         let s = StatsServer::start("127.0.0.1:0".parse().unwrap(), render, stop.clone()).unwrap();
         let addr = s.local_addr();
         assert_eq!(fetch(addr, "/").unwrap(), "{\"ok\":1}");
         assert_eq!(fetch(addr, "/metrics").unwrap(), "lb_ok 1\n");
+        assert_eq!(
+            fetch(addr, "/explain?proto=tcp&src=1.2.3.4:5").unwrap(),
+            "{\"q\":\"proto=tcp&src=1.2.3.4:5\"}"
+        );
         stop.store(true, Ordering::Relaxed);
         s.join();
     }

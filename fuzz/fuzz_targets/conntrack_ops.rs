@@ -227,6 +227,7 @@ fuzz_target!(|data: &[u8]| {
         evict_est,
     };
     let mut now = Instant::ZERO;
+    let mut removals = 0u64;
     // Prefetch hints kept across ops, by key byte.
     let mut hints: [Option<(u8, Prefetched)>; 4] = [None; 4];
     for op in data.chunks_exact(3).skip(1) {
@@ -342,6 +343,12 @@ fuzz_target!(|data: &[u8]| {
             .map(|e| e.last + m.t.get(e.state).as_millis() as u64)
             .min();
         assert_eq!(table.next_deadline().map(|d| d.as_millis()), nd);
+        // Every flow that left was reported once, each reused entry counted as a session that
+        // ended: entries = sessions started − sessions reported ended.
+        removals += table.drain_removals().count() as u64;
+        let c = table.counters();
+        assert_eq!(c.removals_lost, 0);
+        assert_eq!(table.len() as u64, c.inserts + c.reused - removals);
     }
     let _ = TcpState::None;
 });

@@ -374,6 +374,11 @@ pub struct Hit {
     pub backend: BackendId,
     /// The state after the packet.
     pub state: FlowState,
+    /// The state before the packet; `None` when the packet started a new session in the
+    /// existing entry (a SYN reusing a TIME_WAIT / CLOSE entry: the old session was recorded
+    /// as a [`RemovalReason::Closed`](crate::RemovalReason::Closed) removal, so a caller
+    /// counting connections decrements on that record and counts this one as new).
+    pub was: Option<FlowState>,
     /// The NAT reply tuple, if any (its `src` is the backend, its `dst` the SNAT address).
     pub nat: Option<FlowKey>,
     /// Whether the packet changed the state (a reason to send a sync update).

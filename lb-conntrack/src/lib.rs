@@ -15,6 +15,11 @@
 //!   ([`ConnTable::expire`] with a budget, [`ConnTable::next_deadline`]).
 //! - Flood resistance: a full table sheds half-open entries first, then the least recently used;
 //!   every eviction and refusal is counted ([`Counters`]).
+//! - Removals as data: every flow that leaves the table (expiry, close, eviction, explicit or
+//!   sync removal) is queued as a [`Removal`] (key, backend, [`RemovalReason`], last state,
+//!   times, counters) in a preallocated ring ([`Config::removal_queue`], 120 B per record)
+//!   that the caller drains with [`ConnTable::poll_removal`]: what live connection counts per
+//!   backend ([`FlowState::is_active`], [`Hit::was`]) and session records are built from.
 //! - Persistence templates ([`PersistTable`]): client affinity by masked address, or by an
 //!   arbitrary affinity key such as a hashed SIP Call-ID.
 //! - Full NAT: per-backend SNAT port pools ([`SnatPool`]) and an O(1) reply-tuple index
@@ -31,10 +36,15 @@
 //! [`ConnTable::track_hashed`] each (a lookup is two dependent cache misses; a burst overlaps
 //! them). On `None`, choose a backend
 //! (persistence template first, then the scheduler) and [`ConnTable::insert_with`] the flow with
-//! its first packet. Every millisecond or so: `expire(now, budget)`.
+//! its first packet ([`NewFlow::initial_state`] is the state it is then in). Every
+//! millisecond or so: `expire(now, budget)`. After every burst and every `expire`: drain
+//! [`ConnTable::poll_removal`] (`expire` stops when the removal ring is full; a per-packet path
+//! that finds it full drops the record and counts it in [`Counters::removals_lost`]).
 //!
 //! ```
-//! use lb_conntrack::{Config, ConnTable, FlowState, Insert, NewFlow, Packet, TcpFlags, TcpState};
+//! use lb_conntrack::{
+//!     Config, ConnTable, FlowState, Insert, NewFlow, Packet, RemovalReason, TcpFlags, TcpState,
+//! };
 //! use lb_core::{BackendId, FlowKey, HashKey, Instant, IpProto};
 //! use std::net::Ipv4Addr;
 //!
@@ -45,18 +55,27 @@
 //! // First packet: a miss; the scheduler picks backend 3.
 //! assert!(ct.track(&flow, Packet::original(TcpFlags::SYN, 60), t0).is_none());
 //! let first = Packet::original(TcpFlags::SYN, 60);
-//! assert_eq!(ct.insert_with(NewFlow::new(flow, BackendId(3)).with_first(first), t0), Insert::New);
+//! let new = NewFlow::new(flow, BackendId(3)).with_first(first);
+//! assert_eq!(ct.insert_with(new, t0), Insert::New);
+//! assert_eq!(new.initial_state(), FlowState::Tcp(TcpState::SynRecv)); // not active yet
 //!
-//! // Next packet: a hit, the handshake completes.
+//! // Next packet: a hit, the handshake completes: the flow becomes active.
 //! let hit = ct.track(&flow, Packet::original(TcpFlags::ACK, 52), t0).unwrap();
 //! assert_eq!(hit.backend, BackendId(3));
+//! assert_eq!(hit.was, Some(FlowState::Tcp(TcpState::SynRecv)));
 //! assert_eq!(hit.state, FlowState::Tcp(TcpState::Established));
+//! assert!(hit.state.is_active());
 //!
-//! // Idle for longer than the ESTABLISHED timeout (15 min): expired.
+//! // Idle for longer than the ESTABLISHED timeout (15 min): expired, and reported.
 //! let later = Instant::from_secs(1 + 901);
 //! assert_eq!(ct.next_deadline(), Some(Instant::from_secs(901)));
 //! assert_eq!(ct.expire(later, 64), 1);
 //! assert!(ct.is_empty());
+//! let gone = ct.poll_removal().unwrap();
+//! assert_eq!((gone.key, gone.backend, gone.reason), (flow, BackendId(3), RemovalReason::Expired));
+//! assert_eq!((gone.packets, gone.bytes), (2, 112));
+//! assert!(gone.was_active());
+//! assert!(ct.poll_removal().is_none());
 //! ```
 #![forbid(unsafe_code)]
 
@@ -65,6 +84,7 @@ mod evict;
 mod index;
 mod nat_pool;
 mod persist;
+mod removal;
 mod sharded;
 mod stats;
 pub mod sync;
@@ -75,6 +95,7 @@ mod timeout;
 pub use entry::{EntryInfo, Hit, Packet};
 pub use nat_pool::SnatPool;
 pub use persist::{mask_addr, PersistInsert, PersistTable, Service, TemplateKey};
+pub use removal::{Removal, RemovalReason};
 pub use sharded::ShardedConnTable;
 pub use stats::{
     Counters, EvictReason, Histogram, Refusal, SessionHistograms, SessionStats, HISTOGRAM_BUCKETS,

@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use lb_core::{FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHash13};
 
 use crate::entry::{Hit, Packet};
+use crate::removal::Removal;
 use crate::stats::Counters;
 use crate::table::{Config, ConnTable, Insert, NewFlow};
 use crate::ConntrackError;
@@ -42,7 +43,7 @@ pub struct ShardedConnTable<H: KeyedHash = SipHash13> {
 
 impl ShardedConnTable<SipHash13> {
     /// `shards` shards, each a [`ConnTable`] with `cfg` divided by the shard count (capacity,
-    /// IPv6 capacity, persistence capacity and elephant store, rounded up). Each shard may hold
+    /// IPv6 capacity, persistence capacity, elephant store and removal ring, rounded up). Each shard may hold
     /// up to [`crate::MAX_CAPACITY`] entries, so a sharded table can exceed it.
     ///
     /// # Errors
@@ -66,6 +67,7 @@ impl<H: KeyedHash> ShardedConnTable<H> {
             ipv6_capacity: cfg.ipv6_capacity.div_ceil(shards),
             persist_capacity: cfg.persist_capacity.div_ceil(shards),
             elephants: cfg.elephants.div_ceil(shards),
+            removal_queue: cfg.removal_queue.div_ceil(shards),
             ..cfg
         };
         let mut v = Vec::with_capacity(shards);
@@ -112,7 +114,7 @@ impl<H: KeyedHash> ShardedConnTable<H> {
         }
     }
 
-    /// Removes a flow.
+    /// Removes a flow (see [`ConnTable::remove`]).
     pub fn remove(&self, key: &FlowKey, now: Instant) -> bool {
         let h = self.hash_unlocked(key);
         self.shards
@@ -120,7 +122,8 @@ impl<H: KeyedHash> ShardedConnTable<H> {
             .is_some_and(|s| s.lock().remove(key, now))
     }
 
-    /// Expires up to `budget` entries in every shard, locking one shard at a time.
+    /// Expires up to `budget` entries in every shard (each capped by its removal ring's free
+    /// space, see [`ConnTable::expire`]), locking one shard at a time.
     pub fn expire(&self, now: Instant, budget_per_shard: usize) -> usize {
         self.shards
             .iter()
@@ -165,25 +168,39 @@ impl<H: KeyedHash> ShardedConnTable<H> {
     pub fn counters(&self) -> Counters {
         let mut t = Counters::default();
         for s in self.shards.iter() {
-            let c = *s.lock().counters();
-            t.hits += c.hits;
-            t.misses += c.misses;
-            t.expired_on_lookup += c.expired_on_lookup;
-            t.reply_hits += c.reply_hits;
-            t.reply_misses += c.reply_misses;
-            t.inserts += c.inserts;
-            t.exists += c.exists;
-            t.expired += c.expired;
-            t.evicted_half_open += c.evicted_half_open;
-            t.evicted_lru += c.evicted_lru;
-            t.refused_full += c.refused_full;
-            t.refused_ipv6 += c.refused_ipv6;
-            t.refused_nat += c.refused_nat;
-            t.refused_ports += c.refused_ports;
-            t.removed += c.removed;
-            t.reused += c.reused;
+            t.merge(s.lock().counters());
         }
         t
+    }
+
+    /// The oldest unread removal record of the first shard that has one (see
+    /// [`ConnTable::poll_removal`]); `None` when every shard's ring is empty. Locks shards one
+    /// at a time.
+    #[must_use]
+    pub fn poll_removal(&self) -> Option<Removal> {
+        self.shards.iter().find_map(|s| s.lock().poll_removal())
+    }
+
+    /// Every unread removal record, shard by shard (each shard's oldest first). Locks one
+    /// shard per record, never across calls to `next`; records that arrive meanwhile in a
+    /// shard already passed wait for the next drain.
+    pub fn drain_removals(&self) -> impl Iterator<Item = Removal> + '_ {
+        let mut shard = 0;
+        core::iter::from_fn(move || loop {
+            let r = self.shards.get(shard)?.lock().poll_removal();
+            if r.is_some() {
+                return r;
+            }
+            shard += 1;
+        })
+    }
+
+    /// How many removal records wait in all shards.
+    pub fn pending_removals(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().pending_removals())
+            .sum()
     }
 }
 
@@ -263,8 +280,17 @@ mod tests {
             Some(Some(BackendId(0)))
         );
         assert!(t.remove(&k(0, 1), now));
-        assert_eq!(t.expire(Instant::from_secs(10_000), 100_000), 9_999);
-        assert!(t.is_empty());
+        assert_eq!(t.drain_removals().count(), 1);
+        // Each shard's expire stops at its removal ring's room (4096 / 8 records): drain and
+        // go on.
+        let mut expired = 0;
+        let mut removals = 0;
+        while !t.is_empty() {
+            expired += t.expire(Instant::from_secs(10_000), 100_000);
+            removals += t.drain_removals().count();
+        }
+        assert_eq!((expired, removals), (9_999, 9_999));
+        assert_eq!(t.counters().removals_lost, 0);
         assert_eq!(t.next_deadline(), None);
     }
 }

@@ -9,6 +9,7 @@ use lb_core::BackendId;
 
 /// Why an entry was evicted to make room for a new one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EvictReason {
     /// The oldest half-open entry (TCP without a completed handshake, unconfirmed UDP).
     HalfOpen,
@@ -18,6 +19,7 @@ pub enum EvictReason {
 
 /// Why an insertion was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Refusal {
     /// The table is full and no entry may be evicted (only established entries are left and
     /// [`Config::evict_established`](crate::Config::evict_established) is off).
@@ -80,9 +82,62 @@ pub struct Counters {
     pub removed: u64,
     /// TIME_WAIT / CLOSE entries reused by a new SYN.
     pub reused: u64,
+    /// Removal records dropped because the removal ring was full (a per-packet path removed
+    /// a flow while [`ConnTable::poll_removal`](crate::ConnTable::poll_removal) was behind):
+    /// drain after every burst, and size [`Config::removal_queue`](crate::Config::removal_queue)
+    /// for a few bursts. Stays 0 when recording is off.
+    pub removals_lost: u64,
 }
 
 impl Counters {
+    /// Adds `other`'s counts to these (wrapping), e.g. to sum shards.
+    pub fn merge(&mut self, other: &Counters) {
+        // Destructured so that a new counter cannot be forgotten here.
+        let Counters {
+            hits,
+            misses,
+            expired_on_lookup,
+            reply_hits,
+            reply_misses,
+            inserts,
+            exists,
+            expired,
+            evicted_half_open,
+            evicted_lru,
+            refused_full,
+            refused_ipv6,
+            refused_nat,
+            refused_ports,
+            refused_backend,
+            elephants,
+            counts_saturated,
+            removed,
+            reused,
+            removals_lost,
+        } = *other;
+        let add = |a: &mut u64, b: u64| *a = a.wrapping_add(b);
+        add(&mut self.hits, hits);
+        add(&mut self.misses, misses);
+        add(&mut self.expired_on_lookup, expired_on_lookup);
+        add(&mut self.reply_hits, reply_hits);
+        add(&mut self.reply_misses, reply_misses);
+        add(&mut self.inserts, inserts);
+        add(&mut self.exists, exists);
+        add(&mut self.expired, expired);
+        add(&mut self.evicted_half_open, evicted_half_open);
+        add(&mut self.evicted_lru, evicted_lru);
+        add(&mut self.refused_full, refused_full);
+        add(&mut self.refused_ipv6, refused_ipv6);
+        add(&mut self.refused_nat, refused_nat);
+        add(&mut self.refused_ports, refused_ports);
+        add(&mut self.refused_backend, refused_backend);
+        add(&mut self.elephants, elephants);
+        add(&mut self.counts_saturated, counts_saturated);
+        add(&mut self.removed, removed);
+        add(&mut self.reused, reused);
+        add(&mut self.removals_lost, removals_lost);
+    }
+
     pub(crate) fn evicted(&mut self, r: EvictReason) {
         match r {
             EvictReason::HalfOpen => self.evicted_half_open += 1,

@@ -27,6 +27,7 @@ use crate::evict::Lists;
 use crate::index::Index;
 use crate::nat_pool::SnatPool;
 use crate::persist::{PersistTable, Service, TemplateKey};
+use crate::removal::{RemovalReason, RemovalRing};
 use crate::stats::{Counters, Refusal, SessionStats};
 use crate::tcp_state::{Direction, TcpState};
 use crate::timeout::{FlowState, Timeouts, CLASSES};
@@ -35,6 +36,7 @@ use crate::ConntrackError;
 mod config;
 mod handle;
 mod insert;
+mod removals;
 
 pub use config::{Config, Insert, NewFlow, MAX_BACKEND_ID, MAX_CAPACITY};
 pub use handle::{EntryRef, Lookup, MemoryUsage};
@@ -44,7 +46,8 @@ pub use handle::{EntryRef, Lookup, MemoryUsage};
 /// Drive order, per packet: [`ConnTable::lookup`] (or [`ConnTable::track`]); on a hit,
 /// [`EntryRef::update`]; on a miss, schedule and [`ConnTable::insert_with`]. Replies in NAT modes:
 /// [`ConnTable::track_reply`]. Periodically (every millisecond or so, or when
-/// [`ConnTable::next_deadline`] passes): [`ConnTable::expire`] with a budget.
+/// [`ConnTable::next_deadline`] passes): [`ConnTable::expire`] with a budget. After every burst
+/// and every `expire`: [`ConnTable::poll_removal`] until `None`.
 ///
 /// `now` must not go backwards; an earlier `now` is treated as the latest seen.
 #[derive(Debug)]
@@ -73,6 +76,8 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     /// The next list head to leave and its key's hashes (forward, reply), computed when its
     /// predecessor left: see `remove_slot`.
     next_out: NextOut,
+    /// Flows that left, for [`ConnTable::poll_removal`].
+    removals: RemovalRing,
 }
 
 /// A live slot's hashes (its key's, and its NAT reply tuple's or 0), computed with its index
@@ -174,6 +179,7 @@ impl<H: KeyedHash> ConnTable<H> {
             persist: PersistTable::with_hasher(cfg.persist_capacity, key.derive("persist"))?,
             snat: None,
             next_out: NextOut::NONE,
+            removals: RemovalRing::new(cfg.removal_queue),
         })
     }
 
@@ -258,13 +264,15 @@ impl<H: KeyedHash> ConnTable<H> {
             + self.reply_index.allocation_size();
         let persist = self.persist.capacity() * 80;
         let sessions = (self.cfg.stats_backends + 1) * size_of::<crate::stats::SessionHistograms>();
+        let removals = self.removals.allocation_size();
         MemoryUsage {
             slots,
             index,
             ipv6,
             elephants,
             nat,
-            total: slots + index + ipv6 + elephants + nat + persist + sessions,
+            removals,
+            total: slots + index + ipv6 + elephants + nat + persist + sessions + removals,
         }
     }
 
@@ -510,8 +518,9 @@ impl<H: KeyedHash> ConnTable<H> {
 
     // ---- the data path ----
 
-    /// Looks `key` up. A timed-out entry is removed and reported as [`Lookup::Expired`].
-    /// Does not refresh the entry: call [`EntryRef::update`] with the packet.
+    /// Looks `key` up. A timed-out entry is removed (one [`crate::Removal`] record at most)
+    /// and reported as [`Lookup::Expired`]. Does not refresh the entry: call
+    /// [`EntryRef::update`] with the packet.
     #[inline]
     pub fn lookup(&mut self, key: &FlowKey, now: Instant) -> Lookup<'_, H> {
         let hash = self.hasher.hash_flow(key);
@@ -546,7 +555,7 @@ impl<H: KeyedHash> ConnTable<H> {
             Some(i) if self.slot_expired(i) => {
                 let backend = BackendId(self.slots.get(i as usize).map_or(0, Slot::backend));
                 self.counters.expired_on_lookup += 1;
-                self.remove_slot(i);
+                self.remove_timed_out(i);
                 Lookup::Expired { backend }
             }
             Some(i) => {
@@ -597,7 +606,9 @@ impl<H: KeyedHash> ConnTable<H> {
 
     /// Tracks a burst: looks up and updates each key in order, as [`ConnTable::track`] would,
     /// `out[i]` receiving the result for `keys[i]` (`pkts[i]`); the burst is cut to the
-    /// shortest of the three slices.
+    /// shortest of the three slices. Removes at most one timed-out entry (or records one
+    /// reused TIME_WAIT / CLOSE session) per key: drain [`ConnTable::poll_removal`] after each
+    /// burst, with a ring ([`Config::removal_queue`]) of a few bursts.
     ///
     /// Software-pipelined: while key `i` is processed, the slot of key `i + D` is being
     /// fetched (its index line has arrived) and the index line of key `i + 2D` is on its way,
@@ -754,7 +765,7 @@ impl<H: KeyedHash> ConnTable<H> {
         };
         if self.slot_expired(i) {
             self.counters.expired_on_lookup += 1;
-            self.remove_slot(i);
+            self.remove_timed_out(i);
             return None;
         }
         self.counters.reply_hits += 1;
@@ -772,17 +783,10 @@ impl<H: KeyedHash> ConnTable<H> {
         (!self.slot_expired_at(i, self.clock_at(now))).then(|| self.info(i))
     }
 
-    /// Removes the entry of `key`. Returns whether there was one.
+    /// Removes the entry of `key` (recorded as a [`RemovalReason::Removed`] removal). Returns
+    /// whether there was one.
     pub fn remove(&mut self, key: &FlowKey, now: Instant) -> bool {
-        self.advance(now);
-        match self.find(self.hasher.hash_flow(key), &Probe::of(key)) {
-            Some(i) => {
-                self.counters.removed += 1;
-                self.remove_slot(i);
-                true
-            }
-            None => false,
-        }
+        self.remove_for(key, now, RemovalReason::Removed)
     }
 
     /// Inserts a flow bound to `backend`, with an optional NAT reply tuple. The entry starts in
@@ -805,7 +809,10 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 
     /// Inserts a new flow. When the table is full, reclaims a timed-out entry, else evicts the
-    /// oldest half-open entry, else (if allowed) the least recently used one.
+    /// oldest half-open entry, else (if allowed) the least recently used one. Each flow that
+    /// leaves is recorded as a [`crate::Removal`]: at most four per call (a timed-out entry of
+    /// the key, one of the NAT tuple, an IPv6 victim and a slot victim). The state the new
+    /// flow is in is [`NewFlow::initial_state`].
     pub fn insert_with(&mut self, flow: NewFlow, now: Instant) -> Insert {
         self.insert_inner(flow, false, None, now)
     }
@@ -873,6 +880,7 @@ impl<H: KeyedHash> ConnTable<H> {
             return Hit {
                 backend: BackendId(0),
                 state: FlowState::Other,
+                was: None,
                 nat: None,
                 changed: false,
             };
@@ -918,17 +926,25 @@ impl<H: KeyedHash> ConnTable<H> {
         Hit {
             backend: BackendId(backend),
             state: new,
+            was: if reused { None } else { Some(old) },
             nat: self.nat_of(i),
             changed: new != old,
         }
     }
 
-    /// A TIME_WAIT / CLOSE entry reused by a new SYN: the old session ends here.
+    /// A TIME_WAIT / CLOSE entry reused by a new SYN: the old session ends here (recorded as
+    /// a [`RemovalReason::Closed`] removal; the entry lives on with the new session).
     #[cold]
     fn reuse(&mut self, i: u32) {
         if let Some(s) = self.slots.get(i as usize).copied() {
             self.counters.reused += 1;
             self.record_session(&s);
+            let nat = if s.flags & F_NAT != 0 {
+                self.nat_of(i)
+            } else {
+                None
+            };
+            self.record_removal(&s, nat, RemovalReason::Closed);
             self.release_counts(&s);
         }
     }
@@ -941,8 +957,9 @@ impl<H: KeyedHash> ConnTable<H> {
         }
     }
 
-    /// Removes live slot `i` from every structure and returns it to the free list.
-    pub(crate) fn remove_slot(&mut self, i: u32) {
+    /// Removes live slot `i` from every structure, returns it to the free list, and records
+    /// its [`Removal`] for `reason`.
+    pub(crate) fn remove_slot(&mut self, i: u32, reason: RemovalReason) {
         let Some(s) = self.slots.get(i as usize).copied() else {
             return;
         };
@@ -970,6 +987,7 @@ impl<H: KeyedHash> ConnTable<H> {
             self.persist.detach(&tk, now);
         }
         self.record_session(&s);
+        self.record_removal(&s, reply.map(|(r, _)| r), reason);
         self.release_counts(&s);
         if s.flags & F_V6 != 0 {
             self.v6_free.push(s.a);
@@ -1031,10 +1049,13 @@ impl<H: KeyedHash> ConnTable<H> {
 
     // ---- timers ----
 
-    /// Removes timed-out entries, at most `budget` of them (bounded work: each removal is O(1),
-    /// plus a look at one list head per state class). Returns how many were removed.
+    /// Removes timed-out entries, at most `budget` of them and at most as many as the removal
+    /// ring has room for (so none of their records is lost: drain with
+    /// [`ConnTable::poll_removal`] and call again to continue). Bounded work: each removal is
+    /// O(1), plus a look at one list head per state class. Returns how many were removed.
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         self.advance(now);
+        let budget = budget.min(self.removals.room());
         let mut n = 0;
         for c in 0..CLASSES {
             while n < budget {
@@ -1043,7 +1064,7 @@ impl<H: KeyedHash> ConnTable<H> {
                     break;
                 }
                 self.counters.expired += 1;
-                self.remove_slot(h);
+                self.remove_timed_out(h);
                 n += 1;
             }
         }
@@ -1100,5 +1121,7 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 }
 
+#[cfg(test)]
+mod removal_tests;
 #[cfg(test)]
 mod tests;

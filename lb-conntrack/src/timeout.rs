@@ -72,6 +72,17 @@ impl FlowState {
         }
     }
 
+    /// Whether the flow counts as an active connection, with IPVS' semantics (`activeconns`
+    /// vs `inactconns`): a TCP connection is active only when ESTABLISHED; UDP (confirmed or
+    /// not), ICMP and other protocols are active for as long as they live.
+    #[inline]
+    pub const fn is_active(self) -> bool {
+        match self {
+            FlowState::Tcp(s) => matches!(s, TcpState::Established),
+            FlowState::UdpUnconfirmed | FlowState::Udp | FlowState::Icmp | FlowState::Other => true,
+        }
+    }
+
     /// Whether the entry is half-open (TCP without a completed handshake, unconfirmed UDP).
     #[inline]
     pub const fn is_half_open(self) -> bool {

@@ -41,29 +41,35 @@
 //! assert_eq!(dp.stats().dropped(), 1);
 //! ```
 
+mod explain;
+mod load;
 mod sip;
 mod spec;
 mod stats;
 mod tables;
 #[cfg(test)]
 mod tests;
+mod timing;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use lb_conntrack::{
-    Config as CtConfig, ConnTable, Insert, NewFlow, Packet, Prefetched, Refusal, Service,
-    SessionHistograms, SnatPool, TcpFlags, TemplateKey,
+    Config as CtConfig, ConnTable, FlowState, Insert, NewFlow, Packet, Prefetched, Refusal,
+    Service, SessionHistograms, SnatPool, TcpFlags, TemplateKey,
 };
-use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, IpProto};
+use lb_core::{BackendId, Duration, FlowHasher, FlowKey, HashKey, Instant, IpProto};
+use lb_health::Observation;
 use lb_packet::icmp::{self, IcmpError};
 use lb_packet::tunnel::{self, Encap, TunnelParams};
 use lb_packet::{dr, nat, parse, Family, Fragment, Link, PacketBuf, PacketError, Parsed};
 use lb_sched::hash::ConsistentHash;
-use lb_sched::policy::{Pick, Policy, Request};
-use lb_sched::pool::Pool;
+use lb_sched::policy::{Pick, Request};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+
+pub use explain::{BackendView, Decision, Explanation, FlowView, ServiceView};
+pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
@@ -73,7 +79,9 @@ pub use spec::{
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
 
+use load::Live;
 use tables::Scheduler;
+use timing::{Sample, Timing};
 
 /// How many packets ahead [`Dataplane::process_batch`] fetches flow-table slots (index lines:
 /// twice as far). At ~100 ns of work per packet, 4 packets cover a ~200 ns memory latency.
@@ -166,8 +174,10 @@ pub enum DataplaneError {
 pub struct Dataplane {
     link: Link,
     tables: Arc<Tables>,
-    /// Mutable copies of the policy schedulers, by service index.
-    policies: Vec<Option<(Policy, Pool)>>,
+    /// Live load by service (pools, policies, outlier detectors): survives table swaps.
+    live: Live,
+    /// Handshakes and first responses being timed.
+    timing: Timing,
     /// IPv4 flows and IPv6 flows: one SNAT pool per table, as lb-conntrack's pools are of one
     /// address family.
     ct4: ConnTable,
@@ -274,28 +284,25 @@ impl Dataplane {
         let mut dp = Dataplane {
             link,
             tables: tables.clone(),
-            policies: Vec::new(),
             ct4,
             ct6,
             flows: FlowHasher::new(key.derive("flow")),
             rng: SmallRng::seed_from_u64(seed),
             stats: Stats::default(),
             scratch: vec![0u8; icmp::ICMPV6_MAX].into_boxed_slice(),
+            live: Live::default(),
+            timing: Timing::new(key.derive("timing")),
         };
-        dp.set_tables(tables);
+        dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
     }
 
-    /// Installs new tables (control path: allocates). Established flows keep their backends.
-    pub fn set_tables(&mut self, tables: Arc<Tables>) {
-        self.policies = tables
-            .services
-            .iter()
-            .map(|s| match &s.sched {
-                Scheduler::Policy { policy, pool } => Some(((**policy).clone(), (**pool).clone())),
-                _ => None,
-            })
-            .collect();
+    /// Installs new tables (control path: allocates). Established flows keep their backends;
+    /// live load (connection counts, latency estimates, policy cursors, outlier state) carries
+    /// over to the new membership. `now` starts the slow-start ramp of a backend that joined or
+    /// recovered.
+    pub fn set_tables(&mut self, tables: Arc<Tables>, now: Instant) {
+        self.live.reconcile(&tables, now);
         for b in tables.backends.iter().flatten() {
             if b.mode == Mode::Nat {
                 let ct = if b.addr.is_ipv4() {
@@ -361,22 +368,76 @@ impl Dataplane {
         ct.get(key, now).map(|e| e.backend)
     }
 
-    /// Expires idle flows and persistence templates, at most `budget` of each per table.
+    /// Backend `id`'s live load at `now`: connection counts, admission, latency estimates,
+    /// ejection (`None` for an id no service has).
+    pub fn backend_load(&self, id: BackendId, now: Instant) -> Option<BackendLoad> {
+        self.live.load(id, now)
+    }
+
+    /// The next ejection or return of a backend by passive outlier detection, for the
+    /// embedder to log (the last [`load::EVENTS`] are kept).
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<LoadEvent> {
+        self.live.events.pop_front()
+    }
+
+    /// Expires idle flows and persistence templates, at most `budget` of each per table;
+    /// returns ejected backends whose time is up to rotation and counts SYNs left unanswered.
     /// Returns the number of flows removed.
     pub fn housekeeping(&mut self, now: Instant, budget: usize) -> usize {
         let mut n = 0;
         for ct in [&mut self.ct4, &mut self.ct6] {
+            // At most what the removal queue can take now: nothing removed goes unreported.
             n += ct.expire(now, budget);
             ct.persist_mut().expire(now, budget);
+            while let Some(r) = ct.poll_removal() {
+                self.live.removed(&r);
+            }
+        }
+        self.live.poll_outliers(now);
+        // Unanswered SYNs: a slice of the timing table per call, 64 slots at a time.
+        let mut failed = [BackendId(0); 64];
+        for _ in 0..8 {
+            let mut k = 0;
+            let live = &self.live;
+            self.timing.expire(
+                now,
+                failed.len(),
+                STALE_TIMING,
+                |id| live.syn_timeout(id),
+                |id| {
+                    if let Some(f) = failed.get_mut(k) {
+                        *f = id;
+                        k += 1;
+                    }
+                },
+            );
+            for &id in failed.iter().take(k) {
+                self.live.observe(id, Observation::Timeout, now);
+            }
         }
         n
+    }
+
+    /// Hands every flow the tables removed since the last call to the live load.
+    #[inline]
+    fn drain_removals(&mut self) {
+        for ct in [&mut self.ct4, &mut self.ct6] {
+            if ct.pending_removals() > 0 {
+                while let Some(r) = ct.poll_removal() {
+                    self.live.removed(&r);
+                }
+            }
+        }
     }
 
     /// Processes the packet at `buf[start..start + len]` (with `start` bytes of headroom before
     /// it, at least [`HEADROOM`] for tunnel mode), rewriting it in place.
     #[inline]
     pub fn process(&mut self, buf: &mut [u8], start: usize, len: usize, now: Instant) -> Verdict {
-        self.process_pre(buf, start, len, now, None)
+        let v = self.process_pre(buf, start, len, now, None);
+        self.drain_removals();
+        v
     }
 
     /// Processes a burst: `bufs[i][start..start + lens[i]]` gives `out[i]` (cut to the shortest
@@ -434,6 +495,7 @@ impl Dataplane {
                 }
             }
         }
+        self.drain_removals();
     }
 
     /// Parses a packet and finds the service it is addressed to (`None`: a reply or ICMP
@@ -572,8 +634,27 @@ impl Dataplane {
             &mut self.ct6
         };
         let hash = hash.unwrap_or_else(|| Prefetched::of_hash(ct.flow_hash(&key)));
-        let (id, nat_tuple) = match ct.track_prefetched(hash, &key, first, now) {
-            Some(hit) => (hit.backend, hit.nat),
+        let mut hit = ct.track_prefetched(hash, &key, first, now);
+        if let Some(h) = hit.filter(|h| h.was.is_none()) {
+            // A SYN reused a finished (TIME_WAIT / CLOSE) entry of the same 4-tuple: a new
+            // connection, scheduled as one (IPVS `conn_reuse_mode`), not pinned to the old
+            // connection's backend. The reused entry leaves; its removal closes it.
+            self.live.moved(h.backend, None, h.state);
+            ct.remove(&key, now);
+            self.drain_removals();
+            hit = None;
+        }
+        let (id, nat_tuple) = match hit {
+            Some(hit) => {
+                if hit.changed {
+                    self.live.moved(hit.backend, hit.was, hit.state);
+                }
+                if key.proto() == IpProto::Tcp && p.payload < p.end {
+                    // Data from the client: starts the response clock of a timed flow.
+                    self.timing.request(&key, now);
+                }
+                (hit.backend, hit.nat)
+            }
             None => {
                 if p.icmp.is_some() {
                     return Verdict::Drop(DropReason::NoFlow);
@@ -680,19 +761,14 @@ impl Dataplane {
         });
         let id = match remembered {
             Some(b) => b,
-            None => {
-                let policy = self.policies.get_mut(si).and_then(Option::as_mut);
-                let dst_hash = addr_hash(&self.flows, key.dst());
-                pick(
-                    &svc.sched,
-                    policy,
-                    h,
-                    src_hash,
-                    dst_hash,
-                    &mut self.rng,
-                    now,
-                )?
-            }
+            None => self.choose(si, h, src_hash, &key, now)?,
+        };
+        let tables = &*self.tables;
+        let svc = tables.services.get(si).ok_or(DropReason::NoService)?;
+        let ct = if key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
         };
         let b = tables.backend(id).ok_or(DropReason::NoBackend)?;
         let mut flow = NewFlow::new(key, id).with_first(first);
@@ -700,13 +776,14 @@ impl Dataplane {
             let _ = ct.persist_mut().insert(tk, id, svc.persistence, now);
             flow = flow.with_persist(prefix);
         }
-        let nat_tuple = match svc.mode {
+        let state = flow.initial_state();
+        let (inserted, nat_tuple) = match svc.mode {
             Mode::Nat => {
                 let (ins, reply) = ct.insert_snat(flow, b.addr, now);
                 if !ins.is_inserted() {
                     return Err(refusal(ins));
                 }
-                reply
+                (true, reply)
             }
             Mode::Dnat => {
                 let reply = FlowKey::new(
@@ -721,20 +798,18 @@ impl Dataplane {
                 if !ins.is_inserted() {
                     return Err(refusal(ins));
                 }
-                Some(reply)
+                (true, Some(reply))
             }
             // Stateless fallback: a refused insert still forwards (the consistent hash sends the
             // flow's next packets to the same backend while the backend set is unchanged).
-            Mode::Tunnel | Mode::Dr => {
-                let _ = ct.insert_with(flow, now);
-                None
-            }
+            Mode::Tunnel | Mode::Dr => (ct.insert_with(flow, now).is_inserted(), None),
         };
-        if let Some((_, pool)) = self.policies.get_mut(si).and_then(Option::as_mut) {
-            let _ = pool.conn_opened(id);
+        let timed = syn && matches!(svc.mode, Mode::Nat | Mode::Dnat);
+        if inserted {
+            self.flow_opened(id, state);
         }
-        if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
-            s.flows += 1;
+        if timed {
+            self.timing.syn(&key, id, now);
         }
         Ok((id, nat_tuple))
     }
@@ -765,6 +840,17 @@ impl Dataplane {
         else {
             return Verdict::Drop(DropReason::NoService);
         };
+        if hit.changed || hit.was.is_none() {
+            self.live.moved(hit.backend, hit.was, hit.state);
+        }
+        self.observe_reply(
+            buf.get(start..end).unwrap_or(&[]),
+            p,
+            flags,
+            &orig,
+            hit.backend,
+            now,
+        );
         let Some(b) = self.tables.backend(hit.backend) else {
             return Verdict::Drop(DropReason::NoBackend);
         };
@@ -804,6 +890,139 @@ impl Dataplane {
     }
 }
 
+/// How long a flow may sit in the timing table (a request never answered, a connection idle
+/// after its handshake) before its slot is freed.
+const STALE_TIMING: Duration = Duration::from_secs(60);
+
+impl Dataplane {
+    /// The scheduler's choice for a new flow of service `si`: the one placement function of
+    /// the flow path and the SIP path (see [`choose_in`]).
+    #[inline]
+    pub(crate) fn choose(
+        &mut self,
+        si: usize,
+        flow_hash: u64,
+        src_hash: u64,
+        key: &FlowKey,
+        now: Instant,
+    ) -> Result<BackendId, DropReason> {
+        let svc = self.tables.services.get(si).ok_or(DropReason::NoService)?;
+        choose_in(
+            svc,
+            si,
+            &mut self.live,
+            &mut self.rng,
+            &self.flows,
+            flow_hash,
+            src_hash,
+            key,
+            now,
+        )
+    }
+
+    /// A new flow entered the table bound to `id`, in `state` after its first packet.
+    #[inline]
+    pub(crate) fn flow_opened(&mut self, id: BackendId, state: FlowState) {
+        self.live.opened(id, state);
+        if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
+            s.flows += 1;
+        }
+    }
+
+    /// What a reply says about its backend: a handshake or first response timed (a response
+    /// is the outlier detector's success), a connection reset before it answered, an ICMP
+    /// destination unreachable from it.
+    #[inline]
+    fn observe_reply(
+        &mut self,
+        pkt: &[u8],
+        p: &Parsed,
+        flags: TcpFlags,
+        orig: &FlowKey,
+        backend: BackendId,
+        now: Instant,
+    ) {
+        if let Some(e) = &p.icmp {
+            // Destination unreachable (ICMP 3 except "fragmentation needed", ICMPv6 1).
+            let (t, code) = (pkt.get(p.l4).copied(), pkt.get(p.l4 + 1).copied());
+            let unreachable = match p.family {
+                Family::V4 => t == Some(3) && code != Some(4),
+                Family::V6 => t == Some(1),
+            };
+            if unreachable && e.proto != IpProto::Icmp {
+                self.live.observe(backend, Observation::ConnectFailed, now);
+            }
+            return;
+        }
+        if orig.proto() != IpProto::Tcp {
+            return;
+        }
+        let syn = flags.contains(TcpFlags::SYN);
+        let rst = flags.contains(TcpFlags::RST);
+        let data = p.payload < p.end;
+        if !(syn || rst || data) {
+            return;
+        }
+        match self.timing.reply(orig, syn, rst, data, now) {
+            Some(Sample::Handshake(b, d)) => self.live.handshake(b, d),
+            Some(Sample::Response(b, d)) => self.live.response(b, d, now),
+            Some(Sample::Reset(b)) => self.live.observe(b, Observation::Reset, now),
+            None => {}
+        }
+    }
+}
+
+/// The scheduler's choice for a new flow of service `svc` (index `si`): a consistent hash of
+/// `flow_hash` skipping the backends the live load says are unavailable (down, ejected,
+/// overloaded: only their own flows move), or the service's policy over its live pool.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn choose_in(
+    svc: &ServiceTable,
+    si: usize,
+    live: &mut Live,
+    rng: &mut SmallRng,
+    flows: &FlowHasher,
+    flow_hash: u64,
+    src_hash: u64,
+    key: &FlowKey,
+    now: Instant,
+) -> Result<BackendId, DropReason> {
+    let live = live.services.get_mut(si).ok_or(DropReason::NoBackend)?;
+    let pick = match &svc.sched {
+        Scheduler::Empty => Pick::Unavailable,
+        Scheduler::Hash { table, .. } => {
+            let pool = &live.pool;
+            let ok = |i: usize| {
+                table
+                    .backends()
+                    .get(i)
+                    .and_then(|b| pool.index_of(b.id))
+                    .is_some_and(|j| pool.is_available(j))
+            };
+            match table
+                .lookup_eligible_index(flow_hash, ok)
+                .and_then(|i| table.backends().get(i))
+            {
+                Some(b) => Pick::Backend(b.id),
+                None => pool.no_pick(),
+            }
+        }
+        Scheduler::Policy => {
+            let policy = live.policy.as_mut().ok_or(DropReason::NoBackend)?;
+            let req = Request::at(now)
+                .with_src_hash(src_hash)
+                .with_dst_hash(addr_hash(flows, key.dst()));
+            policy.pick(&live.pool, &req, rng)
+        }
+    };
+    match pick {
+        Pick::Backend(id) => Ok(id),
+        Pick::Overloaded => Err(DropReason::Overloaded),
+        _ => Err(DropReason::NoBackend),
+    }
+}
+
 /// The keyed hash of one address (4 bytes for IPv4, 16 for IPv6): the source-hash and
 /// destination-hash input of the schedulers.
 #[inline]
@@ -811,38 +1030,6 @@ fn addr_hash(h: &FlowHasher, a: IpAddr) -> u64 {
     match a {
         IpAddr::V4(a) => h.hash_bytes(&a.octets()),
         IpAddr::V6(a) => h.hash_bytes(&a.octets()),
-    }
-}
-
-/// The scheduler's choice for a new flow.
-#[inline]
-fn pick(
-    sched: &Scheduler,
-    policy: Option<&mut (Policy, Pool)>,
-    flow_hash: u64,
-    src_hash: u64,
-    dst_hash: u64,
-    rng: &mut SmallRng,
-    now: Instant,
-) -> Result<BackendId, DropReason> {
-    match sched {
-        Scheduler::Empty => Err(DropReason::NoBackend),
-        Scheduler::Hash { table, up } => table
-            .lookup_eligible_index(flow_hash, |i| up.get(i).copied().unwrap_or(false))
-            .and_then(|i| table.backends().get(i))
-            .map(|b| b.id)
-            .ok_or(DropReason::NoBackend),
-        Scheduler::Policy { .. } => {
-            let (policy, pool) = policy.ok_or(DropReason::NoBackend)?;
-            let req = Request::at(now)
-                .with_src_hash(src_hash)
-                .with_dst_hash(dst_hash);
-            match policy.pick(pool, &req, rng) {
-                Pick::Backend(id) => Ok(id),
-                Pick::Overloaded => Err(DropReason::Overloaded),
-                Pick::Unavailable => Err(DropReason::NoBackend),
-            }
-        }
     }
 }
 

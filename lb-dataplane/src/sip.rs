@@ -34,8 +34,8 @@ use lb_packet::{nat, Parsed};
 use rand::RngCore;
 
 use crate::{
-    addr_hash, endpoint, pick, refusal, Affinity, BackendInfo, Dataplane, DropReason, Mode,
-    ServiceTable, Verdict,
+    addr_hash, endpoint, refusal, Affinity, BackendInfo, Dataplane, DropReason, Mode, ServiceTable,
+    Verdict,
 };
 
 /// Idle timeout of a call's persistence entry when the service sets no `persistence_timeout_s`.
@@ -124,25 +124,21 @@ impl Dataplane {
         let id = match pinned {
             Some(id) => id,
             None => {
-                let policy = self.policies.get_mut(si).and_then(Option::as_mut);
                 let src_hash = addr_hash(&self.flows, key.src());
-                let dst_hash = addr_hash(&self.flows, key.dst());
                 let h = match (how, call) {
                     (_, Some(h)) => h,
                     (Placement::Packet, None) => self.rng.next_u64(),
                     (Placement::CallId, None) => self.flows.hash_flow(&key),
                 };
-                let id = match pick(
-                    &svc.sched,
-                    policy,
-                    h,
-                    src_hash,
-                    dst_hash,
-                    &mut self.rng,
-                    now,
-                ) {
+                let id = match self.choose(si, h, src_hash, &key, now) {
                     Ok(id) => id,
                     Err(r) => return Some(Verdict::Drop(r)),
+                };
+                let svc = self.tables.services.get(si)?;
+                let ct = if key.is_ipv4() {
+                    &mut self.ct4
+                } else {
+                    &mut self.ct6
                 };
                 let bs = self.stats.backends.get_mut(id.get() as usize);
                 match template {
@@ -167,8 +163,15 @@ impl Dataplane {
                 id
             }
         };
+        let tables = &*self.tables;
+        let svc = tables.services.get(si)?;
         let Some(b) = tables.backend(id) else {
             return Some(Verdict::Drop(DropReason::NoBackend));
+        };
+        let ct = if key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
         };
         // The NAT state of (client, backend), tracked under `client → backend`.
         let Ok(bkey) = FlowKey::new(
@@ -181,10 +184,17 @@ impl Dataplane {
             return Some(Verdict::Drop(DropReason::RewriteFailed));
         };
         let first = Packet::original(TcpFlags::NONE, bytes);
+        let mut opened = None;
         let nat_tuple = match ct.track(&bkey, first, now) {
-            Some(hit) => hit.nat,
+            Some(hit) => {
+                if hit.changed || hit.was.is_none() {
+                    opened = Some((hit.was, hit.state));
+                }
+                hit.nat
+            }
             None => {
                 let flow = NewFlow::new(bkey, id).with_first(first);
+                let state = flow.initial_state();
                 let reply = if svc.mode == Mode::Nat {
                     let (ins, reply) = ct.insert_snat(flow, b.addr, now);
                     if !ins.is_inserted() {
@@ -207,11 +217,18 @@ impl Dataplane {
                     }
                     Some(reply)
                 };
-                if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
-                    s.flows += 1;
-                }
+                opened = Some((None, state));
                 reply
             }
+        };
+        match opened {
+            // A new entry: a connection of the backend, like any new flow.
+            Some((None, state)) => self.flow_opened(id, state),
+            Some((was, state)) => self.live.moved(id, was, state),
+            None => {}
+        }
+        let Some(b) = self.tables.backend(id) else {
+            return Some(Verdict::Drop(DropReason::NoBackend));
         };
         if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
             s.packets += 1;
@@ -419,7 +436,7 @@ mod tests {
         let id: BackendId = r.cp.backend_id(vip, Proto::Udp, b1).unwrap();
         assert!(r.cp.set_healthy(id, false));
         let t = r.cp.build().unwrap();
-        r.dp.set_tables(t);
+        r.dp.set_tables(t, Instant::ZERO);
         let (_, b2) = r.forward(&udp4(client, vip, &msg("BYE", call)));
         assert_ne!(b1, b2);
         // And stays on the new backend.

@@ -113,7 +113,10 @@ impl fmt::Display for SchedulerKind {
 
 /// A scheduler name that lb-sched does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scheduler `{got}`, expected one of: {}", SchedulerKind::names())]
+#[error(
+    "unknown scheduler `{got}`, expected one of: {}",
+    SchedulerKind::names()
+)]
 pub struct UnknownScheduler {
     /// The rejected name.
     pub got: String,
@@ -161,9 +164,10 @@ impl Default for Netmask {
     }
 }
 
-/// Passive outlier ejection of a service: what the data path observes (a backend's RST to a
-/// SYN, a SYN it leaves unanswered for `syn_timeout`, an ICMP unreachable from it) is fed to
-/// lb-health's [`lb_health::OutlierDetector`]; a handshake answered is a success.
+/// Passive outlier ejection of a service: what the data path observes (a backend's RST before
+/// its first response, to the SYN or after accepting; a SYN it leaves unanswered for
+/// `syn_timeout`; an ICMP unreachable from it) is fed to lb-health's
+/// [`lb_health::OutlierDetector`] as failures; a first response is a success.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierSpec {
     /// The detector's settings (consecutive failures, failure rate, ejection times, cap).

@@ -180,7 +180,13 @@ mod tests {
     fn reasons_are_indexed_in_order() {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
-            assert_eq!(DropReason::ALL.iter().filter(|x| x.name() == r.name()).count(), 1);
+            assert_eq!(
+                DropReason::ALL
+                    .iter()
+                    .filter(|x| x.name() == r.name())
+                    .count(),
+                1
+            );
         }
     }
 

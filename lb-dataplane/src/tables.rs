@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use lb_core::{Backend, BackendId, Duration, HashKey, IpProto, MacAddr, Weight};
 use lb_sched::hash::{AnyHash, HashAlgorithm, Maglev, MaglevConfig, MaglevSize};
-use lb_sched::policy::Policy;
-use lb_sched::pool::{Pool, PoolConfig};
 
 use crate::spec::{
-    Affinity, DataplaneSpec, Mode, Netmask, Proto, SchedulerKind, ServiceSpec, TunnelKind,
+    Affinity, DataplaneSpec, Mode, Netmask, OutlierSpec, Proto, SchedulerKind, ServiceSpec,
+    TunnelKind,
 };
 
 /// What went wrong building tables.
@@ -56,9 +55,22 @@ pub struct BackendInfo {
     pub live: bool,
     /// Health as last reported (true until a check says otherwise).
     pub healthy: bool,
+    /// Admission: at this many connections it takes no new flow (0: no limit).
+    pub upper_conns: u32,
+    /// Admission: eligible again below this many (0: 3/4 of `upper_conns`).
+    pub lower_conns: u32,
 }
 
 impl BackendInfo {
+    /// Its service's protocol as an IP protocol number.
+    #[inline]
+    pub fn ip_proto(&self) -> IpProto {
+        match self.proto {
+            Proto::Tcp => IpProto::Tcp,
+            Proto::Udp => IpProto::Udp,
+        }
+    }
+
     /// Whether the backend may receive new flows.
     #[inline]
     pub fn eligible(&self) -> bool {
@@ -69,17 +81,15 @@ impl BackendInfo {
 /// How a service chooses a backend for a new flow.
 #[derive(Debug, Clone)]
 pub(crate) enum Scheduler {
-    /// No eligible backend.
+    /// No backend with weight > 0.
     Empty,
-    /// A consistent hash over the weighted backends; `up[i]` is the health of
-    /// `table.backends()[i]` (down backends are skipped along the flow's preference list, so only
-    /// their own flows move).
-    Hash { table: Arc<AnyHash>, up: Vec<bool> },
-    /// A policy over a pool; the data path keeps its own mutable copy of both.
-    Policy {
-        policy: Box<Policy>,
-        pool: Box<Pool>,
-    },
+    /// A consistent hash over the weighted backends. The data path skips, along the flow's
+    /// preference list, whatever its live load says is unavailable (down, ejected,
+    /// overloaded), so only those backends' own flows move.
+    Hash { table: Arc<AnyHash> },
+    /// A policy: its state (cursors, tables) and the pool it reads live in the data path and
+    /// survive table swaps.
+    Policy,
 }
 
 /// One service as the data path sees it.
@@ -99,6 +109,14 @@ pub struct ServiceTable {
     pub persistence_netmask: Netmask,
     /// Encapsulation.
     pub tunnel: TunnelKind,
+    /// The scheduler.
+    pub scheduler: SchedulerKind,
+    /// Slow start of its backends (policies; zero: off).
+    pub slow_start: Duration,
+    /// Envoy's panic threshold in percent (0: off).
+    pub panic_threshold_percent: u8,
+    /// Passive outlier ejection.
+    pub outlier: Option<OutlierSpec>,
     pub(crate) sched: Scheduler,
 }
 
@@ -157,6 +175,9 @@ pub struct Reload {
 
 type ServiceKey = (SocketAddr, Proto);
 
+/// A consistent-hash table and what it was built from (scheme, Maglev size, weighted set).
+type BuiltHash = (HashAlgorithm, Option<u64>, Vec<Backend>, Arc<AnyHash>);
+
 /// The control path: keeps backend ids stable across reloads, tracks health, and builds
 /// [`Tables`] off the data path.
 #[derive(Debug)]
@@ -167,7 +188,7 @@ pub struct ControlPlane {
     infos: Vec<Option<BackendInfo>>,
     /// Consistent-hash tables by service, reused while the weighted backend set is unchanged
     /// (a health change only flips bits in `up`).
-    hashes: HashMap<ServiceKey, (HashAlgorithm, Option<u64>, Vec<Backend>, Arc<AnyHash>)>,
+    hashes: HashMap<ServiceKey, BuiltHash>,
     generation: u64,
 }
 
@@ -266,6 +287,8 @@ impl ControlPlane {
                     weight: b.weight,
                     live: true,
                     healthy,
+                    upper_conns: b.upper_conns.unwrap_or(s.upper_conns),
+                    lower_conns: b.lower_conns.unwrap_or(s.lower_conns),
                 });
                 live[i] = true;
             }
@@ -356,37 +379,11 @@ impl ControlPlane {
                             },
                         )?),
                     };
-                    use lb_sched::hash::ConsistentHash;
-                    let up = table
-                        .backends()
-                        .iter()
-                        .map(|b| self.backend(b.id).is_some_and(|x| x.healthy))
-                        .collect();
                     hashes.insert(sk, (algo, s.maglev_size, set, table.clone()));
-                    Scheduler::Hash { table, up }
-                }
-            } else if let SchedulerKind::Policy(kind) = s.scheduler {
-                let policy = Policy::new(kind);
-                let err = |e: lb_sched::SchedError| BuildError::Scheduler {
-                    vip: s.vip,
-                    reason: e.to_string(),
-                };
-                let mut pool = Pool::new(PoolConfig::default()).map_err(err)?;
-                for b in &members {
-                    pool.insert(
-                        Backend::new(b.id, b.addr).with_weight(b.weight),
-                        lb_core::Instant::ZERO,
-                    )
-                    .map_err(err)?;
-                    pool.set_healthy(b.id, b.healthy, lb_core::Instant::ZERO)
-                        .map_err(err)?;
-                }
-                Scheduler::Policy {
-                    policy: Box::new(policy),
-                    pool: Box::new(pool),
+                    Scheduler::Hash { table }
                 }
             } else {
-                Scheduler::Empty
+                Scheduler::Policy
             };
             services.push(ServiceTable {
                 vip: s.vip,
@@ -399,6 +396,10 @@ impl ControlPlane {
                 persistence: s.persistence_timeout,
                 persistence_netmask: s.persistence_netmask,
                 tunnel: s.tunnel,
+                scheduler: s.scheduler,
+                slow_start: s.slow_start,
+                panic_threshold_percent: s.panic_threshold_percent,
+                outlier: s.outlier,
                 sched,
             });
         }
@@ -466,10 +467,10 @@ mod tests {
         assert!(!cp.set_healthy(BackendId(1), false));
         let t2 = cp.build().unwrap();
         match (&t1.services[0].sched, &t2.services[0].sched) {
-            (Scheduler::Hash { table: a, up: ua }, Scheduler::Hash { table: b, up: ub }) => {
+            (Scheduler::Hash { table: a }, Scheduler::Hash { table: b }) => {
                 assert!(Arc::ptr_eq(a, b));
-                assert_eq!(ua, &vec![true, true]);
-                assert_eq!(ub, &vec![true, false]);
+                assert!(t1.backend(BackendId(1)).unwrap().healthy);
+                assert!(!t2.backend(BackendId(1)).unwrap().healthy);
             }
             _ => panic!("expected hash schedulers"),
         }

@@ -124,7 +124,7 @@ impl Rig {
 
     fn rebuild(&mut self) {
         let t = self.cp.build().unwrap();
-        self.dp.set_tables(t);
+        self.dp.set_tables(t, self.now);
     }
 }
 
@@ -709,3 +709,6 @@ fn finished_flows_feed_the_session_histograms() {
         assert_eq!(per[id].duration_ms.count(), *f, "backend {id}");
     }
 }
+
+#[path = "load_tests.rs"]
+mod load;

@@ -232,6 +232,24 @@ impl Pool {
         &self.cfg
     }
 
+    /// Changes the slow-start ramp and the panic threshold, keeping every backend and its live
+    /// state (connection counts, latency estimates). Backends already ramping keep their start
+    /// time; the other fields of `cfg` are ignored (they shape state that already exists).
+    ///
+    /// # Errors
+    /// [`SchedError::InvalidPolicyConfig`] if the configuration is out of range; nothing changes.
+    pub fn reconfigure(&mut self, cfg: PoolConfig) -> Result<(), SchedError> {
+        cfg.validate()?;
+        self.cfg.slow_start = cfg.slow_start;
+        self.cfg.panic_threshold_percent = cfg.panic_threshold_percent;
+        if self.cfg.slow_start.is_some() {
+            // The least-cost index assumes steady weights.
+            self.least = None;
+        }
+        self.refresh_all();
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- control path
 
     /// Adds a backend (active; healthy per [`PoolConfig::initially_healthy`]; slow start begins
@@ -604,6 +622,23 @@ impl Pool {
     #[inline]
     pub fn in_flight(&self, i: usize) -> u32 {
         self.hot.get(i).map_or(0, |h| h.in_flight)
+    }
+
+    /// Work outstanding at the backend at `i`: in-flight requests (reported by a layer-5
+    /// caller, [`Pool::request_started`]) plus active connections (reported by a layer-4 caller,
+    /// [`Pool::conn_opened`]). What least-request and peak-EWMA queue on: a balancer that sees
+    /// connections, not requests, counts each active connection as one request in progress.
+    #[inline]
+    pub fn outstanding(&self, i: usize) -> u32 {
+        self.hot
+            .get(i)
+            .map_or(0, |h| h.in_flight.saturating_add(h.active))
+    }
+
+    /// Admission thresholds of the backend at `i` ([`Thresholds::NONE`] if out of range).
+    #[inline]
+    pub fn thresholds(&self, i: usize) -> Thresholds {
+        self.cold.get(i).map_or(Thresholds::NONE, |c| c.thresholds)
     }
 
     /// IPVS connection overhead of the backend at `i`: `activeconns * 256 + inactconns`

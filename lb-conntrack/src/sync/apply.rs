@@ -3,6 +3,7 @@
 use lb_core::{Instant, KeyedHash};
 
 use super::wire::{MessageKind, RecordOp, SyncMessage};
+use crate::removal::RemovalReason;
 use crate::table::{ConnTable, NewFlow};
 
 /// What [`apply`] did.
@@ -19,7 +20,8 @@ pub struct ApplyReport {
 }
 
 /// Applies an accepted message to `table`: New/Update records install or refresh the entry so
-/// that it times out after the record's remaining time from `now`; Delete records remove it.
+/// that it times out after the record's remaining time from `now`; Delete records remove it
+/// (recorded as a [`RemovalReason::SyncDelete`] removal).
 /// Messages other than records are ignored.
 ///
 /// An installed entry is placed at the head or tail of its state's expiry list, whichever is
@@ -37,7 +39,7 @@ pub fn apply<H: KeyedHash>(
     for rec in &msg.records {
         match rec.op {
             RecordOp::Delete => {
-                if table.remove(&rec.key, now) {
+                if table.remove_for(&rec.key, now, RemovalReason::SyncDelete) {
                     r.deleted += 1;
                 }
             }

@@ -4,7 +4,8 @@ use lb_core::{BackendId, FlowKey};
 
 use crate::entry::Packet;
 use crate::stats::{EvictReason, Refusal};
-use crate::timeout::Timeouts;
+use crate::tcp_state::Direction;
+use crate::timeout::{FlowState, Timeouts};
 use crate::ConntrackError;
 
 /// The largest capacity accepted (2^24 − 1 = 16 777 215 entries: slots link to each other with
@@ -47,6 +48,12 @@ pub struct Config {
     pub persist_capacity: usize,
     /// Keep per-backend session histograms for backend ids below this bound.
     pub stats_backends: usize,
+    /// Capacity of the removal ring: how many [`crate::Removal`] records may wait for
+    /// [`crate::ConnTable::poll_removal`] (`size_of::<Removal>()` bytes each, preallocated).
+    /// 0 turns recording off (and costs nothing). [`crate::ConnTable::expire`] never overflows
+    /// it; the per-packet paths drop (and count, [`crate::Counters::removals_lost`]) records
+    /// that find it full, so size it for a few bursts and drain after each.
+    pub removal_queue: usize,
 }
 
 impl Default for Config {
@@ -61,6 +68,7 @@ impl Default for Config {
             evict_established: true,
             persist_capacity: 4_096,
             stats_backends: 256,
+            removal_queue: 4_096,
         }
     }
 }
@@ -79,7 +87,7 @@ impl Config {
     ///
     /// # Errors
     /// [`ConntrackError::InvalidCapacity`] for a zero or too large capacity (or an IPv6 /
-    /// persistence capacity out of range), [`ConntrackError::InvalidTimeout`] for a bad timeout.
+    /// persistence capacity or removal ring size out of range), [`ConntrackError::InvalidTimeout`] for a bad timeout.
     pub fn validate(&self) -> Result<(), ConntrackError> {
         if self.capacity == 0 || self.capacity > MAX_CAPACITY {
             return Err(ConntrackError::InvalidCapacity {
@@ -99,6 +107,11 @@ impl Config {
         if self.persist_capacity == 0 || self.persist_capacity > MAX_CAPACITY {
             return Err(ConntrackError::InvalidCapacity {
                 capacity: self.persist_capacity,
+            });
+        }
+        if self.removal_queue > MAX_CAPACITY {
+            return Err(ConntrackError::InvalidCapacity {
+                capacity: self.removal_queue,
             });
         }
         self.timeouts.validate()
@@ -153,10 +166,31 @@ impl NewFlow {
         self.first = Some(pkt);
         self
     }
+
+    /// The state the flow is in once inserted (by [`crate::ConnTable::insert_with`] or
+    /// [`crate::ConnTable::insert_snat`], outcome [`Insert::is_inserted`]): its protocol's
+    /// initial state after the first packet, if any. Lets a caller that counts connections
+    /// by state ([`FlowState::is_active`]) account for a new flow without a second lookup.
+    pub fn initial_state(&self) -> FlowState {
+        let start = FlowState::initial(self.key.proto());
+        let Some(pkt) = self.first else {
+            return start;
+        };
+        let reply = pkt.dir == Direction::Reply;
+        match start {
+            // An entry with a NAT tuple sees both directions from the start.
+            FlowState::Tcp(t) => {
+                FlowState::Tcp(t.next(pkt.dir, pkt.tcp_flags, reply || self.nat.is_some()))
+            }
+            FlowState::UdpUnconfirmed if reply => FlowState::Udp,
+            other => other,
+        }
+    }
 }
 
 /// Outcome of an insertion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Insert {
     /// Inserted into free space (possibly after reclaiming an expired entry).
     New,

@@ -4,16 +4,19 @@ use lb_core::{BackendId, FlowKey, Instant, KeyedHash, SipHash13};
 
 use super::ConnTable;
 use crate::entry::{EntryInfo, Hit, Packet, Slot};
+use crate::removal::RemovalReason;
 use crate::timeout::FlowState;
 
 /// Outcome of a lookup.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Lookup<'a, H: KeyedHash = SipHash13> {
     /// A live entry: read it, feed it the packet with [`EntryRef::update`].
     Hit(EntryRef<'a, H>),
     /// No entry.
     Miss,
-    /// The entry had timed out; it was removed. Its backend is given as a hint.
+    /// The entry had timed out; it was removed (and recorded, see
+    /// [`ConnTable::poll_removal`]). Its backend is given as a hint.
     Expired {
         /// The backend the flow was bound to.
         backend: BackendId,
@@ -66,10 +69,10 @@ impl<H: KeyedHash> EntryRef<'_, H> {
         self.table.apply_packet(self.idx, pkt, now32, false)
     }
 
-    /// Removes the entry.
+    /// Removes the entry (recorded as a [`RemovalReason::Removed`] removal).
     pub fn remove(self) {
         self.table.counters.removed += 1;
-        self.table.remove_slot(self.idx);
+        self.table.remove_slot(self.idx, RemovalReason::Removed);
     }
 }
 
@@ -86,6 +89,9 @@ pub struct MemoryUsage {
     pub elephants: usize,
     /// NAT reply tuples and their index.
     pub nat: usize,
+    /// The removal ring ([`crate::Config::removal_queue`] records of
+    /// `size_of::<`[`crate::Removal`]`>()` bytes): a fixed overhead, not per flow.
+    pub removals: usize,
     /// Everything, including persistence templates and session histograms.
     pub total: usize,
 }

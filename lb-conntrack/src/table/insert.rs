@@ -33,7 +33,7 @@ impl<H: KeyedHash> ConnTable<H> {
                 return Insert::Exists;
             }
             self.counters.expired += 1;
-            self.remove_slot(i);
+            self.remove_timed_out(i);
         }
         let reply_hash = match flow.nat {
             Some(r) if r.is_ipv4() != flow.key.is_ipv4() || r.proto() != flow.key.proto() => {
@@ -46,7 +46,7 @@ impl<H: KeyedHash> ConnTable<H> {
                         return self.refuse(Refusal::NatConflict);
                     }
                     self.counters.expired += 1;
-                    self.remove_slot(j);
+                    self.remove_timed_out(j);
                 }
                 Some(h)
             }
@@ -197,7 +197,7 @@ impl<H: KeyedHash> ConnTable<H> {
             if let Some(i) = self.first_matching(c, walk, need_v6) {
                 if self.slot_expired(i) {
                     self.counters.expired += 1;
-                    self.remove_slot(i);
+                    self.remove_timed_out(i);
                     return Ok(Insert::New);
                 }
             }
@@ -222,7 +222,7 @@ impl<H: KeyedHash> ConnTable<H> {
             if let Some((i, _)) = best {
                 let victim = self.key_of(i);
                 self.counters.evicted(reason);
-                self.remove_slot(i);
+                self.remove_slot(i, reason.into());
                 return Ok(match victim {
                     Some(victim) => Insert::Evicted { victim, reason },
                     None => Insert::New,

@@ -13,7 +13,8 @@ use crate::persist::{Service, TemplateKey};
 use crate::tcp_state::{Direction, TcpFlags, TcpState};
 use crate::timeout::{FlowState, Timeouts, CLASSES};
 use crate::{
-    Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Prefetched, Refusal, SnatPool,
+    Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Prefetched, Refusal, Removal,
+    RemovalReason, SnatPool,
 };
 
 const KEY: HashKey = HashKey::from_bytes(*b"conntrack-test-k");
@@ -564,10 +565,22 @@ fn memory_per_ipv4_entry() {
     assert_eq!(m.slots, cap * 40);
     assert_eq!(m.index, cap * 8, "{m:?}");
     // The rest is per table, not per flow: the elephant store, one empty reply-index line,
-    // one persistence template, the overall session histograms.
+    // one persistence template, the overall session histograms, and the removal ring
+    // (4 096 records of 120 B by default: 480 KiB, or 0 with `removal_queue: 0`).
     assert_eq!(m.elephants, 1024 * 20);
-    let fixed = m.total - m.slots - m.index;
+    assert_eq!(core::mem::size_of::<crate::Removal>(), 120);
+    assert_eq!(m.removals, 4096 * 120);
+    let fixed = m.total - m.slots - m.index - m.removals;
     assert!(fixed < 24 * 1024, "{m:?}");
+    let quiet = ConnTable::new(
+        Config {
+            removal_queue: 0,
+            ..cfg
+        },
+        KEY,
+    )
+    .unwrap();
+    assert_eq!(quiet.memory().total, m.total - m.removals);
     let lean = ConnTable::new(
         Config {
             flow_stats: false,
@@ -695,6 +708,9 @@ struct M {
     pos: u64,
     v6: bool,
     bidir: bool,
+    opened: u64,
+    packets: u64,
+    bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -702,9 +718,37 @@ struct Model {
     map: BTreeMap<FlowKey, M>,
     clock: u64,
     seq: u64,
+    /// Removal records, in the order the table should queue them.
+    removed: Vec<Removal>,
 }
 
 impl Model {
+    fn record(&mut self, k: FlowKey, m: &M, reason: RemovalReason) {
+        self.removed.push(Removal {
+            key: k,
+            backend: BackendId(m.backend),
+            reason,
+            state: m.state,
+            nat: None,
+            opened: Instant::from_millis(m.opened),
+            last_seen: Instant::from_millis(m.last),
+            packets: m.packets,
+            bytes: m.bytes,
+        });
+    }
+    /// Removes `k` (present) and records it.
+    fn take(&mut self, k: &FlowKey, reason: RemovalReason) {
+        if let Some(m) = self.map.remove(k) {
+            self.record(*k, &m, reason);
+        }
+    }
+    /// Removes timed-out `k` (present) and records it.
+    fn take_timed_out(&mut self, k: &FlowKey) {
+        if let Some(m) = self.map.get(k) {
+            let r = RemovalReason::timed_out(m.state);
+            self.take(k, r);
+        }
+    }
     fn timeout(t: &Timeouts, s: FlowState) -> u64 {
         t.get(s).as_millis() as u64
     }
@@ -727,7 +771,7 @@ impl Model {
         for c in 0..CLASSES as u8 {
             if let Some(k) = self.head(c, need_v6) {
                 if self.expired(t, &self.map[&k]) {
-                    self.map.remove(&k);
+                    self.take_timed_out(&k);
                     return Ok(Insert::New);
                 }
             }
@@ -749,7 +793,7 @@ impl Model {
                 }
             }
             if let Some((k, _)) = best {
-                self.map.remove(&k);
+                self.take(&k, reason.into());
                 return Ok(Insert::Evicted { victim: k, reason });
             }
         }
@@ -759,23 +803,35 @@ impl Model {
             Refusal::TableFull
         })
     }
-    fn apply(&mut self, k: &FlowKey, p: Packet, first: bool) {
+    /// Feeds `p` to `k`; returns the state before it (`None` if it started a new session).
+    fn apply(&mut self, k: &FlowKey, p: Packet, first: bool) -> Option<FlowState> {
         let (clock, seq) = (self.clock, self.seq);
-        let Some(m) = self.map.get_mut(k) else { return };
+        let mut m = *self.map.get(k)?;
         if p.dir == Direction::Reply {
             m.bidir = true;
         }
+        let old = m.state;
         let new = match m.state {
             FlowState::Tcp(s) => FlowState::Tcp(s.next(p.dir, p.tcp_flags, m.bidir)),
             FlowState::UdpUnconfirmed if !first || p.dir == Direction::Reply => FlowState::Udp,
             o => o,
         };
+        let reused = matches!(old, FlowState::Tcp(TcpState::TimeWait | TcpState::Close))
+            && new == FlowState::Tcp(TcpState::SynRecv);
+        if reused {
+            self.record(*k, &m, RemovalReason::Closed);
+            (m.opened, m.packets, m.bytes) = (clock, 0, 0);
+        }
         if new.class() != m.state.class() || clock != m.last {
             m.pos = seq;
             self.seq += 1;
         }
         m.state = new;
         m.last = clock;
+        m.packets += 1;
+        m.bytes += u64::from(p.bytes);
+        self.map.insert(*k, m);
+        (!reused).then_some(old)
     }
 }
 
@@ -827,7 +883,11 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn table_matches_model(ops in proptest::collection::vec(op(), 1..120), evict_est in any::<bool>()) {
+    fn table_matches_model(
+        ops in proptest::collection::vec(op(), 1..120),
+        evict_est in any::<bool>(),
+        ring in 3usize..=8,
+    ) {
         let s = Duration::from_secs;
         let timeouts = Timeouts {
             tcp_none: s(2), tcp_established: s(50), tcp_syn_sent: s(12), tcp_syn_recv: s(6),
@@ -835,11 +895,16 @@ proptest! {
             tcp_last_ack: s(3), udp_unconfirmed: s(4), udp: s(30), icmp: s(5), other: s(5),
         };
         let cap = 6;
-        let cfg = Config { capacity: cap, ipv6_capacity: 2, timeouts, evict_established: evict_est, ..Config::default() };
+        // The ring is drained after every step; one step removes at most 3 flows (an insert:
+        // its own timed-out key, an IPv6 victim, a slot victim) or `ring` (expire).
+        let cfg = Config { capacity: cap, ipv6_capacity: 2, timeouts, evict_established: evict_est, removal_queue: ring, ..Config::default() };
         let mut t = ConnTable::new(cfg, KEY).unwrap();
         let mut m = Model::default();
         let mut now = Instant::ZERO;
+        // Sessions started (inserts, and SYNs that restarted a finished entry) and ended.
+        let (mut started, mut ended) = (0usize, 0usize);
         for op in ops {
+            let before: Vec<FlowKey> = m.map.keys().copied().collect();
             match op {
                 Op::Insert(k, b, p) => {
                     let key = key_of(k);
@@ -851,7 +916,7 @@ proptest! {
                     let want = (|| {
                         if let Some(e) = m.map.get(&key).copied() {
                             if !m.expired(&timeouts, &e) { return Insert::Exists; }
-                            m.map.remove(&key);
+                            m.take_timed_out(&key);
                         }
                         let mut out = Insert::New;
                         if !key_of(k).is_ipv4() && m.map.values().filter(|e| e.v6).count() >= 2 {
@@ -862,20 +927,31 @@ proptest! {
                         }
                         let pos = m.seq;
                         m.seq += 1;
-                        m.map.insert(key, M { backend: b, state: FlowState::initial(key.proto()), last: m.clock, pos, v6: !key.is_ipv4(), bidir: false });
+                        m.map.insert(key, M { backend: b, state: FlowState::initial(key.proto()), last: m.clock, pos, v6: !key.is_ipv4(), bidir: false, opened: m.clock, packets: 0, bytes: 0 });
                         if let Some(p) = first { m.apply(&key, p, true); }
                         out
                     })();
                     prop_assert_eq!(got, want);
+                    if got.is_inserted() {
+                        started += 1;
+                        // The state after the first packet is known without a lookup.
+                        prop_assert_eq!(m.map[&key].state, flow.initial_state());
+                    }
                 }
                 Op::Track(k, r, f) => {
                     let key = key_of(k);
-                    let got = t.track(&key, packet(r, f), now).map(|h| (h.backend.get(), h.state));
+                    let got = t.track(&key, packet(r, f), now).map(|h| (h.backend.get(), h.state, h.was));
                     let want = match m.map.get(&key).copied() {
-                        Some(e) if m.expired(&timeouts, &e) => { m.map.remove(&key); None }
-                        Some(e) => { m.apply(&key, packet(r, f), false); Some((e.backend, m.map[&key].state)) }
+                        Some(e) if m.expired(&timeouts, &e) => { m.take_timed_out(&key); None }
+                        Some(e) => {
+                            let was = m.apply(&key, packet(r, f), false);
+                            Some((e.backend, m.map[&key].state, was))
+                        }
                         None => None,
                     };
+                    if matches!(got, Some((_, _, None))) {
+                        started += 1;
+                    }
                     prop_assert_eq!(got, want);
                 }
                 Op::Advance(ms) => {
@@ -884,11 +960,13 @@ proptest! {
                 }
                 Op::Expire(budget) => {
                     let got = t.expire(now, usize::from(budget));
+                    // Capped by the ring's room (all of it: the ring is drained every step).
+                    let budget = usize::from(budget).min(ring);
                     let mut n = 0;
                     for c in 0..CLASSES as u8 {
-                        while n < usize::from(budget) {
+                        while n < budget {
                             match m.head(c, false) {
-                                Some(k) if m.expired(&timeouts, &m.map[&k]) => { m.map.remove(&k); n += 1; }
+                                Some(k) if m.expired(&timeouts, &m.map[&k]) => { m.take_timed_out(&k); n += 1; }
                                 _ => break,
                             }
                         }
@@ -897,8 +975,32 @@ proptest! {
                 }
                 Op::Remove(k) => {
                     let key = key_of(k);
-                    prop_assert_eq!(t.remove(&key, now), m.map.remove(&key).is_some());
+                    let had = m.map.contains_key(&key);
+                    m.take(&key, RemovalReason::Removed);
+                    prop_assert_eq!(t.remove(&key, now), had);
                 }
+            }
+            // Removals: exactly the model's records, in order.
+            let got: Vec<Removal> = t.drain_removals().collect();
+            let want = core::mem::take(&mut m.removed);
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(t.counters().removals_lost, 0);
+            ended += got.len();
+            prop_assert_eq!(t.len(), started - ended);
+            // Every key that left is reported, once; a reported key that is still here was
+            // restarted (reuse) or replaced (an insert over its timed-out entry).
+            let mut reported: Vec<FlowKey> = got.iter().map(|r| r.key).collect();
+            reported.sort();
+            let n = reported.len();
+            reported.dedup();
+            prop_assert_eq!(reported.len(), n);
+            for k in &before {
+                if !m.map.contains_key(k) {
+                    prop_assert!(reported.binary_search(k).is_ok(), "{:?} left unreported", k);
+                }
+            }
+            for k in &reported {
+                prop_assert!(before.contains(k));
             }
             prop_assert!(t.len() <= cap);
             prop_assert_eq!(t.len(), m.map.len());

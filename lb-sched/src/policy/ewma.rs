@@ -1,6 +1,7 @@
 //! Least expected response time from peak-EWMA (Finagle `PeakEwma`, Linkerd's balancer).
 //!
-//! Each backend's cost is `(in_flight + 1) × peak-EWMA latency`, divided by its effective weight:
+//! Each backend's cost is `(outstanding + 1) × peak-EWMA latency` (outstanding: requests in
+//! flight plus active connections, [`Pool::outstanding`]), divided by its effective weight:
 //! the time a new request is expected to take there if the backend serves its queue at its
 //! recent worst-case speed. The estimate itself ([`Pool::observe_latency`]) jumps up to any
 //! slower sample at once and decays towards faster ones with a time constant, so a backend that
@@ -33,7 +34,7 @@ impl PeakEwma {
 
     /// The expected response time of a new request at position `i` (before weighting), in ns.
     pub fn cost(pool: &Pool, i: usize, now: Instant) -> f64 {
-        let pending = f64::from(pool.in_flight(i));
+        let pending = f64::from(pool.outstanding(i));
         let est = pool.peak_ewma_ns(i, now);
         if est < 1.0 && pending > 0.0 {
             PENALTY + pending

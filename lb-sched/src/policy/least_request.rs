@@ -59,13 +59,13 @@ impl LeastRequest {
         })
     }
 
-    /// The dynamic weight of position `i`: `w / (in_flight + 1) ^ bias`.
+    /// The dynamic weight of position `i`: `w / (outstanding + 1) ^ bias` ([`Pool::outstanding`]).
     pub fn dynamic_weight(&self, pool: &Pool, i: usize, now: Instant) -> f64 {
         let w = pool.effective_weight(i, now) as f64;
         if self.bias == 0.0 {
             return w;
         }
-        let q = f64::from(pool.in_flight(i)) + 1.0;
+        let q = f64::from(pool.outstanding(i)) + 1.0;
         if self.bias == 1.0 {
             w / q
         } else {
@@ -116,7 +116,7 @@ impl LeastRequest {
                 continue;
             }
             draws += 1;
-            if best.is_none_or(|b| pool.in_flight(i) < pool.in_flight(b)) {
+            if best.is_none_or(|b| pool.outstanding(i) < pool.outstanding(b)) {
                 best = Some(i);
             }
         }

@@ -25,7 +25,7 @@ pub enum P2cLoad {
     Connections,
     /// In-flight requests (layer 5).
     InFlight,
-    /// Peak-EWMA cost, `(in_flight + 1) * peak_ewma` (Finagle's P2C + peak-EWMA).
+    /// Peak-EWMA cost, `(outstanding + 1) * peak_ewma` (Finagle's P2C + peak-EWMA).
     PeakEwma,
 }
 
@@ -87,14 +87,14 @@ impl P2c {
                 ratio_less(pool.conn_overhead(a) + 1, wa, pool.conn_overhead(b) + 1, wb)
             }
             P2cLoad::InFlight => ratio_less(
-                u64::from(pool.in_flight(a)) + 1,
+                u64::from(pool.outstanding(a)) + 1,
                 wa,
-                u64::from(pool.in_flight(b)) + 1,
+                u64::from(pool.outstanding(b)) + 1,
                 wb,
             ),
             P2cLoad::PeakEwma => {
-                let ca = (f64::from(pool.in_flight(a)) + 1.0) * pool.peak_ewma_ns(a, now);
-                let cb = (f64::from(pool.in_flight(b)) + 1.0) * pool.peak_ewma_ns(b, now);
+                let ca = (f64::from(pool.outstanding(a)) + 1.0) * pool.peak_ewma_ns(a, now);
+                let cb = (f64::from(pool.outstanding(b)) + 1.0) * pool.peak_ewma_ns(b, now);
                 // ca / wa < cb / wb
                 ca * (wb as f64) < cb * (wa as f64)
             }

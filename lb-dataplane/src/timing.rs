@@ -1,0 +1,253 @@
+//! Latency from traffic. In modes `nat` and `dnat` the balancer sees both directions of a TCP
+//! flow, so it can time each backend's handshake (the client's SYN → the backend's SYN-ACK) and
+//! its first response (the client's first data segment → the backend's first data segment),
+//! and notice a SYN answered by a RST or not answered at all.
+//!
+//! The flows being timed sit in a small direct-mapped table keyed by a cheap keyed hash of the
+//! flow key (a collision overwrites: a lost sample, never a wrong one, since every entry holds
+//! its full key). Nothing allocates after construction; each step costs one hash and one line.
+
+use std::net::Ipv4Addr;
+
+use lb_core::{BackendId, Duration, FastHash, FlowHasher, FlowKey, HashKey, Instant, IpProto};
+
+/// Flows timed at once (a power of two).
+pub(crate) const TIMED: usize = 4096;
+
+/// Where a timed flow is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing timed in this slot.
+    Empty,
+    /// SYN sent to the backend at `since`.
+    Syn,
+    /// Handshake done; waiting for the client's first data segment.
+    Request,
+    /// The client's first data segment left at `since`; waiting for the backend's answer.
+    Response,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    key: FlowKey,
+    since: Instant,
+    backend: BackendId,
+    phase: Phase,
+}
+
+const EMPTY: Timed = Timed {
+    key: FlowKey::v4(
+        Ipv4Addr::UNSPECIFIED,
+        0,
+        Ipv4Addr::UNSPECIFIED,
+        0,
+        IpProto::Tcp,
+    ),
+    since: Instant::ZERO,
+    backend: BackendId(0),
+    phase: Phase::Empty,
+};
+
+/// What a reply told about a timed flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sample {
+    /// The handshake took this long.
+    Handshake(BackendId, Duration),
+    /// The first response took this long.
+    Response(BackendId, Duration),
+    /// The backend reset the connection before its first response: a RST answering the SYN,
+    /// or an accepted connection reset before it answered anything.
+    Reset(BackendId),
+}
+
+/// The flows being timed.
+#[derive(Debug, Clone)]
+pub(crate) struct Timing {
+    hasher: FlowHasher<FastHash>,
+    slots: Box<[Timed]>,
+    /// Where the scan for unanswered SYNs resumes.
+    cursor: usize,
+}
+
+impl Timing {
+    pub(crate) fn new(key: HashKey) -> Self {
+        Timing {
+            hasher: FlowHasher::with_key(key),
+            slots: vec![EMPTY; TIMED].into_boxed_slice(),
+            cursor: 0,
+        }
+    }
+
+    #[inline]
+    fn slot(&mut self, key: &FlowKey) -> Option<&mut Timed> {
+        let i = (self.hasher.hash_flow(key) as usize) & (TIMED - 1);
+        self.slots.get_mut(i)
+    }
+
+    /// A SYN opened `key` towards `backend`.
+    #[inline]
+    pub(crate) fn syn(&mut self, key: &FlowKey, backend: BackendId, now: Instant) {
+        if let Some(t) = self.slot(key) {
+            *t = Timed {
+                key: *key,
+                since: now,
+                backend,
+                phase: Phase::Syn,
+            };
+        }
+    }
+
+    /// The client sent data on `key` (an established flow).
+    #[inline]
+    pub(crate) fn request(&mut self, key: &FlowKey, now: Instant) {
+        if let Some(t) = self.slot(key) {
+            if t.phase == Phase::Request && t.key == *key {
+                t.phase = Phase::Response;
+                t.since = now;
+            }
+        }
+    }
+
+    /// A reply of flow `key` (original direction) with `syn`/`rst` flags and `data` payload.
+    #[inline]
+    pub(crate) fn reply(
+        &mut self,
+        key: &FlowKey,
+        syn: bool,
+        rst: bool,
+        data: bool,
+        now: Instant,
+    ) -> Option<Sample> {
+        let t = self.slot(key)?;
+        if t.phase == Phase::Empty || t.key != *key {
+            return None;
+        }
+        let elapsed = now - t.since;
+        match t.phase {
+            Phase::Syn | Phase::Request | Phase::Response if rst => {
+                let b = t.backend;
+                *t = EMPTY;
+                Some(Sample::Reset(b))
+            }
+            Phase::Syn if syn => {
+                t.phase = Phase::Request;
+                t.since = now;
+                Some(Sample::Handshake(t.backend, elapsed))
+            }
+            Phase::Response if data => {
+                let b = t.backend;
+                *t = EMPTY;
+                Some(Sample::Response(b, elapsed))
+            }
+            _ => None,
+        }
+    }
+
+    /// Looks at up to `budget` slots for SYNs left unanswered longer than their backend's
+    /// `timeout` (`None`: not watched); reports each once through `failed` and forgets it.
+    /// Flows timed for longer than `stale` in any phase are forgotten too.
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        budget: usize,
+        stale: Duration,
+        timeout: impl Fn(BackendId) -> Option<Duration>,
+        mut failed: impl FnMut(BackendId),
+    ) {
+        for _ in 0..budget.min(TIMED) {
+            self.cursor = (self.cursor + 1) & (TIMED - 1);
+            let Some(t) = self.slots.get_mut(self.cursor) else {
+                continue;
+            };
+            if t.phase == Phase::Empty {
+                continue;
+            }
+            let age = now - t.since;
+            if t.phase == Phase::Syn && timeout(t.backend).is_some_and(|d| age >= d) {
+                failed(t.backend);
+                *t = EMPTY;
+            } else if age >= stale {
+                *t = EMPTY;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey::v4(
+            Ipv4Addr::new(192, 0, 2, 2),
+            port,
+            Ipv4Addr::new(203, 0, 113, 10),
+            80,
+            IpProto::Tcp,
+        )
+    }
+
+    fn ms(m: u64) -> Instant {
+        Instant::from_millis(m)
+    }
+
+    #[test]
+    fn handshake_then_response() {
+        let mut t = Timing::new(HashKey::from_bytes([1; 16]));
+        let k = key(1000);
+        t.syn(&k, BackendId(2), ms(0));
+        assert_eq!(t.reply(&k, false, false, false, ms(1)), None); // a bare ACK
+        assert_eq!(
+            t.reply(&k, true, false, false, ms(3)),
+            Some(Sample::Handshake(BackendId(2), Duration::from_millis(3)))
+        );
+        // Data from the backend before the client asked: not a response.
+        assert_eq!(t.reply(&k, false, false, true, ms(4)), None);
+        t.request(&k, ms(10));
+        t.request(&k, ms(12)); // a second segment of the request: the clock started at 10
+        assert_eq!(
+            t.reply(&k, false, false, true, ms(35)),
+            Some(Sample::Response(BackendId(2), Duration::from_millis(25)))
+        );
+        // Only the first response is timed.
+        assert_eq!(t.reply(&k, false, false, true, ms(40)), None);
+    }
+
+    #[test]
+    fn refused_and_unanswered_syns_are_failures() {
+        let mut t = Timing::new(HashKey::from_bytes([1; 16]));
+        let (a, b) = (key(1), key(2));
+        t.syn(&a, BackendId(1), ms(0));
+        t.syn(&b, BackendId(3), ms(0));
+        assert_eq!(
+            t.reply(&a, false, true, false, ms(1)),
+            Some(Sample::Reset(BackendId(1)))
+        );
+        let mut failed = Vec::new();
+        let watch = |id: BackendId| (id == BackendId(3)).then_some(Duration::from_millis(500));
+        t.expire(ms(100), TIMED, Duration::from_secs(60), watch, |id| {
+            failed.push(id)
+        });
+        assert!(failed.is_empty(), "not yet: {failed:?}");
+        t.expire(ms(600), TIMED, Duration::from_secs(60), watch, |id| {
+            failed.push(id)
+        });
+        assert_eq!(failed, vec![BackendId(3)]);
+        // Reported once, then forgotten.
+        t.expire(ms(700), TIMED, Duration::from_secs(60), watch, |id| {
+            failed.push(id)
+        });
+        assert_eq!(failed.len(), 1);
+    }
+
+    #[test]
+    fn another_flow_in_the_slot_is_not_mistaken() {
+        let mut t = Timing::new(HashKey::from_bytes([1; 16]));
+        let k = key(7);
+        t.syn(&k, BackendId(1), ms(0));
+        // A reply of a flow never timed finds either an empty slot or another key.
+        for p in 100..200 {
+            assert_eq!(t.reply(&key(p), true, false, false, ms(1)), None);
+        }
+    }
+}

@@ -702,3 +702,153 @@ pub fn tshark_read(file: &Path, args: &[&str]) -> String {
     v.extend_from_slice(args);
     run_timeout(Duration::from_secs(60), "tshark", &v).unwrap_or_else(|e| panic!("{e}"))
 }
+
+// ---- in-process clients inside a namespace, the balancer's explain endpoint -----------------
+
+/// Runs `f` on a new thread that has entered network namespace `ns` (`setns` on
+/// `/run/netns/NS`); returns its result. Sockets made there stay in `ns` for their whole life,
+/// so the caller may keep and use them from any thread (long-lived connections, load clients).
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter_ns(&path);
+        f()
+    })
+    .join()
+    .expect("thread in namespace")
+}
+
+/// Moves the calling thread into the network namespace at `path`; panics on failure.
+#[allow(unsafe_code)]
+pub fn enter_ns(path: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: `setns` only reads the descriptor, which `f` keeps open for the call; it changes the
+    // network namespace of this thread alone (CLONE_NEWNET), which owns no sockets yet.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// A TCP connection made from namespace `ns` (connect timeout `timeout`).
+pub fn connect_in(
+    ns: &str,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    in_ns(ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, timeout)
+    })
+}
+
+impl Lab {
+    /// Stops the balancer (SIGKILL) and waits until its device `dev` is gone, so that
+    /// [`Lab::start_balancer`] can start a fresh one.
+    pub fn stop_balancer(&mut self, t: &Topo, dev: &str) {
+        self.kill("balancer");
+        let gone = self.wait_for(Duration::from_secs(10), || {
+            self.try_sh(&t.balancer, &format!("ip link show {dev}"))
+                .is_err()
+                .then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "{dev} still exists after the balancer exited"
+        );
+    }
+
+    /// `GET path` on the balancer's stats port (e.g. `/explain?proto=tcp&src=..&dst=..`), as JSON.
+    pub fn balancer_get(&self, t: &Topo, path: &str) -> serde_json::Value {
+        let out = self
+            .try_sh(
+                &t.balancer,
+                &format!("curl -sS -g --max-time 3 'http://127.0.0.1:9100{path}'"),
+            )
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{path}: JSON {out:?}: {e}"))
+    }
+
+    /// `GET path` on the balancer's stats port as JSON; `None` while it does not answer (e.g. a
+    /// balancer still starting).
+    pub fn try_balancer_get(&self, t: &Topo, path: &str) -> Option<serde_json::Value> {
+        let out = self
+            .try_sh(
+                &t.balancer,
+                &format!("curl -sS -g --max-time 3 'http://127.0.0.1:9100{path}'"),
+            )
+            .ok()?;
+        serde_json::from_str(&out).ok()
+    }
+
+    /// The `backends[]` element of the statistics whose `addr` is `addr` (e.g.
+    /// `198.51.100.11:8080`); `Null` when absent.
+    pub fn backend_stats(&self, t: &Topo, addr: &str) -> serde_json::Value {
+        let s = self.balancer_stats(t);
+        s["backends"]
+            .as_array()
+            .and_then(|v| v.iter().find(|b| b["addr"] == addr).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A TCP connection from the exact IPv4 source `src` (address and port; `SO_REUSEADDR`) to
+/// `dst`, failing with `TimedOut` after `timeout`; call it on a thread inside the namespace.
+/// Load clients pick their own source ports with it, so that no port is used twice in a run
+/// (the kernel's choice cycles back to recently closed ports, whose flows the balancer still
+/// holds in TIME_WAIT).
+#[allow(unsafe_code)]
+pub fn connect_from(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    fn sockaddr(a: std::net::SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain system calls on a descriptor this function creates; the `TcpStream` takes
+    // sole ownership of it at once (closing it on every early return); the addresses passed are
+    // live `sockaddr_in` values of the length given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = sockaddr(src);
+        if libc::bind(fd, (&raw const s).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Linux bounds a blocking connect by SO_SNDTIMEO (EINPROGRESS when it expires).
+        stream.set_write_timeout(Some(timeout))?;
+        let d = sockaddr(dst);
+        if libc::connect(fd, (&raw const d).cast(), len) != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EINPROGRESS) {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            } else {
+                e
+            });
+        }
+        stream.set_write_timeout(None)?;
+        Ok(stream)
+    }
+}

@@ -15,6 +15,16 @@
 //! hash_key = "..."           # optional: secret passphrase (16+ characters) keying the flow
 //!                            # hashes; give every balancer of a cluster the same one so they
 //!                            # agree on backends (default: a random key per process)
+//! snat_ports = "1024-65535"  # SNAT source ports per backend and SNAT address (lo-hi, lo >= 1)
+//! persist_capacity = 4096    # persistence templates + SIP Call-ID bindings (the SIP call table)
+//! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
+//!                            # a key left out keeps lb-conntrack's default for its states
+//! tcp_established = 900
+//! tcp_syn = 60               # SYN_RECV and SYN_SENT (defaults: 60, 120)
+//! tcp_fin = 120              # FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT (defaults: 120, 60, 30, 120)
+//! tcp_close = 10
+//! udp = 30                   # a UDP flow before its first reply
+//! udp_stream = 300           # a UDP flow that has seen a reply
 //!
 //! [[service]]
 //! vip = "203.0.113.10:80"
@@ -26,6 +36,25 @@
 //! persistence_timeout_s = 0  # > 0: a client's new flows follow its previous backend
 //! tunnel = "ipip"            # mode "tunnel": ipip (IPIP / IP6IP6) | gue
 //! gue_port = 6080            # with tunnel = "gue"
+//! persistence_netmask = 32   # IPv4 prefix grouping clients for persistence (0..=32)
+//! persistence_netmask_v6 = 128  # (0..=128)
+//! upper_conns = 0            # admission (IPVS -x): at this many conns a backend takes no new
+//!                            # flow; 0 = none
+//! lower_conns = 0            # (IPVS -y): eligible again below this; 0 = 3/4 of upper; must be
+//!                            # < upper
+//! slow_start_s = 0           # policies only: weight ramps up over this long after add / recovery
+//! panic_threshold = 0        # percent (0..=100): below this share healthy, ignore health
+//! maglev_size = 65537        # maglev only: a prime in 3..=2^24, at least the backends (default:
+//!                            # the smallest prime >= max(65537, 100 x backends))
+//! [service.outlier]          # passive ejection; the table's presence turns it on
+//! consecutive_failures = 5   # 0 = off
+//! failure_rate = 50          # percent 1..=100 failed in a window ejects; 0 = off
+//! min_requests = 20          # observations a window needs before its rate is judged
+//! window_s = 10
+//! ejection_s = 30            # base ejection time (grows with repeated ejections)
+//! max_ejection_s = 300       # >= ejection_s
+//! max_ejection_percent = 10  # most of the service's backends ejected at once
+//! syn_timeout_ms = 1000      # an unanswered SYN counts as a failure after this
 //! [service.health]
 //! kind = "tcp"               # tcp | http | udp | sip-options | none
 //! interval_ms = 500
@@ -41,7 +70,13 @@
 //! addr = "198.51.100.11:80"  # modes tunnel / dr: port 0 or the VIP's port
 //! weight = 1                 # 0 drains: no new flows, existing ones continue
 //! mac = "02:00:00:00:00:11"  # mode "dr": the backend's MAC on the balancer's segment
+//! upper_conns = 5            # optional: overrides the service's thresholds for this backend
+//! lower_conns = 3
 //! ```
+//!
+//! [`Config::parse`] refuses everything the balancer would refuse at start: it ends with
+//! [`DataplaneSpec::validate`] (capacities, SNAT pools, Maglev sizes, ring weights, thresholds,
+//! outlier settings), so a file that passes `tun-balancer --check` starts.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -54,9 +89,10 @@ use toml::Spanned;
 
 use lb_core::{Duration, HashKey, Weight};
 
+use lb_conntrack::{FlowState, TcpState, MAX_CAPACITY};
 use lb_dataplane::{
-    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Proto, SchedulerKind, ServiceSpec,
-    TunnelKind,
+    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, OutlierSpec, Proto, SchedulerKind,
+    ServiceSpec, SpecError, TunnelKind,
 };
 
 /// A configuration error, located in the file.
@@ -235,7 +271,7 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }
         })?;
-        Validator { text, file }.config(raw)
+        Validator { text, file }.config(&raw)
     }
 }
 
@@ -244,7 +280,7 @@ impl Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    balancer: RawBalancer,
+    balancer: Spanned<RawBalancer>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
 }
@@ -261,6 +297,20 @@ struct RawBalancer {
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
     hash_key: Option<Spanned<String>>,
+    snat_ports: Option<Spanned<String>>,
+    persist_capacity: Option<Spanned<u64>>,
+    timeouts: Option<Spanned<RawTimeouts>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    tcp_established: Option<Spanned<u64>>,
+    tcp_syn: Option<Spanned<u64>>,
+    tcp_fin: Option<Spanned<u64>>,
+    tcp_close: Option<Spanned<u64>>,
+    udp: Option<Spanned<u64>>,
+    udp_stream: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -274,6 +324,14 @@ struct RawService {
     persistence_timeout_s: Option<Spanned<u64>>,
     tunnel: Option<Spanned<String>>,
     gue_port: Option<Spanned<u64>>,
+    persistence_netmask: Option<Spanned<u64>>,
+    persistence_netmask_v6: Option<Spanned<u64>>,
+    upper_conns: Option<Spanned<u64>>,
+    lower_conns: Option<Spanned<u64>>,
+    slow_start_s: Option<Spanned<u64>>,
+    panic_threshold: Option<Spanned<u64>>,
+    maglev_size: Option<Spanned<u64>>,
+    outlier: Option<Spanned<RawOutlier>>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
@@ -296,10 +354,25 @@ struct RawHealth {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<Spanned<u64>>,
+    failure_rate: Option<Spanned<u64>>,
+    min_requests: Option<Spanned<u64>>,
+    window_s: Option<Spanned<u64>>,
+    ejection_s: Option<Spanned<u64>>,
+    max_ejection_s: Option<Spanned<u64>>,
+    max_ejection_percent: Option<Spanned<u64>>,
+    syn_timeout_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawBackend {
     addr: Spanned<String>,
     weight: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
+    upper_conns: Option<Spanned<u64>>,
+    lower_conns: Option<Spanned<u64>>,
 }
 
 // ---- validation -----------------------------------------------------------------------------
@@ -351,8 +424,22 @@ impl Validator<'_> {
         Ok(x)
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let b = raw.balancer;
+    /// An optional integer in `min..=max`, or `default`.
+    fn opt_int(
+        &self,
+        v: &Option<Spanned<u64>>,
+        field: &str,
+        (min, max): (u64, u64),
+        default: u64,
+    ) -> Result<u64, ConfigError> {
+        match v {
+            Some(x) => self.int(x, field, min, max),
+            None => Ok(default),
+        }
+    }
+
+    fn config(&self, raw: &RawConfig) -> Result<Config, ConfigError> {
+        let b = raw.balancer.get_ref();
         let device = b.device.get_ref().clone();
         if device.is_empty() || device.len() > 15 || device.contains(['/', ' ', '\0']) {
             return Err(self.err(
@@ -366,7 +453,9 @@ impl Validator<'_> {
             snat_addrs.push(self.parse::<IpAddr>(a, &format!("balancer.snat_addrs[{i}]"))?);
         }
         let conntrack_capacity = match &b.conntrack_capacity {
-            Some(c) => self.int(c, "balancer.conntrack_capacity", 16, 1 << 28)? as usize,
+            Some(c) => {
+                self.int(c, "balancer.conntrack_capacity", 16, MAX_CAPACITY as u64)? as usize
+            }
             None => 1 << 20,
         };
         let stats = match &b.stats {
@@ -404,6 +493,18 @@ impl Validator<'_> {
         if let Some(m) = &b.mac {
             spec.mac = parse_mac(m.get_ref()).map_err(|e| self.err(m.span(), "balancer.mac", e))?;
         }
+        if let Some(p) = &b.snat_ports {
+            spec.snat_ports = self.port_range(p, "balancer.snat_ports")?;
+        }
+        spec.persist_capacity = self.opt_int(
+            &b.persist_capacity,
+            "balancer.persist_capacity",
+            (1, MAX_CAPACITY as u64),
+            spec.persist_capacity as u64,
+        )? as usize;
+        if let Some(t) = &b.timeouts {
+            self.timeouts(t.get_ref(), &mut spec.timeouts)?;
+        }
         if raw.service.is_empty() {
             return Err(self.err(0..0, "service", "no [[service]] defined"));
         }
@@ -430,6 +531,8 @@ impl Validator<'_> {
             spec.services.push(svc);
             health.push(h);
         }
+        spec.validate()
+            .map_err(|e| self.spec_error(&e, raw, &spec))?;
         Ok(Config {
             device,
             stats,
@@ -492,6 +595,46 @@ impl Validator<'_> {
                     return Err(self.err(p.span(), f("gue_port"), "only with tunnel = \"gue\""))
                 }
             }
+        }
+        let n = &mut svc.persistence_netmask;
+        n.v4 = self.opt_int(
+            &r.persistence_netmask,
+            &f("persistence_netmask"),
+            (0, 32),
+            n.v4.into(),
+        )? as u8;
+        n.v6 = self.opt_int(
+            &r.persistence_netmask_v6,
+            &f("persistence_netmask_v6"),
+            (0, 128),
+            n.v6.into(),
+        )? as u8;
+        let conns = (0, u64::from(u32::MAX));
+        svc.upper_conns = self.opt_int(
+            &r.upper_conns,
+            &f("upper_conns"),
+            conns,
+            svc.upper_conns.into(),
+        )? as u32;
+        svc.lower_conns = self.opt_int(
+            &r.lower_conns,
+            &f("lower_conns"),
+            conns,
+            svc.lower_conns.into(),
+        )? as u32;
+        if let Some(v) = &r.slow_start_s {
+            svc.slow_start = Duration::from_secs(self.int(v, &f("slow_start_s"), 0, 86_400)?);
+        }
+        svc.panic_threshold_percent = self.opt_int(
+            &r.panic_threshold,
+            &f("panic_threshold"),
+            (0, 100),
+            svc.panic_threshold_percent.into(),
+        )? as u8;
+        // Primality, the range and the scheduler are `DataplaneSpec::validate`'s.
+        svc.maglev_size = r.maglev_size.as_ref().map(|m| *m.get_ref());
+        if let Some(o) = &r.outlier {
+            svc.outlier = Some(self.outlier(i, o.get_ref())?);
         }
         if matches!(mode, Mode::Nat | Mode::Tunnel)
             && !spec.snat_addrs.iter().any(|a| a.is_ipv4() == vip.is_ipv4())
@@ -558,12 +701,18 @@ impl Validator<'_> {
                     "mode \"dr\" needs the backend's MAC address",
                 ));
             }
+            let conns = |v: &Option<Spanned<u64>>, name: &str| match v {
+                Some(x) => self
+                    .int(x, &fb(name), 0, u64::from(u32::MAX))
+                    .map(|c| Some(c as u32)),
+                None => Ok(None),
+            };
             svc.backends.push(BackendSpec {
                 addr,
                 weight: Weight::new(weight),
                 mac,
-                upper_conns: None,
-                lower_conns: None,
+                upper_conns: conns(&rb.upper_conns, "upper_conns")?,
+                lower_conns: conns(&rb.lower_conns, "lower_conns")?,
             });
         }
         let health = match &r.health {
@@ -621,7 +770,383 @@ impl Validator<'_> {
         if let Some(v) = &h.expect_status {
             out.expect_status = self.int(v, &f("expect_status"), 100, 599)? as u16;
         }
+        // What the health checker would refuse (it would leave the backends unchecked).
+        if let Some(Err(e)) = out.check_config().map(|c| c.validate()) {
+            return Err(self.err(h.kind.span(), f("kind"), e.to_string()));
+        }
         Ok(out)
+    }
+}
+
+impl Validator<'_> {
+    /// `lo-hi`, both in 1..=65535, `lo <= hi`.
+    fn port_range(
+        &self,
+        v: &Spanned<String>,
+        field: &str,
+    ) -> Result<core::ops::RangeInclusive<u16>, ConfigError> {
+        let bad = || {
+            self.err(
+                v.span(),
+                field,
+                format!(
+                    "`{}`: a port range `lo-hi` with 1 <= lo <= hi <= 65535",
+                    v.get_ref()
+                ),
+            )
+        };
+        let (lo, hi) = v.get_ref().split_once('-').ok_or_else(bad)?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo == 0 || lo > hi {
+            return Err(bad());
+        }
+        Ok(lo..=hi)
+    }
+
+    /// `[balancer.timeouts]`: each key sets the idle timeout of its flow states.
+    fn timeouts(
+        &self,
+        t: &RawTimeouts,
+        out: &mut lb_conntrack::Timeouts,
+    ) -> Result<(), ConfigError> {
+        let max = lb_conntrack::MAX_TIMEOUT.as_secs();
+        let secs = |v: &Option<Spanned<u64>>, key: &str| -> Result<Option<Duration>, ConfigError> {
+            match v {
+                Some(x) => Ok(Some(Duration::from_secs(self.int(
+                    x,
+                    &format!("balancer.timeouts.{key}"),
+                    1,
+                    max,
+                )?))),
+                None => Ok(None),
+            }
+        };
+        if let Some(d) = secs(&t.tcp_established, "tcp_established")? {
+            out.tcp_established = d;
+        }
+        if let Some(d) = secs(&t.tcp_syn, "tcp_syn")? {
+            out.tcp_syn_sent = d;
+            out.tcp_syn_recv = d;
+        }
+        if let Some(d) = secs(&t.tcp_fin, "tcp_fin")? {
+            out.tcp_fin_wait = d;
+            out.tcp_close_wait = d;
+            out.tcp_last_ack = d;
+            out.tcp_time_wait = d;
+        }
+        if let Some(d) = secs(&t.tcp_close, "tcp_close")? {
+            out.tcp_close = d;
+        }
+        if let Some(d) = secs(&t.udp, "udp")? {
+            out.udp_unconfirmed = d;
+        }
+        if let Some(d) = secs(&t.udp_stream, "udp_stream")? {
+            out.udp = d;
+        }
+        Ok(())
+    }
+
+    /// `[service.outlier]`: lb-health's defaults for the keys left out.
+    fn outlier(&self, i: usize, o: &RawOutlier) -> Result<OutlierSpec, ConfigError> {
+        let f = |name: &str| format!("service[{i}].outlier.{name}");
+        let mut out = OutlierSpec::default();
+        let d = &mut out.detector;
+        let count = (0, 1_000_000);
+        d.consecutive_failures = self.opt_int(
+            &o.consecutive_failures,
+            &f("consecutive_failures"),
+            count,
+            d.consecutive_failures.into(),
+        )? as u32;
+        if let Some(v) = &o.failure_rate {
+            let pct = self.int(v, &f("failure_rate"), 0, 100)?;
+            d.failure_rate = (pct > 0).then(|| pct as f64 / 100.0);
+        }
+        d.min_requests = self.opt_int(
+            &o.min_requests,
+            &f("min_requests"),
+            count,
+            d.min_requests.into(),
+        )? as u32;
+        let secs = |v: &Option<Spanned<u64>>, name: &str, default: Duration| match v {
+            Some(x) => Ok(Duration::from_secs(self.int(x, &f(name), 1, 7 * 86_400)?)),
+            None => Ok(default),
+        };
+        d.window = secs(&o.window_s, "window_s", d.window)?;
+        d.base_ejection = secs(&o.ejection_s, "ejection_s", d.base_ejection)?;
+        d.max_ejection = secs(&o.max_ejection_s, "max_ejection_s", d.max_ejection)?;
+        d.max_ejection_percent = self.opt_int(
+            &o.max_ejection_percent,
+            &f("max_ejection_percent"),
+            (0, 100),
+            d.max_ejection_percent.into(),
+        )? as u8;
+        if let Some(v) = &o.syn_timeout_ms {
+            out.syn_timeout =
+                Duration::from_millis(self.int(v, &f("syn_timeout_ms"), 1, 60_000)?);
+        }
+        Ok(out)
+    }
+
+    /// Locates a [`SpecError`]: the key's span when the file has it, else its section's.
+    fn spec_error(&self, e: &SpecError, raw: &RawConfig, spec: &DataplaneSpec) -> ConfigError {
+        let bal = &raw.balancer;
+        let b = bal.get_ref();
+        // (span, field) of an optional key, falling back to its section.
+        let key = |v: Option<Range<usize>>, field: String, section: Range<usize>| {
+            (v.unwrap_or(section), field)
+        };
+        let span = |v: &Option<Spanned<u64>>| v.as_ref().map(Spanned::span);
+        let svc = |i: usize| raw.service.get(i);
+        let svc_key = |i: usize, name: &str, v: fn(&RawService) -> &Option<Spanned<u64>>| {
+            let field = format!("service[{i}].{name}");
+            match svc(i) {
+                Some(s) => key(span(v(s.get_ref())), field, s.span()),
+                None => (0..0, field),
+            }
+        };
+        let backend = |i: usize, j: usize| svc(i).and_then(|s| s.get_ref().backend.get(j));
+        let (range, field, message) = match e {
+            SpecError::ConntrackCapacity { .. } => {
+                let (r, f) = key(
+                    b.conntrack_capacity.as_ref().map(Spanned::span),
+                    "balancer.conntrack_capacity".into(),
+                    bal.span(),
+                );
+                (r, f, e.to_string())
+            }
+            SpecError::PersistCapacity { .. } => {
+                let (r, f) = key(
+                    span(&b.persist_capacity),
+                    "balancer.persist_capacity".into(),
+                    bal.span(),
+                );
+                (r, f, e.to_string())
+            }
+            SpecError::Timeout { state } => {
+                let name = timeout_key(*state);
+                let t = b.timeouts.as_ref();
+                let v = t.and_then(|t| {
+                    let t = t.get_ref();
+                    match name {
+                        "tcp_established" => span(&t.tcp_established),
+                        "tcp_syn" => span(&t.tcp_syn),
+                        "tcp_fin" => span(&t.tcp_fin),
+                        "tcp_close" => span(&t.tcp_close),
+                        "udp" => span(&t.udp),
+                        "udp_stream" => span(&t.udp_stream),
+                        _ => None,
+                    }
+                });
+                let section = t.map_or(bal.span(), Spanned::span);
+                (
+                    v.unwrap_or(section),
+                    format!("balancer.timeouts.{name}"),
+                    format!("the idle timeout of {state:?} must be 1 s..=24 days"),
+                )
+            }
+            SpecError::SnatAddrs { ipv6, max, .. } => {
+                // The first address past the limit of its family.
+                let at = spec
+                    .snat_addrs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| a.is_ipv6() == *ipv6)
+                    .nth(*max)
+                    .map_or(0, |(k, _)| k);
+                let r = b.snat_addrs.get(at).map_or(bal.span(), Spanned::span);
+                (
+                    r,
+                    format!("balancer.snat_addrs[{at}]"),
+                    format!(
+                        "more than {max} IPv{} addresses (a SNAT pool's limit)",
+                        if *ipv6 { 6 } else { 4 }
+                    ),
+                )
+            }
+            SpecError::SnatPorts { .. } => {
+                let r = b.snat_ports.as_ref().map_or(bal.span(), Spanned::span);
+                (r, "balancer.snat_ports".into(), e.to_string())
+            }
+            SpecError::TooManyBackends { .. } => {
+                let r = raw.service.last().map_or(0..0, Spanned::span);
+                (r, "service".into(), e.to_string())
+            }
+            SpecError::DuplicateService {
+                service,
+                first,
+                vip,
+            } => {
+                let r = svc(*service).map_or(0..0, |s| s.get_ref().vip.span());
+                (
+                    r,
+                    format!("service[{service}].vip"),
+                    format!("{vip} is defined twice (also service[{first}])"),
+                )
+            }
+            SpecError::DuplicateBackend {
+                service,
+                backend: j,
+                addr,
+            } => {
+                let r = backend(*service, *j).map_or(0..0, |b| b.get_ref().addr.span());
+                (
+                    r,
+                    format!("service[{service}].backend[{j}].addr"),
+                    format!("{addr} is listed twice"),
+                )
+            }
+            SpecError::MaglevSize { service, reason } => {
+                let (r, f) = svc_key(*service, "maglev_size", |s| &s.maglev_size);
+                (r, f, reason.to_string())
+            }
+            SpecError::MaglevSizeWithoutMaglev { service, scheduler } => {
+                let (r, f) = svc_key(*service, "maglev_size", |s| &s.maglev_size);
+                (
+                    r,
+                    f,
+                    format!("only with scheduler = \"maglev\", not \"{scheduler}\""),
+                )
+            }
+            SpecError::Weights {
+                service,
+                backend: j,
+                reason,
+            } => {
+                let field = format!("service[{service}].backend[{j}].weight");
+                let r = match backend(*service, *j) {
+                    Some(b) => span(&b.get_ref().weight).unwrap_or(b.span()),
+                    None => svc(*service).map_or(0..0, Spanned::span),
+                };
+                (
+                    r,
+                    field,
+                    format!("{reason} (scheduler {})", spec.services[*service].scheduler),
+                )
+            }
+            SpecError::Netmask { service, ipv6, .. } => {
+                let (r, f) = if *ipv6 {
+                    svc_key(*service, "persistence_netmask_v6", |s| {
+                        &s.persistence_netmask_v6
+                    })
+                } else {
+                    svc_key(*service, "persistence_netmask", |s| &s.persistence_netmask)
+                };
+                (r, f, e.to_string())
+            }
+            SpecError::PanicThreshold { service, .. } => {
+                let (r, f) = svc_key(*service, "panic_threshold", |s| &s.panic_threshold);
+                (r, f, e.to_string())
+            }
+            SpecError::SlowStartNeedsPolicy { service, scheduler } => {
+                let (r, f) = svc_key(*service, "slow_start_s", |s| &s.slow_start_s);
+                (
+                    r,
+                    f,
+                    format!("slow start ramps policies only, not the consistent hash {scheduler}"),
+                )
+            }
+            SpecError::ConnThresholds {
+                service,
+                backend: None,
+                upper,
+                lower,
+            } => {
+                let (r, f) = svc_key(*service, "lower_conns", |s| &s.lower_conns);
+                (r, f, format!("{lower} must be below upper_conns {upper}"))
+            }
+            SpecError::ConnThresholds {
+                service,
+                backend: Some(j),
+                upper,
+                lower,
+            } => {
+                let base = format!("service[{service}].backend[{j}]");
+                let (r, f) = match backend(*service, *j) {
+                    Some(b) => match (&b.get_ref().lower_conns, &b.get_ref().upper_conns) {
+                        (Some(l), _) => (l.span(), format!("{base}.lower_conns")),
+                        (None, Some(u)) => (u.span(), format!("{base}.upper_conns")),
+                        (None, None) => (b.span(), base),
+                    },
+                    None => (0..0, base),
+                };
+                (
+                    r,
+                    f,
+                    format!(
+                        "lower_conns {lower} must be below upper_conns {upper} (a backend \
+                         inherits the one it does not set from its service)"
+                    ),
+                )
+            }
+            SpecError::Outlier {
+                service,
+                field,
+                reason,
+            } => {
+                let o = svc(*service).and_then(|s| s.get_ref().outlier.as_ref());
+                let (name, v) = match *field {
+                    "window" => ("window_s", o.and_then(|o| span(&o.get_ref().window_s))),
+                    "base_ejection" => {
+                        ("ejection_s", o.and_then(|o| span(&o.get_ref().ejection_s)))
+                    }
+                    "max_ejection" => (
+                        "max_ejection_s",
+                        o.and_then(|o| span(&o.get_ref().max_ejection_s)),
+                    ),
+                    "max_ejection_percent" => (
+                        "max_ejection_percent",
+                        o.and_then(|o| span(&o.get_ref().max_ejection_percent)),
+                    ),
+                    "failure_rate" => (
+                        "failure_rate",
+                        o.and_then(|o| span(&o.get_ref().failure_rate)),
+                    ),
+                    "syn_timeout" => (
+                        "syn_timeout_ms",
+                        o.and_then(|o| span(&o.get_ref().syn_timeout_ms)),
+                    ),
+                    other => (other, None),
+                };
+                let section = o
+                    .map(Spanned::span)
+                    .or_else(|| svc(*service).map(Spanned::span))
+                    .unwrap_or(0..0);
+                (
+                    v.unwrap_or(section),
+                    format!("service[{service}].outlier.{name}"),
+                    format!("{reason} ({field})"),
+                )
+            }
+            other => {
+                let r = match other.service().and_then(svc) {
+                    Some(s) => s.span(),
+                    None => bal.span(),
+                };
+                let f = other
+                    .service()
+                    .map_or_else(|| "balancer".to_owned(), |i| format!("service[{i}]"));
+                (r, f, other.to_string())
+            }
+        };
+        self.err(range, field, message)
+    }
+}
+
+/// The `[balancer.timeouts]` key that sets the timeout of `state`.
+fn timeout_key(state: FlowState) -> &'static str {
+    match state {
+        FlowState::Tcp(TcpState::Established) => "tcp_established",
+        FlowState::Tcp(TcpState::SynSent | TcpState::SynRecv) => "tcp_syn",
+        FlowState::Tcp(
+            TcpState::FinWait | TcpState::CloseWait | TcpState::LastAck | TcpState::TimeWait,
+        ) => "tcp_fin",
+        FlowState::Tcp(TcpState::Close) => "tcp_close",
+        FlowState::UdpUnconfirmed => "udp",
+        FlowState::Udp => "udp_stream",
+        // Not configurable: lb-conntrack's defaults.
+        _ => "",
     }
 }
 
@@ -778,6 +1303,312 @@ addr = "[2001:db8:51::11]:53"
         assert!(e.message.contains("no [[service]]"), "{e}");
         let e = err("[balancer]\ndevice = \"a-very-long-device-name\"\n");
         assert_eq!(e.line, 2, "{e}");
+    }
+
+    /// `GOOD` with `lines` inserted after the first line that is exactly `after`.
+    fn with(after: &str, lines: &str) -> String {
+        let at = GOOD.find(&format!("\n{after}\n")).expect(after) + after.len() + 2;
+        format!("{}{lines}\n{}", &GOOD[..at], &GOOD[at..])
+    }
+
+    /// The 1-based line of the first line of `text` that starts with `needle`.
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines()
+            .position(|l| l.starts_with(needle))
+            .expect(needle)
+            + 1
+    }
+
+    /// Asserts that `text` fails on the line starting with `needle`, naming `field`.
+    #[track_caller]
+    fn fails_at(text: &str, needle: &str, field: &str) -> ConfigError {
+        let e = err(text);
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (line_of(text, needle), field),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("t.toml:"), "{e}");
+        e
+    }
+
+    const SVC: &str = "persistence_timeout_s = 0";
+    const BACKEND: &str = "addr = \"198.51.100.11:80\"";
+
+    #[test]
+    fn new_keys_parse_with_the_spec_defaults() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        let d = DataplaneSpec::default();
+        assert_eq!(c.dataplane.snat_ports, d.snat_ports);
+        assert_eq!(c.dataplane.persist_capacity, d.persist_capacity);
+        assert_eq!(c.dataplane.timeouts, d.timeouts);
+        let s = &c.dataplane.services[0];
+        let n = ServiceSpec::new(s.vip, s.proto, s.mode);
+        assert_eq!(s.persistence_netmask, n.persistence_netmask);
+        assert_eq!((s.upper_conns, s.lower_conns), (0, 0));
+        assert_eq!(s.slow_start, Duration::ZERO);
+        assert_eq!(s.panic_threshold_percent, 0);
+        assert_eq!((s.outlier, s.maglev_size), (None, None));
+        assert_eq!(s.backends[0].upper_conns, None);
+
+        let text = GOOD
+            .replace(
+                "stats = \"127.0.0.1:9100\"",
+                "stats = \"127.0.0.1:9100\"\nsnat_ports = \"20000-29999\"\n\
+                 persist_capacity = 100\n[balancer.timeouts]\ntcp_syn = 7\ntcp_fin = 8\n\
+                 udp = 9\nudp_stream = 11\ntcp_established = 12\ntcp_close = 13",
+            )
+            .replace(
+                SVC,
+                "persistence_timeout_s = 60\npersistence_netmask = 24\n\
+                 persistence_netmask_v6 = 64\nupper_conns = 100\nlower_conns = 50\n\
+                 panic_threshold = 30\nmaglev_size = 251\n[service.outlier]\n\
+                 failure_rate = 0\nmax_ejection_percent = 50\nsyn_timeout_ms = 300",
+            )
+            .replace(
+                BACKEND,
+                &format!("{BACKEND}\nupper_conns = 5\nlower_conns = 3"),
+            );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let d = &c.dataplane;
+        assert_eq!(d.snat_ports, 20000..=29999);
+        assert_eq!(d.persist_capacity, 100);
+        let t = d.timeouts;
+        let s = Duration::from_secs;
+        assert_eq!((t.tcp_syn_sent, t.tcp_syn_recv), (s(7), s(7)));
+        assert_eq!(
+            (
+                t.tcp_fin_wait,
+                t.tcp_close_wait,
+                t.tcp_last_ack,
+                t.tcp_time_wait
+            ),
+            (s(8), s(8), s(8), s(8))
+        );
+        assert_eq!((t.udp_unconfirmed, t.udp), (s(9), s(11)));
+        assert_eq!((t.tcp_established, t.tcp_close), (s(12), s(13)));
+        assert_eq!(t.icmp, lb_conntrack::Timeouts::default().icmp);
+        let v = &d.services[0];
+        assert_eq!(
+            (v.persistence_netmask.v4, v.persistence_netmask.v6),
+            (24, 64)
+        );
+        assert_eq!((v.upper_conns, v.lower_conns), (100, 50));
+        assert_eq!(v.panic_threshold_percent, 30);
+        assert_eq!(v.maglev_size, Some(251));
+        let o = v.outlier.unwrap();
+        assert_eq!(o.detector.failure_rate, None);
+        assert_eq!(o.detector.max_ejection_percent, 50);
+        assert_eq!(o.detector.consecutive_failures, 5);
+        assert_eq!(o.syn_timeout, Duration::from_millis(300));
+        assert_eq!(
+            (v.backends[0].upper_conns, v.backends[0].lower_conns),
+            (Some(5), Some(3))
+        );
+        assert_eq!(v.backends[1].upper_conns, None);
+        // A policy takes slow start.
+        let text = GOOD.replace(
+            "scheduler = \"maglev\"",
+            "scheduler = \"wlc\"\nslow_start_s = 30",
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn balancer_rules_name_line_and_field() {
+        let bal = "stats = \"127.0.0.1:9100\"";
+        for bad in ["\"0-100\"", "\"2000-1000\"", "\"1024\"", "\"1-65536\""] {
+            let t = with(bal, &format!("snat_ports = {bad}"));
+            fails_at(&t, "snat_ports", "balancer.snat_ports");
+        }
+        for bad in ["0", "16777216"] {
+            let t = with(bal, &format!("persist_capacity = {bad}"));
+            fails_at(&t, "persist_capacity", "balancer.persist_capacity");
+        }
+        // The flow table's limit (2^24 - 1), not more.
+        let t = GOOD.replace("conntrack_capacity = 1000", "conntrack_capacity = 16777216");
+        fails_at(&t, "conntrack_capacity", "balancer.conntrack_capacity");
+        let t = GOOD.replace("conntrack_capacity = 1000", "conntrack_capacity = 16777215");
+        assert!(Config::parse(&t, "t.toml").is_ok());
+        for (k, v) in [("tcp_syn", "0"), ("udp", "2073601"), ("tcp_fin", "0")] {
+            let t = with(bal, &format!("[balancer.timeouts]\n{k} = {v}"));
+            fails_at(&t, k, &format!("balancer.timeouts.{k}"));
+        }
+        let t = with(bal, "[balancer.timeouts]\ntcp_syn_sent = 5");
+        fails_at(&t, "tcp_syn_sent", "tcp_syn_sent");
+        // More than 256 SNAT addresses of a family: the SNAT pool refuses them at start.
+        let many: Vec<String> = (0..=256)
+            .map(|n| format!("\"10.0.{}.{}\"", n / 256, n % 256))
+            .collect();
+        let t = GOOD.replace(
+            "snat_addrs = [\"203.0.113.100\", ",
+            &format!("snat_addrs = [{}, ", many.join(", ")),
+        );
+        let e = fails_at(&t, "snat_addrs", "balancer.snat_addrs[256]");
+        assert!(e.message.contains("256"), "{e}");
+    }
+
+    #[test]
+    fn service_rules_name_line_and_field() {
+        for (k, v) in [
+            ("persistence_netmask", "33"),
+            ("persistence_netmask_v6", "129"),
+            ("panic_threshold", "101"),
+            ("slow_start_s", "86401"),
+            ("upper_conns", "4294967296"),
+        ] {
+            let t = with(SVC, &format!("{k} = {v}"));
+            fails_at(&t, k, &format!("service[0].{k}"));
+        }
+        // lower_conns must be below upper_conns.
+        let t = with(SVC, "upper_conns = 10\nlower_conns = 10");
+        fails_at(&t, "lower_conns", "service[0].lower_conns");
+        let t = with(SVC, "upper_conns = 10\nlower_conns = 9");
+        assert!(Config::parse(&t, "t.toml").is_ok());
+        let t = with(BACKEND, "upper_conns = 4\nlower_conns = 4");
+        fails_at(&t, "lower_conns", "service[0].backend[0].lower_conns");
+        // A backend's upper under the service's lower, which it inherits.
+        let t = with(SVC, "upper_conns = 10\nlower_conns = 8")
+            .replace(BACKEND, &format!("{BACKEND}\nupper_conns = 5"));
+        let e = fails_at(&t, "upper_conns = 5", "service[0].backend[0].upper_conns");
+        assert!(e.message.contains("inherits"), "{e}");
+        let t = with(BACKEND, "upper_conns = 1.5");
+        assert_eq!(err(&t).line, line_of(&t, "upper_conns"));
+        // Slow start ramps policies; maglev is a hash.
+        let t = with(SVC, "slow_start_s = 10");
+        let e = fails_at(&t, "slow_start_s", "service[0].slow_start_s");
+        assert!(e.message.contains("policies"), "{e}");
+        // maglev_size: a prime in range, at least the backends, and only with maglev.
+        for bad in ["65536", "2", "16777259"] {
+            let t = with(SVC, &format!("maglev_size = {bad}"));
+            fails_at(&t, "maglev_size", "service[0].maglev_size");
+        }
+        let t = with(SVC, "maglev_size = 65537");
+        assert!(Config::parse(&t, "t.toml").is_ok());
+        let t = GOOD.replace(
+            "scheduler = \"maglev\"",
+            "scheduler = \"ring\"\nmaglev_size = 65537",
+        );
+        let e = fails_at(&t, "maglev_size", "service[0].maglev_size");
+        assert!(e.message.contains("only with scheduler"), "{e}");
+        let t = GOOD.replace(
+            "scheduler = \"maglev\"",
+            "scheduler = \"rr\"\nmaglev_size = 65537",
+        );
+        fails_at(&t, "maglev_size", "service[0].maglev_size");
+        // A ring with weights 2 and 1000000 needs 160 x 500001 points: refused at start.
+        let t = GOOD
+            .replace("scheduler = \"maglev\"", "scheduler = \"ring\"")
+            .replace("weight = 2", "weight = 1000000");
+        let e = fails_at(&t, "weight = 1000000", "service[0].backend[1].weight");
+        assert!(e.message.contains("points"), "{e}");
+        let t = GOOD.replace("weight = 2", "weight = 1000000");
+        assert!(
+            Config::parse(&t, "t.toml").is_ok(),
+            "maglev takes any weight"
+        );
+    }
+
+    #[test]
+    fn outlier_rules_name_line_and_field() {
+        let o = |body: &str| with(SVC, &format!("[service.outlier]\n{body}"));
+        for (k, v) in [
+            ("failure_rate", "101"),
+            ("window_s", "0"),
+            ("ejection_s", "0"),
+            ("max_ejection_percent", "101"),
+            ("syn_timeout_ms", "0"),
+            ("consecutive_failures", "1000001"),
+        ] {
+            let t = o(&format!("{k} = {v}"));
+            fails_at(&t, k, &format!("service[0].outlier.{k}"));
+        }
+        // The detector's own rule: the longest ejection is at least the base one.
+        let t = o("ejection_s = 60\nmax_ejection_s = 30");
+        let e = fails_at(&t, "max_ejection_s", "service[0].outlier.max_ejection_s");
+        assert!(e.message.contains("base_ejection"), "{e}");
+        // An empty table turns it on with the defaults.
+        let c = Config::parse(&o(""), "t.toml").unwrap();
+        assert_eq!(
+            c.dataplane.services[0].outlier,
+            Some(OutlierSpec::default())
+        );
+        // Without the key, the table is named.
+        let t = o("ejection_s = 600");
+        let e = fails_at(&t, "[service.outlier]", "service[0].outlier.max_ejection_s");
+        assert!(e.message.contains("at least"), "{e}");
+    }
+
+    /// What `tun-balancer` does at start with a parsed configuration.
+    fn starts(c: &Config) -> Result<(), String> {
+        let key = HashKey::from_passphrase("a test cluster secret");
+        let mut cp =
+            lb_dataplane::ControlPlane::new(c.dataplane.clone(), key).map_err(|e| e.to_string())?;
+        let tables = cp.build().map_err(|e| e.to_string())?;
+        let mut opts = lb_dataplane::DataplaneOptions::new(key);
+        opts.snat_ports = c.dataplane.snat_ports.clone();
+        lb_dataplane::Dataplane::new(&c.dataplane, tables, opts).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    #[test]
+    fn accepted_configs_start() {
+        let mut texts = vec![GOOD.to_owned()];
+        for name in SchedulerKind::names().split(' ') {
+            let slow = if name
+                .parse::<SchedulerKind>()
+                .is_ok_and(|k| matches!(k, SchedulerKind::Policy(_)))
+            {
+                "\nslow_start_s = 5"
+            } else {
+                ""
+            };
+            let size = if name == "maglev" {
+                "\nmaglev_size = 7"
+            } else {
+                ""
+            };
+            texts.push(
+                GOOD.replace(
+                    "scheduler = \"maglev\"",
+                    &format!(
+                        "scheduler = \"{name}\"{slow}{size}\nupper_conns = 9\n\
+                         panic_threshold = 100\npersistence_netmask = 0\n\
+                         persistence_netmask_v6 = 0"
+                    ),
+                )
+                .replace(
+                    "stats = \"127.0.0.1:9100\"",
+                    "snat_ports = \"1-1\"\npersist_capacity = 1\n\
+                     [balancer.timeouts]\ntcp_syn = 1\nudp = 2073600",
+                )
+                .replace(
+                    SVC,
+                    &format!("{SVC}\n[service.outlier]\nfailure_rate = 100"),
+                )
+                .replace(
+                    BACKEND,
+                    &format!("{BACKEND}\nupper_conns = 2\nlower_conns = 1"),
+                ),
+            );
+        }
+        // The largest accepted values of the capacities, scaled down to keep the test small
+        // (the limits themselves are checked without building tables above).
+        texts.push(
+            GOOD.replace("conntrack_capacity = 1000", "conntrack_capacity = 16")
+                .replace(
+                    "stats = \"127.0.0.1:9100\"",
+                    "snat_ports = \"65535-65535\"\npersist_capacity = 2",
+                ),
+        );
+        for t in &texts {
+            let c = Config::parse(t, "t.toml").unwrap_or_else(|e| panic!("{e}\n{t}"));
+            starts(&c).unwrap_or_else(|e| panic!("{e}\n{t}"));
+        }
+        let nat = include_str!("../configs/nat.toml")
+            .replace("conntrack_capacity = 1000000", "conntrack_capacity = 1000");
+        starts(&Config::parse(&nat, "nat.toml").unwrap()).unwrap();
     }
 
     #[test]

@@ -50,6 +50,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 mod timing;
+mod validate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -78,6 +79,7 @@ pub use spec::{
 };
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
+pub use validate::SpecError;
 
 use load::Live;
 use tables::Scheduler;
@@ -167,6 +169,9 @@ pub enum DataplaneError {
     /// The flow table rejected its configuration.
     #[error("conntrack: {0}")]
     Conntrack(#[from] lb_conntrack::ConntrackError),
+    /// The spec is out of range ([`DataplaneSpec::validate`]).
+    #[error("{0}")]
+    Spec(#[from] SpecError),
 }
 
 /// One data path: its own flow tables and scheduler state, over shared immutable [`Tables`].
@@ -232,6 +237,7 @@ impl Dataplane {
         tables: Arc<Tables>,
         opts: DataplaneOptions,
     ) -> Result<Dataplane, DataplaneError> {
+        spec.validate()?;
         let DataplaneOptions {
             link,
             key,

@@ -369,6 +369,26 @@ pub fn explain_query(q: &str) -> Result<FlowKey, String> {
         .map_err(|e| format!("src and dst: {e}"))
 }
 
+/// A flow state's name as IPVS prints it, lowercase (`established`, `syn_recv`, `udp`, …).
+fn state_name(s: lb_conntrack::FlowState) -> &'static str {
+    use lb_conntrack::{FlowState as F, TcpState as T};
+    match s {
+        F::Tcp(T::None) => "none",
+        F::Tcp(T::Established) => "established",
+        F::Tcp(T::SynSent) => "syn_sent",
+        F::Tcp(T::SynRecv) => "syn_recv",
+        F::Tcp(T::FinWait) => "fin_wait",
+        F::Tcp(T::TimeWait) => "time_wait",
+        F::Tcp(T::Close) => "close",
+        F::Tcp(T::CloseWait) => "close_wait",
+        F::Tcp(T::LastAck) => "last_ack",
+        F::UdpUnconfirmed => "udp_unconfirmed",
+        F::Udp => "udp",
+        F::Icmp => "icmp",
+        _ => "other",
+    }
+}
+
 /// `{"error": message}`.
 pub fn error_json(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
@@ -434,7 +454,7 @@ pub fn explain_json(e: &Explanation, backends: &[Option<BackendInfo>]) -> String
             "mode": s.mode.to_string(), "scheduler": s.scheduler.name(),
         })),
         "flow": e.flow.map(|f| serde_json::json!({
-            "backend": addr(f.backend), "state": format!("{:?}", f.state),
+            "backend": addr(f.backend), "state": state_name(f.state),
             "idle_ms": f.idle.as_millis(), "idle_left_ms": f.idle_left.as_millis(),
             "packets": f.packets, "bytes": f.bytes,
         })),

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use lb_conntrack::{FlowState, Removal};
+use lb_conntrack::{FlowState, Removal, TcpState};
 use lb_core::{Backend, BackendId, Duration, Instant, IpProto};
 use lb_health::{Observation, OutlierDetector};
 use lb_sched::policy::admission::Thresholds;
@@ -172,6 +172,17 @@ fn thresholds(b: &BackendInfo) -> Thresholds {
     }
 }
 
+/// A TCP connection still in its handshake: counted inactive (IPVS), but work the backend has
+/// been given, so it is also a request in flight for least-request and peak-EWMA (without it a
+/// burst of SYNs would all go to the backend that looks idle).
+#[inline]
+fn handshaking(s: FlowState) -> bool {
+    matches!(
+        s,
+        FlowState::Tcp(TcpState::None | TcpState::SynRecv | TcpState::SynSent)
+    )
+}
+
 fn phase(s: FlowState) -> ConnPhase {
     if s.is_active() {
         ConnPhase::Active
@@ -313,6 +324,9 @@ impl Live {
             } else {
                 l.pool.conn_opened_inactive(id)
             };
+            if handshaking(s) {
+                let _ = l.pool.request_started(id);
+            }
         }
     }
 
@@ -320,6 +334,11 @@ impl Live {
     /// to `now`.
     #[inline]
     pub(crate) fn moved(&mut self, id: BackendId, was: Option<FlowState>, now: FlowState) {
+        if let (Some(w), Some(l)) = (was, self.service_mut(id)) {
+            if handshaking(w) && !handshaking(now) {
+                let _ = l.pool.request_ended(id);
+            }
+        }
         match was {
             None => self.opened(id, now),
             Some(w) if w.is_active() != now.is_active() => {
@@ -340,6 +359,9 @@ impl Live {
     pub(crate) fn removed(&mut self, r: &Removal) {
         if let Some(l) = self.service_mut(r.backend) {
             let _ = l.pool.conn_closed(r.backend, phase(r.state));
+            if handshaking(r.state) {
+                let _ = l.pool.request_ended(r.backend);
+            }
         }
     }
 

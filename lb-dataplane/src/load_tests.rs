@@ -196,7 +196,7 @@ fn admission_thresholds_drop_and_recover() {
 fn maglev_respects_admission_too() {
     let mut r = rig("maglev", |s| {
         s.services[0].upper_conns = 1;
-        s.services[0].lower_conns = 1;
+        s.services[0].lower_conns = 0;
     });
     for p in 0..3 {
         r.connect(6500 + p);

@@ -471,6 +471,18 @@ impl Pool {
         Ok(())
     }
 
+    /// A request ended without a latency sample (in-flight − 1; saturates at zero): abandoned,
+    /// or a layer-4 caller's handshake that completed or failed.
+    ///
+    /// # Errors
+    /// [`SchedError::UnknownBackend`].
+    #[inline]
+    pub fn request_ended(&mut self, id: BackendId) -> Result<(), SchedError> {
+        let i = self.idx(id)?;
+        self.hot[i].in_flight = self.hot[i].in_flight.saturating_sub(1);
+        Ok(())
+    }
+
     /// A request finished after `latency` (in-flight − 1, and the latency is observed).
     ///
     /// # Errors

@@ -362,6 +362,7 @@ struct Row {
     rate: f64,
     slow_share: f64,
     mean: f64,
+    p90: f64,
     p99: f64,
     errors: u64,
     /// Flows the balancer created (the scheduler's decisions).
@@ -369,10 +370,6 @@ struct Row {
 }
 
 #[test]
-// Ignored in CI: in about one policy run out of three some SYNs go unanswered for a second
-// (connect timeouts, p99 ≈ 1 s), in a different policy each run; not yet explained (see the
-// closing note of the live-load work). Run it with `--ignored --nocapture` for the table.
-#[ignore = "intermittent SYN timeouts under investigation"]
 fn heterogeneous_backends() {
     if !need_root() || !need_tool("curl") {
         return;
@@ -395,9 +392,24 @@ fn heterogeneous_backends() {
         backend(&mut lab, &b, &format!("srv-{}", b.name), 8080, extra);
     }
     let mut rows = Vec::new();
-    for policy in ["rr", "wlc", "sed", "peak-ewma", "p2c", "least-request"] {
-        // A fresh balancer per policy: no flow, count or latency estimate carries over.
-        start(&mut lab, &t, &config(policy, 3, &Opts::default()));
+    for (k, policy) in ["rr", "wlc", "sed", "peak-ewma", "p2c", "least-request"]
+        .into_iter()
+        .enumerate()
+    {
+        // A fresh balancer per policy: no flow, count or latency estimate carries over. Each
+        // gets its own SNAT address: the backends (which close first) hold every tuple in
+        // TIME_WAIT for a minute, and a SYN that lands on one is answered with an ACK, not a
+        // SYN-ACK (a one-second stall for the client). One address gives a backend 64 512
+        // ports, about 1 000 new connections per second sustained; the fast backends take
+        // 1 500 a second here, for 8 s. (A balancer in production needs SNAT addresses for
+        // its connection rate per backend in the same way; see `snat_addrs`.)
+        let snat = format!("203.0.113.{}", 100 + k);
+        let cfg = config(policy, 3, &Opts::default()).replace(
+            "snat_addrs = [\"203.0.113.100\"]",
+            &format!("snat_addrs = [\"{snat}\"]"),
+        );
+        let route = format!("{snat}/32 dev lb0");
+        lab.start_balancer(&t, "lb0", &cfg, &["203.0.113.10/32 dev lb0", &route]);
         wait_health(&lab, &t, &[("b1", true), ("b2", true), ("b3", true)], 10);
         let run = closed_loop(
             &t.client,
@@ -415,6 +427,7 @@ fn heterogeneous_backends() {
             rate: total as f64 / run.elapsed.as_secs_f64(),
             slow_share: 100.0 * slow as f64 / total.max(1) as f64,
             mean: mean_ms(&run.latencies_us),
+            p90: quantile_ms(&run.latencies_us, 0.9),
             p99: quantile_ms(&run.latencies_us, 0.99),
             errors: run.errors,
             flows,
@@ -453,25 +466,21 @@ fn heterogeneous_backends() {
         "\n{CLIENTS} closed-loop clients, {secs} s per policy, one new TCP connection per request, \
          {SLOW} answers 20 ms late:\n"
     );
-    println!("| policy | requests | req/s | slow backend share | mean (ms) | p99 (ms) | errors |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| policy | requests | req/s | slow backend share | mean (ms) | p90 (ms) | p99 (ms) | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.1} % | {:.2} | {:.2} | {} |",
-            r.policy, r.requests, r.rate, r.slow_share, r.mean, r.p99, r.errors
+            "| {} | {} | {:.0} | {:.1} % | {:.2} | {:.2} | {:.2} | {} |",
+            r.policy, r.requests, r.rate, r.slow_share, r.mean, r.p90, r.p99, r.errors
         );
     }
     println!();
     let get = |p: &str| rows.iter().find(|r| r.policy == p).unwrap();
     let rr = get("rr");
     let mut bad = Vec::new();
-    // wlc and p2c are measured and printed but not asserted on: they rank by IPVS's
-    // `active × 256 + inactive`, and with one connection per request thousands of TIME_WAIT
-    // entries (inactive) dominate; under this load they also see SYNs time out (open issue).
-    for r in rows
-        .iter()
-        .filter(|r| ["rr", "peak-ewma", "least-request", "sed"].contains(&r.policy))
-    {
+    for r in &rows {
         if r.requests < 200 || r.errors * 100 > r.requests {
             bad.push(format!(
                 "{}: {} requests, {} errors",
@@ -500,10 +509,14 @@ fn heterogeneous_backends() {
                 r.slow_share
             ));
         }
-        if r.p99 >= rr.p99 {
+        // The tail: every policy that sends more than 1 % of the requests to a backend that
+        // needs 20 ms has a p99 of 20 ms or more (printed, not compared: the remaining
+        // difference is this 2-core machine's scheduling noise). The mean and p90 show what
+        // the share buys.
+        if r.mean >= rr.mean || r.p90 >= rr.p90 {
             bad.push(format!(
-                "{p} p99 {:.2} ms is not below rr's {:.2} ms",
-                r.p99, rr.p99
+                "{p}: mean {:.2} ms / p90 {:.2} ms not below rr's {:.2} / {:.2}",
+                r.mean, r.p90, rr.mean, rr.p90
             ));
         }
     }

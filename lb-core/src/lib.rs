@@ -40,6 +40,7 @@ mod backend;
 mod error;
 mod flow;
 mod hash;
+pub mod mac;
 mod time;
 
 pub use backend::{Backend, BackendId, MacAddr, Weight};

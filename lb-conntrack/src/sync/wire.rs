@@ -25,9 +25,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use core::hash::Hasher;
 use lb_core::{BackendId, FlowKey, HashKey, Instant, IpProto};
-use siphasher::sip128::{Hasher128, SipHasher24};
 
 use crate::entry::EntryInfo;
 use crate::timeout::{FlowState, MAX_TIMEOUT};
@@ -37,7 +35,7 @@ pub const SYNC_VERSION: u8 = 1;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 23;
 /// MAC length in bytes.
-pub const MAC_LEN: usize = 16;
+pub const MAC_LEN: usize = lb_core::mac::TAG_LEN;
 const MAGIC: [u8; 2] = *b"LC";
 /// Smallest MTU accepted by [`SyncSender::new`]: room for one IPv6 record with a reply tuple.
 const MIN_MTU: usize = HEADER_LEN + MAC_LEN + 83;
@@ -225,10 +223,9 @@ pub struct SyncMessage {
     pub records: Vec<SyncRecord>,
 }
 
+/// The tag of a message body: lb-core's keyed MAC, shared with the heartbeat.
 fn mac(key: &HashKey, bytes: &[u8]) -> [u8; MAC_LEN] {
-    let mut h = SipHasher24::new_with_key(&key.to_bytes());
-    h.write(bytes);
-    h.finish128().as_u128().to_le_bytes()
+    lb_core::mac::tag(key, bytes)
 }
 
 /// Appends the MAC to a message body: what [`SyncSender`] does last. For tools, tests and
@@ -407,10 +404,7 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
         });
     }
     let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-    let want = mac(key, body);
-    // Compare without early exit.
-    let diff = want.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b));
-    if diff != 0 {
+    if !lb_core::mac::verify(key, body, tag) {
         return Err(SyncError::BadMac);
     }
     let mut r = Reader { b: body, at: 0 };

@@ -23,9 +23,7 @@
 //! cascade. Decoding checks length, magic, version and type, then the MAC (before interpreting any
 //! field), then field domains; it never panics.
 
-use core::hash::Hasher;
 use lb_core::HashKey;
-use siphasher::sip128::{Hasher128, SipHasher24};
 
 use crate::HealthError;
 
@@ -35,7 +33,7 @@ pub const MAX_MESSAGE_LEN: usize = 64;
 const MAGIC: [u8; 2] = *b"LH";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
-const MAC_LEN: usize = 16;
+const MAC_LEN: usize = lb_core::mac::TAG_LEN;
 
 mod ty {
     pub(super) const STATUS: u8 = 1;
@@ -250,7 +248,7 @@ impl Message {
         }
         let body = expected - MAC_LEN;
         let (signed, tag) = bytes.split_at(body);
-        if !ct_eq(&mac(key, signed), tag) {
+        if !lb_core::mac::verify(key, signed, tag) {
             return Err(HealthError::BadMac);
         }
         let r = Reader(signed);
@@ -328,15 +326,9 @@ impl Reader<'_> {
     }
 }
 
+/// The tag of a message body: lb-core's keyed MAC, shared with state sync.
 fn mac(key: &HashKey, data: &[u8]) -> [u8; MAC_LEN] {
-    let mut h = SipHasher24::new_with_key(&key.to_bytes());
-    h.write(data);
-    h.finish128().as_bytes()
-}
-
-/// Constant-time comparison (no early exit on the first differing byte).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    lb_core::mac::tag(key, data)
 }
 
 #[cfg(test)]

@@ -22,10 +22,20 @@
 //! `dyn`. Established flows keep their backend across table swaps: they are found in the flow
 //! table before the scheduler is asked.
 //!
-//! ```
-//! use lb_dataplane::{ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto, ServiceSpec, Verdict, HEADROOM};
-//! use lb_core::{HashKey, Instant};
+//! State flows back out as data: every flow that leaves the flow table (expiry, eviction,
+//! close, removal) updates the live load of its backend (IPVS active / inactive connection
+//! counts, kept apart from membership so that they survive every table swap), the session
+//! statistics and, if asked for, a removal log ([`Dataplane::poll_removal`], what a state-sync
+//! sender turns into deletes). [`Dataplane::explain`] says why a flow goes where it goes.
 //!
+//! ```
+//! use lb_dataplane::{
+//!     ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Decision, Mode, Proto,
+//!     ServiceSpec, Verdict, HEADROOM,
+//! };
+//! use lb_core::{FlowKey, HashKey, Instant, IpProto};
+//!
+//! // One service, full NAT, one backend.
 //! let spec = DataplaneSpec {
 //!     snat_addrs: vec!["203.0.113.100".parse().unwrap()],
 //!     services: vec![ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat)
@@ -35,9 +45,33 @@
 //! let key = HashKey::from_passphrase("example cluster secret");
 //! let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
 //! let mut dp = Dataplane::new(&spec, cp.build().unwrap(), DataplaneOptions::new(key)).unwrap();
+//!
+//! // A client's SYN, 192.0.2.2:40000 → VIP 203.0.113.10:80 (IPv4 + TCP, 40 bytes), placed
+//! // after HEADROOM bytes of room for encapsulation.
+//! let syn: [u8; 40] = [
+//!     0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 192, 0, 2, 2, 203, 0, 113, 10, // IPv4
+//!     0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0, // TCP SYN
+//! ];
 //! let mut buf = [0u8; 2048];
-//! // A packet that is not IP at all is dropped and counted, never a panic.
-//! assert!(matches!(dp.process(&mut buf, HEADROOM, 20, Instant::ZERO), Verdict::Drop(_)));
+//! buf[HEADROOM..HEADROOM + syn.len()].copy_from_slice(&syn);
+//! let now = Instant::from_secs(1);
+//! // Before: the scheduler would pick the only backend.
+//! let flow = FlowKey::new("192.0.2.2".parse().unwrap(), 40000,
+//!     "203.0.113.10".parse().unwrap(), 80, IpProto::Tcp).unwrap();
+//! assert!(matches!(dp.explain(&flow, now).decision, Decision::Scheduler(_)));
+//! let Verdict::Forward { start, len } = dp.process(&mut buf, HEADROOM, syn.len(), now) else {
+//!     panic!("a SYN to the VIP is forwarded");
+//! };
+//! // Rewritten in place: from the SNAT address to the backend (checksums adjusted).
+//! let out = &buf[start..start + len];
+//! assert_eq!(&out[12..20], &[203, 0, 113, 100, 198, 51, 100, 11]);
+//! assert_eq!(&out[22..24], &8080u16.to_be_bytes());
+//! // The flow is tracked, and its backend holds one (not yet established) connection.
+//! assert!(matches!(dp.explain(&flow, now).decision, Decision::Flow(_)));
+//! let id = dp.explain(&flow, now).decision.backend().unwrap();
+//! assert_eq!(dp.backend_load(id, now).unwrap().inactive_conns, 1);
+//! // Bytes that are not IP are dropped and counted, never a panic.
+//! assert!(matches!(dp.process(&mut [0u8; 2048], HEADROOM, 20, now), Verdict::Drop(_)));
 //! assert_eq!(dp.stats().dropped(), 1);
 //! ```
 
@@ -57,7 +91,7 @@ use std::sync::Arc;
 
 use lb_conntrack::{
     Config as CtConfig, ConnTable, FlowState, Insert, NewFlow, Packet, Prefetched, Refusal,
-    Service, SessionHistograms, SnatPool, TcpFlags, TemplateKey,
+    Removal, Service, SessionStats, SnatPool, TcpFlags, TemplateKey,
 };
 use lb_core::{BackendId, Duration, FlowHasher, FlowKey, HashKey, Instant, IpProto};
 use lb_health::Observation;
@@ -141,6 +175,9 @@ pub struct DataplaneOptions {
     /// SNAT source ports this data path hands out; several data paths sharing SNAT addresses
     /// must use disjoint ranges.
     pub snat_ports: core::ops::RangeInclusive<u16>,
+    /// Removals kept for [`Dataplane::poll_removal`] (0: none kept; a state-sync sender wants
+    /// a few bursts' worth and reads them after every burst).
+    pub removal_log: usize,
 }
 
 impl DataplaneOptions {
@@ -151,6 +188,7 @@ impl DataplaneOptions {
             key,
             seed: 1,
             snat_ports: SNAT_PORTS,
+            removal_log: 0,
         }
     }
 
@@ -183,6 +221,12 @@ pub struct Dataplane {
     live: Live,
     /// Handshakes and first responses being timed.
     timing: Timing,
+    /// Finished flows: duration and packet histograms, overall and per backend.
+    sessions: SessionStats,
+    /// Removals kept for the embedder ([`Dataplane::poll_removal`]), at most
+    /// `removal_log_cap`.
+    removal_log: std::collections::VecDeque<Removal>,
+    removal_log_cap: usize,
     /// IPv4 flows and IPv6 flows: one SNAT pool per table, as lb-conntrack's pools are of one
     /// address family.
     ct4: ConnTable,
@@ -200,14 +244,6 @@ fn tcp_flags(pkt: &[u8], p: &Parsed) -> TcpFlags {
     } else {
         TcpFlags::NONE
     }
-}
-
-/// Both families' session histograms as one.
-fn merged(a: &SessionHistograms, b: &SessionHistograms) -> SessionHistograms {
-    let mut h = *a;
-    h.duration_ms.merge(&b.duration_ms);
-    h.packets.merge(&b.packets);
-    h
 }
 
 #[inline]
@@ -243,15 +279,15 @@ impl Dataplane {
             key,
             seed,
             snat_ports,
+            removal_log,
         } = opts;
         let cap = spec.conntrack_capacity.max(16);
         let cfg = CtConfig {
             capacity: cap,
             ipv6_capacity: 0,
             nat: true,
-            // Session histograms (duration, packets) for the stats endpoint: recorded when a
-            // flow leaves; the per-flow counters they come from are in every slot anyway.
-            flow_stats: true,
+            // Session histograms are recorded here, from the removal stream.
+            flow_stats: false,
             stats_backends: SESSION_STATS_BACKENDS,
             timeouts: spec.timeouts,
             persist_capacity: spec.persist_capacity.max(1),
@@ -298,6 +334,9 @@ impl Dataplane {
             scratch: vec![0u8; icmp::ICMPV6_MAX].into_boxed_slice(),
             live: Live::default(),
             timing: Timing::new(key.derive("timing")),
+            sessions: SessionStats::new(SESSION_STATS_BACKENDS),
+            removal_log: std::collections::VecDeque::with_capacity(removal_log),
+            removal_log_cap: removal_log,
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -356,13 +395,13 @@ impl Dataplane {
                 + c6.refused_nat
                 + c4.refused_ports
                 + c6.refused_ports,
-            sessions: merged(self.ct4.sessions().overall(), self.ct6.sessions().overall()),
+            sessions: *self.sessions.overall(),
             backend_sessions: (0..SESSION_STATS_BACKENDS as u32)
                 .map(|id| {
-                    let none = SessionHistograms::default();
-                    let of =
-                        |ct: &ConnTable| *ct.sessions().backend(BackendId(id)).unwrap_or(&none);
-                    merged(&of(&self.ct4), &of(&self.ct6))
+                    self.sessions
+                        .backend(BackendId(id))
+                        .copied()
+                        .unwrap_or_default()
                 })
                 .collect(),
         }
@@ -394,12 +433,11 @@ impl Dataplane {
         let mut n = 0;
         for ct in [&mut self.ct4, &mut self.ct6] {
             // At most what the removal queue can take now: nothing removed goes unreported.
+            // (With a budget larger than the queue, the rest waits for the next call.)
             n += ct.expire(now, budget);
             ct.persist_mut().expire(now, budget);
-            while let Some(r) = ct.poll_removal() {
-                self.live.removed(&r);
-            }
         }
+        self.drain_removals();
         self.live.poll_outliers(now);
         // Unanswered SYNs: a slice of the timing table per call, 64 slots at a time.
         let mut failed = [BackendId(0); 64];
@@ -428,13 +466,41 @@ impl Dataplane {
     /// Hands every flow the tables removed since the last call to the live load.
     #[inline]
     fn drain_removals(&mut self) {
-        for ct in [&mut self.ct4, &mut self.ct6] {
-            if ct.pending_removals() > 0 {
-                while let Some(r) = ct.poll_removal() {
-                    self.live.removed(&r);
-                }
+        if self.ct4.pending_removals() > 0 {
+            while let Some(r) = self.ct4.poll_removal() {
+                self.removed(&r);
             }
         }
+        if self.ct6.pending_removals() > 0 {
+            while let Some(r) = self.ct6.poll_removal() {
+                self.removed(&r);
+            }
+        }
+    }
+
+    /// One flow left a table: the one stream that feeds live load, session statistics and
+    /// the embedder's removal log (sync deletes).
+    #[inline]
+    fn removed(&mut self, r: &Removal) {
+        self.live.removed(r);
+        let ms = u64::try_from((r.last_seen - r.opened).as_millis()).unwrap_or(u64::MAX);
+        self.sessions.record(r.backend, ms, r.packets);
+        if self.removal_log_cap > 0 {
+            if self.removal_log.len() >= self.removal_log_cap {
+                self.removal_log.pop_front();
+                self.stats.removals_unread += 1;
+            }
+            self.removal_log.push_back(*r);
+        }
+    }
+
+    /// The next flow that left the flow tables, oldest first, when the data path keeps a
+    /// removal log ([`DataplaneOptions::removal_log`]): what a sync sender turns into deletes.
+    /// A log the embedder does not read in time drops its oldest records
+    /// ([`Stats::removals_unread`]).
+    #[must_use]
+    pub fn poll_removal(&mut self) -> Option<Removal> {
+        self.removal_log.pop_front()
     }
 
     /// Processes the packet at `buf[start..start + len]` (with `start` bytes of headroom before

@@ -461,3 +461,36 @@ proptest! {
         prop_assert_eq!(r.conns(), (0, 0));
     }
 }
+
+#[test]
+fn the_removal_log_reports_what_left_and_drops_the_oldest_unread() {
+    let mut r = rig("wlc", |s| {
+        s.timeouts.tcp_close = lb_core::Duration::from_secs(1)
+    });
+    let spec = r.cp.spec().clone();
+    let key = HashKey::from_bytes([9; 16]);
+    let mut opts = DataplaneOptions::new(key);
+    opts.removal_log = 2;
+    r.dp = Dataplane::new(&spec, r.cp.build().unwrap(), opts).unwrap();
+    let mut outs = Vec::new();
+    for p in 0..3 {
+        let (b, out) = r.connect(11_000 + p);
+        r.backend_seg(&out, RST, b"");
+        outs.push(b);
+    }
+    r.later(1_500);
+    r.dp.housekeeping(r.now, 1024);
+    // Three left; the log keeps the last two, the first is counted as unread.
+    assert_eq!(r.dp.stats().removals_unread, 1);
+    let got: Vec<Removal> = std::iter::from_fn(|| r.dp.poll_removal()).collect();
+    assert_eq!(got.len(), 2);
+    for (x, port) in got.iter().zip([11_001u16, 11_002]) {
+        assert_eq!(x.key.src_port(), port);
+        assert_eq!(x.reason, lb_conntrack::RemovalReason::Closed);
+        assert_eq!(x.backend, r.id(outs[usize::from(port - 11_000)]));
+        assert_eq!(x.packets, 4, "SYN, SYN-ACK, ACK, RST");
+    }
+    // The same stream fed the session statistics and the live load.
+    assert_eq!(r.dp.table_stats().sessions.packets.count(), 3);
+    assert_eq!(r.conns(), (0, 0));
+}

@@ -105,6 +105,8 @@ pub struct Stats {
     /// Datagrams of a `sip-call-id` service that are not SIP (no Call-ID and no SIP start
     /// line), or malformed; forwarded by the scheduler, never a crash.
     pub sip_not_sip: u64,
+    /// Removals the embedder's removal log dropped unread (oldest first).
+    pub removals_unread: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -152,6 +154,7 @@ impl Stats {
         self.forwarded += other.forwarded;
         self.icmp_generated += other.icmp_generated;
         self.sip_not_sip += other.sip_not_sip;
+        self.removals_unread += other.removals_unread;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

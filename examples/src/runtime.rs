@@ -155,6 +155,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         // Fresh per process: the schedulers' randomness and where the SNAT pools start.
         seed: u64::from_le_bytes(random_bytes()),
         snat_ports: cfg.dataplane.snat_ports.clone(),
+        removal_log: 0,
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
     let epoch = StdInstant::now();

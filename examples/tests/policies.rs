@@ -107,6 +107,14 @@ fn topo(lab: &mut Lab, n: usize) -> Topo {
 
 fn start(lab: &mut Lab, t: &Topo, cfg: &str) {
     lab.start_balancer(t, "lb0", cfg, &ROUTES);
+    wait_stats(lab, t);
+}
+
+/// Waits (≤ 10 s) until the balancer's stats endpoint answers: it starts serving a moment
+/// after the device comes up.
+fn wait_stats(lab: &Lab, t: &Topo) {
+    let up = lab.wait_for(Duration::from_secs(10), || lab.try_balancer_get(t, "/"));
+    assert!(up.is_some(), "stats never served: {}", lab.log("balancer"));
 }
 
 /// Waits (≤ `secs`) until every listed backend's `healthy` is as given.
@@ -410,6 +418,7 @@ fn heterogeneous_backends() {
         );
         let route = format!("{snat}/32 dev lb0");
         lab.start_balancer(&t, "lb0", &cfg, &["203.0.113.10/32 dev lb0", &route]);
+        wait_stats(&lab, &t);
         wait_health(&lab, &t, &[("b1", true), ("b2", true), ("b3", true)], 10);
         let run = closed_loop(
             &t.client,

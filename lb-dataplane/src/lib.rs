@@ -123,6 +123,26 @@ use timing::{Sample, Timing};
 /// twice as far). At ~100 ns of work per packet, 4 packets cover a ~200 ns memory latency.
 pub const PIPELINE: usize = 4;
 
+/// One packet being processed: where it sits in its buffer, what parsing found, what the
+/// burst pre-pass computed, and the time. Passed by reference down the per-packet path.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx<'p> {
+    /// Offset of the packet in the buffer.
+    pub(crate) start: usize,
+    /// End of the packet in the buffer.
+    pub(crate) end: usize,
+    /// Its parse.
+    pub(crate) p: &'p Parsed,
+    /// TCP flags (none for other protocols, fragments and ICMP errors).
+    pub(crate) flags: TcpFlags,
+    /// IP bytes, for the counters.
+    pub(crate) bytes: u32,
+    /// Its flow-table hash and candidate slot, when a burst computed them.
+    pub(crate) hash: Option<Prefetched>,
+    /// The time.
+    pub(crate) now: Instant,
+}
+
 /// A packet parsed and classified ahead of processing, in a burst.
 #[derive(Debug, Clone, Copy)]
 struct Pre {
@@ -671,31 +691,35 @@ impl Dataplane {
                 Err(r) => return Verdict::Drop(r),
             },
         };
-        let bytes = u32::try_from(p.end - p.l3).unwrap_or(u32::MAX);
-        let flags = tcp_flags(pkt, p);
+        let cx = Ctx {
+            start,
+            end,
+            p,
+            flags: tcp_flags(pkt, p),
+            bytes: u32::try_from(p.end - p.l3).unwrap_or(u32::MAX),
+            hash,
+            now,
+        };
         match si {
-            Some(si) => self.forward(buf, start, end, p, si, flags, bytes, hash, now),
-            None => self.reply(buf, start, end, p, flags, bytes, hash, now),
+            Some(si) => self.forward(buf, &cx, si),
+            None => self.reply(buf, &cx),
         }
     }
 
     /// Client → service.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn forward(
-        &mut self,
-        buf: &mut [u8],
-        start: usize,
-        end: usize,
-        p: &Parsed,
-        si: usize,
-        flags: TcpFlags,
-        bytes: u32,
-        hash: Option<Prefetched>,
-        now: Instant,
-    ) -> Verdict {
+    fn forward(&mut self, buf: &mut [u8], cx: &Ctx<'_>, si: usize) -> Verdict {
+        let Ctx {
+            start,
+            end,
+            p,
+            flags,
+            bytes,
+            hash,
+            now,
+        } = *cx;
         // UDP SIP with `affinity = "sip-call-id"`: placed per message by Call-ID (sip.rs).
-        if let Some(v) = self.sip_forward(buf, start, end, p, si, bytes, now) {
+        if let Some(v) = self.sip_forward(buf, cx, si) {
             return v;
         }
         let key = p.key;
@@ -731,7 +755,7 @@ impl Dataplane {
                 if p.icmp.is_some() {
                     return Verdict::Drop(DropReason::NoFlow);
                 }
-                match self.new_flow(buf, start, end, p, si, first, now) {
+                match self.new_flow(buf, cx, si, first) {
                     Ok(x) => x,
                     Err(r) => return Verdict::Drop(r),
                 }
@@ -772,24 +796,23 @@ impl Dataplane {
             },
             Mode::Tunnel => {
                 let h = self.flows.hash_flow(&key);
-                encapsulate(buf, start, end, p, b, tables, h, &mut self.scratch)
+                encapsulate(buf, cx, b, tables, h, &mut self.scratch)
             }
         }
     }
 
     /// A flow the table does not know: persistence, affinity, scheduler, insert. Returns the
     /// backend and the NAT reply tuple.
-    #[allow(clippy::too_many_arguments)]
     fn new_flow(
         &mut self,
         buf: &[u8],
-        start: usize,
-        end: usize,
-        p: &Parsed,
+        cx: &Ctx<'_>,
         si: usize,
         first: Packet,
-        now: Instant,
     ) -> Result<(BackendId, Option<FlowKey>), DropReason> {
+        let Ctx {
+            start, end, p, now, ..
+        } = *cx;
         let key = p.key;
         let tables = &*self.tables;
         let svc = tables.services.get(si).ok_or(DropReason::NoService)?;
@@ -888,18 +911,16 @@ impl Dataplane {
 
     /// Not addressed to a service: a reply of a NAT flow (backend → SNAT address in `nat` mode,
     /// backend → client in `dnat` mode), or an ICMP error travelling with one.
-    #[allow(clippy::too_many_arguments)]
-    fn reply(
-        &mut self,
-        buf: &mut [u8],
-        start: usize,
-        end: usize,
-        p: &Parsed,
-        flags: TcpFlags,
-        bytes: u32,
-        hash: Option<Prefetched>,
-        now: Instant,
-    ) -> Verdict {
+    fn reply(&mut self, buf: &mut [u8], cx: &Ctx<'_>) -> Verdict {
+        let Ctx {
+            start,
+            end,
+            p,
+            flags,
+            bytes,
+            hash,
+            now,
+        } = *cx;
         let key = p.key;
         let ct = if key.is_ipv4() {
             &mut self.ct4
@@ -1106,17 +1127,15 @@ fn addr_hash(h: &FlowHasher, a: IpAddr) -> u64 {
 }
 
 /// Tunnel mode: encapsulate in the headroom, or answer "too big" / drop.
-#[allow(clippy::too_many_arguments)]
 fn encapsulate(
     buf: &mut [u8],
-    start: usize,
-    end: usize,
-    p: &Parsed,
+    cx: &Ctx<'_>,
     b: &BackendInfo,
     tables: &Tables,
     flow_hash: u64,
     scratch: &mut [u8],
 ) -> Verdict {
+    let Ctx { start, end, p, .. } = *cx;
     let Some(src) = tables.snat_for(b.addr.ip()) else {
         return Verdict::Drop(DropReason::RewriteFailed);
     };

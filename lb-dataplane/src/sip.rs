@@ -29,13 +29,13 @@
 //! messages of one call land on different backends.
 
 use lb_conntrack::{NewFlow, Packet, Service, TcpFlags, TemplateKey};
-use lb_core::{Duration, FlowKey, Instant, IpProto};
-use lb_packet::{nat, Parsed};
+use lb_core::{Duration, FlowKey, IpProto};
+use lb_packet::nat;
 use rand::RngCore;
 
 use crate::{
-    addr_hash, endpoint, refusal, Affinity, BackendInfo, Dataplane, DropReason, Mode, ServiceTable,
-    Verdict,
+    addr_hash, endpoint, refusal, Affinity, BackendInfo, Ctx, Dataplane, DropReason, Mode,
+    ServiceTable, Verdict,
 };
 
 /// Idle timeout of a call's persistence entry when the service sets no `persistence_timeout_s`.
@@ -81,17 +81,20 @@ fn placement(svc: &ServiceTable) -> Option<Placement> {
 impl Dataplane {
     /// Client → a `sip-call-id` service: the per-message path (see the module docs). `None`
     /// when the service does not use it (the caller then takes the ordinary flow path).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn sip_forward(
         &mut self,
         buf: &mut [u8],
-        start: usize,
-        end: usize,
-        p: &Parsed,
+        cx: &Ctx<'_>,
         si: usize,
-        bytes: u32,
-        now: Instant,
     ) -> Option<Verdict> {
+        let Ctx {
+            start,
+            end,
+            p,
+            bytes,
+            now,
+            ..
+        } = *cx;
         let tables = &*self.tables;
         let svc = tables.services.get(si)?;
         let how = placement(svc)?;

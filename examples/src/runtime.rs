@@ -295,6 +295,7 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
                 Verdict::Drop(reason) => {
                     tracing::trace!(queue = i, reason = reason.name(), "drop");
                 }
+                _ => {}
             }
         }
     }

@@ -122,6 +122,7 @@ fuzz_target!(|data: &[u8]| {
                             assert!(!any_available || p.name() == "ovf", "{}", p.name())
                         }
                         Pick::Unavailable => assert!(!any_available, "{}", p.name()),
+                        other => panic!("{}: unexpected outcome {other:?}", p.name()),
                     }
                 }
                 Ok(())

@@ -162,6 +162,7 @@ pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 1024..=65535;
 
 /// What to do with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// Send `buf[start..start + len]` (the rewritten packet) back out.
     Forward {

@@ -6,6 +6,7 @@ use lb_conntrack::SessionHistograms;
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum DropReason {
     /// Not an IP packet (e.g. ARP on a TAP device).
     NotIp,

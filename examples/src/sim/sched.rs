@@ -249,7 +249,7 @@ fn simulate(
                 pool.conn_opened(id).map_err(other)?;
                 pool.request_started(id).map_err(other)?;
             }
-            Pick::Overloaded | Pick::Unavailable => refused += 1,
+            _ => refused += 1,
         }
     }
     let elapsed = end.max(t).max(1.0);

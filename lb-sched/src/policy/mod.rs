@@ -83,6 +83,7 @@ pub mod wrr;
 /// The outcome of a pick.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Pick {
     /// Send the new flow to this backend.
     Backend(BackendId),

@@ -494,3 +494,53 @@ fn the_removal_log_reports_what_left_and_drops_the_oldest_unread() {
     assert_eq!(r.dp.table_stats().sessions.packets.count(), 3);
     assert_eq!(r.conns(), (0, 0));
 }
+
+#[test]
+fn slow_start_ramps_a_recovered_backend() {
+    let share_of_recovered = |slow: bool| {
+        let mut r = rig("wlc", |s| {
+            if slow {
+                s.services[0].slow_start = lb_core::Duration::from_secs(10);
+            }
+        });
+        r.later(60_000); // past any ramp of the start
+        let b3 = r.id(sa(B3[2]));
+        assert!(r.cp.set_healthy(b3, false));
+        r.rebuild();
+        r.later(1_000);
+        assert!(r.cp.set_healthy(b3, true));
+        r.rebuild();
+        (0..30)
+            .filter(|p| r.connect(12_000 + p).0 == sa(B3[2]))
+            .count()
+    };
+    let (ramped, plain) = (share_of_recovered(true), share_of_recovered(false));
+    assert!(plain >= 9, "without slow start: {plain} of 30");
+    assert!(
+        ramped <= 3,
+        "with slow start: {ramped} of 30 (10 % weight at first)"
+    );
+}
+
+#[test]
+fn panic_threshold_ignores_health_when_too_few_are_healthy() {
+    let spread = |panic: u8| {
+        let mut r = rig("rr", |s| s.services[0].panic_threshold_percent = panic);
+        for b in &B3[..2] {
+            let id = r.id(sa(b));
+            assert!(r.cp.set_healthy(id, false));
+        }
+        r.rebuild();
+        let mut seen = std::collections::HashSet::new();
+        for p in 0..9 {
+            seen.insert(r.client_seg(13_000 + p, SYN, b"").unwrap().0);
+        }
+        seen.len()
+    };
+    assert_eq!(spread(0), 1, "no panic: only the healthy backend");
+    assert_eq!(
+        spread(50),
+        3,
+        "1 of 3 healthy is under 50 %: health is ignored"
+    );
+}

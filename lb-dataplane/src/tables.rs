@@ -492,4 +492,31 @@ mod tests {
             cp.apply(s).unwrap_or_else(|e| panic!("{kind}: {e}"));
         }
     }
+
+    #[test]
+    fn maglev_size_grows_with_the_backends() {
+        let size_for = |n: u32, set: Option<u64>| {
+            let mut s = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+            for i in 0..n {
+                s = s.with_backend(SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)), 1);
+            }
+            s.maglev_size = set;
+            let spec = DataplaneSpec {
+                services: vec![s],
+                ..DataplaneSpec::default()
+            };
+            let mut cp = ControlPlane::new(spec, HashKey::from_bytes([3; 16])).unwrap();
+            let t = cp.build().unwrap();
+            match &t.services[0].sched {
+                Scheduler::Hash { table } => match &**table {
+                    AnyHash::Maglev(m) => m.size().get(),
+                    _ => panic!("not maglev"),
+                },
+                _ => panic!("not a hash"),
+            }
+        };
+        assert_eq!(size_for(3, None), 65_537);
+        assert_eq!(size_for(1000, None), 100_003); // the smallest prime >= 100 x 1000
+        assert_eq!(size_for(3, Some(251)), 251);
+    }
 }

@@ -148,7 +148,13 @@ impl RemovalRing {
 
     #[inline]
     pub(crate) fn pop(&mut self) -> Option<Removal> {
-        self.buf.pop_front()
+        let r = self.buf.pop_front();
+        if self.buf.is_empty() {
+            // Start again at the front: a ring drained after every burst then reuses the same
+            // few cache lines instead of walking its whole capacity.
+            self.buf.clear();
+        }
+        r
     }
 
     #[inline]

@@ -60,11 +60,34 @@ pub(crate) enum Sample {
     Reset(BackendId),
 }
 
+/// One bit per slot.
+type Bits = [u64; TIMED / 64];
+
+#[inline(always)]
+fn bit(b: &Bits, i: usize) -> bool {
+    b.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+#[inline(always)]
+fn set(b: &mut Bits, i: usize, on: bool) {
+    if let Some(w) = b.get_mut(i / 64) {
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+}
+
 /// The flows being timed.
 #[derive(Debug, Clone)]
 pub(crate) struct Timing {
     hasher: FlowHasher<FastHash>,
     slots: Box<[Timed]>,
+    /// Which slots time something, and which wait for a request: 1 KiB that stays in cache,
+    /// so that the packets of the flows not being timed (nearly all) touch no slot.
+    used: Box<Bits>,
+    asking: Box<Bits>,
     /// Where the scan for unanswered SYNs resumes.
     cursor: usize,
 }
@@ -74,36 +97,45 @@ impl Timing {
         Timing {
             hasher: FlowHasher::with_key(key),
             slots: vec![EMPTY; TIMED].into_boxed_slice(),
+            used: Box::new([0; TIMED / 64]),
+            asking: Box::new([0; TIMED / 64]),
             cursor: 0,
         }
     }
 
     #[inline]
-    fn slot(&mut self, key: &FlowKey) -> Option<&mut Timed> {
-        let i = (self.hasher.hash_flow(key) as usize) & (TIMED - 1);
-        self.slots.get_mut(i)
+    fn index(&self, key: &FlowKey) -> usize {
+        (self.hasher.hash_flow(key) as usize) & (TIMED - 1)
     }
 
     /// A SYN opened `key` towards `backend`.
     #[inline]
     pub(crate) fn syn(&mut self, key: &FlowKey, backend: BackendId, now: Instant) {
-        if let Some(t) = self.slot(key) {
+        let i = self.index(key);
+        if let Some(t) = self.slots.get_mut(i) {
             *t = Timed {
                 key: *key,
                 since: now,
                 backend,
                 phase: Phase::Syn,
             };
+            set(&mut self.used, i, true);
+            set(&mut self.asking, i, false);
         }
     }
 
     /// The client sent data on `key` (an established flow).
     #[inline]
     pub(crate) fn request(&mut self, key: &FlowKey, now: Instant) {
-        if let Some(t) = self.slot(key) {
+        let i = self.index(key);
+        if !bit(&self.asking, i) {
+            return;
+        }
+        if let Some(t) = self.slots.get_mut(i) {
             if t.phase == Phase::Request && t.key == *key {
                 t.phase = Phase::Response;
                 t.since = now;
+                set(&mut self.asking, i, false);
             }
         }
     }
@@ -118,29 +150,32 @@ impl Timing {
         data: bool,
         now: Instant,
     ) -> Option<Sample> {
-        let t = self.slot(key)?;
+        let i = self.index(key);
+        if !bit(&self.used, i) {
+            return None;
+        }
+        let t = self.slots.get_mut(i)?;
         if t.phase == Phase::Empty || t.key != *key {
             return None;
         }
         let elapsed = now - t.since;
-        match t.phase {
+        let (sample, next) = match t.phase {
             Phase::Syn | Phase::Request | Phase::Response if rst => {
-                let b = t.backend;
-                *t = EMPTY;
-                Some(Sample::Reset(b))
+                (Some(Sample::Reset(t.backend)), Phase::Empty)
             }
-            Phase::Syn if syn => {
-                t.phase = Phase::Request;
-                t.since = now;
-                Some(Sample::Handshake(t.backend, elapsed))
-            }
-            Phase::Response if data => {
-                let b = t.backend;
-                *t = EMPTY;
-                Some(Sample::Response(b, elapsed))
-            }
-            _ => None,
+            Phase::Syn if syn => (Some(Sample::Handshake(t.backend, elapsed)), Phase::Request),
+            Phase::Response if data => (Some(Sample::Response(t.backend, elapsed)), Phase::Empty),
+            _ => return None,
+        };
+        if next == Phase::Empty {
+            *t = EMPTY;
+        } else {
+            t.phase = next;
+            t.since = now;
         }
+        set(&mut self.used, i, next != Phase::Empty);
+        set(&mut self.asking, i, next == Phase::Request);
+        sample
     }
 
     /// Looks at up to `budget` slots for SYNs left unanswered longer than their backend's
@@ -168,7 +203,11 @@ impl Timing {
                 *t = EMPTY;
             } else if age >= stale {
                 *t = EMPTY;
+            } else {
+                continue;
             }
+            set(&mut self.used, self.cursor, false);
+            set(&mut self.asking, self.cursor, false);
         }
     }
 }
@@ -248,6 +287,31 @@ mod tests {
         // A reply of a flow never timed finds either an empty slot or another key.
         for p in 100..200 {
             assert_eq!(t.reply(&key(p), true, false, false, ms(1)), None);
+        }
+    }
+
+    proptest::proptest! {
+        /// The bitmaps always say what the slots hold (a wrong bit would skip a timed flow or
+        /// touch a slot for nothing).
+        #[test]
+        fn bitmaps_mirror_the_slots(ops in proptest::collection::vec((0u8..5, 0u16..64, 0u64..2_000), 1..300)) {
+            let mut t = Timing::new(HashKey::from_bytes([2; 16]));
+            let mut now = 0;
+            for (op, port, dt) in ops {
+                now += dt;
+                let k = key(port);
+                match op {
+                    0 => t.syn(&k, BackendId(u32::from(port % 3)), ms(now)),
+                    1 => t.request(&k, ms(now)),
+                    2 => { let _ = t.reply(&k, true, false, false, ms(now)); }
+                    3 => { let _ = t.reply(&k, port % 2 == 0, port % 3 == 0, true, ms(now)); }
+                    _ => t.expire(ms(now), 64, Duration::from_secs(1), |_| Some(Duration::from_millis(500)), |_| {}),
+                }
+                for (i, slot) in t.slots.iter().enumerate() {
+                    proptest::prop_assert_eq!(bit(&t.used, i), slot.phase != Phase::Empty);
+                    proptest::prop_assert_eq!(bit(&t.asking, i), slot.phase == Phase::Request);
+                }
+            }
         }
     }
 }

@@ -38,6 +38,8 @@ use libfuzzer_sys::fuzz_target;
 
 /// Conntrack capacity: small, so that floods evict.
 const CAPACITY: usize = 256;
+/// SNAT source ports per address and backend.
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_127;
 /// GUE destination port of the GUE services.
 const GUE_PORT: u16 = 6080;
 /// Outputs kept for building replies and ICMP errors, per link.
@@ -148,6 +150,8 @@ fn base_spec(services: Vec<ServiceSpec>) -> DataplaneSpec {
         conntrack_capacity: CAPACITY,
         mtu: 1400,
         persist_capacity: 32,
+        // Few SNAT ports: cheap pools (built per input), and a flood can exhaust them.
+        snat_ports: SNAT_PORTS,
         services,
         ..DataplaneSpec::default()
     }
@@ -337,6 +341,7 @@ impl Pair {
         let mut opts = DataplaneOptions::new(key);
         opts.link = link;
         opts.seed = 0x5eed;
+        opts.snat_ports = SNAT_PORTS;
         let one = Dataplane::new(&spec, tables.clone(), opts.clone()).expect("data path");
         let many = Dataplane::new(&spec, tables, opts).expect("data path");
         let vips = spec.services.iter().map(|s| (s.vip, s.proto)).collect();

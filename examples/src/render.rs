@@ -395,7 +395,24 @@ pub fn error_json(message: &str) -> String {
 }
 
 /// Renders an explanation as JSON (backends named by address; `backends` is the tables'
-/// by-id list).
+/// by-id list). The answer of `GET /explain?proto=tcp|udp&src=IP:PORT&dst=VIP:PORT`:
+///
+/// ```text
+/// {
+///   "service":     {"vip", "proto", "mode", "scheduler"} | null (no service there),
+///   "flow":        {"backend", "state" (IPVS names: established, syn_recv, time_wait, ...),
+///                   "idle_ms", "idle_left_ms", "packets", "bytes"} | null (not tracked),
+///   "persistence": "ADDR:PORT" | null (the backend a client template names),
+///   "decision":    {"by": "flow" | "persistence" | "scheduler" | "per-message" | "none",
+///                   "backend": "ADDR:PORT" | null, "reason": "..."},
+///   "backends":    [{"id", "addr", "eligible" (may take a new flow now), "healthy", "weight",
+///                    "overloaded", "ejected", "active_conns", "inactive_conns",
+///                    "cost" (the scheduler's score per weight, lower wins; null when it does
+///                    not rank by load), "response_ms", "handshake_ms", "peak_ewma_ms"}]
+/// }
+/// ```
+/// A decision by the scheduler is what the next SYN of that flow gets if nothing else
+/// changes the load first; nothing is changed by asking.
 pub fn explain_json(e: &Explanation, backends: &[Option<BackendInfo>]) -> String {
     let addr = |id: BackendId| {
         backends

@@ -544,3 +544,45 @@ fn panic_threshold_ignores_health_when_too_few_are_healthy() {
         "1 of 3 healthy is under 50 %: health is ignored"
     );
 }
+
+/// Regression (found by the dataplane fuzz target): in a burst, a flow evicted by one packet
+/// must reach the live load before the next packet is scheduled, as with `process`.
+#[test]
+fn bursts_see_evictions_before_scheduling_the_next_packet() {
+    let spec = |_: ()| {
+        let mut s = nat_spec("203.0.113.10:53", Proto::Udp, &B3);
+        s.services[0].scheduler = "wlc".parse().unwrap();
+        s.conntrack_capacity = 16;
+        s
+    };
+    let mut one = Rig::new(spec(()), Link::Ip);
+    let mut burst = Rig::new(spec(()), Link::Ip);
+    let pkts: Vec<Vec<u8>> = (0..60)
+        .map(|i| udp(client(20_000 + i), sa("203.0.113.10:53"), b"q"))
+        .collect();
+    let singles: Vec<Vec<u8>> = pkts.iter().map(|p| one.run(p).1).collect();
+    let mut batched = Vec::new();
+    for pair in pkts.chunks(2) {
+        let mut bufs: Vec<Vec<u8>> = pair
+            .iter()
+            .map(|p| {
+                let mut b = vec![0u8; 2048];
+                b[HEADROOM..HEADROOM + p.len()].copy_from_slice(p);
+                b
+            })
+            .collect();
+        let lens: Vec<usize> = pair.iter().map(Vec::len).collect();
+        let mut out = vec![Verdict::Drop(DropReason::Malformed); pair.len()];
+        burst
+            .dp
+            .process_batch(&mut bufs, HEADROOM, &lens, burst.now, &mut out);
+        for (b, v) in bufs.iter().zip(out) {
+            batched.push(match v {
+                Verdict::Forward { start, len } => b[start..start + len].to_vec(),
+                _ => Vec::new(),
+            });
+        }
+    }
+    assert_eq!(singles, batched);
+    assert!(one.dp.table_stats().evicted_half_open + one.dp.table_stats().evicted_lru > 0);
+}

@@ -16,6 +16,7 @@ pub(crate) const TIMED: usize = 4096;
 
 /// Where a timed flow is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Phase {
     /// Nothing timed in this slot.
     Empty,
@@ -88,6 +89,9 @@ pub(crate) struct Timing {
     /// so that the packets of the flows not being timed (nearly all) touch no slot.
     used: Box<Bits>,
     asking: Box<Bits>,
+    /// Slots per phase (by `Phase as usize`): a packet that could only match a phase no
+    /// slot is in costs not even the hash.
+    phases: [u32; 4],
     /// Where the scan for unanswered SYNs resumes.
     cursor: usize,
 }
@@ -99,6 +103,7 @@ impl Timing {
             slots: vec![EMPTY; TIMED].into_boxed_slice(),
             used: Box::new([0; TIMED / 64]),
             asking: Box::new([0; TIMED / 64]),
+            phases: [TIMED as u32, 0, 0, 0],
             cursor: 0,
         }
     }
@@ -108,39 +113,76 @@ impl Timing {
         (self.hasher.hash_flow(key) as usize) & (TIMED - 1)
     }
 
+    /// How many slots are in `phase`.
+    #[inline(always)]
+    fn count(&self, phase: Phase) -> u32 {
+        self.phases.get(phase as usize).copied().unwrap_or(0)
+    }
+
+    /// Moves slot `i` to `next` (its key, time and backend as given, or emptied), keeping
+    /// the bitmaps and the per-phase counts in step.
+    #[inline]
+    fn put(&mut self, i: usize, next: Timed) {
+        let Some(t) = self.slots.get_mut(i) else {
+            return;
+        };
+        if let Some(c) = self.phases.get_mut(t.phase as usize) {
+            *c = c.saturating_sub(1);
+        }
+        if let Some(c) = self.phases.get_mut(next.phase as usize) {
+            *c += 1;
+        }
+        *t = if next.phase == Phase::Empty {
+            EMPTY
+        } else {
+            next
+        };
+        set(&mut self.used, i, next.phase != Phase::Empty);
+        set(&mut self.asking, i, next.phase == Phase::Request);
+    }
+
     /// A SYN opened `key` towards `backend`.
     #[inline]
     pub(crate) fn syn(&mut self, key: &FlowKey, backend: BackendId, now: Instant) {
         let i = self.index(key);
-        if let Some(t) = self.slots.get_mut(i) {
-            *t = Timed {
+        self.put(
+            i,
+            Timed {
                 key: *key,
                 since: now,
                 backend,
                 phase: Phase::Syn,
-            };
-            set(&mut self.used, i, true);
-            set(&mut self.asking, i, false);
-        }
+            },
+        );
     }
 
-    /// The client sent data on `key` (an established flow).
+    /// The client sent data on `key` (an established flow). Costs nothing while no timed
+    /// flow waits for a request.
     #[inline]
     pub(crate) fn request(&mut self, key: &FlowKey, now: Instant) {
+        if self.count(Phase::Request) == 0 {
+            return;
+        }
         let i = self.index(key);
         if !bit(&self.asking, i) {
             return;
         }
-        if let Some(t) = self.slots.get_mut(i) {
+        if let Some(&t) = self.slots.get(i) {
             if t.phase == Phase::Request && t.key == *key {
-                t.phase = Phase::Response;
-                t.since = now;
-                set(&mut self.asking, i, false);
+                self.put(
+                    i,
+                    Timed {
+                        phase: Phase::Response,
+                        since: now,
+                        ..t
+                    },
+                );
             }
         }
     }
 
     /// A reply of flow `key` (original direction) with `syn`/`rst` flags and `data` payload.
+    /// Costs nothing for a data segment while no timed flow waits for a response.
     #[inline]
     pub(crate) fn reply(
         &mut self,
@@ -150,11 +192,14 @@ impl Timing {
         data: bool,
         now: Instant,
     ) -> Option<Sample> {
+        if !(syn || rst) && (!data || self.count(Phase::Response) == 0) {
+            return None;
+        }
         let i = self.index(key);
         if !bit(&self.used, i) {
             return None;
         }
-        let t = self.slots.get_mut(i)?;
+        let t = *self.slots.get(i)?;
         if t.phase == Phase::Empty || t.key != *key {
             return None;
         }
@@ -167,14 +212,14 @@ impl Timing {
             Phase::Response if data => (Some(Sample::Response(t.backend, elapsed)), Phase::Empty),
             _ => return None,
         };
-        if next == Phase::Empty {
-            *t = EMPTY;
-        } else {
-            t.phase = next;
-            t.since = now;
-        }
-        set(&mut self.used, i, next != Phase::Empty);
-        set(&mut self.asking, i, next == Phase::Request);
+        self.put(
+            i,
+            Timed {
+                phase: next,
+                since: now,
+                ..t
+            },
+        );
         sample
     }
 
@@ -191,7 +236,7 @@ impl Timing {
     ) {
         for _ in 0..budget.min(TIMED) {
             self.cursor = (self.cursor + 1) & (TIMED - 1);
-            let Some(t) = self.slots.get_mut(self.cursor) else {
+            let Some(&t) = self.slots.get(self.cursor) else {
                 continue;
             };
             if t.phase == Phase::Empty {
@@ -200,14 +245,10 @@ impl Timing {
             let age = now - t.since;
             if t.phase == Phase::Syn && timeout(t.backend).is_some_and(|d| age >= d) {
                 failed(t.backend);
-                *t = EMPTY;
-            } else if age >= stale {
-                *t = EMPTY;
-            } else {
+            } else if age < stale {
                 continue;
             }
-            set(&mut self.used, self.cursor, false);
-            set(&mut self.asking, self.cursor, false);
+            self.put(self.cursor, EMPTY);
         }
     }
 }
@@ -310,6 +351,10 @@ mod tests {
                 for (i, slot) in t.slots.iter().enumerate() {
                     proptest::prop_assert_eq!(bit(&t.used, i), slot.phase != Phase::Empty);
                     proptest::prop_assert_eq!(bit(&t.asking, i), slot.phase == Phase::Request);
+                }
+                for ph in [Phase::Empty, Phase::Syn, Phase::Request, Phase::Response] {
+                    let n = t.slots.iter().filter(|x| x.phase == ph).count() as u32;
+                    proptest::prop_assert_eq!(t.count(ph), n, "{:?}", ph);
                 }
             }
         }

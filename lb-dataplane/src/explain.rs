@@ -126,16 +126,10 @@ impl Dataplane {
     /// flows change the load in between.
     pub fn explain(&self, key: &FlowKey, now: Instant) -> Explanation {
         let tables = &*self.tables;
-        let Some(si) = tables.service_index(key.dst(), key.dst_port(), key.proto()) else {
-            return Explanation {
-                service: None,
-                flow: None,
-                persistence: None,
-                decision: Decision::NoService,
-                backends: Vec::new(),
-            };
-        };
-        let Some(svc) = tables.services.get(si) else {
+        let found = tables
+            .service_index(key.dst(), key.dst_port(), key.proto())
+            .and_then(|si| Some((si, tables.services.get(si)?)));
+        let Some((si, svc)) = found else {
             return Explanation {
                 service: None,
                 flow: None,

@@ -284,6 +284,33 @@ fn refusal(i: Insert) -> DropReason {
     }
 }
 
+impl DataplaneSpec {
+    /// The configurations of the two flow tables a data path builds for this spec: IPv4, and
+    /// IPv6 (a quarter of the capacity, at least 16). Shared with [`DataplaneSpec::validate`],
+    /// which checks them without allocating.
+    pub(crate) fn conntrack_configs(&self) -> (CtConfig, CtConfig) {
+        let cap = self.conntrack_capacity.max(16);
+        let cfg = CtConfig {
+            capacity: cap,
+            ipv6_capacity: 0,
+            nat: true,
+            // Session histograms are recorded by the data path, from the removal stream.
+            flow_stats: false,
+            stats_backends: SESSION_STATS_BACKENDS,
+            timeouts: self.timeouts,
+            persist_capacity: self.persist_capacity.max(1),
+            ..CtConfig::default()
+        };
+        let cap6 = (cap / 4).max(16);
+        let cfg6 = CtConfig {
+            capacity: cap6,
+            ipv6_capacity: cap6,
+            ..cfg
+        };
+        (cfg, cfg6)
+    }
+}
+
 impl Dataplane {
     /// A data path for `spec` (capacity, SNAT addresses) starting with `tables`.
     ///
@@ -302,24 +329,7 @@ impl Dataplane {
             snat_ports,
             removal_log,
         } = opts;
-        let cap = spec.conntrack_capacity.max(16);
-        let cfg = CtConfig {
-            capacity: cap,
-            ipv6_capacity: 0,
-            nat: true,
-            // Session histograms are recorded here, from the removal stream.
-            flow_stats: false,
-            stats_backends: SESSION_STATS_BACKENDS,
-            timeouts: spec.timeouts,
-            persist_capacity: spec.persist_capacity.max(1),
-            ..CtConfig::default()
-        };
-        let cap6 = (cap / 4).max(16);
-        let cfg6 = CtConfig {
-            capacity: cap6,
-            ipv6_capacity: cap6,
-            ..cfg
-        };
+        let (cfg, cfg6) = spec.conntrack_configs();
         let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
         let mut ct6 = ConnTable::new(cfg6, key.derive("conntrack6"))?;
         let v4: Vec<IpAddr> = spec

@@ -10,9 +10,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
-use lb_conntrack::{
-    Config as CtConfig, ConntrackError, FlowState, SnatPool, MAX_BACKEND_ID, MAX_CAPACITY,
-};
+use lb_conntrack::{ConntrackError, FlowState, SnatPool, MAX_BACKEND_ID, MAX_CAPACITY};
 use lb_core::HashKey;
 use lb_health::{HealthError, OutlierDetector};
 use lb_sched::hash::{HashAlgorithm, Maglev, MaglevSize, RingConfig};
@@ -21,7 +19,6 @@ use lb_sched::pool::{Pool, PoolConfig};
 use lb_sched::SchedError;
 
 use crate::spec::{DataplaneSpec, SchedulerKind, ServiceSpec};
-use crate::SESSION_STATS_BACKENDS;
 
 /// The most SNAT addresses of one family (`lb_conntrack::SnatPool::new`).
 const MAX_SNAT_ADDRS: usize = 256;
@@ -285,23 +282,8 @@ impl DataplaneSpec {
         if let Err(ConntrackError::InvalidTimeout { state }) = self.timeouts.validate() {
             return Err(SpecError::Timeout { state });
         }
-        // What the data path builds (mirrors `Dataplane::new`): anything left is reported as is.
-        let cfg = CtConfig {
-            capacity: cap,
-            ipv6_capacity: 0,
-            nat: true,
-            flow_stats: true,
-            stats_backends: SESSION_STATS_BACKENDS,
-            timeouts: self.timeouts,
-            persist_capacity: persist,
-            ..CtConfig::default()
-        };
-        let cap6 = (cap / 4).max(16);
-        let cfg6 = CtConfig {
-            capacity: cap6,
-            ipv6_capacity: cap6,
-            ..cfg
-        };
+        // What the data path builds: anything left is reported as is.
+        let (cfg, cfg6) = self.conntrack_configs();
         cfg.validate()?;
         cfg6.validate()?;
         Ok(())

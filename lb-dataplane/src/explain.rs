@@ -175,17 +175,13 @@ impl Dataplane {
                 Affinity::Source => src_hash,
                 _ => self.flows.hash_flow(key),
             };
-            match crate::choose_in(
-                svc,
-                si,
-                &mut probe,
-                &mut rng,
-                &self.flows,
-                h,
+            let want = crate::Placing {
+                flow_hash: h,
                 src_hash,
                 key,
                 now,
-            ) {
+            };
+            match crate::choose_in(svc, si, &mut probe, &mut rng, &self.flows, &want) {
                 Ok(b) => Decision::Scheduler(b),
                 Err(r) => Decision::Drop(r),
             }

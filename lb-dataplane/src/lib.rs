@@ -1014,17 +1014,13 @@ impl Dataplane {
         now: Instant,
     ) -> Result<BackendId, DropReason> {
         let svc = self.tables.services.get(si).ok_or(DropReason::NoService)?;
-        choose_in(
-            svc,
-            si,
-            &mut self.live,
-            &mut self.rng,
-            &self.flows,
+        let want = Placing {
             flow_hash,
             src_hash,
             key,
             now,
-        )
+        };
+        choose_in(svc, si, &mut self.live, &mut self.rng, &self.flows, &want)
     }
 
     /// A new flow entered the table bound to `id`, in `state` after its first packet.
@@ -1082,7 +1078,6 @@ impl Dataplane {
 /// The scheduler's choice for a new flow of service `svc` (index `si`): a consistent hash of
 /// `flow_hash` skipping the backends the live load says are unavailable (down, ejected,
 /// overloaded: only their own flows move), or the service's policy over its live pool.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn choose_in(
     svc: &ServiceTable,
@@ -1090,11 +1085,14 @@ pub(crate) fn choose_in(
     live: &mut Live,
     rng: &mut SmallRng,
     flows: &FlowHasher,
-    flow_hash: u64,
-    src_hash: u64,
-    key: &FlowKey,
-    now: Instant,
+    want: &Placing<'_>,
 ) -> Result<BackendId, DropReason> {
+    let Placing {
+        flow_hash,
+        src_hash,
+        key,
+        now,
+    } = *want;
     let live = live.services.get_mut(si).ok_or(DropReason::NoBackend)?;
     let pick = match &svc.sched {
         Scheduler::Empty => Pick::Unavailable,
@@ -1128,6 +1126,16 @@ pub(crate) fn choose_in(
         Pick::Overloaded => Err(DropReason::Overloaded),
         _ => Err(DropReason::NoBackend),
     }
+}
+
+/// What a new flow is placed by: its hash (the flow's, or its affinity key's) for the
+/// consistent hashes, its source-address hash, its key and the time for the policies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Placing<'a> {
+    pub(crate) flow_hash: u64,
+    pub(crate) src_hash: u64,
+    pub(crate) key: &'a FlowKey,
+    pub(crate) now: Instant,
 }
 
 /// The keyed hash of one address (4 bytes for IPv4, 16 for IPv6): the source-hash and

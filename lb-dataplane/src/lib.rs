@@ -451,7 +451,7 @@ impl Dataplane {
     }
 
     /// The next ejection or return of a backend by passive outlier detection, for the
-    /// embedder to log (the last [`load::EVENTS`] are kept).
+    /// embedder to log (the last 256 are kept).
     #[must_use]
     pub fn poll_event(&mut self) -> Option<LoadEvent> {
         self.live.events.pop_front()

@@ -393,7 +393,7 @@ fn heterogeneous_backends() {
     let t = lab.topology(3);
     for b in t.backends.clone() {
         let extra: &[&str] = if b.name == SLOW {
-            &["--delay-ms", "20"]
+            &["--delay-ms", "100"]
         } else {
             &[]
         };
@@ -473,7 +473,7 @@ fn heterogeneous_backends() {
     }
     println!(
         "\n{CLIENTS} closed-loop clients, {secs} s per policy, one new TCP connection per request, \
-         {SLOW} answers 20 ms late:\n"
+         {SLOW} answers 100 ms late:\n"
     );
     println!(
         "| policy | requests | req/s | slow backend share | mean (ms) | p90 (ms) | p99 (ms) | errors |"
@@ -518,15 +518,17 @@ fn heterogeneous_backends() {
                 r.slow_share
             ));
         }
-        // Closed loop: the mean is the clients over the throughput (Little's law), so a policy
-        // that keeps requests off the slow backend cannot be slower on average than rr; allow
-        // 5 % for this 2-core machine's noise (the margin was 2-40 % in the runs measured).
-        // The tails are printed, not compared: every policy that sends more than 1 % (or
-        // 10 %) of its requests to a backend that needs 20 ms has a p99 (or p90) of 20 ms or
-        // more, and with the fast backends busier their queues add to it.
-        if r.mean > rr.mean * 1.05 {
+        // Closed loop: the mean is the clients over the throughput (Little's law). The slow
+        // backend's 100 ms dominates rr's mean (a third of its requests wait that long), so the
+        // comparison measures the policy, not this 2-core machine: with 20 ms the balancer, the
+        // clients and the backends saturated both cores, the fast backends' queues grew with
+        // their share, and a 5 % margin flaked (least-request 1.08x rr in one CI run). A policy
+        // under 20 % on the slow backend must save at least a fifth of rr's mean.
+        // The tails are printed, not compared: every policy that sends more than 1 % of its
+        // requests to the slow backend has a p99 of 100 ms or more.
+        if r.mean > rr.mean * 0.8 {
             bad.push(format!(
-                "{p}: mean {:.2} ms above rr's {:.2} ms",
+                "{p}: mean {:.2} ms, not at least 20 % below rr's {:.2} ms",
                 r.mean, rr.mean
             ));
         }

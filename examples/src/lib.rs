@@ -18,7 +18,9 @@
 //! document the exact `ip` commands in `tests/common/mod.rs`.
 #![deny(unsafe_code)]
 
+pub mod announce;
 pub mod config;
+pub mod netlink;
 pub mod probe;
 pub mod render;
 pub mod runtime;

@@ -1,15 +1,205 @@
 #![no_main]
 //! Sync message decoding on arbitrary bytes: never panics. The input is tried as a whole message
 //! (almost always rejected by the MAC) and, sealed with a valid MAC, as a message body, so the
-//! parser behind the MAC is explored. Whatever decodes re-encodes to the same records.
+//! parser behind the MAC is explored. Whatever decodes re-encodes to the same connection and
+//! template records, and applies to a full-NAT table (backup and merge modes) without leaking a
+//! SNAT reservation or a template pin once every entry has left.
+//!
+//! The same bytes also drive a structured round trip (records and templates of every op and
+//! family built from them, encoded at an arbitrary MTU, decoded back), so template records
+//! are covered even before the corpus finds them behind the MAC.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use arbitrary::{Result, Unstructured};
 use lb_conntrack::sync::{
-    decode, seal, MessageKind, SyncReceiver, SyncSender, HEADER_LEN, MAC_LEN,
+    apply, apply_record, apply_template, decode, seal, MessageKind, RecordOp, SyncMessage,
+    SyncReceiver, SyncRecord, SyncSender, TemplateRecord, HEADER_LEN, MAC_LEN,
 };
-use lb_core::HashKey;
+use lb_conntrack::{
+    Config, ConnTable, FlowState, Service, SnatPool, TcpState, TemplateKey, MAX_TIMEOUT,
+};
+use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: HashKey = HashKey::from_bytes(*b"fuzz-sync-key-01");
+/// SNAT pool of the table messages are applied to: two addresses × ports 40000..=40003, for
+/// backends 0..4.
+const PAIRS: usize = 8;
+
+fn snat_addrs(v6: bool) -> Vec<IpAddr> {
+    if v6 {
+        vec![
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)),
+        ]
+    } else {
+        vec![
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
+        ]
+    }
+}
+
+fn nat_table(v6: bool) -> ConnTable {
+    let cfg = Config {
+        nat: true,
+        persist_capacity: 8,
+        ..Config::with_capacity(16)
+    };
+    let mut t = ConnTable::new(cfg, HashKey::from_bytes([4; 16])).unwrap();
+    let mut pool = SnatPool::new(snat_addrs(v6), 40_000..=40_003).unwrap();
+    for b in 0..4 {
+        pool.add_backend(BackendId(b));
+    }
+    t.set_snat_pool(pool);
+    t
+}
+
+/// Applies `msg` to a table per family, in both modes, then lets everything time out: every
+/// reserved pair must be back in its pool and no template left pinned.
+fn apply_and_drain(msg: &SyncMessage) {
+    let now = Instant::from_secs(1);
+    for v6 in [false, true] {
+        for merge in [false, true] {
+            let mut t = nat_table(v6);
+            if merge {
+                for r in &msg.records {
+                    let _ = apply_record(&mut t, r, now, true);
+                }
+                for r in &msg.templates {
+                    let _ = apply_template(&mut t, r, now, true);
+                }
+            } else {
+                let _ = apply(&mut t, msg, now);
+            }
+            assert!(t.len() <= t.capacity());
+            let end = now + MAX_TIMEOUT + Duration::from_secs(1);
+            while t.expire(end, 1_000) > 0 {
+                t.drain_removals().for_each(drop);
+            }
+            t.drain_removals().for_each(drop);
+            assert!(t.is_empty());
+            let pool = t.snat_pool_mut().unwrap();
+            for b in 0..4 {
+                assert_eq!(pool.available(BackendId(b)), PAIRS, "a reservation leaked");
+            }
+            for r in &msg.templates {
+                assert_eq!(t.persist().refs(&r.key), 0, "a template is still pinned");
+            }
+            for r in &msg.records {
+                if let Some(p) = r.persist {
+                    let tk = TemplateKey::client(r.key.src(), p, Service::of_flow(&r.key));
+                    assert_eq!(t.persist().refs(&tk), 0, "a template is still pinned");
+                }
+            }
+        }
+    }
+}
+
+fn addr(u: &mut Unstructured<'_>, v6: bool) -> Result<IpAddr> {
+    Ok(if v6 {
+        IpAddr::V6(Ipv6Addr::from(u.arbitrary::<u128>()?))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(u.arbitrary::<u32>()?))
+    })
+}
+
+fn flow_key(u: &mut Unstructured<'_>, v6: bool, proto: IpProto) -> Result<FlowKey> {
+    let (s, d) = (addr(u, v6)?, addr(u, v6)?);
+    let (sp, dp) = (u.arbitrary()?, u.arbitrary()?);
+    Ok(FlowKey::new(s, sp, d, dp, proto).unwrap())
+}
+
+fn millis(u: &mut Unstructured<'_>) -> Result<u32> {
+    u.int_in_range(0..=MAX_TIMEOUT.as_millis() as u32)
+}
+
+fn record(u: &mut Unstructured<'_>) -> Result<SyncRecord> {
+    let op = *u.choose(&[RecordOp::New, RecordOp::Update, RecordOp::Delete])?;
+    let proto = IpProto::from_number(u.arbitrary()?);
+    let v6 = u.arbitrary()?;
+    let key = flow_key(u, v6, proto)?;
+    let state = *u.choose(&[
+        FlowState::Tcp(TcpState::SynRecv),
+        FlowState::Tcp(TcpState::Established),
+        FlowState::Tcp(TcpState::TimeWait),
+        FlowState::UdpUnconfirmed,
+        FlowState::Udp,
+        FlowState::Icmp,
+        FlowState::Other,
+    ])?;
+    let nat = if u.arbitrary()? {
+        let nat6 = u.arbitrary()?;
+        Some(flow_key(u, nat6, proto)?)
+    } else {
+        None
+    };
+    let persist = if u.arbitrary()? {
+        Some(u.int_in_range(0..=if v6 { 128 } else { 32 })?)
+    } else {
+        None
+    };
+    Ok(SyncRecord {
+        op,
+        key,
+        backend: BackendId(u.arbitrary()?),
+        state,
+        remaining_ms: millis(u)?,
+        nat,
+        persist,
+    })
+}
+
+fn template(u: &mut Unstructured<'_>) -> Result<TemplateRecord> {
+    let vip6 = u.arbitrary()?;
+    let service = Service {
+        vip: addr(u, vip6)?,
+        port: u.arbitrary()?,
+        proto: IpProto::from_number(u.arbitrary()?),
+    };
+    let key = if u.arbitrary()? {
+        let client6 = u.arbitrary()?;
+        let client = addr(u, client6)?;
+        TemplateKey::client(client, u.arbitrary()?, service)
+    } else {
+        TemplateKey::affinity(service, u.arbitrary()?)
+    };
+    Ok(TemplateRecord {
+        delete: u.arbitrary()?,
+        key,
+        backend: BackendId(u.arbitrary()?),
+        remaining_ms: millis(u)?,
+        timeout_ms: millis(u)?,
+    })
+}
+
+/// Records and templates built from `data` survive encode → decode, in MTU-sized messages.
+fn structured(data: &[u8]) -> Result<()> {
+    let mut u = Unstructured::new(data);
+    let mtu = u.int_in_range(123..=1500)?;
+    let flags = u.arbitrary()?;
+    let records: Vec<SyncRecord> = (0..u.int_in_range(0..=8)?)
+        .map(|_| record(&mut u))
+        .collect::<Result<_>>()?;
+    let templates: Vec<TemplateRecord> = (0..u.int_in_range(0..=8)?)
+        .map(|_| template(&mut u))
+        .collect::<Result<_>>()?;
+    let mut tx = SyncSender::new(2, 3, KEY, mtu).unwrap();
+    let mut out = Vec::new();
+    tx.encode_items(&records, &templates, flags, &mut out);
+    let (mut got, mut got_t) = (Vec::new(), Vec::new());
+    for m in &out {
+        assert!(m.len() <= mtu);
+        let d = decode(m, &KEY).unwrap();
+        assert_eq!(d.header.flags, flags);
+        got.extend(d.records);
+        got_t.extend(d.templates);
+    }
+    assert_eq!(got, records);
+    assert_eq!(got_t, templates);
+    Ok(())
+}
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode(data, &KEY);
@@ -23,17 +213,24 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(r) = first {
         // A replay of an accepted message is always rejected.
         assert!(rx.receive(&sealed).is_err());
-        let len: usize = r.message.records.iter().map(|x| x.encoded_len()).sum();
+        let msg = &r.message;
+        let len: usize = msg.records.iter().map(|x| x.encoded_len()).sum::<usize>()
+            + msg.templates.iter().map(|x| x.encoded_len()).sum::<usize>();
         assert_eq!(HEADER_LEN + len + MAC_LEN, sealed.len());
-        if r.message.header.kind == MessageKind::Records && !r.message.records.is_empty() {
+        let empty = msg.records.is_empty() && msg.templates.is_empty();
+        if msg.header.kind == MessageKind::Records && !empty {
             let mut tx = SyncSender::new(1, 1, KEY, 65_507).unwrap();
             let mut out = Vec::new();
-            tx.encode(&r.message.records, &mut out);
-            let back: Vec<_> = out
-                .iter()
-                .flat_map(|m| decode(m, &KEY).unwrap().records)
-                .collect();
-            assert_eq!(back, r.message.records);
+            tx.encode_items(&msg.records, &msg.templates, msg.header.flags, &mut out);
+            let mut back = (Vec::new(), Vec::new());
+            for m in &out {
+                let d = decode(m, &KEY).unwrap();
+                back.0.extend(d.records);
+                back.1.extend(d.templates);
+            }
+            assert_eq!(back, (msg.records.clone(), msg.templates.clone()));
+            apply_and_drain(msg);
         }
     }
+    let _ = structured(data);
 });

@@ -357,6 +357,9 @@ pub struct EntryInfo {
     pub state: FlowState,
     /// The NAT reply tuple (backend → SNAT address), if any.
     pub nat: Option<FlowKey>,
+    /// The prefix length of the client-persistence template the flow pins, if any (see
+    /// [`NewFlow::persist_prefix`](crate::NewFlow::persist_prefix)).
+    pub persist: Option<u8>,
     /// Last packet seen (millisecond precision).
     pub last_seen: Instant,
     /// When the entry times out if no further packet comes.

@@ -26,7 +26,8 @@
 //!   ([`ConnTable::track_reply`]).
 //! - Session statistics ([`SessionStats`]): duration and packets-per-session histograms.
 //! - [`ShardedConnTable`]: the same behind per-shard `parking_lot` mutexes for several threads.
-//! - State sync ([`sync`]): authenticated, sequenced, MTU-sized messages to a backup.
+//! - State sync ([`sync`]): authenticated, sequenced, MTU-sized messages to a backup, carrying
+//!   connections (with their NAT tuples and persistence) and persistence templates.
 //!
 //! The crate does no I/O and reads no clock: every call that depends on time takes `now`.
 //!
@@ -94,7 +95,7 @@ mod timeout;
 
 pub use entry::{EntryInfo, Hit, Packet};
 pub use nat_pool::SnatPool;
-pub use persist::{mask_addr, PersistInsert, PersistTable, Service, TemplateKey};
+pub use persist::{mask_addr, PersistInsert, PersistTable, Service, TemplateInfo, TemplateKey};
 pub use removal::{Removal, RemovalReason};
 pub use sharded::ShardedConnTable;
 pub use stats::{

@@ -8,6 +8,14 @@
 //! A pool is a FIFO ring of free pairs (4 bytes each) plus a bitmap of pairs in use (which makes
 //! double releases harmless). Allocation and release are O(1) and do not allocate.
 //!
+//! A backup that installs synced full-NAT entries marks their pairs in use with
+//! [`SnatPool::reserve`], so that after a takeover `allocate` never hands out a pair a synced
+//! connection holds. A reserved pair stays where it is in the ring (finding it there would be a
+//! search): a second bitmap marks it *stale*, `allocate` discards stale ring entries it meets,
+//! and releasing a pair whose stale copy is still queued just clears both bits (the queued copy
+//! serves again). Reserving and releasing are O(1); allocation stays O(1) amortised (each
+//! reservation adds at most one stale entry to skip).
+//!
 //! FIFO, not a stack: a released pair goes to the back and is handed out again only after every
 //! other free pair, so the same (SNAT address, port, backend) tuple comes back as late as
 //! possible. The backend may still hold the previous connection on that tuple in TIME_WAIT (60 s on
@@ -30,11 +38,31 @@ use crate::ConntrackError;
 #[derive(Debug, Clone)]
 struct BackendPool {
     id: BackendId,
-    /// Ring of free pairs: `len` of them from `head`.
+    /// Ring of free pairs: `len` of them from `head`, `stale` of which are reserved (in use)
+    /// and skipped by `allocate`. Every pair not in use is in the ring, once.
     ring: Vec<u32>,
     head: u32,
     len: u32,
+    /// Pairs in use (allocated or reserved).
     used: Vec<u64>,
+    /// Pairs reserved while still queued in the ring (a subset of `used`).
+    stale: Vec<u64>,
+    /// Number of bits set in `stale`.
+    stale_len: u32,
+}
+
+/// Word index and bit of `pair` in a bitmap.
+#[inline]
+fn bit(pair: u32) -> (usize, u64) {
+    ((pair / 64) as usize, 1u64 << (pair % 64))
+}
+
+impl BackendPool {
+    #[inline]
+    fn is_used(&self, pair: u32) -> bool {
+        let (w, b) = bit(pair);
+        self.used.get(w).is_some_and(|x| x & b != 0)
+    }
 }
 
 /// SNAT port pools, one per registered backend, over the same addresses and port range.
@@ -103,7 +131,7 @@ impl SnatPool {
         self.backends.binary_search_by_key(&id, |b| b.id)
     }
 
-    /// Registers a backend, allocating its pool (4 bytes + 1 bit per pair). Does nothing if it
+    /// Registers a backend, allocating its pool (4 bytes + 2 bits per pair). Does nothing if it
     /// is already registered. This allocates: call it from the control path.
     pub fn add_backend(&mut self, id: BackendId) {
         if let Err(at) = self.pos(id) {
@@ -111,6 +139,7 @@ impl SnatPool {
             let start = self.start;
             let ring: Vec<u32> = (0..n).map(|i| (start + i) % n).collect();
             let used = vec![0u64; (n as usize).div_ceil(64)];
+            let stale = used.clone();
             self.backends.insert(
                 at,
                 BackendPool {
@@ -119,6 +148,8 @@ impl SnatPool {
                     head: 0,
                     len: n,
                     used,
+                    stale,
+                    stale_len: 0,
                 },
             );
         }
@@ -132,52 +163,111 @@ impl SnatPool {
     }
 
     /// Takes a free (address, port) for `backend`; `None` if exhausted or unregistered.
+    /// O(1) amortised: ring entries of pairs reserved since they were queued are discarded on
+    /// the way.
     #[inline]
     pub fn allocate(&mut self, backend: BackendId) -> Option<(IpAddr, u16)> {
         let at = self.pos(backend).ok()?;
         let ports = self.ports;
         let first = self.first_port;
         let bp = self.backends.get_mut(at)?;
-        if bp.len == 0 {
-            return None;
-        }
-        let pair = *bp.ring.get(bp.head as usize)?;
-        bp.head = (bp.head + 1) % (bp.ring.len() as u32).max(1);
-        bp.len -= 1;
-        if let Some(w) = bp.used.get_mut((pair / 64) as usize) {
-            *w |= 1 << (pair % 64);
-        }
+        let n = (bp.ring.len() as u32).max(1);
+        let pair = loop {
+            if bp.len == 0 {
+                return None;
+            }
+            let pair = *bp.ring.get(bp.head as usize)?;
+            bp.head = (bp.head + 1) % n;
+            bp.len -= 1;
+            let (w, b) = bit(pair);
+            let used = bp.used.get_mut(w)?;
+            if *used & b == 0 {
+                *used |= b;
+                break pair;
+            }
+            // Reserved while queued: the reservation keeps it; drop the queued copy.
+            if let Some(s) = bp.stale.get_mut(w) {
+                *s &= !b;
+            }
+            bp.stale_len = bp.stale_len.saturating_sub(1);
+        };
         let addr = *self.addrs.get((pair / ports) as usize)?;
         let port = first.wrapping_add((pair % ports) as u16);
         Some((addr, port))
+    }
+
+    /// The pair number of (address, port), if it is one of the pools'.
+    #[inline]
+    fn pair_of(&self, addr: IpAddr, port: u16) -> Option<u32> {
+        let ai = self.addrs.iter().position(|&a| a == addr)?;
+        let off = u32::from(port.wrapping_sub(self.first_port));
+        (off < self.ports).then_some(ai as u32 * self.ports + off)
+    }
+
+    /// Whether (address, port) is one of the pools' pairs (whatever the backend).
+    #[inline]
+    pub(crate) fn contains(&self, addr: IpAddr, port: u16) -> bool {
+        self.pair_of(addr, port).is_some()
+    }
+
+    /// Marks (address, port) of `backend`'s pool in use without allocating it, e.g. for a
+    /// full-NAT entry installed by state sync: [`SnatPool::allocate`] never hands it out until
+    /// it is [`released`](SnatPool::release). Returns `false` (and does nothing) if the pair is
+    /// not one of the pool's, the backend is not registered, or the pair is already in use.
+    /// O(1): the pair's queued ring entry is left in place and skipped later.
+    #[inline]
+    pub fn reserve(&mut self, backend: BackendId, addr: IpAddr, port: u16) -> bool {
+        let Some(pair) = self.pair_of(addr, port) else {
+            return false;
+        };
+        let Some(bp) = self
+            .pos(backend)
+            .ok()
+            .and_then(|at| self.backends.get_mut(at))
+        else {
+            return false;
+        };
+        let (w, b) = bit(pair);
+        let (Some(used), Some(stale)) = (bp.used.get_mut(w), bp.stale.get_mut(w)) else {
+            return false;
+        };
+        if *used & b != 0 {
+            return false;
+        }
+        // Not in use, so queued in the ring: mark that copy stale.
+        *used |= b;
+        *stale |= b;
+        bp.stale_len += 1;
+        true
     }
 
     /// Returns (address, port) to `backend`'s pool. Returns `false` (and does nothing) if the
     /// pair is not one of the pool's or is not in use.
     #[inline]
     pub fn release(&mut self, backend: BackendId, addr: IpAddr, port: u16) -> bool {
-        let Some(ai) = self.addrs.iter().position(|&a| a == addr) else {
+        let Some(pair) = self.pair_of(addr, port) else {
             return false;
         };
-        let off = u32::from(port.wrapping_sub(self.first_port));
-        if off >= self.ports {
+        let Some(bp) = self
+            .pos(backend)
+            .ok()
+            .and_then(|at| self.backends.get_mut(at))
+        else {
+            return false;
+        };
+        if !bp.is_used(pair) {
             return false;
         }
-        let pair = ai as u32 * self.ports + off;
-        let Ok(at) = self.pos(backend) else {
-            return false;
-        };
-        let Some(bp) = self.backends.get_mut(at) else {
-            return false;
-        };
-        let Some(w) = bp.used.get_mut((pair / 64) as usize) else {
-            return false;
-        };
-        let bit = 1u64 << (pair % 64);
-        if *w & bit == 0 {
-            return false;
+        let (w, b) = bit(pair);
+        if let Some(u) = bp.used.get_mut(w) {
+            *u &= !b;
         }
-        *w &= !bit;
+        if let Some(s) = bp.stale.get_mut(w).filter(|s| **s & b != 0) {
+            // Reserved while queued: its ring entry is still there and serves again.
+            *s &= !b;
+            bp.stale_len = bp.stale_len.saturating_sub(1);
+            return true;
+        }
         let n = bp.ring.len() as u32;
         let tail = (bp.head + bp.len) % n.max(1);
         if let Some(slot) = bp.ring.get_mut(tail as usize) {
@@ -192,7 +282,7 @@ impl SnatPool {
         self.pos(backend)
             .ok()
             .and_then(|at| self.backends.get(at))
-            .map_or(0, |b| b.len as usize)
+            .map_or(0, |b| b.len.saturating_sub(b.stale_len) as usize)
     }
 }
 
@@ -258,7 +348,95 @@ mod tests {
         assert_eq!(order[..9], [101, 102, 103, 104, 105, 106, 107, 108, 109]);
     }
 
+    #[test]
+    fn a_reserved_pair_is_not_allocated_until_released() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b = BackendId(1);
+        let mut p = SnatPool::new(vec![a], 100..=107).unwrap();
+        p.add_backend(b);
+        assert!(p.reserve(b, a, 103));
+        assert!(!p.reserve(b, a, 103), "already in use");
+        assert!(!p.reserve(b, a, 99), "not the pool's");
+        assert!(!p.reserve(b, "10.0.0.9".parse().unwrap(), 103));
+        assert!(!p.reserve(BackendId(2), a, 103), "unregistered backend");
+        assert_eq!(p.available(b), 7);
+        // A full cycle: every other pair, then exhaustion.
+        let got: Vec<u16> = std::iter::from_fn(|| p.allocate(b)).map(|x| x.1).collect();
+        assert_eq!(got, [100, 101, 102, 104, 105, 106, 107]);
+        assert_eq!(p.available(b), 0);
+        // Released, it comes back.
+        assert!(p.release(b, a, 103));
+        assert_eq!(p.available(b), 1);
+        assert_eq!(p.allocate(b), Some((a, 103)));
+        assert!(!p.reserve(b, a, 103), "allocated");
+        assert!(!p.reserve(b, a, 100), "allocated");
+    }
+
+    #[test]
+    fn reserve_release_while_queued_keeps_one_ring_copy() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b = BackendId(1);
+        let mut p = SnatPool::new(vec![a], 100..=103).unwrap();
+        p.add_backend(b);
+        // Reserved and released before the ring reaches it: its queued copy serves once.
+        assert!(p.reserve(b, a, 101));
+        assert_eq!(p.available(b), 3);
+        assert!(p.release(b, a, 101));
+        assert!(!p.release(b, a, 101), "double release");
+        assert_eq!(p.available(b), 4);
+        assert!(p.reserve(b, a, 101));
+        assert!(p.release(b, a, 101));
+        let got: Vec<u16> = std::iter::from_fn(|| p.allocate(b)).map(|x| x.1).collect();
+        assert_eq!(got, [100, 101, 102, 103]);
+        // Reserved again after the allocation that skipped nothing: released, it is queued.
+        assert!(p.release(b, a, 102));
+        assert!(p.reserve(b, a, 102));
+        assert_eq!(p.available(b), 0);
+        assert_eq!(p.allocate(b), None);
+        assert!(p.release(b, a, 102));
+        assert_eq!(p.allocate(b), Some((a, 102)));
+    }
+
     proptest! {
+        #[test]
+        fn reserve_allocate_release_match_a_model(
+            ops in proptest::collection::vec((0u8..3, 0u16..24, any::<bool>()), 1..300),
+            start in any::<u32>(),
+        ) {
+            // Two addresses × ports 5000..=5009 = 20 pairs; ports 5010.. are not the pool's.
+            let addrs: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+            let mut p = SnatPool::new(addrs.clone(), 5000..=5009).unwrap().with_start(start);
+            p.add_backend(BackendId(0));
+            let mut in_use: HashSet<(IpAddr, u16)> = HashSet::new();
+            for (op, port, second) in ops {
+                let x = (addrs[usize::from(second)], 5000 + port);
+                let valid = port < 10;
+                match op {
+                    0 => match p.allocate(BackendId(0)) {
+                        Some(y) => prop_assert!(in_use.insert(y), "{:?} handed out twice", y),
+                        None => prop_assert_eq!(in_use.len(), 20),
+                    },
+                    1 => {
+                        let ok = p.reserve(BackendId(0), x.0, x.1);
+                        prop_assert_eq!(ok, valid && !in_use.contains(&x));
+                        if ok {
+                            in_use.insert(x);
+                        }
+                    }
+                    _ => {
+                        let ok = p.release(BackendId(0), x.0, x.1);
+                        prop_assert_eq!(ok, in_use.remove(&x));
+                    }
+                }
+                prop_assert_eq!(p.available(BackendId(0)) + in_use.len(), 20);
+            }
+            // Whatever is left free is handed out exactly once.
+            while let Some(y) = p.allocate(BackendId(0)) {
+                prop_assert!(in_use.insert(y));
+            }
+            prop_assert_eq!(in_use.len(), 20);
+        }
+
         #[test]
         fn allocations_are_unique_until_released(ops in proptest::collection::vec(any::<bool>(), 1..200), start in any::<u32>()) {
             let mut p = SnatPool::new(vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()], 5000..=5009).unwrap().with_start(start);

@@ -11,6 +11,14 @@
 //! per template, expiry stops at the first live head: a template with a shorter timeout behind it
 //! is reclaimed when it reaches the head or when it is looked up (lookups always check the
 //! deadline, so an expired template is never returned).
+//!
+//! State sync exports templates ([`PersistTable::export_chunk`], [`PersistTable::get`]) and
+//! installs them on the backup with their remaining time and their idle timeout (see
+//! [`crate::sync::apply_template`]): the remaining time runs out first, and every later use
+//! restarts the full idle timeout, as on the active. A template pinned by flows on the active is
+//! pinned on the backup by the synced flows that carry their persistence prefix; one such flow
+//! that arrives before its template installs a placeholder bound to its own backend, with no
+//! idle time (it goes with its last flow unless the template itself arrives meanwhile).
 
 use std::net::IpAddr;
 
@@ -138,11 +146,46 @@ fn write_addr(out: &mut [u8], a: IpAddr) {
 struct Template {
     key: TemplateKey,
     backend: BackendId,
+    /// Last use, milliseconds.
     last: u64,
+    /// Time to live after `last`, unless pinned.
     timeout_ms: u64,
+    /// The idle timeout: `timeout_ms` after each use (it differs only for a synced template
+    /// not used since it was installed with its remaining time).
+    idle_ms: u64,
     refs: u32,
     prev: u32,
     next: u32,
+}
+
+/// Heap bytes per template of capacity: the slot and about its share of the index.
+pub(crate) const TEMPLATE_BYTES: usize = core::mem::size_of::<Template>() + 8;
+
+/// A snapshot of one template, for inspection, export and sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateInfo {
+    /// Its key.
+    pub key: TemplateKey,
+    /// The backend it names.
+    pub backend: BackendId,
+    /// When it times out if it is not used again. For a template pinned by flows, which does
+    /// not time out while they live: `now` plus its idle timeout, the earliest it can.
+    pub deadline: Instant,
+    /// Its idle timeout: how long it lives after each use (or after its last flow leaves).
+    pub timeout: Duration,
+}
+
+/// What [`PersistTable::install`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Installed {
+    /// A new template (possibly after evicting the least recently used unpinned one).
+    New,
+    /// A live template was refreshed (backend and times replaced, pins kept).
+    Updated,
+    /// Merging: a live template exists and was left alone.
+    Kept,
+    /// Full of pinned templates.
+    Full,
 }
 
 /// Outcome of [`PersistTable::insert`].
@@ -273,9 +316,11 @@ impl<H: KeyedHash> PersistTable<H> {
         self.tail = i;
     }
 
+    /// A use of template `i`: its idle timeout starts again at `now`.
     fn touch(&mut self, i: u32, now: Instant) {
         if let Some(t) = self.slots.get_mut(i as usize) {
             t.last = t.last.max(ms(now));
+            t.timeout_ms = t.idle_ms;
         }
         if self.tail != i {
             self.unlink(i);
@@ -317,6 +362,128 @@ impl<H: KeyedHash> PersistTable<H> {
         (!Self::expired(t, now)).then_some(t.backend)
     }
 
+    fn info(t: &Template, now: Instant) -> TemplateInfo {
+        let deadline = if t.refs > 0 {
+            ms(now).saturating_add(t.idle_ms)
+        } else {
+            t.last.saturating_add(t.timeout_ms)
+        };
+        TemplateInfo {
+            key: t.key,
+            backend: t.backend,
+            deadline: Instant::from_millis(deadline),
+            timeout: Duration::from_millis(t.idle_ms),
+        }
+    }
+
+    /// A snapshot of template `key` if it is live at `now` (does not refresh it).
+    pub fn get(&self, key: &TemplateKey, now: Instant) -> Option<TemplateInfo> {
+        let t = self.slots.get(self.find(key)? as usize)?;
+        (!Self::expired(t, now)).then(|| Self::info(t, now))
+    }
+
+    /// Snapshots up to `max` templates live at `now` from slot `cursor` on, appending them to
+    /// `out`, and returns the cursor to continue from (`None` when done). Bounded work: at most
+    /// `max` templates and `4 × max` slots are visited per call (each costs a hash, which tells
+    /// a template's slot from a free one). Used for bulk sync, after
+    /// [`ConnTable::export_chunk`](crate::ConnTable::export_chunk).
+    pub fn export_chunk(
+        &self,
+        cursor: u32,
+        max: usize,
+        now: Instant,
+        out: &mut Vec<TemplateInfo>,
+    ) -> Option<u32> {
+        let mut i = cursor as usize;
+        let mut visited = 0;
+        let mut taken = 0;
+        while i < self.slots.len() && taken < max && visited < max.saturating_mul(4).max(1) {
+            let held = |t: &&Template| self.find(&t.key) == Some(i as u32);
+            if let Some(t) = self
+                .slots
+                .get(i)
+                .filter(|t| !Self::expired(t, now) && held(t))
+            {
+                out.push(Self::info(t, now));
+                taken += 1;
+            }
+            i += 1;
+            visited += 1;
+        }
+        (i < self.slots.len()).then_some(i as u32)
+    }
+
+    /// Installs or refreshes a template received by state sync: bound to `backend`, timing
+    /// out `remaining` after `now` and `idle` after each later use. A live template is
+    /// refreshed (its pins kept), or with `merge` left alone; an expired one is replaced.
+    pub(crate) fn install(
+        &mut self,
+        key: TemplateKey,
+        backend: BackendId,
+        remaining: Duration,
+        idle: Duration,
+        now: Instant,
+        merge: bool,
+    ) -> Installed {
+        let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let mut existing = self.find(&key);
+        if let Some(i) = existing {
+            let live = self
+                .slots
+                .get(i as usize)
+                .is_some_and(|t| !Self::expired(t, now));
+            if !live {
+                self.remove_slot(i);
+                existing = None;
+            } else if merge {
+                return Installed::Kept;
+            }
+        }
+        let (i, out) = match existing {
+            Some(i) => (i, Installed::Updated),
+            None => {
+                if self.insert(key, backend, idle, now) == PersistInsert::Full {
+                    return Installed::Full;
+                }
+                match self.find(&key) {
+                    Some(i) => (i, Installed::New),
+                    None => return Installed::Full,
+                }
+            }
+        };
+        if let Some(t) = self.slots.get_mut(i as usize) {
+            t.backend = backend;
+            t.last = ms(now);
+            t.timeout_ms = remaining_ms;
+            t.idle_ms = idle_ms;
+        }
+        if self.tail != i {
+            self.unlink(i);
+            self.push_back(i);
+        }
+        out
+    }
+
+    /// Removes template `key` for state sync. A template still pinned by flows stays until the
+    /// last one leaves, and then goes at once. Returns whether a live template was found.
+    pub(crate) fn sync_remove(&mut self, key: &TemplateKey, now: Instant) -> bool {
+        let Some(i) = self.find(key) else {
+            return false;
+        };
+        let Some(t) = self.slots.get_mut(i as usize) else {
+            return false;
+        };
+        if t.refs > 0 {
+            t.idle_ms = 0;
+            t.timeout_ms = 0;
+            return true;
+        }
+        let live = !Self::expired(t, now);
+        self.remove_slot(i);
+        live
+    }
+
     /// Binds `key` to `backend` with idle timeout `timeout`.
     pub fn insert(
         &mut self,
@@ -329,7 +496,7 @@ impl<H: KeyedHash> PersistTable<H> {
         if let Some(i) = self.find(&key) {
             if let Some(t) = self.slots.get_mut(i as usize) {
                 t.backend = backend;
-                t.timeout_ms = timeout_ms;
+                t.idle_ms = timeout_ms;
             }
             self.touch(i, now);
             return PersistInsert::Updated;
@@ -359,6 +526,7 @@ impl<H: KeyedHash> PersistTable<H> {
             backend,
             last: ms(now),
             timeout_ms,
+            idle_ms: timeout_ms,
             refs: 0,
             prev: NIL,
             next: NIL,
@@ -513,6 +681,76 @@ mod tests {
         );
         assert_eq!(p.lookup(&k(3), Instant::ZERO), Some(BackendId(9)));
         assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn slot_size() {
+        // What `ConnTable::memory` counts per template, with the index's share.
+        assert_eq!(core::mem::size_of::<Template>(), 80);
+    }
+
+    #[test]
+    fn get_and_export_chunk() {
+        let mut p = PersistTable::new(64, HashKey::from_bytes([1; 16])).unwrap();
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        let t0 = Instant::from_secs(10);
+        for n in 0..40 {
+            p.insert(k(n), BackendId(n as u32), Duration::from_secs(n + 1), t0);
+        }
+        // Pin some, and let others time out.
+        for n in 0..5 {
+            assert!(p.attach(&k(n)));
+        }
+        let now = Instant::from_secs(20); // templates 5..=9 timed out (timeouts 6..=10 s)
+        assert_eq!(p.get(&k(7), now), None);
+        let pinned = p.get(&k(2), now).unwrap();
+        assert_eq!(
+            pinned.deadline,
+            Instant::from_secs(23),
+            "now + idle timeout"
+        );
+        let idle = p.get(&k(30), now).unwrap();
+        assert_eq!(
+            (idle.backend, idle.deadline, idle.timeout),
+            (
+                BackendId(30),
+                Instant::from_secs(41),
+                Duration::from_secs(31)
+            )
+        );
+        assert_eq!(
+            p.expire(now, 100),
+            5,
+            "pinned heads are moved out of the way"
+        );
+        p.detach(&k(0), now);
+        let mut out = Vec::new();
+        let mut cursor = Some(0);
+        let mut calls = 0;
+        while let Some(c) = cursor {
+            let before = out.len();
+            cursor = p.export_chunk(c, 4, now, &mut out);
+            assert!(out.len() - before <= 4);
+            calls += 1;
+        }
+        assert!(calls >= 40 / 16);
+        let mut got: Vec<u64> = out
+            .iter()
+            .map(|i| match i.key {
+                TemplateKey::Affinity { key, .. } => key,
+                TemplateKey::Client { .. } => u64::MAX,
+            })
+            .collect();
+        got.sort_unstable();
+        let want: Vec<u64> = (0..5).chain(10..40).collect();
+        assert_eq!(got, want);
+        assert!(out.iter().all(|i| p.get(&i.key, now) == Some(*i)));
+        // Removed templates' slots are skipped.
+        assert_eq!(p.expire(Instant::from_secs(100), 100), 31);
+        out.clear();
+        assert_eq!(p.export_chunk(0, 100, now, &mut out), None);
+        let keys: Vec<_> = out.iter().map(|i| i.key).collect();
+        assert_eq!(keys, [k(1), k(2), k(3), k(4)]);
     }
 
     proptest! {

@@ -87,6 +87,11 @@ pub struct Counters {
     /// drain after every burst, and size [`Config::removal_queue`](crate::Config::removal_queue)
     /// for a few bursts. Stays 0 when recording is off.
     pub removals_lost: u64,
+    /// Full-NAT entries installed by state sync whose SNAT (address, port) is one of the
+    /// table's pool but could not be reserved in it (already in use, or the backend has no
+    /// pool). The entry is installed; its pair is not protected from local allocation and is
+    /// not returned to the pool when it leaves.
+    pub sync_nat_conflicts: u64,
 }
 
 impl Counters {
@@ -114,6 +119,7 @@ impl Counters {
             removed,
             reused,
             removals_lost,
+            sync_nat_conflicts,
         } = *other;
         let add = |a: &mut u64, b: u64| *a = a.wrapping_add(b);
         add(&mut self.hits, hits);
@@ -136,6 +142,7 @@ impl Counters {
         add(&mut self.removed, removed);
         add(&mut self.reused, reused);
         add(&mut self.removals_lost, removals_lost);
+        add(&mut self.sync_nat_conflicts, sync_nat_conflicts);
     }
 
     pub(crate) fn evicted(&mut self, r: EvictReason) {

@@ -40,6 +40,7 @@ mod removals;
 
 pub use config::{Config, Insert, NewFlow, MAX_BACKEND_ID, MAX_CAPACITY};
 pub use handle::{EntryRef, Lookup, MemoryUsage};
+pub(crate) use insert::Upserted;
 
 /// A fixed-capacity connection-tracking table.
 ///
@@ -262,7 +263,7 @@ impl<H: KeyedHash> ConnTable<H> {
         let nat = self.nat.capacity() * size_of::<Nat4>()
             + self.nat6.capacity() * size_of::<Nat6>()
             + self.reply_index.allocation_size();
-        let persist = self.persist.capacity() * 80;
+        let persist = self.persist.capacity() * crate::persist::TEMPLATE_BYTES;
         let sessions = (self.cfg.stats_backends + 1) * size_of::<crate::stats::SessionHistograms>();
         let removals = self.removals.allocation_size();
         MemoryUsage {
@@ -453,6 +454,7 @@ impl<H: KeyedHash> ConnTable<H> {
             backend: BackendId(s.backend()),
             state: FlowState::from_class(s.class).unwrap_or(FlowState::Other),
             nat: self.nat_of(i),
+            persist: (s.flags & F_PERSIST != 0).then_some(s.persist),
             last_seen: Instant::from_millis(self.clock.saturating_sub(u64::from(self.age(&s)))),
             deadline: self.deadline_of(&s),
             packets,

@@ -3,25 +3,40 @@
 //! ```text
 //! header (23 bytes)
 //!   0  magic "LC"            2
-//!   2  version (1)           1
+//!   2  version (2)           1
 //!   3  kind (1 records, 2 resync request)
-//!   4  flags (bit 0: bulk dump)
+//!   4  flags (bit 0: bulk dump, bit 1: last message of a bulk dump)
 //!   5  sender id             4   big-endian
 //!   9  epoch                 4
 //!  13  sequence number       8
-//!  21  record count          2
-//! records, each
-//!   0  op (bits 0-1: 1 new, 2 update, 3 delete) | 0x20 reply tuple is IPv6 | 0x40 key is IPv6
-//!      | 0x80 has reply tuple
+//!  21  item count            2   connection and template records
+//! connection records, each
+//!   0  op (bits 0-2: 1 new, 2 update, 3 delete) | 0x10 persistence prefix | 0x20 reply tuple
+//!      is IPv6 | 0x40 key is IPv6 | 0x80 has reply tuple
 //!   1  state class            1
 //!   2  protocol               1
 //!   3  source port, destination port            2 + 2
 //!   7  source, destination address              4 + 4 (IPv4) or 16 + 16 (IPv6)
 //!      backend id             4
 //!      remaining timeout, ms  4
+//!      [persistence prefix    1]
 //!      [reply tuple: source port, destination port, source, destination address]
+//! template records, each
+//!   0  op (bits 0-2: 4 upsert, 5 delete) | 0x20 client address is IPv6 | 0x40 service address
+//!      is IPv6 | 0x80 client template (else an affinity-key template)
+//!   1  protocol               1
+//!   2  service port           2
+//!   4  service address        4 or 16
+//!      backend id             4
+//!      remaining timeout, ms  4
+//!      idle timeout, ms       4
+//!      client template: prefix length 1, client address 4 or 16;
+//!      affinity template: affinity key 8
 //! MAC (16 bytes): SipHash-2-4-128 under the sync key over everything before it
 //! ```
+//!
+//! Connection records come first in a message, then template records. Reserved bits must be
+//! zero, and a template's client address must have no bit set beyond its prefix.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -30,15 +45,28 @@ use lb_core::{BackendId, FlowKey, HashKey, Instant, IpProto};
 use crate::entry::EntryInfo;
 use crate::timeout::{FlowState, MAX_TIMEOUT};
 
-/// The wire version this crate speaks.
-pub const SYNC_VERSION: u8 = 1;
+mod template;
+
+pub use template::TemplateRecord;
+
+/// The wire version this crate speaks (2: template records, persistence prefixes, bulk end).
+pub const SYNC_VERSION: u8 = 2;
+/// Header flag: the message is part of a bulk dump (an answer to a resync request).
+pub const FLAG_BULK: u8 = 1;
+/// Header flag: the last message of a bulk dump (sent with [`FLAG_BULK`], by
+/// [`SyncSender::bulk_end`]).
+pub const FLAG_BULK_END: u8 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 23;
 /// MAC length in bytes.
 pub const MAC_LEN: usize = lb_core::mac::TAG_LEN;
 const MAGIC: [u8; 2] = *b"LC";
-/// Smallest MTU accepted by [`SyncSender::new`]: room for one IPv6 record with a reply tuple.
-const MIN_MTU: usize = HEADER_LEN + MAC_LEN + 83;
+/// The longest record: IPv6, with a persistence prefix and an IPv6 reply tuple.
+const MAX_RECORD_LEN: usize = 84;
+/// The shortest item (an IPv4 connection record without options).
+const MIN_ITEM_LEN: usize = 23;
+/// Smallest MTU accepted by [`SyncSender::new`]: room for one record of any kind.
+const MIN_MTU: usize = HEADER_LEN + MAC_LEN + MAX_RECORD_LEN;
 /// Peers a receiver tracks.
 const MAX_PEERS: usize = 64;
 
@@ -69,9 +97,13 @@ pub enum SyncError {
     /// Unknown state class.
     #[error("unknown state {0}")]
     State(u8),
-    /// A remaining timeout above the maximum.
-    #[error("remaining timeout {0} ms out of range")]
+    /// A remaining or idle timeout above the maximum.
+    #[error("timeout {0} ms out of range")]
     Timeout(u32),
+    /// A persistence prefix longer than its address, or a template's client address with bits
+    /// set beyond its prefix.
+    #[error("bad persistence prefix {0}")]
+    Prefix(u8),
     /// Bytes left over after the declared records.
     #[error("{0} trailing bytes")]
     Trailing(usize),
@@ -134,6 +166,9 @@ pub struct SyncRecord {
     pub remaining_ms: u32,
     /// The NAT reply tuple (its protocol is the flow's).
     pub nat: Option<FlowKey>,
+    /// The prefix length of the client-persistence template the flow pins (at most 32 for
+    /// IPv4, 128 for IPv6), if any: the backup pins the template too.
+    pub persist: Option<u8>,
 }
 
 impl SyncRecord {
@@ -147,6 +182,7 @@ impl SyncRecord {
             state: e.state,
             remaining_ms: u32::try_from(rem).unwrap_or(u32::MAX),
             nat: e.nat,
+            persist: e.persist.map(|p| p.min(max_prefix(&e.key.src()))),
         }
     }
 
@@ -158,7 +194,7 @@ impl SyncRecord {
             Some(r) if r.is_ipv4() => 12,
             Some(_) => 36,
         };
-        7 + a + 8 + n
+        7 + a + 8 + usize::from(self.persist.is_some()) + n
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -169,6 +205,9 @@ impl SyncRecord {
         };
         if !self.key.is_ipv4() {
             op |= 0x40;
+        }
+        if self.persist.is_some() {
+            op |= 0x10;
         }
         if let Some(r) = self.nat {
             op |= 0x80;
@@ -182,21 +221,36 @@ impl SyncRecord {
         push_ports_addrs(out, &self.key);
         out.extend_from_slice(&self.backend.get().to_be_bytes());
         out.extend_from_slice(&self.remaining_ms.to_be_bytes());
+        if let Some(p) = self.persist {
+            out.push(p);
+        }
         if let Some(r) = self.nat {
             push_ports_addrs(out, &r);
         }
     }
 }
 
+/// The longest prefix of `a`'s family.
+fn max_prefix(a: &IpAddr) -> u8 {
+    if a.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn push_addr(out: &mut Vec<u8>, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+    }
+}
+
 fn push_ports_addrs(out: &mut Vec<u8>, k: &FlowKey) {
     out.extend_from_slice(&k.src_port().to_be_bytes());
     out.extend_from_slice(&k.dst_port().to_be_bytes());
-    for a in [k.src(), k.dst()] {
-        match a {
-            IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
-            IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
-        }
-    }
+    push_addr(out, k.src());
+    push_addr(out, k.dst());
 }
 
 /// The fixed header of a message.
@@ -204,7 +258,7 @@ fn push_ports_addrs(out: &mut Vec<u8>, k: &FlowKey) {
 pub struct SyncHeader {
     /// Message kind.
     pub kind: MessageKind,
-    /// Flags (bit 0: part of a bulk dump).
+    /// Flags: [`FLAG_BULK`], [`FLAG_BULK_END`] (other bits are ignored).
     pub flags: u8,
     /// The sender's id.
     pub sender: u32,
@@ -219,8 +273,10 @@ pub struct SyncHeader {
 pub struct SyncMessage {
     /// The header.
     pub header: SyncHeader,
-    /// The records (empty for a resync request).
+    /// The connection records (empty for a resync request).
     pub records: Vec<SyncRecord>,
+    /// The template records (empty for a resync request).
+    pub templates: Vec<TemplateRecord>,
 }
 
 /// The tag of a message body: lb-core's keyed MAC, shared with the heartbeat.
@@ -253,7 +309,7 @@ impl SyncSender {
     ///
     /// # Errors
     /// [`crate::ConntrackError::InvalidCapacity`] if `mtu` cannot hold one record of any kind
-    /// (122 bytes) or exceeds 65 507.
+    /// (123 bytes) or exceeds 65 507.
     pub fn new(
         sender: u32,
         epoch: u32,
@@ -305,18 +361,32 @@ impl SyncSender {
 
     /// Encodes `records` into as many messages as needed, appended to `out`.
     pub fn encode(&mut self, records: &[SyncRecord], out: &mut Vec<Vec<u8>>) {
-        self.encode_flags(records, 0, out);
+        self.encode_items(records, &[], 0, out);
     }
 
-    /// As [`SyncSender::encode`], marking the messages as part of a bulk dump.
+    /// As [`SyncSender::encode`], marking the messages as part of a bulk dump
+    /// ([`FLAG_BULK`]). After the last chunk, send [`SyncSender::bulk_end`].
     pub fn encode_bulk(&mut self, records: &[SyncRecord], out: &mut Vec<Vec<u8>>) {
-        self.encode_flags(records, 1, out);
+        self.encode_items(records, &[], FLAG_BULK, out);
     }
 
-    fn encode_flags(&mut self, records: &[SyncRecord], flags: u8, out: &mut Vec<Vec<u8>>) {
+    /// Encodes `records`, then `templates`, into as few messages as fit the MTU, each with
+    /// header flags `flags` (e.g. [`FLAG_BULK`] for a bulk dump), appended to `out`. Nothing is
+    /// appended when both are empty.
+    pub fn encode_items(
+        &mut self,
+        records: &[SyncRecord],
+        templates: &[TemplateRecord],
+        flags: u8,
+        out: &mut Vec<Vec<u8>>,
+    ) {
         let mut cur: Option<(Vec<u8>, u16)> = None;
-        for r in records {
-            let need = r.encoded_len();
+        let items = records
+            .iter()
+            .map(Item::Record)
+            .chain(templates.iter().map(Item::Template));
+        for item in items {
+            let need = item.encoded_len();
             if let Some((m, n)) = cur.take() {
                 if m.len() + need + MAC_LEN > self.mtu || n == u16::MAX {
                     out.push(self.finish(m, n));
@@ -325,7 +395,7 @@ impl SyncSender {
                 }
             }
             let (m, n) = cur.get_or_insert_with(|| (self.start(MessageKind::Records, flags), 0));
-            r.encode(m);
+            item.encode(m);
             *n += 1;
         }
         if let Some((m, n)) = cur {
@@ -333,10 +403,40 @@ impl SyncSender {
         }
     }
 
+    /// The end of a bulk dump: an empty records message flagged [`FLAG_BULK`] and
+    /// [`FLAG_BULK_END`], sent after its last chunk, so the backup knows its resync completed.
+    pub fn bulk_end(&mut self) -> Vec<u8> {
+        let m = self.start(MessageKind::Records, FLAG_BULK | FLAG_BULK_END);
+        self.finish(m, 0)
+    }
+
     /// A resync request: asks the peer for a bulk dump.
     pub fn resync_request(&mut self) -> Vec<u8> {
         let m = self.start(MessageKind::ResyncRequest, 0);
         self.finish(m, 0)
+    }
+}
+
+/// One item of a records message.
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    Record(&'a SyncRecord),
+    Template(&'a TemplateRecord),
+}
+
+impl Item<'_> {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Item::Record(r) => r.encoded_len(),
+            Item::Template(t) => t.encoded_len(),
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Item::Record(r) => r.encode(out),
+            Item::Template(t) => t.encode(out),
+        }
     }
 }
 
@@ -374,6 +474,21 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, SyncError> {
         Ok(u64::from_be_bytes(self.arr()?))
+    }
+    fn addr(&mut self, v6: bool) -> Result<IpAddr, SyncError> {
+        Ok(if v6 {
+            IpAddr::V6(Ipv6Addr::from(self.arr::<16>()?))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(self.arr::<4>()?))
+        })
+    }
+    /// A timeout in milliseconds, at most [`MAX_TIMEOUT`].
+    fn timeout(&mut self) -> Result<u32, SyncError> {
+        let ms = self.u32()?;
+        if u128::from(ms) > MAX_TIMEOUT.as_millis() {
+            return Err(SyncError::Timeout(ms));
+        }
+        Ok(ms)
     }
     fn key(&mut self, v6: bool, proto: IpProto) -> Result<FlowKey, SyncError> {
         let sp = self.u16()?;
@@ -432,43 +547,18 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
         epoch,
         seq,
     };
-    // Every record is at least 23 bytes: bound the allocation by what the message can hold.
-    let mut records = Vec::with_capacity(usize::from(count).min(body.len() / 23));
+    // Every item is at least 23 bytes: bound the allocation by what the message can hold.
+    let cap = usize::from(count).min(body.len() / MIN_ITEM_LEN);
+    let mut records = Vec::with_capacity(cap);
+    let mut templates = Vec::new();
     for _ in 0..count {
         let opb = r.u8()?;
-        let op = match opb & 0x03 {
-            1 => RecordOp::New,
-            2 => RecordOp::Update,
-            3 => RecordOp::Delete,
+        match opb & 0x07 {
+            // Connection records come first.
+            1..=3 if templates.is_empty() => records.push(decode_record(&mut r, opb)?),
+            4 | 5 => templates.push(template::decode(&mut r, opb)?),
             _ => return Err(SyncError::Op(opb)),
-        };
-        if opb & 0x1c != 0 {
-            return Err(SyncError::Op(opb));
         }
-        let class = r.u8()?;
-        let state = FlowState::from_class(class).ok_or(SyncError::State(class))?;
-        let proto = IpProto::from_number(r.u8()?);
-        let key = r.key(opb & 0x40 != 0, proto)?;
-        let backend = BackendId(r.u32()?);
-        let remaining_ms = r.u32()?;
-        if u128::from(remaining_ms) > MAX_TIMEOUT.as_millis() {
-            return Err(SyncError::Timeout(remaining_ms));
-        }
-        let nat = if opb & 0x80 != 0 {
-            Some(r.key(opb & 0x20 != 0, proto)?)
-        } else if opb & 0x20 != 0 {
-            return Err(SyncError::Op(opb));
-        } else {
-            None
-        };
-        records.push(SyncRecord {
-            op,
-            key,
-            backend,
-            state,
-            remaining_ms,
-            nat,
-        });
     }
     if kind == MessageKind::ResyncRequest && count != 0 {
         return Err(SyncError::Kind(2));
@@ -477,7 +567,54 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
     if left != 0 {
         return Err(SyncError::Trailing(left));
     }
-    Ok(SyncMessage { header, records })
+    Ok(SyncMessage {
+        header,
+        records,
+        templates,
+    })
+}
+
+/// Decodes the rest of a connection record whose op byte is `opb`.
+fn decode_record(r: &mut Reader<'_>, opb: u8) -> Result<SyncRecord, SyncError> {
+    let op = match opb & 0x07 {
+        1 => RecordOp::New,
+        2 => RecordOp::Update,
+        3 => RecordOp::Delete,
+        _ => return Err(SyncError::Op(opb)),
+    };
+    // 0x08 is reserved; a v6 reply tuple needs a reply tuple.
+    if opb & 0x08 != 0 || opb & 0xa0 == 0x20 {
+        return Err(SyncError::Op(opb));
+    }
+    let class = r.u8()?;
+    let state = FlowState::from_class(class).ok_or(SyncError::State(class))?;
+    let proto = IpProto::from_number(r.u8()?);
+    let key = r.key(opb & 0x40 != 0, proto)?;
+    let backend = BackendId(r.u32()?);
+    let remaining_ms = r.timeout()?;
+    let persist = if opb & 0x10 != 0 {
+        let p = r.u8()?;
+        if p > max_prefix(&key.src()) {
+            return Err(SyncError::Prefix(p));
+        }
+        Some(p)
+    } else {
+        None
+    };
+    let nat = if opb & 0x80 != 0 {
+        Some(r.key(opb & 0x20 != 0, proto)?)
+    } else {
+        None
+    };
+    Ok(SyncRecord {
+        op,
+        key,
+        backend,
+        state,
+        remaining_ms,
+        nat,
+        persist,
+    })
 }
 
 /// An accepted message and what the receiver learnt from its sequence number.

@@ -1,6 +1,6 @@
 //! Insertion and room-making: the flood-resistance policy.
 
-use lb_core::{Instant, KeyedHash};
+use lb_core::{BackendId, Duration, FlowKey, Instant, KeyedHash};
 
 use super::config::V6_VICTIM_WALK;
 use super::{ConnTable, Insert, NewFlow};
@@ -248,24 +248,36 @@ impl<H: KeyedHash> ConnTable<H> {
 
     /// Installs or refreshes an entry received by state sync: `state`, and a deadline
     /// `remaining_ms` from `now`. An existing live entry is updated in place (backend, state,
-    /// deadline); its counters and NAT tuple are kept.
+    /// deadline; its counters, NAT tuple and persistence are kept), or with `merge` left alone.
+    ///
+    /// A new entry whose NAT reply tuple's destination (the SNAT address and port) is a pair of
+    /// the table's [`SnatPool`](crate::SnatPool) reserves it there, and releases it when it
+    /// leaves, as [`ConnTable::insert_snat`] does with the pairs it allocates (a pair that
+    /// cannot be reserved is counted in [`crate::Counters::sync_nat_conflicts`]). A new entry
+    /// with a persistence prefix pins its client template, installing a placeholder bound to
+    /// its backend if there is none yet (see the `persist` module).
     pub(crate) fn sync_upsert(
         &mut self,
         flow: NewFlow,
         state: FlowState,
         remaining_ms: u32,
         now: Instant,
-    ) -> Insert {
+        merge: bool,
+    ) -> Upserted {
         let now32 = self.advance(now);
         if flow.backend.get() > MAX_BACKEND_ID {
-            return self.refuse(Refusal::BackendId);
+            return Upserted::Refused(self.refuse(Refusal::BackendId));
         }
         let hash = self.hasher.hash_flow(&flow.key);
-        match self.find(hash, &Probe::of(&flow.key)) {
+        let probe = Probe::of(&flow.key);
+        match self.find(hash, &probe) {
             Some(i) if !self.slot_expired(i) => {
                 let Some(old) = self.slots.get(i as usize).copied() else {
-                    return Insert::Exists;
+                    return Upserted::Kept;
                 };
+                if merge {
+                    return Upserted::Kept;
+                }
                 self.lists.unlink(&mut self.slots, old.class, i);
                 let class = state.class();
                 let t = self.timeout_of(class);
@@ -275,9 +287,87 @@ impl<H: KeyedHash> ConnTable<H> {
                     s.last = now32.wrapping_sub(t.saturating_sub(remaining_ms));
                 }
                 self.link_installed(i);
-                Insert::Exists
+                if old.flags & F_POOL != 0 && old.backend() != flow.backend.get() {
+                    self.move_reservation(i, BackendId(old.backend()), flow.backend);
+                }
+                Upserted::Updated(FlowState::from_class(old.class).unwrap_or(FlowState::Other))
             }
-            _ => self.insert_inner(flow, false, Some((state, remaining_ms)), now),
+            _ => {
+                if let Some(prefix) = flow.persist_prefix {
+                    let tk =
+                        TemplateKey::client(flow.key.src(), prefix, Service::of_flow(&flow.key));
+                    // Merge: a live template is kept; else a placeholder that goes with its
+                    // last flow unless the template itself is synced meanwhile.
+                    self.persist.install(
+                        tk,
+                        flow.backend,
+                        Duration::ZERO,
+                        Duration::ZERO,
+                        now,
+                        true,
+                    );
+                }
+                let r = self.insert_inner(flow, false, Some((state, remaining_ms)), now);
+                if !r.is_inserted() {
+                    return Upserted::Refused(r);
+                }
+                if let Some(reply) = flow.nat {
+                    if let Some(i) = self.find(hash, &probe) {
+                        self.reserve_synced(i, flow.backend, &reply);
+                    }
+                }
+                Upserted::Installed(r)
+            }
         }
     }
+
+    /// Reserves the SNAT pair of synced entry `i` (NAT tuple `reply`) in `backend`'s pool, if
+    /// it is one of the pool's pairs, and marks the entry as holding it.
+    fn reserve_synced(&mut self, i: u32, backend: BackendId, reply: &FlowKey) {
+        let Some(pool) = self.snat.as_mut() else {
+            return;
+        };
+        let nat = self
+            .slots
+            .get(i as usize)
+            .is_some_and(|s| s.flags & F_NAT != 0);
+        if !nat || !pool.contains(reply.dst(), reply.dst_port()) {
+            return;
+        }
+        if pool.reserve(backend, reply.dst(), reply.dst_port()) {
+            if let Some(s) = self.slots.get_mut(i as usize) {
+                s.flags |= F_POOL;
+            }
+        } else {
+            self.counters.sync_nat_conflicts += 1;
+        }
+    }
+
+    /// Synced entry `i`, holding a pool pair, moved from backend `from` to `to`: the pair goes
+    /// back to `from`'s pool and is reserved in `to`'s.
+    fn move_reservation(&mut self, i: u32, from: BackendId, to: BackendId) {
+        let Some(reply) = self.nat_of(i) else {
+            return;
+        };
+        if let Some(pool) = self.snat.as_mut() {
+            pool.release(from, reply.dst(), reply.dst_port());
+        }
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            s.flags &= !F_POOL;
+        }
+        self.reserve_synced(i, to, &reply);
+    }
+}
+
+/// What [`ConnTable::sync_upsert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upserted {
+    /// A new entry (the insertion's outcome: new, or after an eviction).
+    Installed(Insert),
+    /// A live entry was updated; its state before.
+    Updated(FlowState),
+    /// Merging: a live entry exists and was left alone.
+    Kept,
+    /// Refused (the insertion's outcome).
+    Refused(Insert),
 }

@@ -344,6 +344,7 @@ fn sync_deletes_are_recorded_as_such() {
         state: FlowState::Tcp(TcpState::Established),
         remaining_ms: 60_000,
         nat: None,
+        persist: None,
     };
     let mut msgs = Vec::new();
     tx.encode(&[rec], &mut msgs);

@@ -1,6 +1,7 @@
 //! Sync wire tests: round trips, tampering, truncation, replay and gap handling.
 
 use super::*;
+use crate::persist::{Service, TemplateKey};
 use crate::sync::{apply, ApplyReport};
 use crate::tcp_state::TcpState;
 use crate::{Config, ConnTable, NewFlow, Packet, TcpFlags};
@@ -43,6 +44,7 @@ fn rec(i: u32, v6: bool, nat: bool) -> SyncRecord {
         state: FlowState::Tcp(TcpState::Established),
         remaining_ms: 1000 + i,
         nat,
+        persist: None,
     }
 }
 
@@ -57,41 +59,155 @@ fn arb_record() -> impl Strategy<Value = SyncRecord> {
         0u32..=2_073_600_000,
         any::<[u8; 32]>(),
         any::<u8>(),
+        proptest::option::of(0u8..=128),
     )
-        .prop_map(|(b, v6, nat, nat6, class, op, rem, bytes, proto)| {
-            let p = IpProto::from_number(proto);
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&bytes[..16]);
-            let mut d = [0u8; 16];
-            d.copy_from_slice(&bytes[16..]);
-            let mk = |v6: bool, sp: u16| {
-                if v6 {
-                    FlowKey::v6(a.into(), sp, d.into(), 7, p)
-                } else {
-                    FlowKey::v4(
-                        [a[0], a[1], a[2], a[3]].into(),
-                        sp,
-                        [d[0], d[1], d[2], d[3]].into(),
-                        7,
-                        p,
-                    )
+        .prop_map(
+            |(b, v6, nat, nat6, class, op, rem, bytes, proto, persist)| {
+                let p = IpProto::from_number(proto);
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&bytes[..16]);
+                let mut d = [0u8; 16];
+                d.copy_from_slice(&bytes[16..]);
+                let mk = |v6: bool, sp: u16| {
+                    if v6 {
+                        FlowKey::v6(a.into(), sp, d.into(), 7, p)
+                    } else {
+                        FlowKey::v4(
+                            [a[0], a[1], a[2], a[3]].into(),
+                            sp,
+                            [d[0], d[1], d[2], d[3]].into(),
+                            7,
+                            p,
+                        )
+                    }
+                };
+                SyncRecord {
+                    op: [RecordOp::New, RecordOp::Update, RecordOp::Delete][usize::from(op)],
+                    key: mk(v6, b as u16),
+                    backend: BackendId(b),
+                    state: FlowState::from_class(class).unwrap_or(FlowState::Other),
+                    remaining_ms: rem,
+                    nat: nat.then(|| mk(nat6, 9)),
+                    persist: persist.map(|p| if v6 { p } else { p % 33 }),
                 }
+            },
+        )
+}
+
+fn svc(v6: bool, port: u16) -> Service {
+    Service {
+        vip: if v6 {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10))
+        },
+        port,
+        proto: IpProto::Udp,
+    }
+}
+
+fn tpl(i: u32, client: Option<bool>, v6: bool) -> TemplateRecord {
+    let service = svc(v6, 5060);
+    let key = match client {
+        Some(c6) => {
+            let a = if c6 {
+                IpAddr::V6(Ipv6Addr::from(u128::from(i) << 64))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(i << 8))
             };
-            SyncRecord {
-                op: [RecordOp::New, RecordOp::Update, RecordOp::Delete][usize::from(op)],
-                key: mk(v6, b as u16),
-                backend: BackendId(b),
-                state: FlowState::from_class(class).unwrap_or(FlowState::Other),
-                remaining_ms: rem,
-                nat: nat.then(|| mk(nat6, 9)),
-            }
-        })
+            TemplateKey::client(a, if c6 { 64 } else { 24 }, service)
+        }
+        None => TemplateKey::affinity(service, u64::from(i) * 0x9e37_79b9_7f4a_7c15),
+    };
+    TemplateRecord {
+        delete: false,
+        key,
+        backend: BackendId(i),
+        remaining_ms: 500 + i,
+        timeout_ms: 300_000,
+    }
+}
+
+fn arb_template() -> impl Strategy<Value = TemplateRecord> {
+    (
+        any::<bool>(),
+        any::<u32>(),
+        any::<(bool, bool, bool)>(),
+        any::<[u8; 16]>(),
+        0u8..=128,
+        any::<(u64, u16, u8)>(),
+        (0u32..=2_073_600_000, 0u32..=2_073_600_000),
+    )
+        .prop_map(
+            |(delete, b, (client, c6, v6), a, prefix, (k, port, proto), (rem, idle))| {
+                let mut service = svc(v6, port);
+                service.proto = IpProto::from_number(proto);
+                let key = if client {
+                    let addr = if c6 {
+                        IpAddr::V6(Ipv6Addr::from(a))
+                    } else {
+                        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+                    };
+                    TemplateKey::client(addr, prefix, service)
+                } else {
+                    TemplateKey::affinity(service, k)
+                };
+                TemplateRecord {
+                    delete,
+                    key,
+                    backend: BackendId(b),
+                    remaining_ms: rem,
+                    timeout_ms: idle,
+                }
+            },
+        )
+}
+
+/// `body` with a valid MAC.
+fn sealed(body: &[u8]) -> Vec<u8> {
+    seal(body, &K)
+}
+
+/// The body (without MAC) of a one-message encoding of `records` and `templates`.
+fn body_of(records: &[SyncRecord], templates: &[TemplateRecord]) -> Vec<u8> {
+    let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    let mut out = Vec::new();
+    tx.encode_items(records, templates, 0, &mut out);
+    assert_eq!(out.len(), 1);
+    let m = &out[0];
+    m[..m.len() - MAC_LEN].to_vec()
 }
 
 #[test]
 fn sizes() {
     assert_eq!(rec(1, false, false).encoded_len(), 23);
     assert_eq!(rec(1, true, true).encoded_len(), 47 + 12);
+    let with_persist = SyncRecord {
+        persist: Some(24),
+        ..rec(1, false, true)
+    };
+    assert_eq!(with_persist.encoded_len(), 23 + 1 + 12);
+    // Template records: 25 to 49 bytes.
+    assert_eq!(tpl(1, Some(false), false).encoded_len(), 25);
+    assert_eq!(tpl(1, None, false).encoded_len(), 28);
+    assert_eq!(tpl(1, None, true).encoded_len(), 40);
+    assert_eq!(tpl(1, Some(true), true).encoded_len(), 49);
+    assert_eq!(tpl(1, Some(true), false).encoded_len(), 37);
+    for (t, len) in [
+        (tpl(1, Some(false), false), 25),
+        (tpl(2, Some(true), true), 49),
+    ] {
+        assert_eq!(body_of(&[], &[t]).len(), HEADER_LEN + len);
+    }
+    // The largest record fits the smallest MTU.
+    let largest = SyncRecord {
+        persist: Some(128),
+        nat: Some(rec(1, true, false).key),
+        ..rec(1, true, false)
+    };
+    assert_eq!(largest.encoded_len(), MAX_RECORD_LEN);
+    assert!(SyncSender::new(1, 1, K, MIN_MTU).is_ok());
+    assert!(SyncSender::new(1, 1, K, MIN_MTU - 1).is_err());
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
     let recs: Vec<_> = (0..200).map(|i| rec(i, false, false)).collect();
     let mut out = Vec::new();
@@ -124,6 +240,134 @@ fn forged_and_malformed_rejected() {
     let t = mac(&K, &body);
     body.extend_from_slice(&t);
     assert_eq!(decode(&body, &K), Err(SyncError::Version(9)));
+}
+
+#[test]
+fn bulk_end_is_an_empty_flagged_records_message() {
+    let mut tx = SyncSender::new(4, 2, K, 1472).unwrap();
+    let m = tx.bulk_end();
+    assert_eq!(m.len(), HEADER_LEN + MAC_LEN);
+    let got = decode(&m, &K).unwrap();
+    assert_eq!(got.header.kind, MessageKind::Records);
+    assert_eq!(got.header.flags, FLAG_BULK | FLAG_BULK_END);
+    assert_eq!(
+        (got.header.sender, got.header.epoch, got.header.seq),
+        (4, 2, 1)
+    );
+    assert!(got.records.is_empty() && got.templates.is_empty());
+    // Sequenced like any other message: a replay is rejected.
+    let mut rx = SyncReceiver::new(K);
+    assert!(rx.receive(&m).is_ok());
+    assert!(rx.receive(&m).is_err());
+    assert_eq!(tx.seq(), 1);
+    // Ordinary and bulk messages carry no end flag.
+    let mut out = Vec::new();
+    tx.encode(&[rec(1, false, false)], &mut out);
+    tx.encode_bulk(&[rec(1, false, false)], &mut out);
+    let flags: Vec<u8> = out
+        .iter()
+        .map(|m| decode(m, &K).unwrap().header.flags)
+        .collect();
+    assert_eq!(flags, [0, FLAG_BULK]);
+}
+
+#[test]
+fn records_come_before_templates_in_a_message() {
+    let r = rec(1, false, false);
+    let t = tpl(1, None, false);
+    let body = body_of(&[r], &[t]);
+    let m = decode(&sealed(&body), &K).unwrap();
+    assert_eq!((m.records, m.templates), (vec![r], vec![t]));
+    // The same items the other way round are rejected.
+    let mut swapped = body[..HEADER_LEN].to_vec();
+    swapped.extend_from_slice(&body[HEADER_LEN + r.encoded_len()..]);
+    swapped.extend_from_slice(&body[HEADER_LEN..HEADER_LEN + r.encoded_len()]);
+    assert_eq!(decode(&sealed(&swapped), &K), Err(SyncError::Op(1)));
+}
+
+#[test]
+fn bad_values_behind_a_valid_mac_are_rejected() {
+    let at = HEADER_LEN;
+    let edit = |body: &[u8], i: usize, v: u8| {
+        let mut b = body.to_vec();
+        b[i] = v;
+        decode(&sealed(&b), &K)
+    };
+    // Connection record: op values, reserved bit, v6 reply flag without a reply tuple.
+    let body = body_of(&[rec(1, false, false)], &[]);
+    for op in [0u8, 6, 7, 0x08 | 1, 0x20 | 1] {
+        assert_eq!(edit(&body, at, op), Err(SyncError::Op(op)), "op {op:#x}");
+    }
+    assert_eq!(edit(&body, at + 1, 13), Err(SyncError::State(13)));
+    // Remaining timeout above the maximum (bytes 15..19 of an IPv4 record).
+    let mut b = body.clone();
+    b[at + 19..at + 23].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(decode(&sealed(&b), &K), Err(SyncError::Timeout(u32::MAX)));
+    // Persistence prefix beyond the address.
+    let p = SyncRecord {
+        persist: Some(32),
+        ..rec(1, false, false)
+    };
+    let body = body_of(&[p], &[]);
+    assert!(decode(&sealed(&body), &K).is_ok());
+    assert_eq!(edit(&body, at + 23, 33), Err(SyncError::Prefix(33)));
+    // Template records: reserved bits, v6 client flag on an affinity template, prefix, masking.
+    let body = body_of(&[], &[tpl(1, None, false)]);
+    for op in [4u8 | 0x08, 4 | 0x10, 4 | 0x20] {
+        assert_eq!(edit(&body, at, op), Err(SyncError::Op(op)), "op {op:#x}");
+    }
+    let c = tpl(0x0001_0203, Some(false), false); // client 1.2.3.0/24
+    let body = body_of(&[], &[c]);
+    assert!(decode(&sealed(&body), &K).is_ok());
+    let prefix_at = at + 20;
+    assert_eq!(edit(&body, prefix_at, 33), Err(SyncError::Prefix(33)));
+    assert_eq!(
+        edit(&body, prefix_at, 16),
+        Err(SyncError::Prefix(16)),
+        "bits beyond /16"
+    );
+    assert_eq!(
+        edit(&body, prefix_at + 4, 1),
+        Err(SyncError::Prefix(24)),
+        "bits beyond /24"
+    );
+    let mut b = body.clone();
+    b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(decode(&sealed(&b), &K), Err(SyncError::Timeout(u32::MAX)));
+    // A resync request carries no items; trailing bytes are rejected.
+    let mut b = body.clone();
+    b[3] = 2;
+    assert_eq!(decode(&sealed(&b), &K), Err(SyncError::Kind(2)));
+    let mut b = body.clone();
+    b.push(0);
+    assert_eq!(decode(&sealed(&b), &K), Err(SyncError::Trailing(1)));
+    // Version 1 messages are not spoken any more.
+    assert_eq!(edit(&body, 2, 1), Err(SyncError::Version(1)));
+}
+
+#[test]
+fn template_record_from_info() {
+    let now = Instant::from_secs(100);
+    let info = crate::TemplateInfo {
+        key: tpl(1, None, false).key,
+        backend: BackendId(7),
+        deadline: Instant::from_secs(130),
+        timeout: Duration::from_secs(300),
+    };
+    let t = TemplateRecord::from_info(false, &info, now);
+    assert_eq!(
+        (t.delete, t.key, t.backend, t.remaining_ms, t.timeout_ms),
+        (false, info.key, BackendId(7), 30_000, 300_000)
+    );
+    // Past deadlines give 0; huge timeouts are capped.
+    let late = TemplateRecord::from_info(true, &info, Instant::from_secs(200));
+    assert_eq!((late.delete, late.remaining_ms), (true, 0));
+    let huge = crate::TemplateInfo {
+        timeout: Duration::from_secs(u64::MAX / 2_000_000_000),
+        ..info
+    };
+    let c = TemplateRecord::from_info(false, &huge, now).timeout_ms;
+    assert_eq!(u128::from(c), MAX_TIMEOUT.as_millis());
 }
 
 #[test]
@@ -189,11 +433,16 @@ fn bulk_resync_installs_with_remaining_timeouts() {
             .collect();
         tx.encode_bulk(&recs, &mut msgs);
     }
+    msgs.push(tx.bulk_end());
+    let mut ended = false;
     for m in &msgs {
         let r = rx.receive(m).unwrap();
-        assert_eq!(r.message.header.flags, 1);
+        assert!(!ended, "the end marker comes last");
+        assert_eq!(r.message.header.flags & FLAG_BULK, FLAG_BULK);
+        ended = r.message.header.flags & FLAG_BULK_END != 0;
         apply(&mut backup, &r.message, now);
     }
+    assert!(ended);
     assert_eq!(backup.len(), 300);
     for e in active.entries(now) {
         let b = backup.get(&e.key, now).unwrap();
@@ -242,33 +491,61 @@ fn records_with_backend_ids_beyond_a_slot_are_refused() {
 
 proptest! {
     #[test]
-    fn encode_decode_is_identity(recs in proptest::collection::vec(arb_record(), 0..40), mtu in 122usize..1500) {
+    fn encode_decode_is_identity(
+        recs in proptest::collection::vec(arb_record(), 0..40),
+        tpls in proptest::collection::vec(arb_template(), 0..40),
+        mtu in MIN_MTU..1500,
+        flags in 0u8..4,
+    ) {
         let mut tx = SyncSender::new(3, 9, K, mtu).unwrap();
         let mut out = Vec::new();
-        tx.encode(&recs, &mut out);
-        let mut got = Vec::new();
+        tx.encode_items(&recs, &tpls, flags, &mut out);
+        prop_assert_eq!(out.is_empty(), recs.is_empty() && tpls.is_empty());
+        let (mut got, mut got_t) = (Vec::new(), Vec::new());
         let mut rx = SyncReceiver::new(K);
         for (i, m) in out.iter().enumerate() {
             prop_assert!(m.len() <= mtu);
             let r = rx.receive(m).unwrap();
             prop_assert_eq!(r.message.header.seq, i as u64 + 1);
+            prop_assert_eq!(r.message.header.flags, flags);
             prop_assert_eq!(r.gap, None);
+            let len: usize = r.message.records.iter().map(SyncRecord::encoded_len).sum::<usize>()
+                + r.message.templates.iter().map(TemplateRecord::encoded_len).sum::<usize>();
+            prop_assert_eq!(HEADER_LEN + len + MAC_LEN, m.len());
+            // Records first: a message with templates holds no record after the last one
+            // received before it.
+            prop_assert!(got_t.is_empty() || r.message.records.is_empty());
             got.extend(r.message.records);
+            got_t.extend(r.message.templates);
         }
         prop_assert_eq!(got, recs);
+        prop_assert_eq!(got_t, tpls);
     }
 
     #[test]
-    fn any_corruption_is_rejected(r in arb_record(), at in any::<prop::sample::Index>(), x in 1u8..=255) {
+    fn any_corruption_is_rejected(
+        r in arb_record(),
+        t in arb_template(),
+        at in any::<prop::sample::Index>(),
+        x in 1u8..=255,
+    ) {
         let mut tx = SyncSender::new(3, 9, K, 1472).unwrap();
         let mut out = Vec::new();
-        tx.encode(&[r], &mut out);
+        tx.encode_items(&[r], &[t], 0, &mut out);
         let mut m = out[0].clone();
         let i = at.index(m.len());
         m[i] ^= x;
         prop_assert_eq!(decode(&m, &K), Err(SyncError::BadMac));
         let cut = at.index(m.len());
         prop_assert!(decode(&out[0][..cut], &K).is_err());
+        // Truncated behind a valid MAC: the parser says so.
+        let body = &out[0][..out[0].len() - MAC_LEN];
+        let cut = at.index(body.len());
+        let truncated = matches!(
+            decode(&sealed(&body[..cut]), &K),
+            Err(SyncError::Truncated { .. })
+        );
+        prop_assert!(truncated);
     }
 
     #[test]

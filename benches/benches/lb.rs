@@ -11,6 +11,7 @@ mod health;
 mod packet;
 mod sched_hash;
 mod sched_policy;
+mod sync;
 
 fn all(c: &mut Criterion) {
     core_hash::register(c);
@@ -20,6 +21,7 @@ fn all(c: &mut Criterion) {
     conntrack::register(c);
     health::register(c);
     dataplane::register(c);
+    sync::register(c);
 }
 
 criterion_group! {

@@ -72,6 +72,24 @@
 //! mac = "02:00:00:00:00:11"  # mode "dr": the backend's MAC on the balancer's segment
 //! upper_conns = 5            # optional: overrides the service's thresholds for this backend
 //! lower_conns = 3
+//!
+//! [ha]                       # optional: one of an active/backup pair (see `crate::ha`)
+//! node_id = 1                # 1..=255, unique in the pair
+//! priority = 200             # 1..=254; higher wins, on a tie the higher node_id
+//! bind = "192.0.2.11:7400"   # UDP: heartbeats and sync arrive here
+//! peers = ["192.0.2.12:7400"]
+//! auth_key = "..."           # shared secret (16+ characters): authenticates heartbeat and
+//!                            # sync, and keys the flow hashes when hash_key is not set
+//! advert_interval_ms = 100   # 10..=10000
+//! preempt = false            # true: a returning higher-priority node takes over again, once
+//!                            # its bulk sync has completed
+//! detector = "timeout"       # timeout (VRRP's 3 adverts + skew) | phi (φ accrual, as well)
+//! watchdog_ms = 1000         # a master whose data path stalls this long yields (>= 300)
+//! refresh_s = 5              # active flows are resent to the backup this often (1..=3600)
+//! sync_mtu = 1472            # sync datagram size
+//! [[ha.address]]             # floating addresses: held by the master only
+//! dev = "front0"
+//! addr = "192.0.2.10/24"
 //! ```
 //!
 //! [`Config::parse`] refuses everything the balancer would refuse at start: it ends with
@@ -232,6 +250,48 @@ pub struct Config {
     pub health: Vec<HealthSpec>,
     /// The flow-hash key from `balancer.hash_key` (`None`: draw a random one at start).
     pub hash_key: Option<HashKey>,
+    /// The `[ha]` section: this balancer is one of an active/backup pair.
+    pub ha: Option<HaConfig>,
+}
+
+/// The `[ha]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaConfig {
+    /// This node's id, 1..=255.
+    pub node_id: u8,
+    /// Election priority, 1..=254.
+    pub priority: u8,
+    /// Where heartbeats and sync messages arrive.
+    pub bind: SocketAddr,
+    /// The other balancers.
+    pub peers: Vec<SocketAddr>,
+    /// The cluster secret (heartbeat and sync MACs are keyed by keys derived from it).
+    pub auth_key: HashKey,
+    /// Time between adverts.
+    pub advert_interval: Duration,
+    /// Whether a higher-priority node takes over from a lower-priority master.
+    pub preempt: bool,
+    /// Whether the φ accrual detector also judges the master (besides the advert timer).
+    pub phi: bool,
+    /// A master whose data path has not run for this long yields.
+    pub watchdog: Duration,
+    /// How often flows that saw traffic are resent to the backup.
+    pub refresh: Duration,
+    /// Sync datagram size.
+    pub sync_mtu: usize,
+    /// Floating addresses, held by the master only.
+    pub addresses: Vec<FloatingAddr>,
+}
+
+/// A floating address: `addr/prefix` on `dev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloatingAddr {
+    /// The interface.
+    pub dev: String,
+    /// The address.
+    pub addr: IpAddr,
+    /// Its prefix length.
+    pub prefix: u8,
 }
 
 impl Config {
@@ -283,6 +343,32 @@ struct RawConfig {
     balancer: Spanned<RawBalancer>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    ha: Option<Spanned<RawHa>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHa {
+    node_id: Spanned<u64>,
+    priority: Spanned<u64>,
+    bind: Spanned<String>,
+    peers: Vec<Spanned<String>>,
+    auth_key: Spanned<String>,
+    advert_interval_ms: Option<Spanned<u64>>,
+    preempt: Option<bool>,
+    detector: Option<Spanned<String>>,
+    watchdog_ms: Option<Spanned<u64>>,
+    refresh_s: Option<Spanned<u64>>,
+    sync_mtu: Option<Spanned<u64>>,
+    #[serde(default)]
+    address: Vec<Spanned<RawFloating>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFloating {
+    dev: Spanned<String>,
+    addr: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -533,6 +619,10 @@ impl Validator<'_> {
         }
         spec.validate()
             .map_err(|e| self.spec_error(&e, raw, &spec))?;
+        let ha = match &raw.ha {
+            Some(h) => Some(self.ha(h.get_ref())?),
+            None => None,
+        };
         Ok(Config {
             device,
             stats,
@@ -540,6 +630,110 @@ impl Validator<'_> {
             dataplane: spec,
             health,
             hash_key,
+            ha,
+        })
+    }
+
+    fn ha(&self, h: &RawHa) -> Result<HaConfig, ConfigError> {
+        let node_id = self.int(&h.node_id, "ha.node_id", 1, 255)? as u8;
+        let priority = self.int(&h.priority, "ha.priority", 1, 254)? as u8;
+        let bind = self.parse::<SocketAddr>(&h.bind, "ha.bind")?;
+        let mut peers = Vec::new();
+        for (i, p) in h.peers.iter().enumerate() {
+            let a = self.parse::<SocketAddr>(p, &format!("ha.peers[{i}]"))?;
+            if a == bind {
+                return Err(self.err(p.span(), format!("ha.peers[{i}]"), "is ha.bind itself"));
+            }
+            peers.push(a);
+        }
+        if peers.is_empty() {
+            return Err(self.err(
+                h.bind.span(),
+                "ha.peers",
+                "at least one peer (the other balancer of the pair)",
+            ));
+        }
+        let key = h.auth_key.get_ref();
+        if key.chars().count() < MIN_PASSPHRASE {
+            return Err(self.err(
+                h.auth_key.span(),
+                "ha.auth_key",
+                format!("a secret of at least {MIN_PASSPHRASE} characters"),
+            ));
+        }
+        let advert = self.opt_int(
+            &h.advert_interval_ms,
+            "ha.advert_interval_ms",
+            (10, 10_000),
+            1000,
+        )?;
+        let phi = match &h.detector {
+            None => false,
+            Some(d) => match d.get_ref().as_str() {
+                "timeout" => false,
+                "phi" => true,
+                other => {
+                    return Err(self.err(
+                        d.span(),
+                        "ha.detector",
+                        format!("`{other}`: one of timeout, phi"),
+                    ))
+                }
+            },
+        };
+        let watchdog = self.opt_int(&h.watchdog_ms, "ha.watchdog_ms", (300, 600_000), 1000)?;
+        let refresh = self.opt_int(&h.refresh_s, "ha.refresh_s", (1, 3600), 5)?;
+        let sync_mtu = self.opt_int(&h.sync_mtu, "ha.sync_mtu", (576, 65_507), 1472)? as usize;
+        let mut addresses = Vec::new();
+        for (i, a) in h.address.iter().enumerate() {
+            let a = a.get_ref();
+            let field = format!("ha.address[{i}].addr");
+            let dev = a.dev.get_ref().clone();
+            if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ', '\0']) {
+                return Err(self.err(
+                    a.dev.span(),
+                    format!("ha.address[{i}].dev"),
+                    "an interface name of 1 to 15 characters without '/' or spaces",
+                ));
+            }
+            let text = a.addr.get_ref();
+            let (ip, prefix) = text.split_once('/').ok_or_else(|| {
+                self.err(
+                    a.addr.span(),
+                    &field,
+                    format!("`{text}`: want ADDRESS/PREFIX"),
+                )
+            })?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|e| self.err(a.addr.span(), &field, format!("`{text}`: {e}")))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let prefix = prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| {
+                    self.err(a.addr.span(), &field, format!("`{text}`: prefix 0..={max}"))
+                })?;
+            addresses.push(FloatingAddr {
+                dev,
+                addr: ip,
+                prefix,
+            });
+        }
+        Ok(HaConfig {
+            node_id,
+            priority,
+            bind,
+            peers,
+            auth_key: HashKey::from_passphrase(key),
+            advert_interval: Duration::from_millis(advert),
+            preempt: h.preempt.unwrap_or(false),
+            phi,
+            watchdog: Duration::from_millis(watchdog),
+            refresh: Duration::from_secs(refresh),
+            sync_mtu,
+            addresses,
         })
     }
 
@@ -1333,6 +1527,86 @@ addr = "[2001:db8:51::11]:53"
     }
 
     const SVC: &str = "persistence_timeout_s = 0";
+    const HA: &str = "\n[ha]\nnode_id = 1\npriority = 200\nbind = \"192.0.2.11:7400\"\n\
+        peers = [\"192.0.2.12:7400\"]\nauth_key = \"at least sixteen characters\"\n\
+        advert_interval_ms = 100\npreempt = false\n[[ha.address]]\ndev = \"front0\"\n\
+        addr = \"192.0.2.10/24\"\n[[ha.address]]\ndev = \"back0\"\n\
+        addr = \"2001:db8:b::1/64\"\n";
+
+    #[test]
+    fn ha_section_parses() {
+        assert_eq!(Config::parse(GOOD, "t.toml").unwrap().ha, None);
+        let c = Config::parse(&format!("{GOOD}{HA}"), "t.toml").unwrap();
+        let h = c.ha.unwrap();
+        assert_eq!(
+            (h.node_id, h.priority, h.preempt, h.phi),
+            (1, 200, false, false)
+        );
+        assert_eq!(h.bind, "192.0.2.11:7400".parse().unwrap());
+        assert_eq!(h.peers, vec!["192.0.2.12:7400".parse().unwrap()]);
+        assert_eq!(h.advert_interval, Duration::from_millis(100));
+        assert_eq!(
+            h.auth_key,
+            HashKey::from_passphrase("at least sixteen characters")
+        );
+        assert_eq!(h.addresses.len(), 2);
+        assert_eq!(
+            h.addresses[1],
+            FloatingAddr {
+                dev: "back0".into(),
+                addr: "2001:db8:b::1".parse().unwrap(),
+                prefix: 64
+            }
+        );
+        assert_eq!(
+            (h.watchdog, h.refresh, h.sync_mtu),
+            (Duration::from_secs(1), Duration::from_secs(5), 1472)
+        );
+    }
+
+    #[test]
+    fn ha_rules_name_line_and_field() {
+        let t = |from: &str, to: &str| format!("{GOOD}{}", HA.replace(from, to));
+        fails_at(
+            &t("node_id = 1", "node_id = 0"),
+            "node_id = 0",
+            "ha.node_id",
+        );
+        fails_at(
+            &t("priority = 200", "priority = 255"),
+            "priority = 255",
+            "ha.priority",
+        );
+        fails_at(
+            &t("\"192.0.2.12:7400\"", "\"192.0.2.11:7400\""),
+            "peers",
+            "ha.peers[0]",
+        );
+        fails_at(&t("sixteen characters", "short"), "auth_key", "ha.auth_key");
+        fails_at(
+            &t("advert_interval_ms = 100", "advert_interval_ms = 1"),
+            "advert_interval_ms",
+            "ha.advert_interval_ms",
+        );
+        fails_at(
+            &t("192.0.2.10/24", "192.0.2.10"),
+            "addr = \"192.0.2.10\"",
+            "ha.address[0].addr",
+        );
+        fails_at(
+            &t("192.0.2.10/24", "192.0.2.10/33"),
+            "addr = \"192.0.2.10/33",
+            "ha.address[0].addr",
+        );
+        fails_at(
+            &t("preempt = false", "preempt = false\ndetector = \"psychic\""),
+            "detector",
+            "ha.detector",
+        );
+        let e = err(&t("preempt = false", "preempt = false\nvrid = 3"));
+        assert!(e.message.contains("vrid"), "{e}");
+    }
+
     const BACKEND: &str = "addr = \"198.51.100.11:80\"";
 
     #[test]

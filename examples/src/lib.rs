@@ -5,9 +5,12 @@
 //! on it: `tun-balancer` (a balancer over
 //! TUN/TAP), `lb-decap` (backend-side decapsulation), `lb-sim` (hashing and scheduling simulator).
 //!
-//! The I/O lives in [`config`] (the TOML file), [`sys`] (TUN/TAP devices and raw sockets: the
-//! only module with `unsafe`), [`probe`] (health-check probes) [`stats_server`] (statistics
-//! over TCP) and [`render`] (their JSON and Prometheus text); [`runtime`] runs the `tun-balancer` process on them.
+//! The I/O lives in [`config`] (the TOML file), [`sys`] (TUN/TAP devices and raw sockets),
+//! [`netlink`] (interface addresses) and [`announce`] (gratuitous ARP, unsolicited neighbour
+//! advertisements) — the modules with `unsafe`, each block with its SAFETY note — [`probe`]
+//! (health-check probes), [`stats_server`] (statistics over TCP) and [`render`] (their JSON and
+//! Prometheus text); [`runtime`] runs the `tun-balancer` process on them, [`ha`] its
+//! active/backup pair.
 //!
 //! Binaries:
 //! - `tun-balancer --config FILE [--check]`: see [`config`] for the file, [`runtime`] for the
@@ -20,6 +23,7 @@
 
 pub mod announce;
 pub mod config;
+pub mod ha;
 pub mod netlink;
 pub mod probe;
 pub mod render;

@@ -23,6 +23,7 @@ use lb_health::{Action, HealthChecker};
 use rand::SeedableRng;
 
 use crate::config::{Config, HealthSpec};
+use crate::ha::{self, HaShared};
 use crate::probe::ProbeRunner;
 use crate::render::{
     error_json, explain_json, explain_query, to_json, to_prometheus, BackendLabel,
@@ -40,6 +41,9 @@ struct Shared {
     dp: Mutex<Dataplane>,
     labels: Mutex<Vec<BackendLabel>>,
     tx_errors: AtomicU64,
+    /// The pair's state (roles, data-path kicks); `has_ha`: an `[ha]` section is configured.
+    ha: HaShared,
+    has_ha: bool,
 }
 
 impl Shared {
@@ -69,9 +73,22 @@ impl Shared {
         };
         match f {
             Format::Explain(_) => String::new(),
+            Format::Json if self.has_ha => {
+                let j = to_json(&s, &t, &labels);
+                match serde_json::from_str::<serde_json::Value>(&j) {
+                    Ok(mut v) => {
+                        v["ha"] = self.ha.json();
+                        v.to_string()
+                    }
+                    Err(_) => j,
+                }
+            }
             Format::Json => to_json(&s, &t, &labels),
             Format::Prometheus => {
                 let mut o = to_prometheus(&s, &t, &labels);
+                if self.has_ha {
+                    o.push_str(&self.ha.prometheus());
+                }
                 o.push_str(&format!(
                     "# HELP lb_tx_errors_total Writes to the device that failed.\n# TYPE lb_tx_errors_total counter\nlb_tx_errors_total {}\n",
                     self.tx_errors.load(Ordering::Relaxed)
@@ -121,9 +138,11 @@ fn now(epoch: StdInstant) -> Instant {
 /// The configuration is invalid, the device cannot be opened, or the stats port cannot be bound.
 pub fn run(config_path: &Path) -> Result<(), String> {
     let cfg = Config::load(config_path).map_err(|e| e.to_string())?;
-    let key = match cfg.hash_key {
-        Some(k) => k,
-        None => {
+    let key = match (cfg.hash_key, &cfg.ha) {
+        (Some(k), _) => k,
+        // The pair must agree on every hash (Maglev, SIP Call-IDs): key them by the secret.
+        (None, Some(ha)) => ha.auth_key.derive("flow-hash"),
+        (None, None) => {
             tracing::warn!(
                 "no balancer.hash_key: flows are hashed under a random key, so other balancers \
                  (and this one after a restart) will place them differently"
@@ -156,6 +175,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         seed: u64::from_le_bytes(random_bytes()),
         snat_ports: cfg.dataplane.snat_ports.clone(),
         removal_log: 0,
+        sync_log: if cfg.ha.is_some() { ha::SYNC_LOG } else { 0 },
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
     let epoch = StdInstant::now();
@@ -165,6 +185,8 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         dp: Mutex::new(dp),
         labels: Mutex::new(labels(&cp)),
         tx_errors: AtomicU64::new(0),
+        ha: HaShared::new(queues.len()),
+        has_ha: cfg.ha.is_some(),
     });
     let stats_server = match cfg.stats {
         Some(addr) => {
@@ -187,8 +209,29 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         workers.push(h);
     }
+    let ha_thread = match cfg.ha.clone() {
+        Some(hc) => {
+            let sh = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("ha".into())
+                    .spawn(move || {
+                        if let Err(e) = ha::run(&hc, &sh.dp, &sh.ha, &sh.stop, epoch) {
+                            tracing::error!("ha: {e}");
+                            // A pair member that cannot take part must not run alone.
+                            sh.stop.store(true, Ordering::Release);
+                        }
+                    })
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        None => None,
+    };
     let result = control(config_path, cfg, &mut cp, &shared, epoch);
     shared.stop.store(true, Ordering::Release);
+    if let Some(h) = ha_thread {
+        let _ = h.join();
+    }
     for w in workers {
         let _ = w.join();
     }
@@ -223,6 +266,7 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
     let mut write_errors = 0u64;
     let mut full = false;
     while !sh.stop.load(Ordering::Acquire) {
+        sh.ha.kick(i, crate::ha::mono_ms(epoch));
         // After a full batch more is probably queued: read again without waiting in poll.
         if !full {
             if let Err(e) = q.wait_readable(100) {
@@ -280,6 +324,13 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         }
         if housekeeping {
             last_housekeeping = StdInstant::now();
+        }
+        if sh.has_ha
+            && verdicts[..n]
+                .iter()
+                .any(|v| matches!(v, Verdict::Forward { .. }))
+        {
+            sh.ha.forwarded();
         }
         for k in 0..n {
             match verdicts[k] {

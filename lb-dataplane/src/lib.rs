@@ -80,6 +80,7 @@ mod load;
 mod sip;
 mod spec;
 mod stats;
+mod sync;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -112,6 +113,7 @@ pub use spec::{
     SchedulerKind, ServiceSpec, TunnelKind, UnknownName, UnknownScheduler,
 };
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
+pub use sync::{SyncApplied, SyncChange, SyncCursor};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
 pub use validate::SpecError;
 
@@ -199,6 +201,10 @@ pub struct DataplaneOptions {
     /// Removals kept for [`Dataplane::poll_removal`] (0: none kept; a state-sync sender wants
     /// a few bursts' worth and reads them after every burst).
     pub removal_log: usize,
+    /// Changes kept for the state-sync sender ([`Dataplane::sync_drain`]); 0: none (a balancer
+    /// without a peer). A sender draining every few milliseconds wants room for a few
+    /// milliseconds of new flows at the highest rate expected, e.g. 65 536.
+    pub sync_log: usize,
 }
 
 impl DataplaneOptions {
@@ -210,6 +216,7 @@ impl DataplaneOptions {
             seed: 1,
             snat_ports: SNAT_PORTS,
             removal_log: 0,
+            sync_log: 0,
         }
     }
 
@@ -248,6 +255,9 @@ pub struct Dataplane {
     /// `removal_log_cap`.
     removal_log: std::collections::VecDeque<Removal>,
     removal_log_cap: usize,
+    /// Changes for the sync sender ([`DataplaneOptions::sync_log`]), at most `sync_cap`.
+    sync: std::collections::VecDeque<sync::SyncChange>,
+    sync_cap: usize,
     /// IPv4 flows and IPv6 flows: one SNAT pool per table, as lb-conntrack's pools are of one
     /// address family.
     ct4: ConnTable,
@@ -328,6 +338,7 @@ impl Dataplane {
             seed,
             snat_ports,
             removal_log,
+            sync_log,
         } = opts;
         let (cfg, cfg6) = spec.conntrack_configs();
         let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
@@ -368,6 +379,8 @@ impl Dataplane {
             sessions: SessionStats::new(SESSION_STATS_BACKENDS),
             removal_log: std::collections::VecDeque::with_capacity(removal_log),
             removal_log_cap: removal_log,
+            sync: std::collections::VecDeque::with_capacity(sync_log),
+            sync_cap: sync_log,
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -514,6 +527,9 @@ impl Dataplane {
     #[inline]
     fn removed(&mut self, r: &Removal) {
         self.live.removed(r);
+        if sync::synced_removal(r.reason) {
+            self.sync_log(sync::SyncChange::Gone(r.key));
+        }
         let ms = u64::try_from((r.last_seen - r.opened).as_millis()).unwrap_or(u64::MAX);
         self.sessions.record(r.backend, ms, r.packets);
         if self.removal_log_cap > 0 {
@@ -758,6 +774,7 @@ impl Dataplane {
             Some(hit) => {
                 if hit.changed {
                     self.live.moved(hit.backend, hit.was, hit.state);
+                    self.sync_log(sync::SyncChange::Flow(key));
                 }
                 if key.proto() == IpProto::Tcp && p.payload < p.end {
                     // Data from the client: starts the response clock of a timed flow.
@@ -884,6 +901,13 @@ impl Dataplane {
         if let Some((prefix, tk)) = persist {
             let _ = ct.persist_mut().insert(tk, id, svc.persistence, now);
             flow = flow.with_persist(prefix);
+            if self.sync_cap > 0 {
+                self.sync.push_back(sync::SyncChange::Template(tk));
+                if self.sync.len() > self.sync_cap {
+                    self.sync.pop_back();
+                    self.stats.sync_lost += 1;
+                }
+            }
         }
         let state = flow.initial_state();
         let (inserted, nat_tuple) = match svc.mode {
@@ -916,6 +940,7 @@ impl Dataplane {
         let timed = syn && matches!(svc.mode, Mode::Nat | Mode::Dnat);
         if inserted {
             self.flow_opened(id, state);
+            self.sync_log(sync::SyncChange::Flow(key));
         }
         if timed {
             self.timing.syn(&key, id, now);
@@ -949,6 +974,7 @@ impl Dataplane {
         };
         if hit.changed || hit.was.is_none() {
             self.live.moved(hit.backend, hit.was, hit.state);
+            self.sync_log(sync::SyncChange::Flow(orig));
         }
         self.observe_reply(
             buf.get(start..end).unwrap_or(&[]),

@@ -155,6 +155,7 @@ impl Dataplane {
                         if let Some(s) = bs {
                             s.sip_calls += 1;
                         }
+                        self.sync_log(crate::sync::SyncChange::Template(tk));
                     }
                     None if how == Placement::CallId => {
                         if let Some(s) = bs {
@@ -229,6 +230,9 @@ impl Dataplane {
             Some((None, state)) => self.flow_opened(id, state),
             Some((was, state)) => self.live.moved(id, was, state),
             None => {}
+        }
+        if opened.is_some() {
+            self.sync_log(crate::sync::SyncChange::Flow(bkey));
         }
         let Some(b) = self.tables.backend(id) else {
             return Some(Verdict::Drop(DropReason::NoBackend));

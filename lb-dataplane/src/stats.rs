@@ -108,6 +108,9 @@ pub struct Stats {
     pub sip_not_sip: u64,
     /// Removals the embedder's removal log dropped unread (oldest first).
     pub removals_unread: u64,
+    /// Changes the sync log dropped because it was full: the backup misses them until the
+    /// next bulk dump (the embedder sends one when this moves).
+    pub sync_lost: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -156,6 +159,7 @@ impl Stats {
         self.icmp_generated += other.icmp_generated;
         self.sip_not_sip += other.sip_not_sip;
         self.removals_unread += other.removals_unread;
+        self.sync_lost += other.sync_lost;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

@@ -712,3 +712,6 @@ fn finished_flows_feed_the_session_histograms() {
 
 #[path = "load_tests.rs"]
 mod load;
+
+#[path = "sync_tests.rs"]
+mod sync_tests;

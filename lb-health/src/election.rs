@@ -174,6 +174,18 @@ impl Election {
         Ok(())
     }
 
+    /// Whether this node preempts a lower-priority master. A node that has just joined or
+    /// restarted sets `false` until its state is synced, then the configured value: it then
+    /// takes over only once it holds the connections it would have to forward.
+    pub fn set_preempt(&mut self, preempt: bool) {
+        self.cfg.preempt = preempt;
+    }
+
+    /// Whether this node preempts a lower-priority master.
+    pub fn preempt(&self) -> bool {
+        self.cfg.preempt
+    }
+
     fn become_master(&mut self, now: Instant) {
         self.state = ElectionState::Master;
         self.master = Some(self.cfg.id);
@@ -412,5 +424,25 @@ mod tests {
         );
         m.restart(Instant::from_secs(20));
         assert_eq!(m.state(), ElectionState::Backup);
+    }
+
+    #[test]
+    fn preemption_waits_for_set_preempt() {
+        // A returning higher-priority node that is not yet synced accepts the lower master.
+        let mut e = el(2, 200, false);
+        let mut t = Instant::ZERO;
+        for _ in 0..10 {
+            t += Duration::from_secs(1);
+            e.handle_advert(NodeId(1), 100, t);
+            assert_eq!(drain(&mut e, t), vec![]);
+        }
+        assert_eq!(e.state(), ElectionState::Backup);
+        assert!(!e.preempt());
+        // Synced: it now lets the lower master's adverts pass and takes over.
+        e.set_preempt(true);
+        e.handle_advert(NodeId(1), 100, t);
+        let later = t + e.master_down_interval();
+        assert!(drain(&mut e, later).contains(&ElectionAction::TakeOver));
+        assert!(e.is_master());
     }
 }

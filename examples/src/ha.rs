@@ -1,0 +1,1034 @@
+//! The active/backup pair: heartbeat, election, floating addresses and connection sync, on one
+//! thread of `tun-balancer` (the "HA thread").
+//!
+//! # What the thread does
+//! - **Heartbeat and election** (lb-health): every `advert_interval` the node sends an
+//!   authenticated status (role, priority) to its peers; statuses of a peer that claims to be
+//!   master are the VRRP adverts of [`Election`]. A backup that hears no advert for three
+//!   intervals plus its skew (or whose φ accrual detector suspects the master, with
+//!   `detector = "phi"`) takes over.
+//! - **Takeover** installs nothing (the synced flows are already in the table: *install before
+//!   you announce*), adds every floating address (rtnetlink), announces each (gratuitous ARP,
+//!   unsolicited neighbour advertisement) at once and again after 0.1, 0.5, 1 and 2 s, and again
+//!   whenever a lower-priority master is heard. A node that becomes backup removes them.
+//! - **Sync** (lb-conntrack's wire format, lb-dataplane's sync log): every [`TICK`] the master
+//!   drains the data path's log of changed flows and templates (one record per key, its latest
+//!   state), packs them into MTU-sized authenticated datagrams and sends them; a rolling pass
+//!   resends flows that saw traffic every `refresh_s`. A backup installs what it receives with
+//!   the remaining timeouts. A gap in the sequence numbers, or a first message from a new
+//!   epoch, makes the backup ask for a bulk dump, which the master sends in chunks, followed by
+//!   an end marker. Until a node's bulk sync has completed it does not preempt (*fail back only
+//!   when synced*).
+//! - **Failure of the master itself**: a data path that stops running for `watchdog_ms`
+//!   (lb-health's [`Watchdog`] over the data-path threads' kicks) makes the master send a
+//!   priority-0 advert and step down to `fault` until it runs again; a process that was frozen
+//!   (SIGSTOP, a VM pause) longer than the master-down interval steps down as soon as it runs
+//!   again, before it sends anything, so the node that took over in the meantime keeps the
+//!   addresses (no second flap).
+//! - **Split brain healing**: a master that hears from a peer it had declared dead asks it for a
+//!   bulk dump and merges the flows it does not have (flows opened on either side while the link
+//!   was cut survive the healing); the election then leaves one master.
+//!
+//! The data path never waits for any of this: it appends keys to a preallocated log under the
+//! lock it already holds; the HA thread does every system call.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant as StdInstant, SystemTime, UNIX_EPOCH};
+
+use lb_conntrack::sync::{
+    MessageKind, SyncError, SyncReceiver, SyncRecord, SyncSender, TemplateRecord, FLAG_BULK,
+    FLAG_BULK_END,
+};
+use lb_core::{Duration, Instant};
+use lb_dataplane::{Dataplane, SyncCursor};
+use lb_health::heartbeat::{Destination, Handled};
+use lb_health::{
+    DetectorConfig, Election, ElectionAction, ElectionConfig, HealthError, HeartbeatNode,
+    MembershipEvent, NodeConfig, NodeId, PhiConfig, Role, Watchdog, WatchdogEvent,
+};
+
+use crate::announce::Announcer;
+use crate::config::{FloatingAddr, HaConfig};
+use crate::netlink;
+
+/// How often the HA thread drains the sync log and sends: a flow is on the wire to the backup
+/// at most this long after the data path created it.
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// Changes turned into records per tick at most (the rest wait for the next tick).
+const DRAIN_MAX: usize = 16_384;
+
+/// Entries exported per tick by a bulk dump or a refresh pass.
+const EXPORT_CHUNK: usize = 2048;
+
+/// Capacity of the data path's sync log: room for about 16 ms of new flows at 1 M/s.
+pub const SYNC_LOG: usize = 1 << 16;
+
+/// When a takeover's announcements are repeated, after the first.
+const REANNOUNCE: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+    Duration::from_millis(2000),
+];
+
+/// Roles as stored in [`HaShared::role`].
+pub mod role {
+    /// Starting.
+    pub const INIT: u8 = 0;
+    /// Backup: the addresses are the peer's.
+    pub const BACKUP: u8 = 1;
+    /// Master: holds the floating addresses and forwards.
+    pub const MASTER: u8 = 2;
+    /// Stepped down because its own data path stalled.
+    pub const FAULT: u8 = 3;
+
+    /// The name shown in the statistics.
+    pub fn name(r: u8) -> &'static str {
+        match r {
+            BACKUP => "backup",
+            MASTER => "master",
+            FAULT => "fault",
+            _ => "init",
+        }
+    }
+}
+
+/// Counters of the HA thread, shown in the statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HaCounters {
+    /// Records (flows and templates) sent to peers.
+    pub sent: u64,
+    /// Sync datagrams sent.
+    pub datagrams_sent: u64,
+    /// Sync bytes sent (UDP payload).
+    pub bytes_sent: u64,
+    /// Records received in accepted messages.
+    pub received: u64,
+    /// Records installed or refreshed.
+    pub installed: u64,
+    /// Records the tables refused.
+    pub refused: u64,
+    /// Gaps in the peer's sequence numbers.
+    pub gaps: u64,
+    /// Bulk dumps asked for.
+    pub resyncs: u64,
+    /// Bulk dumps sent to a peer.
+    pub bulk_sent: u64,
+    /// Bulk dumps received completely.
+    pub bulk_received: u64,
+    /// Changes the data path's sync log could not hold.
+    pub lost: u64,
+    /// Changes waiting in the data path's log at the last drain.
+    pub lag_records: u64,
+    /// Heartbeats and sync messages with a wrong MAC.
+    pub auth_failures: u64,
+    /// Replayed, reordered or stale messages.
+    pub replays: u64,
+    /// Malformed datagrams.
+    pub malformed: u64,
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Role changes.
+    pub transitions: u64,
+    /// Send errors.
+    pub send_errors: u64,
+}
+
+/// What the statistics show about the pair.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HaStatus {
+    /// This node.
+    pub node_id: u8,
+    /// The priority it announces.
+    pub priority: u8,
+    /// Milliseconds since the peer was last heard (`None`: never).
+    pub peer_seen_ms_ago: Option<u64>,
+    /// Whether the bulk sync completed (or this node has been master since).
+    pub synced: bool,
+    /// Counters.
+    pub counters: HaCounters,
+    /// Unix time (ms) of the last takeover by this node.
+    pub takeover_unix_ms: Option<u64>,
+    /// Why the role last changed.
+    pub last_reason: String,
+}
+
+/// State shared by the HA thread, the data-path threads and the statistics server.
+#[derive(Debug)]
+pub struct HaShared {
+    role: AtomicU8,
+    /// Per data-path thread: monotonic milliseconds of its last loop.
+    kicks: Vec<AtomicU64>,
+    first_forward_armed: AtomicBool,
+    first_forward_unix_ms: AtomicU64,
+    status: Mutex<HaStatus>,
+}
+
+impl HaShared {
+    /// Shared state for `queues` data-path threads.
+    pub fn new(queues: usize) -> HaShared {
+        HaShared {
+            role: AtomicU8::new(role::INIT),
+            kicks: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            first_forward_armed: AtomicBool::new(false),
+            first_forward_unix_ms: AtomicU64::new(0),
+            status: Mutex::new(HaStatus::default()),
+        }
+    }
+
+    /// The current role ([`role`]).
+    pub fn role(&self) -> u8 {
+        self.role.load(Ordering::Relaxed)
+    }
+
+    /// Data-path thread `queue` ran at `ms` (monotonic milliseconds).
+    #[inline]
+    pub fn kick(&self, queue: usize, ms: u64) {
+        if let Some(k) = self.kicks.get(queue) {
+            k.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// A data-path thread forwarded a packet: the first one after a takeover is timed.
+    #[inline]
+    pub fn forwarded(&self) {
+        if self.first_forward_armed.load(Ordering::Relaxed)
+            && self.first_forward_armed.swap(false, Ordering::AcqRel)
+        {
+            self.first_forward_unix_ms
+                .store(unix_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The oldest kick of the data-path threads.
+    fn oldest_kick(&self) -> u64 {
+        self.kicks
+            .iter()
+            .map(|k| k.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// The `ha` object of the JSON statistics.
+    pub fn json(&self) -> serde_json::Value {
+        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let c = &s.counters;
+        let ff = self.first_forward_unix_ms.load(Ordering::Relaxed);
+        serde_json::json!({
+            "role": role::name(self.role()),
+            "node_id": s.node_id,
+            "priority": s.priority,
+            "peer_seen_ms_ago": s.peer_seen_ms_ago,
+            "synced": s.synced,
+            "takeover_unix_ms": s.takeover_unix_ms,
+            "first_forward_unix_ms": (ff > 0).then_some(ff),
+            "transitions": c.transitions,
+            "last_reason": s.last_reason,
+            "heartbeats": c.heartbeats,
+            "drops": {
+                "auth": c.auth_failures, "replay": c.replays, "malformed": c.malformed,
+                "send_errors": c.send_errors,
+            },
+            "sync": {
+                "sent": c.sent, "datagrams_sent": c.datagrams_sent, "bytes_sent": c.bytes_sent,
+                "received": c.received, "installed": c.installed, "refused": c.refused,
+                "gaps": c.gaps, "resyncs": c.resyncs, "bulk_sent": c.bulk_sent,
+                "bulk_received": c.bulk_received, "lost": c.lost, "lag_records": c.lag_records,
+            },
+        })
+    }
+
+    /// The same as Prometheus text.
+    pub fn prometheus(&self) -> String {
+        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let c = &s.counters;
+        let mut o = String::new();
+        let r = self.role();
+        o.push_str(
+            "# HELP lb_ha_role The node's role (1 for the current one).\n# TYPE lb_ha_role gauge\n",
+        );
+        for x in [role::INIT, role::BACKUP, role::MASTER, role::FAULT] {
+            o.push_str(&format!(
+                "lb_ha_role{{role=\"{}\"}} {}\n",
+                role::name(x),
+                u8::from(x == r)
+            ));
+        }
+        o.push_str(&format!(
+            "# HELP lb_ha_priority Election priority.\n# TYPE lb_ha_priority gauge\nlb_ha_priority {}\n",
+            s.priority
+        ));
+        if let Some(ms) = s.peer_seen_ms_ago {
+            o.push_str(&format!(
+                "# HELP lb_ha_peer_seen_ms_ago Since the peer was last heard.\n# TYPE lb_ha_peer_seen_ms_ago gauge\nlb_ha_peer_seen_ms_ago {ms}\n"
+            ));
+        }
+        for (name, help, v) in [
+            ("sync_sent", "Sync records sent.", c.sent),
+            ("sync_received", "Sync records received.", c.received),
+            (
+                "sync_installed",
+                "Sync records installed or refreshed.",
+                c.installed,
+            ),
+            (
+                "sync_refused",
+                "Sync records the tables refused.",
+                c.refused,
+            ),
+            ("sync_gaps", "Gaps in the peer's sync sequence.", c.gaps),
+            ("sync_resyncs", "Bulk syncs asked for.", c.resyncs),
+            ("sync_lost", "Changes the sync log could not hold.", c.lost),
+            (
+                "auth_failures",
+                "Messages with a wrong MAC.",
+                c.auth_failures,
+            ),
+            ("replays", "Replayed or stale messages.", c.replays),
+            ("malformed", "Malformed messages.", c.malformed),
+            ("transitions", "Role changes.", c.transitions),
+        ] {
+            o.push_str(&format!(
+                "# HELP lb_ha_{name}_total {help}\n# TYPE lb_ha_{name}_total counter\nlb_ha_{name}_total {v}\n"
+            ));
+        }
+        o.push_str(&format!(
+            "# HELP lb_ha_sync_lag_records Changes waiting to be sent.\n# TYPE lb_ha_sync_lag_records gauge\nlb_ha_sync_lag_records {}\n",
+            c.lag_records
+        ));
+        o
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for the takeover-gap measurement only).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A bulk dump in progress.
+#[derive(Debug, Clone, Copy)]
+struct Dump {
+    cursor: SyncCursor,
+    to: Option<SocketAddr>,
+}
+
+/// The HA thread's state.
+struct Ha<'a> {
+    cfg: &'a HaConfig,
+    dp: &'a Mutex<Dataplane>,
+    sh: &'a HaShared,
+    epoch: StdInstant,
+    sock: UdpSocket,
+    hb: HeartbeatNode,
+    el: Election,
+    tx: SyncSender,
+    rx: SyncReceiver,
+    watchdog: Watchdog,
+    announcer: Announcer,
+    /// Where each peer's messages come from.
+    peer_addr: HashMap<NodeId, SocketAddr>,
+    /// Peers declared dead (a later message from one is a healing).
+    dead: HashSet<NodeId>,
+    last_heard: Option<Instant>,
+    role: u8,
+    synced: bool,
+    dump: Option<Dump>,
+    refresh: Option<(SyncCursor, Instant)>,
+    next_refresh: Instant,
+    last_pass: Instant,
+    last_resync_request: Option<Instant>,
+    reannounce: VecDeque<Instant>,
+    last_loop: Instant,
+    lost_seen: u64,
+    counters: HaCounters,
+    takeover_unix_ms: Option<u64>,
+    reason: String,
+    seen: HashSet<lb_dataplane::SyncChange>,
+    records: Vec<SyncRecord>,
+    templates: Vec<TemplateRecord>,
+    out: Vec<Vec<u8>>,
+}
+
+/// Monotonic milliseconds since `epoch` (the data-path threads' kicks).
+pub fn mono_ms(epoch: StdInstant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now(epoch: StdInstant) -> Instant {
+    Instant::from_nanos(u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Runs the HA thread until `stop`; on the way out a master hands over (a priority-0 advert)
+/// and every floating address is removed.
+///
+/// # Errors
+/// The socket cannot be bound, or the lb-health state machines reject the configuration.
+pub fn run(
+    cfg: &HaConfig,
+    dp: &Mutex<Dataplane>,
+    sh: &HaShared,
+    stop: &AtomicBool,
+    epoch: StdInstant,
+) -> Result<(), String> {
+    let mut ha = Ha::new(cfg, dp, sh, epoch)?;
+    while !stop.load(Ordering::Acquire) {
+        ha.step();
+    }
+    ha.shutdown();
+    Ok(())
+}
+
+impl<'a> Ha<'a> {
+    fn new(
+        cfg: &'a HaConfig,
+        dp: &'a Mutex<Dataplane>,
+        sh: &'a HaShared,
+        epoch: StdInstant,
+    ) -> Result<Ha<'a>, String> {
+        let sock = UdpSocket::bind(cfg.bind)
+            .map_err(|e| format!("ha.bind {}: cannot bind: {e}", cfg.bind))?;
+        sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let t = now(epoch);
+        // A new generation (heartbeat) and epoch (sync) at every start: tenths of a second
+        // since 2026, so a restart within the same second is still newer.
+        let gen = unix_ms().saturating_sub(1_767_225_600_000) / 100;
+        let interval = cfg.advert_interval;
+        let el_cfg = ElectionConfig {
+            id: NodeId(u32::from(cfg.node_id)),
+            priority: cfg.priority,
+            // Until this node's bulk sync completed.
+            preempt: false,
+            advert_interval: interval,
+        };
+        let el = Election::new(el_cfg, t).map_err(|e| format!("ha: {e}"))?;
+        let detector = if cfg.phi {
+            DetectorConfig::Phi(PhiConfig {
+                first_heartbeat_estimate: interval,
+                min_std_dev: interval / 2,
+                ..PhiConfig::default()
+            })
+        } else {
+            DetectorConfig::Timeout(el.master_down_interval())
+        };
+        let node = NodeConfig {
+            id: NodeId(u32::from(cfg.node_id)),
+            generation: gen,
+            interval,
+            detector,
+        };
+        let mut hb = HeartbeatNode::new(node, cfg.auth_key.derive("heartbeat-mac"), t)
+            .map_err(|e| format!("ha: {e}"))?;
+        hb.set_status(Role::Backup, cfg.priority, 0);
+        let tx = SyncSender::new(
+            u32::from(cfg.node_id),
+            u32::try_from(gen).unwrap_or(u32::MAX),
+            cfg.auth_key.derive("sync-mac"),
+            cfg.sync_mtu,
+        )
+        .map_err(|e| format!("ha.sync_mtu: {e}"))?;
+        let rx = SyncReceiver::new(cfg.auth_key.derive("sync-mac"));
+        let watchdog = Watchdog::new(cfg.watchdog, t).map_err(|e| format!("ha: {e}"))?;
+        let mut ha = Ha {
+            cfg,
+            dp,
+            sh,
+            epoch,
+            sock,
+            hb,
+            el,
+            tx,
+            rx,
+            watchdog,
+            announcer: Announcer::new(),
+            peer_addr: HashMap::new(),
+            dead: HashSet::new(),
+            last_heard: None,
+            role: role::BACKUP,
+            synced: false,
+            dump: None,
+            refresh: None,
+            next_refresh: t + cfg.refresh,
+            last_pass: t,
+            last_resync_request: None,
+            reannounce: VecDeque::new(),
+            last_loop: t,
+            lost_seen: 0,
+            counters: HaCounters::default(),
+            takeover_unix_ms: None,
+            reason: "started".into(),
+            seen: HashSet::new(),
+            records: Vec::new(),
+            templates: Vec::new(),
+            out: Vec::new(),
+        };
+        // A crashed predecessor may have left the floating addresses behind: a node starts
+        // as backup, without them.
+        for a in &cfg.addresses {
+            match netlink::del_addr(&a.dev, a.addr, a.prefix) {
+                Ok(true) => {
+                    tracing::warn!(dev = %a.dev, addr = %a.addr, "removed a floating address left from before")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(dev = %a.dev, addr = %a.addr, "cannot remove floating address: {e}")
+                }
+            }
+        }
+        ha.set_role(role::BACKUP, "started");
+        tracing::info!(
+            node = cfg.node_id,
+            priority = cfg.priority,
+            bind = %cfg.bind,
+            "ha: started as backup (takes over after {} ms without a master)",
+            ha.el.master_down_interval().as_millis()
+        );
+        Ok(ha)
+    }
+
+    fn now(&self) -> Instant {
+        now(self.epoch)
+    }
+
+    /// One turn: wait for datagrams (at most a tick), then run every state machine.
+    fn step(&mut self) {
+        let t0 = self.now();
+        // Frozen (SIGSTOP, a paused VM) for longer than a backup waits before taking over: the
+        // peer may hold the addresses now. Step down before saying anything.
+        let frozen = t0 - self.last_loop;
+        if frozen
+            > self
+                .el
+                .master_down_interval()
+                .max(Duration::from_millis(300))
+        {
+            if self.role == role::MASTER {
+                self.step_down(
+                    t0,
+                    &format!(
+                        "this process did not run for {} ms (stopped or starved): stepping down",
+                        frozen.as_millis()
+                    ),
+                );
+            }
+            // The peer's messages of that time are lost: resync.
+            self.synced = self.role == role::MASTER;
+        }
+        self.wait(TICK);
+        let t = self.now();
+        self.last_loop = t;
+        self.receive(t);
+        self.membership(t);
+        self.data_path_watchdog(t);
+        self.election(t);
+        self.heartbeats(t);
+        self.announce_due(t);
+        self.sync_out(t);
+        self.publish(t);
+    }
+
+    /// Waits until the socket is readable or `max` passed.
+    #[allow(unsafe_code)]
+    fn wait(&self, max: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(max.as_millis().max(1)).unwrap_or(1);
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe {
+            libc::poll(&mut pfd, 1, ms);
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8], to: SocketAddr) {
+        if self.sock.send_to(bytes, to).is_err() {
+            self.counters.send_errors += 1;
+        }
+    }
+
+    fn send_all(&mut self, bytes: &[u8]) {
+        for i in 0..self.cfg.peers.len() {
+            if let Some(p) = self.cfg.peers.get(i).copied() {
+                self.send(bytes, p);
+            }
+        }
+    }
+
+    fn receive(&mut self, t: Instant) {
+        let mut buf = [0u8; 65_536];
+        for _ in 0..4096 {
+            let (n, from) = match self.sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(_) => break,
+            };
+            let Some(bytes) = buf.get(..n) else { break };
+            match bytes.get(..2) {
+                Some(b"LH") => self.on_heartbeat(bytes, from, t),
+                Some(b"LC") => {
+                    let bytes = bytes.to_vec();
+                    self.on_sync(&bytes, from, t);
+                }
+                _ => self.counters.malformed += 1,
+            }
+        }
+    }
+
+    fn on_heartbeat(&mut self, bytes: &[u8], from: SocketAddr, t: Instant) {
+        match self.hb.handle(bytes, t) {
+            Ok(Handled::Status(node)) => {
+                self.counters.heartbeats += 1;
+                self.peer_addr.insert(node, from);
+                self.last_heard = Some(t);
+                let Some(p) = self.hb.peer(node) else { return };
+                if p.role == Role::Master {
+                    if self.role == role::MASTER
+                        && (p.priority, node.0) < (self.el.priority(), u32::from(self.cfg.node_id))
+                        && p.priority > 0
+                    {
+                        // Another master that will yield to us: neighbours may still point
+                        // at it (a split brain healing): announce again.
+                        self.schedule_announcements(t);
+                    }
+                    self.el.handle_advert(node, p.priority, t);
+                    if !self.synced && self.role != role::MASTER {
+                        self.request_resync(from, t);
+                    }
+                }
+            }
+            Ok(Handled::GapFilled(node) | Handled::Retransmit(node) | Handled::Leave(node)) => {
+                self.peer_addr.insert(node, from);
+            }
+            Err(HealthError::BadMac) => self.counters.auth_failures += 1,
+            Err(HealthError::Replay { .. }) => self.counters.replays += 1,
+            Err(HealthError::FromSelf) => {}
+            Err(_) => self.counters.malformed += 1,
+        }
+    }
+
+    fn on_sync(&mut self, bytes: &[u8], from: SocketAddr, t: Instant) {
+        let r = match self.rx.receive(bytes) {
+            Ok(r) => r,
+            Err(SyncError::BadMac) => {
+                self.counters.auth_failures += 1;
+                return;
+            }
+            Err(SyncError::Replayed { .. } | SyncError::StaleEpoch { .. }) => {
+                self.counters.replays += 1;
+                return;
+            }
+            Err(_) => {
+                self.counters.malformed += 1;
+                return;
+            }
+        };
+        let h = r.message.header;
+        if h.kind == MessageKind::ResyncRequest {
+            tracing::info!(peer = %from, "ha: peer asked for a bulk sync");
+            self.dump = Some(Dump {
+                cursor: SyncCursor::START,
+                to: Some(from),
+            });
+            return;
+        }
+        if let Some(g) = r.gap {
+            self.counters.gaps += 1;
+            tracing::debug!(peer = %from, missing = g, "ha: sync gap");
+        }
+        let n = (r.message.records.len() + r.message.templates.len()) as u64;
+        self.counters.received += n;
+        if n > 0 {
+            let merge = self.role == role::MASTER;
+            if let Ok(mut dp) = self.dp.lock() {
+                let a = dp.apply_sync(&r.message, t, merge);
+                self.counters.installed += a.installed + a.updated + a.templates + a.deleted;
+                self.counters.refused += a.refused;
+            }
+        }
+        if r.needs_resync() && self.role != role::MASTER {
+            self.synced = false;
+            self.request_resync(from, t);
+        }
+        if h.flags & FLAG_BULK_END != 0 && !self.synced {
+            self.synced = true;
+            self.counters.bulk_received += 1;
+            self.el.set_preempt(self.cfg.preempt);
+            tracing::info!(peer = %from, "ha: bulk sync complete");
+        }
+    }
+
+    /// Asks `to` for a bulk dump, at most once a second.
+    fn request_resync(&mut self, to: SocketAddr, t: Instant) {
+        if self
+            .last_resync_request
+            .is_some_and(|l| t - l < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_resync_request = Some(t);
+        self.counters.resyncs += 1;
+        let m = self.tx.resync_request();
+        self.send(&m, to);
+    }
+
+    fn membership(&mut self, t: Instant) {
+        while let Some(e) = self.hb.poll_event(t) {
+            match e {
+                MembershipEvent::Dead { node } => {
+                    self.dead.insert(node);
+                    tracing::warn!(peer = node.0, "ha: peer silent (failure detector)");
+                    if self.el.master() == Some(node) && self.role != role::MASTER {
+                        // As VRRP's priority-0 advert: take over after the skew time only.
+                        self.el.handle_advert(node, 0, t);
+                    }
+                }
+                MembershipEvent::Left { node } => {
+                    tracing::info!(peer = node.0, "ha: peer left");
+                }
+                MembershipEvent::Joined { node, .. } | MembershipEvent::Restarted { node, .. } => {
+                    let healed = self.dead.remove(&node);
+                    tracing::info!(peer = node.0, healed, "ha: peer heard");
+                    if healed && self.role == role::MASTER {
+                        // Flows the peer opened while we could not hear it: merge them.
+                        if let Some(a) = self.peer_addr.get(&node).copied() {
+                            self.last_resync_request = None;
+                            self.request_resync(a, t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn data_path_watchdog(&mut self, t: Instant) {
+        let kick = self.sh.oldest_kick();
+        self.watchdog.kick(Instant::from_millis(kick).min(t));
+        match self.watchdog.poll(t) {
+            Some(WatchdogEvent::Expired { .. }) if self.role == role::MASTER => {
+                // A priority-0 advert (the backup takes over after its skew time), the
+                // addresses removed, and no election until the data path runs again.
+                self.el.shutdown();
+                self.run_election_actions(t);
+                if self.role == role::MASTER {
+                    self.become_backup("the data path stalled (watchdog)");
+                }
+                self.hb.set_status(Role::Init, self.el.priority(), 0);
+                self.set_role(role::FAULT, "the data path stalled (watchdog)");
+            }
+            Some(WatchdogEvent::Recovered) if self.role == role::FAULT => {
+                self.el.restart(t);
+                self.hb.set_status(Role::Backup, self.el.priority(), 0);
+                self.set_role(role::BACKUP, "the data path runs again");
+            }
+            _ => {}
+        }
+    }
+
+    /// Steps down at once: a priority-0 advert, then backup, back in the election.
+    fn step_down(&mut self, t: Instant, why: &str) {
+        self.el.shutdown();
+        self.run_election_actions(t);
+        if self.role == role::MASTER {
+            self.become_backup(why);
+        }
+        self.el.restart(t);
+    }
+
+    fn election(&mut self, t: Instant) {
+        self.run_election_actions(t);
+    }
+
+    fn run_election_actions(&mut self, t: Instant) {
+        while let Some(a) = self.el.poll(t) {
+            match a {
+                ElectionAction::SendAdvert { priority } => {
+                    self.hb.set_status(Role::Master, priority, 0);
+                    self.hb.send_now(t);
+                    // Sent now, with this priority (a priority-0 advert must leave before the
+                    // status changes again).
+                    self.heartbeats(t);
+                }
+                ElectionAction::TakeOver => {
+                    let why = self.takeover_reason(t);
+                    self.become_master(t, &why);
+                }
+                ElectionAction::Release => {
+                    if self.role == role::MASTER {
+                        self.become_backup("a higher-priority master was heard");
+                    }
+                }
+            }
+        }
+    }
+
+    fn takeover_reason(&self, t: Instant) -> String {
+        match self.last_heard {
+            None => "no master heard since start".into(),
+            Some(h) if self.el.master().is_some_and(|m| self.dead.contains(&m)) => {
+                format!("master silent for {} ms", (t - h).as_millis())
+            }
+            Some(_) if self.cfg.preempt => "preempting a lower-priority master".into(),
+            Some(h) => format!("no advert for {} ms", (t - h).as_millis()),
+        }
+    }
+
+    fn become_master(&mut self, t: Instant, why: &str) {
+        // Install before announcing: every synced flow is already in the table.
+        self.synced = true;
+        self.hb.set_status(Role::Master, self.el.priority(), 0);
+        self.sh.first_forward_armed.store(true, Ordering::Release);
+        self.takeover_unix_ms = Some(unix_ms());
+        for a in self.cfg.addresses.clone() {
+            if let Err(e) = netlink::add_addr(&a.dev, a.addr, a.prefix) {
+                tracing::error!(dev = %a.dev, addr = %a.addr, "ha: cannot add floating address: {e}");
+            }
+        }
+        self.announce_all();
+        self.reannounce = REANNOUNCE.iter().map(|d| t + *d).collect();
+        self.set_role(role::MASTER, why);
+        // Anything logged while backup belongs to no one; the peer needs our flows from now.
+        self.refresh = None;
+        self.next_refresh = t + self.cfg.refresh;
+        self.last_pass = t;
+    }
+
+    fn become_backup(&mut self, why: &str) {
+        self.hb.set_status(Role::Backup, self.el.priority(), 0);
+        self.sh.first_forward_armed.store(false, Ordering::Release);
+        self.reannounce.clear();
+        for a in &self.cfg.addresses {
+            if let Err(e) = netlink::del_addr(&a.dev, a.addr, a.prefix) {
+                tracing::error!(dev = %a.dev, addr = %a.addr, "ha: cannot remove floating address: {e}");
+            }
+        }
+        self.set_role(role::BACKUP, why);
+    }
+
+    fn set_role(&mut self, r: u8, why: &str) {
+        if self.role != r || self.counters.transitions == 0 {
+            if self.role != r {
+                self.counters.transitions += 1;
+                tracing::warn!(
+                    from = role::name(self.role),
+                    to = role::name(r),
+                    reason = why,
+                    "ha: role change"
+                );
+            }
+            self.reason = why.to_owned();
+        }
+        self.role = r;
+        self.sh.role.store(r, Ordering::Release);
+    }
+
+    fn schedule_announcements(&mut self, t: Instant) {
+        if self.reannounce.is_empty() {
+            self.announce_all();
+            self.reannounce = REANNOUNCE.iter().map(|d| t + *d).collect();
+        }
+    }
+
+    fn announce_all(&mut self) {
+        for FloatingAddr { dev, addr, .. } in &self.cfg.addresses {
+            if let Err(e) = self.announcer.announce(dev, *addr) {
+                tracing::warn!(dev = %dev, addr = %addr, "ha: announcement failed: {e}");
+            }
+        }
+    }
+
+    fn announce_due(&mut self, t: Instant) {
+        if self.role != role::MASTER {
+            self.reannounce.clear();
+            return;
+        }
+        let mut due = false;
+        while self.reannounce.front().is_some_and(|d| *d <= t) {
+            self.reannounce.pop_front();
+            due = true;
+        }
+        if due {
+            self.announce_all();
+        }
+    }
+
+    fn heartbeats(&mut self, t: Instant) {
+        while let Some(tx) = self.hb.poll_transmit(t) {
+            let bytes = tx.bytes().to_vec();
+            match tx.to {
+                Destination::Node(n) => match self.peer_addr.get(&n).copied() {
+                    Some(a) => self.send(&bytes, a),
+                    None => self.send_all(&bytes),
+                },
+                _ => self.send_all(&bytes),
+            }
+        }
+    }
+
+    /// Drains the data path's sync log; as master sends it, plus any bulk dump or refresh
+    /// pass in progress.
+    fn sync_out(&mut self, t: Instant) {
+        self.records.clear();
+        self.templates.clear();
+        let mut refresh_records = Vec::new();
+        let mut refresh_templates = Vec::new();
+        let mut dump_records = Vec::new();
+        let mut dump_templates = Vec::new();
+        let master = self.role == role::MASTER;
+        if master && self.refresh.is_none() && t >= self.next_refresh {
+            // Flows that saw a packet since the last pass started have new deadlines.
+            self.refresh = Some((SyncCursor::START, self.last_pass));
+            self.last_pass = t;
+            self.next_refresh = t + self.cfg.refresh;
+        }
+        let mut dump_done = None;
+        let lost;
+        {
+            let Ok(mut dp) = self.dp.lock() else { return };
+            dp.sync_drain(
+                t,
+                DRAIN_MAX,
+                &mut self.seen,
+                &mut self.records,
+                &mut self.templates,
+            );
+            self.counters.lag_records = dp.sync_pending() as u64;
+            lost = dp.stats().sync_lost;
+            if master {
+                if let Some((c, since)) = self.refresh {
+                    let next = dp.sync_export(
+                        c,
+                        EXPORT_CHUNK,
+                        Some(since),
+                        t,
+                        &mut refresh_records,
+                        &mut refresh_templates,
+                    );
+                    self.refresh = next.map(|n| (n, since));
+                }
+            }
+            if let Some(d) = self.dump {
+                let next = dp.sync_export(
+                    d.cursor,
+                    EXPORT_CHUNK,
+                    None,
+                    t,
+                    &mut dump_records,
+                    &mut dump_templates,
+                );
+                match next {
+                    Some(c) => {
+                        self.dump = Some(Dump {
+                            cursor: c,
+                            to: d.to,
+                        })
+                    }
+                    None => {
+                        self.dump = None;
+                        dump_done = Some(d.to);
+                    }
+                }
+            }
+        }
+        if lost > self.lost_seen {
+            self.counters.lost += lost - self.lost_seen;
+            self.lost_seen = lost;
+            if master && self.dump.is_none() {
+                // The backup missed changes: send it everything.
+                self.dump = Some(Dump {
+                    cursor: SyncCursor::START,
+                    to: None,
+                });
+            }
+        }
+        if !master {
+            // A backup's own changes (flows it forwarded during a split, or none) are not
+            // streamed; a master that heals asks for them with a bulk request.
+            self.records.clear();
+            self.templates.clear();
+        }
+        self.out.clear();
+        let records = std::mem::take(&mut self.records);
+        let templates = std::mem::take(&mut self.templates);
+        self.tx.encode_items(&records, &templates, 0, &mut self.out);
+        self.tx
+            .encode_items(&refresh_records, &refresh_templates, 0, &mut self.out);
+        self.counters.sent +=
+            (records.len() + templates.len() + refresh_records.len() + refresh_templates.len())
+                as u64;
+        self.records = records;
+        self.templates = templates;
+        let out = std::mem::take(&mut self.out);
+        for m in &out {
+            self.counters.datagrams_sent += 1;
+            self.counters.bytes_sent += m.len() as u64;
+            self.send_all(m);
+        }
+        self.out = out;
+        // The dump goes to whoever asked (or every peer).
+        let to = self.dump.map(|d| d.to).or(dump_done);
+        if let Some(to) = to {
+            self.out.clear();
+            self.tx
+                .encode_items(&dump_records, &dump_templates, FLAG_BULK, &mut self.out);
+            if dump_done.is_some() {
+                self.out.push(self.tx.bulk_end());
+                self.counters.bulk_sent += 1;
+                tracing::info!("ha: bulk sync sent");
+            }
+            self.counters.sent += (dump_records.len() + dump_templates.len()) as u64;
+            let out = std::mem::take(&mut self.out);
+            for m in &out {
+                self.counters.datagrams_sent += 1;
+                self.counters.bytes_sent += m.len() as u64;
+                match to {
+                    Some(a) => self.send(m, a),
+                    None => self.send_all(m),
+                }
+            }
+            self.out = out;
+        }
+    }
+
+    fn publish(&mut self, t: Instant) {
+        if let Ok(mut s) = self.sh.status.lock() {
+            s.node_id = self.cfg.node_id;
+            s.priority = self.el.priority();
+            s.peer_seen_ms_ago = self
+                .last_heard
+                .map(|h| u64::try_from((t - h).as_millis()).unwrap_or(u64::MAX));
+            s.synced = self.synced;
+            s.counters = self.counters.clone();
+            s.takeover_unix_ms = self.takeover_unix_ms;
+            s.last_reason.clone_from(&self.reason);
+        }
+    }
+
+    /// A graceful exit: a master hands over at once (priority 0), every node says goodbye
+    /// and removes the floating addresses.
+    fn shutdown(&mut self) {
+        let t = self.now();
+        self.el.shutdown();
+        self.run_election_actions(t);
+        if self.role == role::MASTER {
+            self.become_backup("shutting down");
+        }
+        let leave = self.hb.leave();
+        let bytes = leave.bytes().to_vec();
+        self.send_all(&bytes);
+        for a in &self.cfg.addresses {
+            let _ = netlink::del_addr(&a.dev, a.addr, a.prefix);
+        }
+    }
+}
+
+/// Whether `addr` is one of the floating addresses (the stats show which are held).
+pub fn is_floating(cfg: &HaConfig, addr: IpAddr) -> bool {
+    cfg.addresses.iter().any(|a| a.addr == addr)
+}

@@ -350,6 +350,8 @@ struct Ha<'a> {
     counters: HaCounters,
     takeover_unix_ms: Option<u64>,
     reason: String,
+    /// Why the election's next `Release` happens, when this node resigns by itself.
+    release_reason: Option<String>,
     seen: HashSet<lb_dataplane::SyncChange>,
     records: Vec<SyncRecord>,
     templates: Vec<TemplateRecord>,
@@ -415,7 +417,10 @@ impl<'a> Ha<'a> {
                 ..PhiConfig::default()
             })
         } else {
-            DetectorConfig::Timeout(el.master_down_interval())
+            // Three silent intervals make the master dead; the election then waits its skew
+            // time (a priority-0 advert): VRRP's master-down interval, counted from the last
+            // heartbeat.
+            DetectorConfig::Timeout(interval * 3)
         };
         let node = NodeConfig {
             id: NodeId(u32::from(cfg.node_id)),
@@ -463,6 +468,7 @@ impl<'a> Ha<'a> {
             counters: HaCounters::default(),
             takeover_unix_ms: None,
             reason: "started".into(),
+            release_reason: None,
             seen: HashSet::new(),
             records: Vec::new(),
             templates: Vec::new(),
@@ -498,10 +504,11 @@ impl<'a> Ha<'a> {
 
     /// One turn: wait for datagrams (at most a tick), then run every state machine.
     fn step(&mut self) {
-        let t0 = self.now();
-        // Frozen (SIGSTOP, a paused VM) for longer than a backup waits before taking over: the
-        // peer may hold the addresses now. Step down before saying anything.
-        let frozen = t0 - self.last_loop;
+        self.wait(TICK);
+        let t = self.now();
+        // Frozen (SIGSTOP, a paused VM, starved of CPU) for longer than a backup waits before
+        // taking over: the peer may hold the addresses now. Step down before saying anything.
+        let frozen = t - self.last_loop;
         if frozen
             > self
                 .el
@@ -510,19 +517,19 @@ impl<'a> Ha<'a> {
         {
             if self.role == role::MASTER {
                 self.step_down(
-                    t0,
+                    t,
                     &format!(
                         "this process did not run for {} ms (stopped or starved): stepping down",
                         frozen.as_millis()
                     ),
                 );
             }
-            // The peer's messages of that time are lost: resync.
-            self.synced = self.role == role::MASTER;
+            // The peer's messages of that time are lost: resync before preempting again.
+            if self.role != role::MASTER {
+                self.synced = false;
+                self.el.set_preempt(false);
+            }
         }
-        self.wait(TICK);
-        let t = self.now();
-        self.last_loop = t;
         self.receive(t);
         self.membership(t);
         self.data_path_watchdog(t);
@@ -531,6 +538,7 @@ impl<'a> Ha<'a> {
         self.announce_due(t);
         self.sync_out(t);
         self.publish(t);
+        self.last_loop = self.now();
     }
 
     /// Waits until the socket is readable or `max` passed.
@@ -614,6 +622,11 @@ impl<'a> Ha<'a> {
     }
 
     fn on_sync(&mut self, bytes: &[u8], from: SocketAddr, t: Instant) {
+        // Our own messages coming back (a reflection, a replay): never a peer's. Checked on
+        // the header's sender id before the receiver records a new peer for it.
+        if bytes.get(5..9) == Some(&u32::from(self.cfg.node_id).to_be_bytes()[..]) {
+            return;
+        }
         let r = match self.rx.receive(bytes) {
             Ok(r) => r,
             Err(SyncError::BadMac) => {
@@ -714,6 +727,7 @@ impl<'a> Ha<'a> {
             Some(WatchdogEvent::Expired { .. }) if self.role == role::MASTER => {
                 // A priority-0 advert (the backup takes over after its skew time), the
                 // addresses removed, and no election until the data path runs again.
+                self.release_reason = Some("the data path stalled (watchdog)".into());
                 self.el.shutdown();
                 self.run_election_actions(t);
                 if self.role == role::MASTER {
@@ -733,6 +747,7 @@ impl<'a> Ha<'a> {
 
     /// Steps down at once: a priority-0 advert, then backup, back in the election.
     fn step_down(&mut self, t: Instant, why: &str) {
+        self.release_reason = Some(why.to_owned());
         self.el.shutdown();
         self.run_election_actions(t);
         if self.role == role::MASTER {
@@ -754,14 +769,22 @@ impl<'a> Ha<'a> {
                     // Sent now, with this priority (a priority-0 advert must leave before the
                     // status changes again).
                     self.heartbeats(t);
+                    if priority == 0 {
+                        // Resigned: later statuses say backup.
+                        self.hb.set_status(Role::Backup, self.el.priority(), 0);
+                    }
                 }
                 ElectionAction::TakeOver => {
                     let why = self.takeover_reason(t);
                     self.become_master(t, &why);
                 }
                 ElectionAction::Release => {
+                    let why = self
+                        .release_reason
+                        .take()
+                        .unwrap_or_else(|| "a higher-priority master was heard".into());
                     if self.role == role::MASTER {
-                        self.become_backup("a higher-priority master was heard");
+                        self.become_backup(&why);
                     }
                 }
             }

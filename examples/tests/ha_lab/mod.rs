@@ -39,7 +39,7 @@
 //! The workload (`workload.py` in the client, `server.py` on each backend) is driven by
 //! [`Workload`]; the tun-balancer pair by [`pair_config`] and [`HaLab::start_balancer`]; the
 //! keepalived + nftables (+ conntrackd) baseline by the [`baseline`] module.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod baseline;
 pub mod pair;

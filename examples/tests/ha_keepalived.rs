@@ -20,8 +20,8 @@
 //! and the whole master going down (switch ports down, then daemons killed: the fault that
 //! matches a tun-balancer killed together with its data path; there the gap is an outage).
 //!
-//! The `lab_*` tests check the lab itself: its fault tools, and one tun-balancer per mode (from
-//! `pair_config` without `[ha]`) carrying the workload cleanly.
+//! `tun_balancer_pair` runs the tun-balancer pair through the same rounds, measured the same
+//! way, for the README's side-by-side table. `lab_faults` checks the lab's own fault tools.
 //!
 //! `LB_HA_ROUNDS` sets the number of kills per variant (default 3).
 
@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use common::{need_root, need_tool};
 use ha_lab::baseline::KeepalivedOpts;
-use ha_lab::{node_role, peer_of, HaLab, Workload, WorkloadOpts, WorkloadReport};
+use ha_lab::{
+    node_role, pair_config, peer_of, HaLab, PairOpts, Workload, WorkloadOpts, WorkloadReport,
+};
 
 /// Time from a kill to the restart of the killed node's daemons: a takeover (3 adverts and a
 /// skew) plus 8 s, more than the workload's 5 s stall limit, so that a flow the takeover broke
@@ -58,15 +60,34 @@ struct Round {
     commit_ms: Option<u64>,
 }
 
+/// The tests take turns: they time takeovers on a 2-core machine.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tun-balancer pair under the same rounds, measured the same way (a capture on the new
+/// master's `back0`): `kill -9` of the master's tun-balancer, which takes its data path (the
+/// TUN device) with it; the killed node is restarted as a backup.
+#[test]
+fn tun_balancer_pair() {
+    run_variant(
+        "hk-lb",
+        "tun-balancer pair",
+        Setup::TunBalancer,
+        Fault::KillDaemons,
+    );
+}
+
 #[test]
 fn keepalived_nftables() {
     run_variant(
         "hk-plain",
         "keepalived + nftables",
-        KeepalivedOpts {
+        Setup::Keepalived(KeepalivedOpts {
             conntrackd: false,
             fast_v3: true,
-        },
+        }),
         Fault::KillDaemons,
     );
 }
@@ -76,10 +97,10 @@ fn keepalived_conntrackd_nftables() {
     run_variant(
         "hk-sync",
         "keepalived + conntrackd + nftables",
-        KeepalivedOpts {
+        Setup::Keepalived(KeepalivedOpts {
             conntrackd: true,
             fast_v3: true,
-        },
+        }),
         Fault::KillDaemons,
     );
 }
@@ -93,10 +114,10 @@ fn keepalived_v2_auth_nftables() {
     run_variant(
         "hk-v2",
         "keepalived (VRRPv2 1 s, auth) + nftables",
-        KeepalivedOpts {
+        Setup::Keepalived(KeepalivedOpts {
             conntrackd: false,
             fast_v3: false,
-        },
+        }),
         Fault::KillDaemons,
     );
 }
@@ -109,10 +130,10 @@ fn keepalived_nftables_node_down() {
     run_variant(
         "hk-down",
         "keepalived + nftables, node down",
-        KeepalivedOpts {
+        Setup::Keepalived(KeepalivedOpts {
             conntrackd: false,
             fast_v3: true,
-        },
+        }),
         Fault::NodeDown,
     );
 }
@@ -124,16 +145,16 @@ fn keepalived_conntrackd_nftables_node_down() {
     run_variant(
         "hk-sdown",
         "keepalived + conntrackd + nftables, node down",
-        KeepalivedOpts {
+        Setup::Keepalived(KeepalivedOpts {
             conntrackd: true,
             fast_v3: true,
-        },
+        }),
         Fault::NodeDown,
     );
 }
 
-/// The pair configuration is what tun-balancer accepts, apart from the `[ha]` section that
-/// the program does not read yet, and that section is the agreed one.
+/// The pair configuration is what tun-balancer accepts, and its `[ha]` section is the one the
+/// issue gives.
 #[test]
 fn pair_config_matches_the_agreement() {
     let expected = "[ha]\nnode_id = 1\npriority = 200\nbind = \"192.0.2.11:7400\"\n\
@@ -154,16 +175,15 @@ fn pair_config_matches_the_agreement() {
         for node in [1, 2] {
             let full = ha_lab::pair_config(node, mode, &opts);
             assert!(full.ends_with(&ha_lab::ha_section(node, &opts)));
-            let without_ha = &full[..full.find("[ha]").unwrap()];
             let path = dir.join(format!("{mode}-{node}.toml"));
-            std::fs::write(&path, without_ha).unwrap();
+            std::fs::write(&path, &full).unwrap();
             let out = std::process::Command::new(common::balancer_bin())
                 .args(["--config", path.to_str().unwrap(), "--check"])
                 .output()
                 .unwrap();
             assert!(
                 out.status.success(),
-                "{mode} node {node}: {}{}\n{without_ha}",
+                "{mode} node {node}: {}{}\n{full}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -172,106 +192,12 @@ fn pair_config_matches_the_agreement() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The tun-balancer half of the lab, before the pair exists: one tun-balancer on l1 in each
-/// mode (its configuration from `pair_config` without the `[ha]` section; the floating
-/// addresses added by hand, which the pair's programs will do themselves) carries the workload
-/// without a failure.
-#[test]
-fn lab_single_tun_balancer_nat() {
-    single_balancer("hs-nat", "nat");
-}
-
-#[test]
-fn lab_single_tun_balancer_tunnel() {
-    single_balancer("hs-tun", "tunnel");
-}
-
-#[test]
-fn lab_single_tun_balancer_dr() {
-    single_balancer("hs-dr", "dr");
-}
-
-fn single_balancer(tag: &str, mode: &str) {
-    if !need_root() || !need_tool("curl") || !need_tool("bridge") {
-        return;
-    }
-    let mut h = HaLab::new(tag);
-    h.prepare_mode(mode);
-    h.start_servers();
-    let full = ha_lab::pair_config(1, mode, &ha_lab::PairOpts::default());
-    let config = &full[..full.find("[ha]").expect("an [ha] section")];
-    let l1 = h.node_ns(1).to_owned();
-    for (dev, addr) in ha_lab::FLOATING {
-        h.lab.addr(&l1, dev, addr);
-    }
-    h.start_balancer(1, mode, config);
-    for url in ["http://203.0.113.10/", "http://[2001:db8:10::10]/"] {
-        let up = h.lab.wait_for(Duration::from_secs(10), || {
-            h.try_sh("client", &format!("curl -sS -g --max-time 2 {url}"))
-                .ok()
-        });
-        assert!(
-            up.is_some(),
-            "{mode}: {url} does not answer: {}",
-            h.log("balancer-l1")
-        );
-    }
-    let opts = WorkloadOpts {
-        downloads: 5,
-        download_bytes: 64 << 10,
-        download_rate: 32 << 10,
-        ..WorkloadOpts::default()
-    };
-    let wl = Workload::start(&mut h, &opts);
-    std::thread::sleep(Duration::from_secs(5));
-    let rep = wl.stop(&mut h);
-    println!(
-        "{mode}: {} conns {:?}, downloads {} ok {} broken, UDP {:?}",
-        rep.conns.attempts,
-        rep.conns.backends,
-        rep.downloads.ok,
-        rep.downloads.broken,
-        rep.udp
-            .flows
-            .iter()
-            .map(|f| (f.sent, f.received))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(rep.conns.failed, 0, "{mode}: {:?}", rep.conns.failures);
-    assert_eq!(
-        rep.conns.backends.len(),
-        3,
-        "{mode}: {:?}",
-        rep.conns.backends
-    );
-    assert!(
-        rep.conns.attempts >= 80,
-        "{mode}: {} connections",
-        rep.conns.attempts
-    );
-    assert_eq!(
-        rep.downloads.broken, 0,
-        "{mode}: {:?}",
-        rep.downloads.records
-    );
-    assert!(rep.downloads.ok >= 5, "{mode}: {:?}", rep.downloads.records);
-    for f in &rep.udp.flows {
-        assert!(
-            f.lost == 0 && f.changes.is_empty() && f.received > 0,
-            "{mode}: {f:?}"
-        );
-    }
-    assert!(h.stats(1).is_some(), "{mode}: no statistics");
-}
-
-/// The lab's fault tools do what they say: a heartbeat cut drops UDP 7400 between the nodes
-/// both ways (and nothing else), a heal restores it; a paused process answers only once
-/// resumed; neighbour entries name the node behind an address.
 #[test]
 fn lab_faults() {
     if !need_root() || !need_tool("socat") {
         return;
     }
+    let _g = serial();
     let mut h = HaLab::new("hl-faults");
     for node in [1u8, 2] {
         for port in [ha_lab::HA_PORT, ha_lab::HA_PORT + 1] {
@@ -350,6 +276,15 @@ fn rounds() -> usize {
         .unwrap_or(3)
 }
 
+/// Who moves the addresses and forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// keepalived + the kernel's NAT (+ conntrackd).
+    Keepalived(KeepalivedOpts),
+    /// The tun-balancer pair (`[ha]`), mode `nat`.
+    TunBalancer,
+}
+
 /// What a round does to the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -359,26 +294,45 @@ enum Fault {
     NodeDown,
 }
 
-fn run_variant(tag: &str, label: &str, opts: KeepalivedOpts, fault: Fault) {
+fn run_variant(tag: &str, label: &str, setup: Setup, fault: Fault) {
     let tools = ["keepalived", "nft", "dumpcap", "tshark", "curl"];
     if !need_root() || !tools.iter().all(|t| need_tool(t)) {
         return;
     }
+    let _g = serial();
+    let lb = setup == Setup::TunBalancer;
+    let opts = match setup {
+        Setup::Keepalived(o) => o,
+        Setup::TunBalancer => KeepalivedOpts {
+            conntrackd: false,
+            fast_v3: true,
+        },
+    };
     if opts.conntrackd && !need_tool("conntrackd") {
         return;
     }
     let mut h = HaLab::new(tag);
     h.start_servers();
-    for n in 1..=2 {
-        h.kernel_nat(n);
+    let pair = PairOpts::default();
+    if lb {
+        h.start_balancer(1, "nat", &pair_config(1, "nat", &pair));
+        assert!(h.wait_role(1, "master", Duration::from_secs(5)));
+        h.start_balancer(2, "nat", &pair_config(2, "nat", &pair));
+        assert!(h.wait_role(2, "backup", Duration::from_secs(5)));
+    } else {
+        for n in 1..=2 {
+            h.kernel_nat(n);
+        }
     }
     if opts.conntrackd {
         for n in 1..=2 {
             h.start_conntrackd(n);
         }
     }
-    for n in 1..=2 {
-        h.start_keepalived(n, opts);
+    if !lb {
+        for n in 1..=2 {
+            h.start_keepalived(n, opts);
+        }
     }
     let mut master = h
         .lab
@@ -417,7 +371,11 @@ fn run_variant(tag: &str, label: &str, opts: KeepalivedOpts, fault: Fault) {
         if opts.conntrackd {
             h.kill9(&format!("conntrackd-{role}"));
         }
-        let kill_ms = h.kill9(&format!("keepalived-{role}"));
+        let kill_ms = if lb {
+            h.kill_balancer(from)
+        } else {
+            h.kill9(&format!("keepalived-{role}"))
+        };
         let kill_ms = if fault == Fault::NodeDown {
             down_ms
         } else {
@@ -426,11 +384,12 @@ fn run_variant(tag: &str, label: &str, opts: KeepalivedOpts, fault: Fault) {
         wl.mark(kill_ms);
         let took = h.wait_holds(to, "192.0.2.10", Duration::from_secs(15));
         let addr_ms = ha_lab::unix_ms();
+        let daemon = if lb { "balancer" } else { "keepalived" };
         assert!(
             took,
             "{} did not take the addresses: {}",
             node_role(to),
-            h.log(&format!("keepalived-{}", node_role(to)))
+            h.log(&format!("{daemon}-{}", node_role(to)))
         );
         for (_, a) in ha_lab::FLOATING {
             let ip = a.split('/').next().unwrap_or(a);
@@ -461,7 +420,12 @@ fn run_variant(tag: &str, label: &str, opts: KeepalivedOpts, fault: Fault) {
         if opts.conntrackd {
             h.start_conntrackd(from);
         }
-        h.start_keepalived(from, opts);
+        if lb {
+            // tun-balancer too removes the addresses it finds when it starts (as a backup).
+            h.start_balancer(from, "nat", &pair_config(from, "nat", &pair));
+        } else {
+            h.start_keepalived(from, opts);
+        }
         if fault == Fault::NodeDown {
             // keepalived starts in BACKUP (or FAULT, without carrier) and removes the
             // addresses; only then does the node come back.

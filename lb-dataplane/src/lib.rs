@@ -25,8 +25,16 @@
 //! State flows back out as data: every flow that leaves the flow table (expiry, eviction,
 //! close, removal) updates the live load of its backend (IPVS active / inactive connection
 //! counts, kept apart from membership so that they survive every table swap), the session
-//! statistics and, if asked for, a removal log ([`Dataplane::poll_removal`], what a state-sync
-//! sender turns into deletes). [`Dataplane::explain`] says why a flow goes where it goes.
+//! statistics and, if asked for, a removal log ([`Dataplane::poll_removal`]).
+//! [`Dataplane::explain`] says why a flow goes where it goes.
+//!
+//! State sync for an active/backup pair (module `sync`): with
+//! [`DataplaneOptions::sync_log`] the data path logs the key of every flow it creates, changes
+//! or removes and of every template it writes, into a preallocated ring (no allocation or
+//! system call per flow); [`Dataplane::sync_drain`] turns the log into lb-conntrack sync
+//! records (one per key, its latest state), [`Dataplane::sync_export`] walks the tables for
+//! refresh passes and bulk dumps, and [`Dataplane::apply_sync`] installs a peer's records on
+//! the backup with their SNAT reservations and live connection counts.
 //!
 //! ```
 //! use lb_dataplane::{

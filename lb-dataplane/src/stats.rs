@@ -111,6 +111,9 @@ pub struct Stats {
     /// Changes the sync log dropped because it was full: the backup misses them until the
     /// next bulk dump (the embedder sends one when this moves).
     pub sync_lost: u64,
+    /// Sync records refused because their backend id is unknown here or names another
+    /// backend than the peer's (the two balancers' configurations differ).
+    pub sync_refused: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -160,6 +163,7 @@ impl Stats {
         self.sip_not_sip += other.sip_not_sip;
         self.removals_unread += other.removals_unread;
         self.sync_lost += other.sync_lost;
+        self.sync_refused += other.sync_refused;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

@@ -228,7 +228,7 @@ impl Dataplane {
         Some(cur)
     }
 
-    /// Installs a peer's records at `now` (see the [module documentation](self)); with `merge`,
+    /// Installs a peer's records at `now` (see the crate documentation); with `merge`,
     /// only entries absent here. Keeps connection counts and statistics in step; records
     /// nothing for the sync sender (a backup does not echo what it is sent).
     pub fn apply_sync(&mut self, msg: &SyncMessage, now: Instant, merge: bool) -> SyncApplied {
@@ -241,9 +241,22 @@ impl Dataplane {
             };
             // A flow for a backend this node does not know cannot be forwarded: refuse it
             // rather than install an entry that would blackhole the flow after a takeover.
-            if rec.op != RecordOp::Delete && self.tables.backend(rec.backend).is_none() {
-                out.refused += 1;
-                continue;
+            // Backend ids are positions in the configuration, so a peer configured otherwise
+            // would name other backends: a NAT reply tuple comes from the backend, and must
+            // come from the one the id names here.
+            if rec.op != RecordOp::Delete {
+                let known = match self.tables.backend(rec.backend) {
+                    None => false,
+                    Some(b) => rec.nat.is_none_or(|r| {
+                        r.src() == b.addr.ip()
+                            && (b.addr.port() == 0 || r.src_port() == b.addr.port())
+                    }),
+                };
+                if !known {
+                    out.refused += 1;
+                    self.stats.sync_refused += 1;
+                    continue;
+                }
             }
             let a = apply_record(ct, rec, now, merge);
             match a {

@@ -244,6 +244,39 @@ fn merge_keeps_the_masters_own_flows() {
     assert_eq!(ends(&p.b.forward(&tcp(c, vip, ACK, b""))).1, on_a);
 }
 
+#[test]
+fn a_peer_configured_otherwise_is_refused() {
+    let mut p = Pair::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3));
+    // The backup lists the backends in another order: the same ids name other backends.
+    let mut spec = nat_spec(
+        "203.0.113.10:80",
+        Proto::Tcp,
+        &[
+            "198.51.100.13:8080",
+            "198.51.100.12:8080",
+            "198.51.100.11:8080",
+        ],
+    );
+    spec.services[0].scheduler = "rr".parse().unwrap();
+    let key = HashKey::from_bytes([7; 16]);
+    let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
+    p.b.dp = Dataplane::new(&spec, cp.build().unwrap(), DataplaneOptions::new(key)).unwrap();
+    let vip = sa("203.0.113.10:80");
+    for i in 0..6 {
+        p.a.forward(&tcp(
+            SocketAddr::new("192.0.2.2".parse().unwrap(), 40_000 + i),
+            vip,
+            SYN,
+            b"",
+        ));
+    }
+    p.sync();
+    // Backend 1 (the middle one) is the same on both; 0 and 2 are swapped: refused.
+    let s = p.b.dp.stats();
+    assert_eq!(s.sync_refused, 4, "{s:?}");
+    assert_eq!(p.b.dp.table_stats().entries, 2);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     /// Whatever the master does (new flows, replies, time passing, expiry), after a sync

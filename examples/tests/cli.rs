@@ -53,17 +53,24 @@ fn check_accepts_a_good_config_and_names_the_line_of_a_bad_one() {
 }
 
 #[test]
-fn shipped_example_config_is_valid() {
-    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/nat.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_tun-balancer"))
-        .args(["--config", cfg, "--check"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn shipped_example_configs_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let cfg = e.unwrap().path();
+        let out = Command::new(env!("CARGO_BIN_EXE_tun-balancer"))
+            .args(["--config", cfg.to_str().unwrap(), "--check"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            cfg.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n += 1;
+    }
+    assert!(n >= 3, "the shipped configurations: nat.toml, pair-node1.toml, pair-node2.toml");
 }
 
 #[test]

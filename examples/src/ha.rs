@@ -137,6 +137,9 @@ pub struct HaCounters {
     pub transitions: u64,
     /// Send errors.
     pub send_errors: u64,
+    /// Records dropped because the data path held its lock when they arrived (repaired by a
+    /// bulk sync).
+    pub busy: u64,
 }
 
 /// What the statistics show about the pair.
@@ -239,6 +242,7 @@ impl HaShared {
                 "received": c.received, "installed": c.installed, "refused": c.refused,
                 "gaps": c.gaps, "resyncs": c.resyncs, "bulk_sent": c.bulk_sent,
                 "bulk_received": c.bulk_received, "lost": c.lost, "lag_records": c.lag_records,
+                "busy": c.busy,
             },
         })
     }
@@ -659,10 +663,21 @@ impl<'a> Ha<'a> {
         self.counters.received += n;
         if n > 0 {
             let merge = self.role == role::MASTER;
-            if let Ok(mut dp) = self.dp.lock() {
-                let a = dp.apply_sync(&r.message, t, merge);
-                self.counters.installed += a.installed + a.updated + a.templates + a.deleted;
-                self.counters.refused += a.refused;
+            match self.dp.try_lock() {
+                Ok(mut dp) => {
+                    let a = dp.apply_sync(&r.message, t, merge);
+                    self.counters.installed += a.installed + a.updated + a.templates + a.deleted;
+                    self.counters.refused += a.refused;
+                }
+                // The data path holds the lock (busy, or stuck): these records are lost here;
+                // a bulk sync repairs it.
+                Err(_) => {
+                    self.counters.busy += n;
+                    if self.role != role::MASTER {
+                        self.synced = false;
+                        self.request_resync(from, t);
+                    }
+                }
             }
         }
         if r.needs_resync() && self.role != role::MASTER {
@@ -913,7 +928,11 @@ impl<'a> Ha<'a> {
         let mut dump_done = None;
         let lost;
         {
-            let Ok(mut dp) = self.dp.lock() else { return };
+            // Never wait for the data path: a data-path thread stuck while holding the lock
+            // must not stop the heartbeats or the watchdog that will make this node resign.
+            let Ok(mut dp) = self.dp.try_lock() else {
+                return;
+            };
             dp.sync_drain(
                 t,
                 DRAIN_MAX,

@@ -70,7 +70,10 @@ fn shipped_example_configs_are_valid() {
         );
         n += 1;
     }
-    assert!(n >= 3, "the shipped configurations: nat.toml, pair-node1.toml, pair-node2.toml");
+    assert!(
+        n >= 3,
+        "the shipped configurations: nat.toml, pair-node1.toml, pair-node2.toml"
+    );
 }
 
 #[test]

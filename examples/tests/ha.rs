@@ -547,3 +547,127 @@ fn stalled_master_yields() {
     let r = w.stop(&mut h);
     assert_sessions_whole(&r, "SIGSTOP of the master");
 }
+
+/// `detector = "phi"`: the backup also judges the master by φ accrual over the arrival times of
+/// its heartbeats; the takeover still works (3 kills), and the gaps are printed beside the
+/// fixed timeout's.
+#[test]
+fn phi_detector_takes_over() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let mut h = HaLab::new("haphi");
+    let opts = PairOpts::default();
+    let phi = |n: u8| {
+        pair_config(n, "nat", &opts)
+            .replace("preempt = false\n", "preempt = false\ndetector = \"phi\"\n")
+    };
+    h.start_servers();
+    h.start_balancer(1, "nat", &phi(1));
+    assert!(h.wait_role(1, "master", Duration::from_secs(5)));
+    h.start_balancer(2, "nat", &phi(2));
+    assert!(wait_synced_backup(&h, 2, Duration::from_secs(5)));
+    let w = Workload::start(&mut h, &WorkloadOpts::default());
+    std::thread::sleep(Duration::from_secs(2));
+    let mut master = 1u8;
+    let mut gaps = Vec::new();
+    for i in 0..3 {
+        let backup = peer_of(master);
+        assert!(
+            wait_synced_backup(&h, backup, Duration::from_secs(10)),
+            "kill {i}"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        let kill = h.kill_balancer(master);
+        w.mark(kill);
+        assert!(
+            h.wait_role(backup, "master", Duration::from_secs(3)),
+            "kill {i}"
+        );
+        gaps.push(takeover_gap(&h, backup, kill).expect("the new master forwards"));
+        h.start_balancer(master, "nat", &phi(master));
+        master = backup;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let r = w.stop(&mut h);
+    println!("phi detector: takeover gaps {gaps:?} ms");
+    assert_sessions_whole(&r, "phi detector");
+    // No false suspicion while both ran: each node changed role only at the kills.
+    for n in 1..=2 {
+        assert!(num(&ha(&h, n), &["transitions"]) <= 2, "{}", ha(&h, n));
+    }
+}
+
+/// Node `n`'s tun-balancer process id.
+fn balancer_pid(h: &HaLab, n: u8) -> u32 {
+    h.pid(&format!("balancer-l{n}"))
+        .unwrap_or_else(|| panic!("balancer-l{n} runs"))
+}
+
+/// The master's data-path thread alone stops for 3 s (frozen by the cgroup freezer, or held in
+/// a ptrace-stop: `ha_lab/stall_thread.py`) while its other threads, the HA thread included,
+/// keep running and would keep advertising it: the data-path watchdog makes it resign
+/// (priority-0 advert, `fault`), the backup takes over, and when the thread runs again the old
+/// master comes back as a backup, without a second takeover.
+#[test]
+fn datapath_stall_yields() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let mut h = HaLab::new("hawd");
+    start_pair(&mut h, &PairOpts::default());
+    let w = Workload::start(&mut h, &WorkloadOpts::default());
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = balancer_pid(&h, 1);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ha_lab/stall_thread.py");
+    let method = std::env::var("LB_STALL_METHOD").unwrap_or_else(|_| "freezer".into());
+    let stall = unix_ms();
+    w.mark(stall);
+    h.start(
+        "l1",
+        "stall",
+        &[
+            "env",
+            &format!("STALL_METHOD={method}"),
+            python(),
+            script,
+            &pid.to_string(),
+            "datapath-0",
+            "3",
+        ],
+    );
+    assert!(
+        h.wait_role(2, "master", Duration::from_secs(3)),
+        "node 2 did not take over from a master whose data path stalled: {}",
+        h.log("balancer-l1")
+    );
+    let gap = takeover_gap(&h, 2, stall);
+    assert_eq!(
+        h.wait_exit("stall", Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        h.log("stall")
+    );
+    let released = Instant::now();
+    assert!(
+        h.wait_role(1, "backup", Duration::from_secs(3)),
+        "node 1 did not come back as backup: {:?}",
+        ha(&h, 1)
+    );
+    println!(
+        "data path of the master stopped 3 s ({}): takeover gap {gap:?} ms (watchdog_ms = 1000); node 1 backup again {} ms after the thread ran",
+        h.log("stall").lines().find(|l| l.contains("thread")).unwrap_or("").trim(),
+        released.elapsed().as_millis()
+    );
+    for _ in 0..20 {
+        assert_eq!(h.masters(), vec![2], "a second takeover: {:?}", h.roles());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(num(&ha(&h, 2), &["transitions"]), 1, "{}", ha(&h, 2));
+    let log = h.log("balancer-l1");
+    assert!(log.contains("the data path stalled (watchdog)"), "{log}");
+    let r = w.stop(&mut h);
+    assert_sessions_whole(&r, "data-path stall");
+}

@@ -74,8 +74,9 @@
 //! lower_conns = 3
 //!
 //! [ha]                       # optional: one of an active/backup pair (see `crate::ha`)
-//! node_id = 1                # 1..=255, unique in the pair
-//! priority = 200             # 1..=254; higher wins, on a tie the higher node_id
+//! mode = "active-backup"     # or "active-active": every node forwards (behind ECMP)
+//! node_id = 1                # 1..=255, unique in the group
+//! priority = 200             # active-backup: 1..=254; higher wins, on a tie the higher node_id
 //! bind = "192.0.2.11:7400"   # UDP: heartbeats and sync arrive here
 //! peers = ["192.0.2.12:7400"]
 //! auth_key = "..."           # shared secret (16+ characters): authenticates heartbeat and
@@ -87,9 +88,13 @@
 //! watchdog_ms = 1000         # a master whose data path stalls this long yields (>= 300)
 //! refresh_s = 5              # active flows are resent to the backup this often (1..=3600)
 //! sync_mtu = 1472            # sync datagram size
+//! bgp_socket = "/run/bird/bird.ctl"  # optional: BIRD's control socket; the protocol below is
+//! bgp_protocol = "vip"       # enabled (VIP announced) while this node serves, disabled otherwise
+//! drain_s = 0                # on SIGTERM, forward this long after withdrawing
 //! [[ha.address]]             # floating addresses: held by the master only
 //! dev = "front0"
 //! addr = "192.0.2.10/24"
+//! node = 1                   # active-active only: the owner (its SNAT next hop, say)
 //! ```
 //!
 //! [`Config::parse`] refuses everything the balancer would refuse at start: it ends with
@@ -254,9 +259,35 @@ pub struct Config {
     pub ha: Option<HaConfig>,
 }
 
+/// How the balancers of an `[ha]` group share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaMode {
+    /// One master holds the floating addresses and forwards; the backup takes over.
+    ActiveBackup,
+    /// Every node forwards (behind ECMP); each streams its flows to every peer, holds its own
+    /// floating addresses and takes over those of dead peers.
+    ActiveActive,
+}
+
+/// A BGP speaker (BIRD) that announces the VIPs while this node serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpConfig {
+    /// BIRD's control socket.
+    pub socket: std::path::PathBuf,
+    /// The BIRD protocol to enable (announce) and disable (withdraw).
+    pub protocol: String,
+}
+
 /// The `[ha]` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HaConfig {
+    /// Active/backup (the default) or active/active.
+    pub mode: HaMode,
+    /// BGP announcement of the VIPs, if any.
+    pub bgp: Option<BgpConfig>,
+    /// On SIGTERM, keep forwarding this long after withdrawing (active-active: the router
+    /// moves new flows away first).
+    pub drain: Duration,
     /// This node's id, 1..=255.
     pub node_id: u8,
     /// Election priority, 1..=254.
@@ -286,6 +317,9 @@ pub struct HaConfig {
 /// A floating address: `addr/prefix` on `dev`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FloatingAddr {
+    /// Active-active: the node that owns it (held by that node while it serves, else by the
+    /// lowest-numbered serving node). Active-backup: `None`, held by the master.
+    pub node: Option<u8>,
     /// The interface.
     pub dev: String,
     /// The address.
@@ -349,8 +383,9 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHa {
+    mode: Option<Spanned<String>>,
     node_id: Spanned<u64>,
-    priority: Spanned<u64>,
+    priority: Option<Spanned<u64>>,
     bind: Spanned<String>,
     peers: Vec<Spanned<String>>,
     auth_key: Spanned<String>,
@@ -360,6 +395,9 @@ struct RawHa {
     watchdog_ms: Option<Spanned<u64>>,
     refresh_s: Option<Spanned<u64>>,
     sync_mtu: Option<Spanned<u64>>,
+    bgp_socket: Option<Spanned<String>>,
+    bgp_protocol: Option<Spanned<String>>,
+    drain_s: Option<Spanned<u64>>,
     #[serde(default)]
     address: Vec<Spanned<RawFloating>>,
 }
@@ -369,6 +407,7 @@ struct RawHa {
 struct RawFloating {
     dev: Spanned<String>,
     addr: Spanned<String>,
+    node: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -636,7 +675,31 @@ impl Validator<'_> {
 
     fn ha(&self, h: &RawHa) -> Result<HaConfig, ConfigError> {
         let node_id = self.int(&h.node_id, "ha.node_id", 1, 255)? as u8;
-        let priority = self.int(&h.priority, "ha.priority", 1, 254)? as u8;
+        let mode = match &h.mode {
+            None => HaMode::ActiveBackup,
+            Some(m) => match m.get_ref().as_str() {
+                "active-backup" => HaMode::ActiveBackup,
+                "active-active" => HaMode::ActiveActive,
+                other => {
+                    return Err(self.err(
+                        m.span(),
+                        "ha.mode",
+                        format!("`{other}`: one of active-backup, active-active"),
+                    ))
+                }
+            },
+        };
+        let priority = match (&h.priority, mode) {
+            (Some(p), _) => self.int(p, "ha.priority", 1, 254)? as u8,
+            (None, HaMode::ActiveActive) => 100,
+            (None, HaMode::ActiveBackup) => {
+                return Err(self.err(
+                    h.node_id.span(),
+                    "ha.priority",
+                    "an active-backup pair needs a priority (1..=254) for its election",
+                ))
+            }
+        };
         let bind = self.parse::<SocketAddr>(&h.bind, "ha.bind")?;
         let mut peers = Vec::new();
         for (i, p) in h.peers.iter().enumerate() {
@@ -715,13 +778,42 @@ impl Validator<'_> {
                 .ok_or_else(|| {
                     self.err(a.addr.span(), &field, format!("`{text}`: prefix 0..={max}"))
                 })?;
+            let node = match &a.node {
+                Some(n) => Some(self.int(n, &format!("ha.address[{i}].node"), 1, 255)? as u8),
+                None if mode == HaMode::ActiveActive => {
+                    return Err(self.err(
+                        a.addr.span(),
+                        format!("ha.address[{i}].node"),
+                        "active-active: every floating address belongs to a node (held by it, \
+                         or by the lowest-numbered serving peer while it is down)",
+                    ))
+                }
+                None => None,
+            };
             addresses.push(FloatingAddr {
+                node,
                 dev,
                 addr: ip,
                 prefix,
             });
         }
+        let bgp = match (&h.bgp_socket, &h.bgp_protocol) {
+            (Some(sock), proto) => Some(BgpConfig {
+                socket: sock.get_ref().into(),
+                protocol: proto
+                    .as_ref()
+                    .map_or_else(|| "vip".to_owned(), |p| p.get_ref().clone()),
+            }),
+            (None, Some(p)) => {
+                return Err(self.err(p.span(), "ha.bgp_protocol", "needs ha.bgp_socket"))
+            }
+            (None, None) => None,
+        };
+        let drain = self.opt_int(&h.drain_s, "ha.drain_s", (0, 3600), 0)?;
         Ok(HaConfig {
+            mode,
+            bgp,
+            drain: Duration::from_secs(drain),
             node_id,
             priority,
             bind,
@@ -1553,6 +1645,7 @@ addr = "[2001:db8:51::11]:53"
         assert_eq!(
             h.addresses[1],
             FloatingAddr {
+                node: None,
                 dev: "back0".into(),
                 addr: "2001:db8:b::1".parse().unwrap(),
                 prefix: 64
@@ -1562,6 +1655,49 @@ addr = "[2001:db8:51::11]:53"
             (h.watchdog, h.refresh, h.sync_mtu),
             (Duration::from_secs(1), Duration::from_secs(5), 1472)
         );
+    }
+
+    #[test]
+    fn active_active_section() {
+        let aa = "\n[ha]\nmode = \"active-active\"\nnode_id = 2\nbind = \"192.0.2.72:7400\"\n\
+            peers = [\"192.0.2.71:7400\", \"192.0.2.73:7400\"]\n\
+            auth_key = \"at least sixteen characters\"\n";
+        // The issue's exact shape: no priority, no addresses (tunnel and dr need none).
+        let h = Config::parse(&format!("{GOOD}{aa}"), "t.toml")
+            .unwrap()
+            .ha
+            .unwrap();
+        assert_eq!(
+            (h.mode, h.node_id, h.peers.len()),
+            (HaMode::ActiveActive, 2, 2)
+        );
+        assert_eq!((h.bgp.clone(), h.drain), (None, Duration::ZERO));
+        // nat: per-node addresses (the SNAT next hops), BGP through BIRD, a drain time.
+        let more = format!(
+            "{GOOD}{aa}bgp_socket = \"/run/bird.ctl\"\ndrain_s = 5\n[[ha.address]]\ndev = \"back0\"\n\
+             addr = \"198.51.100.201/24\"\nnode = 1\n"
+        );
+        let h = Config::parse(&more, "t.toml").unwrap().ha.unwrap();
+        assert_eq!(h.addresses[0].node, Some(1));
+        assert_eq!(h.drain, Duration::from_secs(5));
+        let bgp = h.bgp.unwrap();
+        assert_eq!(
+            (bgp.socket.to_str(), bgp.protocol.as_str()),
+            (Some("/run/bird.ctl"), "vip")
+        );
+        // An active-active address without its node, an unknown mode, a pair without priority.
+        fails_at(
+            &more.replace("node = 1\n", ""),
+            "addr = \"198.51.100.201/24\"",
+            "ha.address[0].node",
+        );
+        fails_at(
+            &more.replace("active-active", "active-passive"),
+            "mode = \"active-passive\"",
+            "ha.mode",
+        );
+        let pair = format!("{GOOD}{HA}").replace("priority = 200\n", "");
+        fails_at(&pair, "node_id", "ha.priority");
     }
 
     #[test]

@@ -52,7 +52,7 @@ use lb_health::{
 };
 
 use crate::announce::Announcer;
-use crate::config::{FloatingAddr, HaConfig};
+use crate::config::{FloatingAddr, HaConfig, HaMode};
 use crate::netlink;
 
 /// How often the HA thread drains the sync log and sends: a flow is on the wire to the backup
@@ -86,6 +86,10 @@ pub mod role {
     pub const MASTER: u8 = 2;
     /// Stepped down because its own data path stalled.
     pub const FAULT: u8 = 3;
+    /// Active-active: serving (forwarding, announcing, holding its addresses).
+    pub const ACTIVE: u8 = 4;
+    /// Active-active: withdrawn, forwarding what still comes until it exits (SIGTERM).
+    pub const DRAINING: u8 = 5;
 
     /// The name shown in the statistics.
     pub fn name(r: u8) -> &'static str {
@@ -93,6 +97,8 @@ pub mod role {
             BACKUP => "backup",
             MASTER => "master",
             FAULT => "fault",
+            ACTIVE => "active",
+            DRAINING => "draining",
             _ => "init",
         }
     }
@@ -159,6 +165,12 @@ pub struct HaStatus {
     pub takeover_unix_ms: Option<u64>,
     /// Why the role last changed.
     pub last_reason: String,
+    /// `active-backup` or `active-active`.
+    pub mode: &'static str,
+    /// The floating addresses this node holds now.
+    pub held: Vec<String>,
+    /// Whether the BGP speaker announces the VIPs for this node (`None`: no BGP configured).
+    pub announced: Option<bool>,
 }
 
 /// State shared by the HA thread, the data-path threads and the statistics server.
@@ -170,6 +182,8 @@ pub struct HaShared {
     first_forward_armed: AtomicBool,
     first_forward_unix_ms: AtomicU64,
     status: Mutex<HaStatus>,
+    /// SIGTERM in active-active mode: withdraw, keep forwarding until told to stop.
+    draining: AtomicBool,
 }
 
 impl HaShared {
@@ -181,7 +195,14 @@ impl HaShared {
             first_forward_armed: AtomicBool::new(false),
             first_forward_unix_ms: AtomicU64::new(0),
             status: Mutex::new(HaStatus::default()),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Starts a graceful exit (active-active): the node withdraws its announcement and stops
+    /// serving new work, and keeps forwarding until the runtime stops it.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// The current role ([`role`]).
@@ -232,6 +253,9 @@ impl HaShared {
             "first_forward_unix_ms": (ff > 0).then_some(ff),
             "transitions": c.transitions,
             "last_reason": s.last_reason,
+            "mode": s.mode,
+            "held": s.held,
+            "announced": s.announced,
             "heartbeats": c.heartbeats,
             "drops": {
                 "auth": c.auth_failures, "replay": c.replays, "malformed": c.malformed,
@@ -256,7 +280,14 @@ impl HaShared {
         o.push_str(
             "# HELP lb_ha_role The node's role (1 for the current one).\n# TYPE lb_ha_role gauge\n",
         );
-        for x in [role::INIT, role::BACKUP, role::MASTER, role::FAULT] {
+        for x in [
+            role::INIT,
+            role::BACKUP,
+            role::MASTER,
+            role::FAULT,
+            role::ACTIVE,
+            role::DRAINING,
+        ] {
             o.push_str(&format!(
                 "lb_ha_role{{role=\"{}\"}} {}\n",
                 role::name(x),
@@ -347,7 +378,7 @@ struct Ha<'a> {
     refresh: Option<(SyncCursor, Instant)>,
     next_refresh: Instant,
     last_pass: Instant,
-    last_resync_request: Option<Instant>,
+    last_resync_request: HashMap<SocketAddr, Instant>,
     reannounce: VecDeque<Instant>,
     last_loop: Instant,
     lost_seen: u64,
@@ -356,6 +387,16 @@ struct Ha<'a> {
     reason: String,
     /// Why the election's next `Release` happens, when this node resigns by itself.
     release_reason: Option<String>,
+    /// Active-active: the floating addresses held now (indices into `cfg.addresses`).
+    held: Vec<bool>,
+    /// Active-active: peers whose bulk dump this node received since it (re)started.
+    bulk_from: HashSet<SocketAddr>,
+    /// Active-active: when the node started waiting for its peers' dumps.
+    joined_at: Instant,
+    /// The BGP speaker's control connection, and whether it announces.
+    bird: Option<crate::bgp::Bird>,
+    announced: Option<bool>,
+    last_bgp_attempt: Option<Instant>,
     seen: HashSet<lb_dataplane::SyncChange>,
     records: Vec<SyncRecord>,
     templates: Vec<TemplateRecord>,
@@ -465,7 +506,7 @@ impl<'a> Ha<'a> {
             refresh: None,
             next_refresh: t + cfg.refresh,
             last_pass: t,
-            last_resync_request: None,
+            last_resync_request: HashMap::new(),
             reannounce: VecDeque::new(),
             last_loop: t,
             lost_seen: 0,
@@ -473,6 +514,12 @@ impl<'a> Ha<'a> {
             takeover_unix_ms: None,
             reason: "started".into(),
             release_reason: None,
+            held: vec![false; cfg.addresses.len()],
+            bulk_from: HashSet::new(),
+            joined_at: t,
+            bird: None,
+            announced: None,
+            last_bgp_attempt: None,
             seen: HashSet::new(),
             records: Vec::new(),
             templates: Vec::new(),
@@ -491,7 +538,15 @@ impl<'a> Ha<'a> {
                 }
             }
         }
-        ha.set_role(role::BACKUP, "started");
+        if cfg.mode == HaMode::ActiveActive {
+            ha.hb.set_status(Role::Backup, cfg.priority, 0);
+            ha.set_role(
+                role::BACKUP,
+                "started: joining (bulk sync from the peers first)",
+            );
+        } else {
+            ha.set_role(role::BACKUP, "started");
+        }
         tracing::info!(
             node = cfg.node_id,
             priority = cfg.priority,
@@ -513,12 +568,14 @@ impl<'a> Ha<'a> {
         // Frozen (SIGSTOP, a paused VM, starved of CPU) for longer than a backup waits before
         // taking over: the peer may hold the addresses now. Step down before saying anything.
         let frozen = t - self.last_loop;
-        if frozen
-            > self
-                .el
-                .master_down_interval()
-                .max(Duration::from_millis(300))
-        {
+        let limit = self
+            .el
+            .master_down_interval()
+            .max(Duration::from_millis(300));
+        if frozen > limit && self.aa() {
+            // Peers took this node's addresses while it was frozen: join again.
+            self.aa_rejoin(t, frozen);
+        } else if frozen > limit {
             if self.role == role::MASTER {
                 self.step_down(
                     t,
@@ -536,8 +593,15 @@ impl<'a> Ha<'a> {
         }
         self.receive(t);
         self.membership(t);
-        self.data_path_watchdog(t);
-        self.election(t);
+        if self.aa() {
+            self.aa_watchdog(t);
+            self.aa_roles(t);
+            self.aa_addresses(t);
+            self.aa_bgp(t);
+        } else {
+            self.data_path_watchdog(t);
+            self.election(t);
+        }
         self.heartbeats(t);
         self.announce_due(t);
         self.sync_out(t);
@@ -600,6 +664,12 @@ impl<'a> Ha<'a> {
                 self.peer_addr.insert(node, from);
                 self.last_heard = Some(t);
                 let Some(p) = self.hb.peer(node) else { return };
+                if self.aa() {
+                    if !self.bulk_from.contains(&from) {
+                        self.request_resync(from, t);
+                    }
+                    return;
+                }
                 if p.role == Role::Master {
                     if self.role == role::MASTER
                         && (p.priority, node.0) < (self.el.priority(), u32::from(self.cfg.node_id))
@@ -662,7 +732,8 @@ impl<'a> Ha<'a> {
         let n = (r.message.records.len() + r.message.templates.len()) as u64;
         self.counters.received += n;
         if n > 0 {
-            let merge = self.role == role::MASTER;
+            // Active-active: the last writer wins (a flow's owner is the node its packets reach).
+            let merge = self.role == role::MASTER && !self.aa();
             match self.dp.try_lock() {
                 Ok(mut dp) => {
                     let a = dp.apply_sync(&r.message, t, merge);
@@ -673,18 +744,26 @@ impl<'a> Ha<'a> {
                 // a bulk sync repairs it.
                 Err(_) => {
                     self.counters.busy += n;
-                    if self.role != role::MASTER {
+                    if self.role != role::MASTER || self.aa() {
                         self.synced = false;
                         self.request_resync(from, t);
                     }
                 }
             }
         }
-        if r.needs_resync() && self.role != role::MASTER {
-            self.synced = false;
+        if r.needs_resync() && (self.role != role::MASTER || self.aa()) {
+            if !self.aa() {
+                self.synced = false;
+            }
+            self.bulk_from.remove(&from);
             self.request_resync(from, t);
         }
-        if h.flags & FLAG_BULK_END != 0 && !self.synced {
+        if h.flags & FLAG_BULK_END != 0 && self.aa() {
+            if self.bulk_from.insert(from) {
+                self.counters.bulk_received += 1;
+                tracing::info!(peer = %from, "ha: bulk sync from a peer complete");
+            }
+        } else if h.flags & FLAG_BULK_END != 0 && !self.synced {
             self.synced = true;
             self.counters.bulk_received += 1;
             self.el.set_preempt(self.cfg.preempt);
@@ -696,11 +775,12 @@ impl<'a> Ha<'a> {
     fn request_resync(&mut self, to: SocketAddr, t: Instant) {
         if self
             .last_resync_request
-            .is_some_and(|l| t - l < Duration::from_secs(1))
+            .get(&to)
+            .is_some_and(|l| t - *l < Duration::from_secs(1))
         {
             return;
         }
-        self.last_resync_request = Some(t);
+        self.last_resync_request.insert(to, t);
         self.counters.resyncs += 1;
         let m = self.tx.resync_request();
         self.send(&m, to);
@@ -712,7 +792,7 @@ impl<'a> Ha<'a> {
                 MembershipEvent::Dead { node } => {
                     self.dead.insert(node);
                     tracing::warn!(peer = node.0, "ha: peer silent (failure detector)");
-                    if self.el.master() == Some(node) && self.role != role::MASTER {
+                    if !self.aa() && self.el.master() == Some(node) && self.role != role::MASTER {
                         // As VRRP's priority-0 advert: take over after the skew time only.
                         self.el.handle_advert(node, 0, t);
                     }
@@ -723,10 +803,14 @@ impl<'a> Ha<'a> {
                 MembershipEvent::Joined { node, .. } | MembershipEvent::Restarted { node, .. } => {
                     let healed = self.dead.remove(&node);
                     tracing::info!(peer = node.0, healed, "ha: peer heard");
-                    if healed && self.role == role::MASTER {
+                    if self.aa() {
+                        if let Some(a) = self.peer_addr.get(&node).copied() {
+                            self.bulk_from.remove(&a);
+                        }
+                    } else if healed && self.role == role::MASTER {
                         // Flows the peer opened while we could not hear it: merge them.
                         if let Some(a) = self.peer_addr.get(&node).copied() {
-                            self.last_resync_request = None;
+                            self.last_resync_request.remove(&a);
                             self.request_resync(a, t);
                         }
                     }
@@ -882,6 +966,10 @@ impl<'a> Ha<'a> {
     }
 
     fn announce_due(&mut self, t: Instant) {
+        if self.aa() {
+            self.aa_announce_due(t);
+            return;
+        }
         if self.role != role::MASTER {
             self.reannounce.clear();
             return;
@@ -918,7 +1006,9 @@ impl<'a> Ha<'a> {
         let mut refresh_templates = Vec::new();
         let mut dump_records = Vec::new();
         let mut dump_templates = Vec::new();
-        let master = self.role == role::MASTER;
+        // Who streams its flows: the master of a pair; every node of an active-active group
+        // but a faulty one.
+        let master = self.role == role::MASTER || (self.aa() && self.role != role::FAULT);
         if master && self.refresh.is_none() && t >= self.next_refresh {
             // Flows that saw a packet since the last pass started have new deadlines.
             self.refresh = Some((SyncCursor::START, self.last_pass));
@@ -1049,6 +1139,20 @@ impl<'a> Ha<'a> {
             s.counters = self.counters.clone();
             s.takeover_unix_ms = self.takeover_unix_ms;
             s.last_reason.clone_from(&self.reason);
+            s.mode = if self.aa() {
+                "active-active"
+            } else {
+                "active-backup"
+            };
+            s.held = self
+                .cfg
+                .addresses
+                .iter()
+                .zip(&self.held)
+                .filter(|(_, h)| **h)
+                .map(|(a, _)| format!("{}/{}", a.addr, a.prefix))
+                .collect();
+            s.announced = self.announced;
         }
     }
 
@@ -1056,6 +1160,9 @@ impl<'a> Ha<'a> {
     /// and removes the floating addresses.
     fn shutdown(&mut self) {
         let t = self.now();
+        if self.aa() {
+            self.aa_withdraw("shutting down");
+        }
         self.el.shutdown();
         self.run_election_actions(t);
         if self.role == role::MASTER {
@@ -1069,6 +1176,9 @@ impl<'a> Ha<'a> {
         }
     }
 }
+
+#[path = "ha_active.rs"]
+mod active;
 
 /// Whether `addr` is one of the floating addresses (the stats show which are held).
 pub fn is_floating(cfg: &HaConfig, addr: IpAddr) -> bool {

@@ -22,7 +22,7 @@ use lb_core::{BackendId, HashKey, Instant};
 use lb_health::{Action, HealthChecker};
 use rand::SeedableRng;
 
-use crate::config::{Config, HealthSpec};
+use crate::config::{Config, HaMode, HealthSpec};
 use crate::ha::{self, HaShared};
 use crate::probe::ProbeRunner;
 use crate::render::{
@@ -490,6 +490,15 @@ fn control(
                 removed = r.removed.len(),
                 "configuration reloaded"
             );
+        }
+    }
+    // Active-active with a drain time: withdraw first, keep forwarding the flows that still
+    // come (the router moves new ones away), then stop.
+    if let Some(h) = cfg.ha.as_ref().filter(|h| h.mode == HaMode::ActiveActive) {
+        if !h.drain.is_zero() {
+            tracing::info!(drain_s = h.drain.as_secs(), "draining before shutting down");
+            sh.ha.drain();
+            std::thread::sleep(h.drain);
         }
     }
     tracing::info!("shutting down");

@@ -122,7 +122,23 @@ fn udp(
     })
 }
 
-/// The SIP OPTIONS request sent by the `sip-options` check (RFC 3261 §11).
+/// 64 random bits from the kernel, or (if that fails) from the clock and the process id: only
+/// needs to differ between processes.
+fn process_nonce() -> u64 {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if random.is_ok() {
+        return u64::from_le_bytes(b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The SIP OPTIONS request sent by the `sip-options` check (RFC 3261 §11); `token` names the
+/// Via branch, the From tag and the Call-ID.
 pub fn sip_options_request(addr: SocketAddr, token: u64) -> String {
     let host = match addr {
         SocketAddr::V4(a) => a.ip().to_string(),
@@ -179,6 +195,11 @@ pub struct ProbeResult {
 pub struct ProbeRunner {
     tx: Sender<ProbeResult>,
     rx: Receiver<ProbeResult>,
+    /// Mixed into what a probe puts on the wire (the SIP OPTIONS Call-ID, branch and tag), so
+    /// that two balancers probing the same backend never send byte-identical requests: the
+    /// checker's tokens follow the same sequence in every process, and a SIP stack takes an
+    /// identical request from a second source for a retransmission and does not answer it.
+    nonce: u64,
 }
 
 impl Default for ProbeRunner {
@@ -191,7 +212,11 @@ impl ProbeRunner {
     /// A runner with no probe in flight.
     pub fn new() -> Self {
         let (tx, rx) = mpsc::channel();
-        ProbeRunner { tx, rx }
+        ProbeRunner {
+            tx,
+            rx,
+            nonce: process_nonce(),
+        }
     }
 
     /// Starts a probe in the background.
@@ -204,10 +229,11 @@ impl ProbeRunner {
         timeout: Duration,
     ) {
         let tx = self.tx.clone();
+        let wire = token ^ self.nonce;
         let spawned = std::thread::Builder::new()
             .name("probe".into())
             .spawn(move || {
-                let outcome = execute(&kind, addr, timeout, token);
+                let outcome = execute(&kind, addr, timeout, wire);
                 let _ = tx.send(ProbeResult {
                     backend,
                     token,
@@ -231,6 +257,19 @@ impl ProbeRunner {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn two_runners_never_send_the_same_sip_request() {
+        // The checker's tokens are the same sequence in every process; the runner's nonce
+        // makes the requests of two balancers differ (a SIP stack ignores a "retransmission").
+        let (a, b) = (ProbeRunner::new(), ProbeRunner::new());
+        assert_ne!(a.nonce, b.nonce);
+        let addr: std::net::SocketAddr = "198.51.100.11:5060".parse().unwrap();
+        assert_ne!(
+            sip_options_request(addr, 7 ^ a.nonce),
+            sip_options_request(addr, 7 ^ b.nonce)
+        );
+    }
+
     use super::*;
     use std::net::TcpListener;
 

@@ -63,7 +63,11 @@ pub const TICK: Duration = Duration::from_millis(2);
 const DRAIN_MAX: usize = 16_384;
 
 /// Entries exported per tick by a bulk dump or a refresh pass.
-const EXPORT_CHUNK: usize = 2048;
+const EXPORT_CHUNK: usize = 512;
+
+/// The HA socket's receive buffer: a bulk dump arrives faster than a busy backup may read it
+/// (the kernel's default, ~208 KiB, overflowed in the sync-cost measurement).
+const RCVBUF: usize = 4 << 20;
 
 /// Capacity of the data path's sync log: room for about 16 ms of new flows at 1 M/s.
 pub const SYNC_LOG: usize = 1 << 16;
@@ -129,8 +133,10 @@ pub struct HaCounters {
     pub bulk_received: u64,
     /// Changes the data path's sync log could not hold.
     pub lost: u64,
-    /// Changes waiting in the data path's log at the last drain.
+    /// Changes waiting in the data path's log when the last drain began.
     pub lag_records: u64,
+    /// The most ever seen waiting.
+    pub lag_records_max: u64,
     /// Heartbeats and sync messages with a wrong MAC.
     pub auth_failures: u64,
     /// Replayed, reordered or stale messages.
@@ -266,6 +272,7 @@ impl HaShared {
                 "received": c.received, "installed": c.installed, "refused": c.refused,
                 "gaps": c.gaps, "resyncs": c.resyncs, "bulk_sent": c.bulk_sent,
                 "bulk_received": c.bulk_received, "lost": c.lost, "lag_records": c.lag_records,
+                "lag_records_max": c.lag_records_max,
                 "busy": c.busy,
             },
         })
@@ -338,6 +345,29 @@ impl HaShared {
         ));
         o
     }
+}
+
+/// Sets the socket's receive buffer (`SO_RCVBUF`; the kernel caps it at `rmem_max` unless
+/// root uses `SO_RCVBUFFORCE`, tried first).
+#[allow(unsafe_code)]
+fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> std::io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket and a pointer to a c_int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::last_os_error())
 }
 
 /// Wall-clock milliseconds since the Unix epoch (for the takeover-gap measurement only).
@@ -442,6 +472,9 @@ impl<'a> Ha<'a> {
         let sock = UdpSocket::bind(cfg.bind)
             .map_err(|e| format!("ha.bind {}: cannot bind: {e}", cfg.bind))?;
         sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        if let Err(e) = set_rcvbuf(&sock, RCVBUF) {
+            tracing::warn!("ha: cannot enlarge the receive buffer: {e}");
+        }
         let t = now(epoch);
         // A new generation (heartbeat) and epoch (sync) at every start: tenths of a second
         // since 2026, so a restart within the same second is still newer.
@@ -1023,6 +1056,10 @@ impl<'a> Ha<'a> {
             let Ok(mut dp) = self.dp.try_lock() else {
                 return;
             };
+            // What waited for this tick: the lag of the backup behind the data path, in changes.
+            self.counters.lag_records = dp.sync_pending() as u64;
+            self.counters.lag_records_max =
+                self.counters.lag_records_max.max(self.counters.lag_records);
             dp.sync_drain(
                 t,
                 DRAIN_MAX,
@@ -1030,7 +1067,6 @@ impl<'a> Ha<'a> {
                 &mut self.records,
                 &mut self.templates,
             );
-            self.counters.lag_records = dp.sync_pending() as u64;
             lost = dp.stats().sync_lost;
             if master {
                 if let Some((c, since)) = self.refresh {

@@ -172,8 +172,9 @@ impl Dataplane {
 
     /// Exports entries from `cursor` on, at most about `max` per call, appending records to
     /// `records` and `templates`; returns where to continue (`None`: the pass is complete).
-    /// With `since`, only flows that saw a packet at or after it (a refresh pass: their
-    /// deadlines moved); without, every flow and template (a bulk dump).
+    /// With `since`, only flows that saw a packet at or after it and have seen more than one
+    /// (a refresh pass: their deadlines moved since the record their creation logged);
+    /// without, every flow and template (a bulk dump).
     pub fn sync_export(
         &self,
         cursor: SyncCursor,
@@ -194,10 +195,13 @@ impl Dataplane {
                     infos.clear();
                     let next = ct.export_chunk(cur.at, budget, now, &mut infos);
                     budget = budget.saturating_sub(infos.len().max(1));
+                    // A refresh resends what moved its deadline since `since`: a flow that saw
+                    // a packet since then, unless its one packet made it (then the record
+                    // logged at its creation already carries that deadline).
                     records.extend(
                         infos
                             .iter()
-                            .filter(|e| since.is_none_or(|s| e.last_seen >= s))
+                            .filter(|e| since.is_none_or(|s| e.last_seen >= s && e.packets > 1))
                             .map(|e| SyncRecord::from_info(RecordOp::Update, e, now)),
                     );
                     next

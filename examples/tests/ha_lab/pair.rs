@@ -25,6 +25,9 @@ pub struct HaStatus {
     /// Milliseconds since the peer's last advert (absent when never seen).
     #[serde(default)]
     pub peer_seen_ms_ago: Option<u64>,
+    /// Whether this node's bulk sync completed (or it has been master since).
+    #[serde(default)]
+    pub synced: bool,
     /// Conntrack sync counters, as the program reports them.
     #[serde(default)]
     pub sync: serde_json::Value,
@@ -209,6 +212,18 @@ impl HaLab {
         })
     }
 
+    /// Waits up to `timeout` until node `node` reports `role` and `synced` (a backup whose bulk
+    /// sync has completed).
+    pub fn wait_synced(&self, node: u8, role: &str, timeout: Duration) -> bool {
+        self.lab
+            .wait_for(timeout, || {
+                self.ha(node)
+                    .filter(|h| h.role == role && h.synced)
+                    .map(|_| ())
+            })
+            .is_some()
+    }
+
     /// Waits up to `timeout` until node `node` reports `role`.
     pub fn wait_role(&self, node: u8, role: &str, timeout: Duration) -> bool {
         self.lab
@@ -235,6 +250,13 @@ pub struct PairOpts {
     pub advert_interval_ms: u64,
     /// `[ha] preempt`.
     pub preempt: bool,
+    /// The scheduler of every service (`maglev`: both nodes agree on a new flow's backend
+    /// without any sync; `random` makes them disagree two times in three; `rr` starts at the
+    /// first backend on every node, so flows that reach both in the same order agree).
+    pub scheduler: &'static str,
+    /// Adds a UDP SIP service (IPv4) on VIP:[`SIP_PORT`] → each backend's `:5060`
+    /// (`affinity = "sip-call-id"`, SIP OPTIONS health check), in the pair's mode.
+    pub sip: bool,
 }
 
 impl Default for PairOpts {
@@ -244,6 +266,8 @@ impl Default for PairOpts {
             health_interval_ms: 200,
             advert_interval_ms: 100,
             preempt: false,
+            scheduler: "maglev",
+            sip: false,
         }
     }
 }
@@ -268,10 +292,33 @@ pub fn ha_section(node: u8, opts: &PairOpts) -> String {
     s
 }
 
+/// The SIP port: the VIP's and each backend's sipp UAS.
+pub const SIP_PORT: u16 = 5060;
+
+/// The [`PairOpts::sip`] service: UDP VIP:5060, Call-ID affinity, checked with SIP OPTIONS
+/// as the SIP tests check their UASes.
+fn sip_service(mode: &str, opts: &PairOpts) -> String {
+    let mut c = format!(
+        "\n[[service]]\nvip = \"{VIP4}:{SIP_PORT}\"\nproto = \"udp\"\nmode = \"{mode}\"\n\
+         scheduler = \"{}\"\naffinity = \"sip-call-id\"\n\
+         [service.health]\nkind = \"sip-options\"\ninterval_ms = {}\ntimeout_ms = 150\n\
+         rise = 2\nfall = 2\n",
+        opts.scheduler, opts.health_interval_ms
+    );
+    for i in 1..=3 {
+        c.push_str(&format!(
+            "[[service.backend]]\naddr = \"198.51.100.{}:{SIP_PORT}\"\n",
+            10 + i
+        ));
+    }
+    c
+}
+
 /// The tun-balancer configuration of node `node` in `mode` (`nat`: SNAT [`SNAT4`] / [`SNAT6`],
 /// backends `:8080`; `tunnel`: GUE to the VIP's port; `dr`: TAP `lb0` with [`dr_mac`]): TCP
-/// VIP:80 and UDP VIP:7000 (maglev, HTTP and UDP health checks) per family, device `lb0`,
-/// stats on 127.0.0.1:9100, the shared [`HASH_KEY`], then [`ha_section`].
+/// VIP:80 and UDP VIP:7000 ([`PairOpts::scheduler`], HTTP and UDP health checks) per family,
+/// the [`PairOpts::sip`] service if asked, device `lb0`, stats on 127.0.0.1:9100, the shared
+/// [`HASH_KEY`], then [`ha_section`].
 pub fn pair_config(node: u8, mode: &str, opts: &PairOpts) -> String {
     let mut c = String::from("[balancer]\ndevice = \"lb0\"\n");
     match mode {
@@ -296,7 +343,8 @@ pub fn pair_config(node: u8, mode: &str, opts: &PairOpts) -> String {
             let bport = if mode == "nat" { bport } else { 0 };
             c.push_str(&format!(
                 "\n[[service]]\nvip = \"{vip}:{port}\"\nproto = \"{proto}\"\nmode = \"{mode}\"\n\
-                 scheduler = \"maglev\"\n"
+                 scheduler = \"{}\"\n",
+                opts.scheduler
             ));
             if mode == "tunnel" {
                 c.push_str("tunnel = \"gue\"\ngue_port = 6080\n");
@@ -322,6 +370,9 @@ pub fn pair_config(node: u8, mode: &str, opts: &PairOpts) -> String {
                 }
             }
         }
+    }
+    if opts.sip {
+        c.push_str(&sip_service(mode, opts));
     }
     c.push('\n');
     c.push_str(&ha_section(node, opts));

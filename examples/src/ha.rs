@@ -767,15 +767,15 @@ impl<'a> Ha<'a> {
         if n > 0 {
             // Active-active: the last writer wins (a flow's owner is the node its packets reach).
             let merge = self.role == role::MASTER && !self.aa();
-            match self.dp.try_lock() {
-                Ok(mut dp) => {
+            match self.lock_dp(Duration::from_millis(20)) {
+                Some(mut dp) => {
                     let a = dp.apply_sync(&r.message, t, merge);
                     self.counters.installed += a.installed + a.updated + a.templates + a.deleted;
                     self.counters.refused += a.refused;
                 }
-                // The data path holds the lock (busy, or stuck): these records are lost here;
+                // The data path held the lock for 20 ms (stuck): these records are lost here;
                 // a bulk sync repairs it.
-                Err(_) => {
+                None => {
                     self.counters.busy += n;
                     if self.role != role::MASTER || self.aa() {
                         self.synced = false;
@@ -801,6 +801,22 @@ impl<'a> Ha<'a> {
             self.counters.bulk_received += 1;
             self.el.set_preempt(self.cfg.preempt);
             tracing::info!(peer = %from, "ha: bulk sync complete");
+        }
+    }
+
+    /// The data path's lock, waiting at most `max` for it (a data path that holds it longer
+    /// is stuck: the HA thread must go on with heartbeats and the watchdog).
+    fn lock_dp(&self, max: Duration) -> Option<std::sync::MutexGuard<'a, Dataplane>> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.dp.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(_)) => return None,
+                Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < max => {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
         }
     }
 
@@ -1053,7 +1069,7 @@ impl<'a> Ha<'a> {
         {
             // Never wait for the data path: a data-path thread stuck while holding the lock
             // must not stop the heartbeats or the watchdog that will make this node resign.
-            let Ok(mut dp) = self.dp.try_lock() else {
+            let Some(mut dp) = self.lock_dp(Duration::from_millis(2)) else {
                 return;
             };
             // What waited for this tick: the lag of the backup behind the data path, in changes.

@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod announce;
+pub mod bgp;
 pub mod config;
 pub mod ha;
 pub mod netlink;

@@ -42,6 +42,7 @@
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod baseline;
+pub mod ecmp;
 pub mod pair;
 pub mod workload;
 

@@ -226,18 +226,29 @@ impl Ha<'_> {
             return;
         }
         let want = self.role == role::ACTIVE;
-        if self.announced == Some(want) {
-            return;
-        }
+        // Re-asserted every second even when nothing changed (enable / disable are idempotent):
+        // a BIRD that restarted comes up with the protocol disabled.
         if self
             .last_bgp_attempt
             .is_some_and(|l| t - l < Duration::from_secs(1))
+            && self.announced == Some(want)
+        {
+            return;
+        }
+        if self.announced != Some(want)
+            && self
+                .last_bgp_attempt
+                .is_some_and(|l| t - l < Duration::from_millis(100))
         {
             return;
         }
         self.last_bgp_attempt = Some(t);
+        let was = self.announced;
         match self.bgp_set(want) {
-            Ok(()) => tracing::warn!(announce = want, "ha: BGP announcement changed"),
+            Ok(()) if was != Some(want) => {
+                tracing::warn!(announce = want, "ha: BGP announcement changed")
+            }
+            Ok(()) => {}
             Err(e) => tracing::error!(announce = want, "ha: BGP speaker: {e}"),
         }
     }
@@ -247,7 +258,11 @@ impl Ha<'_> {
             return Ok(());
         };
         if self.bird.is_none() {
-            self.bird = Some(crate::bgp::Bird::connect(&cfg.socket)?);
+            // A short timeout: the HA thread's heartbeats wait while BIRD answers.
+            self.bird = Some(crate::bgp::Bird::connect_timeout(
+                &cfg.socket,
+                std::time::Duration::from_millis(100),
+            )?);
         }
         let r = match self.bird.as_mut() {
             Some(b) if announce => b.enable(&cfg.protocol),

@@ -8,6 +8,7 @@ mod conntrack;
 mod core_hash;
 mod dataplane;
 mod health;
+mod midflow;
 mod packet;
 mod sched_hash;
 mod sched_policy;
@@ -21,6 +22,7 @@ fn all(c: &mut Criterion) {
     conntrack::register(c);
     health::register(c);
     dataplane::register(c);
+    midflow::register(c);
     sync::register(c);
 }
 

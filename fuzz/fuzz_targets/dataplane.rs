@@ -15,7 +15,11 @@
 //!    must be the input, unchanged);
 //! 3. `forwarded + icmp_generated + dropped() == rx_packets` after every call;
 //! 4. the burst path gives the same verdicts, the same output bytes, the same counters, table
-//!    figures, housekeeping results and load events as one by one.
+//!    figures, housekeeping results and load events as one by one;
+//! 5. a packet addressed to a service that cannot start a flow (a TCP segment without SYN or
+//!    with SYN and ACK, an ICMP error) goes where `Dataplane::explain_mid_flow` said just before:
+//!    in modes tunnel and dr only to the backend named (its flow's, or the consistent hash's),
+//!    in modes nat and dnat only if its flow is tracked.
 //!
 //! Replies and ICMP errors are built from earlier outputs (addresses and ports swapped), so that
 //! they hit tracked flows.
@@ -26,8 +30,9 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use lb_core::{Duration, HashKey, Instant, MacAddr};
 use lb_dataplane::{
-    Affinity, ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, DropReason, Mode,
-    OutlierSpec, Proto, SchedulerKind, ServiceSpec, Tables, TunnelKind, Verdict, HEADROOM,
+    Affinity, ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Decision, DropReason,
+    MidFlow, Mode, OutlierSpec, Proto, SchedulerKind, ServiceSpec, Tables, TunnelKind, Verdict,
+    HEADROOM,
 };
 use lb_health::OutlierConfig;
 use lb_packet::checksum::recompute;
@@ -263,6 +268,16 @@ fn ip_spec() -> DataplaneSpec {
         &["[2001:db8:b::41]:0"],
     );
     gue6.tunnel = TunnelKind::Gue { port: GUE_PORT };
+    // Mid-flow packets of a policy service: placed by the Maglev table built beside it.
+    let tunnel_rr = policy(
+        svc(
+            "203.0.113.16:80",
+            Proto::Tcp,
+            Mode::Tunnel,
+            &["198.51.100.101:0", "198.51.100.102:0", "198.51.100.103:0"],
+        ),
+        PolicyKind::RoundRobin,
+    );
     let mut sip6 = policy(
         svc(
             "[2001:db8:10::14]:5060",
@@ -287,6 +302,7 @@ fn ip_spec() -> DataplaneSpec {
         ip6ip6,
         gue6,
         sip6,
+        tunnel_rr,
     ])
 }
 
@@ -317,7 +333,28 @@ fn eth_spec() -> DataplaneSpec {
         Mode::Nat,
         &["198.51.100.91:8080", "198.51.100.92:8080"],
     );
-    base_spec(vec![dr, dr6, nat])
+    let mut dr_wlc = policy(
+        svc(
+            "203.0.113.22:80",
+            Proto::Tcp,
+            Mode::Dr,
+            &["198.51.100.83:0", "198.51.100.84:0"],
+        ),
+        PolicyKind::Wlc,
+    );
+    dr_wlc.backends[0].mac = Some(MacAddr([2, 0, 0, 0, 0, 0x83]));
+    dr_wlc.backends[1].mac = Some(MacAddr([2, 0, 0, 0, 0, 0x84]));
+    // IPVS's behaviour: mid-flow packets of untracked flows are dropped.
+    let mut dr_drop = svc(
+        "203.0.113.23:80",
+        Proto::Tcp,
+        Mode::Dr,
+        &["198.51.100.85:0", "198.51.100.86:0"],
+    );
+    dr_drop.mid_flow = MidFlow::Drop;
+    dr_drop.backends[0].mac = Some(MacAddr([2, 0, 0, 0, 0, 0x85]));
+    dr_drop.backends[1].mac = Some(MacAddr([2, 0, 0, 0, 0, 0x86]));
+    base_spec(vec![dr, dr6, nat, dr_wlc, dr_drop])
 }
 
 /// Two data paths built alike: `one` runs packets one by one, `many` in bursts.
@@ -615,6 +652,54 @@ fn check_output(v: Verdict, out: &[u8], input: &[u8], link: Link, headroom: usiz
     }
 }
 
+/// What `explain_mid_flow` says of a packet addressed to a service that cannot start a flow (a
+/// TCP segment without SYN or with SYN and ACK, an ICMP error). `None` for any other packet.
+fn mid_flow_decision(dp: &Dataplane, pkt: &[u8], link: Link, now: Instant) -> Option<Decision> {
+    let p = parse(pkt, link).ok()?;
+    if p.fragment != lb_packet::Fragment::None {
+        return None;
+    }
+    let starts = p.icmp.is_none()
+        && (p.proto != lb_core::IpProto::Tcp
+            || pkt.get(p.l4 + 13).is_some_and(|f| f & 0x12 == 0x02));
+    if starts {
+        return None;
+    }
+    match dp.explain_mid_flow(&p.key, now) {
+        Decision::NoService => None,
+        d => Some(d),
+    }
+}
+
+/// The outer destination address of an IP packet (or of the one in a frame).
+fn outer_dst(out: &[u8], link: Link) -> Option<IpAddr> {
+    let p = parse(out, link).ok()?;
+    let ip = out.get(p.l3..)?;
+    match p.family {
+        Family::V4 => Some(IpAddr::from(<[u8; 4]>::try_from(ip.get(16..20)?).ok()?)),
+        Family::V6 => Some(IpAddr::from(<[u8; 16]>::try_from(ip.get(24..40)?).ok()?)),
+    }
+}
+
+/// Check 5: a mid-flow packet that was forwarded went to the backend `explain` named.
+fn check_mid_flow(dp: &Dataplane, mid: Decision, v: Verdict, out: &[u8], link: Link) {
+    if !matches!(v, Verdict::Forward { .. }) {
+        return;
+    }
+    let id = mid
+        .backend()
+        .unwrap_or_else(|| panic!("a mid-flow packet explained as {mid:?} was forwarded"));
+    let b = dp.tables().backend(id).expect("the backend named exists");
+    match b.mode {
+        Mode::Dr => assert_eq!(Some(&out[..6]), b.mac.as_ref().map(|m| &m.0[..]), "{mid:?}"),
+        Mode::Tunnel => assert_eq!(outer_dst(out, link), Some(b.addr.ip()), "{mid:?}"),
+        _ => assert!(
+            matches!(mid, Decision::Flow(_)),
+            "nat / dnat forwarded a mid-flow packet of an untracked flow: {mid:?}"
+        ),
+    }
+}
+
 fn check_counters(dp: &Dataplane) {
     let s = dp.stats();
     assert_eq!(
@@ -666,10 +751,17 @@ fn run(pair: &mut Pair, pkts: &[(Vec<u8>, bool)], headroom: usize, chunk: usize,
     for (b, &len) in bufs.iter().zip(&lens) {
         let mut b = b.clone();
         let rx = pair.one.stats().rx_packets;
+        let mid = b
+            .get(headroom..headroom + len)
+            .and_then(|pkt| mid_flow_decision(&pair.one, pkt, link, now));
         let v = pair.one.process(&mut b, headroom, len, now);
         assert_eq!(pair.one.stats().rx_packets, rx + 1);
         check_counters(&pair.one);
-        outs_one.push((v, output(&b, v)));
+        let out = output(&b, v);
+        if let Some(mid) = mid {
+            check_mid_flow(&pair.one, mid, v, &out, link);
+        }
+        outs_one.push((v, out));
     }
     // In bursts.
     let mut outs_many = Vec::with_capacity(pkts.len());

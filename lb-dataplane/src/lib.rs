@@ -22,6 +22,17 @@
 //! `dyn`. Established flows keep their backend across table swaps: they are found in the flow
 //! table before the scheduler is asked.
 //!
+//! Active-active behind ECMP (several balancers share a VIP; the router may move a flow from
+//! one to another in mid-flow, DESIGN §8 "scale events without drops"): balancers built from
+//! the same spec and [`HashKey`] build the same tables, so under a consistent-hash scheduler
+//! they place every new flow alike. A packet that cannot start a flow (a TCP segment without
+//! SYN, an ICMP error) of a flow this data path does not track is placed in modes `tunnel` and
+//! `dr` by the service's consistent hash, exactly as every peer places it whatever the
+//! scheduler, and the flow is tracked from then on (Katran's behaviour; [`MidFlow`] turns it
+//! off); in modes `nat` and `dnat` it is dropped ([`DropReason::MidFlowUnknown`]), as only sync
+//! carries the flow's SNAT tuple. [`Explanation::mid_flow`] says where such a packet would go,
+//! [`Stats::mid_flow_placed`] counts them.
+//!
 //! State flows back out as data: every flow that leaves the flow table (expiry, eviction,
 //! close, removal) updates the live load of its backend (IPVS active / inactive connection
 //! counts, kept apart from membership so that they survive every table swap), the session
@@ -107,7 +118,7 @@ use lb_health::Observation;
 use lb_packet::icmp::{self, IcmpError};
 use lb_packet::tunnel::{self, Encap, TunnelParams};
 use lb_packet::{dr, nat, parse, Family, Fragment, Link, PacketBuf, PacketError, Parsed};
-use lb_sched::hash::ConsistentHash;
+use lb_sched::hash::{AnyHash, ConsistentHash};
 use lb_sched::policy::{Pick, Request};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -117,7 +128,7 @@ pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
-    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, Netmask, OutlierSpec, Proto,
+    parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto,
     SchedulerKind, ServiceSpec, TunnelKind, UnknownName, UnknownScheduler,
 };
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
@@ -283,6 +294,16 @@ fn tcp_flags(pkt: &[u8], p: &Parsed) -> TcpFlags {
     } else {
         TcpFlags::NONE
     }
+}
+
+/// Whether a packet may start a flow: a TCP SYN without ACK, a UDP datagram; never an ICMP
+/// error. Any other packet of a flow the table does not know is a mid-flow packet
+/// ([`Dataplane::mid_flow`]).
+#[inline]
+fn starts_flow(p: &Parsed, flags: TcpFlags) -> bool {
+    p.icmp.is_none()
+        && (p.proto != IpProto::Tcp
+            || (flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK)))
 }
 
 #[inline]
@@ -791,10 +812,12 @@ impl Dataplane {
                 (hit.backend, hit.nat)
             }
             None => {
-                if p.icmp.is_some() {
-                    return Verdict::Drop(DropReason::NoFlow);
-                }
-                match self.new_flow(buf, cx, si, first) {
+                let placed = if starts_flow(p, flags) {
+                    self.new_flow(buf, cx, si, first)
+                } else {
+                    self.mid_flow(cx, si, first)
+                };
+                match placed {
                     Ok(x) => x,
                     Err(r) => return Verdict::Drop(r),
                 }
@@ -829,6 +852,9 @@ impl Dataplane {
                 Ok(()) => done,
                 Err(_) => Verdict::Drop(DropReason::RewriteFailed),
             },
+            // Only a frame has a MAC address to rewrite: on a device that delivers IP
+            // packets the "frame header" would be the IP header.
+            Mode::Dr if self.link != Link::Ethernet => Verdict::Drop(DropReason::RewriteFailed),
             Mode::Dr => match b.mac.map(|m| dr::set_macs(pkt, m, Some(tables.mac))) {
                 Some(Ok(_)) => done,
                 _ => Verdict::Drop(DropReason::RewriteFailed),
@@ -840,8 +866,8 @@ impl Dataplane {
         }
     }
 
-    /// A flow the table does not know: persistence, affinity, scheduler, insert. Returns the
-    /// backend and the NAT reply tuple.
+    /// A flow the table does not know, whose packet may start it ([`starts_flow`]):
+    /// persistence, affinity, scheduler, insert. Returns the backend and the NAT reply tuple.
     fn new_flow(
         &mut self,
         buf: &[u8],
@@ -855,13 +881,8 @@ impl Dataplane {
         let key = p.key;
         let tables = &*self.tables;
         let svc = tables.services.get(si).ok_or(DropReason::NoService)?;
-        let syn =
-            first.tcp_flags.contains(TcpFlags::SYN) && !first.tcp_flags.contains(TcpFlags::ACK);
-        if svc.proto == IpProto::Tcp && matches!(svc.mode, Mode::Nat | Mode::Dnat) && !syn {
-            // Only a SYN opens a NAT flow: anything else would reach the backend from a fresh
-            // SNAT port (and an ACK flood would fill the table).
-            return Err(DropReason::NoFlow);
-        }
+        // The caller checked `starts_flow`: a TCP packet here is a SYN.
+        let syn = svc.proto == IpProto::Tcp;
         let ct = if key.is_ipv4() {
             &mut self.ct4
         } else {
@@ -877,17 +898,7 @@ impl Dataplane {
                 None => self.flows.hash_flow(&key),
             },
         };
-        let persist = (!svc.persistence.is_zero()).then(|| {
-            let prefix = if key.is_ipv4() {
-                svc.persistence_netmask.v4.min(32)
-            } else {
-                svc.persistence_netmask.v6.min(128)
-            };
-            (
-                prefix,
-                TemplateKey::client(key.src(), prefix, Service::of_flow(&key)),
-            )
-        });
+        let persist = persist_key(svc, &key);
         let remembered = persist.and_then(|(_, tk)| {
             ct.persist_mut()
                 .lookup(&tk, now)
@@ -954,6 +965,71 @@ impl Dataplane {
             self.timing.syn(&key, id, now);
         }
         Ok((id, nat_tuple))
+    }
+
+    /// A packet that cannot start a flow ([`starts_flow`]: a TCP segment without SYN, an ICMP
+    /// error) of a flow the table does not know. Behind ECMP, a flow a peer started (or whose
+    /// entry expired here). Modes `tunnel` and `dr` with [`MidFlow::Hash`]: placed as every
+    /// peer places it, by the client's persistence template if there is one, else by the
+    /// service's consistent hash over the backends the tables say may take flows (never by a
+    /// policy, never by live load, which differ between balancers); a TCP flow is tracked from
+    /// then on, an ICMP error only forwarded. Otherwise dropped: in `nat` and `dnat` the flow's
+    /// SNAT tuple or route belongs to the balancer that saw its SYN (only sync carries it), and
+    /// letting such a packet open a flow would reach the backend from a fresh SNAT port (and
+    /// let an ACK flood fill the table).
+    fn mid_flow(
+        &mut self,
+        cx: &Ctx<'_>,
+        si: usize,
+        first: Packet,
+    ) -> Result<(BackendId, Option<FlowKey>), DropReason> {
+        let Ctx { p, now, .. } = *cx;
+        let key = p.key;
+        let icmp = p.icmp.is_some();
+        let tables = &*self.tables;
+        let svc = tables.services.get(si).ok_or(DropReason::NoService)?;
+        if !svc.places_mid_flow() {
+            return Err(if icmp {
+                DropReason::NoFlow
+            } else {
+                DropReason::MidFlowUnknown
+            });
+        }
+        let ct = if key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
+        };
+        let persist = persist_key(svc, &key);
+        let remembered = persist.and_then(|(_, tk)| {
+            ct.persist_mut()
+                .lookup(&tk, now)
+                .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible))
+        });
+        let id = match remembered {
+            Some(b) => b,
+            None => svc
+                .fallback
+                .as_deref()
+                .and_then(|t| mid_flow_backend(t, tables, mid_flow_hash(&self.flows, svc, &key)))
+                .ok_or(DropReason::NoBackend)?,
+        };
+        self.stats.mid_flow_placed += 1;
+        if icmp {
+            return Ok((id, None));
+        }
+        let mut flow = NewFlow::new(key, id).with_first(first);
+        if let (Some((prefix, _)), Some(_)) = (persist, remembered) {
+            flow = flow.with_persist(prefix);
+        }
+        let state = flow.initial_state();
+        // As for a new flow in these modes, a refused insert still forwards: the next packet
+        // is placed the same way.
+        if ct.insert_with(flow, now).is_inserted() {
+            self.flow_opened(id, state);
+            self.sync_log(sync::SyncChange::Flow(key));
+        }
+        Ok((id, None))
     }
 
     /// Not addressed to a service: a reply of a NAT flow (backend → SNAT address in `nat` mode,
@@ -1180,6 +1256,45 @@ fn addr_hash(h: &FlowHasher, a: IpAddr) -> u64 {
         IpAddr::V4(a) => h.hash_bytes(&a.octets()),
         IpAddr::V6(a) => h.hash_bytes(&a.octets()),
     }
+}
+
+/// The client-persistence template of flow `key` of service `svc`, with its prefix length,
+/// if the service uses persistence.
+#[inline]
+fn persist_key(svc: &ServiceTable, key: &FlowKey) -> Option<(u8, TemplateKey)> {
+    (!svc.persistence.is_zero()).then(|| {
+        let prefix = if key.is_ipv4() {
+            svc.persistence_netmask.v4.min(32)
+        } else {
+            svc.persistence_netmask.v6.min(128)
+        };
+        (
+            prefix,
+            TemplateKey::client(key.src(), prefix, Service::of_flow(key)),
+        )
+    })
+}
+
+/// What places a mid-flow packet of service `svc` on its consistent hash: the client
+/// address's hash with `affinity = "source"`, else the flow's (a SYN carries no Call-ID, so
+/// a TCP flow of a `sip-call-id` service was placed by its flow hash too).
+#[inline]
+pub(crate) fn mid_flow_hash(flows: &FlowHasher, svc: &ServiceTable, key: &FlowKey) -> u64 {
+    match svc.affinity {
+        Affinity::Source => addr_hash(flows, key.src()),
+        _ => flows.hash_flow(key),
+    }
+}
+
+/// The backend the consistent hash `table` gives a mid-flow packet of hash `h`: the first on
+/// the flow's preference list that `tables` says may take flows (configured, healthy,
+/// weight > 0). It depends on nothing but the tables, so every balancer built from the same
+/// spec, key and health answers the same.
+#[inline]
+pub(crate) fn mid_flow_backend(table: &AnyHash, tables: &Tables, h: u64) -> Option<BackendId> {
+    table.lookup_eligible(h, |id| {
+        tables.backend(id).is_some_and(BackendInfo::eligible)
+    })
 }
 
 /// Tunnel mode: encapsulate in the headroom, or answer "too big" / drop.

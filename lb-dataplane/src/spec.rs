@@ -62,6 +62,53 @@ pub enum TunnelKind {
     },
 }
 
+/// What a balancer does with a packet that cannot start a flow (a TCP segment without SYN or
+/// with SYN and ACK, an ICMP error) of a flow its tables do not track. Behind ECMP this is a
+/// flow the router moved here from a peer (a balancer joined, left or flapped), or one whose
+/// entry expired or was evicted here.
+///
+/// Only modes `tunnel` and `dr` can place such a packet: they need no per-flow state to
+/// forward it (Katran's behaviour). In modes `nat` and `dnat` the backend knows the connection
+/// by the SNAT address and port (`nat`) or the route back (`dnat`) of the balancer that saw its
+/// first packet, which only state sync carries: there such packets are always dropped
+/// ([`crate::DropReason::MidFlowUnknown`] for TCP segments, [`crate::DropReason::NoFlow`] for
+/// ICMP errors), whatever this says.
+///
+/// A UDP datagram can always start a flow: an untracked one goes to the scheduler, in every
+/// mode (a balancer cannot tell a flow's first datagram from a later one). Behind ECMP, UDP
+/// services therefore keep their flows on a moved route only with a consistent-hash
+/// scheduler, or by sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MidFlow {
+    /// Place it by the service's consistent hash of the flow (of the client address with
+    /// `affinity = "source"`), exactly as every peer sharing the hash key and the backends'
+    /// health places it, and track it from then on (an ICMP error is forwarded, not tracked).
+    /// The hash is the scheduler's own table for a consistent-hash scheduler, so the packet
+    /// reaches the backend the peer's scheduler chose; for a policy (rr, wlc, p2c, …, which
+    /// pick differently on every balancer) it is a Maglev table over the same weighted
+    /// backends, built with the tables: the peers then agree with each other, but with the
+    /// policy's first choice only by chance (one flow in N), so such flows survive a move
+    /// only by sync. Backends that are down, retired or drained (weight 0) are skipped along
+    /// the flow's preference list; live load (admission thresholds, outlier ejection), which
+    /// differs from balancer to balancer, is not consulted. A client-persistence template,
+    /// when the service uses persistence and one exists here (synced or local), comes first.
+    #[default]
+    Hash,
+    /// Drop it and count it ([`crate::DropReason::MidFlowUnknown`]; an ICMP error:
+    /// [`crate::DropReason::NoFlow`]): only a balancer that saw the flow start, or received
+    /// it by sync, forwards it (IPVS's behaviour).
+    Drop,
+}
+
+impl MidFlow {
+    /// Whether a service in `mode` places such packets (rather than drop them): with
+    /// [`MidFlow::Hash`] in modes `tunnel` and `dr`.
+    #[inline]
+    pub const fn places(self, mode: Mode) -> bool {
+        matches!(self, MidFlow::Hash) && matches!(mode, Mode::Tunnel | Mode::Dr)
+    }
+}
+
 /// How a service chooses the backend of a new flow: a consistent hash or a policy, named as
 /// lb-sched names them ([`HashAlgorithm::name`], [`PolicyKind::name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,6 +270,9 @@ pub struct ServiceSpec {
     /// Maglev table size (a prime); `None`: the smallest prime ≥ max(65537, 100 × backends),
     /// as the Maglev paper advises for a disruption close to the ideal.
     pub maglev_size: Option<u64>,
+    /// Packets that cannot start a flow, of flows not tracked here (modes `tunnel` and `dr`;
+    /// `nat` and `dnat` always drop them): see [`MidFlow`].
+    pub mid_flow: MidFlow,
     /// The backends.
     pub backends: Vec<BackendSpec>,
 }
@@ -245,6 +295,7 @@ impl ServiceSpec {
             panic_threshold_percent: 0,
             outlier: None,
             maglev_size: None,
+            mid_flow: MidFlow::Hash,
             backends: Vec::new(),
         }
     }
@@ -266,6 +317,13 @@ impl ServiceSpec {
     #[must_use]
     pub fn with_scheduler(mut self, scheduler: SchedulerKind) -> Self {
         self.scheduler = scheduler;
+        self
+    }
+
+    /// The same service with another treatment of packets that cannot start a flow.
+    #[must_use]
+    pub fn with_mid_flow(mut self, mid_flow: MidFlow) -> Self {
+        self.mid_flow = mid_flow;
         self
     }
 }
@@ -340,6 +398,7 @@ macro_rules! named_enum {
 
 named_enum!(Proto, "protocol", "tcp" => Proto::Tcp, "udp" => Proto::Udp);
 named_enum!(Mode, "mode", "nat" => Mode::Nat, "dnat" => Mode::Dnat, "tunnel" => Mode::Tunnel, "dr" => Mode::Dr);
+named_enum!(MidFlow, "mid-flow treatment", "hash" => MidFlow::Hash, "drop" => MidFlow::Drop);
 named_enum!(Affinity, "affinity", "none" => Affinity::None, "source" => Affinity::Source,
     "sip-call-id" => Affinity::SipCallId, "per-packet" => Affinity::PerPacket);
 
@@ -348,6 +407,15 @@ impl fmt::Display for Proto {
         f.write_str(match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+        })
+    }
+}
+
+impl fmt::Display for MidFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MidFlow::Hash => "hash",
+            MidFlow::Drop => "drop",
         })
     }
 }
@@ -396,6 +464,10 @@ mod tests {
         assert!(e.to_string().contains("nat dnat tunnel dr"), "{e}");
         assert_eq!("sip-call-id".parse::<Affinity>(), Ok(Affinity::SipCallId));
         assert!("TCP".parse::<Proto>().is_err());
+        for m in [MidFlow::Hash, MidFlow::Drop] {
+            assert_eq!(m.to_string().parse::<MidFlow>(), Ok(m));
+        }
+        assert!("ignore".parse::<MidFlow>().is_err());
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub enum DropReason {
     Fragment,
     /// Addressed to no service and not a reply of a tracked flow.
     NoService,
-    /// A TCP segment other than a SYN, or an ICMP error, for a flow the table does not know.
+    /// An ICMP error about a flow the table does not know, in a mode that does not place such
+    /// packets (`nat`, `dnat`, or [`MidFlow::Drop`](crate::MidFlow::Drop)).
     NoFlow,
     /// The service has no healthy backend with weight > 0.
     NoBackend,
@@ -29,13 +30,19 @@ pub enum DropReason {
     PortsExhausted,
     /// The TTL would expire in the tunnel.
     TtlExpired,
-    /// The rewrite failed (e.g. no SNAT address of the packet's family; no room for headers).
+    /// The rewrite failed (e.g. no SNAT address of the packet's family; no room for headers;
+    /// mode `dr` on a device that delivers IP packets, not Ethernet frames).
     RewriteFailed,
+    /// A TCP segment that cannot start a flow (no SYN, or SYN with ACK) of a flow the table
+    /// does not know, in a mode that does not place such packets: `nat` and `dnat` (the flow's
+    /// SNAT tuple or route lives on the balancer that saw its SYN, and only sync carries it),
+    /// or [`MidFlow::Drop`](crate::MidFlow::Drop). Behind ECMP: a flow moved here from a peer.
+    MidFlowUnknown,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::NotIp,
@@ -49,6 +56,7 @@ impl DropReason {
         DropReason::PortsExhausted,
         DropReason::TtlExpired,
         DropReason::RewriteFailed,
+        DropReason::MidFlowUnknown,
     ];
 
     /// A snake_case name for logs and metrics.
@@ -65,6 +73,7 @@ impl DropReason {
             DropReason::PortsExhausted => "ports_exhausted",
             DropReason::TtlExpired => "ttl_expired",
             DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::MidFlowUnknown => "mid_flow_unknown",
         }
     }
 }
@@ -72,7 +81,8 @@ impl DropReason {
 /// Counters of one backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendStats {
-    /// New flows scheduled to it.
+    /// Flows opened to it: new flows scheduled to it, and (modes `tunnel`, `dr`) flows of a
+    /// peer placed on it mid-flow by the consistent hash ([`Stats::mid_flow_placed`]).
     pub flows: u64,
     /// Packets forwarded to it.
     pub packets: u64,
@@ -114,6 +124,11 @@ pub struct Stats {
     /// Sync records refused because their backend id is unknown here or names another
     /// backend than the peer's (the two balancers' configurations differ).
     pub sync_refused: u64,
+    /// Packets that cannot start a flow (a TCP segment without SYN, an ICMP error) of flows
+    /// not tracked here, placed by their service's consistent hash
+    /// ([`MidFlow::Hash`](crate::MidFlow::Hash), modes `tunnel` and `dr`): behind ECMP, flows
+    /// moved here from a peer (or whose entry expired here). TCP flows are tracked from then on.
+    pub mid_flow_placed: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -164,6 +179,7 @@ impl Stats {
         self.removals_unread += other.removals_unread;
         self.sync_lost += other.sync_lost;
         self.sync_refused += other.sync_refused;
+        self.mid_flow_placed += other.mid_flow_placed;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

@@ -9,15 +9,16 @@ use lb_core::{Backend, BackendId, Duration, HashKey, IpProto, MacAddr, Weight};
 use lb_sched::hash::{AnyHash, HashAlgorithm, Maglev, MaglevConfig, MaglevSize};
 
 use crate::spec::{
-    Affinity, DataplaneSpec, Mode, Netmask, OutlierSpec, Proto, SchedulerKind, ServiceSpec,
-    TunnelKind,
+    Affinity, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto, SchedulerKind,
+    ServiceSpec, TunnelKind,
 };
 
 /// What went wrong building tables.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// The scheduler rejected the backend set.
+    /// The scheduler (or the Maglev table that places a policy service's mid-flow packets)
+    /// rejected the backend set.
     #[error("service {vip}: {reason}")]
     Scheduler {
         /// The service.
@@ -117,7 +118,26 @@ pub struct ServiceTable {
     pub panic_threshold_percent: u8,
     /// Passive outlier ejection.
     pub outlier: Option<OutlierSpec>,
+    /// Packets that cannot start a flow, of flows not tracked here, as configured (what
+    /// happens to them: [`ServiceTable::places_mid_flow`]).
+    pub mid_flow: MidFlow,
     pub(crate) sched: Scheduler,
+    /// The consistent hash that places packets that cannot start a flow, of untracked flows
+    /// ([`ServiceTable::places_mid_flow`]): the scheduler's own table for a consistent-hash
+    /// scheduler, a Maglev table over the same weighted backends for a policy. `None` when the
+    /// service does not place them, or has no backend of weight > 0.
+    pub(crate) fallback: Option<Arc<AnyHash>>,
+}
+
+impl ServiceTable {
+    /// Whether packets that cannot start a flow (a TCP segment without SYN, an ICMP error) of
+    /// flows not tracked here are placed by the service's consistent hash, as every peer
+    /// places them (modes `tunnel` and `dr` with [`MidFlow::Hash`]); otherwise they are
+    /// dropped.
+    #[inline]
+    pub fn places_mid_flow(&self) -> bool {
+        self.mid_flow.places(self.mode)
+    }
 }
 
 /// An immutable snapshot of all services and backends: what the data path runs on.
@@ -186,7 +206,8 @@ pub struct ControlPlane {
     spec: DataplaneSpec,
     ids: HashMap<(ServiceKey, SocketAddr), BackendId>,
     infos: Vec<Option<BackendInfo>>,
-    /// Consistent-hash tables by service, reused while the weighted backend set is unchanged
+    /// Consistent-hash tables by service (a hash scheduler's, or the Maglev table placing a
+    /// policy service's mid-flow packets), reused while the weighted backend set is unchanged
     /// (a health change only flips bits in `up`).
     hashes: HashMap<ServiceKey, BuiltHash>,
     generation: u64,
@@ -344,7 +365,7 @@ impl ControlPlane {
     /// Builds new tables from the configuration and health in force.
     ///
     /// # Errors
-    /// The scheduler rejected a backend set.
+    /// The scheduler (or a policy service's mid-flow Maglev table) rejected a backend set.
     pub fn build(&mut self) -> Result<Arc<Tables>, BuildError> {
         let mut services = Vec::with_capacity(self.spec.services.len());
         let mut hashes = HashMap::new();
@@ -356,35 +377,48 @@ impl ControlPlane {
                 .filter_map(|b| self.ids.get(&(sk, b.addr)))
                 .filter_map(|id| self.backend(*id))
                 .collect();
-            let sched = if let SchedulerKind::Hash(algo) = s.scheduler {
-                let mut set: Vec<Backend> = members
-                    .iter()
-                    .filter(|b| !b.weight.is_zero())
-                    .map(|b| Backend::new(b.id, b.addr).with_weight(b.weight))
-                    .collect();
-                set.sort_by_key(|b| b.id);
-                if set.is_empty() {
-                    Scheduler::Empty
-                } else {
+            // The weighted set a consistent hash is built over: weight > 0, sorted by id.
+            let mut set: Vec<Backend> = members
+                .iter()
+                .filter(|b| !b.weight.is_zero())
+                .map(|b| Backend::new(b.id, b.addr).with_weight(b.weight))
+                .collect();
+            set.sort_by_key(|b| b.id);
+            // The scheduler's table, or (a policy placing mid-flow packets) the fallback's: a
+            // Maglev table at the default size, the one scheduler `maglev` would build.
+            let hashed = match s.scheduler {
+                SchedulerKind::Hash(algo) => Some((algo, s.maglev_size)),
+                SchedulerKind::Policy(_) if s.mid_flow.places(s.mode) => {
+                    Some((HashAlgorithm::Maglev, None))
+                }
+                SchedulerKind::Policy(_) => None,
+            };
+            let table = match hashed {
+                Some((algo, size)) if !set.is_empty() => {
                     let table = match self.hashes.get(&sk) {
-                        Some((a, size, prev, t))
-                            if *a == algo && *size == s.maglev_size && *prev == set =>
-                        {
+                        Some((a, sz, prev, t)) if *a == algo && *sz == size && *prev == set => {
                             t.clone()
                         }
-                        _ => Arc::new(build_hash(algo, s.maglev_size, &set, self.key).map_err(
-                            |e| BuildError::Scheduler {
+                        _ => Arc::new(build_hash(algo, size, &set, self.key).map_err(|e| {
+                            BuildError::Scheduler {
                                 vip: s.vip,
                                 reason: e.to_string(),
-                            },
-                        )?),
+                            }
+                        })?),
                     };
-                    hashes.insert(sk, (algo, s.maglev_size, set, table.clone()));
-                    Scheduler::Hash { table }
+                    hashes.insert(sk, (algo, size, set, table.clone()));
+                    Some(table)
                 }
-            } else {
-                Scheduler::Policy
+                _ => None,
             };
+            let sched = match (s.scheduler, &table) {
+                (SchedulerKind::Hash(_), Some(table)) => Scheduler::Hash {
+                    table: table.clone(),
+                },
+                (SchedulerKind::Hash(_), None) => Scheduler::Empty,
+                (SchedulerKind::Policy(_), _) => Scheduler::Policy,
+            };
+            let fallback = table.filter(|_| s.mid_flow.places(s.mode));
             services.push(ServiceTable {
                 vip: s.vip,
                 proto: match s.proto {
@@ -400,7 +434,9 @@ impl ControlPlane {
                 slow_start: s.slow_start,
                 panic_threshold_percent: s.panic_threshold_percent,
                 outlier: s.outlier,
+                mid_flow: s.mid_flow,
                 sched,
+                fallback,
             });
         }
         self.hashes = hashes;
@@ -491,6 +527,59 @@ mod tests {
             s.services[0].scheduler = kind;
             cp.apply(s).unwrap_or_else(|e| panic!("{kind}: {e}"));
         }
+    }
+
+    /// A tunnel or dr service places mid-flow packets by a consistent hash built with the
+    /// tables: a hash scheduler's own table, or for a policy the Maglev table scheduler
+    /// `maglev` would build over the same weighted set (reused while that set is unchanged);
+    /// none in nat / dnat or with `mid_flow = drop`.
+    #[test]
+    fn mid_flow_tables_are_built_beside_the_scheduler() {
+        use lb_sched::hash::ConsistentHash;
+        let key = HashKey::from_bytes([3; 16]);
+        let build = |mode: Mode, sched: &str, mid: MidFlow| {
+            let mut s = spec(&["198.51.100.11:80", "198.51.100.12:80", "198.51.100.13:80"]);
+            s.services[0].mode = mode;
+            s.services[0].scheduler = sched.parse().unwrap();
+            s.services[0].mid_flow = mid;
+            s.services[0].backends[2].weight = Weight::new(3);
+            let mut cp = ControlPlane::new(s, key).unwrap();
+            let t = cp.build().unwrap();
+            (cp, t)
+        };
+        let (_, maglev) = build(Mode::Tunnel, "maglev", MidFlow::Hash);
+        let (mut cp, wlc) = build(Mode::Tunnel, "wlc", MidFlow::Hash);
+        let (m, w) = (&maglev.services[0], &wlc.services[0]);
+        assert!(m.places_mid_flow() && w.places_mid_flow());
+        match (&m.sched, m.fallback.as_deref(), w.fallback.as_deref()) {
+            (Scheduler::Hash { table }, Some(fm), Some(fw)) => {
+                assert!(core::ptr::eq(&**table, fm), "a hash scheduler's own table");
+                for h in (0..20_000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+                    assert_eq!(fm.lookup(h), fw.lookup(h));
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        // A health change reuses it.
+        assert!(cp.set_healthy(BackendId(0), false));
+        let again = cp.build().unwrap();
+        assert!(Arc::ptr_eq(
+            wlc.services[0].fallback.as_ref().unwrap(),
+            again.services[0].fallback.as_ref().unwrap()
+        ));
+        for (mode, mid) in [
+            (Mode::Nat, MidFlow::Hash),
+            (Mode::Dnat, MidFlow::Hash),
+            (Mode::Dr, MidFlow::Drop),
+        ] {
+            for sched in ["maglev", "rr"] {
+                let (_, t) = build(mode, sched, mid);
+                assert!(t.services[0].fallback.is_none(), "{mode} {sched} {mid}");
+                assert!(!t.services[0].places_mid_flow());
+            }
+        }
+        let (_, dr) = build(Mode::Dr, "p2c", MidFlow::Hash);
+        assert!(dr.services[0].fallback.is_some());
     }
 
     #[test]

@@ -429,27 +429,7 @@ fn validate_scheduler(i: usize, s: &ServiceSpec) -> Result<(), SpecError> {
             }
             match algo {
                 HashAlgorithm::Maglev => {
-                    let size = match s.maglev_size {
-                        Some(m) => MaglevSize::new(m)
-                            .map_err(|reason| SpecError::MaglevSize { service: i, reason })?,
-                        None => MaglevSize::at_least((100 * eligible.len() as u64).max(65_537))
-                            .map_err(weights)?,
-                    };
-                    if eligible.len() > Maglev::MAX_BACKENDS {
-                        return Err(weights(SchedError::TooManyBackends {
-                            count: eligible.len(),
-                            max: Maglev::MAX_BACKENDS,
-                        }));
-                    }
-                    if eligible.len() as u64 > u64::from(size.get()) {
-                        return Err(SpecError::MaglevSize {
-                            service: i,
-                            reason: SchedError::TableTooSmall {
-                                size: u64::from(size.get()),
-                                backends: eligible.len(),
-                            },
-                        });
-                    }
+                    validate_maglev(i, s.maglev_size, eligible.len(), weights)?
                 }
                 HashAlgorithm::Ring => {
                     // `Ring::new`: points = Σ weight / gcd × points per weight unit.
@@ -485,7 +465,43 @@ fn validate_scheduler(i: usize, s: &ServiceSpec) -> Result<(), SpecError> {
                 ..PoolConfig::default()
             };
             Pool::new(cfg).map_err(|reason| SpecError::Pool { service: i, reason })?;
+            // The Maglev table that places the service's mid-flow packets.
+            if s.mid_flow.places(s.mode) {
+                validate_maglev(i, None, eligible.len(), weights)?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// What `Maglev::new` asks of a table of `size` slots (`None`: the default size) over
+/// `eligible` backends.
+fn validate_maglev(
+    i: usize,
+    size: Option<u64>,
+    eligible: usize,
+    weights: impl Fn(SchedError) -> SpecError,
+) -> Result<(), SpecError> {
+    let size = match size {
+        Some(m) => {
+            MaglevSize::new(m).map_err(|reason| SpecError::MaglevSize { service: i, reason })?
+        }
+        None => MaglevSize::at_least((100 * eligible as u64).max(65_537)).map_err(&weights)?,
+    };
+    if eligible > Maglev::MAX_BACKENDS {
+        return Err(weights(SchedError::TooManyBackends {
+            count: eligible,
+            max: Maglev::MAX_BACKENDS,
+        }));
+    }
+    if eligible as u64 > u64::from(size.get()) {
+        return Err(SpecError::MaglevSize {
+            service: i,
+            reason: SchedError::TableTooSmall {
+                size: u64::from(size.get()),
+                backends: eligible,
+            },
+        });
     }
     Ok(())
 }

@@ -68,6 +68,9 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
         "icmp_generated": s.icmp_generated,
         "dropped": s.dropped(),
         "sip_not_sip": s.sip_not_sip,
+        "mid_flow_placed": s.mid_flow_placed,
+        "sync_lost": s.sync_lost,
+        "sync_refused": s.sync_refused,
         "drops": drops,
         "conntrack": {
             "entries": t.entries, "capacity": t.capacity, "memory_bytes": t.memory_bytes,
@@ -145,6 +148,21 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
         "sip_not_sip_total",
         "Datagrams to a sip-call-id service that are not SIP.",
         s.sip_not_sip,
+    );
+    counter(
+        "mid_flow_placed_total",
+        "Packets of untracked flows placed by the consistent hash (tunnel / dr behind ECMP).",
+        s.mid_flow_placed,
+    );
+    counter(
+        "sync_lost_total",
+        "Changes the sync log could not hold (the backup then gets a bulk dump).",
+        s.sync_lost,
+    );
+    counter(
+        "sync_refused_total",
+        "Sync records refused: their backend id names another backend here.",
+        s.sync_refused,
     );
     let _ = writeln!(
         o,

@@ -44,6 +44,9 @@
 //!                            # < upper
 //! slow_start_s = 0           # policies only: weight ramps up over this long after add / recovery
 //! panic_threshold = 0        # percent (0..=100): below this share healthy, ignore health
+//! mid_flow = "hash"          # tunnel / dr: a packet of a flow this balancer does not track
+//!                            # (ECMP moved it here) goes by the consistent hash; "drop": dropped
+//!                            # (nat / dnat always drop it: only sync knows its SNAT tuple)
 //! maglev_size = 65537        # maglev only: a prime in 3..=2^24, at least the backends (default:
 //!                            # the smallest prime >= max(65537, 100 x backends))
 //! [service.outlier]          # passive ejection; the table's presence turns it on
@@ -114,8 +117,8 @@ use lb_core::{Duration, HashKey, Weight};
 
 use lb_conntrack::{FlowState, TcpState, MAX_CAPACITY};
 use lb_dataplane::{
-    parse_mac, Affinity, BackendSpec, DataplaneSpec, Mode, OutlierSpec, Proto, SchedulerKind,
-    ServiceSpec, SpecError, TunnelKind,
+    parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, OutlierSpec, Proto,
+    SchedulerKind, ServiceSpec, SpecError, TunnelKind,
 };
 
 /// A configuration error, located in the file.
@@ -456,6 +459,7 @@ struct RawService {
     slow_start_s: Option<Spanned<u64>>,
     panic_threshold: Option<Spanned<u64>>,
     maglev_size: Option<Spanned<u64>>,
+    mid_flow: Option<Spanned<String>>,
     outlier: Option<Spanned<RawOutlier>>,
     health: Option<RawHealth>,
     #[serde(default)]
@@ -919,6 +923,9 @@ impl Validator<'_> {
         )? as u8;
         // Primality, the range and the scheduler are `DataplaneSpec::validate`'s.
         svc.maglev_size = r.maglev_size.as_ref().map(|m| *m.get_ref());
+        if let Some(m) = &r.mid_flow {
+            svc.mid_flow = self.parse::<MidFlow>(m, &f("mid_flow"))?;
+        }
         if let Some(o) = &r.outlier {
             svc.outlier = Some(self.outlier(i, o.get_ref())?);
         }
@@ -1655,6 +1662,17 @@ addr = "[2001:db8:51::11]:53"
             (h.watchdog, h.refresh, h.sync_mtu),
             (Duration::from_secs(1), Duration::from_secs(5), 1472)
         );
+    }
+
+    #[test]
+    fn mid_flow_key() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.dataplane.services[0].mid_flow, MidFlow::Hash);
+        let t = GOOD.replace(SVC, "persistence_timeout_s = 0\nmid_flow = \"drop\"");
+        let c = Config::parse(&t, "t.toml").unwrap();
+        assert_eq!(c.dataplane.services[0].mid_flow, MidFlow::Drop);
+        let bad = GOOD.replace(SVC, "persistence_timeout_s = 0\nmid_flow = \"sometimes\"");
+        fails_at(&bad, "mid_flow", "service[0].mid_flow");
     }
 
     #[test]

@@ -33,7 +33,7 @@
 //! lock it already holds; the HA thread does every system call.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -633,7 +633,7 @@ impl<'a> Ha<'a> {
             self.aa_bgp(t);
         } else {
             self.data_path_watchdog(t);
-            self.election(t);
+            self.run_election_actions(t);
         }
         self.heartbeats(t);
         self.announce_due(t);
@@ -902,10 +902,6 @@ impl<'a> Ha<'a> {
             self.become_backup(why);
         }
         self.el.restart(t);
-    }
-
-    fn election(&mut self, t: Instant) {
-        self.run_election_actions(t);
     }
 
     fn run_election_actions(&mut self, t: Instant) {
@@ -1231,8 +1227,3 @@ impl<'a> Ha<'a> {
 
 #[path = "ha_active.rs"]
 mod active;
-
-/// Whether `addr` is one of the floating addresses (the stats show which are held).
-pub fn is_floating(cfg: &HaConfig, addr: IpAddr) -> bool {
-    cfg.addresses.iter().any(|a| a.addr == addr)
-}

@@ -226,13 +226,7 @@ fn active_active_behind_bgp_ecmp() {
         r.conns.failed,
         r.conns.slow
     );
-    let broken: Vec<String> = r
-        .downloads
-        .records
-        .iter()
-        .filter(|d| !d.ok && d.end_ms != 0)
-        .map(|d| format!("slot {} from {}: {}", d.slot, d.backend, d.error))
-        .collect();
+    let broken = r.broken_downloads();
     assert!(
         broken.is_empty(),
         "broken downloads:\n{}",

@@ -108,18 +108,7 @@ fn assert_sessions_whole(r: &WorkloadReport, what: &str) {
         r.udp_flows_moved(),
         r.longest_udp_silence_ms()
     );
-    let broken: Vec<String> = r
-        .downloads
-        .records
-        .iter()
-        .filter(|d| !d.ok && d.end_ms != 0)
-        .map(|d| {
-            format!(
-                "slot {} from {} ({} of {} bytes): {}",
-                d.slot, d.backend, d.bytes, d.expected, d.error
-            )
-        })
-        .collect();
+    let broken = r.broken_downloads();
     assert!(
         broken.is_empty(),
         "{what}: broken downloads:\n{}",

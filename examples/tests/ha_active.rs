@@ -195,13 +195,7 @@ fn run(tag: &str, mode: &str, scheduler: &str) {
         r.conns.slow,
         r.udp_flows_moved()
     );
-    let broken: Vec<String> = r
-        .downloads
-        .records
-        .iter()
-        .filter(|d| !d.ok && d.end_ms != 0)
-        .map(|d| format!("slot {} from {}: {}", d.slot, d.backend, d.error))
-        .collect();
+    let broken = r.broken_downloads();
     assert!(
         broken.is_empty(),
         "broken downloads:\n{}",

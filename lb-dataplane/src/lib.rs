@@ -899,11 +899,7 @@ impl Dataplane {
             },
         };
         let persist = persist_key(svc, &key);
-        let remembered = persist.and_then(|(_, tk)| {
-            ct.persist_mut()
-                .lookup(&tk, now)
-                .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible))
-        });
+        let remembered = remembered_backend(ct, tables, persist, now);
         let id = match remembered {
             Some(b) => b,
             None => self.choose(si, h, src_hash, &key, now)?,
@@ -1001,11 +997,7 @@ impl Dataplane {
             &mut self.ct6
         };
         let persist = persist_key(svc, &key);
-        let remembered = persist.and_then(|(_, tk)| {
-            ct.persist_mut()
-                .lookup(&tk, now)
-                .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible))
-        });
+        let remembered = remembered_backend(ct, tables, persist, now);
         let id = match remembered {
             Some(b) => b,
             None => svc
@@ -1256,6 +1248,21 @@ fn addr_hash(h: &FlowHasher, a: IpAddr) -> u64 {
         IpAddr::V4(a) => h.hash_bytes(&a.octets()),
         IpAddr::V6(a) => h.hash_bytes(&a.octets()),
     }
+}
+
+/// The eligible backend a client-persistence template names, if any (refreshing it).
+#[inline]
+fn remembered_backend(
+    ct: &mut ConnTable,
+    tables: &Tables,
+    persist: Option<(u8, TemplateKey)>,
+    now: Instant,
+) -> Option<BackendId> {
+    persist.and_then(|(_, tk)| {
+        ct.persist_mut()
+            .lookup(&tk, now)
+            .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible))
+    })
 }
 
 /// The client-persistence template of flow `key` of service `svc`, with its prefix length,

@@ -348,6 +348,22 @@ impl WorkloadReport {
             .count()
     }
 
+    /// The downloads that ended without their whole, correct content, one line each (slot,
+    /// backend, bytes, error).
+    pub fn broken_downloads(&self) -> Vec<String> {
+        self.downloads
+            .records
+            .iter()
+            .filter(|d| !d.ok && d.end_ms != 0)
+            .map(|d| {
+                format!(
+                    "slot {} from {} ({} of {} bytes): {}",
+                    d.slot, d.backend, d.bytes, d.expected, d.error
+                )
+            })
+            .collect()
+    }
+
     /// UDP flows whose backend changed at least once.
     pub fn udp_flows_moved(&self) -> usize {
         self.udp

@@ -93,7 +93,8 @@
 //! sync_mtu = 1472            # sync datagram size
 //! bgp_socket = "/run/bird/bird.ctl"  # optional: BIRD's control socket; the protocol below is
 //! bgp_protocol = "vip"       # enabled (VIP announced) while this node serves, disabled otherwise
-//! drain_s = 0                # on SIGTERM, forward this long after withdrawing
+//! drain_s = 0                # on SIGTERM: withdraw, forward until 2 s pass without a packet or
+//!                            # drain_s have passed, then exit
 //! [[ha.address]]             # floating addresses: held by the master only
 //! dev = "front0"
 //! addr = "192.0.2.10/24"

@@ -111,11 +111,11 @@ pub mod role {
 /// Counters of the HA thread, shown in the statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HaCounters {
-    /// Records (flows and templates) sent to peers.
+    /// Records (flows and templates) streamed, each counted once however many peers get it.
     pub sent: u64,
-    /// Sync datagrams sent.
+    /// Sync datagrams sent, over all peers (a datagram to each of N peers counts N).
     pub datagrams_sent: u64,
-    /// Sync bytes sent (UDP payload).
+    /// Sync bytes sent (UDP payload), over all peers.
     pub bytes_sent: u64,
     /// Records received in accepted messages.
     pub received: u64,
@@ -377,13 +377,6 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A bulk dump in progress.
-#[derive(Debug, Clone, Copy)]
-struct Dump {
-    cursor: SyncCursor,
-    to: Option<SocketAddr>,
-}
-
 /// The HA thread's state.
 struct Ha<'a> {
     cfg: &'a HaConfig,
@@ -393,7 +386,10 @@ struct Ha<'a> {
     sock: UdpSocket,
     hb: HeartbeatNode,
     el: Election,
-    tx: SyncSender,
+    /// One sync stream per configured peer (`cfg.peers` order): each peer sees its own
+    /// sequence numbers, so a bulk dump or a resync request sent to one peer is no gap for the
+    /// others.
+    tx: Vec<SyncSender>,
     rx: SyncReceiver,
     watchdog: Watchdog,
     announcer: Announcer,
@@ -404,7 +400,8 @@ struct Ha<'a> {
     last_heard: Option<Instant>,
     role: u8,
     synced: bool,
-    dump: Option<Dump>,
+    /// The bulk dump in progress to each peer (`cfg.peers` order): where it goes on.
+    dumps: Vec<Option<SyncCursor>>,
     refresh: Option<(SyncCursor, Instant)>,
     next_refresh: Instant,
     last_pass: Instant,
@@ -509,13 +506,19 @@ impl<'a> Ha<'a> {
         let mut hb = HeartbeatNode::new(node, cfg.auth_key.derive("heartbeat-mac"), t)
             .map_err(|e| format!("ha: {e}"))?;
         hb.set_status(Role::Backup, cfg.priority, 0);
-        let tx = SyncSender::new(
-            u32::from(cfg.node_id),
-            u32::try_from(gen).unwrap_or(u32::MAX),
-            cfg.auth_key.derive("sync-mac"),
-            cfg.sync_mtu,
-        )
-        .map_err(|e| format!("ha.sync_mtu: {e}"))?;
+        let tx = cfg
+            .peers
+            .iter()
+            .map(|_| {
+                SyncSender::new(
+                    u32::from(cfg.node_id),
+                    u32::try_from(gen).unwrap_or(u32::MAX),
+                    cfg.auth_key.derive("sync-mac"),
+                    cfg.sync_mtu,
+                )
+                .map_err(|e| format!("ha.sync_mtu: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let rx = SyncReceiver::new(cfg.auth_key.derive("sync-mac"));
         let watchdog = Watchdog::new(cfg.watchdog, t).map_err(|e| format!("ha: {e}"))?;
         let mut ha = Ha {
@@ -535,7 +538,7 @@ impl<'a> Ha<'a> {
             last_heard: None,
             role: role::BACKUP,
             synced: false,
-            dump: None,
+            dumps: vec![None; cfg.peers.len()],
             refresh: None,
             next_refresh: t + cfg.refresh,
             last_pass: t,
@@ -663,6 +666,11 @@ impl<'a> Ha<'a> {
         }
     }
 
+    /// The index of the configured peer at `a` (`cfg.peers` order).
+    fn peer_index(&self, a: SocketAddr) -> Option<usize> {
+        self.cfg.peers.iter().position(|p| *p == a)
+    }
+
     fn send_all(&mut self, bytes: &[u8]) {
         for i in 0..self.cfg.peers.len() {
             if let Some(p) = self.cfg.peers.get(i).copied() {
@@ -751,11 +759,20 @@ impl<'a> Ha<'a> {
         };
         let h = r.message.header;
         if h.kind == MessageKind::ResyncRequest {
-            tracing::info!(peer = %from, "ha: peer asked for a bulk sync");
-            self.dump = Some(Dump {
-                cursor: SyncCursor::START,
-                to: Some(from),
-            });
+            // A dump goes on the asking peer's own stream; one from an address that is not a
+            // configured peer (authenticated, so a misconfigured peer) gets nothing.
+            match self.peer_index(from) {
+                Some(i) => {
+                    tracing::info!(peer = %from, "ha: peer asked for a bulk sync");
+                    if let Some(d) = self.dumps.get_mut(i) {
+                        *d = Some(SyncCursor::START);
+                    }
+                }
+                None => {
+                    tracing::warn!(peer = %from, "ha: bulk sync asked from an unknown address");
+                    self.counters.malformed += 1;
+                }
+            }
             return;
         }
         if let Some(g) = r.gap {
@@ -829,10 +846,15 @@ impl<'a> Ha<'a> {
         {
             return;
         }
+        let Some(i) = self.peer_index(to) else {
+            return;
+        };
         self.last_resync_request.insert(to, t);
         self.counters.resyncs += 1;
-        let m = self.tx.resync_request();
-        self.send(&m, to);
+        if let Some(tx) = self.tx.get_mut(i) {
+            let m = tx.resync_request();
+            self.send(&m, to);
+        }
     }
 
     fn membership(&mut self, t: Instant) {
@@ -1049,8 +1071,8 @@ impl<'a> Ha<'a> {
         self.templates.clear();
         let mut refresh_records = Vec::new();
         let mut refresh_templates = Vec::new();
-        let mut dump_records = Vec::new();
-        let mut dump_templates = Vec::new();
+        // Each peer's dump chunk of this tick: (peer, records, templates, whether it ended).
+        let mut dump_chunks = Vec::new();
         // Who streams its flows: the master of a pair; every node of an active-active group
         // but a faulty one.
         let master = self.role == role::MASTER || (self.aa() && self.role != role::FAULT);
@@ -1060,7 +1082,6 @@ impl<'a> Ha<'a> {
             self.last_pass = t;
             self.next_refresh = t + self.cfg.refresh;
         }
-        let mut dump_done = None;
         let lost;
         {
             // Never wait for the data path: a data-path thread stuck while holding the lock
@@ -1093,38 +1114,21 @@ impl<'a> Ha<'a> {
                     self.refresh = next.map(|n| (n, since));
                 }
             }
-            if let Some(d) = self.dump {
-                let next = dp.sync_export(
-                    d.cursor,
-                    EXPORT_CHUNK,
-                    None,
-                    t,
-                    &mut dump_records,
-                    &mut dump_templates,
-                );
-                match next {
-                    Some(c) => {
-                        self.dump = Some(Dump {
-                            cursor: c,
-                            to: d.to,
-                        })
-                    }
-                    None => {
-                        self.dump = None;
-                        dump_done = Some(d.to);
-                    }
-                }
+            for (i, d) in self.dumps.iter_mut().enumerate() {
+                let Some(cursor) = *d else { continue };
+                let (mut records, mut templates) = (Vec::new(), Vec::new());
+                *d = dp.sync_export(cursor, EXPORT_CHUNK, None, t, &mut records, &mut templates);
+                dump_chunks.push((i, records, templates, d.is_none()));
             }
         }
         if lost > self.lost_seen {
             self.counters.lost += lost - self.lost_seen;
             self.lost_seen = lost;
-            if master && self.dump.is_none() {
-                // The backup missed changes: send it everything.
-                self.dump = Some(Dump {
-                    cursor: SyncCursor::START,
-                    to: None,
-                });
+            if master {
+                // The peers missed changes: send them everything.
+                for d in self.dumps.iter_mut().filter(|d| d.is_none()) {
+                    *d = Some(SyncCursor::START);
+                }
             }
         }
         if !master {
@@ -1133,47 +1137,52 @@ impl<'a> Ha<'a> {
             self.records.clear();
             self.templates.clear();
         }
-        self.out.clear();
         let records = std::mem::take(&mut self.records);
         let templates = std::mem::take(&mut self.templates);
-        self.tx.encode_items(&records, &templates, 0, &mut self.out);
-        self.tx
-            .encode_items(&refresh_records, &refresh_templates, 0, &mut self.out);
         self.counters.sent +=
             (records.len() + templates.len() + refresh_records.len() + refresh_templates.len())
                 as u64;
+        // The same records to every peer, each on its own stream (sequence and MAC per peer).
+        for i in 0..self.cfg.peers.len() {
+            let Some(tx) = self.tx.get_mut(i) else {
+                continue;
+            };
+            self.out.clear();
+            tx.encode_items(&records, &templates, 0, &mut self.out);
+            tx.encode_items(&refresh_records, &refresh_templates, 0, &mut self.out);
+            self.send_out(i);
+        }
         self.records = records;
         self.templates = templates;
+        // Each dump goes to the peer that asked (or, after a loss, to each peer) on its stream.
+        for (i, records, templates, ended) in dump_chunks {
+            let Some(tx) = self.tx.get_mut(i) else {
+                continue;
+            };
+            self.out.clear();
+            tx.encode_items(&records, &templates, FLAG_BULK, &mut self.out);
+            if ended {
+                self.out.push(tx.bulk_end());
+                self.counters.bulk_sent += 1;
+                tracing::info!(peer = ?self.cfg.peers.get(i), "ha: bulk sync sent");
+            }
+            self.counters.sent += (records.len() + templates.len()) as u64;
+            self.send_out(i);
+        }
+    }
+
+    /// Sends the encoded messages in `self.out` to peer `i`, counted as sync traffic.
+    fn send_out(&mut self, i: usize) {
+        let Some(to) = self.cfg.peers.get(i).copied() else {
+            return;
+        };
         let out = std::mem::take(&mut self.out);
         for m in &out {
             self.counters.datagrams_sent += 1;
             self.counters.bytes_sent += m.len() as u64;
-            self.send_all(m);
+            self.send(m, to);
         }
         self.out = out;
-        // The dump goes to whoever asked (or every peer).
-        let to = self.dump.map(|d| d.to).or(dump_done);
-        if let Some(to) = to {
-            self.out.clear();
-            self.tx
-                .encode_items(&dump_records, &dump_templates, FLAG_BULK, &mut self.out);
-            if dump_done.is_some() {
-                self.out.push(self.tx.bulk_end());
-                self.counters.bulk_sent += 1;
-                tracing::info!("ha: bulk sync sent");
-            }
-            self.counters.sent += (dump_records.len() + dump_templates.len()) as u64;
-            let out = std::mem::take(&mut self.out);
-            for m in &out {
-                self.counters.datagrams_sent += 1;
-                self.counters.bytes_sent += m.len() as u64;
-                match to {
-                    Some(a) => self.send(m, a),
-                    None => self.send_all(m),
-                }
-            }
-            self.out = out;
-        }
     }
 
     fn publish(&mut self, t: Instant) {

@@ -2,6 +2,10 @@
 //! (the router spreads flows over them by ECMP), streams its flows to every peer, and holds the
 //! floating addresses it owns plus those of peers that do not serve.
 //!
+//! - **Streams**: each peer gets its own sync stream (its own sequence numbers): the live
+//!   records go to every peer, a bulk dump or a resync request to one, and no peer sees
+//!   another's messages as a gap. (With one shared sequence, every dump to a joining node was a
+//!   gap at every other peer, which asked for a dump of its own: a cascade of bulk syncs.)
 //! - **Joining**: a node starts as `backup`: it asks every peer it hears for a bulk dump and
 //!   becomes `active` once each live peer's dump has ended (or, alone, after the master-down
 //!   interval), so that it forwards the flows ECMP may move to it the way their owners did.
@@ -12,8 +16,8 @@
 //!   detector and by the role they announce.
 //! - **BGP**: with `bgp_socket`, the node's BIRD announces the VIPs (the configured protocol is
 //!   enabled) only while the node is `active`: withdrawn while joining, when its data path
-//!   stalls (`fault`), and first thing on SIGTERM (`draining`, then the runtime waits `drain_s`
-//!   before it stops forwarding).
+//!   stalls (`fault`), and first thing on SIGTERM (`draining`: the runtime forwards on until
+//!   nothing came for 2 s, at most `drain_s`, then stops).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -493,16 +493,39 @@ fn control(
         }
     }
     // Active-active with a drain time: withdraw first, keep forwarding the flows that still
-    // come (the router moves new ones away), then stop.
+    // come (the router moves new ones away; in `nat` the backends' replies still come to this
+    // node's SNAT address), then stop once nothing was forwarded for `DRAIN_QUIET` or the drain
+    // time has passed, whichever comes first.
     if let Some(h) = cfg.ha.as_ref().filter(|h| h.mode == HaMode::ActiveActive) {
         if !h.drain.is_zero() {
             tracing::info!(drain_s = h.drain.as_secs(), "draining before shutting down");
             sh.ha.drain();
-            std::thread::sleep(h.drain);
+            let why = drain(sh, h.drain);
+            tracing::info!("drained: {why}");
         }
     }
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// How long a draining node waits with nothing forwarded before it stops early.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+
+/// Waits while the data path still forwards, at most `limit`; why it stopped waiting.
+fn drain(sh: &Shared, limit: Duration) -> &'static str {
+    let forwarded = || sh.dp.lock().map(|dp| dp.stats().forwarded).unwrap_or(0);
+    let start = StdInstant::now();
+    let (mut last, mut moved) = (forwarded(), start);
+    while start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(200).min(limit.saturating_sub(start.elapsed())));
+        let now = forwarded();
+        if now != last {
+            (last, moved) = (now, StdInstant::now());
+        } else if moved.elapsed() >= DRAIN_QUIET {
+            return "nothing forwarded for 2 s";
+        }
+    }
+    "drain time passed"
 }
 
 fn transition(

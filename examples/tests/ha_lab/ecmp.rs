@@ -276,6 +276,28 @@ pub fn balancer_config(n: u8, backends: &[BackendNs]) -> String {
     c
 }
 
+/// A mode `tunnel` tun-balancer configuration for balancer `n`: TCP `VIP:80` in GUE (UDP 6080)
+/// to the backends, which answer the client themselves through the router; `scheduler`, HTTP
+/// checks on the backends' port 8080, the node's [`snat_addr`] as the tunnels' outer source, the
+/// fleet's shared hash key. The backends need an `lb-decap` agent ([`EcmpLab::decap_agents`]).
+pub fn tunnel_config(n: u8, backends: &[BackendNs], scheduler: &str) -> String {
+    let mut c = format!(
+        "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"{}\"]\nmtu = 1500\nconntrack_capacity = 65536\n\
+         stats = \"127.0.0.1:9100\"\nhash_key = \"e2e ecmp fleet secret 0123456789\"\n\n\
+         [[service]]\nvip = \"{VIP4}:{VIP_PORT}\"\nproto = \"tcp\"\nmode = \"tunnel\"\n\
+         tunnel = \"gue\"\ngue_port = 6080\nscheduler = \"{scheduler}\"\n\
+         [service.health]\nkind = \"http\"\npath = \"/id\"\nport = {NAT_PORT}\ninterval_ms = 200\nrise = 1\nfall = 2\n",
+        snat_addr(n)
+    );
+    for b in backends {
+        c.push_str(&format!(
+            "[[service.backend]]\naddr = \"{}:0\"\nweight = 1\n",
+            b.v4
+        ));
+    }
+    c
+}
+
 /// An `ip -j route` entry.
 #[derive(Debug, Clone, Deserialize)]
 struct RouteJson {
@@ -472,6 +494,18 @@ impl EcmpLab {
         let t = Instant::now();
         if let Some(c) = self.current(name).map(str::to_owned) {
             self.lab.kill(&c);
+        }
+        t
+    }
+
+    /// SIGTERM to process `name`'s group, without waiting; the instant just before the signal.
+    pub fn terminate(&mut self, name: &str) -> Instant {
+        let t = Instant::now();
+        if let Some(pid) = self.current(name).and_then(|c| self.lab.pid(c)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
         }
         t
     }
@@ -820,6 +854,13 @@ impl EcmpLab {
         for b in &self.backends {
             self.lab.wait_listen(&b.ns, "tcp", VIP_PORT);
             self.lab.wait_listen(&b.ns, "tcp", NAT_PORT);
+        }
+    }
+
+    /// Starts an `lb-decap` agent (GUE on UDP 6080) on every backend, for [`tunnel_config`].
+    pub fn decap_agents(&mut self) {
+        for b in self.backends.clone() {
+            self.lab.decap_agent(&b);
         }
     }
 

@@ -666,9 +666,16 @@ impl<'a> Ha<'a> {
         }
     }
 
-    /// The index of the configured peer at `a` (`cfg.peers` order).
+    /// The index (`cfg.peers` order) of the configured peer whose messages come from `a`: the
+    /// one at `a`, else the one at `a`'s address (a peer bound to a wildcard address sends
+    /// from an address of its own choosing, and maybe another port), else the only one.
     fn peer_index(&self, a: SocketAddr) -> Option<usize> {
-        self.cfg.peers.iter().position(|p| *p == a)
+        let peers = &self.cfg.peers;
+        peers
+            .iter()
+            .position(|p| *p == a)
+            .or_else(|| peers.iter().position(|p| p.ip() == a.ip()))
+            .or_else(|| (peers.len() == 1).then_some(0))
     }
 
     fn send_all(&mut self, bytes: &[u8]) {

@@ -1,6 +1,17 @@
 //! Announcing and withdrawing a VIP over BGP by driving a BIRD 2 daemon through its control
 //! socket (the Unix socket `birdc` talks to), so that `tun-balancer` never speaks BGP itself.
 //!
+//! # Why BIRD, not ExaBGP or GoBGP
+//! All three are Debian packages that a program can drive. BIRD was chosen because:
+//! - **BFD** is built in (the router drops a dead balancer within interval × multiplier, a few
+//!   hundred ms): ExaBGP has none, GoBGP only since 4.6 (Debian ships 3.10);
+//! - **fate sharing**: a static route anchored on the balancer's TUN device is withdrawn by BIRD
+//!   itself when the process dies; with ExaBGP's text API (or GoBGP's gRPC) a crashed balancer
+//!   leaves its announcement in place until a health-check script notices;
+//! - **the control socket** is a line protocol on a Unix socket (what `birdc` speaks), needing no
+//!   Python runtime, gRPC stack or generated code in the balancer;
+//! - the same daemon runs on the router in the tests (and on many real route servers).
+//!
 //! # The arrangement
 //! Each balancer host runs its own BIRD, which holds the eBGP session (with BFD) to the
 //! router; the VIP is a route of a `static` protocol exported to that session. Enabling the

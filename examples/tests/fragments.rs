@@ -8,8 +8,8 @@
 //!   fragments) per family, each from a fresh source port, to python UDP echo servers on the
 //!   three backends: every echo comes back whole and identical; the balancer forwarded the
 //!   fragments one by one (at least 6 packets per datagram) and dropped none.
-//! - `sip_invite_of_3000_bytes_with_call_id_affinity`: sipp places 100 calls whose INVITE
-//!   carries a padded SDP body (about 3 300 bytes: three fragments), `affinity =
+//! - `sip_invite_of_3000_bytes_with_call_id_affinity` (and `_ipv6`): sipp places 100 calls
+//!   whose INVITE carries a padded SDP body (about 3 300 bytes: three fragments), `affinity =
 //!   "sip-call-id"`, through to sipp UASes: 0 failed calls, 0 retransmissions, every call
 //!   completed on the UAS that took its INVITE, the calls spread over the three backends.
 //!
@@ -210,8 +210,40 @@ fn sip_invite_of_3000_bytes_with_call_id_affinity() {
     if !need_root() || !need_tool("sipp") || !need_tool("curl") {
         return;
     }
-    let mut lab = Lab::new("fragsip");
+    sip_run(false);
+}
+
+/// The same over IPv6 (the INVITE's fragments carry a Fragment header).
+#[test]
+fn sip_invite_of_3000_bytes_with_call_id_affinity_ipv6() {
+    if !need_root() || !need_tool("sipp") || !need_tool("curl") {
+        return;
+    }
+    sip_run(true);
+}
+
+fn sip_run(v6: bool) {
+    let mut lab = Lab::new(if v6 { "fragsip6" } else { "fragsip" });
     let t = lab.topology(3);
+    let baddr = |b: &common::BackendNs| -> String {
+        if v6 {
+            b.v6.to_string()
+        } else {
+            b.v4.to_string()
+        }
+    };
+    let sock = |a: &str| -> String {
+        if v6 {
+            format!("[{a}]:{SIP_PORT}")
+        } else {
+            format!("{a}:{SIP_PORT}")
+        }
+    };
+    let (vip, client_addr) = if v6 {
+        ("2001:db8:10::10", "2001:db8:c::2")
+    } else {
+        ("203.0.113.10", "192.0.2.2")
+    };
     let uas = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sip/uas.xml");
     for b in t.backends.clone() {
         let dir = lab.dir.join(format!("uas-{}", b.name));
@@ -222,7 +254,7 @@ fn sip_invite_of_3000_bytes_with_call_id_affinity() {
              -fd 1 -trace_counts -default_behaviors all,-bye",
             dir.display(),
             uas.display(),
-            b.v4
+            baddr(&b)
         );
         lab.spawn(&b.ns, &format!("uas-{}", b.name), &["sh", "-c", &script]);
         lab.wait_listen(&b.ns, "udp", SIP_PORT);
@@ -230,15 +262,16 @@ fn sip_invite_of_3000_bytes_with_call_id_affinity() {
     let mut config = format!(
         "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
          conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\n\n\
-         [[service]]\nvip = \"203.0.113.10:{SIP_PORT}\"\nproto = \"udp\"\nmode = \"nat\"\n\
+         [[service]]\nvip = \"{}\"\nproto = \"udp\"\nmode = \"nat\"\n\
          scheduler = \"maglev\"\naffinity = \"sip-call-id\"\n\
          [service.health]\nkind = \"sip-options\"\ninterval_ms = 200\ntimeout_ms = 150\n\
-         rise = 2\nfall = 2\n"
+         rise = 2\nfall = 2\n",
+        sock(vip)
     );
     for b in &t.backends {
         config.push_str(&format!(
-            "[[service.backend]]\naddr = \"{}:{SIP_PORT}\"\nweight = 1\n",
-            b.v4
+            "[[service.backend]]\naddr = \"{}\"\nweight = 1\n",
+            sock(&baddr(b))
         ));
     }
     start(&mut lab, &t, &config);
@@ -248,12 +281,13 @@ fn sip_invite_of_3000_bytes_with_call_id_affinity() {
     let stf = dir.join("uac.csv");
     let (m, stf_s) = (CALLS.to_string(), stf.to_string_lossy().into_owned());
     let uac_s = uac.to_string_lossy().into_owned();
+    let target = sock(vip);
     let argv = [
         "sipp",
         "-sf",
         &uac_s,
         "-i",
-        "192.0.2.2",
+        client_addr,
         "-p",
         "5060",
         "-m",
@@ -270,7 +304,7 @@ fn sip_invite_of_3000_bytes_with_call_id_affinity() {
         "1",
         "-timeout",
         "50s",
-        "203.0.113.10:5060",
+        &target,
     ];
     let client = t.client.clone();
     lab.spawn(&client, "uac", &argv);
@@ -308,7 +342,7 @@ fn sip_invite_of_3000_bytes_with_call_id_affinity() {
     }
     let s = lab.balancer_stats(&t);
     println!(
-        "3000-byte INVITEs: created {created}, successful {ok}, failed {failed}, \
+        "3000-byte INVITEs (v6 {v6}): created {created}, successful {ok}, failed {failed}, \
          retransmissions {retrans}; per backend (INVITEs, BYEs answered) {per:?}"
     );
     println!("balancer: {s}");

@@ -95,6 +95,7 @@
 //! ```
 
 mod explain;
+mod frag;
 mod load;
 mod sip;
 mod spec;
@@ -124,6 +125,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 pub use explain::{BackendView, Decision, Explanation, FlowView, ServiceView};
+pub use frag::{FRAG_CAPACITY, FRAG_TIMEOUT, MAX_FRAG_CAPACITY};
 pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
 pub use sip::SIP_CALL_TIMEOUT;
@@ -285,11 +287,14 @@ pub struct Dataplane {
     rng: SmallRng,
     stats: Stats,
     scratch: Box<[u8]>,
+    /// Datagrams whose first fragment went through (module `frag`).
+    frag: frag::FragTable,
 }
 
 #[inline]
 fn tcp_flags(pkt: &[u8], p: &Parsed) -> TcpFlags {
-    if p.proto == IpProto::Tcp && p.fragment == Fragment::None && p.icmp.is_none() {
+    // A first fragment holds the whole TCP header (RFC 1858): its flags count.
+    if p.proto == IpProto::Tcp && p.fragment != Fragment::NonFirst && p.icmp.is_none() {
         TcpFlags(pkt.get(p.l4 + 13).copied().unwrap_or(0))
     } else {
         TcpFlags::NONE
@@ -410,6 +415,11 @@ impl Dataplane {
             removal_log_cap: removal_log,
             sync: std::collections::VecDeque::with_capacity(sync_log),
             sync_cap: sync_log,
+            frag: frag::FragTable::new(
+                spec.frag_capacity,
+                spec.frag_timeout,
+                FlowHasher::new(key.derive("frag")),
+            ),
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -658,9 +668,6 @@ impl Dataplane {
             Err(PacketError::UnsupportedEtherType(_)) => return Err(DropReason::NotIp),
             Err(_) => return Err(DropReason::Malformed),
         };
-        if p.fragment != Fragment::None {
-            return Err(DropReason::Fragment);
-        }
         let k = p.key;
         Ok((
             p,
@@ -743,6 +750,10 @@ impl Dataplane {
         let (p, si, hash) = match pre {
             Some(x) => (&x.p, x.si, Some(x.hash)),
             None => match self.classify(pkt) {
+                // Fragments (no burst pre-pass takes them): module `frag`.
+                Ok((p, si)) if p.fragment != Fragment::None => {
+                    return self.fragment(buf, (start, end), &p, si, now);
+                }
                 Ok((p, si)) => {
                     parsed = p;
                     (&parsed, si, None)

@@ -347,6 +347,14 @@ pub struct DataplaneSpec {
     pub snat_ports: RangeInclusive<u16>,
     /// Capacity of the persistence table: client templates and SIP Call-ID bindings.
     pub persist_capacity: usize,
+    /// IP datagrams whose fragments may be in flight at once (both directions): a non-first
+    /// fragment follows its first fragment's decision by the datagram's identity (module
+    /// docs of `frag`). Rounded up to a power of two, at most
+    /// [`MAX_FRAG_CAPACITY`](crate::MAX_FRAG_CAPACITY); 0 drops every fragment. 112 bytes
+    /// each ([`Dataplane::frag_memory_bytes`](crate::Dataplane::frag_memory_bytes)).
+    pub frag_capacity: usize,
+    /// How long after its first fragment a datagram's later fragments are still forwarded.
+    pub frag_timeout: Duration,
     /// The services.
     pub services: Vec<ServiceSpec>,
 }
@@ -361,6 +369,8 @@ impl Default for DataplaneSpec {
             timeouts: Timeouts::default(),
             snat_ports: crate::SNAT_PORTS,
             persist_capacity: 4096,
+            frag_capacity: crate::FRAG_CAPACITY,
+            frag_timeout: crate::FRAG_TIMEOUT,
             services: Vec::new(),
         }
     }

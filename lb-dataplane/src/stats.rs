@@ -12,8 +12,10 @@ pub enum DropReason {
     NotIp,
     /// Failed validation (truncated, bad lengths, bad header fields).
     Malformed,
-    /// An IP fragment: flows are tracked by ports, which fragments do not all carry, and the
-    /// balancer does not reassemble.
+    /// An IP fragment that could not be forwarded: a non-first fragment (no ports) whose
+    /// first fragment was not seen (it came later, was lost or dropped), or whose datagram's
+    /// entry expired or was evicted ([`Stats::frag_evicted`]); or any fragment when
+    /// [`DataplaneSpec::frag_capacity`](crate::DataplaneSpec::frag_capacity) is 0.
     Fragment,
     /// Addressed to no service and not a reply of a tracked flow.
     NoService,
@@ -129,6 +131,20 @@ pub struct Stats {
     /// ([`MidFlow::Hash`](crate::MidFlow::Hash), modes `tunnel` and `dr`): behind ECMP, flows
     /// moved here from a peer (or whose entry expired here). TCP flows are tracked from then on.
     pub mid_flow_placed: u64,
+    /// First fragments processed (placed and rewritten like whole datagrams; when forwarded,
+    /// their datagram is recorded for its later fragments).
+    pub frag_first: u64,
+    /// Non-first fragments forwarded after their first fragment's decision.
+    pub frag_forwarded: u64,
+    /// Datagrams whose every fragment went through (their entry freed at once).
+    pub frag_completed: u64,
+    /// Datagrams whose entry expired before all their fragments came.
+    pub frag_expired: u64,
+    /// Live datagram entries evicted to make room (the fragment table's set was full).
+    pub frag_evicted: u64,
+    /// First fragments forwarded whose datagram could not be recorded (tunnel / dr: the flow
+    /// table refused the flow), so its later fragments are dropped.
+    pub frag_unrecorded: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -180,6 +196,12 @@ impl Stats {
         self.sync_lost += other.sync_lost;
         self.sync_refused += other.sync_refused;
         self.mid_flow_placed += other.mid_flow_placed;
+        self.frag_first += other.frag_first;
+        self.frag_forwarded += other.frag_forwarded;
+        self.frag_completed += other.frag_completed;
+        self.frag_expired += other.frag_expired;
+        self.frag_evicted += other.frag_evicted;
+        self.frag_unrecorded += other.frag_unrecorded;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

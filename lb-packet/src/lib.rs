@@ -6,6 +6,8 @@
 //! - [`parse`]: validate an IP packet (TUN) or Ethernet frame (TAP) in place and get its offsets,
 //!   fragment status and [`lb_core::FlowKey`]; ICMP errors report the quoted packet's key reversed
 //!   so they follow their flow.
+//! - [`fragment_info`]: a fragment's datagram identity (source, destination, protocol,
+//!   identification) and place, to tie non-first fragments (no ports) to their first.
 //! - [`nat`]: destination / source / full NAT with RFC 1624 incremental checksums, ICMP errors
 //!   included; each rewrite's reverse is the same call with the original endpoints.
 //! - [`tunnel`]: IPIP, IP6IP6, IPv4-in-IPv6 and GUE encapsulation into the headroom of a
@@ -49,6 +51,7 @@ mod buf;
 pub mod checksum;
 pub mod dr;
 mod error;
+mod frag;
 pub mod icmp;
 pub mod nat;
 mod parse;
@@ -61,4 +64,5 @@ mod testutil;
 
 pub use buf::PacketBuf;
 pub use error::{Layer, PacketError};
+pub use frag::{fragment_info, FragmentInfo};
 pub use parse::{parse, Embedded, Family, Fragment, Link, Parsed, MAX_EXT_HEADERS};

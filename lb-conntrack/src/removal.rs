@@ -9,7 +9,8 @@
 //!
 //! Nothing accepted is lost by [`ConnTable::expire`](crate::ConnTable::expire), which caps its
 //! work at the ring's free space. The per-packet paths remove a bounded number of flows per
-//! call (a lookup at most one, an insertion at most four, a burst at most one per key); if the
+//! call (a lookup at most one, an insertion at most four, five under SNAT pressure, a burst at
+//! most one per key); if the
 //! ring is full then, the record is dropped and counted in
 //! [`Counters::removals_lost`](crate::Counters::removals_lost). Drain after every burst and size
 //! the ring for a few bursts.
@@ -74,6 +75,9 @@ pub enum RemovalReason {
     /// Evicted to make room for a new flow as the least recently used
     /// ([`EvictReason::Lru`]).
     EvictedLru,
+    /// Evicted, half-open, to free its SNAT port for a new flow to the same backend whose
+    /// pool was empty ([`EvictReason::SnatPressure`]).
+    EvictedSnatPressure,
     /// Removed by [`ConnTable::remove`](crate::ConnTable::remove) or
     /// [`EntryRef::remove`](crate::EntryRef::remove).
     Removed,
@@ -99,6 +103,7 @@ impl From<EvictReason> for RemovalReason {
         match r {
             EvictReason::HalfOpen => RemovalReason::EvictedHalfOpen,
             EvictReason::Lru => RemovalReason::EvictedLru,
+            EvictReason::SnatPressure => RemovalReason::EvictedSnatPressure,
         }
     }
 }

@@ -9,8 +9,7 @@
 //!
 //! Nothing accepted is lost by [`ConnTable::expire`](crate::ConnTable::expire), which caps its
 //! work at the ring's free space. The per-packet paths remove a bounded number of flows per
-//! call (a lookup at most one, an insertion at most four, five under SNAT pressure, a burst at
-//! most one per key); if the
+//! call (a lookup at most one, an insertion at most four, a burst at most one per key); if the
 //! ring is full then, the record is dropped and counted in
 //! [`Counters::removals_lost`](crate::Counters::removals_lost). Drain after every burst and size
 //! the ring for a few bursts.

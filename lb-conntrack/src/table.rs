@@ -829,8 +829,7 @@ impl<H: KeyedHash> ConnTable<H> {
 
     /// Inserts a new flow. When the table is full, reclaims a timed-out entry, else evicts the
     /// oldest half-open entry, else (if allowed) the least recently used one. Each flow that
-    /// leaves is recorded as a [`crate::Removal`]: at most four per call (five for
-    /// [`ConnTable::insert_snat`] under SNAT pressure) (a timed-out entry of
+    /// leaves is recorded as a [`crate::Removal`]: at most four per call (a timed-out entry of
     /// the key, one of the NAT tuple, an IPv6 victim and a slot victim). The state the new
     /// flow is in is [`NewFlow::initial_state`].
     pub fn insert_with(&mut self, flow: NewFlow, now: Instant) -> Insert {
@@ -849,7 +848,9 @@ impl<H: KeyedHash> ConnTable<H> {
     /// [`Counters::evicted_snat_pressure`], recorded as a
     /// [`RemovalReason::EvictedSnatPressure`] removal), or [`Insert::New`] if that entry had
     /// timed out. O(1): the pool heads its list. Established entries are never taken; with
-    /// none half-open, the insertion is refused ([`Refusal::PortsExhausted`]) as before.
+    /// none half-open, the insertion is refused ([`Refusal::PortsExhausted`]) as before. The
+    /// victim frees the slot (and an IPv6 victim the address pair) the new flow needs, so an
+    /// insertion still records at most four removals.
     pub fn insert_snat(
         &mut self,
         flow: NewFlow,

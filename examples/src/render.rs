@@ -75,6 +75,7 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
         "conntrack": {
             "entries": t.entries, "capacity": t.capacity, "memory_bytes": t.memory_bytes,
             "evicted_half_open": t.evicted_half_open, "evicted_lru": t.evicted_lru,
+            "evicted_snat_pressure": t.evicted_snat_pressure,
             "refused": t.refused,
             "sessions": {
                 "count": t.sessions.duration_ms.count(),
@@ -189,6 +190,12 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
     let _ = writeln!(o, "lb_conntrack_capacity {}", t.capacity);
     let _ = writeln!(o, "# HELP lb_conntrack_memory_bytes Flow table memory.\n# TYPE lb_conntrack_memory_bytes gauge");
     let _ = writeln!(o, "lb_conntrack_memory_bytes {}", t.memory_bytes);
+    let _ = writeln!(o, "# HELP lb_conntrack_evicted_snat_pressure_total Half-open flows evicted to free an SNAT port of an empty pool.\n# TYPE lb_conntrack_evicted_snat_pressure_total counter");
+    let _ = writeln!(
+        o,
+        "lb_conntrack_evicted_snat_pressure_total {}",
+        t.evicted_snat_pressure
+    );
     prometheus_histogram(
         &mut o,
         "session_duration_milliseconds",

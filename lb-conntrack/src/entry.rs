@@ -40,6 +40,9 @@ pub(crate) const F_NAT: u8 = 8;
 pub(crate) const F_POOL: u8 = 16;
 /// Slot flag: a persistence template is attached (its prefix length is in `persist`).
 pub(crate) const F_PERSIST: u8 = 32;
+/// Slot flag: the entry holds a pool port (`F_POOL`), is half-open, and is linked in its
+/// backend pool's half-open list (`evict::PoolList`), the victims of SNAT port pressure.
+pub(crate) const F_POOL_HALF: u8 = 64;
 
 /// One entry of the slab. 40 bytes, 8-byte aligned.
 #[derive(Debug, Clone, Copy, Default)]

@@ -6,6 +6,12 @@
 //! of a class share one timeout, by deadline too. The head of each list is therefore both the
 //! next entry to expire in its class and that class's least recently used entry:
 //! expiry looks at [`CLASSES`] heads, eviction picks among them.
+//!
+//! A second kind of list, [`PoolList`], serves SNAT port pressure: per backend pool, the
+//! half-open entries that hold one of its ports, in the order they became half-open (for a new
+//! flow: its creation). Its links live in a side array of the table (8 bytes per slot, only when
+//! an SNAT pool is installed), so an entry can be in its class list and its pool list at once.
+//! When a backend's pool is empty, the head of its list is the flow to reclaim: O(1), no scan.
 
 use crate::entry::{Slot, NIL};
 use crate::timeout::{FlowState, CLASSES};
@@ -74,6 +80,68 @@ impl Lists {
     }
 }
 
+/// The half-open entries holding ports of one backend's SNAT pool, oldest first: a doubly
+/// linked list threaded through the table's pool-link array (`[prev, next]` per slot).
+///
+/// Robust to a pool dropped and registered again while its entries live: such stale entries
+/// stay linked only among themselves, and unlinking one touches this list's ends only if it is
+/// one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PoolList {
+    pub(crate) head: u32,
+    pub(crate) tail: u32,
+}
+
+impl PoolList {
+    pub(crate) const EMPTY: PoolList = PoolList {
+        head: NIL,
+        tail: NIL,
+    };
+
+    /// Appends slot `i` (in no pool list) at the tail.
+    #[inline]
+    pub(crate) fn push_back(&mut self, links: &mut [[u32; 2]], i: u32) {
+        let t = self.tail;
+        if let Some(l) = links.get_mut(i as usize) {
+            *l = [t, NIL];
+        }
+        match links.get_mut(t as usize) {
+            Some(tl) => tl[1] = i,
+            None => self.head = i,
+        }
+        self.tail = i;
+    }
+}
+
+/// Removes slot `i` from the pool list it is in: `list` (its backend's list, `None` if that
+/// pool is gone). Only its neighbours' links change, and `list`'s ends if `i` is one.
+#[inline]
+pub(crate) fn pool_unlink(list: Option<&mut PoolList>, links: &mut [[u32; 2]], i: u32) {
+    let Some([p, n]) = links.get(i as usize).copied() else {
+        return;
+    };
+    let mut list = list;
+    match links.get_mut(p as usize) {
+        Some(pl) => pl[1] = n,
+        None => {
+            if let Some(l) = list.as_deref_mut().filter(|l| l.head == i) {
+                l.head = n;
+            }
+        }
+    }
+    match links.get_mut(n as usize) {
+        Some(nl) => nl[0] = p,
+        None => {
+            if let Some(l) = list.filter(|l| l.tail == i) {
+                l.tail = p;
+            }
+        }
+    }
+    if let Some(l) = links.get_mut(i as usize) {
+        *l = [NIL, NIL];
+    }
+}
+
 /// Whether class `c` is half-open (shed first).
 #[inline]
 pub(crate) fn class_is_half_open(c: u8) -> bool {
@@ -114,5 +182,42 @@ mod tests {
         assert_eq!(walk(&l, &s, 2), [3]);
         assert_eq!(l.len[1], 1);
         assert_eq!(l.len[2], 1);
+    }
+
+    fn walk_pool(l: &PoolList, links: &[[u32; 2]]) -> Vec<u32> {
+        let mut v = Vec::new();
+        let mut i = l.head;
+        while i != NIL {
+            v.push(i);
+            i = links[i as usize][1];
+        }
+        v
+    }
+
+    #[test]
+    fn pool_list_push_unlink_and_stale_entries() {
+        let mut links = vec![[NIL, NIL]; 6];
+        let mut l = PoolList::EMPTY;
+        for i in 0..4 {
+            l.push_back(&mut links, i);
+        }
+        assert_eq!(walk_pool(&l, &links), [0, 1, 2, 3]);
+        pool_unlink(Some(&mut l), &mut links, 0);
+        pool_unlink(Some(&mut l), &mut links, 3);
+        pool_unlink(Some(&mut l), &mut links, 1);
+        assert_eq!(walk_pool(&l, &links), [2]);
+        assert_eq!((l.head, l.tail), (2, 2));
+        // A list whose pool was dropped: 2 is stale. A new list gets 4 and 5; unlinking the
+        // stale head leaves the new list alone.
+        let mut fresh = PoolList::EMPTY;
+        fresh.push_back(&mut links, 4);
+        fresh.push_back(&mut links, 5);
+        pool_unlink(Some(&mut fresh), &mut links, 2);
+        assert_eq!(walk_pool(&fresh, &links), [4, 5]);
+        pool_unlink(Some(&mut fresh), &mut links, 5);
+        assert_eq!((fresh.head, fresh.tail), (4, 4));
+        pool_unlink(Some(&mut fresh), &mut links, 4);
+        assert_eq!(fresh, PoolList::EMPTY);
+        assert_eq!(links[4], [NIL, NIL]);
     }
 }

@@ -8,13 +8,16 @@
 //!   40 bytes per IPv4 entry (key, state, backend, expiry-list links, created and last-seen
 //!   times, packet and byte counters) plus an 8-byte share of a cache-line hash index: 48 B
 //!   per flow (from [`ConnTable::memory`]), +36 B per IPv6 place ([`Config::ipv6_capacity`]),
-//!   +24 B with full-NAT reply tuples ([`Config::nat`]). Linux nf_conntrack: 304 B, IPVS:
-//!   136 B. No allocation after construction.
+//!   +24 B with full-NAT reply tuples ([`Config::nat`]), +8 B with an SNAT pool (its
+//!   half-open lists). Linux nf_conntrack: 304 B, IPVS: 136 B. No allocation after
+//!   construction.
 //! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine
 //!   ([`TcpState`]) driven by the flags seen in each [`Direction`], and incremental expiry
 //!   ([`ConnTable::expire`] with a budget, [`ConnTable::next_deadline`]).
 //! - Flood resistance: a full table sheds half-open entries first, then the least recently used;
-//!   every eviction and refusal is counted ([`Counters`]).
+//!   an empty SNAT port pool sheds the oldest half-open entry holding one of its ports
+//!   ([`EvictReason::SnatPressure`], O(1)); every eviction and refusal is counted
+//!   ([`Counters`]).
 //! - Removals as data: every flow that leaves the table (expiry, close, eviction, explicit or
 //!   sync removal) is queued as a [`Removal`] (key, backend, [`RemovalReason`], last state,
 //!   times, counters) in a preallocated ring ([`Config::removal_queue`], 120 B per record)

@@ -8,6 +8,13 @@
 //! A pool is a FIFO ring of free pairs (4 bytes each) plus a bitmap of pairs in use (which makes
 //! double releases harmless). Allocation and release are O(1) and do not allocate.
 //!
+//! Under SNAT port pressure (a SYN flood from spoofed sources takes one pair per SYN and holds
+//! it for the half-open timeout) the table reclaims instead of refusing: each backend pool
+//! heads a list of the half-open entries holding its pairs, oldest first, and
+//! [`ConnTable::insert_snat`](crate::ConnTable::insert_snat) evicts the head when the pool is
+//! empty ([`crate::EvictReason::SnatPressure`]). The list is threaded through the table's slots;
+//! the pool keeps only its two ends (8 bytes per backend).
+//!
 //! A backup that installs synced full-NAT entries marks their pairs in use with
 //! [`SnatPool::reserve`], so that after a takeover `allocate` never hands out a pair a synced
 //! connection holds. A reserved pair stays where it is in the ring (finding it there would be a
@@ -33,6 +40,7 @@ use std::ops::RangeInclusive;
 
 use lb_core::BackendId;
 
+use crate::evict::PoolList;
 use crate::ConntrackError;
 
 #[derive(Debug, Clone)]
@@ -49,6 +57,8 @@ struct BackendPool {
     stale: Vec<u64>,
     /// Number of bits set in `stale`.
     stale_len: u32,
+    /// The half-open entries holding pairs of this pool, oldest first (links in the table).
+    half: PoolList,
 }
 
 /// Word index and bit of `pair` in a bitmap.
@@ -150,6 +160,7 @@ impl SnatPool {
                     used,
                     stale,
                     stale_len: 0,
+                    half: PoolList::EMPTY,
                 },
             );
         }
@@ -275,6 +286,21 @@ impl SnatPool {
             bp.len += 1;
         }
         true
+    }
+
+    /// `backend`'s list of half-open entries holding its pairs (`None` if unregistered).
+    #[inline]
+    pub(crate) fn half_list(&mut self, backend: BackendId) -> Option<&mut PoolList> {
+        let at = self.pos(backend).ok()?;
+        self.backends.get_mut(at).map(|b| &mut b.half)
+    }
+
+    /// The slot of the oldest half-open entry holding a pair of `backend`'s pool.
+    #[inline]
+    pub(crate) fn oldest_half_open(&self, backend: BackendId) -> Option<u32> {
+        let at = self.pos(backend).ok()?;
+        let h = self.backends.get(at)?.half.head;
+        (h != crate::entry::NIL).then_some(h)
     }
 
     /// Free pairs left for `backend` (0 if unregistered).

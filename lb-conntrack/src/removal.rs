@@ -74,6 +74,9 @@ pub enum RemovalReason {
     /// Evicted to make room for a new flow as the least recently used
     /// ([`EvictReason::Lru`]).
     EvictedLru,
+    /// Evicted, half-open, to free its SNAT port for a new flow to the same backend whose
+    /// pool was empty ([`EvictReason::SnatPressure`]).
+    EvictedSnatPressure,
     /// Removed by [`ConnTable::remove`](crate::ConnTable::remove) or
     /// [`EntryRef::remove`](crate::EntryRef::remove).
     Removed,
@@ -99,6 +102,7 @@ impl From<EvictReason> for RemovalReason {
         match r {
             EvictReason::HalfOpen => RemovalReason::EvictedHalfOpen,
             EvictReason::Lru => RemovalReason::EvictedLru,
+            EvictReason::SnatPressure => RemovalReason::EvictedSnatPressure,
         }
     }
 }

@@ -15,6 +15,10 @@ pub enum EvictReason {
     HalfOpen,
     /// The least recently used entry, when no half-open entry was left.
     Lru,
+    /// The oldest half-open entry holding a port of the new flow's backend's SNAT pool, when
+    /// that pool was empty ([`ConnTable::insert_snat`](crate::ConnTable::insert_snat)): SNAT
+    /// port pressure is shed like table pressure.
+    SnatPressure,
 }
 
 /// Why an insertion was refused.
@@ -63,6 +67,9 @@ pub struct Counters {
     pub evicted_half_open: u64,
     /// Entries evicted as least recently used.
     pub evicted_lru: u64,
+    /// Half-open entries evicted to free a port of their backend's empty SNAT pool for a new
+    /// flow ([`EvictReason::SnatPressure`]).
+    pub evicted_snat_pressure: u64,
     /// Insertions refused: table full.
     pub refused_full: u64,
     /// Insertions refused: IPv6 store full.
@@ -109,6 +116,7 @@ impl Counters {
             expired,
             evicted_half_open,
             evicted_lru,
+            evicted_snat_pressure,
             refused_full,
             refused_ipv6,
             refused_nat,
@@ -132,6 +140,7 @@ impl Counters {
         add(&mut self.expired, expired);
         add(&mut self.evicted_half_open, evicted_half_open);
         add(&mut self.evicted_lru, evicted_lru);
+        add(&mut self.evicted_snat_pressure, evicted_snat_pressure);
         add(&mut self.refused_full, refused_full);
         add(&mut self.refused_ipv6, refused_ipv6);
         add(&mut self.refused_nat, refused_nat);
@@ -149,6 +158,7 @@ impl Counters {
         match r {
             EvictReason::HalfOpen => self.evicted_half_open += 1,
             EvictReason::Lru => self.evicted_lru += 1,
+            EvictReason::SnatPressure => self.evicted_snat_pressure += 1,
         }
     }
 

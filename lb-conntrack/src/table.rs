@@ -21,14 +21,14 @@ use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHa
 
 use crate::entry::{
     slot_key, Counts, EntryInfo, Hit, Nat4, Nat6, Packet, Probe, Slot, F_BIDIR, F_LIVE, F_NAT,
-    F_PERSIST, F_POOL, F_V6, NIL,
+    F_PERSIST, F_POOL, F_POOL_HALF, F_V6, NIL,
 };
 use crate::evict::Lists;
 use crate::index::Index;
 use crate::nat_pool::SnatPool;
 use crate::persist::{PersistTable, Service, TemplateKey};
 use crate::removal::{RemovalReason, RemovalRing};
-use crate::stats::{Counters, Refusal, SessionStats};
+use crate::stats::{Counters, EvictReason, Refusal, SessionStats};
 use crate::tcp_state::{Direction, TcpState};
 use crate::timeout::{FlowState, Timeouts, CLASSES};
 use crate::ConntrackError;
@@ -36,6 +36,7 @@ use crate::ConntrackError;
 mod config;
 mod handle;
 mod insert;
+mod pressure;
 mod removals;
 
 pub use config::{Config, Insert, NewFlow, MAX_BACKEND_ID, MAX_CAPACITY};
@@ -74,6 +75,9 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     sessions: SessionStats,
     persist: PersistTable<H>,
     snat: Option<SnatPool>,
+    /// `[prev, next]` links of the per-backend-pool half-open lists (`evict::PoolList`), one
+    /// per slot; allocated when an SNAT pool is installed.
+    pool_links: Vec<[u32; 2]>,
     /// The next list head to leave and its key's hashes (forward, reply), computed when its
     /// predecessor left: see `remove_slot`.
     next_out: NextOut,
@@ -179,6 +183,7 @@ impl<H: KeyedHash> ConnTable<H> {
             sessions: SessionStats::new(cfg.stats_backends),
             persist: PersistTable::with_hasher(cfg.persist_capacity, key.derive("persist"))?,
             snat: None,
+            pool_links: Vec::new(),
             next_out: NextOut::NONE,
             removals: RemovalRing::new(cfg.removal_queue),
         })
@@ -242,8 +247,19 @@ impl<H: KeyedHash> ConnTable<H> {
         &mut self.persist
     }
 
-    /// Installs the SNAT port pool used by [`ConnTable::insert_snat`] (control path).
+    /// Installs the SNAT port pool used by [`ConnTable::insert_snat`] (control path: the
+    /// first call allocates the pools' half-open list links, 8 bytes per slot). Entries holding
+    /// pairs of a pool this one replaces stay in the table but can no longer be reclaimed
+    /// under SNAT pressure (a scan of every slot, once).
     pub fn set_snat_pool(&mut self, pool: SnatPool) {
+        if self.pool_links.is_empty() {
+            self.pool_links = vec![[NIL, NIL]; self.cfg.capacity];
+        } else {
+            for s in &mut self.slots {
+                s.flags &= !F_POOL_HALF;
+            }
+            self.pool_links.fill([NIL, NIL]);
+        }
         self.snat = Some(pool);
     }
 
@@ -262,7 +278,8 @@ impl<H: KeyedHash> ConnTable<H> {
         let elephants = self.elephants.capacity() * 16 + self.elephant_free.capacity() * 4;
         let nat = self.nat.capacity() * size_of::<Nat4>()
             + self.nat6.capacity() * size_of::<Nat6>()
-            + self.reply_index.allocation_size();
+            + self.reply_index.allocation_size()
+            + self.pool_links.capacity() * size_of::<[u32; 2]>();
         let persist = self.persist.capacity() * crate::persist::TEMPLATE_BYTES;
         let sessions = (self.cfg.stats_backends + 1) * size_of::<crate::stats::SessionHistograms>();
         let removals = self.removals.allocation_size();
@@ -823,17 +840,33 @@ impl<H: KeyedHash> ConnTable<H> {
     /// [`ConnTable::set_snat_pool`]), builds the reply tuple `backend_addr → SNAT`, and inserts
     /// the flow with it. The port returns to the pool when the entry leaves. Returns the
     /// outcome and the reply tuple (whose `dst` is the SNAT source to write into the packet).
+    ///
+    /// SNAT pressure: when the backend's pool is empty, the oldest half-open entry holding one
+    /// of its pairs (TCP without a completed handshake, UDP without a second packet, oldest by
+    /// when it became half-open) leaves and its pair serves the new flow: the outcome is
+    /// [`Insert::Evicted`] with [`EvictReason::SnatPressure`] (counted in
+    /// [`Counters::evicted_snat_pressure`], recorded as a
+    /// [`RemovalReason::EvictedSnatPressure`] removal), or [`Insert::New`] if that entry had
+    /// timed out. O(1): the pool heads its list. Established entries are never taken; with
+    /// none half-open, the insertion is refused ([`Refusal::PortsExhausted`]) as before. The
+    /// victim frees the slot (and an IPv6 victim the address pair) the new flow needs, so an
+    /// insertion still records at most four removals.
     pub fn insert_snat(
         &mut self,
         flow: NewFlow,
         backend_addr: SocketAddr,
         now: Instant,
     ) -> (Insert, Option<FlowKey>) {
-        let Some(pool) = self.snat.as_mut() else {
-            self.counters.refused(Refusal::PortsExhausted);
-            return (Insert::Refused(Refusal::PortsExhausted), None);
-        };
-        let Some((addr, port)) = pool.allocate(flow.backend) else {
+        let mut pair = self.snat.as_mut().and_then(|p| p.allocate(flow.backend));
+        let mut reclaimed = None;
+        if pair.is_none() && self.snat.is_some() {
+            // Port pressure: the oldest half-open flow holding one of this pool's pairs makes
+            // way, as the oldest half-open entry does when the table is full.
+            self.advance(now);
+            reclaimed = self.reclaim_snat(flow.backend);
+            pair = self.snat.as_mut().and_then(|p| p.allocate(flow.backend));
+        }
+        let Some((addr, port)) = pair else {
             self.counters.refused(Refusal::PortsExhausted);
             return (Insert::Refused(Refusal::PortsExhausted), None);
         };
@@ -846,7 +879,9 @@ impl<H: KeyedHash> ConnTable<H> {
         ) {
             Ok(r) => r,
             Err(_) => {
-                pool.release(flow.backend, addr, port);
+                if let Some(pool) = self.snat.as_mut() {
+                    pool.release(flow.backend, addr, port);
+                }
                 self.counters.refused(Refusal::FamilyMismatch);
                 return (Insert::Refused(Refusal::FamilyMismatch), None);
             }
@@ -861,6 +896,13 @@ impl<H: KeyedHash> ConnTable<H> {
             now,
         );
         if r.is_inserted() {
+            let r = match (r, reclaimed) {
+                (Insert::New, Some(victim)) => Insert::Evicted {
+                    victim,
+                    reason: EvictReason::SnatPressure,
+                },
+                _ => r,
+            };
             (r, Some(reply))
         } else {
             if let Some(pool) = self.snat.as_mut() {
@@ -921,6 +963,9 @@ impl<H: KeyedHash> ConnTable<H> {
                 m.created = now32;
             }
             m.counts = bumped.unwrap_or(counts);
+        }
+        if class != class0 && flags & F_POOL != 0 {
+            self.pool_track(i);
         }
         if bumped.is_none() {
             self.count_slow(i, pkt.bytes);
@@ -991,6 +1036,9 @@ impl<H: KeyedHash> ConnTable<H> {
         self.record_session(&s);
         self.record_removal(&s, reply.map(|(r, _)| r), reason);
         self.release_counts(&s);
+        if s.flags & F_POOL_HALF != 0 {
+            self.pool_unlink(i, &s);
+        }
         if s.flags & F_V6 != 0 {
             self.v6_free.push(s.a);
         }
@@ -1123,6 +1171,8 @@ impl<H: KeyedHash> ConnTable<H> {
     }
 }
 
+#[cfg(test)]
+mod pressure_tests;
 #[cfg(test)]
 mod removal_tests;
 #[cfg(test)]

@@ -470,6 +470,7 @@ impl Dataplane {
             memory_bytes: (self.ct4.memory().total + self.ct6.memory().total) as u64,
             evicted_half_open: c4.evicted_half_open + c6.evicted_half_open,
             evicted_lru: c4.evicted_lru + c6.evicted_lru,
+            evicted_snat_pressure: c4.evicted_snat_pressure + c6.evicted_snat_pressure,
             refused: c4.refused_full
                 + c6.refused_full
                 + c4.refused_ipv6

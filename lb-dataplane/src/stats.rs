@@ -162,6 +162,9 @@ pub struct TableStats {
     pub evicted_half_open: u64,
     /// Established entries evicted (least recently used) to make room.
     pub evicted_lru: u64,
+    /// Half-open `nat` flows evicted to free an SNAT port of their backend's empty pool for a
+    /// new flow (a spoofed SYN or SIP flood would otherwise keep every new client out).
+    pub evicted_snat_pressure: u64,
     /// New flows refused.
     pub refused: u64,
     /// Finished flows (both families): duration and packet-count histograms.

@@ -721,3 +721,6 @@ mod sync_tests;
 
 #[path = "place_tests.rs"]
 mod place;
+
+#[path = "snat_pressure_tests.rs"]
+mod snat_pressure;

@@ -141,6 +141,9 @@ impl<H: KeyedHash> ConnTable<H> {
         } else {
             self.lists.push_back(&mut self.slots, slot.class, i);
         }
+        if pool {
+            self.pool_track(i);
+        }
         // Cannot fail: the index is sized for the capacity and holds one way per live slot.
         self.index.insert(hash, i);
         self.len += 1;
@@ -278,6 +281,8 @@ impl<H: KeyedHash> ConnTable<H> {
                 if merge {
                     return Upserted::Kept;
                 }
+                // Out of its pool list while its backend and state change; back in below.
+                self.pool_detach(i);
                 self.lists.unlink(&mut self.slots, old.class, i);
                 let class = state.class();
                 let t = self.timeout_of(class);
@@ -290,6 +295,7 @@ impl<H: KeyedHash> ConnTable<H> {
                 if old.flags & F_POOL != 0 && old.backend() != flow.backend.get() {
                     self.move_reservation(i, BackendId(old.backend()), flow.backend);
                 }
+                self.pool_track(i);
                 Upserted::Updated(FlowState::from_class(old.class).unwrap_or(FlowState::Other))
             }
             _ => {
@@ -338,6 +344,7 @@ impl<H: KeyedHash> ConnTable<H> {
             if let Some(s) = self.slots.get_mut(i as usize) {
                 s.flags |= F_POOL;
             }
+            self.pool_track(i);
         } else {
             self.counters.sync_nat_conflicts += 1;
         }

@@ -285,9 +285,10 @@ fn full_nat_reply_lookup_and_port_release() {
     let reply = reply.unwrap();
     assert_eq!((reply.dst(), reply.dst_port()), (snat, 40000));
     assert_eq!(reply.src_port(), 8080);
-    // Pool exhausted for a second flow.
+    // No pool for a backend that was not registered. (A registered backend's empty pool would
+    // reclaim this half-open flow's port: see `pressure_tests`.)
     let (r2, _) = t.insert_snat(
-        NewFlow::new(k4(2, IpProto::Tcp), BackendId(5)),
+        NewFlow::new(k4(2, IpProto::Tcp), BackendId(6)),
         backend_addr,
         now,
     );

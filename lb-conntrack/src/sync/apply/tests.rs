@@ -73,6 +73,9 @@ fn local_snat(t: &mut ConnTable, i: u32, now: Instant) -> Option<u16> {
     let backend: SocketAddr = "192.0.2.50:8080".parse().unwrap();
     let flow = NewFlow::new(key(i), BackendId(5)).with_first(Packet::original(TcpFlags::SYN, 60));
     let (out, r) = t.insert_snat(flow, backend, now);
+    // Established at once: an empty pool then refuses rather than reclaims (SNAT pressure
+    // takes only half-open flows' pairs).
+    let _ = t.track(&key(i), Packet::original(TcpFlags::ACK, 52), now);
     out.is_inserted().then(|| r.map(|r| r.dst_port())).flatten()
 }
 

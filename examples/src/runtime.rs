@@ -11,15 +11,22 @@
 //!   SIGHUP reloads, SIGTERM / SIGINT shutdown, and building new [`lb_dataplane::Tables`] off the
 //!   data path, installed between two batches;
 //! - the statistics server, when configured: it reads the counters under the same lock, on demand.
+//!
+//! No unwinding: the binaries are built with `panic = "abort"` and install [`abort_on_panic`], so
+//! a panic anywhere (a data-path thread holding the lock included) ends the process with SIGABRT
+//! and its device disappears; an HA peer or the router takes over. The lock is a `parking_lot`
+//! mutex, which has no poisoning to skip, and every batch's verdicts are computed afresh, so no
+//! thread ever writes a packet under another batch's verdict.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use lb_core::{BackendId, HashKey, Instant};
 use lb_health::{Action, HealthChecker};
+use parking_lot::Mutex;
 use rand::SeedableRng;
 
 use crate::config::{Config, HaMode, HealthSpec};
@@ -44,6 +51,9 @@ struct Shared {
     /// The pair's state (roles, data-path kicks); `has_ha`: an `[ha]` section is configured.
     ha: HaShared,
     has_ha: bool,
+    /// [`RunOptions::test_panic_after`], and the packets processed so far when it is set.
+    test_panic_after: Option<u64>,
+    test_processed: AtomicU64,
 }
 
 impl Shared {
@@ -51,25 +61,21 @@ impl Shared {
         let t_now = now(self.epoch);
         if let Format::Explain(q) = &f {
             return match explain_query(q) {
-                Ok(key) => match self.dp.lock() {
-                    Ok(dp) => {
-                        let e = dp.explain(&key, t_now);
-                        explain_json(&e, &dp.tables().backends)
-                    }
-                    Err(_) => error_json("data path unavailable"),
-                },
+                Ok(key) => {
+                    let dp = self.dp.lock();
+                    let e = dp.explain(&key, t_now);
+                    explain_json(&e, &dp.tables().backends)
+                }
                 Err(e) => error_json(&e),
             };
         }
-        let mut labels = self.labels.lock().map(|l| l.clone()).unwrap_or_default();
-        let (s, t): (Stats, TableStats) = match self.dp.lock() {
-            Ok(dp) => {
-                for l in &mut labels {
-                    l.load = dp.backend_load(BackendId(l.id), t_now);
-                }
-                (dp.stats().clone(), dp.table_stats())
+        let mut labels = self.labels.lock().clone();
+        let (s, t): (Stats, TableStats) = {
+            let dp = self.dp.lock();
+            for l in &mut labels {
+                l.load = dp.backend_load(BackendId(l.id), t_now);
             }
-            Err(_) => Default::default(),
+            (dp.stats().clone(), dp.table_stats())
         };
         match f {
             Format::Explain(_) => String::new(),
@@ -127,6 +133,28 @@ fn random_key() -> HashKey {
     HashKey::from_bytes(random_bytes())
 }
 
+/// Options of a run that are not in the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Test hook, for the end-to-end test of "a panic ends the process": once this many packets
+    /// have been processed, the data-path thread that processes the next batch panics while it
+    /// holds the data path's lock, after rewriting the batch and before writing any of it. The
+    /// `tun-balancer` binary sets it from `LB_TEST_PANIC_AFTER` in debug builds only.
+    pub test_panic_after: Option<u64>,
+}
+
+/// Makes every panic end the process (SIGABRT) after the usual message, whatever the build's
+/// panic strategy: Cargo builds the binaries that integration tests run with unwinding, and an
+/// unwinding data-path thread would leave the others running on a half-updated data path.
+/// Call it first thing in `main`.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 /// Monotonic time since process start, as the libraries want it.
 fn now(epoch: StdInstant) -> Instant {
     Instant::from_nanos(u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
@@ -136,7 +164,7 @@ fn now(epoch: StdInstant) -> Instant {
 ///
 /// # Errors
 /// The configuration is invalid, the device cannot be opened, or the stats port cannot be bound.
-pub fn run(config_path: &Path) -> Result<(), String> {
+pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     let cfg = Config::load(config_path).map_err(|e| e.to_string())?;
     let key = match (cfg.hash_key, &cfg.ha) {
         (Some(k), _) => k,
@@ -187,6 +215,8 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         tx_errors: AtomicU64::new(0),
         ha: HaShared::new(queues.len()),
         has_ha: cfg.ha.is_some(),
+        test_panic_after: options.test_panic_after,
+        test_processed: AtomicU64::new(0),
     });
     let stats_server = match cfg.stats {
         Some(addr) => {
@@ -235,9 +265,9 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     for w in workers {
         let _ = w.join();
     }
-    let (s, t) = match shared.dp.lock() {
-        Ok(dp) => (dp.stats().clone(), dp.table_stats()),
-        Err(_) => Default::default(),
+    let (s, t) = {
+        let dp = shared.dp.lock();
+        (dp.stats().clone(), dp.table_stats())
     };
     tracing::info!(
         rx = s.rx_packets,
@@ -297,9 +327,19 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         if n == 0 && !housekeeping {
             continue;
         }
-        if let Ok(mut dp) = sh.dp.lock() {
+        // This batch's verdicts only: whatever happens below, no packet goes out under a verdict
+        // left from an earlier batch.
+        verdicts[..n].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
+        {
+            let mut dp = sh.dp.lock();
             let t = now(epoch);
             dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
+            if let Some(limit) = sh.test_panic_after {
+                let before = sh.test_processed.fetch_add(n as u64, Ordering::Relaxed);
+                if before + n as u64 > limit {
+                    panic!("LB_TEST_PANIC_AFTER={limit}: panicking in data-path thread {i} with the lock held");
+                }
+            }
             if housekeeping {
                 dp.housekeeping(t, 1024);
                 while let Some(e) = dp.poll_event() {
@@ -473,12 +513,8 @@ fn control(
         if dirty {
             match cp.build() {
                 Ok(t) => {
-                    if let Ok(mut l) = sh.labels.lock() {
-                        *l = labels(cp);
-                    }
-                    if let Ok(mut dp) = sh.dp.lock() {
-                        dp.set_tables(t, now(epoch));
-                    }
+                    *sh.labels.lock() = labels(cp);
+                    sh.dp.lock().set_tables(t, now(epoch));
                 }
                 Err(e) => tracing::error!("cannot build tables: {e}"),
             }
@@ -513,7 +549,7 @@ const DRAIN_QUIET: Duration = Duration::from_secs(2);
 
 /// Waits while the data path still forwards, at most `limit`; why it stopped waiting.
 fn drain(sh: &Shared, limit: Duration) -> &'static str {
-    let forwarded = || sh.dp.lock().map(|dp| dp.stats().forwarded).unwrap_or(0);
+    let forwarded = || sh.dp.lock().stats().forwarded;
     let start = StdInstant::now();
     let (mut last, mut moved) = (forwarded(), start);
     while start.elapsed() < limit {

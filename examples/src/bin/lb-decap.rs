@@ -54,6 +54,7 @@ fn deliver(tun: &mut TunQueue, inner: &[u8], c: &mut Counters) {
 }
 
 fn main() {
+    lb_examples::runtime::abort_on_panic();
     let cli = Cli::parse();
     let fail = |what: &str, e: std::io::Error| -> ! {
         eprintln!("lb-decap: {what}: {e}");

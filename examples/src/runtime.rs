@@ -118,19 +118,21 @@ fn labels(cp: &ControlPlane) -> Vec<BackendLabel> {
         .collect()
 }
 
-/// `N` random bytes from the kernel.
-fn random_bytes<const N: usize>() -> [u8; N] {
-    use std::io::Read;
-    let mut b = [0u8; N];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b
+/// `N` bytes from the operating system's random number generator (`getrandom(2)` on Linux).
+///
+/// # Errors
+/// The generator cannot be read: a start-up error, never a silent all-zero key.
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    random_bytes_from(getrandom::fill)
 }
 
-/// A random key for the flow hashes.
-fn random_key() -> HashKey {
-    HashKey::from_bytes(random_bytes())
+/// `N` bytes from `fill`; its failure is an error naming the generator.
+fn random_bytes_from<const N: usize, E: std::fmt::Display>(
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<[u8; N], String> {
+    let mut b = [0u8; N];
+    fill(&mut b).map_err(|e| format!("cannot read the OS random number generator: {e}"))?;
+    Ok(b)
 }
 
 /// Options of a run that are not in the configuration file.
@@ -175,7 +177,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
                 "no balancer.hash_key: flows are hashed under a random key, so other balancers \
                  (and this one after a restart) will place them differently"
             );
-            random_key()
+            HashKey::from_bytes(random_bytes()?)
         }
     };
     let mut cp = ControlPlane::new(cfg.dataplane.clone(), key).map_err(|e| e.to_string())?;
@@ -200,7 +202,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         },
         key,
         // Fresh per process: the schedulers' randomness and where the SNAT pools start.
-        seed: u64::from_le_bytes(random_bytes()),
+        seed: u64::from_le_bytes(random_bytes()?),
         snat_ports: cfg.dataplane.snat_ports.clone(),
         removal_log: 0,
         sync_log: if cfg.ha.is_some() { ha::SYNC_LOG } else { 0 },
@@ -623,4 +625,26 @@ pub struct Cli {
     /// Only validate the configuration and exit (0 if valid).
     #[arg(long)]
     pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_bytes_come_from_the_os_rng() {
+        let a = random_bytes::<32>().unwrap();
+        let b = random_bytes::<32>().unwrap();
+        assert_ne!(a, [0; 32]);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_unreadable_rng_is_an_error_not_a_zero_key() {
+        let r = random_bytes_from::<32, _>(|_| Err("ENOSYS"));
+        assert_eq!(
+            r,
+            Err("cannot read the OS random number generator: ENOSYS".to_owned())
+        );
+    }
 }

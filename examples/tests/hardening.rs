@@ -9,7 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{balancer_bin, in_ns, need_root, Lab, Topo};
+use common::{balancer_bin, in_ns, need_root, need_tool, python, Lab, Topo};
 
 const VIP4: &str = "203.0.113.10";
 
@@ -138,4 +138,73 @@ fn panic_in_data_path_aborts_and_forwards_nothing_after() {
     assert!(got.len() <= 5, "forwarded past the panic: {got:?}");
     let expected: Vec<String> = (1..=got.len()).map(|s| format!("seq {s}")).collect();
     assert_eq!(got, expected, "not exactly the datagrams before the panic");
+}
+
+/// Sends, from each source address given, one GUE datagram (UDP 6080) and one IPIP packet to the
+/// backend; each carries an inner IPv4/UDP datagram 192.0.2.2 → VIP:7001 whose payload names the
+/// encapsulation and the outer source.
+const TUNNEL_SENDER: &str = r#"
+import socket, struct, sys
+backend, vip = sys.argv[1], sys.argv[2]
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+def inner(payload):
+    udp = struct.pack("!HHHH", 40000, 7001, 8 + len(payload), 0) + payload
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
+                    socket.inet_aton("192.0.2.2"), socket.inet_aton(vip))
+    return h[:10] + struct.pack("!H", csum(h)) + h[12:] + udp
+for src in sys.argv[3:]:
+    g = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    g.bind((src, 0))
+    # GUE variant 0, no extension fields, protocol 4 (IPv4).
+    g.sendto(struct.pack("!BBH", 0, 4, 0) + inner(("gue from " + src).encode()), (backend, 6080))
+    r = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    r.bind((src, 0))
+    r.sendto(inner(("ipip from " + src).encode()), (backend, 0))
+"#;
+
+/// Issue 18, item 4: `lb-decap --allow 203.0.113.100/32` delivers the GUE and IPIP packets whose
+/// outer source is that balancer, and drops and counts (`refused`) the same packets from another
+/// host of the backend's network: before, any sender could inject packets into the backend.
+#[test]
+fn decap_delivers_only_from_allowed_sources() {
+    if !need_root() || !need_tool(python()) {
+        return;
+    }
+    let mut lab = Lab::new("hdecap");
+    let t = lab.topology(1);
+    let b = t.backends[0].clone();
+    lab.vip_on_backend(&b, &[VIP4]);
+    lab.decap_agent_allowing(&b, "203.0.113.100/32");
+    let rx = in_ns(&b.ns, || UdpSocket::bind((VIP4, 7001))).expect("bind on the VIP");
+    // The balancer namespace plays the allowed balancer and an intruder on the same network.
+    lab.addr(&t.balancer, "lo", "203.0.113.100/32");
+    lab.addr(&t.balancer, "lo", "203.0.113.200/32");
+    let script = lab.write("tunnel_sender.py", TUNNEL_SENDER);
+    lab.sh(
+        &t.balancer,
+        &format!(
+            "{} {} {} {VIP4} 203.0.113.100 203.0.113.200",
+            python(),
+            script.display(),
+            b.v4
+        ),
+    );
+    let mut got = drain(&rx, Duration::from_secs(1));
+    got.sort();
+    assert_eq!(
+        got,
+        ["gue from 203.0.113.100", "ipip from 203.0.113.100"],
+        "{}",
+        lab.log("decap-b1")
+    );
+    lab.signal("decap-b1", "TERM");
+    assert_eq!(lab.wait_exit("decap-b1", Duration::from_secs(5)), Some(0));
+    let log = lab.log("decap-b1");
+    assert!(
+        log.contains("received 4 delivered 2 bad 0 refused 2"),
+        "{log}"
+    );
 }

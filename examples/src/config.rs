@@ -1055,7 +1055,10 @@ impl Validator<'_> {
         if let Some(p) = &h.path {
             // It goes into the request line verbatim: a CR or LF would end the line and let the
             // file inject headers or a second request, a space would split the line.
-            let bad = p.get_ref().chars().find(|c| c.is_control() || c.is_whitespace());
+            let bad = p
+                .get_ref()
+                .chars()
+                .find(|c| c.is_control() || c.is_whitespace());
             if !p.get_ref().starts_with('/') || bad.is_some() {
                 let why = match bad {
                     Some(c) => format!("contains {c:?}"),

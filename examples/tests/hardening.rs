@@ -208,3 +208,43 @@ fn decap_delivers_only_from_allowed_sources() {
         "{log}"
     );
 }
+
+/// Issue 18, item 5: the statistics server answered one connection at a time, so a client that
+/// connected and sent nothing held it for its whole read timeout, and a few of them for minutes.
+/// Now each connection has its own thread and a deadline for its request.
+#[test]
+fn stats_are_served_while_silent_clients_hang_on() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    let mut lab = Lab::new("hstats");
+    let t = lab.topology(1);
+    let _bal = Balancer::start(&lab, &t, &udp_config(&t), &[]);
+    let get = |lab: &Lab| lab.try_sh(&t.balancer, "curl -sS --max-time 1 http://127.0.0.1:9100/");
+    let up = lab.wait_for(Duration::from_secs(10), || get(&lab).ok());
+    assert!(up.is_some(), "no stats: {}", lab.log("balancer"));
+    let stats: SocketAddr = "127.0.0.1:9100".parse().expect("addr");
+    let mut silent: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| common::connect_in(&t.balancer, stats, Duration::from_secs(1)).expect("connect"))
+        .collect();
+    for round in 0..3 {
+        let start = Instant::now();
+        let out = get(&lab).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let took = start.elapsed();
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+        assert!(v.is_object(), "{out}");
+        assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
+        println!("stats in {took:?} with {} silent clients", silent.len());
+    }
+    // The silent clients are cut off once their request time is up.
+    for c in &mut silent {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut b = [0u8; 16];
+        assert!(
+            matches!(c.read(&mut b), Ok(0) | Err(_)),
+            "a silent client got an answer"
+        );
+    }
+}

@@ -21,13 +21,21 @@ pub enum DeviceKind {
     Tap,
 }
 
-const IFNAMSIZ: usize = 16;
-const IFF_TUN: i16 = 0x0001;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_MULTI_QUEUE: i16 = 0x0100;
-// _IOW('T', 202, int)
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+// The TUN/TAP interface of <linux/if_tun.h> as libc exports it for the target (the ioctl number
+// `TUNSETIFF` = `_IOW('T', 202, int)` differs between architectures). The flags are ints there but
+// go in the `short` flags member of `struct ifreq`; they all fit, as the assertion checks.
+const IFNAMSIZ: usize = libc::IFNAMSIZ;
+const IFF_TUN: libc::c_short = libc::IFF_TUN as libc::c_short;
+const IFF_TAP: libc::c_short = libc::IFF_TAP as libc::c_short;
+const IFF_NO_PI: libc::c_short = libc::IFF_NO_PI as libc::c_short;
+const IFF_MULTI_QUEUE: libc::c_short = libc::IFF_MULTI_QUEUE as libc::c_short;
+const _: () = assert!(
+    IFF_TUN as libc::c_int == libc::IFF_TUN
+        && IFF_TAP as libc::c_int == libc::IFF_TAP
+        && IFF_NO_PI as libc::c_int == libc::IFF_NO_PI
+        && IFF_MULTI_QUEUE as libc::c_int == libc::IFF_MULTI_QUEUE
+);
+const TUNSETIFF: libc::Ioctl = libc::TUNSETIFF;
 
 /// `struct ifreq` with the flags member of its union (40 bytes on Linux).
 #[repr(C)]
@@ -357,6 +365,10 @@ mod tests {
     #[test]
     fn ifreq_layout_and_names() {
         assert_eq!(core::mem::size_of::<IfReqFlags>(), 40);
+        assert_eq!(
+            core::mem::size_of::<IfReqFlags>(),
+            core::mem::size_of::<libc::ifreq>()
+        );
         assert!(IfReqFlags::new("", 0).is_err());
         assert!(IfReqFlags::new("sixteen-chars-xx", 0).is_err());
         assert!(IfReqFlags::new("lb0", 0).is_ok());

@@ -90,7 +90,10 @@ fuzz_target!(|data: &[u8]| {
                 let (b, token) = if op[0] % 6 == 4 && !probes.is_empty() {
                     probes[usize::from(op[1]) % probes.len()]
                 } else {
-                    (backend, u64::from_be_bytes([0, 0, 0, op[1], 0, 0, 0, op[2]]))
+                    (
+                        backend,
+                        u64::from_be_bytes([0, 0, 0, op[1], 0, 0, 0, op[2]]),
+                    )
                 };
                 let outcome = match op[3] % 4 {
                     0 | 1 => ProbeOutcome::Success,

@@ -476,7 +476,7 @@ struct RawHealth {
     rise: Option<Spanned<u64>>,
     fall: Option<Spanned<u64>>,
     port: Option<Spanned<u64>>,
-    path: Option<String>,
+    path: Option<Spanned<String>>,
     send: Option<String>,
     expect: Option<String>,
     expect_status: Option<Spanned<u64>>,
@@ -1053,7 +1053,28 @@ impl Validator<'_> {
             out.port = Some(self.int(v, &f("port"), 1, 65535)? as u16);
         }
         if let Some(p) = &h.path {
-            out.path = p.clone();
+            // It goes into the request line verbatim: a CR or LF would end the line and let the
+            // file inject headers or a second request, a space would split the line.
+            let bad = p
+                .get_ref()
+                .chars()
+                .find(|c| c.is_control() || c.is_whitespace());
+            if !p.get_ref().starts_with('/') || bad.is_some() {
+                let why = match bad {
+                    Some(c) => format!("contains {c:?}"),
+                    None => "does not start with `/`".to_owned(),
+                };
+                return Err(self.err(
+                    p.span(),
+                    f("path"),
+                    format!(
+                        "{:?} {why}: an HTTP path starts with `/` and has no spaces or control \
+                         characters (percent-encode them)",
+                        p.get_ref()
+                    ),
+                ));
+            }
+            out.path = p.get_ref().clone();
         }
         if let Some(p) = &h.send {
             out.send = p.clone();
@@ -1876,6 +1897,29 @@ addr = "[2001:db8:51::11]:53"
         );
         let e = fails_at(&t, "snat_addrs", "balancer.snat_addrs[256]");
         assert!(e.message.contains("256"), "{e}");
+    }
+
+    #[test]
+    fn health_path_is_one_clean_request_target() {
+        for bad in [
+            "/id\\r\\nX-Injected: 1",
+            "/id\\n",
+            "/a b",
+            "/tab\\t",
+            "/nul\\u0000",
+            "/del\\u007f",
+            "id",
+            "",
+        ] {
+            let t = GOOD.replace("path = \"/id\"", &format!("path = \"{bad}\""));
+            let e = fails_at(&t, "path = ", "service[0].health.path");
+            assert!(e.message.contains("HTTP path"), "{bad:?}: {e}");
+        }
+        let t = GOOD.replace("path = \"/id\"", "path = \"/health?full=1&x=%0D\"");
+        assert_eq!(
+            Config::parse(&t, "t.toml").unwrap().health[0].path,
+            "/health?full=1&x=%0D"
+        );
     }
 
     #[test]

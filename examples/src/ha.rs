@@ -36,8 +36,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
 use std::time::{Instant as StdInstant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
 
 use lb_conntrack::sync::{
     MessageKind, SyncError, SyncReceiver, SyncRecord, SyncSender, TemplateRecord, FLAG_BULK,
@@ -246,7 +247,7 @@ impl HaShared {
 
     /// The `ha` object of the JSON statistics.
     pub fn json(&self) -> serde_json::Value {
-        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let s = self.status.lock().clone();
         let c = &s.counters;
         let ff = self.first_forward_unix_ms.load(Ordering::Relaxed);
         serde_json::json!({
@@ -280,7 +281,7 @@ impl HaShared {
 
     /// The same as Prometheus text.
     pub fn prometheus(&self) -> String {
-        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let s = self.status.lock().clone();
         let c = &s.counters;
         let mut o = String::new();
         let r = self.role();
@@ -830,18 +831,8 @@ impl<'a> Ha<'a> {
 
     /// The data path's lock, waiting at most `max` for it (a data path that holds it longer
     /// is stuck: the HA thread must go on with heartbeats and the watchdog).
-    fn lock_dp(&self, max: Duration) -> Option<std::sync::MutexGuard<'a, Dataplane>> {
-        let start = std::time::Instant::now();
-        loop {
-            match self.dp.try_lock() {
-                Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(_)) => return None,
-                Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < max => {
-                    std::thread::sleep(std::time::Duration::from_micros(100));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => return None,
-            }
-        }
+    fn lock_dp(&self, max: Duration) -> Option<parking_lot::MutexGuard<'a, Dataplane>> {
+        self.dp.try_lock_for(max)
     }
 
     /// Asks `to` for a bulk dump, at most once a second.
@@ -1193,7 +1184,8 @@ impl<'a> Ha<'a> {
     }
 
     fn publish(&mut self, t: Instant) {
-        if let Ok(mut s) = self.sh.status.lock() {
+        {
+            let mut s = self.sh.status.lock();
             s.node_id = self.cfg.node_id;
             s.priority = self.el.priority();
             s.peer_seen_ms_ago = self

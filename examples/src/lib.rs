@@ -15,7 +15,8 @@
 //! Binaries:
 //! - `tun-balancer --config FILE [--check]`: see [`config`] for the file, [`runtime`] for the
 //!   threads. SIGHUP reloads, SIGTERM / SIGINT stop, `RUST_LOG` sets the log level.
-//! - `lb-decap --device NAME [--gue-port PORT]`: tunnel-mode backends without kernel tunnels.
+//! - `lb-decap --device NAME --allow PREFIX[,PREFIX...] [--gue-port PORT]`: tunnel-mode backends
+//!   without kernel tunnels; its pure parts (the source filter, GUE offsets) are [`decap`].
 //!
 //! The end-to-end tests (`tests/`, root only) build client / balancer / backend namespaces and
 //! document the exact `ip` commands in `tests/common/mod.rs`.
@@ -24,6 +25,7 @@
 pub mod announce;
 pub mod bgp;
 pub mod config;
+pub mod decap;
 pub mod ha;
 pub mod netlink;
 pub mod probe;

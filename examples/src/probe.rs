@@ -122,14 +122,11 @@ fn udp(
     })
 }
 
-/// 64 random bits from the kernel, or (if that fails) from the clock and the process id: only
-/// needs to differ between processes.
+/// 64 random bits from the OS generator, or (if that fails) from the clock and the process id:
+/// not a key, it only needs to differ between processes.
 fn process_nonce() -> u64 {
-    use std::io::Read as _;
-    let mut b = [0u8; 8];
-    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    if random.is_ok() {
-        return u64::from_le_bytes(b);
+    if let Ok(r) = getrandom::u64() {
+        return r;
     }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

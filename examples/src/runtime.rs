@@ -11,15 +11,22 @@
 //!   SIGHUP reloads, SIGTERM / SIGINT shutdown, and building new [`lb_dataplane::Tables`] off the
 //!   data path, installed between two batches;
 //! - the statistics server, when configured: it reads the counters under the same lock, on demand.
+//!
+//! No unwinding: the binaries are built with `panic = "abort"` and install [`abort_on_panic`], so
+//! a panic anywhere (a data-path thread holding the lock included) ends the process with SIGABRT
+//! and its device disappears; an HA peer or the router takes over. The lock is a `parking_lot`
+//! mutex, which has no poisoning to skip, and every batch's verdicts are computed afresh, so no
+//! thread ever writes a packet under another batch's verdict.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use lb_core::{BackendId, HashKey, Instant};
 use lb_health::{Action, HealthChecker};
+use parking_lot::Mutex;
 use rand::SeedableRng;
 
 use crate::config::{Config, HaMode, HealthSpec};
@@ -44,6 +51,9 @@ struct Shared {
     /// The pair's state (roles, data-path kicks); `has_ha`: an `[ha]` section is configured.
     ha: HaShared,
     has_ha: bool,
+    /// [`RunOptions::test_panic_after`], and the packets processed so far when it is set.
+    test_panic_after: Option<u64>,
+    test_processed: AtomicU64,
 }
 
 impl Shared {
@@ -51,25 +61,21 @@ impl Shared {
         let t_now = now(self.epoch);
         if let Format::Explain(q) = &f {
             return match explain_query(q) {
-                Ok(key) => match self.dp.lock() {
-                    Ok(dp) => {
-                        let e = dp.explain(&key, t_now);
-                        explain_json(&e, &dp.tables().backends)
-                    }
-                    Err(_) => error_json("data path unavailable"),
-                },
+                Ok(key) => {
+                    let dp = self.dp.lock();
+                    let e = dp.explain(&key, t_now);
+                    explain_json(&e, &dp.tables().backends)
+                }
                 Err(e) => error_json(&e),
             };
         }
-        let mut labels = self.labels.lock().map(|l| l.clone()).unwrap_or_default();
-        let (s, t): (Stats, TableStats) = match self.dp.lock() {
-            Ok(dp) => {
-                for l in &mut labels {
-                    l.load = dp.backend_load(BackendId(l.id), t_now);
-                }
-                (dp.stats().clone(), dp.table_stats())
+        let mut labels = self.labels.lock().clone();
+        let (s, t): (Stats, TableStats) = {
+            let dp = self.dp.lock();
+            for l in &mut labels {
+                l.load = dp.backend_load(BackendId(l.id), t_now);
             }
-            Err(_) => Default::default(),
+            (dp.stats().clone(), dp.table_stats())
         };
         match f {
             Format::Explain(_) => String::new(),
@@ -112,19 +118,43 @@ fn labels(cp: &ControlPlane) -> Vec<BackendLabel> {
         .collect()
 }
 
-/// `N` random bytes from the kernel.
-fn random_bytes<const N: usize>() -> [u8; N] {
-    use std::io::Read;
-    let mut b = [0u8; N];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b
+/// `N` bytes from the operating system's random number generator (`getrandom(2)` on Linux).
+///
+/// # Errors
+/// The generator cannot be read: a start-up error, never a silent all-zero key.
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    random_bytes_from(getrandom::fill)
 }
 
-/// A random key for the flow hashes.
-fn random_key() -> HashKey {
-    HashKey::from_bytes(random_bytes())
+/// `N` bytes from `fill`; its failure is an error naming the generator.
+fn random_bytes_from<const N: usize, E: std::fmt::Display>(
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<[u8; N], String> {
+    let mut b = [0u8; N];
+    fill(&mut b).map_err(|e| format!("cannot read the OS random number generator: {e}"))?;
+    Ok(b)
+}
+
+/// Options of a run that are not in the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Test hook, for the end-to-end test of "a panic ends the process": once this many packets
+    /// have been processed, the data-path thread that processes the next batch panics while it
+    /// holds the data path's lock, after rewriting the batch and before writing any of it. The
+    /// `tun-balancer` binary sets it from `LB_TEST_PANIC_AFTER` in debug builds only.
+    pub test_panic_after: Option<u64>,
+}
+
+/// Makes every panic end the process (SIGABRT) after the usual message, whatever the build's
+/// panic strategy: Cargo builds the binaries that integration tests run with unwinding, and an
+/// unwinding data-path thread would leave the others running on a half-updated data path.
+/// Call it first thing in `main`.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
 }
 
 /// Monotonic time since process start, as the libraries want it.
@@ -136,7 +166,7 @@ fn now(epoch: StdInstant) -> Instant {
 ///
 /// # Errors
 /// The configuration is invalid, the device cannot be opened, or the stats port cannot be bound.
-pub fn run(config_path: &Path) -> Result<(), String> {
+pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     let cfg = Config::load(config_path).map_err(|e| e.to_string())?;
     let key = match (cfg.hash_key, &cfg.ha) {
         (Some(k), _) => k,
@@ -147,7 +177,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
                 "no balancer.hash_key: flows are hashed under a random key, so other balancers \
                  (and this one after a restart) will place them differently"
             );
-            random_key()
+            HashKey::from_bytes(random_bytes()?)
         }
     };
     let mut cp = ControlPlane::new(cfg.dataplane.clone(), key).map_err(|e| e.to_string())?;
@@ -172,7 +202,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         },
         key,
         // Fresh per process: the schedulers' randomness and where the SNAT pools start.
-        seed: u64::from_le_bytes(random_bytes()),
+        seed: u64::from_le_bytes(random_bytes()?),
         snat_ports: cfg.dataplane.snat_ports.clone(),
         removal_log: 0,
         sync_log: if cfg.ha.is_some() { ha::SYNC_LOG } else { 0 },
@@ -187,6 +217,8 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         tx_errors: AtomicU64::new(0),
         ha: HaShared::new(queues.len()),
         has_ha: cfg.ha.is_some(),
+        test_panic_after: options.test_panic_after,
+        test_processed: AtomicU64::new(0),
     });
     let stats_server = match cfg.stats {
         Some(addr) => {
@@ -235,9 +267,9 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     for w in workers {
         let _ = w.join();
     }
-    let (s, t) = match shared.dp.lock() {
-        Ok(dp) => (dp.stats().clone(), dp.table_stats()),
-        Err(_) => Default::default(),
+    let (s, t) = {
+        let dp = shared.dp.lock();
+        (dp.stats().clone(), dp.table_stats())
     };
     tracing::info!(
         rx = s.rx_packets,
@@ -297,9 +329,19 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         if n == 0 && !housekeeping {
             continue;
         }
-        if let Ok(mut dp) = sh.dp.lock() {
+        // This batch's verdicts only: whatever happens below, no packet goes out under a verdict
+        // left from an earlier batch.
+        verdicts[..n].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
+        {
+            let mut dp = sh.dp.lock();
             let t = now(epoch);
             dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
+            if let Some(limit) = sh.test_panic_after {
+                let before = sh.test_processed.fetch_add(n as u64, Ordering::Relaxed);
+                if before + n as u64 > limit {
+                    panic!("LB_TEST_PANIC_AFTER={limit}: panicking in data-path thread {i} with the lock held");
+                }
+            }
             if housekeeping {
                 dp.housekeeping(t, 1024);
                 while let Some(e) = dp.poll_event() {
@@ -473,12 +515,8 @@ fn control(
         if dirty {
             match cp.build() {
                 Ok(t) => {
-                    if let Ok(mut l) = sh.labels.lock() {
-                        *l = labels(cp);
-                    }
-                    if let Ok(mut dp) = sh.dp.lock() {
-                        dp.set_tables(t, now(epoch));
-                    }
+                    *sh.labels.lock() = labels(cp);
+                    sh.dp.lock().set_tables(t, now(epoch));
                 }
                 Err(e) => tracing::error!("cannot build tables: {e}"),
             }
@@ -513,7 +551,7 @@ const DRAIN_QUIET: Duration = Duration::from_secs(2);
 
 /// Waits while the data path still forwards, at most `limit`; why it stopped waiting.
 fn drain(sh: &Shared, limit: Duration) -> &'static str {
-    let forwarded = || sh.dp.lock().map(|dp| dp.stats().forwarded).unwrap_or(0);
+    let forwarded = || sh.dp.lock().stats().forwarded;
     let start = StdInstant::now();
     let (mut last, mut moved) = (forwarded(), start);
     while start.elapsed() < limit {
@@ -587,4 +625,26 @@ pub struct Cli {
     /// Only validate the configuration and exit (0 if valid).
     #[arg(long)]
     pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_bytes_come_from_the_os_rng() {
+        let a = random_bytes::<32>().unwrap();
+        let b = random_bytes::<32>().unwrap();
+        assert_ne!(a, [0; 32]);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_unreadable_rng_is_an_error_not_a_zero_key() {
+        let r = random_bytes_from::<32, _>(|_| Err("ENOSYS"));
+        assert_eq!(
+            r,
+            Err("cannot read the OS random number generator: ENOSYS".to_owned())
+        );
+    }
 }

@@ -1,16 +1,31 @@
 //! Serves statistics on demand over TCP: `GET /metrics` answers Prometheus text,
 //! `GET /explain?...` an explanation of a flow's placement, anything else JSON.
 //!
-//! A tiny HTTP/1.0 responder on its own thread: one request per connection, answered and closed.
-//! What it serves comes from a render function the caller supplies, so the server knows nothing of
-//! the data path.
+//! A tiny HTTP/1.0 responder: one request per connection, answered and closed. What it serves
+//! comes from a render function the caller supplies, so the server knows nothing of the data path.
+//!
+//! One thread accepts; each connection gets its own thread, so a slow or silent client delays
+//! nobody else. Each connection has [`REQUEST_TIMEOUT`] for its whole request head (a deadline,
+//! not a per-read timeout, so trickling a byte at a time does not extend it) and
+//! [`WRITE_TIMEOUT`] for the answer; at most [`MAX_CONNECTIONS`] are served at once, and one
+//! past that is answered `503` at once and closed. (A crate such as `tiny_http` was considered:
+//! it has neither per-connection timeouts nor a connection cap, which are the point here.)
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::sys::poll_readable;
+
+/// How long a client has to send its whole request head.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long writing the answer may block.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once (one thread each).
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What is asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,24 +64,7 @@ impl StatsServer {
         let addr = listener.local_addr()?;
         let handle = std::thread::Builder::new()
             .name("stats".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((conn, _)) => {
-                            if let Err(e) = answer(conn, &render) {
-                                tracing::debug!("stats request failed: {e}");
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                        Err(e) => {
-                            tracing::warn!("stats accept failed: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || accept_loop(&listener, &render, &stop))?;
         Ok(StatsServer { addr, handle })
     }
 
@@ -81,13 +79,81 @@ impl StatsServer {
     }
 }
 
+/// Accepts until `stop`, one thread per connection (at most [`MAX_CONNECTIONS`]).
+fn accept_loop(listener: &TcpListener, render: &Render, stop: &AtomicBool) {
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        // Wake on a connection at once, or every 100 ms to look at `stop`.
+        if let Err(e) = poll_readable(&[listener], 100) {
+            tracing::warn!("stats poll failed: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        loop {
+            let conn = match listener.accept() {
+                Ok((conn, _)) => conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("stats accept failed: {e}");
+                    break;
+                }
+            };
+            if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                active.fetch_sub(1, Ordering::AcqRel);
+                tracing::debug!("stats: {MAX_CONNECTIONS} connections open, refusing one");
+                busy(conn);
+                continue;
+            }
+            let (render, done) = (render.clone(), Slot(active.clone()));
+            let spawned = std::thread::Builder::new()
+                .name("stats-conn".into())
+                .spawn(move || {
+                    let _done = done;
+                    if let Err(e) = answer(conn, &render) {
+                        tracing::debug!("stats request failed: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                // The closure (and its slot) was dropped with the error.
+                tracing::warn!("stats: cannot start a connection thread: {e}");
+            }
+        }
+    }
+}
+
+/// A connection's place in the count of open ones, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers `503` without reading the request, never blocking (the send buffer of a new socket
+/// holds it), and closes.
+fn busy(mut conn: TcpStream) {
+    let _ = conn.set_nonblocking(true);
+    let _ = conn.write_all(
+        b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+}
+
 fn answer(mut conn: TcpStream, render: &Render) -> io::Result<()> {
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(1)))?;
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut req = [0u8; 1024];
     let mut have = 0;
     while have < req.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete request in time",
+            ));
+        }
+        conn.set_read_timeout(Some(left))?;
         let n = conn.read(&mut req[have..])?;
         if n == 0 {
             break;
@@ -154,6 +220,54 @@ mod tests {
             fetch(addr, "/explain?proto=tcp&src=1.2.3.4:5").unwrap(),
             "{\"q\":\"proto=tcp&src=1.2.3.4:5\"}"
         );
+        stop.store(true, Ordering::Relaxed);
+        s.join();
+    }
+
+    fn serve(render: Render) -> (StatsServer, Arc<AtomicBool>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = StatsServer::start("127.0.0.1:0".parse().unwrap(), render, stop.clone()).unwrap();
+        (s, stop)
+    }
+
+    #[test]
+    fn silent_clients_hold_up_nobody_and_are_cut_off() {
+        let (s, stop) = serve(Arc::new(|_| "{}".to_owned()));
+        let addr = s.local_addr();
+        let mut silent: Vec<TcpStream> =
+            (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let t = Instant::now();
+        assert_eq!(fetch(addr, "/").unwrap(), "{}");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // Each silent connection is closed once its request time is up.
+        for c in &mut silent {
+            c.set_read_timeout(Some(REQUEST_TIMEOUT * 2)).unwrap();
+            let mut b = [0u8; 16];
+            assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "not closed");
+        }
+        assert!(t.elapsed() < REQUEST_TIMEOUT + Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        s.join();
+    }
+
+    #[test]
+    fn connections_past_the_cap_get_503() {
+        let (s, stop) = serve(Arc::new(|_| "{}".to_owned()));
+        let addr = s.local_addr();
+        let _silent: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // Let the server accept them all before the one too many.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.0 503"), "{out:?}");
         stop.store(true, Ordering::Relaxed);
         s.join();
     }

@@ -1,8 +1,9 @@
 //! The operating-system edge: TUN/TAP devices and raw IP sockets, through `ioctl`/`socket`.
 //!
-//! This is the only module of the crate that uses `unsafe`: four system calls (`ioctl` to attach a
-//! TUN/TAP queue and to set interface flags, `socket` for raw IP sockets, `poll` for a timed wait)
-//! whose arguments are plain `repr(C)` structs built here. A TUN crate would hide the same calls
+//! This is the only module of the crate that uses `unsafe`: five system calls (`ioctl` to attach a
+//! TUN/TAP queue and to set interface flags, `socket` for raw IP sockets, `recvfrom` for the
+//! sender of a raw packet, `poll` for a timed wait) whose arguments are plain `repr(C)` structs
+//! built here. A TUN crate would hide the same calls
 //! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
 //! through [`std::fs::File`].
 #![allow(unsafe_code)]
@@ -20,13 +21,21 @@ pub enum DeviceKind {
     Tap,
 }
 
-const IFNAMSIZ: usize = 16;
-const IFF_TUN: i16 = 0x0001;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_MULTI_QUEUE: i16 = 0x0100;
-// _IOW('T', 202, int)
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+// The TUN/TAP interface of <linux/if_tun.h> as libc exports it for the target (the ioctl number
+// `TUNSETIFF` = `_IOW('T', 202, int)` differs between architectures). The flags are ints there but
+// go in the `short` flags member of `struct ifreq`; they all fit, as the assertion checks.
+const IFNAMSIZ: usize = libc::IFNAMSIZ;
+const IFF_TUN: libc::c_short = libc::IFF_TUN as libc::c_short;
+const IFF_TAP: libc::c_short = libc::IFF_TAP as libc::c_short;
+const IFF_NO_PI: libc::c_short = libc::IFF_NO_PI as libc::c_short;
+const IFF_MULTI_QUEUE: libc::c_short = libc::IFF_MULTI_QUEUE as libc::c_short;
+const _: () = assert!(
+    IFF_TUN as libc::c_int == libc::IFF_TUN
+        && IFF_TAP as libc::c_int == libc::IFF_TAP
+        && IFF_NO_PI as libc::c_int == libc::IFF_NO_PI
+        && IFF_MULTI_QUEUE as libc::c_int == libc::IFF_MULTI_QUEUE
+);
+const TUNSETIFF: libc::Ioctl = libc::TUNSETIFF;
 
 /// `struct ifreq` with the flags member of its union (40 bytes on Linux).
 #[repr(C)]
@@ -293,6 +302,47 @@ impl RawSocket {
         self.file.read(buf)
     }
 
+    /// Reads one packet and the address it came from: for IPv6, the outer source address of
+    /// the header the kernel stripped.
+    ///
+    /// # Errors
+    /// The read failed, or the kernel named a sender of another address family.
+    pub fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, std::net::IpAddr)> {
+        // SAFETY: all-zero bytes are a valid `sockaddr_storage` (a plain C struct of integers).
+        let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `buf` is writable for `buf.len()` bytes and `sa` for `len` bytes, both live for
+        // the call; the descriptor is owned by `self.file`.
+        let n = unsafe {
+            libc::recvfrom(
+                self.file.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw mut sa).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let from = match libc::c_int::from(sa.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a `sockaddr_in` (family AF_INET), which fits in and is
+                // no more aligned than `sockaddr_storage`.
+                let a = unsafe { &*(&raw const sa).cast::<libc::sockaddr_in>() };
+                std::net::IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes())
+            }
+            libc::AF_INET6 => {
+                // SAFETY: as above, a `sockaddr_in6` (family AF_INET6).
+                let a = unsafe { &*(&raw const sa).cast::<libc::sockaddr_in6>() };
+                std::net::IpAddr::from(a.sin6_addr.s6_addr)
+            }
+            _ => return Err(io::ErrorKind::InvalidData.into()),
+        };
+        Ok((n as usize, from))
+    }
+
     /// Waits up to `timeout_ms` for a packet; `Ok(false)` on timeout.
     ///
     /// # Errors
@@ -315,6 +365,10 @@ mod tests {
     #[test]
     fn ifreq_layout_and_names() {
         assert_eq!(core::mem::size_of::<IfReqFlags>(), 40);
+        assert_eq!(
+            core::mem::size_of::<IfReqFlags>(),
+            core::mem::size_of::<libc::ifreq>()
+        );
         assert!(IfReqFlags::new("", 0).is_err());
         assert!(IfReqFlags::new("sixteen-chars-xx", 0).is_err());
         assert!(IfReqFlags::new("lb0", 0).is_ok());

@@ -1,16 +1,24 @@
-//! `lb-decap --device NAME [--gue-port PORT]`: the backend side of `tun-balancer`'s tunnel mode
-//! on kernels without `ipip` / `ip6tnl` / `fou`. Receives IPIP (IPv4 protocol 4), IPv6-in-IPv6
-//! and IPv4-in-IPv6 (IPv6 next headers 41 and 4) on raw sockets, and optionally GUE on a UDP port,
-//! removes the outer headers with lb-packet and writes the inner packet to a local TUN device, so
-//! that the backend's own kernel receives it as if it had arrived directly (put the VIP on `lo`
-//! and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing its counters.
+//! `lb-decap --device NAME --allow PREFIX[,PREFIX...] [--gue-port PORT]`: the backend side of
+//! `tun-balancer`'s tunnel mode on kernels without `ipip` / `ip6tnl` / `fou`. Receives IPIP (IPv4
+//! protocol 4), IPv6-in-IPv6 and IPv4-in-IPv6 (IPv6 next headers 41 and 4) on raw sockets, and
+//! optionally GUE on a UDP port, removes the outer headers with lb-packet and writes the inner
+//! packet to a local TUN device, so that the backend's own kernel receives it as if it had arrived
+//! directly (put the VIP on `lo` and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing
+//! its counters.
+//!
+//! Only tunnel packets whose outer source is in `--allow` (the balancers' `snat_addrs`) are
+//! delivered; the others are dropped and counted as `refused`. The list is required: a decapsulator
+//! open to anyone lets anyone inject packets with any source into the backend. To accept every
+//! sender anyway, say so: `--allow 0.0.0.0/0,::/0`.
 
-use std::net::UdpSocket;
+use std::net::{IpAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
+use ipnet::IpNet;
+use lb_examples::decap::{gue_inner, ipv4_source, AllowList};
 use lb_examples::sys::{poll_readable, set_link_up, DeviceKind, RawSocket, TunQueue};
 use lb_packet::{parse, tunnel, Link, PacketBuf};
 
@@ -26,6 +34,10 @@ struct Cli {
     /// Also accept GUE on this UDP port.
     #[arg(long)]
     gue_port: Option<u16>,
+    /// Outer source addresses allowed to send tunnel packets (the balancers): prefixes or
+    /// addresses, comma-separated or repeated. Required; `0.0.0.0/0,::/0` accepts anyone.
+    #[arg(long, required = true, value_delimiter = ',', value_parser = AllowList::parse_prefix)]
+    allow: Vec<IpNet>,
 }
 
 #[derive(Debug, Default)]
@@ -33,16 +45,19 @@ struct Counters {
     received: u64,
     delivered: u64,
     bad: u64,
+    /// From a source outside `--allow`.
+    refused: u64,
 }
 
-/// Offset of the inner packet in a GUE payload (variant 0 data message, or variant 1 = bare IP).
-fn gue_inner(payload: &[u8]) -> Option<usize> {
-    let b0 = *payload.first()?;
-    match b0 >> 6 {
-        0 if b0 & 0x20 == 0 => Some(4 + usize::from(b0 & 0x1f) * 4),
-        1 => Some(0),
-        _ => None,
+/// Counts the packet; whether its outer source may send tunnel packets (counted as refused
+/// when not).
+fn admit(allow: &AllowList, src: Option<IpAddr>, c: &mut Counters) -> bool {
+    c.received += 1;
+    let ok = src.is_some_and(|a| allow.allows(a));
+    if !ok {
+        c.refused += 1;
     }
+    ok
 }
 
 fn deliver(tun: &mut TunQueue, inner: &[u8], c: &mut Counters) {
@@ -54,7 +69,9 @@ fn deliver(tun: &mut TunQueue, inner: &[u8], c: &mut Counters) {
 }
 
 fn main() {
+    lb_examples::runtime::abort_on_panic();
     let cli = Cli::parse();
+    let allow = AllowList::new(cli.allow.clone());
     let fail = |what: &str, e: std::io::Error| -> ! {
         eprintln!("lb-decap: {what}: {e}");
         std::process::exit(1);
@@ -78,10 +95,12 @@ fn main() {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).unwrap_or_else(|e| fail("signal", e));
     }
+    let nets: Vec<String> = allow.nets().iter().map(ToString::to_string).collect();
     println!(
-        "lb-decap: decapsulating into {} (gue port {:?})",
+        "lb-decap: decapsulating into {} (gue port {:?}) from {}",
         tun.name(),
-        cli.gue_port
+        cli.gue_port,
+        nets.join(",")
     );
     let mut c = Counters::default();
     let mut buf = vec![0u8; 65_536];
@@ -95,31 +114,36 @@ fn main() {
             Err(e) => fail("poll", e),
         };
         if ready & 1 != 0 {
+            // IPv4 raw sockets return the outer header too: its source, then decapsulate with
+            // lb-packet.
             if let Ok(n) = v4.recv(&mut buf) {
-                c.received += 1;
-                // IPv4 raw sockets return the outer header too: decapsulate with lb-packet.
-                match PacketBuf::new(&mut buf[..n], 0, n) {
-                    Ok(mut pb) => match tunnel::decap(&mut pb, None) {
-                        Ok(_) => deliver(&mut tun, pb.data(), &mut c),
+                if admit(&allow, ipv4_source(&buf[..n]), &mut c) {
+                    match PacketBuf::new(&mut buf[..n], 0, n) {
+                        Ok(mut pb) => match tunnel::decap(&mut pb, None) {
+                            Ok(_) => deliver(&mut tun, pb.data(), &mut c),
+                            Err(_) => c.bad += 1,
+                        },
                         Err(_) => c.bad += 1,
-                    },
-                    Err(_) => c.bad += 1,
+                    }
                 }
             }
         }
         // IPv6 raw sockets return the payload after the outer header: the inner packet.
         for (bit, sock) in [(2u64, &mut v6), (4, &mut v4in6)] {
             if ready & bit != 0 {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    c.received += 1;
-                    deliver(&mut tun, &buf[..n], &mut c);
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if admit(&allow, Some(from), &mut c) {
+                        deliver(&mut tun, &buf[..n], &mut c);
+                    }
                 }
             }
         }
         if ready & 8 != 0 {
             if let Some(g) = &gue {
-                while let Ok(n) = g.recv(&mut buf) {
-                    c.received += 1;
+                while let Ok((n, from)) = g.recv_from(&mut buf) {
+                    if !admit(&allow, Some(from.ip()), &mut c) {
+                        continue;
+                    }
                     match gue_inner(&buf[..n]).and_then(|off| buf.get(off..n)) {
                         Some(inner) => deliver(&mut tun, inner, &mut c),
                         None => c.bad += 1,
@@ -129,7 +153,7 @@ fn main() {
         }
     }
     println!(
-        "lb-decap: received {} delivered {} bad {}",
-        c.received, c.delivered, c.bad
+        "lb-decap: received {} delivered {} bad {} refused {}",
+        c.received, c.delivered, c.bad, c.refused
     );
 }

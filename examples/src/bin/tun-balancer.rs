@@ -5,14 +5,26 @@
 
 use clap::Parser;
 use lb_examples::config::Config;
-use lb_examples::runtime::{run, Cli};
+use lb_examples::runtime::{abort_on_panic, run, Cli, RunOptions};
 use lb_examples::sys::HugePageAlloc;
 
 /// The connection tables and scheduler tables on transparent huge pages (see [`HugePageAlloc`]).
 #[global_allocator]
 static ALLOC: HugePageAlloc = HugePageAlloc;
 
+/// Test hooks from the environment: debug builds only, so a release binary ignores them.
+fn test_options() -> RunOptions {
+    let mut o = RunOptions::default();
+    if cfg!(debug_assertions) {
+        o.test_panic_after = std::env::var("LB_TEST_PANIC_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok());
+    }
+    o
+}
+
 fn main() {
+    abort_on_panic();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -44,7 +56,14 @@ fn main() {
             }
         }
     }
-    if let Err(e) = run(&cli.config) {
+    let options = test_options();
+    if let Some(n) = options.test_panic_after {
+        tracing::warn!(
+            packets = n,
+            "LB_TEST_PANIC_AFTER: the data path will panic after this many packets"
+        );
+    }
+    if let Err(e) = run(&cli.config, &options) {
         eprintln!("tun-balancer: {e}");
         std::process::exit(1);
     }

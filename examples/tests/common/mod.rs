@@ -627,6 +627,10 @@ pub fn decap_bin() -> &'static str {
     env!("CARGO_BIN_EXE_lb-decap")
 }
 
+/// The `--allow` list of [`Lab::decap_agent`]: where the tests' balancers take their tunnels'
+/// outer source addresses (`balancer.snat_addrs`).
+pub const DECAP_ALLOW: &str = "203.0.113.0/24,2001:db8:100::/64";
+
 impl Lab {
     /// Makes a backend answer for the VIPs itself (tunnel and direct-routing modes): the VIPs on
     /// `lo`, reverse-path filtering off.
@@ -646,13 +650,28 @@ impl Lab {
         }
     }
 
-    /// Starts `lb-decap` in a backend namespace on TUN device `dc0` (GUE on UDP 6080).
+    /// Starts `lb-decap` in a backend namespace on TUN device `dc0` (GUE on UDP 6080), taking
+    /// tunnel packets from the balancers' outer sources only: the tests' `snat_addrs` are in
+    /// 203.0.113.0/24 and 2001:db8:100::/64.
     pub fn decap_agent(&mut self, b: &BackendNs) {
+        self.decap_agent_allowing(b, DECAP_ALLOW);
+    }
+
+    /// [`Lab::decap_agent`] with another `--allow` list.
+    pub fn decap_agent_allowing(&mut self, b: &BackendNs, allow: &str) {
         let name = format!("decap-{}", b.name);
         self.spawn(
             &b.ns,
             &name,
-            &[decap_bin(), "--device", "dc0", "--gue-port", "6080"],
+            &[
+                decap_bin(),
+                "--device",
+                "dc0",
+                "--gue-port",
+                "6080",
+                "--allow",
+                allow,
+            ],
         );
         let up = self.wait_for(Duration::from_secs(10), || {
             self.try_sh(&b.ns, "ip link show dc0 | grep -q UP").ok()

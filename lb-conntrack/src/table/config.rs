@@ -46,7 +46,8 @@ pub struct Config {
     pub evict_established: bool,
     /// Capacity of the persistence-template table.
     pub persist_capacity: usize,
-    /// Keep per-backend session histograms for backend ids below this bound.
+    /// Keep per-backend session histograms for backend ids below this bound (at most
+    /// [`MAX_BACKEND_ID`] + 1: no id lies beyond; preallocated, about 1 KiB each).
     pub stats_backends: usize,
     /// Capacity of the removal ring: how many [`crate::Removal`] records may wait for
     /// [`crate::ConnTable::poll_removal`] (`size_of::<Removal>()` bytes each, preallocated).
@@ -112,6 +113,11 @@ impl Config {
         if self.removal_queue > MAX_CAPACITY {
             return Err(ConntrackError::InvalidCapacity {
                 capacity: self.removal_queue,
+            });
+        }
+        if self.stats_backends > MAX_BACKEND_ID as usize + 1 {
+            return Err(ConntrackError::InvalidCapacity {
+                capacity: self.stats_backends,
             });
         }
         self.timeouts.validate()

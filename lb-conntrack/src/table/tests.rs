@@ -1188,3 +1188,21 @@ proptest! {
         }
     }
 }
+
+/// Issue 18: a per-backend histogram bound past the largest backend id (which `vec!` would try
+/// to allocate at any size) is refused; the largest useful one is accepted.
+#[test]
+fn stats_backends_beyond_the_backend_ids_are_refused() {
+    let mut c = crate::Config {
+        stats_backends: crate::MAX_BACKEND_ID as usize + 1,
+        ..crate::Config::default()
+    };
+    assert_eq!(c.validate(), Ok(()));
+    c.stats_backends = usize::MAX;
+    assert_eq!(
+        c.validate(),
+        Err(crate::ConntrackError::InvalidCapacity {
+            capacity: usize::MAX
+        })
+    );
+}

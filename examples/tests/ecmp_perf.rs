@@ -48,13 +48,13 @@
 //! that saw a packet since the previous one; these flows see one packet, so what a pass adds after
 //! the load shows in the difference between the two readings). Also read: sequence gaps,
 //! resync requests, bulk dumps sent, records dropped on a busy data path, and the UDP datagrams
-//! each namespace's kernel dropped for a full socket buffer. The counters count an encoded
-//! datagram once whatever the number of peers it goes to, so an nftables `output` counter in each
-//! balancer namespace counts what leaves for the peers: sync datagrams (UDP to port 7400 whose
-//! payload starts with `LC`) and heartbeats (`LH`), IP bytes. Comparing the two tells the
-//! streamed datagrams (to every peer) from the unicast ones (bulk dumps, to the one peer that
-//! asked) for N > 2: wire IP bytes − 28 × wire datagrams = (N − 1) × streamed + unicast payload,
-//! and the counters' payload = streamed + unicast. Own flows per node: an ingress counter of UDP
+//! each namespace's kernel dropped for a full socket buffer. Since each peer has its own sync
+//! stream, the counters count every datagram to every peer; an nftables `output` counter in each
+//! balancer namespace checks them against what leaves for the peers: sync datagrams (UDP to port
+//! 7400 whose payload starts with `LC`) and heartbeats (`LH`), IP bytes. (The first version of
+//! this measurement ran when one encoded datagram went to every peer and counted once, and told
+//! streamed from unicast datagrams by comparing the two; `benches/results/ecmp.md` keeps those
+//! figures.) Own flows per node: an ingress counter of UDP
 //! to VIP:7001 on its `front0`.
 //!
 //! # 3. Takeover of a dead balancer's flows (N = 3, mode `nat`)
@@ -1339,30 +1339,16 @@ struct SyncNode {
 }
 
 impl SyncNode {
-    /// The payload bytes of the streamed datagrams (sent to every peer), told apart from the
-    /// unicast ones (bulk dumps and resync requests, sent to one peer) by comparing the counters
-    /// with the wire: wire IP bytes − 28 × wire datagrams = (N − 1) × streamed + unicast payload,
-    /// and the counters' payload = streamed + unicast (resync requests are not in the counters:
-    /// a few tens of bytes each, counted as streamed here). `None` for N = 2, where both go to
-    /// the one peer.
-    fn streamed_payload(&self, n: u8) -> Option<f64> {
-        (n > 2).then(|| {
-            (self.wire_bytes as f64 - 28.0 * self.wire_packets as f64 - self.bytes as f64)
-                / f64::from(n - 2)
-        })
+    /// The payload bytes of the streamed datagrams, when they can be told apart from the
+    /// unicast ones: never since sync runs one stream per peer (the counters now count each
+    /// datagram to each peer, as the wire does). Kept for the report's shape.
+    fn streamed_payload(&self, _n: u8) -> Option<f64> {
+        None
     }
 
-    /// The IP bytes the streamed datagrams put on the wire (to all N − 1 peers): with the
-    /// streamed datagrams told apart as above (wire datagrams = (N − 1) × streamed + unicast,
-    /// counters = streamed + unicast). For N = 2, all the wire bytes.
-    fn streamed_wire(&self, n: u8) -> f64 {
-        match self.streamed_payload(n) {
-            Some(p) => {
-                let dgrams = (self.wire_packets as f64 - self.datagrams as f64) / f64::from(n - 2);
-                f64::from(n - 1) * (p + 28.0 * dgrams)
-            }
-            None => self.wire_bytes as f64,
-        }
+    /// The IP bytes the node's sync put on the wire for its peers (every stream).
+    fn streamed_wire(&self, _n: u8) -> f64 {
+        self.wire_bytes as f64
     }
 }
 

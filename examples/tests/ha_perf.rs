@@ -52,7 +52,6 @@ mod ha_lab;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -60,7 +59,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{enter_ns, in_ns, need_root, need_tool, run_timeout};
+use common::{enter_ns, need_root, need_tool, run_timeout};
+use ha_lab::rawload::{raw_socket, FlowLoad, Sent};
 use ha_lab::{pair_config, HaLab, PairOpts, FLOATING, SNAT4, UDP_PORT, VIP4};
 
 /// The payload of every load datagram (even length: no checksum padding).
@@ -317,142 +317,14 @@ fn udp_errors(h: &HaLab, node: u8) -> (u64, u64) {
 
 // ---- the sender -----------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Sent {
-    packets: u64,
-    errors: u64,
-    secs: f64,
-    /// The furthest the sender fell behind its schedule.
-    max_behind_ms: f64,
-}
-
-impl Sent {
-    fn rate(&self) -> f64 {
-        self.packets as f64 / self.secs.max(1e-9)
+/// The load: one-datagram UDP flows to VIP:UDP_PORT from 198.18.0.1 on.
+fn load() -> FlowLoad {
+    FlowLoad {
+        base: Ipv4Addr::new(198, 18, 0, 1),
+        dst: VIP4.parse().expect("VIP4"),
+        port: UDP_PORT,
+        payload: PAYLOAD,
     }
-}
-
-/// Source address and port of flow `i`.
-fn flow_source(i: u64) -> (Ipv4Addr, u16) {
-    let base = u32::from(Ipv4Addr::new(198, 18, 0, 1));
-    (
-        Ipv4Addr::from(base + (i / 60_000) as u32),
-        1024 + (i % 60_000) as u16,
-    )
-}
-
-/// RFC 1071 one's-complement sum of `data` added to `sum` (not folded).
-fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
-    }
-    sum
-}
-
-/// The IPv4 + UDP datagram of flow `i` to VIP:7000 (IP checksum, and the id, left to the kernel).
-fn datagram(i: u64, out: &mut Vec<u8>) {
-    let (src, sport) = flow_source(i);
-    let dst: Ipv4Addr = VIP4.parse().expect("VIP4");
-    let udp_len = (8 + PAYLOAD.len()) as u16;
-    out.clear();
-    out.extend_from_slice(&[0x45, 0]);
-    out.extend_from_slice(&(20 + udp_len).to_be_bytes());
-    // id 0, DF, TTL 64, UDP, checksum 0: filled in by the kernel (IP_HDRINCL).
-    out.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-    out.extend_from_slice(&src.octets());
-    out.extend_from_slice(&dst.octets());
-    out.extend_from_slice(&sport.to_be_bytes());
-    out.extend_from_slice(&UDP_PORT.to_be_bytes());
-    out.extend_from_slice(&udp_len.to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(PAYLOAD);
-    // RFC 768: the checksum covers a pseudo-header (addresses, protocol, UDP length) and the
-    // datagram; a computed 0 is sent as all ones.
-    let mut sum = ones_sum(&src.octets(), 0);
-    sum = ones_sum(&dst.octets(), sum);
-    sum += 17 + u32::from(udp_len);
-    sum = ones_sum(&out[20..], sum);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let c = match !(sum as u16) {
-        0 => 0xffff,
-        c => c,
-    };
-    out[26..28].copy_from_slice(&c.to_be_bytes());
-}
-
-/// A raw IPv4 socket (`IPPROTO_RAW`: send only, the caller writes the IP header) in `ns`.
-#[allow(unsafe_code)]
-fn raw_socket(ns: &str) -> OwnedFd {
-    in_ns(ns, || {
-        // SAFETY: a plain system call; the descriptor it returns is owned by the `OwnedFd` below
-        // and by nothing else.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_RAW,
-            )
-        };
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    })
-}
-
-/// Sends `rate × dur` new flows from flow `first` on, each at its time on the schedule (the
-/// sender sleeps until the next is due and sends every flow due, so a late wake-up is caught up
-/// at once). Never blocks on the socket; gives up 5 s after the schedule's end.
-#[allow(unsafe_code)]
-fn send_flows(fd: &OwnedFd, first: u64, rate: f64, dur: Duration) -> Sent {
-    let total = (rate * dur.as_secs_f64()).round() as u64;
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(VIP4.parse::<Ipv4Addr>().expect("VIP4")).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let mut buf = Vec::with_capacity(64);
-    let mut s = Sent::default();
-    let start = Instant::now();
-    let give_up = start + dur + Duration::from_secs(5);
-    let mut i = 0u64;
-    while i < total {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
-        if now > give_up {
-            break;
-        }
-        if now < due {
-            std::thread::sleep(due - now);
-            continue;
-        }
-        s.max_behind_ms = s.max_behind_ms.max((now - due).as_secs_f64() * 1e3);
-        datagram(first + i, &mut buf);
-        // SAFETY: `buf` and `dst` are live for the call and their lengths are the ones given.
-        let rc = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                (&raw const dst).cast(),
-                len,
-            )
-        };
-        if rc < 0 {
-            s.errors += 1;
-        } else {
-            s.packets += 1;
-        }
-        i += 1;
-    }
-    s.secs = start.elapsed().as_secs_f64();
-    s
 }
 
 // ---- statistics sampling ----------------------------------------------------------------------
@@ -885,7 +757,7 @@ fn run_once(h: &mut HaLab, setup: Setup, rep: usize, rate: f64, secs: f64, tck: 
     let bc0 = backup_pid.map(cpu);
     let load_start = origin.elapsed().as_secs_f64();
     let dur = Duration::from_secs_f64(secs);
-    let sender = std::thread::spawn(move || send_flows(&fd, 0, rate, dur));
+    let sender = std::thread::spawn(move || load().send(&fd, 0, rate, dur));
     // The system calls of the master's data-path and HA threads over most of the window.
     let syscalls = Syscalls::start(watched, (secs - 2.0).max(1.0));
     let sent = sender.join().expect("sender thread");

@@ -44,6 +44,7 @@
 pub mod baseline;
 pub mod ecmp;
 pub mod pair;
+pub mod rawload;
 pub mod workload;
 
 pub use pair::{ha_section, pair_config, PairOpts};

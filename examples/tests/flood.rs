@@ -264,6 +264,8 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
     let code = lab.wait_exit("clients", Duration::from_secs(30));
     let report = std::fs::read_to_string(&out).unwrap_or_default();
     lab.wait_exit("hping3", Duration::from_secs(5));
+    // The cgroup goes once empty (it is recreated by the next run).
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/cpu/lb-flood-test");
     println!("hping3: {}", lab.log("hping3").trim());
     println!("clients: {report}");
 

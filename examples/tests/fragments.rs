@@ -164,7 +164,14 @@ fn udp_echo_of_4000_byte_datagrams_arrives_whole() {
         .iter()
         .map(|b| b["flows"].as_u64().unwrap_or(0))
         .sum();
-    assert!(flows >= 2 * N, "{after}");
+    // One flow per datagram, but for the few whose random ephemeral port repeated an earlier
+    // one's while its UDP entry lived (120 draws from ~28 000 ports: about one time in four
+    // a repeat, which failed a CI run when this asked for exactly 120).
+    assert!(
+        flows + 10 >= 2 * N,
+        "{flows} flows for {} datagrams: {after}",
+        2 * N
+    );
 }
 
 const SIP_PORT: u16 = 5060;

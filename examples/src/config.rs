@@ -16,7 +16,10 @@
 //!                            # hashes; give every balancer of a cluster the same one so they
 //!                            # agree on backends (default: a random key per process)
 //! snat_ports = "1024-65535"  # SNAT source ports per backend and SNAT address (lo-hi, lo >= 1)
-//! persist_capacity = 4096    # persistence templates + SIP Call-ID bindings (the SIP call table)
+//! persist_capacity = 65536   # persistence templates + SIP Call-ID bindings (the SIP call
+//!                            # table), per address family, ~100 bytes each; a full table sheds
+//!                            # entries seen once (a spray of made-up Call-IDs), never a live
+//!                            # call with two or more messages
 //! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
 //!                            # a key left out keeps lb-conntrack's default for its states
 //! tcp_established = 900

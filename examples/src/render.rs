@@ -71,6 +71,16 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
         "mid_flow_placed": s.mid_flow_placed,
         "sync_lost": s.sync_lost,
         "sync_refused": s.sync_refused,
+        "fragments": {
+            "first": s.frag_first, "forwarded": s.frag_forwarded,
+            "completed": s.frag_completed, "expired": s.frag_expired,
+            "evicted": s.frag_evicted, "unrecorded": s.frag_unrecorded,
+        },
+        "persist": {
+            "entries": t.persist_entries, "capacity": t.persist_capacity,
+            "established": t.persist_established, "shed": t.persist_shed,
+            "refused": t.persist_refused,
+        },
         "drops": drops,
         "conntrack": {
             "entries": t.entries, "capacity": t.capacity, "memory_bytes": t.memory_bytes,
@@ -165,6 +175,50 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
         "Sync records refused: their backend id names another backend here.",
         s.sync_refused,
     );
+    for (name, help, v) in [
+        (
+            "fragments_first_total",
+            "First fragments processed.",
+            s.frag_first,
+        ),
+        (
+            "fragments_forwarded_total",
+            "Non-first fragments forwarded by their datagram's decision.",
+            s.frag_forwarded,
+        ),
+        (
+            "fragments_completed_total",
+            "Fragmented datagrams whose every fragment went through.",
+            s.frag_completed,
+        ),
+        (
+            "fragments_expired_total",
+            "Datagrams whose record expired before all their fragments came.",
+            s.frag_expired,
+        ),
+        (
+            "fragments_evicted_total",
+            "Live datagram records evicted to make room.",
+            s.frag_evicted,
+        ),
+        (
+            "fragments_unrecorded_total",
+            "First fragments forwarded whose datagram could not be recorded.",
+            s.frag_unrecorded,
+        ),
+        (
+            "persist_shed_total",
+            "Live templates seen once (e.g. one-message Call-IDs) evicted for new ones.",
+            t.persist_shed,
+        ),
+        (
+            "persist_refused_total",
+            "New templates refused: every template live and established.",
+            t.persist_refused,
+        ),
+    ] {
+        counter(name, help, v);
+    }
     let _ = writeln!(
         o,
         "# HELP lb_dropped_packets_total Packets dropped, by reason."
@@ -526,6 +580,7 @@ mod tests {
             ..Stats::default()
         };
         a.drops[DropReason::Fragment as usize] = 3;
+        a.frag_forwarded = 7;
         let labels = [BackendLabel {
             id: 1,
             addr: "198.51.100.11:80".into(),
@@ -538,9 +593,16 @@ mod tests {
                 ..BackendLoad::default()
             }),
         }];
-        let t = TableStats::default();
+        let t = TableStats {
+            persist_shed: 11,
+            persist_established: 2,
+            ..TableStats::default()
+        };
         let j: serde_json::Value = serde_json::from_str(&to_json(&a, &t, &labels)).unwrap();
         assert_eq!(j["drops"]["fragment"], 3);
+        assert_eq!(j["fragments"]["forwarded"], 7);
+        assert_eq!(j["persist"]["shed"], 11);
+        assert_eq!(j["persist"]["established"], 2);
         assert_eq!(j["backends"][0]["flows"], 3);
         assert_eq!(j["backends"][0]["active_conns"], 4);
         assert_eq!(j["backends"][0]["inactive_conns"], 2);
@@ -553,6 +615,8 @@ mod tests {
             p.contains("lb_dropped_packets_total{reason=\"fragment\"} 3"),
             "{p}"
         );
+        assert!(p.contains("lb_fragments_forwarded_total 7"), "{p}");
+        assert!(p.contains("lb_persist_shed_total 11"), "{p}");
         assert!(p.contains(
             "lb_backend_flows_total{backend=\"198.51.100.11:80\",service=\"203.0.113.10:80\"} 3"
         ));

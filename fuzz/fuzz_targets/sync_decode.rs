@@ -165,12 +165,14 @@ fn template(u: &mut Unstructured<'_>) -> Result<TemplateRecord> {
     } else {
         TemplateKey::affinity(service, u.arbitrary()?)
     };
+    let delete = u.arbitrary()?;
     Ok(TemplateRecord {
-        delete: u.arbitrary()?,
+        delete,
         key,
         backend: BackendId(u.arbitrary()?),
         remaining_ms: millis(u)?,
         timeout_ms: millis(u)?,
+        established: !delete && u.arbitrary()?,
     })
 }
 

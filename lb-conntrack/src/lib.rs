@@ -98,7 +98,9 @@ mod timeout;
 
 pub use entry::{EntryInfo, Hit, Packet};
 pub use nat_pool::SnatPool;
-pub use persist::{mask_addr, PersistInsert, PersistTable, Service, TemplateInfo, TemplateKey};
+pub use persist::{
+    mask_addr, PersistCounters, PersistInsert, PersistTable, Service, TemplateInfo, TemplateKey,
+};
 pub use removal::{Removal, RemovalReason};
 pub use sharded::ShardedConnTable;
 pub use stats::{

@@ -7,10 +7,18 @@
 //! goes, its timeout starts again (IPVS' behaviour).
 //!
 //! Templates live in a fixed-capacity slab indexed by a `hashbrown::HashTable` under the keyed
-//! flow hash; a single LRU list gives bounded expiry and eviction. Because timeouts may differ
-//! per template, expiry stops at the first live head: a template with a shorter timeout behind it
-//! is reclaimed when it reaches the head or when it is looked up (lookups always check the
-//! deadline, so an expired template is never returned).
+//! flow hash. Two LRU lists give bounded expiry and eviction (a segmented LRU): *new* templates,
+//! used once so far, and *established* ones, used again (looked up, pinned by a connection, or
+//! synced as established). A SIP call becomes established with its second message, a client
+//! template with its first connection. When the table is full a new template takes, in order, the
+//! slot of an expired established template, of an expired new one, or of the oldest live new one
+//! (counted as [`PersistCounters::shed`]); when every template is live and established the new one
+//! is refused ([`PersistInsert::Full`], counted as [`PersistCounters::refused`]). So a spray of
+//! made-up keys (random SIP Call-IDs, each seen once) only ever displaces other keys seen once:
+//! it can never evict a call with traffic inside its timeout, and it is the spray that is shed.
+//! Because timeouts may differ per template, expiry stops at the first live head of each list: a
+//! template with a shorter timeout behind it is reclaimed when it reaches the head or when it is
+//! looked up (lookups always check the deadline, so an expired template is never returned).
 //!
 //! State sync exports templates ([`PersistTable::export_chunk`], [`PersistTable::get`]) and
 //! installs them on the backup with their remaining time and their idle timeout (see
@@ -156,6 +164,24 @@ struct Template {
     refs: u32,
     prev: u32,
     next: u32,
+    /// Used more than once: in the established list (else the new list).
+    established: bool,
+}
+
+/// The new list (templates used once) and the established list.
+const NEW: usize = 0;
+const ESTABLISHED: usize = 1;
+
+/// What a persistence table did when it was full, since it was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PersistCounters {
+    /// Live templates used only once (e.g. a SIP Call-ID seen in one message) evicted to make
+    /// room for a new one: under a spray of made-up keys, the spray.
+    pub shed: u64,
+    /// New templates refused because every template was live and established (or pinned).
+    pub refused: u64,
+    /// Templates that became established (used a second time).
+    pub established: u64,
 }
 
 /// Heap bytes per template of capacity: the slot and about its share of the index.
@@ -173,6 +199,8 @@ pub struct TemplateInfo {
     pub deadline: Instant,
     /// Its idle timeout: how long it lives after each use (or after its last flow leaves).
     pub timeout: Duration,
+    /// Used more than once (see the module docs): eviction spares it.
+    pub established: bool,
 }
 
 /// What [`PersistTable::install`] did.
@@ -195,9 +223,10 @@ pub enum PersistInsert {
     New,
     /// The template existed; its backend and timeout were replaced.
     Updated,
-    /// A new template, after evicting the least recently used unpinned one.
+    /// A new template, after evicting an expired template or the oldest live one used only
+    /// once (module docs).
     Evicted(TemplateKey),
-    /// Full of pinned templates: refused.
+    /// Full of live established (or pinned) templates: refused.
     Full,
 }
 
@@ -221,9 +250,10 @@ pub struct PersistTable<H: KeyedHash = SipHash13> {
     index: HashTable<u32>,
     slots: Vec<Template>,
     free: Vec<u32>,
-    head: u32,
-    tail: u32,
+    /// (head, tail) of the new and the established lists, oldest at the head.
+    lists: [(u32, u32); 2],
     capacity: usize,
+    counters: PersistCounters,
 }
 
 fn ms(t: Instant) -> u64 {
@@ -254,9 +284,9 @@ impl<H: KeyedHash> PersistTable<H> {
             index: HashTable::with_capacity(capacity),
             slots: Vec::with_capacity(capacity),
             free: Vec::with_capacity(capacity),
-            head: NIL,
-            tail: NIL,
+            lists: [(NIL, NIL); 2],
             capacity,
+            counters: PersistCounters::default(),
         })
     }
 
@@ -275,6 +305,22 @@ impl<H: KeyedHash> PersistTable<H> {
         self.capacity
     }
 
+    /// What the table did when full (module docs).
+    pub fn counters(&self) -> PersistCounters {
+        self.counters
+    }
+
+    /// Number of established templates (used more than once), live or not yet reclaimed.
+    pub fn established_len(&self) -> usize {
+        let mut n = 0;
+        let mut i = self.lists[ESTABLISHED].0;
+        while let Some(t) = self.slots.get(i as usize) {
+            n += 1;
+            i = t.next;
+        }
+        n
+    }
+
     #[inline]
     fn hash(&self, k: &TemplateKey) -> u64 {
         self.hasher.hash_bytes(&k.encode())
@@ -288,32 +334,64 @@ impl<H: KeyedHash> PersistTable<H> {
             .copied()
     }
 
+    fn list_of(&self, i: u32) -> usize {
+        self.slots
+            .get(i as usize)
+            .map_or(NEW, |t| usize::from(t.established))
+    }
+
     fn unlink(&mut self, i: u32) {
+        let l = self.list_of(i);
         let Some(t) = self.slots.get(i as usize) else {
             return;
         };
         let (p, n) = (t.prev, t.next);
         match self.slots.get_mut(p as usize) {
             Some(ps) => ps.next = n,
-            None => self.head = n,
+            None => self.lists[l].0 = n,
         }
         match self.slots.get_mut(n as usize) {
             Some(ns) => ns.prev = p,
-            None => self.tail = p,
+            None => self.lists[l].1 = p,
         }
     }
 
+    /// Appends `i` (not linked) to the tail of its list.
     fn push_back(&mut self, i: u32) {
-        let t = self.tail;
+        let l = self.list_of(i);
+        let t = self.lists[l].1;
         if let Some(s) = self.slots.get_mut(i as usize) {
             s.prev = t;
             s.next = NIL;
         }
         match self.slots.get_mut(t as usize) {
             Some(ts) => ts.next = i,
-            None => self.head = i,
+            None => self.lists[l].0 = i,
         }
-        self.tail = i;
+        self.lists[l].1 = i;
+    }
+
+    /// Moves `i` to the tail of its list (the most recently used end).
+    fn move_to_tail(&mut self, i: u32) {
+        if self.lists[self.list_of(i)].1 != i {
+            self.unlink(i);
+            self.push_back(i);
+        }
+    }
+
+    /// Moves template `i` to the established list (at its tail). Returns whether it was new.
+    fn establish(&mut self, i: u32) -> bool {
+        match self.slots.get(i as usize) {
+            Some(t) if !t.established => {}
+            _ => return false,
+        }
+        self.unlink(i);
+        if let Some(t) = self.slots.get_mut(i as usize) {
+            t.established = true;
+        }
+        self.push_back(i);
+        self.counters.established += 1;
+        true
     }
 
     /// A use of template `i`: its idle timeout starts again at `now`.
@@ -322,10 +400,7 @@ impl<H: KeyedHash> PersistTable<H> {
             t.last = t.last.max(ms(now));
             t.timeout_ms = t.idle_ms;
         }
-        if self.tail != i {
-            self.unlink(i);
-            self.push_back(i);
-        }
+        self.move_to_tail(i);
     }
 
     fn remove_slot(&mut self, i: u32) -> Option<TemplateKey> {
@@ -343,9 +418,16 @@ impl<H: KeyedHash> PersistTable<H> {
         t.refs == 0 && ms(now).saturating_sub(t.last) >= t.timeout_ms
     }
 
-    /// The backend of the template `key`, refreshing its idle timer. An expired template is
-    /// removed and `None` returned.
+    /// The backend of the template `key`, refreshing its idle timer; a template used once
+    /// before becomes established. An expired template is removed and `None` returned.
     pub fn lookup(&mut self, key: &TemplateKey, now: Instant) -> Option<BackendId> {
+        self.lookup_use(key, now).map(|(b, _)| b)
+    }
+
+    /// As [`PersistTable::lookup`], also telling whether this use made the template
+    /// established (its second use: worth telling a sync peer, see
+    /// [`TemplateInfo::established`]).
+    pub fn lookup_use(&mut self, key: &TemplateKey, now: Instant) -> Option<(BackendId, bool)> {
         let i = self.find(key)?;
         let t = *self.slots.get(i as usize)?;
         if Self::expired(&t, now) {
@@ -353,7 +435,8 @@ impl<H: KeyedHash> PersistTable<H> {
             return None;
         }
         self.touch(i, now);
-        Some(t.backend)
+        let promoted = self.establish(i);
+        Some((t.backend, promoted))
     }
 
     /// The backend of `key` without refreshing (expired templates read as absent).
@@ -373,6 +456,7 @@ impl<H: KeyedHash> PersistTable<H> {
             backend: t.backend,
             deadline: Instant::from_millis(deadline),
             timeout: Duration::from_millis(t.idle_ms),
+            established: t.established,
         }
     }
 
@@ -414,8 +498,10 @@ impl<H: KeyedHash> PersistTable<H> {
     }
 
     /// Installs or refreshes a template received by state sync: bound to `backend`, timing
-    /// out `remaining` after `now` and `idle` after each later use. A live template is
-    /// refreshed (its pins kept), or with `merge` left alone; an expired one is replaced.
+    /// out `remaining` after `now` and `idle` after each later use, established if the sender
+    /// says so (never the reverse). A live template is refreshed (its pins kept), or with
+    /// `merge` left alone; an expired one is replaced.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn install(
         &mut self,
         key: TemplateKey,
@@ -424,6 +510,7 @@ impl<H: KeyedHash> PersistTable<H> {
         idle: Duration,
         now: Instant,
         merge: bool,
+        established: bool,
     ) -> Installed {
         let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
@@ -458,9 +545,9 @@ impl<H: KeyedHash> PersistTable<H> {
             t.timeout_ms = remaining_ms;
             t.idle_ms = idle_ms;
         }
-        if self.tail != i {
-            self.unlink(i);
-            self.push_back(i);
+        self.move_to_tail(i);
+        if established {
+            self.establish(i);
         }
         out
     }
@@ -484,7 +571,43 @@ impl<H: KeyedHash> PersistTable<H> {
         live
     }
 
-    /// Binds `key` to `backend` with idle timeout `timeout`.
+    /// The slot a new template takes in a full table (module docs): an expired unpinned
+    /// template from the head of the established list (at most 16 looked at, pinned ones
+    /// skipped), else the head of the new list, expired or not (a live one is counted as shed).
+    /// `None`: every template is live and established or pinned.
+    fn victim(&self, now: Instant) -> Option<u32> {
+        let mut i = self.lists[ESTABLISHED].0;
+        let mut steps = 0;
+        while let Some(t) = self.slots.get(i as usize) {
+            if t.refs == 0 {
+                if Self::expired(t, now) {
+                    return Some(i);
+                }
+                break;
+            }
+            steps += 1;
+            if steps == 16 {
+                break;
+            }
+            i = t.next;
+        }
+        let mut i = self.lists[NEW].0;
+        let mut steps = 0;
+        while let Some(t) = self.slots.get(i as usize) {
+            if t.refs == 0 {
+                return Some(i);
+            }
+            steps += 1;
+            if steps == 16 {
+                break;
+            }
+            i = t.next;
+        }
+        None
+    }
+
+    /// Binds `key` to `backend` with idle timeout `timeout`. A new template is new (used once);
+    /// binding a key that exists makes it established.
     pub fn insert(
         &mut self,
         key: TemplateKey,
@@ -499,25 +622,21 @@ impl<H: KeyedHash> PersistTable<H> {
                 t.idle_ms = timeout_ms;
             }
             self.touch(i, now);
+            self.establish(i);
             return PersistInsert::Updated;
         }
         let mut evicted = None;
         if self.index.len() >= self.capacity {
-            // Reclaim the oldest unpinned template, looking at a bounded number from the head.
-            let mut i = self.head;
-            let mut steps = 0;
-            while i != NIL && steps < 16 {
-                let Some(t) = self.slots.get(i as usize) else {
-                    break;
-                };
-                if t.refs == 0 {
-                    break;
-                }
-                i = t.next;
-                steps += 1;
-            }
-            if i == NIL || steps == 16 {
+            let Some(i) = self.victim(now) else {
+                self.counters.refused += 1;
                 return PersistInsert::Full;
+            };
+            if self
+                .slots
+                .get(i as usize)
+                .is_some_and(|t| !Self::expired(t, now))
+            {
+                self.counters.shed += 1;
             }
             evicted = self.remove_slot(i);
         }
@@ -530,6 +649,7 @@ impl<H: KeyedHash> PersistTable<H> {
             refs: 0,
             prev: NIL,
             next: NIL,
+            established: false,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -557,15 +677,17 @@ impl<H: KeyedHash> PersistTable<H> {
         }
     }
 
-    /// Pins template `key` for one more connection. Returns whether it exists.
+    /// Pins template `key` for one more connection (which makes it established). Returns
+    /// whether it exists.
     pub fn attach(&mut self, key: &TemplateKey) -> bool {
-        match self.find(key).and_then(|i| self.slots.get_mut(i as usize)) {
-            Some(t) => {
-                t.refs = t.refs.saturating_add(1);
-                true
-            }
-            None => false,
+        let Some(i) = self.find(key) else {
+            return false;
+        };
+        if let Some(t) = self.slots.get_mut(i as usize) {
+            t.refs = t.refs.saturating_add(1);
         }
+        self.establish(i);
+        true
     }
 
     /// Unpins template `key` for one connection; when none is left its timeout starts at `now`.
@@ -591,27 +713,31 @@ impl<H: KeyedHash> PersistTable<H> {
             .map_or(0, |t| t.refs)
     }
 
-    /// Removes templates that timed out, looking at no more than `budget` of them. Returns the
-    /// number removed.
+    /// Removes templates that timed out, looking at no more than `budget` of them (from the
+    /// heads of the new and the established lists). Returns the number removed.
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         let mut removed = 0;
-        for _ in 0..budget {
-            let i = self.head;
-            let Some(t) = self.slots.get(i as usize).copied() else {
-                break;
-            };
-            if t.refs > 0 {
-                // Pinned: move it out of the way; it is refreshed when unpinned.
-                if self.tail == i {
+        let mut left = budget;
+        for l in [NEW, ESTABLISHED] {
+            while left > 0 {
+                left -= 1;
+                let i = self.lists[l].0;
+                let Some(t) = self.slots.get(i as usize).copied() else {
+                    break;
+                };
+                if t.refs > 0 {
+                    // Pinned: move it out of the way; it is refreshed when unpinned.
+                    if self.lists[l].1 == i {
+                        break;
+                    }
+                    self.unlink(i);
+                    self.push_back(i);
+                } else if Self::expired(&t, now) {
+                    self.remove_slot(i);
+                    removed += 1;
+                } else {
                     break;
                 }
-                self.unlink(i);
-                self.push_back(i);
-            } else if Self::expired(&t, now) {
-                self.remove_slot(i);
-                removed += 1;
-            } else {
-                break;
             }
         }
         removed
@@ -684,9 +810,96 @@ mod tests {
     }
 
     #[test]
+    fn a_spray_of_new_keys_never_evicts_established_ones() {
+        let mut p = PersistTable::new(8, HashKey::from_bytes([1; 16])).unwrap();
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        let d = Duration::from_secs(300);
+        let t0 = Instant::from_secs(1);
+        // Four calls, each seen twice (INVITE, then ACK): established.
+        for n in 0..4 {
+            assert_eq!(
+                p.insert(k(n), BackendId(n as u32), d, t0),
+                PersistInsert::New
+            );
+            assert_eq!(p.lookup_use(&k(n), t0), Some((BackendId(n as u32), true)));
+            assert_eq!(p.lookup_use(&k(n), t0), Some((BackendId(n as u32), false)));
+        }
+        // A spray of 1 000 made-up Call-IDs, each seen once, all live.
+        for n in 1_000..2_000 {
+            assert_ne!(p.insert(k(n), BackendId(9), d, t0), PersistInsert::Full);
+        }
+        for n in 0..4 {
+            assert_eq!(p.peek(&k(n), t0), Some(BackendId(n as u32)), "call {n}");
+        }
+        let c = p.counters();
+        assert_eq!((c.shed, c.refused, c.established), (1_000 - 4, 0, 4));
+        assert_eq!((p.len(), p.established_len()), (8, 4));
+        // Only the newest spray keys are left besides the calls.
+        assert_eq!(p.peek(&k(1_999), t0), Some(BackendId(9)));
+        assert_eq!(p.peek(&k(1_000), t0), None);
+        // A table of live established templates refuses a new one, and counts it.
+        for n in 1_996..2_000 {
+            assert!(p.lookup(&k(n), t0).is_some());
+        }
+        assert_eq!(p.insert(k(5_000), BackendId(1), d, t0), PersistInsert::Full);
+        assert_eq!(p.counters().refused, 1);
+        // Once one of them times out, its slot is taken before any other.
+        let (t1, late) = (Instant::from_secs(200), Instant::from_secs(400));
+        for n in [0, 1, 2, 3, 1_996, 1_997, 1_998] {
+            assert!(p.lookup(&k(n), t1).is_some());
+        }
+        assert_eq!(
+            p.insert(k(6_000), BackendId(1), d, late),
+            PersistInsert::Evicted(k(1_999))
+        );
+        assert_eq!(
+            p.counters().shed,
+            1_000 - 4,
+            "an expired template is not shed"
+        );
+    }
+
+    #[test]
+    fn an_expired_established_template_goes_before_a_live_new_one() {
+        let mut p = PersistTable::new(2, HashKey::from_bytes([1; 16])).unwrap();
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        p.insert(k(1), BackendId(1), Duration::from_secs(10), Instant::ZERO);
+        p.lookup(&k(1), Instant::ZERO);
+        p.insert(k(2), BackendId(2), Duration::from_secs(100), Instant::ZERO);
+        assert_eq!(
+            p.insert(
+                k(3),
+                BackendId(3),
+                Duration::from_secs(100),
+                Instant::from_secs(20)
+            ),
+            PersistInsert::Evicted(k(1))
+        );
+        assert_eq!(p.peek(&k(2), Instant::from_secs(20)), Some(BackendId(2)));
+        assert_eq!(p.counters().shed, 0);
+    }
+
+    #[test]
+    fn synced_established_flag_and_expiry_of_both_lists() {
+        let mut p = PersistTable::new(4, HashKey::from_bytes([1; 16])).unwrap();
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        let (d, t0) = (Duration::from_secs(10), Instant::ZERO);
+        p.install(k(1), BackendId(1), d, d, t0, false, true);
+        p.install(k(2), BackendId(2), d, d, t0, false, false);
+        assert!(p.get(&k(1), t0).unwrap().established);
+        assert!(!p.get(&k(2), t0).unwrap().established);
+        // A later record never makes an established template new again.
+        p.install(k(1), BackendId(1), d, d, t0, false, false);
+        assert!(p.get(&k(1), t0).unwrap().established);
+        assert_eq!(p.expire(Instant::from_secs(9), 10), 0);
+        assert_eq!(p.expire(Instant::from_secs(10), 10), 2);
+        assert!(p.is_empty());
+    }
+
+    #[test]
     fn slot_size() {
         // What `ConnTable::memory` counts per template, with the index's share.
-        assert_eq!(core::mem::size_of::<Template>(), 80);
+        assert_eq!(core::mem::size_of::<Template>(), 88);
     }
 
     #[test]
@@ -777,6 +990,44 @@ mod tests {
                 }
                 p.expire(now, 3);
                 prop_assert!(p.len() <= cap);
+            }
+        }
+
+        /// Whatever the order of uses, inserts and time steps, a live established template is
+        /// never evicted: it leaves only by timing out.
+        #[test]
+        fn live_established_templates_are_never_evicted(
+            ops in proptest::collection::vec((0u64..40, any::<bool>(), 0u64..4), 1..300)
+        ) {
+            let cap = 6;
+            let mut p = PersistTable::new(cap, HashKey::from_bytes([7; 16])).unwrap();
+            let mut now = Instant::ZERO;
+            let d = Duration::from_secs(10);
+            let mut established: Vec<(u64, Instant)> = Vec::new();
+            for (k, second_use, dt) in ops {
+                now += Duration::from_secs(dt);
+                let key = TemplateKey::affinity(svc(), k);
+                match p.lookup_use(&key, now) {
+                    Some((_, promoted)) => {
+                        if promoted || second_use {
+                            established.retain(|(x, _)| *x != k);
+                            established.push((k, now));
+                        }
+                    }
+                    None => {
+                        established.retain(|(x, _)| *x != k);
+                        let r = p.insert(key, BackendId(1), d, now);
+                        let live = established.iter().filter(|(_, t)| now - *t < d).count();
+                        prop_assert_eq!(r == PersistInsert::Full, live == cap);
+                    }
+                }
+                for (x, t) in &established {
+                    if now - *t < d {
+                        let key = TemplateKey::affinity(svc(), *x);
+                        prop_assert!(p.peek(&key, now).is_some(), "{} evicted", x);
+                    }
+                }
+                prop_assert!(p.established_len() <= p.len());
             }
         }
     }

@@ -464,6 +464,7 @@ impl Dataplane {
     /// Flow-table figures (both families).
     pub fn table_stats(&self) -> TableStats {
         let (c4, c6) = (self.ct4.counters(), self.ct6.counters());
+        let (p4, p6) = (self.ct4.persist().counters(), self.ct6.persist().counters());
         TableStats {
             entries: (self.ct4.len() + self.ct6.len()) as u64,
             capacity: (self.ct4.capacity() + self.ct6.capacity()) as u64,
@@ -479,6 +480,13 @@ impl Dataplane {
                 + c6.refused_nat
                 + c4.refused_ports
                 + c6.refused_ports,
+            persist_entries: (self.ct4.persist().len() + self.ct6.persist().len()) as u64,
+            persist_capacity: (self.ct4.persist().capacity() + self.ct6.persist().capacity())
+                as u64,
+            persist_established: (self.ct4.persist().established_len()
+                + self.ct6.persist().established_len()) as u64,
+            persist_shed: p4.shed + p6.shed,
+            persist_refused: p4.refused + p6.refused,
             sessions: *self.sessions.overall(),
             backend_sessions: (0..SESSION_STATS_BACKENDS as u32)
                 .map(|id| {

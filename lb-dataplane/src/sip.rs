@@ -119,11 +119,15 @@ impl Dataplane {
             &mut self.ct6
         };
         let template = call.map(|h| TemplateKey::affinity(Service::of_flow(&key), h));
-        let pinned = template.and_then(|tk| {
-            ct.persist_mut()
-                .lookup(&tk, now)
-                .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible))
-        });
+        let used = template.and_then(|tk| ct.persist_mut().lookup_use(&tk, now));
+        let pinned = used
+            .map(|(b, _)| b)
+            .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible));
+        if let (Some((_, true)), Some(tk)) = (used, template) {
+            // The call's second message: it is established now, and the backup should know
+            // (its eviction spares established calls too).
+            self.sync_log(crate::sync::SyncChange::Template(tk));
+        }
         let id = match pinned {
             Some(id) => id,
             None => {
@@ -274,8 +278,9 @@ mod tests {
     use super::looks_like_sip;
     use crate::{
         Affinity, ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Mode, Proto,
-        ServiceSpec, Verdict, HEADROOM,
+        SchedulerKind, ServiceSpec, Verdict, HEADROOM,
     };
+    use lb_sched::policy::PolicyKind;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -326,17 +331,22 @@ mod tests {
 
     impl Rig {
         fn new(mode: Mode, affinity: Affinity) -> Rig {
+            Rig::with(mode, affinity, |_| {})
+        }
+
+        fn with(mode: Mode, affinity: Affinity, edit: impl FnOnce(&mut DataplaneSpec)) -> Rig {
             let mut svc = ServiceSpec::new(sa(VIP), Proto::Udp, mode);
             svc.affinity = affinity;
             for b in BACKENDS {
                 svc = svc.with_backend(sa(b), 1);
             }
-            let spec = DataplaneSpec {
+            let mut spec = DataplaneSpec {
                 snat_addrs: vec!["203.0.113.100".parse().unwrap()],
                 conntrack_capacity: 4096,
                 services: vec![svc],
                 ..DataplaneSpec::default()
             };
+            edit(&mut spec);
             let key = HashKey::from_bytes([7; 16]);
             let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
             let dp =
@@ -411,6 +421,49 @@ mod tests {
         // One NAT entry per (client, backend), not per call.
         assert_eq!(s.backends.iter().map(|b| b.flows).sum::<u64>(), 3);
         assert_eq!(s.sip_not_sip, 0);
+    }
+
+    /// Round robin places every new Call-ID on the next backend, so a call whose binding is
+    /// lost has its later messages sent elsewhere: a spray of made-up Call-IDs (one message
+    /// each) that evicted live calls would break them. It is the spray that is shed.
+    #[test]
+    fn a_call_id_spray_is_shed_and_live_calls_stay_whole() {
+        let mut r = Rig::with(Mode::Nat, Affinity::SipCallId, |s| {
+            s.persist_capacity = 64;
+            s.services[0].scheduler = SchedulerKind::Policy(PolicyKind::RoundRobin);
+        });
+        let (client, vip, sprayer) = (sa(CLIENT), sa(VIP), sa("192.0.2.66:5060"));
+        let calls: Vec<String> = (0..40).map(|i| format!("{i}-live@192.0.2.2")).collect();
+        let mut placed = Vec::new();
+        for call in &calls {
+            let to = r.forward(&udp4(client, vip, &msg("INVITE", call)));
+            assert_eq!(r.forward(&udp4(client, vip, &msg("ACK", call))), to);
+            placed.push(to);
+        }
+        for n in 0..5_000u32 {
+            let junk = format!("{:08x}-spray", n.wrapping_mul(0x9e37_79b9));
+            r.forward(&udp4(sprayer, vip, &msg("OPTIONS", &junk)));
+            r.now += lb_core::Duration::from_millis(1);
+        }
+        for (call, to) in calls.iter().zip(&placed) {
+            assert_eq!(
+                r.forward(&udp4(client, vip, &msg("BYE", call))),
+                *to,
+                "{call}"
+            );
+        }
+        let t = r.dp.table_stats();
+        // 64 IPv4 templates: the 40 calls stay, 24 slots turn over under the spray.
+        assert_eq!(t.persist_established, 40);
+        assert_eq!(t.persist_shed, 5_000 - 24);
+        assert_eq!(t.persist_refused, 0);
+        // A 41st call still finds room among the spray, and becomes established in turn.
+        let to = r.forward(&udp4(client, vip, &msg("INVITE", "new@192.0.2.2")));
+        assert_eq!(
+            r.forward(&udp4(client, vip, &msg("ACK", "new@192.0.2.2"))),
+            to
+        );
+        assert_eq!(r.dp.table_stats().persist_established, 41);
     }
 
     #[test]

@@ -345,7 +345,9 @@ pub struct DataplaneSpec {
     /// SNAT source ports handed out per backend and SNAT address (the data paths of one
     /// process split it, see [`crate::DataplaneOptions::snat_ports`]).
     pub snat_ports: RangeInclusive<u16>,
-    /// Capacity of the persistence table: client templates and SIP Call-ID bindings.
+    /// Capacity of the persistence table (per address family): client templates and SIP
+    /// Call-ID bindings. When it is full, templates used only once are shed first and live
+    /// established ones are never evicted (see [`lb_conntrack::PersistTable`]).
     pub persist_capacity: usize,
     /// IP datagrams whose fragments may be in flight at once (both directions): a non-first
     /// fragment follows its first fragment's decision by the datagram's identity (module
@@ -368,7 +370,7 @@ impl Default for DataplaneSpec {
             mac: MacAddr([0x02, 0x00, 0x5e, 0x10, 0x00, 0x01]),
             timeouts: Timeouts::default(),
             snat_ports: crate::SNAT_PORTS,
-            persist_capacity: 4096,
+            persist_capacity: 65_536,
             frag_capacity: crate::FRAG_CAPACITY,
             frag_timeout: crate::FRAG_TIMEOUT,
             services: Vec::new(),

@@ -167,6 +167,17 @@ pub struct TableStats {
     pub evicted_snat_pressure: u64,
     /// New flows refused.
     pub refused: u64,
+    /// Persistence templates and SIP Call-ID bindings held now (both families).
+    pub persist_entries: u64,
+    /// Capacity of the persistence tables (both families).
+    pub persist_capacity: u64,
+    /// Of those held, the established ones (used more than once: spared by eviction).
+    pub persist_established: u64,
+    /// Live templates seen only once (e.g. a Call-ID of one message) evicted for a new one:
+    /// under a spray of made-up Call-IDs, the spray being shed.
+    pub persist_shed: u64,
+    /// New templates refused because every template was live and established.
+    pub persist_refused: u64,
     /// Finished flows (both families): duration and packet-count histograms.
     pub sessions: SessionHistograms,
     /// The same per backend, by id (ids below [`SESSION_STATS_BACKENDS`]).

@@ -161,6 +161,7 @@ impl Dataplane {
                                 backend: lb_core::BackendId(0),
                                 remaining_ms: 0,
                                 timeout_ms: 0,
+                                established: false,
                             });
                         }
                     }

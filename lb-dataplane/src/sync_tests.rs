@@ -218,6 +218,53 @@ fn templates_and_bulk_dumps() {
     }
 }
 
+/// A SIP call becomes established on the master with its second message, and the master tells
+/// the backup, whose eviction then spares the call too; a Call-ID seen once stays new there.
+#[test]
+fn a_calls_second_message_establishes_it_on_the_backup_too() {
+    let mut spec = nat_spec("203.0.113.10:5060", Proto::Udp, &B3);
+    spec.services[0].affinity = Affinity::SipCallId;
+    let mut p = Pair::new(spec);
+    let (client, vip) = (sa("192.0.2.2:5060"), sa("203.0.113.10:5060"));
+    let sip = |method: &str, call: &str| {
+        format!("{method} sip:b@203.0.113.10 SIP/2.0\r\nCall-ID: {call}\r\n\r\n").into_bytes()
+    };
+    p.a.forward(&udp(client, vip, &sip("INVITE", "call-1")));
+    p.a.forward(&udp(client, vip, &sip("INVITE", "once")));
+    p.sync();
+    let service = lb_conntrack::Service::of_flow(
+        &lb_core::FlowKey::new(
+            client.ip(),
+            client.port(),
+            vip.ip(),
+            vip.port(),
+            lb_core::IpProto::Udp,
+        )
+        .unwrap(),
+    );
+    let tk = |call: &[u8]| TemplateKey::affinity(service, p.a.dp.flows.hash_bytes(call));
+    let (call, once) = (tk(b"call-1"), tk(b"once"));
+    let est = |dp: &Dataplane, k| {
+        dp.ct4
+            .persist()
+            .get(k, Instant::from_secs(1))
+            .map(|i| i.established)
+    };
+    assert_eq!(est(&p.b.dp, &call), Some(false));
+    p.a.forward(&udp(client, vip, &sip("ACK", "call-1")));
+    assert!(p.sync() >= 1, "the promotion is logged");
+    assert_eq!(est(&p.a.dp, &call), Some(true));
+    assert_eq!(est(&p.b.dp, &call), Some(true));
+    assert_eq!(est(&p.b.dp, &once), Some(false));
+    // Bulk dumps carry the flag too.
+    p.b.dp
+        .ct4
+        .persist_mut()
+        .expire(Instant::from_secs(10_000), 100);
+    p.bulk();
+    assert_eq!(est(&p.b.dp, &call), Some(true));
+}
+
 #[test]
 fn merge_keeps_the_masters_own_flows() {
     let mut p = Pair::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3));

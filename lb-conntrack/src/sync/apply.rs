@@ -119,7 +119,15 @@ pub fn apply_template<H: KeyedHash>(
     }
     let remaining = Duration::from_millis(u64::from(rec.remaining_ms));
     let idle = Duration::from_millis(u64::from(rec.timeout_ms));
-    match persist.install(rec.key, rec.backend, remaining, idle, now, merge) {
+    match persist.install(
+        rec.key,
+        rec.backend,
+        remaining,
+        idle,
+        now,
+        merge,
+        rec.established,
+    ) {
         Installed::New => Applied::Installed,
         Installed::Updated => Applied::Refreshed,
         Installed::Kept => Applied::Ignored,

@@ -22,8 +22,9 @@
 //!      [persistence prefix    1]
 //!      [reply tuple: source port, destination port, source, destination address]
 //! template records, each
-//!   0  op (bits 0-2: 4 upsert, 5 delete) | 0x20 client address is IPv6 | 0x40 service address
-//!      is IPv6 | 0x80 client template (else an affinity-key template)
+//!   0  op (bits 0-2: 4 upsert, 5 delete) | 0x08 established (upserts only) | 0x20 client
+//!      address is IPv6 | 0x40 service address is IPv6 | 0x80 client template (else an
+//!      affinity-key template)
 //!   1  protocol               1
 //!   2  service port           2
 //!   4  service address        4 or 16

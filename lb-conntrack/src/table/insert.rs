@@ -311,6 +311,7 @@ impl<H: KeyedHash> ConnTable<H> {
                         Duration::ZERO,
                         now,
                         true,
+                        false,
                     );
                 }
                 let r = self.insert_inner(flow, false, Some((state, remaining_ms)), now);

@@ -261,6 +261,7 @@ fn tpl(k: TemplateKey, backend: u32, remaining_ms: u32) -> TemplateRecord {
         backend: BackendId(backend),
         remaining_ms,
         timeout_ms: 300_000,
+        established: false,
     }
 }
 

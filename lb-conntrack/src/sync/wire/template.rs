@@ -24,6 +24,9 @@ pub struct TemplateRecord {
     /// Its idle timeout in milliseconds: how long it lives after each later use (at most
     /// [`MAX_TIMEOUT`]).
     pub timeout_ms: u32,
+    /// Used more than once on the sender ([`TemplateInfo::established`]): the receiver's
+    /// eviction spares it too (op flag `0x08`).
+    pub established: bool,
 }
 
 /// `d` in milliseconds, capped at [`MAX_TIMEOUT`].
@@ -42,6 +45,7 @@ impl TemplateRecord {
             backend: info.backend,
             remaining_ms: capped_ms(info.deadline - now),
             timeout_ms: capped_ms(info.timeout),
+            established: info.established,
         }
     }
 
@@ -69,6 +73,9 @@ impl TemplateRecord {
         let mut op = if self.delete { 5 } else { 4 };
         if !service.vip.is_ipv4() {
             op |= 0x40;
+        }
+        if self.established && !self.delete {
+            op |= 0x08;
         }
         if let Some((c, _)) = client {
             op |= 0x80;
@@ -101,8 +108,10 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<TemplateRecord, Sync
         5 => true,
         _ => return Err(SyncError::Op(opb)),
     };
-    // 0x08 and 0x10 are reserved; an IPv6 client address needs a client template.
-    if opb & 0x18 != 0 || opb & 0xa0 == 0x20 {
+    // 0x10 is reserved, 0x08 (established) is for installs only; an IPv6 client address
+    // needs a client template.
+    let established = opb & 0x08 != 0;
+    if opb & 0x10 != 0 || (established && delete) || opb & 0xa0 == 0x20 {
         return Err(SyncError::Op(opb));
     }
     let proto = IpProto::from_number(r.u8()?);
@@ -135,5 +144,6 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<TemplateRecord, Sync
         backend,
         remaining_ms,
         timeout_ms,
+        established,
     })
 }

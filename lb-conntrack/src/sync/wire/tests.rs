@@ -125,6 +125,7 @@ fn tpl(i: u32, client: Option<bool>, v6: bool) -> TemplateRecord {
         backend: BackendId(i),
         remaining_ms: 500 + i,
         timeout_ms: 300_000,
+        established: i % 2 == 1,
     }
 }
 
@@ -136,10 +137,10 @@ fn arb_template() -> impl Strategy<Value = TemplateRecord> {
         any::<[u8; 16]>(),
         0u8..=128,
         any::<(u64, u16, u8)>(),
-        (0u32..=2_073_600_000, 0u32..=2_073_600_000),
+        (0u32..=2_073_600_000, 0u32..=2_073_600_000, any::<bool>()),
     )
         .prop_map(
-            |(delete, b, (client, c6, v6), a, prefix, (k, port, proto), (rem, idle))| {
+            |(delete, b, (client, c6, v6), a, prefix, (k, port, proto), (rem, idle, est))| {
                 let mut service = svc(v6, port);
                 service.proto = IpProto::from_number(proto);
                 let key = if client {
@@ -158,6 +159,7 @@ fn arb_template() -> impl Strategy<Value = TemplateRecord> {
                     backend: BackendId(b),
                     remaining_ms: rem,
                     timeout_ms: idle,
+                    established: est && !delete,
                 }
             },
         )
@@ -311,9 +313,10 @@ fn bad_values_behind_a_valid_mac_are_rejected() {
     let body = body_of(&[p], &[]);
     assert!(decode(&sealed(&body), &K).is_ok());
     assert_eq!(edit(&body, at + 23, 33), Err(SyncError::Prefix(33)));
-    // Template records: reserved bits, v6 client flag on an affinity template, prefix, masking.
+    // Template records: reserved bits, an established delete, v6 client flag on an affinity
+    // template, prefix, masking.
     let body = body_of(&[], &[tpl(1, None, false)]);
-    for op in [4u8 | 0x08, 4 | 0x10, 4 | 0x20] {
+    for op in [5u8 | 0x08, 4 | 0x10, 4 | 0x20] {
         assert_eq!(edit(&body, at, op), Err(SyncError::Op(op)), "op {op:#x}");
     }
     let c = tpl(0x0001_0203, Some(false), false); // client 1.2.3.0/24
@@ -353,8 +356,10 @@ fn template_record_from_info() {
         backend: BackendId(7),
         deadline: Instant::from_secs(130),
         timeout: Duration::from_secs(300),
+        established: true,
     };
     let t = TemplateRecord::from_info(false, &info, now);
+    assert!(t.established);
     assert_eq!(
         (t.delete, t.key, t.backend, t.remaining_ms, t.timeout_ms),
         (false, info.key, BackendId(7), 30_000, 300_000)

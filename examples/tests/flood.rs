@@ -39,25 +39,6 @@ const VIP4: &str = "203.0.113.10";
 /// The share of one core the flooder may use (cgroup v1 CPU quota; see the module docs).
 const FLOOD_CPU_PERCENT: u32 = 15;
 
-/// Moves process `name` into a cgroup (v1 `cpu` controller, made from the host side: inside
-/// `ip netns exec` /sys is the namespace's own) whose quota is `percent` % of one core; whether
-/// it could. Without the controller the flooder keeps only its `nice` level.
-fn cap_cpu(lab: &Lab, name: &str, percent: u32) -> bool {
-    let Some(pid) = lab.pid(name) else {
-        return false;
-    };
-    let dir = std::path::Path::new("/sys/fs/cgroup/cpu/lb-flood-test");
-    let _ = std::fs::create_dir(dir);
-    // A short period keeps the flood smooth (a 100 ms one lets it burst at full speed).
-    let period = 10_000u32;
-    std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).is_ok()
-        && std::fs::write(
-            dir.join("cpu.cfs_quota_us"),
-            (period / 100 * percent).to_string(),
-        )
-        .is_ok()
-        && std::fs::write(dir.join("cgroup.procs"), pid.to_string()).is_ok()
-}
 const FLOOD: Duration = Duration::from_secs(20);
 const CLIENTS: usize = 10;
 const PERIOD_MS: u64 = 50;
@@ -171,14 +152,9 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
         lab.http_server(&b, 8080);
         lab.udp_echo(&b.ns, &format!("echo4-{}", b.name), b.v4, 7000);
     }
-    // The flooder: its own namespace on its own link to the balancer. The balancer routes
-    // everything it does not know there (the SYN-ACKs to spoofed sources), where they die.
-    let f = lab.ns("f");
-    lab.veth(&t.balancer, "f1", &f, "f0");
-    lab.addr(&f, "f0", "192.0.3.2/24");
-    lab.addr(&t.balancer, "f1", "192.0.3.1/24");
-    lab.ip(&f, "route add default via 192.0.3.1");
-    lab.ip(&t.balancer, "route add default via 192.0.3.2");
+    // The flooder: its own namespace on its own link to the balancer, where the SYN-ACKs to
+    // spoofed sources die.
+    let f = lab.flooder(&t);
     // conntrack_capacity left at its default (2^20); a small SNAT pool (see the module docs).
     let cfg = nat_config("nat", &["4"], 200).replace(
         "conntrack_capacity = 65536\n",
@@ -235,7 +211,7 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
             VIP4,
         ],
     );
-    let capped = cap_cpu(&lab, "hping3", FLOOD_CPU_PERCENT);
+    let capped = lab.cap_cpu("hping3", "lb-flood-test", FLOOD_CPU_PERCENT);
     println!("flooder CPU capped at {FLOOD_CPU_PERCENT} % of a core: {capped}");
     // The clients start a second into the flood and stop with it.
     std::thread::sleep(Duration::from_secs(1));
@@ -264,8 +240,7 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
     let code = lab.wait_exit("clients", Duration::from_secs(30));
     let report = std::fs::read_to_string(&out).unwrap_or_default();
     lab.wait_exit("hping3", Duration::from_secs(5));
-    // The cgroup goes once empty (it is recreated by the next run).
-    let _ = std::fs::remove_dir("/sys/fs/cgroup/cpu/lb-flood-test");
+    lab.uncap_cpu("lb-flood-test");
     println!("hping3: {}", lab.log("hping3").trim());
     println!("clients: {report}");
 

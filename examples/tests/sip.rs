@@ -697,3 +697,73 @@ fn call_id_spray_sheds_the_spray_not_live_calls() {
     assert_eq!(p["refused"], 0, "{p}");
     assert_eq!(p["capacity"], 2 * 1024, "{p}");
 }
+
+/// Issue 18, item 1 on the SIP path: spoofed UDP datagrams at the SIP VIP (`hping3 --flood
+/// --rand-source --udp`, every datagram from a new source, so a new `nat` flow holding an SNAT
+/// port of its backend until it times out unanswered) empty the backends' SNAT pools, held to
+/// 1 024 ports each, within a second. 100 sipp calls placed meanwhile all complete: a new flow
+/// of an empty pool takes the port of that pool's oldest unconfirmed (never answered) flow.
+/// The flooder is held to 15 % of a core, as in `flood.rs`.
+#[test]
+fn spoofed_udp_flood_does_not_lock_calls_out_of_snat_ports() {
+    if !tools() || !need_tool("hping3") {
+        return;
+    }
+    let config = sip_config(Fam::V4, "maglev", "sip-call-id").replace(
+        "conntrack_capacity = 65536\n",
+        "conntrack_capacity = 65536\nsnat_ports = \"40000-41023\"\n",
+    );
+    let mut s = SipLab::new("sipflood", Fam::V4);
+    let t = s.t.clone();
+    let f = s.lab.flooder(&t);
+    s.start_balancer(&config);
+    let argv = [
+        "nice",
+        "-n",
+        "19",
+        "hping3",
+        "--flood",
+        "--rand-source",
+        "--udp",
+        "-p",
+        "5060",
+        "-d",
+        "64",
+        Fam::V4.vip(),
+    ];
+    s.lab.spawn(&f, "hping3", &argv);
+    let capped = s.lab.cap_cpu("hping3", "lb-sipflood-test", 15);
+    std::thread::sleep(Duration::from_secs(2));
+    let s0 = s.lab.balancer_stats(&t);
+    let u = s.run_uac("uac", 100);
+    let s1 = s.lab.balancer_stats(&t);
+    s.lab.signal("hping3", "INT");
+    s.lab.wait_exit("hping3", Duration::from_secs(5));
+    s.lab.uncap_cpu("lb-sipflood-test");
+    let per = s.uas_results();
+    let ct = |v: &serde_json::Value, k: &str| v["conntrack"][k].as_u64().unwrap_or(0);
+    println!(
+        "sip flood (flooder capped: {capped}): {}; uac {u:?}; uas {per:?}",
+        s.lab.log("hping3").trim()
+    );
+    println!(
+        "sip flood: during the calls rx {} packets, evicted_snat_pressure {} (before the calls \
+         {}), evicted_half_open {}, drops {}",
+        s1["rx_packets"].as_u64().unwrap_or(0) - s0["rx_packets"].as_u64().unwrap_or(0),
+        ct(&s1, "evicted_snat_pressure") - ct(&s0, "evicted_snat_pressure"),
+        ct(&s0, "evicted_snat_pressure"),
+        ct(&s1, "evicted_half_open"),
+        s1["drops"]
+    );
+    assert_eq!(u.created, 100, "{u:?}");
+    assert_eq!(u.failed, 0, "failed calls under the flood: {u:?} {per:?}");
+    assert_eq!(u.successful, 100, "{u:?}");
+    // The pools were empty before the calls began, and pressure freed ports for them.
+    assert!(
+        ct(&s0, "evicted_snat_pressure") > 0,
+        "the flood never emptied a pool: {}",
+        s0["conntrack"]
+    );
+    assert!(ct(&s1, "evicted_snat_pressure") > ct(&s0, "evicted_snat_pressure"));
+    assert!(s.lab.alive("balancer"), "{}", s.lab.log("balancer"));
+}

@@ -778,6 +778,48 @@ pub fn connect_in(
 }
 
 impl Lab {
+    /// A flooder namespace on its own link to the balancer (192.0.3.2/24, the balancer
+    /// 192.0.3.1): the balancer routes everything it does not know there (the answers to
+    /// spoofed sources), where it dies. Returns the namespace.
+    pub fn flooder(&mut self, t: &Topo) -> String {
+        let f = self.ns("f");
+        self.veth(&t.balancer, "f1", &f, "f0");
+        self.addr(&f, "f0", "192.0.3.2/24");
+        self.addr(&t.balancer, "f1", "192.0.3.1/24");
+        self.ip(&f, "route add default via 192.0.3.1");
+        self.ip(&t.balancer, "route add default via 192.0.3.2");
+        f
+    }
+
+    /// Moves process `name` into the cgroup `group` (v1 `cpu` controller, made from the host
+    /// side: inside `ip netns exec` /sys is the namespace's own) whose quota is `percent` % of
+    /// one core; whether it could. A flooder on this 2-core VM otherwise offers more than the
+    /// VM moves through TUN at all, which measures the VM, not the balancer. Remove the group
+    /// with [`Lab::uncap_cpu`] once the process is gone.
+    pub fn cap_cpu(&self, name: &str, group: &str, percent: u32) -> bool {
+        let Some(pid) = self.pid(name) else {
+            return false;
+        };
+        let dir = std::path::Path::new("/sys/fs/cgroup/cpu").join(group);
+        let _ = std::fs::create_dir(&dir);
+        // A short period keeps the flood smooth (a 100 ms one lets it burst at full speed).
+        let period = 10_000u32;
+        std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).is_ok()
+            && std::fs::write(
+                dir.join("cpu.cfs_quota_us"),
+                (period / 100 * percent).to_string(),
+            )
+            .is_ok()
+            && std::fs::write(dir.join("cgroup.procs"), pid.to_string()).is_ok()
+    }
+
+    /// Removes the cgroup [`Lab::cap_cpu`] made (it goes only once empty).
+    pub fn uncap_cpu(&self, group: &str) {
+        let _ = std::fs::remove_dir(std::path::Path::new("/sys/fs/cgroup/cpu").join(group));
+    }
+}
+
+impl Lab {
     /// Stops the balancer (SIGKILL) and waits until its device `dev` is gone, so that
     /// [`Lab::start_balancer`] can start a fresh one.
     pub fn stop_balancer(&mut self, t: &Topo, dev: &str) {

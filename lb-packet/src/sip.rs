@@ -18,7 +18,7 @@ fn is_ws(b: u8) -> bool {
 #[inline]
 fn line(buf: &[u8], i: usize) -> (&[u8], usize) {
     let rest = buf.get(i..).unwrap_or(&[]);
-    match rest.iter().position(|&b| b == b'\n') {
+    match memchr::memchr(b'\n', rest) {
         Some(n) => {
             let l = &rest[..n];
             (l.strip_suffix(b"\r").unwrap_or(l), i + n + 1)
@@ -80,11 +80,13 @@ pub fn call_id(payload: &[u8]) -> Option<&[u8]> {
         if l.is_empty() {
             return None; // end of the header section
         }
-        if l.first().is_some_and(|&b| is_ws(b)) {
-            i = next; // continuation of another header
+        // Only a line whose name starts with `c` or `i` can be the Call-ID (no header name
+        // starts with whitespace: such a line continues another header).
+        if !matches!(l.first(), Some(b'c' | b'C' | b'i' | b'I')) {
+            i = next;
             continue;
         }
-        let Some(colon) = l.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', l) else {
             i = next;
             continue;
         };

@@ -526,6 +526,8 @@ mod tests {
             ..Stats::default()
         };
         a.drops[DropReason::Fragment as usize] = 3;
+        a.drops[DropReason::IcmpRateLimited as usize] = 7;
+        a.drops[DropReason::IcmpNotUnicast as usize] = 2;
         let labels = [BackendLabel {
             id: 1,
             addr: "198.51.100.11:80".into(),
@@ -541,6 +543,8 @@ mod tests {
         let t = TableStats::default();
         let j: serde_json::Value = serde_json::from_str(&to_json(&a, &t, &labels)).unwrap();
         assert_eq!(j["drops"]["fragment"], 3);
+        assert_eq!(j["drops"]["icmp_rate_limited"], 7);
+        assert_eq!(j["drops"]["icmp_not_unicast"], 2);
         assert_eq!(j["backends"][0]["flows"], 3);
         assert_eq!(j["backends"][0]["active_conns"], 4);
         assert_eq!(j["backends"][0]["inactive_conns"], 2);
@@ -553,6 +557,8 @@ mod tests {
             p.contains("lb_dropped_packets_total{reason=\"fragment\"} 3"),
             "{p}"
         );
+        assert!(p.contains("lb_dropped_packets_total{reason=\"icmp_rate_limited\"} 7"));
+        assert!(p.contains("lb_dropped_packets_total{reason=\"icmp_not_unicast\"} 2"));
         assert!(p.contains(
             "lb_backend_flows_total{backend=\"198.51.100.11:80\",service=\"203.0.113.10:80\"} 3"
         ));

@@ -136,6 +136,7 @@ pub fn register(c: &mut Criterion) {
         let mut seen: HashSet<SyncChange> = HashSet::new();
         let (mut r, mut t, mut out) = (Vec::new(), Vec::new(), Vec::new());
         let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
+        tx.set_echo(1);
         b.iter_batched_ref(
             || {
                 let mut dp = dataplane(1 << 16);
@@ -163,9 +164,10 @@ pub fn register(c: &mut Criterion) {
         let (mut r, mut t, mut out) = (Vec::new(), Vec::new(), Vec::new());
         master.sync_drain(now, usize::MAX, &mut seen, &mut r, &mut t);
         let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
+        tx.set_echo(1);
         tx.encode_items(&r, &t, 0, &mut out);
         b.iter_batched_ref(
-            || (dataplane(0), SyncReceiver::new(mac)),
+            || (dataplane(0), SyncReceiver::new(mac, 1)),
             |(backup, rx)| {
                 for m in &out {
                     if let Ok(got) = rx.receive(m) {

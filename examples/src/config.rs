@@ -20,6 +20,10 @@
 //!                            # table), per address family, ~100 bytes each; a full table sheds
 //!                            # entries seen once (a spray of made-up Call-IDs), never a live
 //!                            # call with two or more messages
+//! icmp_rate = 1000           # generated ICMP errors ("too big") per second per data path, and
+//! icmp_burst = 50            # their burst (defaults: Linux's icmp_msgs_per_sec / _burst; 0 0: none)
+//! icmp_peer_rate = 100       # the same per destination address (at most the global ones)
+//! icmp_peer_burst = 20
 //! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
 //!                            # a key left out keeps lb-conntrack's default for its states
 //! tcp_established = 900
@@ -124,6 +128,7 @@ use lb_dataplane::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, OutlierSpec, Proto,
     SchedulerKind, ServiceSpec, SpecError, TunnelKind,
 };
+use lb_dataplane::{IcmpLimit, MAX_ICMP_RATE};
 
 /// A configuration error, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -431,6 +436,10 @@ struct RawBalancer {
     hash_key: Option<Spanned<String>>,
     snat_ports: Option<Spanned<String>>,
     persist_capacity: Option<Spanned<u64>>,
+    icmp_rate: Option<Spanned<u64>>,
+    icmp_burst: Option<Spanned<u64>>,
+    icmp_peer_rate: Option<Spanned<u64>>,
+    icmp_peer_burst: Option<Spanned<u64>>,
     timeouts: Option<Spanned<RawTimeouts>>,
 }
 
@@ -635,6 +644,33 @@ impl Validator<'_> {
             (1, MAX_CAPACITY as u64),
             spec.persist_capacity as u64,
         )? as usize;
+        let icmp = [
+            (&b.icmp_rate, "balancer.icmp_rate", spec.icmp.global.rate),
+            (&b.icmp_burst, "balancer.icmp_burst", spec.icmp.global.burst),
+            (
+                &b.icmp_peer_rate,
+                "balancer.icmp_peer_rate",
+                spec.icmp.peer.rate,
+            ),
+            (
+                &b.icmp_peer_burst,
+                "balancer.icmp_peer_burst",
+                spec.icmp.peer.burst,
+            ),
+        ]
+        .map(|(v, field, d)| {
+            self.opt_int(v, field, (0, u64::from(MAX_ICMP_RATE)), d.into())
+                .map(|x| x as u32)
+        });
+        let [rate, burst, peer_rate, peer_burst] = icmp;
+        spec.icmp.global = IcmpLimit {
+            rate: rate?,
+            burst: burst?,
+        };
+        spec.icmp.peer = IcmpLimit {
+            rate: peer_rate?,
+            burst: peer_burst?,
+        };
         if let Some(t) = &b.timeouts {
             self.timeouts(t.get_ref(), &mut spec.timeouts)?;
         }
@@ -1240,6 +1276,16 @@ impl Validator<'_> {
                     "balancer.persist_capacity".into(),
                     bal.span(),
                 );
+                (r, f, e.to_string())
+            }
+            SpecError::IcmpLimit { field, .. } => {
+                let v = match *field {
+                    "rate" => &b.icmp_rate,
+                    "burst" => &b.icmp_burst,
+                    "peer_rate" => &b.icmp_peer_rate,
+                    _ => &b.icmp_peer_burst,
+                };
+                let (r, f) = key(span(v), format!("balancer.icmp_{field}"), bal.span());
                 (r, f, e.to_string())
             }
             SpecError::Timeout { state } => {
@@ -1866,6 +1912,29 @@ addr = "[2001:db8:51::11]:53"
         );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn icmp_limits_parse_and_are_checked() {
+        let bal = "stats = \"127.0.0.1:9100\"";
+        let d = Config::parse(GOOD, "t.toml").unwrap().dataplane.icmp;
+        assert_eq!(d, lb_dataplane::IcmpLimits::default());
+        let t = with(
+            bal,
+            "icmp_rate = 10\nicmp_burst = 5\nicmp_peer_rate = 2\nicmp_peer_burst = 1",
+        );
+        let c = Config::parse(&t, "t.toml").unwrap().dataplane.icmp;
+        assert_eq!(c.global, IcmpLimit { rate: 10, burst: 5 });
+        assert_eq!(c.peer, IcmpLimit { rate: 2, burst: 1 });
+        let t = with(
+            bal,
+            "icmp_rate = 10\nicmp_burst = 5\nicmp_peer_rate = 20\nicmp_peer_burst = 1",
+        );
+        fails_at(&t, "icmp_peer_rate", "balancer.icmp_peer_rate");
+        let t = with(bal, "icmp_burst = 10000001");
+        fails_at(&t, "icmp_burst", "balancer.icmp_burst");
+        let t = with(bal, "icmp_peer_burst = 51");
+        fails_at(&t, "icmp_peer_burst", "balancer.icmp_peer_burst");
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub struct HaCounters {
     pub auth_failures: u64,
     /// Replayed, reordered or stale messages.
     pub replays: u64,
+    /// Sync messages refused as a first contact without our challenge (captured before this
+    /// node started, or a peer that restarted and has not heard our request yet).
+    pub unfresh: u64,
     /// Malformed datagrams.
     pub malformed: u64,
     /// Heartbeats accepted.
@@ -266,6 +269,7 @@ impl HaShared {
             "heartbeats": c.heartbeats,
             "drops": {
                 "auth": c.auth_failures, "replay": c.replays, "malformed": c.malformed,
+                "sync_unfresh": c.unfresh,
                 "send_errors": c.send_errors,
             },
             "sync": {
@@ -333,6 +337,11 @@ impl HaShared {
                 c.auth_failures,
             ),
             ("replays", "Replayed or stale messages.", c.replays),
+            (
+                "sync_unfresh",
+                "Sync first contacts without our challenge (refused).",
+                c.unfresh,
+            ),
             ("malformed", "Malformed messages.", c.malformed),
             ("transitions", "Role changes.", c.transitions),
         ] {
@@ -520,7 +529,10 @@ impl<'a> Ha<'a> {
                 .map_err(|e| format!("ha.sync_mtu: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let rx = SyncReceiver::new(cfg.auth_key.derive("sync-mac"));
+        // The challenge a peer's stream must echo before this node accepts it: new at every
+        // start, so nothing captured before it can be replayed at it.
+        let nonce = getrandom::u64().map_err(|e| format!("ha: the OS RNG: {e}"))?;
+        let rx = SyncReceiver::new(cfg.auth_key.derive("sync-mac"), nonce);
         let watchdog = Watchdog::new(cfg.watchdog, t).map_err(|e| format!("ha: {e}"))?;
         let mut ha = Ha {
             cfg,
@@ -760,6 +772,22 @@ impl<'a> Ha<'a> {
                 self.counters.replays += 1;
                 return;
             }
+            Err(SyncError::Unfresh { sender, .. }) => {
+                // Captured before we started, or the peer does not have our challenge yet:
+                // ask (at most once a second), with the challenge, for a dump it will echo it
+                // in. Only a peer heard at that address counts: a replay of some other node's
+                // old datagram must not mark this node unsynced.
+                self.counters.unfresh += 1;
+                let peer = self.peer_addr.get(&NodeId(sender)) == Some(&from);
+                if peer && (self.role != role::MASTER || self.aa()) {
+                    if !self.aa() {
+                        self.synced = false;
+                    }
+                    self.bulk_from.remove(&from);
+                    self.request_resync(from, t);
+                }
+                return;
+            }
             Err(_) => {
                 self.counters.malformed += 1;
                 return;
@@ -772,6 +800,10 @@ impl<'a> Ha<'a> {
             match self.peer_index(from) {
                 Some(i) => {
                     tracing::info!(peer = %from, "ha: peer asked for a bulk sync");
+                    // Its stream echoes the request's challenge from now on.
+                    if let Some(tx) = self.tx.get_mut(i) {
+                        tx.set_echo(h.challenge);
+                    }
                     if let Some(d) = self.dumps.get_mut(i) {
                         *d = Some(SyncCursor::START);
                     }
@@ -850,7 +882,7 @@ impl<'a> Ha<'a> {
         self.last_resync_request.insert(to, t);
         self.counters.resyncs += 1;
         if let Some(tx) = self.tx.get_mut(i) {
-            let m = tx.resync_request();
+            let m = tx.resync_request(self.rx.nonce());
             self.send(&m, to);
         }
     }

@@ -581,6 +581,8 @@ mod tests {
         };
         a.drops[DropReason::Fragment as usize] = 3;
         a.frag_forwarded = 7;
+        a.drops[DropReason::IcmpRateLimited as usize] = 7;
+        a.drops[DropReason::IcmpNotUnicast as usize] = 2;
         let labels = [BackendLabel {
             id: 1,
             addr: "198.51.100.11:80".into(),
@@ -603,6 +605,8 @@ mod tests {
         assert_eq!(j["fragments"]["forwarded"], 7);
         assert_eq!(j["persist"]["shed"], 11);
         assert_eq!(j["persist"]["established"], 2);
+        assert_eq!(j["drops"]["icmp_rate_limited"], 7);
+        assert_eq!(j["drops"]["icmp_not_unicast"], 2);
         assert_eq!(j["backends"][0]["flows"], 3);
         assert_eq!(j["backends"][0]["active_conns"], 4);
         assert_eq!(j["backends"][0]["inactive_conns"], 2);
@@ -617,6 +621,8 @@ mod tests {
         );
         assert!(p.contains("lb_fragments_forwarded_total 7"), "{p}");
         assert!(p.contains("lb_persist_shed_total 11"), "{p}");
+        assert!(p.contains("lb_dropped_packets_total{reason=\"icmp_rate_limited\"} 7"));
+        assert!(p.contains("lb_dropped_packets_total{reason=\"icmp_not_unicast\"} 2"));
         assert!(p.contains(
             "lb_backend_flows_total{backend=\"198.51.100.11:80\",service=\"203.0.113.10:80\"} 3"
         ));

@@ -15,6 +15,9 @@
 //! - `forged_and_replayed_messages`: captured genuine heartbeats and sync messages replayed, and
 //!   altered copies (wrong MAC) sent, by a third host: no role change, nothing installed, every
 //!   one counted.
+//! - `replayed_sync_after_a_backup_restart`: sync datagrams captured from the master, replayed
+//!   at the backup after it restarted (before its real stream opens): every one refused as
+//!   `sync_unfresh`, nothing installed; the pair then syncs and fails over.
 //! - `stalled_master_yields`: SIGSTOP of the master for 2 s: the backup takes over; after
 //!   SIGCONT the old master steps down without a second takeover.
 #![allow(missing_docs)]
@@ -491,6 +494,135 @@ fn forged_and_replayed_messages() {
         "curl -s -o /dev/null -w '%{http_code}' --max-time 3 http://203.0.113.10/",
     );
     assert_eq!(ok.trim(), "200");
+}
+
+/// The sync datagrams (`LC`) node 1 sends node 2 while `n` connections go through the pair.
+fn capture_sync_from_node_1(h: &mut HaLab, n: usize) -> Vec<Vec<u8>> {
+    let cap = h.lab.dir.join("sync-genuine.pcapng");
+    let capf = cap.to_string_lossy().into_owned();
+    h.start(
+        "l2",
+        "cap-sync",
+        &[
+            "dumpcap",
+            "-n",
+            "-i",
+            "front0",
+            "-f",
+            "udp dst port 7400 and src host 192.0.2.11",
+            "-s",
+            "0",
+            "-w",
+            &capf,
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let ok = h.sh(
+        "client",
+        &format!("for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 3 http://203.0.113.10/; done | grep -c 200"),
+    );
+    assert_eq!(
+        ok.trim(),
+        n.to_string(),
+        "the burst through the pair failed"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    h.signal("cap-sync", "INT");
+    let _ = h.wait_exit("cap-sync", Duration::from_secs(10));
+    tshark_read(&cap, &["-T", "fields", "-e", "udp.payload"])
+        .lines()
+        .map(|l| l.trim().replace(':', ""))
+        .filter(|l| l.starts_with("4c43"))
+        .map(|l| {
+            (0..l.len() / 2)
+                .map(|i| u8::from_str_radix(&l[2 * i..2 * i + 2], 16).expect("hex"))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn replayed_sync_after_a_backup_restart() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let mut h = HaLab::new("hafresh");
+    let opts = PairOpts::default();
+    start_pair(&mut h, &opts);
+    let genuine = capture_sync_from_node_1(&mut h, 30);
+    assert!(!genuine.is_empty(), "no sync datagram captured");
+    // Node 2 restarts while the pair's sync datagrams (UDP payload "LC") are cut, so its
+    // stream from node 1 stays unopened; heartbeats go on (it stays a backup).
+    h.stop("balancer-l2", Duration::from_secs(2));
+    h.cut("sync", "udp dport 7400 @th,64,16 0x4c43");
+    h.start_balancer(2, "nat", &pair_config(2, "nat", &opts));
+    assert!(
+        h.wait_role(2, "backup", Duration::from_secs(5)),
+        "node 2 not back as a backup: {:?}",
+        ha(&h, 2)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = ha(&h, 2);
+    send_from_client(&h, "192.0.2.12:7400", &genuine);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = ha(&h, 2);
+    let unfresh =
+        num(&after, &["drops", "sync_unfresh"]) - num(&before, &["drops", "sync_unfresh"]);
+    println!(
+        "replayed {} captured sync datagrams at the restarted backup: sync_unfresh +{unfresh}, installed {} -> {}, received {} -> {}, synced {}",
+        genuine.len(),
+        num(&before, &["sync", "installed"]),
+        num(&after, &["sync", "installed"]),
+        num(&before, &["sync", "received"]),
+        num(&after, &["sync", "received"]),
+        after["synced"]
+    );
+    assert_eq!(
+        unfresh,
+        genuine.len() as u64,
+        "every replayed datagram refused: {after}"
+    );
+    assert_eq!(
+        num(&after, &["sync", "installed"]),
+        0,
+        "replayed records installed"
+    );
+    assert_eq!(num(&after, &["sync", "received"]), 0);
+    assert_eq!(after["synced"], false);
+    // The cut heals: the backup asks with its challenge, the master's dump echoes it.
+    h.heal("sync");
+    let t0 = Instant::now();
+    assert!(
+        wait_synced_backup(&h, 2, Duration::from_secs(10)),
+        "node 2 never synced after the replay: {:?}\n{}",
+        ha(&h, 2),
+        h.log("balancer-l2")
+    );
+    println!(
+        "node 2 synced {} ms after the heal",
+        t0.elapsed().as_millis()
+    );
+    assert!(
+        num(&ha(&h, 2), &["sync", "installed"]) > 0,
+        "{:?}",
+        ha(&h, 2)
+    );
+    // And takes over.
+    h.kill_balancer(1);
+    assert!(
+        h.wait_role(2, "master", Duration::from_secs(3)),
+        "node 2 did not take over: {}",
+        h.log("balancer-l2")
+    );
+    let ok = h.lab.wait_for(Duration::from_secs(3), || {
+        let c = h.sh(
+            "client",
+            "curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://203.0.113.10/",
+        );
+        (c.trim() == "200").then_some(())
+    });
+    assert!(ok.is_some(), "no service through node 2");
 }
 
 #[test]

@@ -5,6 +5,10 @@
 //! template records, and applies to a full-NAT table (backup and merge modes) without leaking a
 //! SNAT reservation or a template pin once every entry has left.
 //!
+//! Freshness: a fresh receiver accepts a records message only when it echoes its challenge
+//! ([`NONCE`]; a resync request always); the rest of the checks run with a receiver whose
+//! challenge the message echoes.
+//!
 //! The same bytes also drive a structured round trip (records and templates of every op and
 //! family built from them, encoded at an arbitrary MTU, decoded back), so template records
 //! are covered even before the corpus finds them behind the MAC.
@@ -13,8 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
 use lb_conntrack::sync::{
-    apply, apply_record, apply_template, decode, seal, MessageKind, RecordOp, SyncMessage,
-    SyncReceiver, SyncRecord, SyncSender, TemplateRecord, HEADER_LEN, MAC_LEN,
+    apply, apply_record, apply_template, decode, seal, MessageKind, RecordOp, SyncError,
+    SyncMessage, SyncReceiver, SyncRecord, SyncSender, TemplateRecord, HEADER_LEN, MAC_LEN,
 };
 use lb_conntrack::{
     Config, ConnTable, FlowState, Service, SnatPool, TcpState, TemplateKey, MAX_TIMEOUT,
@@ -23,6 +27,8 @@ use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: HashKey = HashKey::from_bytes(*b"fuzz-sync-key-01");
+/// The challenge of the first receiver (the seed corpus's records message echoes it).
+const NONCE: u64 = 0x5eed;
 /// SNAT pool of the table messages are applied to: two addresses × ports 40000..=40003, for
 /// backends 0..4.
 const PAIRS: usize = 8;
@@ -179,7 +185,7 @@ fn template(u: &mut Unstructured<'_>) -> Result<TemplateRecord> {
 /// Records and templates built from `data` survive encode → decode, in MTU-sized messages.
 fn structured(data: &[u8]) -> Result<()> {
     let mut u = Unstructured::new(data);
-    let mtu = u.int_in_range(123..=1500)?;
+    let mtu = u.int_in_range(131..=1500)?;
     let flags = u.arbitrary()?;
     let records: Vec<SyncRecord> = (0..u.int_in_range(0..=8)?)
         .map(|_| record(&mut u))
@@ -187,7 +193,9 @@ fn structured(data: &[u8]) -> Result<()> {
     let templates: Vec<TemplateRecord> = (0..u.int_in_range(0..=8)?)
         .map(|_| template(&mut u))
         .collect::<Result<_>>()?;
+    let echo: u64 = u.arbitrary()?;
     let mut tx = SyncSender::new(2, 3, KEY, mtu).unwrap();
+    tx.set_echo(echo);
     let mut out = Vec::new();
     tx.encode_items(&records, &templates, flags, &mut out);
     let (mut got, mut got_t) = (Vec::new(), Vec::new());
@@ -195,6 +203,7 @@ fn structured(data: &[u8]) -> Result<()> {
         assert!(m.len() <= mtu);
         let d = decode(m, &KEY).unwrap();
         assert_eq!(d.header.flags, flags);
+        assert_eq!(d.header.challenge, echo);
         got.extend(d.records);
         got_t.extend(d.templates);
     }
@@ -206,12 +215,27 @@ fn structured(data: &[u8]) -> Result<()> {
 fuzz_target!(|data: &[u8]| {
     let _ = decode(data, &KEY);
     let sealed = seal(data, &KEY);
-    let mut rx = SyncReceiver::new(KEY);
+    let decoded = decode(&sealed, &KEY).ok();
+    let request = |m: &SyncMessage| m.header.kind == MessageKind::ResyncRequest;
+    // A fresh receiver: only a request or an echo of its challenge gets in.
+    let mut rx = SyncReceiver::new(KEY, NONCE);
+    match (&decoded, rx.receive(&sealed)) {
+        (Some(m), Ok(r)) => {
+            assert_eq!(&r.message, m);
+            assert!(request(m) || m.header.challenge == NONCE);
+        }
+        (Some(m), Err(e)) => {
+            assert!(matches!(e, SyncError::Unfresh { .. }), "{e}");
+            assert!(!request(m) && m.header.challenge != NONCE);
+        }
+        (None, r) => assert!(r.is_err()),
+    }
+    // The rest with a receiver whose challenge the message echoes (0 is never one).
+    let echo = decoded.as_ref().map_or(0, |m| m.header.challenge);
+    let mut rx = SyncReceiver::new(KEY, echo);
     let first = rx.receive(&sealed);
-    assert_eq!(
-        first.as_ref().ok().map(|r| &r.message),
-        decode(&sealed, &KEY).ok().as_ref()
-    );
+    let expect = decoded.filter(|m| request(m) || echo != 0);
+    assert_eq!(first.as_ref().ok().map(|r| &r.message), expect.as_ref());
     if let Ok(r) = first {
         // A replay of an accepted message is always rejected.
         assert!(rx.receive(&sealed).is_err());

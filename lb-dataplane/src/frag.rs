@@ -498,7 +498,7 @@ impl Dataplane {
                 }
             }
             (FragAction::Tunnel { hash }, Some(b)) => {
-                encapsulate(buf, cx, b, tables, hash, &mut self.scratch)
+                encapsulate(buf, cx, b, tables, hash, &mut self.icmp)
             }
             (FragAction::Dr, Some(b)) if self.link == Link::Ethernet => {
                 match b.mac.map(|m| dr::set_macs(pkt, m, Some(tables.mac))) {

@@ -96,6 +96,7 @@
 
 mod explain;
 mod frag;
+mod icmp_limit;
 mod load;
 mod sip;
 mod spec;
@@ -126,6 +127,10 @@ use rand::SeedableRng;
 
 pub use explain::{BackendView, Decision, Explanation, FlowView, ServiceView};
 pub use frag::{FRAG_CAPACITY, FRAG_TIMEOUT, MAX_FRAG_CAPACITY};
+pub use icmp_limit::{
+    unicast_destination, unicast_source, IcmpLimit, IcmpLimits, TokenBucket, ICMP_BURST,
+    ICMP_PEER_BURST, ICMP_PEER_RATE, ICMP_PEER_SLOTS, ICMP_RATE, MAX_ICMP_RATE,
+};
 pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
 pub use sip::SIP_CALL_TIMEOUT;
@@ -286,7 +291,8 @@ pub struct Dataplane {
     flows: FlowHasher,
     rng: SmallRng,
     stats: Stats,
-    scratch: Box<[u8]>,
+    /// Generated ICMP errors: their scratch space and rate limits (module `icmp_limit`).
+    icmp: icmp_limit::IcmpOut,
     /// Datagrams whose first fragment went through (module `frag`).
     frag: frag::FragTable,
 }
@@ -407,7 +413,7 @@ impl Dataplane {
             flows: FlowHasher::new(key.derive("flow")),
             rng: SmallRng::seed_from_u64(seed),
             stats: Stats::default(),
-            scratch: vec![0u8; icmp::ICMPV6_MAX].into_boxed_slice(),
+            icmp: icmp_limit::IcmpOut::new(tables.icmp, key.derive("icmp")),
             live: Live::default(),
             timing: Timing::new(key.derive("timing")),
             sessions: SessionStats::new(SESSION_STATS_BACKENDS),
@@ -431,6 +437,7 @@ impl Dataplane {
     /// recovered.
     pub fn set_tables(&mut self, tables: Arc<Tables>, now: Instant) {
         self.live.reconcile(&tables, now);
+        self.icmp.set_limits(tables.icmp);
         for b in tables.backends.iter().flatten() {
             if b.mode == Mode::Nat {
                 let ct = if b.addr.is_ipv4() {
@@ -881,7 +888,7 @@ impl Dataplane {
             },
             Mode::Tunnel => {
                 let h = self.flows.hash_flow(&key);
-                encapsulate(buf, cx, b, tables, h, &mut self.scratch)
+                encapsulate(buf, cx, b, tables, h, &mut self.icmp)
             }
         }
     }
@@ -1331,7 +1338,7 @@ fn encapsulate(
     b: &BackendInfo,
     tables: &Tables,
     flow_hash: u64,
-    scratch: &mut [u8],
+    out: &mut icmp_limit::IcmpOut,
 ) -> Verdict {
     let Ctx { start, end, p, .. } = *cx;
     let Some(src) = tables.snat_for(b.addr.ip()) else {
@@ -1375,36 +1382,50 @@ fn encapsulate(
             start: pb.offset(),
             len: pb.len(),
         },
-        Ok(Encap::TooBig { mtu }) => icmp_reply(
-            buf,
-            start,
-            end - start,
-            b.vip.ip(),
-            IcmpError::TooBig { mtu },
-            scratch,
-        ),
+        Ok(Encap::TooBig { mtu }) => {
+            icmp_reply(buf, cx, b.vip.ip(), IcmpError::TooBig { mtu }, out)
+        }
         Err(PacketError::TtlExpired) => Verdict::Drop(DropReason::TtlExpired),
         Err(_) => Verdict::Drop(DropReason::RewriteFailed),
     }
 }
 
-/// Builds an ICMP error about `buf[start..start + len]` from `from` and places it at the start
-/// of `buf`.
+/// Builds an ICMP error about the packet `cx` describes, from `from`, and places it at the
+/// start of `buf`: only to a unicast source about a packet to a unicast destination, and
+/// only within the rate limits (module `icmp_limit`); otherwise the packet is dropped with
+/// [`DropReason::IcmpNotUnicast`] or [`DropReason::IcmpRateLimited`].
 fn icmp_reply(
     buf: &mut [u8],
-    start: usize,
-    len: usize,
+    cx: &Ctx<'_>,
     from: IpAddr,
     kind: IcmpError,
-    scratch: &mut [u8],
+    out: &mut icmp_limit::IcmpOut,
 ) -> Verdict {
-    let Some(orig) = buf.get(start..start + len) else {
+    let Some(orig) = buf.get(cx.start..cx.end) else {
         return Verdict::Drop(DropReason::Malformed);
     };
-    let Ok(n) = icmp::error_reply(orig, from, kind, scratch) else {
+    // An ICMP error's key is its embedded packet's, reversed; `error_reply` refuses it anyway.
+    let slot = if cx.p.icmp.is_none() {
+        let too_big = matches!(kind, IcmpError::TooBig { .. });
+        match out.check(cx.p.key.src(), cx.p.key.dst(), too_big, cx.now) {
+            Ok(slot) => Some(slot),
+            Err(icmp_limit::Refused::NotUnicast) => {
+                return Verdict::Drop(DropReason::IcmpNotUnicast)
+            }
+            Err(icmp_limit::Refused::RateLimited) => {
+                return Verdict::Drop(DropReason::IcmpRateLimited)
+            }
+        }
+    } else {
+        None
+    };
+    let Ok(n) = icmp::error_reply(orig, from, kind, &mut out.scratch) else {
         return Verdict::Drop(DropReason::RewriteFailed);
     };
-    match (buf.get_mut(..n), scratch.get(..n)) {
+    if let Some(slot) = slot {
+        out.spend(slot);
+    }
+    match (buf.get_mut(..n), out.scratch.get(..n)) {
         (Some(dst), Some(src)) => {
             dst.copy_from_slice(src);
             Verdict::Reply { start: 0, len: n }

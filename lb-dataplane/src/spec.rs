@@ -357,6 +357,10 @@ pub struct DataplaneSpec {
     pub frag_capacity: usize,
     /// How long after its first fragment a datagram's later fragments are still forwarded.
     pub frag_timeout: Duration,
+    /// Rate limits on the ICMP errors the data path generates (tunnel mode's "too big"): a
+    /// global token bucket and one per destination address, per data path. Rates and bursts
+    /// at most [`MAX_ICMP_RATE`](crate::MAX_ICMP_RATE), the peer's no larger than the global.
+    pub icmp: crate::IcmpLimits,
     /// The services.
     pub services: Vec<ServiceSpec>,
 }
@@ -373,6 +377,7 @@ impl Default for DataplaneSpec {
             persist_capacity: 65_536,
             frag_capacity: crate::FRAG_CAPACITY,
             frag_timeout: crate::FRAG_TIMEOUT,
+            icmp: crate::IcmpLimits::default(),
             services: Vec::new(),
         }
     }

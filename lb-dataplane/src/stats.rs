@@ -40,11 +40,19 @@ pub enum DropReason {
     /// SNAT tuple or route lives on the balancer that saw its SYN, and only sync carries it),
     /// or [`MidFlow::Drop`](crate::MidFlow::Drop). Behind ECMP: a flow moved here from a peer.
     MidFlowUnknown,
+    /// A packet that called for an ICMP error (tunnel mode: too big for the path MTU) whose
+    /// error was not sent because a rate limit's bucket was empty
+    /// ([`DataplaneSpec::icmp`](crate::DataplaneSpec::icmp)).
+    IcmpRateLimited,
+    /// A packet that called for an ICMP error from a source that is not one host
+    /// (unspecified, loopback, multicast, broadcast, class E) or to a multicast or broadcast
+    /// destination: no error is sent (RFC 1122 §3.2.2, RFC 4443 §2.4 (e)).
+    IcmpNotUnicast,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 14;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::NotIp,
@@ -59,6 +67,8 @@ impl DropReason {
         DropReason::TtlExpired,
         DropReason::RewriteFailed,
         DropReason::MidFlowUnknown,
+        DropReason::IcmpRateLimited,
+        DropReason::IcmpNotUnicast,
     ];
 
     /// A snake_case name for logs and metrics.
@@ -76,6 +86,8 @@ impl DropReason {
             DropReason::TtlExpired => "ttl_expired",
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::MidFlowUnknown => "mid_flow_unknown",
+            DropReason::IcmpRateLimited => "icmp_rate_limited",
+            DropReason::IcmpNotUnicast => "icmp_not_unicast",
         }
     }
 }

@@ -41,8 +41,13 @@ impl Pair {
         Pair {
             a: mk(1),
             b: mk(0x5eed_5eed),
-            tx: SyncSender::new(1, 1, mac, 1472).unwrap(),
-            rx: SyncReceiver::new(mac),
+            tx: {
+                // The receiver's challenge, echoed by the sender (wire freshness).
+                let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
+                tx.set_echo(1);
+                tx
+            },
+            rx: SyncReceiver::new(mac, 1),
             seen: HashSet::new(),
         }
     }

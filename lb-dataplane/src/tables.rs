@@ -155,6 +155,8 @@ pub struct Tables {
     pub mtu: u16,
     /// Source MAC for mode `dr`.
     pub mac: MacAddr,
+    /// Limits on the ICMP errors the data path generates.
+    pub icmp: crate::IcmpLimits,
 }
 
 impl Tables {
@@ -448,6 +450,7 @@ impl ControlPlane {
             snat_addrs: self.spec.snat_addrs.clone(),
             mtu: self.spec.mtu,
             mac: self.spec.mac,
+            icmp: self.spec.icmp,
         }))
     }
 }

@@ -176,6 +176,18 @@ pub enum SpecError {
         /// lb-sched's refusal.
         reason: SchedError,
     },
+    /// An ICMP rate limit out of range: a rate or burst above
+    /// [`MAX_ICMP_RATE`](crate::MAX_ICMP_RATE), or a per-destination one above the global one
+    /// (it could never be reached).
+    #[error("icmp.{field}: {value} {reason}")]
+    IcmpLimit {
+        /// `rate`, `burst`, `peer_rate` or `peer_burst`.
+        field: &'static str,
+        /// The configured value.
+        value: u32,
+        /// Why.
+        reason: &'static str,
+    },
     /// The outlier detector rejected its settings; `field` is the [`lb_health::OutlierConfig`]
     /// field, or `syn_timeout`.
     #[error("services[{service}].outlier.{field}: {reason}")]
@@ -235,6 +247,7 @@ impl DataplaneSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         self.validate_conntrack()?;
         self.validate_snat()?;
+        self.validate_icmp()?;
         let mut backends = 0usize;
         for (i, s) in self.services.iter().enumerate() {
             if let Some(first) = self
@@ -286,6 +299,41 @@ impl DataplaneSpec {
         let (cfg, cfg6) = self.conntrack_configs();
         cfg.validate()?;
         cfg6.validate()?;
+        Ok(())
+    }
+
+    /// The ICMP error limits.
+    fn validate_icmp(&self) -> Result<(), SpecError> {
+        let l = &self.icmp;
+        let max = crate::MAX_ICMP_RATE;
+        for (field, value) in [
+            ("rate", l.global.rate),
+            ("burst", l.global.burst),
+            ("peer_rate", l.peer.rate),
+            ("peer_burst", l.peer.burst),
+        ] {
+            if value > max {
+                return Err(SpecError::IcmpLimit {
+                    field,
+                    value,
+                    reason: "is above the maximum 10000000",
+                });
+            }
+        }
+        if l.peer.rate > l.global.rate {
+            return Err(SpecError::IcmpLimit {
+                field: "peer_rate",
+                value: l.peer.rate,
+                reason: "is above the global rate",
+            });
+        }
+        if l.peer.burst > l.global.burst {
+            return Err(SpecError::IcmpLimit {
+                field: "peer_burst",
+                value: l.peer.burst,
+                reason: "is above the global burst",
+            });
+        }
         Ok(())
     }
 
@@ -606,6 +654,31 @@ mod tests {
                 "{field}"
             );
         }
+    }
+
+    #[test]
+    fn icmp_limits_in_range() {
+        assert_eq!(spec().validate(), Ok(()));
+        let mut s = spec();
+        s.icmp.global.rate = crate::MAX_ICMP_RATE + 1;
+        s.icmp.peer.rate = 1;
+        let e = s.validate().unwrap_err();
+        assert!(e.to_string().starts_with("icmp.rate: 10000001"), "{e}");
+        let mut s = spec();
+        s.icmp.peer.burst = s.icmp.global.burst + 1;
+        let e = s.validate().unwrap_err();
+        assert!(e.to_string().starts_with("icmp.peer_burst"), "{e}");
+        let mut s = spec();
+        s.icmp.peer.rate = s.icmp.global.rate + 1;
+        let e = s.validate().unwrap_err();
+        assert!(e.to_string().starts_with("icmp.peer_rate"), "{e}");
+        // Off: no error ever.
+        let mut s = spec();
+        s.icmp = crate::IcmpLimits {
+            global: crate::IcmpLimit { rate: 0, burst: 0 },
+            peer: crate::IcmpLimit { rate: 0, burst: 0 },
+        };
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

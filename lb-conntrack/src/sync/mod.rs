@@ -10,6 +10,9 @@
 //! [`PersistTable::export_chunk`](crate::PersistTable::export_chunk), each chunk through
 //! [`SyncSender::encode_items`] with [`FLAG_BULK`]) and ends it with [`SyncSender::bulk_end`]
 //! (flags [`FLAG_BULK`] | [`FLAG_BULK_END`]), so the backup knows its copy is complete.
+//! A receiver that restarted accepts a peer's stream only once it echoes the challenge the
+//! receiver sent in its resync request ([`SyncReceiver::nonce`], [`SyncSender::set_echo`]), so
+//! nothing captured before the restart can be replayed at it (module `wire`).
 //!
 //! What is synced:
 //! - connections ([`SyncRecord`]): key, backend, state, remaining timeout, the full-NAT reply
@@ -52,13 +55,14 @@
 //! active.insert_with(NewFlow::new(k, BackendId(3)).with_first(first).with_persist(24), now);
 //!
 //! let mut tx = SyncSender::new(1, 1, mac_key, 1472).unwrap();
+//! tx.set_echo(7); // the challenge of the backup's resync request
 //! let rec = SyncRecord::from_info(RecordOp::New, &active.get(&k, now).unwrap(), now);
 //! let tpl = TemplateRecord::from_info(false, &active.persist().get(&tk, now).unwrap(), now);
 //! let mut msgs = Vec::new();
 //! tx.encode_items(&[rec], &[tpl], FLAG_BULK, &mut msgs);
 //! msgs.push(tx.bulk_end());
 //!
-//! let mut rx = SyncReceiver::new(mac_key);
+//! let mut rx = SyncReceiver::new(mac_key, 7); // the backup's challenge (random in practice)
 //! let got = rx.receive(&msgs[0]).unwrap();
 //! let report = apply(&mut backup, &got.message, now);
 //! assert_eq!((report.installed, report.templates), (1, 1));

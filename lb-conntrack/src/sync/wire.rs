@@ -1,15 +1,17 @@
 //! The sync wire format: encoding, authenticated decoding, replay protection.
 //!
 //! ```text
-//! header (23 bytes)
+//! header (31 bytes)
 //!   0  magic "LC"            2
-//!   2  version (2)           1
+//!   2  version (3)           1
 //!   3  kind (1 records, 2 resync request)
 //!   4  flags (bit 0: bulk dump, bit 1: last message of a bulk dump)
 //!   5  sender id             4   big-endian
 //!   9  epoch                 4
 //!  13  sequence number       8
-//!  21  item count            2   connection and template records
+//!  21  challenge             8   resync request: the requester's nonce; records: the nonce the
+//!                                destination last sent this sender in a request (0: none)
+//!  29  item count            2   connection and template records
 //! connection records, each
 //!   0  op (bits 0-2: 1 new, 2 update, 3 delete) | 0x10 persistence prefix | 0x20 reply tuple
 //!      is IPv6 | 0x40 key is IPv6 | 0x80 has reply tuple
@@ -38,6 +40,26 @@
 //!
 //! Connection records come first in a message, then template records. Reserved bits must be
 //! zero, and a template's client address must have no bit set beyond its prefix.
+//!
+//! # Freshness after a restart
+//!
+//! Sequence numbers and epochs reject replays within what a receiver remembers; a receiver
+//! that restarts remembers nothing, so the first message it accepts from a peer (or from a
+//! peer's new epoch) must be shown to be new some other way, without trusting clocks. A
+//! challenge does it: each [`SyncReceiver`] holds a random nonce (given by the caller), sends
+//! it in its resync requests, and the peer's [`SyncSender`] for that stream echoes the last
+//! nonce it received in every message ([`SyncSender::set_echo`]). A first contact is accepted
+//! only when it echoes the receiver's current nonce; anything else is refused as
+//! [`SyncError::Unfresh`], and the receiver answers with a resync request carrying its nonce,
+//! after which the real sender's messages (a bulk dump first) are accepted. A message captured
+//! before the restart echoes an older nonce (or none) and can never be a first contact again.
+//!
+//! Resync requests themselves are accepted at first contact without the echo (they carry the
+//! requester's challenge, and the peer has no way to know ours yet) but do not open the
+//! stream: they set no sequence state, so a replayed request cannot be used to make an old
+//! records message look in-sequence. A replayed request can at most make the sender echo an
+//! old nonce (its peer then refuses the stream and asks again) or send a bulk dump to the
+//! peer the caller maps the sender id to.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -50,15 +72,16 @@ mod template;
 
 pub use template::TemplateRecord;
 
-/// The wire version this crate speaks (2: template records, persistence prefixes, bulk end).
-pub const SYNC_VERSION: u8 = 2;
+/// The wire version this crate speaks (2: template records, persistence prefixes, bulk end;
+/// 3: the challenge field, freshness after a restart).
+pub const SYNC_VERSION: u8 = 3;
 /// Header flag: the message is part of a bulk dump (an answer to a resync request).
 pub const FLAG_BULK: u8 = 1;
 /// Header flag: the last message of a bulk dump (sent with [`FLAG_BULK`], by
 /// [`SyncSender::bulk_end`]).
 pub const FLAG_BULK_END: u8 = 2;
 /// Header length in bytes.
-pub const HEADER_LEN: usize = 23;
+pub const HEADER_LEN: usize = 31;
 /// MAC length in bytes.
 pub const MAC_LEN: usize = lb_core::mac::TAG_LEN;
 const MAGIC: [u8; 2] = *b"LC";
@@ -130,6 +153,16 @@ pub enum SyncError {
     /// Too many distinct senders.
     #[error("too many peers")]
     TooManyPeers,
+    /// A first contact (a sender not known, or a new epoch of it) that does not echo this
+    /// receiver's current challenge: possibly a message captured before this receiver
+    /// restarted. Answer with a resync request carrying [`SyncReceiver::nonce`].
+    #[error("first contact from sender {sender} epoch {epoch} without our challenge")]
+    Unfresh {
+        /// The message's sender id.
+        sender: u32,
+        /// Its epoch.
+        epoch: u32,
+    },
 }
 
 /// What a message carries.
@@ -267,6 +300,9 @@ pub struct SyncHeader {
     pub epoch: u32,
     /// Sequence number within the epoch, from 1.
     pub seq: u64,
+    /// A resync request: the requester's challenge, to be echoed in every later message of the
+    /// stream to it ([`SyncSender::set_echo`]); records: the echo (0: none).
+    pub challenge: u64,
 }
 
 /// A decoded, authenticated message.
@@ -302,6 +338,8 @@ pub struct SyncSender {
     seq: u64,
     key: HashKey,
     mtu: usize,
+    /// The destination's last challenge, echoed in every message.
+    echo: u64,
 }
 
 impl SyncSender {
@@ -310,7 +348,7 @@ impl SyncSender {
     ///
     /// # Errors
     /// [`crate::ConntrackError::InvalidCapacity`] if `mtu` cannot hold one record of any kind
-    /// (123 bytes) or exceeds 65 507.
+    /// (131 bytes) or exceeds 65 507.
     pub fn new(
         sender: u32,
         epoch: u32,
@@ -326,7 +364,19 @@ impl SyncSender {
             seq: 0,
             key,
             mtu,
+            echo: 0,
         })
+    }
+
+    /// Echo `challenge` (the header field of the destination's last accepted resync request)
+    /// in every message from now on: the destination accepts a first contact only with it.
+    pub fn set_echo(&mut self, challenge: u64) {
+        self.echo = challenge;
+    }
+
+    /// The challenge echoed (0: none yet).
+    pub fn echo(&self) -> u64 {
+        self.echo
     }
 
     /// The last sequence number used.
@@ -334,7 +384,7 @@ impl SyncSender {
         self.seq
     }
 
-    fn start(&mut self, kind: MessageKind, flags: u8) -> Vec<u8> {
+    fn start(&mut self, kind: MessageKind, flags: u8, challenge: u64) -> Vec<u8> {
         self.seq += 1;
         let mut m = Vec::with_capacity(self.mtu);
         m.extend_from_slice(&MAGIC);
@@ -347,12 +397,13 @@ impl SyncSender {
         m.extend_from_slice(&self.sender.to_be_bytes());
         m.extend_from_slice(&self.epoch.to_be_bytes());
         m.extend_from_slice(&self.seq.to_be_bytes());
+        m.extend_from_slice(&challenge.to_be_bytes());
         m.extend_from_slice(&0u16.to_be_bytes());
         m
     }
 
     fn finish(&self, mut m: Vec<u8>, count: u16) -> Vec<u8> {
-        if let Some(c) = m.get_mut(21..23) {
+        if let Some(c) = m.get_mut(HEADER_LEN - 2..HEADER_LEN) {
             c.copy_from_slice(&count.to_be_bytes());
         }
         let t = mac(&self.key, &m);
@@ -395,7 +446,9 @@ impl SyncSender {
                     cur = Some((m, n));
                 }
             }
-            let (m, n) = cur.get_or_insert_with(|| (self.start(MessageKind::Records, flags), 0));
+            let echo = self.echo;
+            let (m, n) =
+                cur.get_or_insert_with(|| (self.start(MessageKind::Records, flags, echo), 0));
             item.encode(m);
             *n += 1;
         }
@@ -407,13 +460,14 @@ impl SyncSender {
     /// The end of a bulk dump: an empty records message flagged [`FLAG_BULK`] and
     /// [`FLAG_BULK_END`], sent after its last chunk, so the backup knows its resync completed.
     pub fn bulk_end(&mut self) -> Vec<u8> {
-        let m = self.start(MessageKind::Records, FLAG_BULK | FLAG_BULK_END);
+        let m = self.start(MessageKind::Records, FLAG_BULK | FLAG_BULK_END, self.echo);
         self.finish(m, 0)
     }
 
-    /// A resync request: asks the peer for a bulk dump.
-    pub fn resync_request(&mut self) -> Vec<u8> {
-        let m = self.start(MessageKind::ResyncRequest, 0);
+    /// A resync request: asks the peer for a bulk dump, and carries `challenge` (this node's
+    /// [`SyncReceiver::nonce`]) for the peer to echo.
+    pub fn resync_request(&mut self, challenge: u64) -> Vec<u8> {
+        let m = self.start(MessageKind::ResyncRequest, 0, challenge);
         self.finish(m, 0)
     }
 }
@@ -540,6 +594,7 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
     let sender = r.u32()?;
     let epoch = r.u32()?;
     let seq = r.u64()?;
+    let challenge = r.u64()?;
     let count = r.u16()?;
     let header = SyncHeader {
         kind,
@@ -547,6 +602,7 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
         sender,
         epoch,
         seq,
+        challenge,
     };
     // Every item is at least 23 bytes: bound the allocation by what the message can hold.
     let cap = usize::from(count).min(body.len() / MIN_ITEM_LEN);
@@ -623,7 +679,8 @@ fn decode_record(r: &mut Reader<'_>, opb: u8) -> Result<SyncRecord, SyncError> {
 pub struct Received {
     /// The message.
     pub message: SyncMessage,
-    /// First message from this sender or from a new epoch of it: ask for a resync.
+    /// First message from this sender or from a new epoch of it (a records message that
+    /// opened the stream, or a resync request while it is not open): ask for a resync.
     pub first_contact: bool,
     /// Messages were lost between the last accepted and this one: ask for a resync.
     /// Holds the number of missing sequence numbers.
@@ -637,62 +694,119 @@ impl Received {
     }
 }
 
+/// What a receiver remembers of one sender.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    sender: u32,
+    /// The newest epoch seen (a floor: older ones are stale).
+    epoch: u32,
+    /// The last sequence number accepted in it.
+    last: u64,
+    /// Whether a records message of `epoch` echoed our challenge (the stream is open); a
+    /// resync request of a new epoch alone leaves it closed.
+    open: bool,
+}
+
 /// Authenticates messages and rejects replays: per sender, only strictly increasing
 /// (epoch, sequence) pairs are accepted, so a replayed or reordered message can never roll an
-/// entry back to an older state.
+/// entry back to an older state; and a records message opens a sender's stream (the first
+/// one, or the first of a new epoch) only when it echoes this receiver's challenge (module
+/// docs: freshness after a restart).
 #[derive(Debug, Clone)]
 pub struct SyncReceiver {
     key: HashKey,
-    peers: Vec<(u32, u32, u64)>,
+    nonce: u64,
+    peers: Vec<Peer>,
 }
 
 impl SyncReceiver {
-    /// A receiver verifying MACs under `key`.
-    pub fn new(key: HashKey) -> Self {
+    /// A receiver verifying MACs under `key`, with challenge `nonce`: a fresh random value at
+    /// every start (e.g. from the OS RNG), never reused across restarts. 0 (which means "no
+    /// echo" on the wire) is taken as 1.
+    pub fn new(key: HashKey, nonce: u64) -> Self {
         SyncReceiver {
             key,
+            nonce: nonce.max(1),
             peers: Vec::new(),
         }
     }
 
+    /// The challenge to send in resync requests ([`SyncSender::resync_request`]).
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
     /// Decodes, authenticates and checks the freshness of a message.
     ///
+    /// A resync request is accepted (for its challenge) when it is newer than anything seen
+    /// from its sender, without opening the stream; a records message that opens the stream
+    /// (first contact, or a new epoch) must echo [`SyncReceiver::nonce`].
+    ///
     /// # Errors
-    /// As [`decode`], plus [`SyncError::Replayed`], [`SyncError::StaleEpoch`] and
-    /// [`SyncError::TooManyPeers`].
+    /// As [`decode`], plus [`SyncError::Replayed`], [`SyncError::StaleEpoch`],
+    /// [`SyncError::Unfresh`] and [`SyncError::TooManyPeers`].
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, SyncError> {
         let message = decode(bytes, &self.key)?;
         let h = message.header;
-        let (first_contact, gap) = match self.peers.iter_mut().find(|p| p.0 == h.sender) {
+        let request = h.kind == MessageKind::ResyncRequest;
+        let unfresh = SyncError::Unfresh {
+            sender: h.sender,
+            epoch: h.epoch,
+        };
+        let idx = match self.peers.iter().position(|p| p.sender == h.sender) {
+            Some(i) => i,
+            None if !request && h.challenge != self.nonce => return Err(unfresh),
+            None if self.peers.len() >= MAX_PEERS => return Err(SyncError::TooManyPeers),
             None => {
-                if self.peers.len() >= MAX_PEERS {
-                    return Err(SyncError::TooManyPeers);
-                }
-                self.peers.push((h.sender, h.epoch, h.seq));
-                (true, None)
-            }
-            Some(p) => {
-                if h.epoch < p.1 {
-                    return Err(SyncError::StaleEpoch {
-                        epoch: h.epoch,
-                        current: p.1,
-                    });
-                }
-                if h.epoch > p.1 {
-                    *p = (h.sender, h.epoch, h.seq);
-                    (true, None)
-                } else if h.seq <= p.2 {
-                    return Err(SyncError::Replayed {
-                        seq: h.seq,
-                        last: p.2,
-                    });
-                } else {
-                    let missing = h.seq - p.2 - 1;
-                    p.2 = h.seq;
-                    (false, (missing > 0).then_some(missing))
-                }
+                let p = Peer {
+                    sender: h.sender,
+                    epoch: h.epoch,
+                    last: h.seq,
+                    open: !request,
+                };
+                self.peers.push(p);
+                return Ok(Received {
+                    message,
+                    first_contact: true,
+                    gap: None,
+                });
             }
         };
+        let Some(p) = self.peers.get_mut(idx) else {
+            return Err(SyncError::TooManyPeers);
+        };
+        if h.epoch < p.epoch {
+            return Err(SyncError::StaleEpoch {
+                epoch: h.epoch,
+                current: p.epoch,
+            });
+        }
+        let newer = h.epoch > p.epoch || h.seq > p.last;
+        if !newer {
+            return Err(SyncError::Replayed {
+                seq: h.seq,
+                last: p.last,
+            });
+        }
+        let (first_contact, gap) = if request {
+            // A new epoch's request closes the stream until a records message of that epoch
+            // echoes our challenge.
+            if h.epoch > p.epoch {
+                p.open = false;
+            }
+            (!p.open, None)
+        } else if h.epoch > p.epoch || !p.open {
+            if h.challenge != self.nonce {
+                return Err(unfresh);
+            }
+            p.open = true;
+            (true, None)
+        } else {
+            let missing = h.seq - p.last - 1;
+            (false, (missing > 0).then_some(missing))
+        };
+        p.epoch = h.epoch;
+        p.last = h.seq;
         Ok(Received {
             message,
             first_contact,

@@ -279,7 +279,8 @@ fn synced_half_open_flows_holding_a_pair_are_reclaimable_until_established() {
     let snat: IpAddr = "198.51.100.1".parse().unwrap();
     let nat = FlowKey::new(backend_addr(1).ip(), 8080, snat, 40000, IpProto::Tcp).unwrap();
     let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
-    let mut rx = SyncReceiver::new(mac);
+    tx.set_echo(1);
+    let mut rx = SyncReceiver::new(mac, 1);
     let mut send = |t: &mut ConnTable, op, state, now| {
         let rec = SyncRecord {
             op,

@@ -336,7 +336,8 @@ fn sync_deletes_are_recorded_as_such() {
     let mut backup = table(Config::with_capacity(16));
     let k = key(1, IpProto::Tcp);
     let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
-    let mut rx = SyncReceiver::new(mac);
+    tx.set_echo(1);
+    let mut rx = SyncReceiver::new(mac, 1);
     let rec = SyncRecord {
         op: RecordOp::New,
         key: k,

@@ -472,6 +472,7 @@ fn a_bulk_dump_carries_flows_and_templates() {
     assert_eq!(active.persist().len(), 41);
     let now = secs(130);
     let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
+    tx.set_echo(1);
     let mut msgs = Vec::new();
     let (mut flows, mut tpls) = (Vec::new(), Vec::new());
     let mut c = Some(0);
@@ -496,7 +497,7 @@ fn a_bulk_dump_carries_flows_and_templates() {
     }
     msgs.push(tx.bulk_end());
     let mut backup = table(Config::with_capacity(256));
-    let mut rx = SyncReceiver::new(mac);
+    let mut rx = SyncReceiver::new(mac, 1);
     let mut total = ApplyReport::default();
     for m in &msgs {
         let r = apply(&mut backup, &rx.receive(m).unwrap().message, now);
@@ -533,6 +534,7 @@ fn a_bulk_dump_carries_flows_and_templates() {
 fn apply_reports_templates_and_ignores_resync_requests() {
     let mac = HashKey::from_bytes([5; 16]);
     let mut tx = SyncSender::new(1, 1, mac, 1472).unwrap();
+    tx.set_echo(1);
     let mut msgs = Vec::new();
     let call = TemplateKey::affinity(svc(), 1);
     let del = TemplateRecord {
@@ -546,7 +548,7 @@ fn apply_reports_templates_and_ignores_resync_requests() {
         &mut msgs,
     );
     let mut t = table(Config::with_capacity(16));
-    let mut rx = SyncReceiver::new(mac);
+    let mut rx = SyncReceiver::new(mac, 1);
     let r = apply(&mut t, &rx.receive(&msgs[0]).unwrap().message, secs(1));
     let want = ApplyReport {
         installed: 1,
@@ -554,7 +556,7 @@ fn apply_reports_templates_and_ignores_resync_requests() {
         ..ApplyReport::default()
     };
     assert_eq!(r, want);
-    let req = tx.resync_request();
+    let req = tx.resync_request(1);
     let m = rx.receive(&req).unwrap().message;
     assert_eq!(apply(&mut t, &m, secs(1)), ApplyReport::default());
     assert_eq!(Refusal::NatConflict, Refusal::NatConflict);

@@ -165,6 +165,9 @@ fn arb_template() -> impl Strategy<Value = TemplateRecord> {
         )
 }
 
+/// The receivers' challenge in these tests (the senders echo it).
+const NONCE: u64 = 0x5eed;
+
 /// `body` with a valid MAC.
 fn sealed(body: &[u8]) -> Vec<u8> {
     seal(body, &K)
@@ -173,6 +176,7 @@ fn sealed(body: &[u8]) -> Vec<u8> {
 /// The body (without MAC) of a one-message encoding of `records` and `templates`.
 fn body_of(records: &[SyncRecord], templates: &[TemplateRecord]) -> Vec<u8> {
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    tx.set_echo(NONCE);
     let mut out = Vec::new();
     tx.encode_items(records, templates, 0, &mut out);
     assert_eq!(out.len(), 1);
@@ -211,19 +215,21 @@ fn sizes() {
     assert!(SyncSender::new(1, 1, K, MIN_MTU).is_ok());
     assert!(SyncSender::new(1, 1, K, MIN_MTU - 1).is_err());
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    tx.set_echo(NONCE);
     let recs: Vec<_> = (0..200).map(|i| rec(i, false, false)).collect();
     let mut out = Vec::new();
     tx.encode(&recs, &mut out);
-    // (1472 - 39) / 23 = 62 records per message.
+    // (1472 - 47) / 23 = 61 records per message.
     assert_eq!(out.len(), 4);
     assert!(out.iter().all(|m| m.len() <= 1472));
-    assert_eq!(out[0].len(), HEADER_LEN + 62 * 23 + MAC_LEN);
+    assert_eq!(out[0].len(), HEADER_LEN + 61 * 23 + MAC_LEN);
     assert!(SyncSender::new(1, 1, K, 100).is_err());
 }
 
 #[test]
 fn forged_and_malformed_rejected() {
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    tx.set_echo(NONCE);
     let mut out = Vec::new();
     tx.encode(&[rec(1, false, true)], &mut out);
     let m = &out[0];
@@ -247,6 +253,7 @@ fn forged_and_malformed_rejected() {
 #[test]
 fn bulk_end_is_an_empty_flagged_records_message() {
     let mut tx = SyncSender::new(4, 2, K, 1472).unwrap();
+    tx.set_echo(NONCE);
     let m = tx.bulk_end();
     assert_eq!(m.len(), HEADER_LEN + MAC_LEN);
     let got = decode(&m, &K).unwrap();
@@ -258,7 +265,7 @@ fn bulk_end_is_an_empty_flagged_records_message() {
     );
     assert!(got.records.is_empty() && got.templates.is_empty());
     // Sequenced like any other message: a replay is rejected.
-    let mut rx = SyncReceiver::new(K);
+    let mut rx = SyncReceiver::new(K, NONCE);
     assert!(rx.receive(&m).is_ok());
     assert!(rx.receive(&m).is_err());
     assert_eq!(tx.seq(), 1);
@@ -378,11 +385,12 @@ fn template_record_from_info() {
 #[test]
 fn replay_gap_epoch() {
     let mut tx = SyncSender::new(7, 1, K, 1472).unwrap();
+    tx.set_echo(NONCE);
     let mut out = Vec::new();
     for i in 0..4 {
         tx.encode(&[rec(i, false, false)], &mut out);
     }
-    let mut rx = SyncReceiver::new(K);
+    let mut rx = SyncReceiver::new(K, NONCE);
     let r = rx.receive(&out[0]).unwrap();
     assert!(r.first_contact && r.needs_resync());
     assert_eq!(
@@ -395,7 +403,8 @@ fn replay_gap_epoch() {
     assert_eq!(rx.receive(&out[3]).unwrap().gap, None);
     // The sender restarts with a new epoch: accepted as first contact; the old epoch is stale.
     let mut tx2 = SyncSender::new(7, 2, K, 1472).unwrap();
-    let req = tx2.resync_request();
+    tx2.set_echo(NONCE);
+    let req = tx2.resync_request(NONCE);
     let r = rx.receive(&req).unwrap();
     assert_eq!(r.message.header.kind, MessageKind::ResyncRequest);
     assert!(r.first_contact);
@@ -411,6 +420,108 @@ fn replay_gap_epoch() {
 }
 
 #[test]
+fn a_replay_after_the_receiver_restarts_is_refused() {
+    // The active streams to the backup, whose receiver has challenge 11.
+    let mut tx = SyncSender::new(7, 1, K, 1472).unwrap();
+    tx.set_echo(11);
+    let mut old = Vec::new();
+    for i in 0..3 {
+        tx.encode(&[rec(i, false, false)], &mut old);
+    }
+    let mut rx = SyncReceiver::new(K, 11);
+    assert!(rx.receive(&old[0]).unwrap().first_contact);
+    assert!(rx.receive(&old[1]).is_ok());
+    // The backup restarts with a new challenge: every captured message is refused, whatever
+    // its sequence number.
+    let mut rx = SyncReceiver::new(K, 22);
+    for m in &old {
+        assert_eq!(
+            rx.receive(m),
+            Err(SyncError::Unfresh {
+                sender: 7,
+                epoch: 1
+            })
+        );
+    }
+    // Its resync request carries the challenge; the active echoes it from then on.
+    let mut back = SyncSender::new(9, 5, K, 1472).unwrap();
+    let req = decode(&back.resync_request(rx.nonce()), &K).unwrap();
+    assert_eq!(req.header.kind, MessageKind::ResyncRequest);
+    tx.set_echo(req.header.challenge);
+    let mut new = Vec::new();
+    tx.encode_bulk(&[rec(5, false, false)], &mut new);
+    new.push(tx.bulk_end());
+    let r = rx.receive(&new[0]).unwrap();
+    assert!(r.first_contact && r.needs_resync());
+    let r = rx.receive(&new[1]).unwrap();
+    assert!(!r.needs_resync());
+    // The stream is open: the old messages are now plain replays.
+    for m in &old {
+        assert!(matches!(rx.receive(m), Err(SyncError::Replayed { .. })));
+    }
+}
+
+#[test]
+fn a_sender_restart_is_caught_up_after_a_request() {
+    let mut rx = SyncReceiver::new(K, 33);
+    let mut tx = SyncSender::new(7, 1, K, 1472).unwrap();
+    tx.set_echo(33);
+    let mut a = Vec::new();
+    tx.encode(&[rec(1, false, false)], &mut a);
+    tx.encode(&[rec(2, false, false)], &mut a);
+    assert!(rx.receive(&a[0]).is_ok());
+    // The sender restarts (epoch 2): it does not know our challenge yet.
+    let mut tx2 = SyncSender::new(7, 2, K, 1472).unwrap();
+    let mut b = Vec::new();
+    tx2.encode(&[rec(3, false, false)], &mut b);
+    assert_eq!(
+        rx.receive(&b[0]),
+        Err(SyncError::Unfresh {
+            sender: 7,
+            epoch: 2
+        })
+    );
+    // Its own resync request (its challenge for us) is accepted and closes the old epoch.
+    let req = tx2.resync_request(44);
+    let r = rx.receive(&req).unwrap();
+    assert!(r.first_contact);
+    assert_eq!(r.message.header.challenge, 44);
+    assert_eq!(
+        rx.receive(&a[1]),
+        Err(SyncError::StaleEpoch {
+            epoch: 1,
+            current: 2
+        })
+    );
+    // Our request reaches it; it echoes; its next message opens the new epoch.
+    tx2.set_echo(rx.nonce());
+    tx2.encode(&[rec(4, false, false)], &mut b);
+    let r = rx.receive(&b[1]).unwrap();
+    assert!(r.first_contact);
+    assert_eq!(r.message.records[0], rec(4, false, false));
+    assert!(matches!(rx.receive(&b[0]), Err(SyncError::Replayed { .. })));
+}
+
+#[test]
+fn a_replayed_request_does_not_open_the_stream() {
+    // Captured from a sender's epoch: a request, then records echoing an old challenge.
+    let mut tx = SyncSender::new(7, 1, K, 1472).unwrap();
+    let req = tx.resync_request(99);
+    tx.set_echo(55);
+    let mut recs = Vec::new();
+    tx.encode(&[rec(1, false, false)], &mut recs);
+    // A receiver that never met the sender (restarted, challenge 66) accepts the request for
+    // its challenge, and still refuses the records that follow it in sequence.
+    let mut rx = SyncReceiver::new(K, 66);
+    assert!(rx.receive(&req).unwrap().first_contact);
+    assert!(matches!(
+        rx.receive(&recs[0]),
+        Err(SyncError::Unfresh { .. })
+    ));
+    assert!(matches!(rx.receive(&req), Err(SyncError::Replayed { .. })));
+}
+
+#[test]
 fn bulk_resync_installs_with_remaining_timeouts() {
     let now = Instant::from_secs(100);
     let mut active =
@@ -423,7 +534,8 @@ fn bulk_resync_installs_with_remaining_timeouts() {
         );
     }
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
-    let mut rx = SyncReceiver::new(K);
+    tx.set_echo(NONCE);
+    let mut rx = SyncReceiver::new(K, NONCE);
     let mut backup =
         ConnTable::new(Config::with_capacity(1024), HashKey::from_bytes([2; 16])).unwrap();
     let mut cursor = Some(0);
@@ -463,7 +575,8 @@ fn bulk_resync_installs_with_remaining_timeouts() {
 fn records_with_backend_ids_beyond_a_slot_are_refused() {
     let now = Instant::from_secs(100);
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
-    let mut rx = SyncReceiver::new(K);
+    tx.set_echo(NONCE);
+    let mut rx = SyncReceiver::new(K, NONCE);
     let mut backup =
         ConnTable::new(Config::with_capacity(64), HashKey::from_bytes([2; 16])).unwrap();
     let ok = rec(1, false, false);
@@ -503,11 +616,12 @@ proptest! {
         flags in 0u8..4,
     ) {
         let mut tx = SyncSender::new(3, 9, K, mtu).unwrap();
+        tx.set_echo(NONCE);
         let mut out = Vec::new();
         tx.encode_items(&recs, &tpls, flags, &mut out);
         prop_assert_eq!(out.is_empty(), recs.is_empty() && tpls.is_empty());
         let (mut got, mut got_t) = (Vec::new(), Vec::new());
-        let mut rx = SyncReceiver::new(K);
+        let mut rx = SyncReceiver::new(K, NONCE);
         for (i, m) in out.iter().enumerate() {
             prop_assert!(m.len() <= mtu);
             let r = rx.receive(m).unwrap();
@@ -535,6 +649,7 @@ proptest! {
         x in 1u8..=255,
     ) {
         let mut tx = SyncSender::new(3, 9, K, 1472).unwrap();
+        tx.set_echo(NONCE);
         let mut out = Vec::new();
         tx.encode_items(&[r], &[t], 0, &mut out);
         let mut m = out[0].clone();
@@ -556,7 +671,42 @@ proptest! {
     #[test]
     fn decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = decode(&b, &K);
-        let _ = SyncReceiver::new(K).receive(&b);
+        let _ = SyncReceiver::new(K, NONCE).receive(&b);
+    }
+
+    /// Whatever mix of captured and new messages reaches a restarted receiver, in whatever
+    /// order, none sent before its restart (echoing an older challenge, or none) is accepted.
+    #[test]
+    fn nothing_from_before_a_restart_is_accepted(
+        order in proptest::collection::vec(0usize..16, 1..60),
+        old_echo in prop_oneof![Just(0u64), 1u64..1000],
+    ) {
+        let new_nonce = 1000 + old_echo;
+        let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+        tx.set_echo(old_echo);
+        let mut msgs = Vec::new();
+        for n in 0..16u32 {
+            if n == 3 {
+                msgs.push(tx.resync_request(5));
+            } else if n == 8 {
+                // The restarted receiver's request arrives: echoed from here on.
+                tx.set_echo(new_nonce);
+                msgs.push(tx.bulk_end());
+            } else {
+                tx.encode(&[rec(n, false, false)], &mut msgs);
+            }
+        }
+        let mut rx = SyncReceiver::new(K, new_nonce);
+        for i in order {
+            if let Ok(r) = rx.receive(&msgs[i]) {
+                let m = r.message;
+                prop_assert!(
+                    m.header.kind == MessageKind::ResyncRequest || m.header.seq > 8,
+                    "accepted old message {}", m.header.seq
+                );
+                prop_assert!(m.header.kind == MessageKind::ResyncRequest || m.header.challenge == new_nonce);
+            }
+        }
     }
 
     #[test]
@@ -564,6 +714,7 @@ proptest! {
         // Message n sets the flow's backend to n: the backup's backend must never decrease.
         let key = rec(1, false, false).key;
         let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+        tx.set_echo(NONCE);
         let mut msgs = Vec::new();
         for n in 0..12u32 {
             let r = SyncRecord { op: RecordOp::Update, backend: BackendId(n), ..rec(1, false, false) };
@@ -571,7 +722,7 @@ proptest! {
         }
         let now = Instant::from_secs(1);
         let mut backup = ConnTable::new(Config::with_capacity(16), HashKey::from_bytes([2; 16])).unwrap();
-        let mut rx = SyncReceiver::new(K);
+        let mut rx = SyncReceiver::new(K, NONCE);
         let mut last = None;
         for i in order {
             let accepted = rx.receive(&msgs[i]);

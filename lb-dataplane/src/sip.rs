@@ -120,9 +120,12 @@ impl Dataplane {
         };
         let template = call.map(|h| TemplateKey::affinity(Service::of_flow(&key), h));
         let used = template.and_then(|tk| ct.persist_mut().lookup_use(&tk, now));
+        // A call stays on its backend while that one is healthy, drained or removed alike
+        // (the soak run found calls split at every drain and removal while this said
+        // `eligible`); only a failed backend's calls move.
         let pinned = used
             .map(|(b, _)| b)
-            .filter(|b| tables.backend(*b).is_some_and(BackendInfo::eligible));
+            .filter(|b| tables.backend(*b).is_some_and(BackendInfo::keeps_sessions));
         if let (Some((_, true)), Some(tk)) = (used, template) {
             // The call's second message: it is established now, and the backup should know
             // (its eviction spares established calls too).
@@ -502,6 +505,51 @@ mod tests {
         // And stays on the new backend.
         r.now = Instant::from_secs(2);
         assert_eq!(r.forward(&udp4(client, vip, &msg("BYE", call))).1, b2);
+    }
+
+    /// Draining a backend (weight 0) or removing it by a reload sends it no new call, and the
+    /// calls it holds finish there (found split by the soak run: ACK and BYE went elsewhere).
+    #[test]
+    fn calls_stay_on_a_drained_or_removed_backend() {
+        for removed in [false, true] {
+            let mut r = Rig::new(Mode::Nat, Affinity::SipCallId);
+            let (client, vip) = (sa(CLIENT), sa(VIP));
+            // A call on each backend.
+            let mut on = HashMap::new();
+            for i in 0.. {
+                let call = format!("{i}-held@192.0.2.2");
+                let (_, b) = r.forward(&udp4(client, vip, &msg("INVITE", &call)));
+                on.entry(b).or_insert(call);
+                if on.len() == 3 {
+                    break;
+                }
+            }
+            let gone = sa(BACKENDS[1]);
+            let mut spec = r.cp.spec().clone();
+            if removed {
+                spec.services[0].backends.retain(|b| b.addr != gone);
+            } else {
+                for b in &mut spec.services[0].backends {
+                    if b.addr == gone {
+                        b.weight = lb_core::Weight::ZERO;
+                    }
+                }
+            }
+            r.cp.apply(spec).unwrap();
+            let t = r.cp.build().unwrap();
+            r.dp.set_tables(t, r.now);
+            for (b, call) in &on {
+                for m in ["ACK", "BYE"] {
+                    let got = r.forward(&udp4(client, vip, &msg(m, call))).1;
+                    assert_eq!(got, *b, "{m} of {call} (removed: {removed})");
+                }
+            }
+            for i in 0..30 {
+                let call = format!("{i}-new@192.0.2.2");
+                let got = r.forward(&udp4(client, vip, &msg("INVITE", &call))).1;
+                assert_ne!(got, gone, "a new call on the drained backend");
+            }
+        }
     }
 
     #[test]

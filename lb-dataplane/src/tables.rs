@@ -77,6 +77,14 @@ impl BackendInfo {
     pub fn eligible(&self) -> bool {
         self.live && self.healthy && !self.weight.is_zero()
     }
+
+    /// Whether the backend keeps what it already serves: the later messages of a SIP call
+    /// pinned to it. A backend drained to weight 0 or removed from the configuration does (as
+    /// its flows do); one that fails its health check does not.
+    #[inline]
+    pub fn keeps_sessions(&self) -> bool {
+        self.healthy
+    }
 }
 
 /// How a service chooses a backend for a new flow.

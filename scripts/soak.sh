@@ -20,14 +20,17 @@
 #                              down, existing ones continue.
 #   SOAK_RELOAD_PERIOD (10 s)  the configuration is rewritten and the balancer gets SIGHUP:
 #                              backend 1's weight toggles 1 <-> 2 and a spare backend (4) is
-#                              added / removed every other reload; every SOAK_BAD_EVERY-th
-#                              (20th) reload writes an invalid file, which must be rejected.
+#                              added / removed every other reload (SOAK_SPARE=drain: always
+#                              configured, its weight set to 0 instead of removing it); every
+#                              SOAK_BAD_EVERY-th (20th) reload writes an invalid file, which
+#                              must be rejected.
 #   SOAK_FLOOD_PERIOD (300 s)  hping3 --flood --rand-source -S at VIP:80 for SOAK_FLOOD_SECONDS
 #                              (20 s) from a namespace of its own, under nice 19 and held to
 #                              SOAK_FLOOD_CPU (15) % of a core by a cgroup v1 cpu quota, as
 #                              examples/tests/flood.rs does.
 # Every minute: the balancer's VmRSS, its flow-table entries and the clients' errors so far.
-# Exit status: 0, or 2 if the balancer died (1 for a setup failure).
+# Exit status: 0, or 2 if the balancer died (1 for a setup failure). SOAK_KEEP=1 keeps the work
+# directory (the balancer's log, the clients' failure logs, sipp's statistics and error files).
 #
 # Needs root (network namespaces, cgroups) and the Debian packages sipp (the `sip-tester`
 # source), hping3, curl, socat, python3, iproute2; it installs nothing. Every address is a
@@ -52,6 +55,7 @@ SOAK_FLOOD_CPU=${SOAK_FLOOD_CPU:-15}
 SOAK_HTTP_LOOPS=${SOAK_HTTP_LOOPS:-2}
 SOAK_UDP_RATE=${SOAK_UDP_RATE:-20}
 SOAK_SIP_RATE=${SOAK_SIP_RATE:-10}
+SOAK_SPARE=${SOAK_SPARE:-remove}
 
 if [ "$(id -u)" != 0 ]; then
   echo "soak: needs root (network namespaces, cgroups); run: sudo $0" >&2
@@ -215,18 +219,21 @@ while :; do
     fail=$((fail + 1))
     printf '%s %s\n' "$(date +%s.%N | cut -c1-14)" "$(echo "$out" | tr '\n' ' ')" >> "$faillog"
   fi
-  printf "%d %d\n" $total $fail > "$counts"
+  printf "%d %d\n" $total $fail > "$counts.tmp" && mv "$counts.tmp" "$counts"
   sleep 0.05
 done
 SHEOF
 
 cat > "$WORK/sip_analysis.py" <<'PYEOF'
 # Call integrity seen from the UAS side, and the times of the UAC's failures. sipp's UAS answers
-# a BYE of a call it does not know with 200 OK (its default behaviour), so the UAC counts a call
-# whose BYE went to another backend as successful; the UASes' error logs show it: the other
-# backend reports "unexpected BYE" (or an unexpected ACK), the call's own backend a timeout
-# waiting for the BYE. Each such call is put down to the balancer's event just before it: its
-# backend's SIP check failing ("backend down ...:5061") or its backend removed by a reload.
+# a BYE it does not expect with 200 OK (its default behaviour), so the UAC counts a call whose
+# BYE went to another backend as successful. The UASes' error logs show such a split call: the
+# Call-ID appears in the logs of two UASes (the one that got the INVITE times out waiting for the
+# ACK or BYE; the other reports an unexpected BYE, or an ACK / BYE while it expects a new call's
+# first message). A call that lost a message under load (an ACK lost, an INVITE retransmitted)
+# shows in one UAS's log only and is not counted. Each split call is put down to the balancer's
+# event just before it (3 s): its backend's SIP check failing ("backend down ...:5061") or its
+# backend removed by a reload ("backend removed ...:5060").
 import datetime, glob, re, sys
 work = sys.argv[1]
 def epoch(iso):
@@ -236,31 +243,35 @@ for line in open(work + "/lb.log", errors="replace"):
     m = re.match(r"(\S+Z)\s.*backend (down|removed).*backend=(\S+):(506[01])\b", line)
     if m:
         events.append((epoch(m.group(1)), m.group(2), m.group(3)))
+    elif "configuration reloaded" in line:
+        events.append((epoch(line.split()[0]), "reload", ""))
 def entries(path):
     text = open(path, errors="replace").read().replace("\n", " ")
     parts = re.split(r"(\d{10}\.\d+): ", text)
     return [(float(parts[i]), parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
-moved = {}
+seen = {}   # Call-ID -> the UASes whose logs name it
+first = {}  # Call-ID -> when a UAS first got a message of it that it did not expect
 for path in sorted(glob.glob(work + "/uas*.errors")):
     for t, msg in entries(path):
-        m = re.search(r"unexpected BYE for call: (\d+-\d+)@", msg) or \
-            re.search(r"unexpected message for Call-Id '(\d+-\d+)@", msg)
-        if m:
-            cid = m.group(1)
-            moved[cid] = min(t, moved.get(cid, t))
-cause = {"health": 0, "removed": 0, "other": 0}
-for cid, t in moved.items():
+        m = re.search(r"(?:Call-Id: |call: |Call-Id '|Dead call )(\d+-\d+)@", msg)
+        if not m:
+            continue
+        cid = m.group(1)
+        seen.setdefault(cid, set()).add(path)
+        if "unexpected" in msg:
+            first[cid] = min(t, first.get(cid, t))
+            if "while expecting 'OPTIONS' (index 0)" in msg:
+                seen[cid].add("a UAS without the call")
+split = {cid: first[cid] for cid, where in seen.items() if len(where) >= 2 and cid in first}
+cause = {"down": 0, "removed": 0, "reload": 0, "other": 0}
+for cid, t in split.items():
     before = [e for e in events if t - 3 <= e[0] <= t + 0.05]
-    if not before:
-        cause["other"] += 1
-    elif max(before)[1] == "down":
-        cause["health"] += 1
-    else:
-        cause["removed"] += 1
+    named = [e for e in before if e[1] != "reload"]
+    cause[max(named)[1] if named else "reload" if before else "other"] += 1
 floods = [tuple(map(float, l.split()[:2])) for l in open(work + "/floods") if len(l.split()) >= 2]
 uac = [t for t, msg in entries(work + "/uac.errors")] if glob.glob(work + "/uac.errors") else []
 near = sum(1 for t in uac if any(a <= t <= b + 10 for a, b in floods))
-print(len(moved), cause["health"], cause["removed"], cause["other"], len(uac), near, len(uac) - near)
+print(len(split), cause["down"], cause["removed"], cause["reload"], cause["other"], len(uac), near, len(uac) - near)
 PYEOF
 
 # ---------------------------------------------------------------- topology
@@ -334,7 +345,7 @@ write_config() { # k: the k-th configuration (0: the initial one)
   if [ "$k" -gt 0 ] && [ "$((k % SOAK_BAD_EVERY))" = 0 ]; then bad=1; fi
   {
     cat <<CFG
-# soak configuration $k (backend 1 weight $w, spare backend $([ $spare = 1 ] && echo in || echo out)$([ $bad = 1 ] && echo ", INVALID on purpose"))
+# soak configuration $k (backend 1 weight $w, spare backend $([ $spare = 1 ] && echo in || echo "out ($SOAK_SPARE)")$([ $bad = 1 ] && echo ", INVALID on purpose"))
 [balancer]
 device = "lb0"
 snat_addrs = ["$SNAT"]
@@ -364,11 +375,13 @@ CFG
       esac
       local n
       for n in 1 2 3 4; do
-        [ "$n" = 4 ] && [ "$spare" = 0 ] && continue
+        [ "$n" = 4 ] && [ "$spare" = 0 ] && [ "$SOAK_SPARE" != drain ] && continue
         echo "[[service.backend]]"
         echo "addr = \"198.51.100.1$n:$5\""
         if [ "$n" = 1 ]; then
           if [ "$bad" = 1 ]; then echo "weight = -1"; else echo "weight = $w"; fi
+        elif [ "$n" = 4 ]; then
+          echo "weight = $spare"
         else
           echo "weight = 1"
         fi
@@ -391,12 +404,14 @@ rss() { awk '/^VmRSS/ {print $2}' "/proc/$LBPID/status" 2>/dev/null || echo "?";
 healthy_count() {
   stats | "$PY" -c 'import json,sys; print(sum(1 for b in json.load(sys.stdin)["backends"] if b["live"] and b["healthy"]))' 2>/dev/null || echo 0
 }
+WANT=9 # 3 services x 3 backends (the spare is out of the first configuration)
+[ "$SOAK_SPARE" = drain ] && WANT=12
 for _ in $(seq 60); do
-  [ "$(healthy_count)" = 9 ] && break
+  [ "$(healthy_count)" = $WANT ] && break
   kill -0 "$LBPID" 2>/dev/null || { echo "soak: tun-balancer exited:"; cat "$WORK/lb.log"; exit 2; }
   sleep 0.5
 done
-[ "$(healthy_count)" = 9 ] || { echo "soak: backends not all healthy after 30 s"; stats; exit 1; }
+[ "$(healthy_count)" = $WANT ] || { echo "soak: backends not all healthy after 30 s"; stats; exit 1; }
 for n in 1 2 3; do
   ip netns exec "$C" curl -sS --max-time 3 "http://$VIP/id" >/dev/null || { echo "soak: no HTTP through the VIP"; exit 1; }
 done
@@ -558,7 +573,7 @@ for l in open(sys.argv[2]):
 print(inside, outside)
 PYEOF
 }
-read -r smoved shealth sremoved sother serr sin sout < <("$PY" "$WORK/sip_analysis.py" "$WORK" || echo "? ? ? ? ? ? ?")
+read -r smoved shealth sremoved sreload sother serr sin sout < <("$PY" "$WORK/sip_analysis.py" "$WORK" || echo "? ? ? ? ? ? ? ?")
 read -r hin hout < <(in_flood "$WORK/http.fail")
 read -r uin uout < <(in_flood "$WORK/udp.fail")
 
@@ -570,7 +585,7 @@ echo "balancer:        $([ $died = 1 ] && echo DIED || echo alive), VmRSS start 
 echo "HTTP:            $hf failed of $ht requests ($hin during a flood or within 10 s after, $hout outside)"
 echo "UDP echo:        $((ul + ub)) lost or wrong of $ut datagrams ($ul lost, $ub wrong; $uin during a flood or within 10 s after, $uout outside)"
 echo "SIP:             $sf failed of $sc calls ($ss successful, $sr retransmissions; sipp error events: $sin during a flood or within 10 s after, $sout outside)"
-echo "SIP integrity:   $smoved calls split between two backends (a later message of the call went to another UAS than its INVITE): $shealth right after their backend's SIP check failed, $sremoved right after their backend was removed by a reload, $sother otherwise"
+echo "SIP integrity:   $smoved calls split between two backends (a later message of the call went to another UAS than its INVITE): $shealth right after their backend's SIP check failed, $sremoved right after their backend was removed by a reload, $sreload right after another reload (SOAK_SPARE=drain: weight 0), $sother otherwise"
 echo "reloads:         $rd done, $rr rejected (expected $((RELOADS - BAD_WRITTEN)) and $BAD_WRITTEN)"
 echo "TUN queue drops: $tundrop (lb0 tx_dropped: the kernel's queue to the balancer was full)"
 echo "balancer counters (nonzero):"
@@ -596,7 +611,11 @@ echo "VmRSS per minute (kB):"
 awk '{printf "  %s %3d  %s\n", ($1 == "rss_end" ? "end   " : "minute"), $2, $3}' "$WORK/rss"
 if [ -s "$WORK/http.fail" ]; then echo "HTTP failures (first 10):"; head -10 "$WORK/http.fail" | sed 's/^/  /'; fi
 if [ -s "$WORK/udp.fail" ]; then echo "UDP failures (first 10):"; head -10 "$WORK/udp.fail" | sed 's/^/  /'; fi
-if [ -s "$WORK/uac.errors" ]; then echo "sipp UAC errors (first 10 lines):"; head -10 "$WORK/uac.errors" | sed 's/^/  /'; fi
+if [ -s "$WORK/uac.errors" ]; then
+  echo "sipp UAC error events (first 10):"
+  tr '\n' ' ' < "$WORK/uac.errors" | sed 's/\([0-9]\{4\}-[0-9][0-9]-[0-9][0-9]\t[0-9:.]*\t\)/\n\1/g' \
+    | grep -v '^The following' | grep . | head -10 | cut -c1-160 | sed 's/^/  /' || true
+fi
 echo "balancer log: $(grep -c . "$WORK/lb.log") lines, $(grep -c ' WARN ' "$WORK/lb.log" || true) WARN, $(grep -c ' ERROR ' "$WORK/lb.log" || true) ERROR"
 grep ' ERROR ' "$WORK/lb.log" | grep -v 'reload rejected' | head -5 | sed 's/^/  /' || true
 if [ $died = 1 ]; then

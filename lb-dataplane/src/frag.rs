@@ -276,6 +276,18 @@ impl FragTable {
         Some(outcome)
     }
 
+    /// Frees the entries of datagrams sent to `backend` (its id is about to name another
+    /// backend: their later fragments are dropped rather than sent there). Visits every slot:
+    /// control path.
+    pub(crate) fn forget(&mut self, backend: BackendId) {
+        for s in self.slots.iter_mut() {
+            if s.is_some_and(|e| e.backend == Some(backend)) {
+                *s = None;
+                self.len -= 1;
+            }
+        }
+    }
+
     /// The entry of non-first fragment `fi`'s datagram, counting its bytes; frees the entry
     /// once the datagram is complete or expired.
     pub(crate) fn lookup(&mut self, fi: &FragmentInfo, now: Instant) -> FragLookup {

@@ -141,6 +141,20 @@ impl Timing {
         set(&mut self.asking, i, next.phase == Phase::Request);
     }
 
+    /// Stops timing every flow of `backend` (its id is about to name another backend): 4096
+    /// slots visited, control path.
+    pub(crate) fn forget(&mut self, backend: BackendId) {
+        for i in 0..self.slots.len() {
+            if self
+                .slots
+                .get(i)
+                .is_some_and(|t| t.phase != Phase::Empty && t.backend == backend)
+            {
+                self.put(i, EMPTY);
+            }
+        }
+    }
+
     /// A SYN opened `key` towards `backend`.
     #[inline]
     pub(crate) fn syn(&mut self, key: &FlowKey, backend: BackendId, now: Instant) {

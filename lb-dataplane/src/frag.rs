@@ -276,12 +276,12 @@ impl FragTable {
         Some(outcome)
     }
 
-    /// Frees the entries of datagrams sent to `backend` (its id is about to name another
-    /// backend: their later fragments are dropped rather than sent there). Visits every slot:
-    /// control path.
-    pub(crate) fn forget(&mut self, backend: BackendId) {
+    /// Frees the entries of datagrams sent to a backend for which `gone` is true (their ids
+    /// are about to name other backends: their later fragments are dropped rather than sent
+    /// there). Visits every slot: control path.
+    pub(crate) fn forget(&mut self, gone: impl Fn(BackendId) -> bool) {
         for s in self.slots.iter_mut() {
-            if s.is_some_and(|e| e.backend == Some(backend)) {
+            if s.is_some_and(|e| e.backend.is_some_and(&gone)) {
                 *s = None;
                 self.len -= 1;
             }

@@ -503,9 +503,11 @@ impl Dataplane {
             }
         }
         let released = &self.released;
+        let gone = |b: BackendId| released.get(b.get() as usize) == Some(&true);
+        self.timing.forget(gone);
+        self.frag.forget(gone);
         for ct in [&mut self.ct4, &mut self.ct6] {
-            ct.persist_mut()
-                .purge_backends(|b| released.get(b.get() as usize) == Some(&true));
+            ct.persist_mut().purge_backends(gone);
             if let Some(pool) = ct.snat_pool_mut() {
                 for &id in &out {
                     pool.remove_backend(id);
@@ -514,8 +516,6 @@ impl Dataplane {
         }
         for &id in &out {
             self.live.forget(id);
-            self.timing.forget(id);
-            self.frag.forget(id);
             self.sessions.reset_backend(id);
             if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
                 *s = BackendStats::default();

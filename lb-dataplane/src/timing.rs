@@ -141,14 +141,14 @@ impl Timing {
         set(&mut self.asking, i, next.phase == Phase::Request);
     }
 
-    /// Stops timing every flow of `backend` (its id is about to name another backend): 4096
-    /// slots visited, control path.
-    pub(crate) fn forget(&mut self, backend: BackendId) {
+    /// Stops timing every flow of a backend for which `gone` is true (their ids are about to
+    /// name other backends): 4096 slots visited, control path.
+    pub(crate) fn forget(&mut self, gone: impl Fn(BackendId) -> bool) {
         for i in 0..self.slots.len() {
             if self
                 .slots
                 .get(i)
-                .is_some_and(|t| t.phase != Phase::Empty && t.backend == backend)
+                .is_some_and(|t| t.phase != Phase::Empty && gone(t.backend))
             {
                 self.put(i, EMPTY);
             }

@@ -283,7 +283,7 @@ impl FragTable {
         for s in self.slots.iter_mut() {
             if s.is_some_and(|e| e.backend.is_some_and(&gone)) {
                 *s = None;
-                self.len -= 1;
+                self.len = self.len.saturating_sub(1);
             }
         }
     }

@@ -156,6 +156,34 @@ fn a_backend_back_while_referenced_keeps_its_id() {
 }
 
 #[test]
+fn a_backend_of_a_removed_service_is_released_after_its_last_flow() {
+    let (a, c) = ("198.51.100.11:8080", "198.51.100.13:8080");
+    let two = || {
+        let mut s = nat_spec(VIP, Proto::Tcp, &[a]);
+        s.services.push(
+            ServiceSpec::new(sa("203.0.113.11:80"), Proto::Tcp, Mode::Nat).with_backend(sa(c), 1),
+        );
+        s
+    };
+    let mut r = Rig::new(two(), Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip2 = sa("203.0.113.11:80");
+    let out = r.forward(&tcp(client, vip2, SYN, b""));
+    assert_eq!(dst_of(&out), sa(c));
+    let id_c = r.cp.backend_id(vip2, Proto::Tcp, sa(c)).unwrap();
+    // The whole service leaves (its packets find no service now), but its backend's flow is
+    // still in the table until it times out, and holds the id.
+    r.reload(nat_spec(VIP, Proto::Tcp, &[a]));
+    assert!(r.release_cycle().is_empty());
+    assert_eq!(r.dp.backend_flows(id_c), 1);
+    assert!(r.dp.tables().backend(id_c).is_some());
+    r.now += lb_core::Duration::from_secs(600);
+    r.dp.housekeeping(r.now, 10_000);
+    assert_eq!(r.release_cycle(), vec![id_c]);
+    assert_eq!(r.cp.ids_in_use(), 1);
+}
+
+#[test]
 fn templates_of_a_released_backend_are_purged() {
     let (a, b, c) = (
         "198.51.100.11:8080",

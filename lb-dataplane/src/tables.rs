@@ -654,6 +654,43 @@ mod tests {
         assert!(dr.services[0].fallback.is_some());
     }
 
+    /// The id space bounds the backends configured plus the retired ones not yet released,
+    /// not every backend ever seen.
+    #[test]
+    fn too_many_backends_counts_only_ids_in_use() {
+        let n = lb_conntrack::MAX_BACKEND_ID + 1;
+        let spec = |ids: core::ops::Range<u32>| {
+            let mut s = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+            s.scheduler = "rr".parse().unwrap();
+            for i in ids {
+                s = s.with_backend(
+                    SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80)),
+                    1,
+                );
+            }
+            DataplaneSpec {
+                services: vec![s],
+                ..DataplaneSpec::default()
+            }
+        };
+        let mut cp = ControlPlane::new(spec(0..n), HashKey::from_bytes([3; 16])).unwrap();
+        assert_eq!(cp.ids_in_use(), n as usize);
+        assert_eq!(cp.apply(spec(0..n + 1)), Err(BuildError::TooManyBackends));
+        // Backend 0 leaves, but holds its id until released.
+        let r = cp.apply(spec(1..n)).unwrap();
+        assert_eq!(r.removed, vec![BackendId(0)]);
+        assert_eq!(cp.apply(spec(1..n + 1)), Err(BuildError::TooManyBackends));
+        // A live backend is never released; the retired one is.
+        assert_eq!(cp.release(&[BackendId(1), BackendId(0)]), 1);
+        assert_eq!(cp.ids_recycled(), 1);
+        let r = cp.apply(spec(1..n + 1)).unwrap();
+        assert_eq!(r.added, vec![BackendId(0)]);
+        let vip = "203.0.113.10:80".parse().unwrap();
+        let newest = SocketAddr::from(([10, 1, 0, 0], 80));
+        assert_eq!(cp.backend_id(vip, Proto::Tcp, newest), Some(BackendId(0)));
+        assert_eq!(cp.ids_in_use(), n as usize);
+    }
+
     #[test]
     fn maglev_size_grows_with_the_backends() {
         let size_for = |n: u32, set: Option<u64>| {

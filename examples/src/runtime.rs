@@ -8,7 +8,7 @@
 //!   no lock held. The system calls, which are most of a packet's cost through TUN (see
 //!   `benches/results/balancer.md`), run in parallel; only the rewriting is serialised;
 //! - the main thread: health checks ([`lb_health::HealthChecker`] driving [`ProbeRunner`]),
-//!   SIGHUP reloads (acted on within 10 ms), SIGTERM / SIGINT shutdown, releasing the ids of
+//!   SIGHUP reloads (a signal thread wakes it), SIGTERM / SIGINT shutdown, releasing the ids of
 //!   removed backends whose last flow ended (every 100 ms and before each reload, so that ids
 //!   are recycled), and building new [`lb_dataplane::Tables`] off the data path, installed
 //!   between two batches;
@@ -483,11 +483,23 @@ fn control(
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, term.clone()).map_err(|e| e.to_string())?;
     }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-        .map_err(|e| e.to_string())?;
     let mut checker = HealthChecker::new();
     let mut targets = HashMap::new();
     let runner = ProbeRunner::new();
+    // SIGHUP sets the flag and wakes the loop, which may be waiting for probe results.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .map_err(|e| e.to_string())?;
+    let sighup = signals.handle();
+    let (waker, flag) = (runner.waker(), hup.clone());
+    let sighup_thread = std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                flag.store(true, Ordering::Release);
+                waker.wake();
+            }
+        })
+        .map_err(|e| e.to_string())?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
     register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
     let mut last_release = StdInstant::now();
@@ -583,12 +595,14 @@ fn control(
             tracing::info!("drained: {why}");
         }
     }
+    sighup.close();
+    let _ = sighup_thread.join();
     tracing::info!("shutting down");
     Ok(())
 }
 
-/// The longest the control loop sleeps: how soon a SIGHUP is acted on.
-const CONTROL_TICK: Duration = Duration::from_millis(10);
+/// The longest the control loop sleeps waiting for probe results (a SIGHUP wakes it at once).
+const CONTROL_TICK: Duration = Duration::from_millis(100);
 
 /// How often the control loop looks for removed backends whose ids can be released.
 const RELEASE_EVERY: Duration = Duration::from_millis(100);

@@ -33,7 +33,9 @@ fn reload_count() -> usize {
         .unwrap_or(RELOADS)
 }
 /// Reloads before the first RSS reading (allocator arenas and tables at their working size).
-const WARMUP: usize = 300;
+const WARMUP: usize = 1_000;
+/// Pause between two reloads, so that each backend set sees some of the traffic.
+const PAUSE: Duration = Duration::from_millis(2);
 /// The bound on the balancer's RSS growth over the 10 000 reloads. Without recycling every
 /// drawn backend (~20 000 of them) would keep a SNAT pool of ~40 KiB (10 000 ports) and its
 /// other state: several hundred MiB.
@@ -366,6 +368,7 @@ fn ten_thousand_reloads_recycle_backend_ids() {
                     drawn.insert(a);
                 }
             }
+            std::thread::sleep(PAUSE);
             let t0 = Instant::now();
             reload(&cfg_path, pid, &set, &mut log);
             if i >= WARMUP {

@@ -98,6 +98,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("plain_udp", |b| {
         b.iter(|| black_box(run(&mut dp, &mut buf, &one, now)))
     });
+    summary.push(format!("plain_udp: {} packets", dp.stats().rx_packets));
 
     // 4 000 calls, each seen twice (established) before the clock starts.
     let calls: Vec<Vec<u8>> = (0..4000)
@@ -121,8 +122,11 @@ fn bench(c: &mut Criterion) {
     });
     let t = dp.table_stats();
     summary.push(format!(
-        "call_hit: {} established of {} held, {} shed",
-        t.persist_established, t.persist_entries, t.persist_shed
+        "call_hit: {} packets; {} established of {} held, {} shed",
+        dp.stats().rx_packets,
+        t.persist_established,
+        t.persist_entries,
+        t.persist_shed
     ));
 
     // A full table: 2 000 established calls, the rest Call-IDs seen once; then a spray.
@@ -154,7 +158,8 @@ fn bench(c: &mut Criterion) {
     });
     let t = dp.table_stats();
     summary.push(format!(
-        "spray_full: {} established of {} held (capacity {}), {} shed, {} refused",
+        "spray_full: {} packets; {} established of {} held (capacity {}), {} shed, {} refused",
+        dp.stats().rx_packets,
         t.persist_established,
         t.persist_entries,
         t.persist_capacity,

@@ -187,11 +187,29 @@ pub struct ProbeResult {
     pub outcome: ProbeOutcome,
 }
 
+/// What the runner's channel carries: a finished probe, or a wake-up ([`ProbeWaker`]).
+#[derive(Debug)]
+enum Msg {
+    Done(ProbeResult),
+    Wake,
+}
+
+/// Ends a [`ProbeRunner::next`] wait early (from another thread, e.g. on a signal).
+#[derive(Debug, Clone)]
+pub struct ProbeWaker(Sender<Msg>);
+
+impl ProbeWaker {
+    /// Makes the current (or the next) [`ProbeRunner::next`] return at once.
+    pub fn wake(&self) {
+        let _ = self.0.send(Msg::Wake);
+    }
+}
+
 /// Runs probes concurrently, one thread per in-flight probe.
 #[derive(Debug)]
 pub struct ProbeRunner {
-    tx: Sender<ProbeResult>,
-    rx: Receiver<ProbeResult>,
+    tx: Sender<Msg>,
+    rx: Receiver<Msg>,
     /// Mixed into what a probe puts on the wire (the SIP OPTIONS Call-ID, branch and tag), so
     /// that two balancers probing the same backend never send byte-identical requests: the
     /// checker's tokens follow the same sequence in every process, and a SIP stack takes an
@@ -231,24 +249,32 @@ impl ProbeRunner {
             .name("probe".into())
             .spawn(move || {
                 let outcome = execute(&kind, addr, timeout, wire);
-                let _ = tx.send(ProbeResult {
+                let _ = tx.send(Msg::Done(ProbeResult {
                     backend,
                     token,
                     outcome,
-                });
+                }));
             });
         if spawned.is_err() {
-            let _ = self.tx.send(ProbeResult {
+            let _ = self.tx.send(Msg::Done(ProbeResult {
                 backend,
                 token,
                 outcome: ProbeOutcome::Failure(FailureReason::Other),
-            });
+            }));
         }
     }
 
-    /// Waits up to `timeout` for a finished probe.
+    /// Waits up to `timeout` for a finished probe; `None` after the timeout or a wake-up.
     pub fn next(&self, timeout: Duration) -> Option<ProbeResult> {
-        self.rx.recv_timeout(timeout).ok()
+        match self.rx.recv_timeout(timeout) {
+            Ok(Msg::Done(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// A handle that ends a [`ProbeRunner::next`] wait early.
+    pub fn waker(&self) -> ProbeWaker {
+        ProbeWaker(self.tx.clone())
     }
 }
 
@@ -269,6 +295,26 @@ mod tests {
 
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn a_waker_ends_the_wait_at_once() {
+        let runner = ProbeRunner::new();
+        let waker = runner.waker();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            waker.wake();
+        });
+        let start = std::time::Instant::now();
+        assert_eq!(runner.next(Duration::from_secs(10)), None);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        t.join().unwrap();
+        // Nothing queued any more: the next wait runs to its timeout.
+        assert_eq!(runner.next(Duration::from_millis(20)), None);
+    }
 
     fn local(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))

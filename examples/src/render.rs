@@ -81,6 +81,12 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
             "established": t.persist_established, "shed": t.persist_shed,
             "refused": t.persist_refused,
         },
+        // Ids are recycled: in use = configured + removed backends still holding flows.
+        "backend_ids": {
+            "in_use": s.backend_ids_in_use,
+            "retired": s.backend_ids_retired,
+            "released": s.backend_ids_released,
+        },
         "drops": drops,
         "conntrack": {
             "entries": t.entries, "capacity": t.capacity, "memory_bytes": t.memory_bytes,
@@ -218,6 +224,28 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
         ),
     ] {
         counter(name, help, v);
+    }
+    counter(
+        "backend_ids_released_total",
+        "Ids of removed backends released after their last flow ended (free for reuse).",
+        s.backend_ids_released,
+    );
+    for (name, help, v) in [
+        (
+            "backend_ids_in_use",
+            "Backend ids in use: configured backends and removed ones still holding flows.",
+            s.backend_ids_in_use,
+        ),
+        (
+            "backend_ids_retired",
+            "Removed backends whose flows continue (their ids not yet released).",
+            s.backend_ids_retired,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP lb_{name} {help}\n# TYPE lb_{name} gauge\nlb_{name} {v}"
+        );
     }
     let _ = writeln!(
         o,
@@ -577,6 +605,9 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            backend_ids_in_use: 5,
+            backend_ids_retired: 2,
+            backend_ids_released: 7,
             ..Stats::default()
         };
         a.drops[DropReason::Fragment as usize] = 3;
@@ -607,11 +638,17 @@ mod tests {
         assert_eq!(j["persist"]["established"], 2);
         assert_eq!(j["drops"]["icmp_rate_limited"], 7);
         assert_eq!(j["drops"]["icmp_not_unicast"], 2);
+        assert_eq!(j["backend_ids"]["in_use"], 5);
+        assert_eq!(j["backend_ids"]["retired"], 2);
+        assert_eq!(j["backend_ids"]["released"], 7);
         assert_eq!(j["backends"][0]["flows"], 3);
         assert_eq!(j["backends"][0]["active_conns"], 4);
         assert_eq!(j["backends"][0]["inactive_conns"], 2);
         assert!(j["backends"][0]["response_ms"].is_null());
         let p = to_prometheus(&a, &t, &labels);
+        assert!(p.contains("\nlb_backend_ids_in_use 5\n"));
+        assert!(p.contains("\nlb_backend_ids_retired 2\n"));
+        assert!(p.contains("\nlb_backend_ids_released_total 7\n"));
         assert!(p.contains(
             "lb_backend_active_conns{backend=\"198.51.100.11:80\",service=\"203.0.113.10:80\"} 4"
         ));

@@ -8,8 +8,10 @@
 //!   no lock held. The system calls, which are most of a packet's cost through TUN (see
 //!   `benches/results/balancer.md`), run in parallel; only the rewriting is serialised;
 //! - the main thread: health checks ([`lb_health::HealthChecker`] driving [`ProbeRunner`]),
-//!   SIGHUP reloads, SIGTERM / SIGINT shutdown, and building new [`lb_dataplane::Tables`] off the
-//!   data path, installed between two batches;
+//!   SIGHUP reloads (a signal thread wakes it), SIGTERM / SIGINT shutdown, releasing the ids of
+//!   removed backends whose last flow ended (every 100 ms and before each reload, so that ids
+//!   are recycled), and building new [`lb_dataplane::Tables`] off the data path, installed
+//!   between two batches;
 //! - the statistics server, when configured: it reads the counters under the same lock, on demand.
 //!
 //! No unwinding: the binaries are built with `panic = "abort"` and install [`abort_on_panic`], so
@@ -48,6 +50,9 @@ struct Shared {
     dp: Mutex<Dataplane>,
     labels: Mutex<Vec<BackendLabel>>,
     tx_errors: AtomicU64,
+    /// Reloads applied, and rejected (the running configuration kept).
+    reloads: AtomicU64,
+    reloads_rejected: AtomicU64,
     /// The pair's state (roles, data-path kicks); `has_ha`: an `[ha]` section is configured.
     ha: HaShared,
     has_ha: bool,
@@ -77,24 +82,35 @@ impl Shared {
             }
             (dp.stats().clone(), dp.table_stats())
         };
+        let (reloads, rejected) = (
+            self.reloads.load(Ordering::Relaxed),
+            self.reloads_rejected.load(Ordering::Relaxed),
+        );
         match f {
             Format::Explain(_) => String::new(),
-            Format::Json if self.has_ha => {
+            Format::Json => {
                 let j = to_json(&s, &t, &labels);
                 match serde_json::from_str::<serde_json::Value>(&j) {
                     Ok(mut v) => {
-                        v["ha"] = self.ha.json();
+                        v["reloads"] =
+                            serde_json::json!({ "applied": reloads, "rejected": rejected });
+                        if self.has_ha {
+                            v["ha"] = self.ha.json();
+                        }
                         v.to_string()
                     }
                     Err(_) => j,
                 }
             }
-            Format::Json => to_json(&s, &t, &labels),
             Format::Prometheus => {
                 let mut o = to_prometheus(&s, &t, &labels);
                 if self.has_ha {
                     o.push_str(&self.ha.prometheus());
                 }
+                o.push_str(&format!(
+                    "# HELP lb_reloads_total Configuration reloads applied.\n# TYPE lb_reloads_total counter\nlb_reloads_total {reloads}\n\
+                     # HELP lb_reloads_rejected_total Configuration reloads rejected (the running one kept).\n# TYPE lb_reloads_rejected_total counter\nlb_reloads_rejected_total {rejected}\n"
+                ));
                 o.push_str(&format!(
                     "# HELP lb_tx_errors_total Writes to the device that failed.\n# TYPE lb_tx_errors_total counter\nlb_tx_errors_total {}\n",
                     self.tx_errors.load(Ordering::Relaxed)
@@ -215,6 +231,8 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         dp: Mutex::new(dp),
         labels: Mutex::new(labels(&cp)),
         tx_errors: AtomicU64::new(0),
+        reloads: AtomicU64::new(0),
+        reloads_rejected: AtomicU64::new(0),
         ha: HaShared::new(queues.len()),
         has_ha: cfg.ha.is_some(),
         test_panic_after: options.test_panic_after,
@@ -465,17 +483,46 @@ fn control(
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, term.clone()).map_err(|e| e.to_string())?;
     }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-        .map_err(|e| e.to_string())?;
     let mut checker = HealthChecker::new();
     let mut targets = HashMap::new();
     let runner = ProbeRunner::new();
+    // SIGHUP sets the flag and wakes the loop, which may be waiting for probe results.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .map_err(|e| e.to_string())?;
+    let sighup = signals.handle();
+    let (waker, flag) = (runner.waker(), hup.clone());
+    let sighup_thread = std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                flag.store(true, Ordering::Release);
+                waker.wake();
+            }
+        })
+        .map_err(|e| e.to_string())?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
     register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
+    let mut last_release = StdInstant::now();
     while !term.load(Ordering::Acquire) {
         let mut dirty = false;
         let mut reloaded = None;
-        if hup.swap(false, Ordering::AcqRel) {
+        let hup_now = hup.swap(false, Ordering::AcqRel);
+        // Removed backends whose last flow ended: their ids (and SNAT pools, counters) are
+        // freed for the next new backends; before a reload too, so that it can reuse them.
+        if hup_now || last_release.elapsed() >= RELEASE_EVERY {
+            last_release = StdInstant::now();
+            let freed = sh.dp.lock().release_retired();
+            if !freed.is_empty() {
+                let n = cp.release(&freed);
+                tracing::debug!(
+                    released = n,
+                    in_use = cp.ids_in_use(),
+                    "backend ids released"
+                );
+                dirty |= n > 0;
+            }
+        }
+        if hup_now {
             match reload(config_path, &cfg, cp) {
                 Ok((new, r)) => {
                     cfg = new;
@@ -484,6 +531,7 @@ fn control(
                     reloaded = Some(r);
                 }
                 Err(e) => {
+                    sh.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::error!("reload rejected, keeping the running configuration: {e}")
                 }
             }
@@ -501,12 +549,15 @@ fn control(
                 }
             }
         }
-        let wait = checker
-            .next_deadline()
-            .map_or(Duration::from_millis(100), |d| {
-                d.saturating_duration_since(now(epoch))
-            })
-            .min(Duration::from_millis(100));
+        // New tables to build (a reload, released ids): no waiting for probe results first.
+        let wait = if dirty {
+            Duration::ZERO
+        } else {
+            checker
+                .next_deadline()
+                .map_or(CONTROL_TICK, |d| d.saturating_duration_since(now(epoch)))
+                .min(CONTROL_TICK)
+        };
         if let Some(res) = runner.next(wait) {
             if let Some(tr) = checker.on_result(res.backend, res.token, res.outcome, now(epoch)) {
                 dirty |= transition(cp, &targets, tr.backend, tr.to.is_serving());
@@ -522,10 +573,12 @@ fn control(
             }
         }
         if let Some(r) = reloaded {
+            sh.reloads.fetch_add(1, Ordering::Relaxed);
             // Logged once the new tables are published.
             tracing::info!(
                 added = r.added.len(),
                 removed = r.removed.len(),
+                backend_ids = cp.ids_in_use(),
                 "configuration reloaded"
             );
         }
@@ -542,9 +595,17 @@ fn control(
             tracing::info!("drained: {why}");
         }
     }
+    sighup.close();
+    let _ = sighup_thread.join();
     tracing::info!("shutting down");
     Ok(())
 }
+
+/// The longest the control loop sleeps waiting for probe results (a SIGHUP wakes it at once).
+const CONTROL_TICK: Duration = Duration::from_millis(100);
+
+/// How often the control loop looks for removed backends whose ids can be released.
+const RELEASE_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a draining node waits with nothing forwarded before it stops early.
 const DRAIN_QUIET: Duration = Duration::from_secs(2);

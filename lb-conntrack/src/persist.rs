@@ -713,6 +713,25 @@ impl<H: KeyedHash> PersistTable<H> {
             .map_or(0, |t| t.refs)
     }
 
+    /// Removes every template (pinned or not, live or expired) bound to a backend for which
+    /// `gone` returns true, and returns how many. For a backend whose id is about to be reused:
+    /// none of its templates may send a client to the id's next backend. Control path: visits
+    /// every slot once (a hash each), no allocation.
+    pub fn purge_backends(&mut self, mut gone: impl FnMut(BackendId) -> bool) -> usize {
+        let mut removed = 0;
+        for i in 0..self.slots.len() {
+            let Some(t) = self.slots.get(i) else {
+                break;
+            };
+            // A free slot keeps its last template: only slots the index points at are held.
+            if gone(t.backend) && self.find(&t.key) == Some(i as u32) {
+                self.remove_slot(i as u32);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Removes templates that timed out, looking at no more than `budget` of them (from the
     /// heads of the new and the established lists). Returns the number removed.
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
@@ -964,6 +983,39 @@ mod tests {
         assert_eq!(p.export_chunk(0, 100, now, &mut out), None);
         let keys: Vec<_> = out.iter().map(|i| i.key).collect();
         assert_eq!(keys, [k(1), k(2), k(3), k(4)]);
+    }
+
+    #[test]
+    fn purge_backends_removes_only_their_templates_pinned_or_not() {
+        let mut p = PersistTable::new(64, HashKey::from_bytes([7; 16])).unwrap();
+        let now = Instant::from_secs(1);
+        let d = Duration::from_secs(10);
+        for k in 0..30u64 {
+            p.insert(
+                TemplateKey::affinity(svc(), k),
+                BackendId((k % 3) as u32),
+                d,
+                now,
+            );
+        }
+        // Pinned templates of backend 1 go too; a freed slot is not purged twice.
+        assert!(p.attach(&TemplateKey::affinity(svc(), 1)));
+        p.sync_remove(&TemplateKey::affinity(svc(), 4), now);
+        let n = p.purge_backends(|b| b == BackendId(1));
+        assert_eq!(n, 9);
+        assert_eq!(p.len(), 20);
+        for k in 0..30u64 {
+            let got = p.peek(&TemplateKey::affinity(svc(), k), now);
+            let want = (k % 3 != 1).then_some(BackendId((k % 3) as u32));
+            assert_eq!(got, want, "template {k}");
+        }
+        // The table stays usable: freed slots are reused, the LRU list is intact.
+        for k in 100..110u64 {
+            p.insert(TemplateKey::affinity(svc(), k), BackendId(1), d, now);
+        }
+        assert_eq!(p.len(), 30);
+        assert_eq!(p.expire(Instant::from_secs(20), 100), 30);
+        assert!(p.is_empty());
     }
 
     proptest! {

@@ -333,6 +333,14 @@ impl SessionStats {
         &self.overall
     }
 
+    /// Clears one backend's histograms (the overall ones keep its sessions): for an id about
+    /// to name another backend.
+    pub fn reset_backend(&mut self, id: BackendId) {
+        if let Some(b) = self.per_backend.get_mut(id.get() as usize) {
+            *b = SessionHistograms::default();
+        }
+    }
+
     /// Histograms of one backend (`None` if its id is beyond the configured bound).
     pub fn backend(&self, id: BackendId) -> Option<&SessionHistograms> {
         self.per_backend.get(id.get() as usize)

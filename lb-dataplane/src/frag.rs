@@ -276,6 +276,18 @@ impl FragTable {
         Some(outcome)
     }
 
+    /// Frees the entries of datagrams sent to a backend for which `gone` is true (their ids
+    /// are about to name other backends: their later fragments are dropped rather than sent
+    /// there). Visits every slot: control path.
+    pub(crate) fn forget(&mut self, gone: impl Fn(BackendId) -> bool) {
+        for s in self.slots.iter_mut() {
+            if s.is_some_and(|e| e.backend.is_some_and(&gone)) {
+                *s = None;
+                self.len = self.len.saturating_sub(1);
+            }
+        }
+    }
+
     /// The entry of non-first fragment `fi`'s datagram, counting its bytes; frees the entry
     /// once the datagram is complete or expired.
     pub(crate) fn lookup(&mut self, fi: &FragmentInfo, now: Instant) -> FragLookup {

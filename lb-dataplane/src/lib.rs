@@ -11,6 +11,8 @@
 //! control path:  ControlPlane::new(spec, key) → build() → Arc<Tables>
 //!                on reload: apply(new spec); on a health transition: set_healthy(id, up);
 //!                then build() and hand the new Arc<Tables> to every data path (set_tables).
+//!                now and then (and before a reload): cp.release(&dp.release_retired()),
+//!                and if it freed any id, build() and set_tables again (ids are recycled).
 //! data path:     let v = dp.process(&mut buf, HEADROOM, len, now);
 //!                (or dp.process_batch(&mut bufs, HEADROOM, &lens, now, &mut verdicts))
 //!                Forward { start, len } → write buf[start..start + len] back to the device
@@ -295,6 +297,9 @@ pub struct Dataplane {
     icmp: icmp_limit::IcmpOut,
     /// Datagrams whose first fragment went through (module `frag`).
     frag: frag::FragTable,
+    /// By backend id: retired, and reported free by [`Dataplane::release_retired`] (its state
+    /// is gone; sync may not install anything for it) until tables without it arrive.
+    released: Vec<bool>,
 }
 
 #[inline]
@@ -426,6 +431,7 @@ impl Dataplane {
                 spec.frag_timeout,
                 FlowHasher::new(key.derive("frag")),
             ),
+            released: Vec::new(),
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -438,7 +444,21 @@ impl Dataplane {
     pub fn set_tables(&mut self, tables: Arc<Tables>, now: Instant) {
         self.live.reconcile(&tables, now);
         self.icmp.set_limits(tables.icmp);
+        // A released id stays released while the tables still show it retired (the control
+        // plane has not dropped it yet); a new backend under it, or none, starts afresh.
+        self.released.resize(tables.backends.len(), false);
+        for (r, b) in self.released.iter_mut().zip(tables.backends.iter()) {
+            *r = *r && b.is_some_and(|b| !b.live);
+        }
+        let (mut in_use, mut retired) = (0u64, 0u64);
         for b in tables.backends.iter().flatten() {
+            in_use += 1;
+            if !b.live {
+                retired += 1;
+            }
+            if self.released.get(b.id.get() as usize) == Some(&true) {
+                continue;
+            }
             if b.mode == Mode::Nat {
                 let ct = if b.addr.is_ipv4() {
                     &mut self.ct4
@@ -455,7 +475,66 @@ impl Dataplane {
                 .backends
                 .resize(tables.backends.len(), BackendStats::default());
         }
+        self.stats.backend_ids_in_use = in_use;
+        self.stats.backend_ids_retired = retired;
         self.tables = tables;
+    }
+
+    /// Retired backends (removed from the configuration, `live == false` in the tables in
+    /// force) that nothing here refers to any more: no flow of either table is bound to them
+    /// (the removal stream's count, [`Dataplane::backend_flows`]). Their persistence templates
+    /// and SIP Call-ID bindings are purged, their SNAT pools, statistics slots, live load,
+    /// outlier and timing state dropped, and from now on sync installs nothing for them. Hand
+    /// the ids to [`ControlPlane::release`], which frees them for reuse; an id reused later
+    /// therefore never carries an old flow or template to its new backend.
+    ///
+    /// Control path (it allocates and, when it releases something, visits every template and
+    /// the timing and fragment tables): call it now and then, e.g. every 100 ms, and before a
+    /// reload. Returns nothing (no allocation) when there is nothing to release.
+    pub fn release_retired(&mut self) -> Vec<BackendId> {
+        let tables = self.tables.clone();
+        let out: Vec<BackendId> = tables
+            .backends
+            .iter()
+            .flatten()
+            .filter(|b| !b.live && self.released.get(b.id.get() as usize) == Some(&false))
+            .filter(|b| self.live.flows(b.id) == 0)
+            .map(|b| b.id)
+            .collect();
+        if out.is_empty() {
+            return out;
+        }
+        for &id in &out {
+            if let Some(r) = self.released.get_mut(id.get() as usize) {
+                *r = true;
+            }
+        }
+        let released = &self.released;
+        let gone = |b: BackendId| released.get(b.get() as usize) == Some(&true);
+        self.timing.forget(gone);
+        self.frag.forget(gone);
+        for ct in [&mut self.ct4, &mut self.ct6] {
+            ct.persist_mut().purge_backends(gone);
+            if let Some(pool) = ct.snat_pool_mut() {
+                for &id in &out {
+                    pool.remove_backend(id);
+                }
+            }
+        }
+        for &id in &out {
+            self.live.forget(id);
+            self.sessions.reset_backend(id);
+            if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
+                *s = BackendStats::default();
+            }
+        }
+        self.stats.backend_ids_released += out.len() as u64;
+        out
+    }
+
+    /// Flows in the tables (both families) bound to backend `id`.
+    pub fn backend_flows(&self, id: BackendId) -> u32 {
+        self.live.flows(id)
     }
 
     /// The tables in force.

@@ -143,6 +143,10 @@ pub(crate) struct Live {
     svc_of: Vec<u32>,
     /// Observations by backend id.
     pub(crate) observed: Vec<Observed>,
+    /// Entries in the flow tables by backend id, whatever their service (a retired backend's
+    /// service may have left the configuration): opened minus closed, the reference count
+    /// that says when a retired backend's id may be released.
+    flows: Vec<u32>,
     /// Health as configured or checked (before ejection), by backend id.
     healthy: Vec<bool>,
     /// Ejection and return events not yet polled (bounded: the oldest is dropped past
@@ -202,6 +206,9 @@ impl Live {
         self.svc_of = vec![NONE; n];
         if self.observed.len() < n {
             self.observed.resize(n, Observed::default());
+        }
+        if self.flows.len() < n {
+            self.flows.resize(n, 0);
         }
         self.healthy = tables
             .backends
@@ -318,6 +325,9 @@ impl Live {
     /// A new flow bound to `id`, in state `s` after its first packet.
     #[inline]
     pub(crate) fn opened(&mut self, id: BackendId, s: FlowState) {
+        if let Some(c) = self.flows.get_mut(id.get() as usize) {
+            *c = c.saturating_add(1);
+        }
         if let Some(l) = self.service_mut(id) {
             let _ = if s.is_active() {
                 l.pool.conn_opened(id)
@@ -357,11 +367,49 @@ impl Live {
     /// A flow left the table.
     #[inline]
     pub(crate) fn removed(&mut self, r: &Removal) {
-        if let Some(l) = self.service_mut(r.backend) {
-            let _ = l.pool.conn_closed(r.backend, phase(r.state));
-            if handshaking(r.state) {
-                let _ = l.pool.request_ended(r.backend);
+        self.closed(r.backend, r.state);
+    }
+
+    /// A flow of `id` in state `s` left the table (or, synced, moved to another backend).
+    #[inline]
+    pub(crate) fn closed(&mut self, id: BackendId, s: FlowState) {
+        if let Some(c) = self.flows.get_mut(id.get() as usize) {
+            *c = c.saturating_sub(1);
+        }
+        if let Some(l) = self.service_mut(id) {
+            let _ = l.pool.conn_closed(id, phase(s));
+            if handshaking(s) {
+                let _ = l.pool.request_ended(id);
             }
+        }
+    }
+
+    /// Flows in the tables bound to `id`.
+    #[inline]
+    pub(crate) fn flows(&self, id: BackendId) -> u32 {
+        self.flows.get(id.get() as usize).copied().unwrap_or(0)
+    }
+
+    /// Drops everything known about `id` (it holds no flow; its id is about to name another
+    /// backend): its place in its service's pool (counts, estimates, slow start), its
+    /// outlier state and observations.
+    pub(crate) fn forget(&mut self, id: BackendId) {
+        for l in &mut self.services {
+            if l.pool.index_of(id).is_some() {
+                let _ = l.pool.remove(id);
+            }
+            if let Some(d) = l.outlier.as_mut() {
+                d.remove(id);
+            }
+        }
+        if let Some(o) = self.observed.get_mut(id.get() as usize) {
+            *o = Observed::default();
+        }
+        if let Some(c) = self.flows.get_mut(id.get() as usize) {
+            *c = 0;
+        }
+        if let Some(s) = self.svc_of.get_mut(id.get() as usize) {
+            *s = NONE;
         }
     }
 

@@ -135,8 +135,9 @@ pub struct Stats {
     /// Changes the sync log dropped because it was full: the backup misses them until the
     /// next bulk dump (the embedder sends one when this moves).
     pub sync_lost: u64,
-    /// Sync records refused because their backend id is unknown here or names another
-    /// backend than the peer's (the two balancers' configurations differ).
+    /// Sync records (flows and templates) refused because their backend id is unknown here,
+    /// names another backend than the peer's (the two balancers' configurations differ), or
+    /// names a retired backend already released here.
     pub sync_refused: u64,
     /// Packets that cannot start a flow (a TCP segment without SYN, an ICMP error) of flows
     /// not tracked here, placed by their service's consistent hash
@@ -157,6 +158,16 @@ pub struct Stats {
     /// First fragments forwarded whose datagram could not be recorded (tunnel / dr: the flow
     /// table refused the flow), so its later fragments are dropped.
     pub frag_unrecorded: u64,
+    /// Backend ids in use in the tables in force: configured backends, and retired ones whose
+    /// flows continue (or that [`ControlPlane::release`](crate::ControlPlane::release) has
+    /// not dropped yet). Bounded however many reloads come, as ids are recycled.
+    pub backend_ids_in_use: u64,
+    /// Of those, retired backends (removed from the configuration; their flows continue).
+    pub backend_ids_retired: u64,
+    /// Retired backends released so far by
+    /// [`Dataplane::release_retired`](crate::Dataplane::release_retired): their last flow
+    /// ended, their state was dropped and their id freed for another backend.
+    pub backend_ids_released: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -228,6 +239,10 @@ impl Stats {
         self.frag_expired += other.frag_expired;
         self.frag_evicted += other.frag_evicted;
         self.frag_unrecorded += other.frag_unrecorded;
+        // Gauges of the tables, which data paths share: not summed.
+        self.backend_ids_in_use = self.backend_ids_in_use.max(other.backend_ids_in_use);
+        self.backend_ids_retired = self.backend_ids_retired.max(other.backend_ids_retired);
+        self.backend_ids_released += other.backend_ids_released;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

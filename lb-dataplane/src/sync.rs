@@ -239,19 +239,17 @@ impl Dataplane {
     pub fn apply_sync(&mut self, msg: &SyncMessage, now: Instant, merge: bool) -> SyncApplied {
         let mut out = SyncApplied::default();
         for rec in &msg.records {
-            let ct = if rec.key.is_ipv4() {
-                &mut self.ct4
-            } else {
-                &mut self.ct6
-            };
             // A flow for a backend this node does not know cannot be forwarded: refuse it
             // rather than install an entry that would blackhole the flow after a takeover.
             // Backend ids are positions in the configuration, so a peer configured otherwise
             // would name other backends: a NAT reply tuple comes from the backend, and must
             // come from the one the id names here.
+            // Nor for a retired backend already released here: its id may soon name another.
+            let mut before = None;
             if rec.op != RecordOp::Delete {
                 let known = match self.tables.backend(rec.backend) {
                     None => false,
+                    Some(_) if self.is_released(rec.backend) => false,
                     Some(b) => rec.nat.is_none_or(|r| {
                         r.src() == b.addr.ip()
                             && (b.addr.port() == 0 || r.src_port() == b.addr.port())
@@ -262,7 +260,14 @@ impl Dataplane {
                     self.stats.sync_refused += 1;
                     continue;
                 }
+                // An update may move a live entry to another backend: its count moves too.
+                before = self.ct(&rec.key).get(&rec.key, now).map(|e| e.backend);
             }
+            let ct = if rec.key.is_ipv4() {
+                &mut self.ct4
+            } else {
+                &mut self.ct6
+            };
             let a = apply_record(ct, rec, now, merge);
             match a {
                 Applied::Installed => {
@@ -271,7 +276,13 @@ impl Dataplane {
                         s.flows += 1;
                     }
                 }
-                Applied::Updated { was } => self.live.moved(rec.backend, Some(was), rec.state),
+                Applied::Updated { was } => match before {
+                    Some(old) if old != rec.backend => {
+                        self.live.closed(old, was);
+                        self.live.opened(rec.backend, rec.state);
+                    }
+                    _ => self.live.moved(rec.backend, Some(was), rec.state),
+                },
                 _ => {}
             }
             out.add(a, false);
@@ -279,10 +290,24 @@ impl Dataplane {
             self.drain_removals();
         }
         for t in &msg.templates {
+            // A template naming a backend unknown here, or released, would send clients to
+            // whatever backend the id names next.
+            if !t.delete
+                && (self.tables.backend(t.backend).is_none() || self.is_released(t.backend))
+            {
+                out.refused += 1;
+                self.stats.sync_refused += 1;
+                continue;
+            }
             let ct = self.ct_for_template_mut(&t.key);
             out.add(apply_template(ct, t, now, merge), true);
         }
         out
+    }
+
+    /// Whether `id` is a retired backend [`Dataplane::release_retired`] reported free.
+    fn is_released(&self, id: lb_core::BackendId) -> bool {
+        self.released.get(id.get() as usize) == Some(&true)
     }
 
     fn ct(&self, k: &FlowKey) -> &ConnTable {

@@ -1,7 +1,7 @@
 //! Scheduling tables: built by the control path from a [`DataplaneSpec`] and the backends' health,
 //! then handed to the data path whole (an `Arc` swap). Nothing here runs per packet.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -26,8 +26,9 @@ pub enum BuildError {
         /// lb-sched's error, as text.
         reason: String,
     },
-    /// More backends than the flow table's ids (65 536 over the process's life: ids are not
-    /// reused, so a flow keeps its backend's meaning across reloads).
+    /// More backends than the flow table's ids: configured backends and retired ones still
+    /// referred to (by a flow, or not yet released by [`ControlPlane::release`]) hold
+    /// ids, at most `lb_conntrack::MAX_BACKEND_ID + 1` together.
     #[error("too many backends")]
     TooManyBackends,
 }
@@ -52,7 +53,8 @@ pub struct BackendInfo {
     /// Configured weight.
     pub weight: Weight,
     /// In the current configuration. A removed backend stays known so that its established flows
-    /// keep flowing until they end, but receives no new flow.
+    /// keep flowing until they end, but receives no new flow; once nothing refers to it any
+    /// more its id is released and may name another backend ([`ControlPlane::release`]).
     pub live: bool,
     /// Health as last reported (true until a check says otherwise).
     pub healthy: bool,
@@ -210,12 +212,25 @@ type BuiltHash = (HashAlgorithm, Option<u64>, Vec<Backend>, Arc<AnyHash>);
 
 /// The control path: keeps backend ids stable across reloads, tracks health, and builds
 /// [`Tables`] off the data path.
+///
+/// Backend ids are recycled. A removed backend is *retired*: it keeps its id (and gets it back
+/// if it returns to its service at the same address) while its flows continue. Once the data
+/// path reports that nothing refers to it any more ([`Dataplane::release_retired`]: no flow,
+/// templates purged), [`ControlPlane::release`] frees the id, and a later reload gives it,
+/// lowest free id first, to the next new backend. So ids in use stay bounded by the backends
+/// configured plus the retired ones still holding flows, however many reloads come.
+///
+/// [`Dataplane::release_retired`]: crate::Dataplane::release_retired
 #[derive(Debug)]
 pub struct ControlPlane {
     key: HashKey,
     spec: DataplaneSpec,
     ids: HashMap<(ServiceKey, SocketAddr), BackendId>,
     infos: Vec<Option<BackendInfo>>,
+    /// Released ids below `infos.len()`, for reuse lowest first.
+    free: BTreeSet<u32>,
+    /// Ids released so far.
+    recycled: u64,
     /// Consistent-hash tables by service (a hash scheduler's, or the Maglev table placing a
     /// policy service's mid-flow packets), reused while the weighted backend set is unchanged
     /// (a health change only flips bits in `up`).
@@ -263,6 +278,8 @@ impl ControlPlane {
             spec: DataplaneSpec::default(),
             ids: HashMap::new(),
             infos: Vec::new(),
+            free: BTreeSet::new(),
+            recycled: 0,
             hashes: HashMap::new(),
             generation: 0,
         };
@@ -276,14 +293,17 @@ impl ControlPlane {
     }
 
     /// Replaces the configuration. Backends keep their ids (same service, same address) and their
-    /// health; removed ones are retired. On error nothing changes.
+    /// health; removed ones are retired; new ones take the lowest released id, else the next.
+    /// On error nothing changes.
     ///
     /// # Errors
-    /// A backend set the scheduler rejects, or more backends than ids.
+    /// A backend set the scheduler rejects, or more backends than ids
+    /// ([`BuildError::TooManyBackends`]: configured plus retired-but-referenced).
     pub fn apply(&mut self, spec: DataplaneSpec) -> Result<Reload, BuildError> {
         // Assign ids on a copy so that a failed build leaves everything as it was.
         let mut ids = self.ids.clone();
         let mut infos = self.infos.clone();
+        let mut free = self.free.clone();
         let mut live = vec![false; infos.len()];
         let mut reload = Reload::default();
         for s in &spec.services {
@@ -292,15 +312,20 @@ impl ControlPlane {
                 let id = match ids.get(&k) {
                     Some(&id) => id,
                     None => {
-                        // Ids are what the flow table stores: at most `MAX_BACKEND_ID`.
-                        let n = u32::try_from(infos.len())
-                            .ok()
-                            .filter(|&n| n <= lb_conntrack::MAX_BACKEND_ID)
-                            .ok_or(BuildError::TooManyBackends)?;
-                        let id = BackendId(n);
+                        let id = match free.pop_first() {
+                            Some(n) => BackendId(n),
+                            None => {
+                                // Ids are what the flow table stores: at most `MAX_BACKEND_ID`.
+                                let n = u32::try_from(infos.len())
+                                    .ok()
+                                    .filter(|&n| n <= lb_conntrack::MAX_BACKEND_ID)
+                                    .ok_or(BuildError::TooManyBackends)?;
+                                infos.push(None);
+                                live.push(false);
+                                BackendId(n)
+                            }
+                        };
                         ids.insert(k, id);
-                        infos.push(None);
-                        live.push(false);
                         reload.added.push(id);
                         id
                     }
@@ -336,14 +361,60 @@ impl ControlPlane {
             core::mem::replace(&mut self.ids, ids),
             core::mem::replace(&mut self.infos, infos),
             core::mem::replace(&mut self.spec, spec),
+            core::mem::replace(&mut self.free, free),
         );
         if let Err(e) = self.build() {
             self.ids = old.0;
             self.infos = old.1;
             self.spec = old.2;
+            self.free = old.3;
             return Err(e);
         }
         Ok(reload)
+    }
+
+    /// Frees the ids of retired backends that nothing refers to any more, as the data path
+    /// reported them ([`Dataplane::release_retired`](crate::Dataplane::release_retired); with
+    /// several data paths, only ids *every one* of them reported). A backend configured again
+    /// in the meantime keeps its id; unknown ids are ignored. Returns the number freed: then
+    /// build and install new tables, which no longer hold them. A later reload gives a freed
+    /// id to a new backend.
+    pub fn release(&mut self, ids: &[BackendId]) -> usize {
+        let mut n = 0;
+        for id in ids {
+            let i = id.get() as usize;
+            if let Some(slot @ Some(_)) = self.infos.get_mut(i) {
+                if slot.is_some_and(|b| !b.live) {
+                    *slot = None;
+                    self.free.insert(id.get());
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            return 0;
+        }
+        let infos = &self.infos;
+        self.ids
+            .retain(|_, id| infos.get(id.get() as usize).is_some_and(Option::is_some));
+        // Free ids at the end shrink the tables instead.
+        while self.infos.last().is_some_and(Option::is_none) {
+            self.infos.pop();
+            let top = self.infos.len() as u32;
+            self.free.remove(&top);
+        }
+        self.recycled += n as u64;
+        n
+    }
+
+    /// Backend ids in use: configured backends and retired ones not yet released.
+    pub fn ids_in_use(&self) -> usize {
+        self.infos.iter().flatten().count()
+    }
+
+    /// Ids released so far ([`ControlPlane::release`]), each free for a new backend.
+    pub fn ids_recycled(&self) -> u64 {
+        self.recycled
     }
 
     /// Records a backend's health. Returns whether it changed (then build new tables).
@@ -362,7 +433,8 @@ impl ControlPlane {
         self.infos.get(id.get() as usize).and_then(Option::as_ref)
     }
 
-    /// Every backend ever configured (retired ones have `live == false`).
+    /// Every backend configured or retired and not yet released (retired ones have
+    /// `live == false`).
     pub fn backends(&self) -> impl Iterator<Item = &BackendInfo> + '_ {
         self.infos.iter().filter_map(Option::as_ref)
     }
@@ -591,6 +663,43 @@ mod tests {
         }
         let (_, dr) = build(Mode::Dr, "p2c", MidFlow::Hash);
         assert!(dr.services[0].fallback.is_some());
+    }
+
+    /// The id space bounds the backends configured plus the retired ones not yet released,
+    /// not every backend ever seen.
+    #[test]
+    fn too_many_backends_counts_only_ids_in_use() {
+        let n = lb_conntrack::MAX_BACKEND_ID + 1;
+        let spec = |ids: core::ops::Range<u32>| {
+            let mut s = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+            s.scheduler = "rr".parse().unwrap();
+            for i in ids {
+                s = s.with_backend(
+                    SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80)),
+                    1,
+                );
+            }
+            DataplaneSpec {
+                services: vec![s],
+                ..DataplaneSpec::default()
+            }
+        };
+        let mut cp = ControlPlane::new(spec(0..n), HashKey::from_bytes([3; 16])).unwrap();
+        assert_eq!(cp.ids_in_use(), n as usize);
+        assert_eq!(cp.apply(spec(0..n + 1)), Err(BuildError::TooManyBackends));
+        // Backend 0 leaves, but holds its id until released.
+        let r = cp.apply(spec(1..n)).unwrap();
+        assert_eq!(r.removed, vec![BackendId(0)]);
+        assert_eq!(cp.apply(spec(1..n + 1)), Err(BuildError::TooManyBackends));
+        // A live backend is never released; the retired one is.
+        assert_eq!(cp.release(&[BackendId(1), BackendId(0)]), 1);
+        assert_eq!(cp.ids_recycled(), 1);
+        let r = cp.apply(spec(1..n + 1)).unwrap();
+        assert_eq!(r.added, vec![BackendId(0)]);
+        let vip = "203.0.113.10:80".parse().unwrap();
+        let newest = SocketAddr::from(([10, 1, 0, 0], 80));
+        assert_eq!(cp.backend_id(vip, Proto::Tcp, newest), Some(BackendId(0)));
+        assert_eq!(cp.ids_in_use(), n as usize);
     }
 
     #[test]

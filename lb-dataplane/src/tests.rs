@@ -724,3 +724,6 @@ mod place;
 
 #[path = "snat_pressure_tests.rs"]
 mod snat_pressure;
+
+#[path = "recycle_tests.rs"]
+mod recycle;

@@ -141,6 +141,20 @@ impl Timing {
         set(&mut self.asking, i, next.phase == Phase::Request);
     }
 
+    /// Stops timing every flow of a backend for which `gone` is true (their ids are about to
+    /// name other backends): 4096 slots visited, control path.
+    pub(crate) fn forget(&mut self, gone: impl Fn(BackendId) -> bool) {
+        for i in 0..self.slots.len() {
+            if self
+                .slots
+                .get(i)
+                .is_some_and(|t| t.phase != Phase::Empty && gone(t.backend))
+            {
+                self.put(i, EMPTY);
+            }
+        }
+    }
+
     /// A SYN opened `key` towards `backend`.
     #[inline]
     pub(crate) fn syn(&mut self, key: &FlowKey, backend: BackendId, now: Instant) {

@@ -245,6 +245,7 @@ fn sync_installs_nothing_for_a_released_backend() {
         op: RecordOp::Update,
         key,
         backend: id_a,
+        backend_tag: None,
         state: lb_conntrack::FlowState::Tcp(lb_conntrack::TcpState::Established),
         remaining_ms: 60_000,
         nat: None,

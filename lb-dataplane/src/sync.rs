@@ -128,6 +128,20 @@ impl Dataplane {
         templates: &mut Vec<TemplateRecord>,
     ) -> usize {
         seen.clear();
+        let (r0, t0) = (records.len(), templates.len());
+        let n = self.sync_drain_inner(now, max, seen, records, templates);
+        self.tag_records(&mut records[r0..], &mut templates[t0..]);
+        n
+    }
+
+    fn sync_drain_inner(
+        &mut self,
+        now: Instant,
+        max: usize,
+        seen: &mut HashSet<SyncChange>,
+        records: &mut Vec<SyncRecord>,
+        templates: &mut Vec<TemplateRecord>,
+    ) -> usize {
         let mut n = 0;
         while n < max {
             let Some(c) = self.sync.pop_front() else {
@@ -159,6 +173,7 @@ impl Dataplane {
                                 delete: true,
                                 key: tk,
                                 backend: lb_core::BackendId(0),
+                                backend_tag: None,
                                 remaining_ms: 0,
                                 timeout_ms: 0,
                                 established: false,
@@ -177,6 +192,32 @@ impl Dataplane {
     /// (a refresh pass: their deadlines moved since the record their creation logged);
     /// without, every flow and template (a bulk dump).
     pub fn sync_export(
+        &self,
+        cursor: SyncCursor,
+        max: usize,
+        since: Option<Instant>,
+        now: Instant,
+        records: &mut Vec<SyncRecord>,
+        templates: &mut Vec<TemplateRecord>,
+    ) -> Option<SyncCursor> {
+        let (r0, t0) = (records.len(), templates.len());
+        let next = self.sync_export_inner(cursor, max, since, now, records, templates);
+        self.tag_records(&mut records[r0..], &mut templates[t0..]);
+        next
+    }
+
+    /// Names each record's backend by its tag ([`BackendInfo::tag`](crate::BackendInfo::tag)):
+    /// a peer whose ids differ (they are recycled when backends leave) finds its own from it.
+    fn tag_records(&self, records: &mut [SyncRecord], templates: &mut [TemplateRecord]) {
+        for r in records.iter_mut().filter(|r| r.op != RecordOp::Delete) {
+            r.backend_tag = self.tables.backend(r.backend).map(crate::BackendInfo::tag);
+        }
+        for t in templates.iter_mut().filter(|t| !t.delete) {
+            t.backend_tag = self.tables.backend(t.backend).map(crate::BackendInfo::tag);
+        }
+    }
+
+    fn sync_export_inner(
         &self,
         cursor: SyncCursor,
         max: usize,
@@ -239,11 +280,30 @@ impl Dataplane {
     pub fn apply_sync(&mut self, msg: &SyncMessage, now: Instant, merge: bool) -> SyncApplied {
         let mut out = SyncApplied::default();
         for rec in &msg.records {
+            // A tagged record names its backend by service and address: this node's id for
+            // it may differ from the sender's (ids are recycled), or the backend be unknown.
+            let local;
+            let rec = match rec.backend_tag {
+                Some(tag) if rec.op != RecordOp::Delete => match self.tables.backend_by_tag(tag) {
+                    Some(id) => {
+                        local = SyncRecord {
+                            backend: id,
+                            ..*rec
+                        };
+                        &local
+                    }
+                    None => {
+                        out.refused += 1;
+                        self.stats.sync_refused += 1;
+                        continue;
+                    }
+                },
+                _ => rec,
+            };
             // A flow for a backend this node does not know cannot be forwarded: refuse it
             // rather than install an entry that would blackhole the flow after a takeover.
-            // Backend ids are positions in the configuration, so a peer configured otherwise
-            // would name other backends: a NAT reply tuple comes from the backend, and must
-            // come from the one the id names here.
+            // An untagged record names the backend by the sender's id: a NAT reply tuple comes
+            // from the backend, and must come from the one the id names here.
             // Nor for a retired backend already released here: its id may soon name another.
             let mut before = None;
             if rec.op != RecordOp::Delete {
@@ -290,6 +350,21 @@ impl Dataplane {
             self.drain_removals();
         }
         for t in &msg.templates {
+            let local;
+            let t = match t.backend_tag {
+                Some(tag) if !t.delete => match self.tables.backend_by_tag(tag) {
+                    Some(id) => {
+                        local = TemplateRecord { backend: id, ..*t };
+                        &local
+                    }
+                    None => {
+                        out.refused += 1;
+                        self.stats.sync_refused += 1;
+                        continue;
+                    }
+                },
+                _ => t,
+            };
             // A template naming a backend unknown here, or released, would send clients to
             // whatever backend the id names next.
             if !t.delete
@@ -351,6 +426,7 @@ fn delete_record(key: FlowKey) -> SyncRecord {
         op: RecordOp::Delete,
         key,
         backend: lb_core::BackendId(0),
+        backend_tag: None,
         state: lb_conntrack::FlowState::Other,
         remaining_ms: 0,
         nat: None,

@@ -80,6 +80,27 @@ impl BackendInfo {
         self.live && self.healthy && !self.weight.is_zero()
     }
 
+    /// A name for the backend that does not depend on ids: a hash of its service (VIP, port,
+    /// protocol) and its address. State sync names backends by it, so two balancers
+    /// whose ids differ (ids are recycled as backends come and go, at times that depend on
+    /// when flows end) still agree on which backend a flow or a template is bound to.
+    pub fn tag(&self) -> u32 {
+        let mut b = [0u8; 40];
+        let put = |out: &mut [u8], a: SocketAddr| {
+            let ip = match a.ip() {
+                IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+                IpAddr::V6(v) => v.octets(),
+            };
+            out[..16].copy_from_slice(&ip);
+            out[16..18].copy_from_slice(&a.port().to_be_bytes());
+        };
+        put(&mut b[..18], self.vip);
+        put(&mut b[18..36], self.addr);
+        b[36] = self.ip_proto().number();
+        let h = lb_core::FlowHasher::<lb_core::SipHash13>::with_key(TAG_KEY).hash_bytes(&b);
+        (h >> 32) as u32 ^ h as u32
+    }
+
     /// Whether the backend keeps what it already serves: the later messages of a SIP call
     /// pinned to it. A backend drained to weight 0 or removed from the configuration does (as
     /// its flows do); one that fails its health check does not.
@@ -167,9 +188,21 @@ pub struct Tables {
     pub mac: MacAddr,
     /// Limits on the ICMP errors the data path generates.
     pub icmp: crate::IcmpLimits,
+    /// Backends by [`BackendInfo::tag`]; `None` where two share a tag (records naming it are
+    /// refused rather than guessed).
+    pub tags: HashMap<u32, Option<BackendId>>,
 }
 
+/// The fixed key of [`BackendInfo::tag`] (a name, not a secret: peers must agree on it).
+const TAG_KEY: HashKey = HashKey::from_bytes(*b"lb-backend-tag-1");
+
 impl Tables {
+    /// The backend whose [`BackendInfo::tag`] is `tag`, if exactly one has it.
+    #[inline]
+    pub fn backend_by_tag(&self, tag: u32) -> Option<BackendId> {
+        self.tags.get(&tag).copied().flatten()
+    }
+
     /// The backend with id `id`.
     #[inline]
     pub fn backend(&self, id: BackendId) -> Option<&BackendInfo> {
@@ -523,7 +556,14 @@ impl ControlPlane {
         }
         self.hashes = hashes;
         self.generation += 1;
+        let mut tags: HashMap<u32, Option<BackendId>> = HashMap::new();
+        for b in self.infos.iter().flatten() {
+            tags.entry(b.tag())
+                .and_modify(|x| *x = None)
+                .or_insert(Some(b.id));
+        }
         Ok(Arc::new(Tables {
+            tags,
             generation: self.generation,
             services,
             backends: self.infos.clone(),

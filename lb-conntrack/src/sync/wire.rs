@@ -13,24 +13,26 @@
 //!                                destination last sent this sender in a request (0: none)
 //!  29  item count            2   connection and template records
 //! connection records, each
-//!   0  op (bits 0-2: 1 new, 2 update, 3 delete) | 0x10 persistence prefix | 0x20 reply tuple
-//!      is IPv6 | 0x40 key is IPv6 | 0x80 has reply tuple
+//!   0  op (bits 0-2: 1 new, 2 update, 3 delete) | 0x08 backend tag | 0x10 persistence prefix
+//!      | 0x20 reply tuple is IPv6 | 0x40 key is IPv6 | 0x80 has reply tuple
 //!   1  state class            1
 //!   2  protocol               1
 //!   3  source port, destination port            2 + 2
 //!   7  source, destination address              4 + 4 (IPv4) or 16 + 16 (IPv6)
 //!      backend id             4
+//!      [backend tag           4]
 //!      remaining timeout, ms  4
 //!      [persistence prefix    1]
 //!      [reply tuple: source port, destination port, source, destination address]
 //! template records, each
-//!   0  op (bits 0-2: 4 upsert, 5 delete) | 0x08 established (upserts only) | 0x20 client
-//!      address is IPv6 | 0x40 service address is IPv6 | 0x80 client template (else an
-//!      affinity-key template)
+//!   0  op (bits 0-2: 4 upsert, 5 delete) | 0x08 established (upserts only) | 0x10 backend
+//!      tag | 0x20 client address is IPv6 | 0x40 service address is IPv6 | 0x80 client
+//!      template (else an affinity-key template)
 //!   1  protocol               1
 //!   2  service port           2
 //!   4  service address        4 or 16
 //!      backend id             4
+//!      [backend tag           4]
 //!      remaining timeout, ms  4
 //!      idle timeout, ms       4
 //!      client template: prefix length 1, client address 4 or 16;
@@ -85,8 +87,8 @@ pub const HEADER_LEN: usize = 31;
 /// MAC length in bytes.
 pub const MAC_LEN: usize = lb_core::mac::TAG_LEN;
 const MAGIC: [u8; 2] = *b"LC";
-/// The longest record: IPv6, with a persistence prefix and an IPv6 reply tuple.
-const MAX_RECORD_LEN: usize = 84;
+/// The longest record: IPv6, with a backend tag, a persistence prefix and an IPv6 reply tuple.
+const MAX_RECORD_LEN: usize = 88;
 /// The shortest item (an IPv4 connection record without options).
 const MIN_ITEM_LEN: usize = 23;
 /// Smallest MTU accepted by [`SyncSender::new`]: room for one record of any kind.
@@ -194,6 +196,10 @@ pub struct SyncRecord {
     pub key: FlowKey,
     /// Its backend.
     pub backend: BackendId,
+    /// The sender's name for that backend independent of ids (lb-dataplane: a hash of the
+    /// service and the backend's address), so that a receiver whose ids differ (they are
+    /// recycled) can find its own; `None`: the receiver takes `backend` as it is.
+    pub backend_tag: Option<u32>,
     /// Its state.
     pub state: FlowState,
     /// Milliseconds until it times out (at most [`MAX_TIMEOUT`]).
@@ -213,6 +219,7 @@ impl SyncRecord {
             op,
             key: e.key,
             backend: e.backend,
+            backend_tag: None,
             state: e.state,
             remaining_ms: u32::try_from(rem).unwrap_or(u32::MAX),
             nat: e.nat,
@@ -228,7 +235,11 @@ impl SyncRecord {
             Some(r) if r.is_ipv4() => 12,
             Some(_) => 36,
         };
-        7 + a + 8 + usize::from(self.persist.is_some()) + n
+        7 + a
+            + 8
+            + 4 * usize::from(self.backend_tag.is_some())
+            + usize::from(self.persist.is_some())
+            + n
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -243,6 +254,9 @@ impl SyncRecord {
         if self.persist.is_some() {
             op |= 0x10;
         }
+        if self.backend_tag.is_some() {
+            op |= 0x08;
+        }
         if let Some(r) = self.nat {
             op |= 0x80;
             if !r.is_ipv4() {
@@ -254,6 +268,9 @@ impl SyncRecord {
         out.push(self.key.proto().number());
         push_ports_addrs(out, &self.key);
         out.extend_from_slice(&self.backend.get().to_be_bytes());
+        if let Some(t) = self.backend_tag {
+            out.extend_from_slice(&t.to_be_bytes());
+        }
         out.extend_from_slice(&self.remaining_ms.to_be_bytes());
         if let Some(p) = self.persist {
             out.push(p);
@@ -348,7 +365,7 @@ impl SyncSender {
     ///
     /// # Errors
     /// [`crate::ConntrackError::InvalidCapacity`] if `mtu` cannot hold one record of any kind
-    /// (131 bytes) or exceeds 65 507.
+    /// (135 bytes) or exceeds 65 507.
     pub fn new(
         sender: u32,
         epoch: u32,
@@ -639,8 +656,8 @@ fn decode_record(r: &mut Reader<'_>, opb: u8) -> Result<SyncRecord, SyncError> {
         3 => RecordOp::Delete,
         _ => return Err(SyncError::Op(opb)),
     };
-    // 0x08 is reserved; a v6 reply tuple needs a reply tuple.
-    if opb & 0x08 != 0 || opb & 0xa0 == 0x20 {
+    // A v6 reply tuple needs a reply tuple.
+    if opb & 0xa0 == 0x20 {
         return Err(SyncError::Op(opb));
     }
     let class = r.u8()?;
@@ -648,6 +665,11 @@ fn decode_record(r: &mut Reader<'_>, opb: u8) -> Result<SyncRecord, SyncError> {
     let proto = IpProto::from_number(r.u8()?);
     let key = r.key(opb & 0x40 != 0, proto)?;
     let backend = BackendId(r.u32()?);
+    let backend_tag = if opb & 0x08 != 0 {
+        Some(r.u32()?)
+    } else {
+        None
+    };
     let remaining_ms = r.timeout()?;
     let persist = if opb & 0x10 != 0 {
         let p = r.u8()?;
@@ -667,6 +689,7 @@ fn decode_record(r: &mut Reader<'_>, opb: u8) -> Result<SyncRecord, SyncError> {
         op,
         key,
         backend,
+        backend_tag,
         state,
         remaining_ms,
         nat,

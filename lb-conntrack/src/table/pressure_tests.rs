@@ -286,6 +286,7 @@ fn synced_half_open_flows_holding_a_pair_are_reclaimable_until_established() {
             op,
             key: a,
             backend: BackendId(1),
+            backend_tag: None,
             state,
             remaining_ms: 30_000,
             nat: Some(nat),

@@ -342,6 +342,7 @@ fn sync_deletes_are_recorded_as_such() {
         op: RecordOp::New,
         key: k,
         backend: BackendId(3),
+        backend_tag: None,
         state: FlowState::Tcp(TcpState::Established),
         remaining_ms: 60_000,
         nat: None,

@@ -38,6 +38,7 @@ fn rec(i: u32, op: RecordOp, backend: u32) -> SyncRecord {
         op,
         key: key(i),
         backend: BackendId(backend),
+        backend_tag: None,
         state: ESTABLISHED,
         remaining_ms: 60_000,
         nat: None,
@@ -89,6 +90,7 @@ fn record_outcomes() {
         op: RecordOp::Update,
         state: FlowState::Tcp(TcpState::FinWait),
         backend: BackendId(4),
+        backend_tag: None,
         ..new
     };
     assert_eq!(
@@ -239,6 +241,7 @@ fn a_synced_backend_change_moves_the_reservation() {
     let moved = SyncRecord {
         op: RecordOp::Update,
         backend: BackendId(6),
+        backend_tag: None,
         ..synced
     };
     assert_eq!(
@@ -259,6 +262,7 @@ fn tpl(k: TemplateKey, backend: u32, remaining_ms: u32) -> TemplateRecord {
         delete: false,
         key: k,
         backend: BackendId(backend),
+        backend_tag: None,
         remaining_ms,
         timeout_ms: 300_000,
         established: false,

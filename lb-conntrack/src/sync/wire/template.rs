@@ -19,6 +19,9 @@ pub struct TemplateRecord {
     pub key: TemplateKey,
     /// The backend it names.
     pub backend: BackendId,
+    /// The sender's id-independent name for that backend, as
+    /// [`SyncRecord::backend_tag`](super::SyncRecord::backend_tag) (op flag `0x10`).
+    pub backend_tag: Option<u32>,
     /// Milliseconds until it times out if not used again (at most [`MAX_TIMEOUT`]).
     pub remaining_ms: u32,
     /// Its idle timeout in milliseconds: how long it lives after each later use (at most
@@ -43,6 +46,7 @@ impl TemplateRecord {
             delete,
             key: info.key,
             backend: info.backend,
+            backend_tag: None,
             remaining_ms: capped_ms(info.deadline - now),
             timeout_ms: capped_ms(info.timeout),
             established: info.established,
@@ -58,7 +62,7 @@ impl TemplateRecord {
             TemplateKey::Affinity { service, .. } => (service, 8),
         };
         let vip = if service.vip.is_ipv4() { 4 } else { 16 };
-        4 + vip + 12 + tail
+        4 + vip + 12 + 4 * usize::from(self.backend_tag.is_some()) + tail
     }
 
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
@@ -77,6 +81,9 @@ impl TemplateRecord {
         if self.established && !self.delete {
             op |= 0x08;
         }
+        if self.backend_tag.is_some() {
+            op |= 0x10;
+        }
         if let Some((c, _)) = client {
             op |= 0x80;
             if !c.is_ipv4() {
@@ -88,6 +95,9 @@ impl TemplateRecord {
         out.extend_from_slice(&service.port.to_be_bytes());
         push_addr(out, service.vip);
         out.extend_from_slice(&self.backend.get().to_be_bytes());
+        if let Some(t) = self.backend_tag {
+            out.extend_from_slice(&t.to_be_bytes());
+        }
         out.extend_from_slice(&self.remaining_ms.to_be_bytes());
         out.extend_from_slice(&self.timeout_ms.to_be_bytes());
         match (client, self.key) {
@@ -108,10 +118,10 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<TemplateRecord, Sync
         5 => true,
         _ => return Err(SyncError::Op(opb)),
     };
-    // 0x10 is reserved, 0x08 (established) is for installs only; an IPv6 client address
-    // needs a client template.
+    // 0x08 (established) is for installs only; an IPv6 client address needs a client
+    // template.
     let established = opb & 0x08 != 0;
-    if opb & 0x10 != 0 || (established && delete) || opb & 0xa0 == 0x20 {
+    if (established && delete) || opb & 0xa0 == 0x20 {
         return Err(SyncError::Op(opb));
     }
     let proto = IpProto::from_number(r.u8()?);
@@ -119,6 +129,11 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<TemplateRecord, Sync
     let vip = r.addr(opb & 0x40 != 0)?;
     let service = Service { vip, port, proto };
     let backend = BackendId(r.u32()?);
+    let backend_tag = if opb & 0x10 != 0 {
+        Some(r.u32()?)
+    } else {
+        None
+    };
     let remaining_ms = r.timeout()?;
     let timeout_ms = r.timeout()?;
     let key = if opb & 0x80 != 0 {
@@ -142,6 +157,7 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<TemplateRecord, Sync
         delete,
         key,
         backend,
+        backend_tag,
         remaining_ms,
         timeout_ms,
         established,

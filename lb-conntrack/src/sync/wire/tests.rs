@@ -41,6 +41,7 @@ fn rec(i: u32, v6: bool, nat: bool) -> SyncRecord {
         op: RecordOp::New,
         key,
         backend: BackendId(i),
+        backend_tag: None,
         state: FlowState::Tcp(TcpState::Established),
         remaining_ms: 1000 + i,
         nat,
@@ -85,6 +86,7 @@ fn arb_record() -> impl Strategy<Value = SyncRecord> {
                     op: [RecordOp::New, RecordOp::Update, RecordOp::Delete][usize::from(op)],
                     key: mk(v6, b as u16),
                     backend: BackendId(b),
+                    backend_tag: (b % 3 == 0).then_some(b ^ 0x5a5a),
                     state: FlowState::from_class(class).unwrap_or(FlowState::Other),
                     remaining_ms: rem,
                     nat: nat.then(|| mk(nat6, 9)),
@@ -123,6 +125,7 @@ fn tpl(i: u32, client: Option<bool>, v6: bool) -> TemplateRecord {
         delete: false,
         key,
         backend: BackendId(i),
+        backend_tag: None,
         remaining_ms: 500 + i,
         timeout_ms: 300_000,
         established: i % 2 == 1,
@@ -157,6 +160,7 @@ fn arb_template() -> impl Strategy<Value = TemplateRecord> {
                     delete,
                     key,
                     backend: BackendId(b),
+                    backend_tag: (b % 3 == 0).then_some(b ^ 0x5a5a),
                     remaining_ms: rem,
                     timeout_ms: idle,
                     established: est && !delete,
@@ -208,6 +212,7 @@ fn sizes() {
     // The largest record fits the smallest MTU.
     let largest = SyncRecord {
         persist: Some(128),
+        backend_tag: Some(7),
         nat: Some(rec(1, true, false).key),
         ..rec(1, true, false)
     };
@@ -304,7 +309,7 @@ fn bad_values_behind_a_valid_mac_are_rejected() {
     };
     // Connection record: op values, reserved bit, v6 reply flag without a reply tuple.
     let body = body_of(&[rec(1, false, false)], &[]);
-    for op in [0u8, 6, 7, 0x08 | 1, 0x20 | 1] {
+    for op in [0u8, 6, 7, 0x20 | 1] {
         assert_eq!(edit(&body, at, op), Err(SyncError::Op(op)), "op {op:#x}");
     }
     assert_eq!(edit(&body, at + 1, 13), Err(SyncError::State(13)));
@@ -323,7 +328,7 @@ fn bad_values_behind_a_valid_mac_are_rejected() {
     // Template records: reserved bits, an established delete, v6 client flag on an affinity
     // template, prefix, masking.
     let body = body_of(&[], &[tpl(1, None, false)]);
-    for op in [5u8 | 0x08, 4 | 0x10, 4 | 0x20] {
+    for op in [5u8 | 0x08, 4 | 0x20] {
         assert_eq!(edit(&body, at, op), Err(SyncError::Op(op)), "op {op:#x}");
     }
     let c = tpl(0x0001_0203, Some(false), false); // client 1.2.3.0/24
@@ -582,12 +587,14 @@ fn records_with_backend_ids_beyond_a_slot_are_refused() {
     let ok = rec(1, false, false);
     let big = SyncRecord {
         backend: BackendId(crate::MAX_BACKEND_ID + 1),
+        backend_tag: None,
         ..rec(2, false, false)
     };
     // An update moving an installed entry to such a backend is refused too, and leaves it.
     let moved = SyncRecord {
         op: RecordOp::Update,
         backend: BackendId(u32::MAX),
+        backend_tag: None,
         ..ok
     };
     let mut msgs = Vec::new();

@@ -282,23 +282,12 @@ impl Dataplane {
         for rec in &msg.records {
             // A tagged record names its backend by service and address: this node's id for
             // it may differ from the sender's (ids are recycled), or the backend be unknown.
-            let local;
-            let rec = match rec.backend_tag {
-                Some(tag) if rec.op != RecordOp::Delete => match self.tables.backend_by_tag(tag) {
-                    Some(id) => {
-                        local = SyncRecord {
-                            backend: id,
-                            ..*rec
-                        };
-                        &local
-                    }
-                    None => {
-                        out.refused += 1;
-                        self.stats.sync_refused += 1;
-                        continue;
-                    }
+            let rec = &match rec.op {
+                RecordOp::Delete => *rec,
+                _ => match self.local_backend(rec.backend, rec.backend_tag, &mut out) {
+                    Some(backend) => SyncRecord { backend, ..*rec },
+                    None => continue,
                 },
-                _ => rec,
             };
             // A flow for a backend this node does not know cannot be forwarded: refuse it
             // rather than install an entry that would blackhole the flow after a takeover.
@@ -350,20 +339,13 @@ impl Dataplane {
             self.drain_removals();
         }
         for t in &msg.templates {
-            let local;
-            let t = match t.backend_tag {
-                Some(tag) if !t.delete => match self.tables.backend_by_tag(tag) {
-                    Some(id) => {
-                        local = TemplateRecord { backend: id, ..*t };
-                        &local
-                    }
-                    None => {
-                        out.refused += 1;
-                        self.stats.sync_refused += 1;
-                        continue;
-                    }
-                },
-                _ => t,
+            let t = &if t.delete {
+                *t
+            } else {
+                match self.local_backend(t.backend, t.backend_tag, &mut out) {
+                    Some(backend) => TemplateRecord { backend, ..*t },
+                    None => continue,
+                }
             };
             // A template naming a backend unknown here, or released, would send clients to
             // whatever backend the id names next.
@@ -378,6 +360,26 @@ impl Dataplane {
             out.add(apply_template(ct, t, now, merge), true);
         }
         out
+    }
+
+    /// The backend a record names here: the one with its tag if it has one (a record names
+    /// backends by tag because ids may differ between peers; `None`, counted as refused, when
+    /// no single backend here has the tag), else the id as sent.
+    fn local_backend(
+        &mut self,
+        id: lb_core::BackendId,
+        tag: Option<u32>,
+        out: &mut SyncApplied,
+    ) -> Option<lb_core::BackendId> {
+        let Some(tag) = tag else {
+            return Some(id);
+        };
+        let got = self.tables.backend_by_tag(tag);
+        if got.is_none() {
+            out.refused += 1;
+            self.stats.sync_refused += 1;
+        }
+        got
     }
 
     /// Whether `id` is a retired backend [`Dataplane::release_retired`] reported free.

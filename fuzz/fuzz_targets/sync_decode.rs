@@ -187,7 +187,7 @@ fn template(u: &mut Unstructured<'_>) -> Result<TemplateRecord> {
 /// Records and templates built from `data` survive encode → decode, in MTU-sized messages.
 fn structured(data: &[u8]) -> Result<()> {
     let mut u = Unstructured::new(data);
-    let mtu = u.int_in_range(131..=1500)?;
+    let mtu = u.int_in_range(lb_conntrack::sync::MIN_MTU..=1500)?;
     let flags = u.arbitrary()?;
     let records: Vec<SyncRecord> = (0..u.int_in_range(0..=8)?)
         .map(|_| record(&mut u))

@@ -87,5 +87,5 @@ pub use apply::{apply, apply_record, apply_template, Applied, ApplyReport};
 pub use wire::{
     decode, seal, MessageKind, Received, RecordOp, SyncError, SyncHeader, SyncMessage,
     SyncReceiver, SyncRecord, SyncSender, TemplateRecord, FLAG_BULK, FLAG_BULK_END, HEADER_LEN,
-    MAC_LEN, SYNC_VERSION,
+    MAC_LEN, MIN_MTU, SYNC_VERSION,
 };

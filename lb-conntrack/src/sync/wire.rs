@@ -92,7 +92,7 @@ const MAX_RECORD_LEN: usize = 88;
 /// The shortest item (an IPv4 connection record without options).
 const MIN_ITEM_LEN: usize = 23;
 /// Smallest MTU accepted by [`SyncSender::new`]: room for one record of any kind.
-const MIN_MTU: usize = HEADER_LEN + MAC_LEN + MAX_RECORD_LEN;
+pub const MIN_MTU: usize = HEADER_LEN + MAC_LEN + MAX_RECORD_LEN;
 /// Peers a receiver tracks.
 const MAX_PEERS: usize = 64;
 

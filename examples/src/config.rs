@@ -10,6 +10,8 @@
 //! conntrack_capacity = 1000000
 //! stats = "127.0.0.1:9100"   # optional: JSON on /, Prometheus text on /metrics
 //! queues = 1                 # optional: TUN queues = data-path threads (multi-queue when > 1)
+//! offload = true             # optional: virtio-net header with checksum and segmentation
+//!                            # offloads (TSO, USO): 64 KiB super-packets in and out (default on)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
 //! mac = "02:00:5e:10:00:01"  # optional: source MAC of mode "dr" frames
 //! hash_key = "..."           # optional: secret passphrase (16+ characters) keying the flow
@@ -261,6 +263,9 @@ pub struct Config {
     pub stats: Option<SocketAddr>,
     /// Number of TUN queues, one data-path thread each.
     pub queues: usize,
+    /// Open the device with the virtio-net header and checksum / segmentation offloads
+    /// (`balancer.offload`, default on).
+    pub offload: bool,
     /// The data path: services and backends.
     pub dataplane: DataplaneSpec,
     /// Health checks, one per service, in the order of `dataplane.services`.
@@ -431,6 +436,7 @@ struct RawBalancer {
     conntrack_capacity: Option<Spanned<u64>>,
     stats: Option<Spanned<String>>,
     queues: Option<Spanned<u64>>,
+    offload: Option<Spanned<bool>>,
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
     hash_key: Option<Spanned<String>>,
@@ -608,6 +614,7 @@ impl Validator<'_> {
             Some(q) => self.int(q, "balancer.queues", 1, 64)? as usize,
             None => 1,
         };
+        let offload = b.offload.as_ref().is_none_or(|o| *o.get_ref());
         let mtu = match &b.mtu {
             Some(m) => self.int(m, "balancer.mtu", 1280, 9000)? as u16,
             None => 1500,
@@ -710,6 +717,7 @@ impl Validator<'_> {
             device,
             stats,
             queues,
+            offload,
             dataplane: spec,
             health,
             hash_key,

@@ -71,6 +71,10 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
         "mid_flow_placed": s.mid_flow_placed,
         "sync_lost": s.sync_lost,
         "sync_refused": s.sync_refused,
+        "offload": {
+            "gso_packets": s.gso_packets, "gso_segments": s.gso_segments,
+            "gso_cut": s.gso_cut, "csum_completed": s.csum_completed,
+        },
         "fragments": {
             "first": s.frag_first, "forwarded": s.frag_forwarded,
             "completed": s.frag_completed, "expired": s.frag_expired,
@@ -182,6 +186,26 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
         s.sync_refused,
     );
     for (name, help, v) in [
+        (
+            "gso_packets_total",
+            "GSO super-packets received (offloads on).",
+            s.gso_packets,
+        ),
+        (
+            "gso_segments_total",
+            "Wire segments those super-packets stand for.",
+            s.gso_segments,
+        ),
+        (
+            "gso_cut_total",
+            "Super-packets cut in software (tunnel mode, SIP).",
+            s.gso_cut,
+        ),
+        (
+            "csum_completed_total",
+            "Partial checksums completed in software.",
+            s.csum_completed,
+        ),
         (
             "fragments_first_total",
             "First fragments processed.",

@@ -42,6 +42,8 @@ use crate::sys::{set_link_up, DeviceKind, TunQueue};
 use lb_dataplane::{
     ControlPlane, Dataplane, DataplaneOptions, Reload, Stats, TableStats, Verdict, HEADROOM,
 };
+use lb_packet::offload::{Segmenter, VnetHdr, VNET_HDR_LEN};
+use lb_packet::Link;
 
 /// State shared between the control thread, the data-path threads and the stats server.
 struct Shared {
@@ -203,19 +205,21 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     } else {
         DeviceKind::Tun
     };
-    let queues = TunQueue::open_queues(&cfg.device, kind, cfg.queues)
+    let queues = TunQueue::open_queues(&cfg.device, kind, cfg.queues, cfg.offload)
         .map_err(|e| format!("cannot open {kind:?} device {}: {e}", cfg.device))?;
     set_link_up(&cfg.device).map_err(|e| format!("cannot set {} up: {e}", cfg.device))?;
     tracing::info!(
         device = %cfg.device, ?kind, queues = queues.len(), services = cfg.dataplane.services.len(),
+        offload = cfg.offload, uso = queues.first().is_some_and(TunQueue::uso),
         "tun-balancer started"
     );
+    let link = if kind == DeviceKind::Tap {
+        Link::Ethernet
+    } else {
+        Link::Ip
+    };
     let opts = DataplaneOptions {
-        link: if kind == DeviceKind::Tap {
-            lb_packet::Link::Ethernet
-        } else {
-            lb_packet::Link::Ip
-        },
+        link,
         key,
         // Fresh per process: the schedulers' randomness and where the SNAT pools start.
         seed: u64::from_le_bytes(random_bytes()?),
@@ -255,7 +259,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         let sh = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("datapath-{i}"))
-            .spawn(move || datapath(i, q, &sh, epoch))
+            .spawn(move || datapath(i, q, &sh, epoch, link))
             .map_err(|e| e.to_string())?;
         workers.push(h);
     }
@@ -306,14 +310,28 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
 /// Packets read per batch (one lock of the shared data path per batch).
 const BATCH: usize = 32;
 
+/// Room for the largest packet or frame a TUN/TAP device hands out, GSO super-packets and a
+/// TAP frame's Ethernet header included.
+const MAX_PACKET: usize = 65_536 + 64;
+
 /// One data-path thread: read a batch, process it under the lock, write it, until told to stop.
-fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
-    // Buffers for one batch, allocated once: headroom + the largest packet a TUN device hands out.
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 65_536]).collect();
+fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Link) {
+    // Buffers for one batch, allocated once: headroom + the largest packet a device hands out.
+    // With offloads on, each read puts the virtio-net header in the last bytes of the headroom,
+    // right before the packet.
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH)
+        .map(|_| vec![0u8; HEADROOM + MAX_PACKET])
+        .collect();
     let mut lens = [0usize; BATCH];
+    let mut hdrs = [VnetHdr::NONE; BATCH];
     let mut verdicts = [Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
+    // Super-packets the data path asks to cut (tunnel mode, SIP) are cut into these, once
+    // allocated.
+    let mut cut = Cutter::default();
+    let vnet = q.vnet();
+    let pre = if vnet { VNET_HDR_LEN } else { 0 };
     let mut last_housekeeping = StdInstant::now();
-    let mut write_errors = 0u64;
+    let mut tx = Tx::default();
     let mut full = false;
     while !sh.stop.load(Ordering::Acquire) {
         sh.ha.kick(i, crate::ha::mono_ms(epoch));
@@ -328,9 +346,18 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         // Read what is queued (the fd is non-blocking), up to a batch.
         let mut n = 0;
         while n < BATCH {
-            match q.recv(&mut bufs[n][HEADROOM..]) {
+            match q.recv(&mut bufs[n][HEADROOM - pre..]) {
                 Ok(len) => {
-                    lens[n] = len;
+                    (hdrs[n], lens[n]) = if vnet {
+                        match VnetHdr::decode(&bufs[n][HEADROOM - pre..HEADROOM]) {
+                            Ok(h) if len >= pre => (h, len - pre),
+                            // A header this build cannot read: an empty packet, which the data
+                            // path counts as malformed.
+                            _ => (VnetHdr::NONE, 0),
+                        }
+                    } else {
+                        (VnetHdr::NONE, len)
+                    };
                     n += 1;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -353,7 +380,18 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         {
             let mut dp = sh.dp.lock();
             let t = now(epoch);
-            dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
+            if vnet {
+                dp.process_batch_offload(
+                    &mut bufs[..n],
+                    HEADROOM,
+                    &lens[..n],
+                    &mut hdrs[..n],
+                    t,
+                    &mut verdicts[..n],
+                );
+            } else {
+                dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
+            }
             if let Some(limit) = sh.test_panic_after {
                 let before = sh.test_processed.fetch_add(n as u64, Ordering::Relaxed);
                 if before + n as u64 > limit {
@@ -395,18 +433,132 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
         for k in 0..n {
             match verdicts[k] {
                 Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
-                    if let Err(e) = q.send(&bufs[k][start..start + len]) {
-                        write_errors += 1;
-                        sh.tx_errors.fetch_add(1, Ordering::Relaxed);
-                        if write_errors.is_power_of_two() {
-                            tracing::warn!(queue = i, errors = write_errors, "write failed: {e}");
-                        }
-                    }
+                    tx.send(&mut q, vnet, &hdrs[k], &bufs[k][start..start + len], sh, i);
+                }
+                Verdict::Segment => {
+                    let pkt = &bufs[k][HEADROOM..HEADROOM + lens[k]];
+                    cut.run(pkt, &hdrs[k], link, &mut q, &mut tx, sh, epoch, i);
                 }
                 Verdict::Drop(reason) => {
                     tracing::trace!(queue = i, reason = reason.name(), "drop");
                 }
                 _ => {}
+            }
+        }
+    }
+}
+
+/// The write side of a data-path thread: counts and logs (sparsely) failed writes.
+#[derive(Default)]
+struct Tx {
+    errors: u64,
+}
+
+impl Tx {
+    /// Writes one packet, with its virtio-net header when the device has offloads on.
+    fn send(
+        &mut self,
+        q: &mut TunQueue,
+        vnet: bool,
+        hdr: &VnetHdr,
+        pkt: &[u8],
+        sh: &Shared,
+        i: usize,
+    ) {
+        let r = if vnet {
+            let mut h = [0u8; VNET_HDR_LEN];
+            let _ = hdr.encode(&mut h);
+            q.send_vnet(&h, pkt)
+        } else {
+            q.send(pkt)
+        };
+        if let Err(e) = r {
+            self.errors += 1;
+            sh.tx_errors.fetch_add(1, Ordering::Relaxed);
+            if self.errors.is_power_of_two() {
+                tracing::warn!(queue = i, errors = self.errors, "write failed: {e}");
+            }
+        }
+    }
+}
+
+/// Cuts GSO super-packets the data path cannot forward whole ([`Verdict::Segment`]) into
+/// plain packets, processes those in bursts and writes them.
+#[derive(Default)]
+struct Cutter {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    verdicts: Vec<Verdict>,
+}
+
+impl Cutter {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        pkt: &[u8],
+        hdr: &VnetHdr,
+        link: Link,
+        q: &mut TunQueue,
+        tx: &mut Tx,
+        sh: &Shared,
+        epoch: StdInstant,
+        i: usize,
+    ) {
+        if self.bufs.is_empty() {
+            self.bufs = (0..BATCH)
+                .map(|_| vec![0u8; HEADROOM + MAX_PACKET])
+                .collect();
+            self.lens = vec![0; BATCH];
+            self.verdicts = vec![Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
+        }
+        let Ok(p) = lb_packet::parse(pkt, link) else {
+            return;
+        };
+        let Ok(mut seg) = Segmenter::new(pkt, &p, hdr) else {
+            return;
+        };
+        loop {
+            let mut m = 0;
+            while m < BATCH {
+                match seg.next_into(pkt, &mut self.bufs[m][HEADROOM..]) {
+                    Ok(Some(len)) => {
+                        self.lens[m] = len;
+                        m += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if m == 0 {
+                return;
+            }
+            self.verdicts[..m].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
+            {
+                let mut dp = sh.dp.lock();
+                let t = now(epoch);
+                dp.process_batch(
+                    &mut self.bufs[..m],
+                    HEADROOM,
+                    &self.lens[..m],
+                    t,
+                    &mut self.verdicts[..m],
+                );
+            }
+            for k in 0..m {
+                if let Verdict::Forward { start, len } | Verdict::Reply { start, len } =
+                    self.verdicts[k]
+                {
+                    tx.send(
+                        q,
+                        q.vnet(),
+                        &VnetHdr::NONE,
+                        &self.bufs[k][start..start + len],
+                        sh,
+                        i,
+                    );
+                }
+            }
+            if m < BATCH {
+                return;
             }
         }
     }
@@ -651,8 +803,15 @@ fn transition(
 /// Loads a new configuration; the device, queues and statistics address cannot change.
 fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, Reload), String> {
     let new = Config::load(path).map_err(|e| e.to_string())?;
-    if new.device != old.device || new.queues != old.queues || new.needs_tap() != old.needs_tap() {
-        return Err("balancer.device, balancer.queues and the device kind need a restart".into());
+    if new.device != old.device
+        || new.queues != old.queues
+        || new.offload != old.offload
+        || new.needs_tap() != old.needs_tap()
+    {
+        return Err(
+            "balancer.device, balancer.queues, balancer.offload and the device kind need a restart"
+                .into(),
+        );
     }
     if new.dataplane.conntrack_capacity != old.dataplane.conntrack_capacity
         || new.dataplane.snat_addrs != old.dataplane.snat_addrs

@@ -1,7 +1,8 @@
 //! The operating-system edge: TUN/TAP devices and raw IP sockets, through `ioctl`/`socket`.
 //!
-//! This is the only module of the crate that uses `unsafe`: five system calls (`ioctl` to attach a
-//! TUN/TAP queue and to set interface flags, `socket` for raw IP sockets, `recvfrom` for the
+//! This is the only module of the crate that uses `unsafe`: six system calls (`ioctl` to attach a
+//! TUN/TAP queue, to set its offloads and to set interface flags, `writev` for a virtio-net
+//! header and its packet, `socket` for raw IP sockets, `recvfrom` for the
 //! sender of a raw packet, `poll` for a timed wait) whose arguments are plain `repr(C)` structs
 //! built here. A TUN crate would hide the same calls
 //! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
@@ -29,13 +30,22 @@ const IFF_TUN: libc::c_short = libc::IFF_TUN as libc::c_short;
 const IFF_TAP: libc::c_short = libc::IFF_TAP as libc::c_short;
 const IFF_NO_PI: libc::c_short = libc::IFF_NO_PI as libc::c_short;
 const IFF_MULTI_QUEUE: libc::c_short = libc::IFF_MULTI_QUEUE as libc::c_short;
+const IFF_VNET_HDR: libc::c_short = libc::IFF_VNET_HDR as libc::c_short;
 const _: () = assert!(
     IFF_TUN as libc::c_int == libc::IFF_TUN
         && IFF_TAP as libc::c_int == libc::IFF_TAP
         && IFF_NO_PI as libc::c_int == libc::IFF_NO_PI
         && IFF_MULTI_QUEUE as libc::c_int == libc::IFF_MULTI_QUEUE
+        && IFF_VNET_HDR as libc::c_int == libc::IFF_VNET_HDR
 );
 const TUNSETIFF: libc::Ioctl = libc::TUNSETIFF;
+const TUNSETOFFLOAD: libc::Ioctl = libc::TUNSETOFFLOAD;
+
+/// The offloads asked for: checksum, TCP segmentation (v4, v6, with ECN) and, where the kernel
+/// has it (Linux 6.2+), UDP segmentation.
+const OFFLOADS: libc::c_uint =
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+const OFFLOADS_USO: libc::c_uint = libc::TUN_F_USO4 | libc::TUN_F_USO6;
 
 /// `struct ifreq` with the flags member of its union (40 bytes on Linux).
 #[repr(C)]
@@ -72,6 +82,10 @@ impl IfReqFlags {
 pub struct TunQueue {
     file: File,
     name: String,
+    /// Opened with `IFF_VNET_HDR`: every packet read or written starts with a virtio-net header.
+    vnet: bool,
+    /// The kernel took the UDP segmentation offloads too.
+    uso: bool,
 }
 
 impl AsRawFd for TunQueue {
@@ -93,7 +107,12 @@ impl TunQueue {
     /// # Errors
     /// Opening `/dev/net/tun` or the `TUNSETIFF` ioctl failed (not root, a device of another kind or
     /// queue mode with that name exists, ...).
-    pub fn open(name: &str, kind: DeviceKind, multi_queue: bool) -> io::Result<TunQueue> {
+    pub fn open(
+        name: &str,
+        kind: DeviceKind,
+        multi_queue: bool,
+        offload: bool,
+    ) -> io::Result<TunQueue> {
         use std::os::unix::fs::OpenOptionsExt;
         // Non-blocking: the data path drains what is queued, then waits in `poll`.
         let file = OpenOptions::new()
@@ -108,6 +127,9 @@ impl TunQueue {
             };
         if multi_queue {
             flags |= IFF_MULTI_QUEUE;
+        }
+        if offload {
+            flags |= IFF_VNET_HDR;
         }
         let mut req = IfReqFlags::new(name, flags)?;
         // SAFETY: `req` is a valid, initialised `struct ifreq` that outlives the call; TUNSETIFF
@@ -124,18 +146,72 @@ impl TunQueue {
         }
         let len = req.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
         let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
-        Ok(TunQueue { file, name })
+        let mut uso = false;
+        if offload {
+            // The header size stays the kernel's default (`struct virtio_net_hdr`, 10 bytes).
+            uso = set_offload(&file, OFFLOADS | OFFLOADS_USO).is_ok();
+            if !uso {
+                set_offload(&file, OFFLOADS)?;
+            }
+        }
+        Ok(TunQueue {
+            file,
+            name,
+            vnet: offload,
+            uso,
+        })
+    }
+
+    /// Whether packets carry a virtio-net header ([`lb_packet::offload`]).
+    pub fn vnet(&self) -> bool {
+        self.vnet
+    }
+
+    /// Whether the kernel took the UDP segmentation offloads (Linux 6.2+).
+    pub fn uso(&self) -> bool {
+        self.uso
+    }
+
+    /// Writes a virtio-net header and a packet in one system call.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn send_vnet(&mut self, hdr: &[u8], pkt: &[u8]) -> io::Result<usize> {
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: pkt.as_ptr() as *mut libc::c_void,
+                iov_len: pkt.len(),
+            },
+        ];
+        // SAFETY: both iovecs point into live slices of the given lengths, read-only for the
+        // kernel; the fd is open for the call.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 
     /// Opens `n` queues of a multi-queue device (one queue without `IFF_MULTI_QUEUE` when `n == 1`).
     ///
     /// # Errors
     /// As [`TunQueue::open`].
-    pub fn open_queues(name: &str, kind: DeviceKind, n: usize) -> io::Result<Vec<TunQueue>> {
+    pub fn open_queues(
+        name: &str,
+        kind: DeviceKind,
+        n: usize,
+        offload: bool,
+    ) -> io::Result<Vec<TunQueue>> {
         if n <= 1 {
-            return Ok(vec![TunQueue::open(name, kind, false)?]);
+            return Ok(vec![TunQueue::open(name, kind, false, offload)?]);
         }
-        (0..n).map(|_| TunQueue::open(name, kind, true)).collect()
+        (0..n)
+            .map(|_| TunQueue::open(name, kind, true, offload))
+            .collect()
     }
 
     /// The device name the kernel gave.
@@ -166,6 +242,23 @@ impl TunQueue {
     pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
         wait_readable(self.file.as_raw_fd(), timeout_ms)
     }
+}
+
+/// `TUNSETOFFLOAD` with `flags`.
+fn set_offload(file: &File, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags); the fd is
+    // an attached TUN/TAP queue.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            TUNSETOFFLOAD as _,
+            libc::c_ulong::from(flags),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn wait_readable(fd: i32, timeout_ms: i32) -> io::Result<bool> {

@@ -44,6 +44,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_core::{BackendId, Duration, FlowHasher, Instant};
+use lb_packet::offload::{L4Csum, VnetHdr};
 use lb_packet::{dr, fragment_info, nat, Family, Fragment, FragmentInfo, Parsed};
 
 use crate::{encapsulate, tcp_flags, Ctx, Dataplane, DropReason, Link, Mode, Verdict};
@@ -391,6 +392,8 @@ impl Dataplane {
             p,
             flags: tcp_flags(pkt, p),
             bytes: u32::try_from(p.end - p.l3).unwrap_or(u32::MAX),
+            segs: 1,
+            csum: L4Csum::Full,
             hash: None,
             now,
         };
@@ -411,8 +414,9 @@ impl Dataplane {
     ) -> Verdict {
         let Ctx { p, now, .. } = *cx;
         self.stats.frag_first += 1;
+        let mut none = VnetHdr::NONE;
         let v = match si {
-            Some(si) => self.forward(buf, cx, si),
+            Some(si) => self.forward(buf, cx, si, &mut none),
             None => self.reply(buf, cx),
         };
         let Verdict::Forward { start: out, .. } = v else {

@@ -120,6 +120,7 @@ use lb_conntrack::{
 use lb_core::{BackendId, Duration, FlowHasher, FlowKey, HashKey, Instant, IpProto};
 use lb_health::Observation;
 use lb_packet::icmp::{self, IcmpError};
+use lb_packet::offload::{self, L4Csum, VnetHdr};
 use lb_packet::tunnel::{self, Encap, TunnelParams};
 use lb_packet::{dr, nat, parse, Family, Fragment, Link, PacketBuf, PacketError, Parsed};
 use lb_sched::hash::{AnyHash, ConsistentHash};
@@ -165,8 +166,12 @@ pub(crate) struct Ctx<'p> {
     pub(crate) p: &'p Parsed,
     /// TCP flags (none for other protocols, fragments and ICMP errors).
     pub(crate) flags: TcpFlags,
-    /// IP bytes, for the counters.
+    /// IP bytes on the wire, for the counters (all segments' for a GSO super-packet).
     pub(crate) bytes: u32,
+    /// Wire segments it stands for (1 but for a GSO super-packet).
+    pub(crate) segs: u32,
+    /// How its L4 checksum stands (partial with offloads on).
+    pub(crate) csum: L4Csum,
     /// Its flow-table hash and candidate slot, when a burst computed them.
     pub(crate) hash: Option<Prefetched>,
     /// The time.
@@ -210,6 +215,11 @@ pub enum Verdict {
     },
     /// Drop the packet.
     Drop(DropReason),
+    /// A GSO super-packet this mode cannot forward as one (tunnel: the virtio-net header cannot
+    /// describe an encapsulated super-packet; SIP: each datagram is placed by its own Call-ID).
+    /// Cut it with [`lb_packet::offload::Segmenter`] and process each segment as an ordinary
+    /// packet. Nothing was changed, and nothing counted but [`Stats::gso_cut`].
+    Segment,
 }
 
 /// How a data path is set up, beside the configuration.
@@ -688,7 +698,8 @@ impl Dataplane {
     /// it, at least [`HEADROOM`] for tunnel mode), rewriting it in place.
     #[inline]
     pub fn process(&mut self, buf: &mut [u8], start: usize, len: usize, now: Instant) -> Verdict {
-        let v = self.process_pre(buf, start, len, now, None);
+        let mut none = VnetHdr::NONE;
+        let v = self.process_pre(buf, start, len, now, None, &mut none);
         self.drain_removals();
         v
     }
@@ -704,6 +715,37 @@ impl Dataplane {
         bufs: &mut [B],
         start: usize,
         lens: &[usize],
+        now: Instant,
+        out: &mut [Verdict],
+    ) {
+        self.batch(bufs, start, lens, None, now, out);
+    }
+
+    /// [`Dataplane::process_batch`] for a device with offloads on: `hdrs[i]` is the virtio-net
+    /// header that came with packet `i` ([`lb_packet::offload`]), and on return the one to
+    /// write with its verdict's bytes. GSO super-packets are rewritten whole in modes `nat`,
+    /// `dnat` and `dr` (partial checksums kept partial, segments counted as packets);
+    /// [`Verdict::Segment`] asks the caller to cut the others. A header that does not describe
+    /// its packet is [`DropReason::BadOffload`].
+    pub fn process_batch_offload<B: AsMut<[u8]>>(
+        &mut self,
+        bufs: &mut [B],
+        start: usize,
+        lens: &[usize],
+        hdrs: &mut [VnetHdr],
+        now: Instant,
+        out: &mut [Verdict],
+    ) {
+        self.batch(bufs, start, lens, Some(hdrs), now, out);
+    }
+
+    #[inline(always)]
+    fn batch<B: AsMut<[u8]>>(
+        &mut self,
+        bufs: &mut [B],
+        start: usize,
+        lens: &[usize],
+        mut hdrs: Option<&mut [VnetHdr]>,
         now: Instant,
         out: &mut [Verdict],
     ) {
@@ -744,7 +786,13 @@ impl Dataplane {
                 if let (Some(b), Some(&len), Some(o)) =
                     (bufs.get_mut(c), lens.get(c), out.get_mut(c))
                 {
-                    *o = self.process_pre(b.as_mut(), start, len, now, ring[c % RING].as_ref());
+                    let mut none = VnetHdr::NONE;
+                    let hdr = match hdrs.as_deref_mut().and_then(|h| h.get_mut(c)) {
+                        Some(h) => h,
+                        None => &mut none,
+                    };
+                    *o =
+                        self.process_pre(b.as_mut(), start, len, now, ring[c % RING].as_ref(), hdr);
                     // What left the table reaches the live load before the next packet is
                     // scheduled, as in `process` (found by the dataplane fuzz target: a burst
                     // saw stale connection counts after an eviction and chose differently).
@@ -809,16 +857,26 @@ impl Dataplane {
         len: usize,
         now: Instant,
         pre: Option<&Pre>,
+        hdr: &mut VnetHdr,
     ) -> Verdict {
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += len as u64;
         let v = match start.checked_add(len) {
-            Some(end) if end <= buf.len() => self.process_inner(buf, start, end, now, pre),
+            Some(end) if end <= buf.len() => self.process_inner(buf, start, end, now, pre, hdr),
             _ => Verdict::Drop(DropReason::Malformed),
         };
         match v {
             Verdict::Forward { .. } => self.stats.forwarded += 1,
-            Verdict::Reply { .. } => self.stats.icmp_generated += 1,
+            Verdict::Reply { .. } => {
+                self.stats.icmp_generated += 1;
+                *hdr = VnetHdr::NONE;
+            }
+            Verdict::Segment => {
+                // Its segments come back as packets of their own.
+                self.stats.rx_packets -= 1;
+                self.stats.rx_bytes -= len as u64;
+                self.stats.gso_cut += 1;
+            }
             Verdict::Drop(r) => {
                 if let Some(d) = self.stats.drops.get_mut(r as usize) {
                     *d += 1;
@@ -835,6 +893,7 @@ impl Dataplane {
         end: usize,
         now: Instant,
         pre: Option<&Pre>,
+        hdr: &mut VnetHdr,
     ) -> Verdict {
         let Some(pkt) = buf.get(start..end) else {
             return Verdict::Drop(DropReason::Malformed);
@@ -845,10 +904,6 @@ impl Dataplane {
         let (p, si, hash) = match pre {
             Some(x) => (&x.p, x.si, Some(x.hash)),
             None => match self.classify(pkt) {
-                // Fragments (no burst pre-pass takes them): module `frag`.
-                Ok((p, si)) if p.fragment != Fragment::None => {
-                    return self.fragment(buf, (start, end), &p, si, now);
-                }
                 Ok((p, si)) => {
                     parsed = p;
                     (&parsed, si, None)
@@ -856,30 +911,113 @@ impl Dataplane {
                 Err(r) => return Verdict::Drop(r),
             },
         };
+        let flags = tcp_flags(pkt, p);
+        let (csum, segs) = match self.offload(buf, start, end, p, hdr) {
+            Ok(x) => x,
+            Err(r) => return Verdict::Drop(r),
+        };
+        // Fragments (no burst pre-pass takes them): module `frag`.
+        if p.fragment != Fragment::None {
+            // (A fragment's partial checksum, if any, was completed above.)
+            *hdr = VnetHdr::NONE;
+            return self.fragment(buf, (start, end), p, si, now);
+        }
+        let ip = p.end - p.l3;
+        let wire = ip + (segs as usize - 1) * (p.payload - p.l3);
         let cx = Ctx {
             start,
             end,
             p,
-            flags: tcp_flags(pkt, p),
-            bytes: u32::try_from(p.end - p.l3).unwrap_or(u32::MAX),
+            flags,
+            bytes: u32::try_from(wire).unwrap_or(u32::MAX),
+            segs,
+            csum,
             hash,
             now,
         };
         match si {
-            Some(si) => self.forward(buf, &cx, si),
+            Some(si) => self.forward(buf, &cx, si, hdr),
             None => self.reply(buf, &cx),
         }
     }
 
+    /// Checks a packet's offload header: how its L4 checksum stands and how many wire
+    /// segments it stands for. A partial checksum the rewrites cannot carry on is completed
+    /// here (and the header cleared).
+    #[inline(always)]
+    fn offload(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        hdr: &mut VnetHdr,
+    ) -> Result<(L4Csum, u32), DropReason> {
+        if !hdr.needs_csum && !hdr.is_gso() {
+            return Ok((L4Csum::Full, 1));
+        }
+        let c = offload::classify(p, hdr).map_err(|_| DropReason::BadOffload)?;
+        let segs = offload::segments(p, hdr);
+        if hdr.is_gso() {
+            self.stats.gso_packets += 1;
+            self.stats.gso_segments += u64::from(segs);
+        }
+        if c == L4Csum::Elsewhere {
+            self.complete_csum(buf, start, end, p, hdr)?;
+            return Ok((L4Csum::Full, 1));
+        }
+        Ok((c, segs))
+    }
+
+    /// Completes a packet's partial checksum in software and clears its offload header.
+    #[cold]
+    fn complete_csum(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        hdr: &mut VnetHdr,
+    ) -> Result<(), DropReason> {
+        let pkt = buf.get_mut(start..end).ok_or(DropReason::Malformed)?;
+        let udp = p.proto == IpProto::Udp && usize::from(hdr.csum_start) == p.l4;
+        offload::complete_csum(pkt, hdr, p.end, udp).map_err(|_| DropReason::BadOffload)?;
+        *hdr = VnetHdr::NONE;
+        self.stats.csum_completed += 1;
+        Ok(())
+    }
+
     /// Client → service.
     #[inline]
-    fn forward(&mut self, buf: &mut [u8], cx: &Ctx<'_>, si: usize) -> Verdict {
+    fn forward(&mut self, buf: &mut [u8], cx: &Ctx<'_>, si: usize, hdr: &mut VnetHdr) -> Verdict {
+        let mut cx = *cx;
+        if cx.csum == L4Csum::Partial {
+            // Tunnel mode (an encapsulated super-packet has no virtio-net description) and the
+            // SIP path (each datagram placed by its own Call-ID) take plain packets only.
+            let plain = self
+                .tables
+                .services
+                .get(si)
+                .is_some_and(|s| s.mode == Mode::Tunnel || sip::per_message(s));
+            if plain {
+                if hdr.is_gso() {
+                    return Verdict::Segment;
+                }
+                if let Err(r) = self.complete_csum(buf, cx.start, cx.end, cx.p, hdr) {
+                    return Verdict::Drop(r);
+                }
+                cx.csum = L4Csum::Full;
+            }
+        }
+        let cx = &cx;
         let Ctx {
             start,
             end,
             p,
             flags,
             bytes,
+            segs,
+            csum,
             hash,
             now,
         } = *cx;
@@ -934,7 +1072,7 @@ impl Dataplane {
             return Verdict::Drop(DropReason::NoBackend);
         };
         if let Some(s) = self.stats.backends.get_mut(id.get() as usize) {
-            s.packets += 1;
+            s.packets += u64::from(segs);
             s.bytes += u64::from(bytes);
         }
         let Some(pkt) = buf.get_mut(start..end) else {
@@ -949,12 +1087,13 @@ impl Dataplane {
                 let Some(r) = nat_tuple else {
                     return Verdict::Drop(DropReason::RewriteFailed);
                 };
-                match nat::rewrite(pkt, p, Some(endpoint(r.dst(), r.dst_port())), Some(b.addr)) {
+                let snat = Some(endpoint(r.dst(), r.dst_port()));
+                match nat_rewrite(pkt, p, snat, Some(b.addr), csum) {
                     Ok(()) => done,
                     Err(_) => Verdict::Drop(DropReason::RewriteFailed),
                 }
             }
-            Mode::Dnat => match nat::set_dst(pkt, p, b.addr) {
+            Mode::Dnat => match nat_rewrite(pkt, p, None, Some(b.addr), csum) {
                 Ok(()) => done,
                 Err(_) => Verdict::Drop(DropReason::RewriteFailed),
             },
@@ -966,6 +1105,8 @@ impl Dataplane {
                 _ => Verdict::Drop(DropReason::RewriteFailed),
             },
             Mode::Tunnel => {
+                // A new outer header: nothing of the old offload header applies.
+                *hdr = VnetHdr::NONE;
                 let h = self.flows.hash_flow(&key);
                 encapsulate(buf, cx, b, tables, h, &mut self.icmp)
             }
@@ -1139,6 +1280,8 @@ impl Dataplane {
             p,
             flags,
             bytes,
+            segs,
+            csum,
             hash,
             now,
         } = *cx;
@@ -1170,7 +1313,7 @@ impl Dataplane {
             return Verdict::Drop(DropReason::NoBackend);
         };
         if let Some(s) = self.stats.backends.get_mut(hit.backend.get() as usize) {
-            s.reply_packets += 1;
+            s.reply_packets += u64::from(segs);
             s.reply_bytes += u64::from(bytes);
         }
         let Some(pkt) = buf.get_mut(start..end) else {
@@ -1191,8 +1334,8 @@ impl Dataplane {
         }
         let client = endpoint(orig.src(), orig.src_port());
         let r = match b.mode {
-            Mode::Nat => nat::rewrite(pkt, p, Some(vip), Some(client)),
-            Mode::Dnat => nat::set_src(pkt, p, vip),
+            Mode::Nat => nat_rewrite(pkt, p, Some(vip), Some(client), csum),
+            Mode::Dnat => nat_rewrite(pkt, p, Some(vip), None, csum),
             Mode::Tunnel | Mode::Dr => return Verdict::Drop(DropReason::NoService),
         };
         match r {
@@ -1202,6 +1345,22 @@ impl Dataplane {
             },
             Err(_) => Verdict::Drop(DropReason::RewriteFailed),
         }
+    }
+}
+
+/// A NAT rewrite of addresses and ports, for a full or a partial L4 checksum.
+#[inline(always)]
+fn nat_rewrite(
+    pkt: &mut [u8],
+    p: &Parsed,
+    src: Option<SocketAddr>,
+    dst: Option<SocketAddr>,
+    csum: L4Csum,
+) -> Result<(), PacketError> {
+    if csum == L4Csum::Partial {
+        nat::rewrite_partial(pkt, p, src, dst)
+    } else {
+        nat::rewrite(pkt, p, src, dst)
     }
 }
 

@@ -66,6 +66,12 @@ enum Placement {
     Packet,
 }
 
+/// Whether a service places UDP messages one by one (and so needs plain datagrams, not GSO
+/// super-packets).
+pub(crate) fn per_message(svc: &ServiceTable) -> bool {
+    placement(svc).is_some()
+}
+
 /// Whether (and how) a service uses the per-message path: UDP services in modes `nat` / `dnat`.
 fn placement(svc: &ServiceTable) -> Option<Placement> {
     if svc.proto != IpProto::Udp || !matches!(svc.mode, Mode::Nat | Mode::Dnat) {

@@ -48,11 +48,15 @@ pub enum DropReason {
     /// (unspecified, loopback, multicast, broadcast, class E) or to a multicast or broadcast
     /// destination: no error is sent (RFC 1122 §3.2.2, RFC 4443 §2.4 (e)).
     IcmpNotUnicast,
+    /// A virtio-net offload header (TUN/TAP with offloads on) that does not describe its
+    /// packet: a GSO type of another protocol or family, a zero segment size, a checksum
+    /// start outside the packet ([`lb_packet::offload::classify`]).
+    BadOffload,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::NotIp,
@@ -69,6 +73,7 @@ impl DropReason {
         DropReason::MidFlowUnknown,
         DropReason::IcmpRateLimited,
         DropReason::IcmpNotUnicast,
+        DropReason::BadOffload,
     ];
 
     /// A snake_case name for logs and metrics.
@@ -88,6 +93,7 @@ impl DropReason {
             DropReason::MidFlowUnknown => "mid_flow_unknown",
             DropReason::IcmpRateLimited => "icmp_rate_limited",
             DropReason::IcmpNotUnicast => "icmp_not_unicast",
+            DropReason::BadOffload => "bad_offload",
         }
     }
 }
@@ -123,6 +129,18 @@ pub struct Stats {
     pub rx_bytes: u64,
     /// Packets forwarded (towards a backend, or a reply towards a client).
     pub forwarded: u64,
+    /// Of the packets given, GSO super-packets (offloads on: one packet standing for several
+    /// wire segments, [`lb_packet::offload`]).
+    pub gso_packets: u64,
+    /// The wire segments those super-packets stand for.
+    pub gso_segments: u64,
+    /// Super-packets handed back as [`Verdict::Segment`](crate::Verdict::Segment) to be cut in
+    /// software (tunnel mode, SIP placement per datagram); their segments are counted as
+    /// packets of their own when they come back.
+    pub gso_cut: u64,
+    /// Packets whose partial checksum was completed in software (an offload the rewrite
+    /// cannot carry on: tunnel mode, SIP, a checksum at an unexpected place).
+    pub csum_completed: u64,
     /// ICMP errors generated (fragmentation needed / packet too big / time exceeded).
     pub icmp_generated: u64,
     /// Drops by [`DropReason`] (index = `reason as usize`).

@@ -108,7 +108,7 @@ impl Rig {
             Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
                 self.buf[start..start + len].to_vec()
             }
-            Verdict::Drop(_) => Vec::new(),
+            Verdict::Drop(_) | Verdict::Segment => Vec::new(),
         };
         (v, out)
     }
@@ -625,7 +625,7 @@ fn batch_matches_one_by_one() {
                     Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
                         b[start..start + len].to_vec()
                     }
-                    Verdict::Drop(_) => Vec::new(),
+                    Verdict::Drop(_) | Verdict::Segment => Vec::new(),
                 };
                 outs_many.push((*v, out));
             }
@@ -727,3 +727,160 @@ mod snat_pressure;
 
 #[path = "recycle_tests.rs"]
 mod recycle;
+
+// --- Offloads (virtio-net headers): GSO super-packets and partial checksums. ---
+
+use lb_packet::offload::{GsoType, Segmenter, VnetHdr};
+
+/// Makes `pkt` (IPv4 TCP with a full checksum) what a sender with offloads hands over: the
+/// TCP checksum field holds the pseudo-header's sum; returns the header that says so.
+fn offloaded(pkt: &mut [u8], gso: Option<u16>) -> VnetHdr {
+    let p = parse(pkt, Link::Ip).unwrap();
+    let mut s = [0u8; 4];
+    let mut d = [0u8; 4];
+    s.copy_from_slice(&pkt[12..16]);
+    d.copy_from_slice(&pkt[16..20]);
+    let ps = lb_packet::checksum::pseudo_v4(s, d, 6, (p.end - p.l4) as u16);
+    let f = lb_packet::checksum::fold(ps);
+    pkt[p.l4 + 16..p.l4 + 18].copy_from_slice(&f.to_be_bytes());
+    VnetHdr {
+        needs_csum: true,
+        csum_start: p.l4 as u16,
+        csum_offset: 16,
+        gso: if gso.is_some() {
+            GsoType::TcpV4
+        } else {
+            GsoType::None
+        },
+        gso_size: gso.unwrap_or(0),
+        ..VnetHdr::NONE
+    }
+}
+
+impl Rig {
+    /// Runs one packet with its offload header through `process_batch_offload`.
+    fn run_offload(&mut self, pkt: &[u8], hdr: VnetHdr) -> (Verdict, Vec<u8>, VnetHdr) {
+        let mut bufs = vec![vec![0u8; HEADROOM + pkt.len()]];
+        bufs[0][HEADROOM..].copy_from_slice(pkt);
+        let mut hdrs = [hdr];
+        let mut v = [Verdict::Drop(DropReason::Malformed)];
+        self.dp.process_batch_offload(
+            &mut bufs,
+            HEADROOM,
+            &[pkt.len()],
+            &mut hdrs,
+            self.now,
+            &mut v,
+        );
+        let out = match v[0] {
+            Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                bufs[0][start..start + len].to_vec()
+            }
+            _ => Vec::new(),
+        };
+        (v[0], out, hdrs[0])
+    }
+}
+
+/// Cuts a super-packet as the kernel would and checks every segment's checksums.
+fn cut_and_check(pkt: &[u8], hdr: &VnetHdr) -> Vec<Vec<u8>> {
+    let p = parse(pkt, Link::Ip).unwrap();
+    let mut seg = Segmenter::new(pkt, &p, hdr).unwrap();
+    let mut out = vec![0u8; 70_000];
+    let mut segs = Vec::new();
+    while let Some(n) = seg.next_into(pkt, &mut out).unwrap() {
+        assert_checksums(&out[..n], Link::Ip);
+        segs.push(out[..n].to_vec());
+    }
+    segs
+}
+
+#[test]
+fn nat_rewrites_a_gso_super_packet_whole_and_counts_its_segments() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let syn = r.forward(&tcp(client, vip, SYN, b""));
+    let backend = parse(&syn, Link::Ip).unwrap().key;
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let mut sp = tcp(client, vip, ACK, &payload);
+    let hdr = offloaded(&mut sp, Some(1000));
+    let (v, out, h) = r.run_offload(&sp, hdr);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert_eq!(
+        h, hdr,
+        "the offload header goes out as it came (same offsets)"
+    );
+    let segs = cut_and_check(&out, &h);
+    assert_eq!(segs.len(), 3);
+    for s in &segs {
+        let k = parse(s, Link::Ip).unwrap().key;
+        assert_eq!((k.src(), k.src_port()), (backend.src(), backend.src_port()));
+        assert_eq!((k.dst(), k.dst_port()), (backend.dst(), backend.dst_port()));
+    }
+    let st = r.dp.stats();
+    assert_eq!((st.gso_packets, st.gso_segments), (1, 3));
+    let b: u64 = st.backends.iter().map(|b| b.packets).sum();
+    assert_eq!(b, 1 + 3, "the SYN and the super-packet's three segments");
+    // The reply direction: a super-packet from the backend comes out addressed to the client.
+    let mut reply = tcp(
+        SocketAddr::new(backend.dst(), backend.dst_port()),
+        SocketAddr::new(backend.src(), backend.src_port()),
+        ACK,
+        &payload,
+    );
+    let rh = offloaded(&mut reply, Some(1448));
+    let (v, out, h) = r.run_offload(&reply, rh);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    for s in cut_and_check(&out, &h) {
+        let k = parse(&s, Link::Ip).unwrap().key;
+        assert_eq!((k.src(), k.src_port()), (vip.ip(), vip.port()));
+        assert_eq!((k.dst(), k.dst_port()), (client.ip(), client.port()));
+    }
+}
+
+#[test]
+fn tunnel_mode_asks_for_super_packets_to_be_cut_and_completes_partial_checksums() {
+    let mut spec = nat_spec(
+        "203.0.113.10:80",
+        Proto::Tcp,
+        &["198.51.100.11:0", "198.51.100.12:0"],
+    );
+    spec.services[0].mode = Mode::Tunnel;
+    let mut r = Rig::new(spec, Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let mut sp = tcp(client, vip, ACK, &[7u8; 2500]);
+    let hdr = offloaded(&mut sp, Some(1000));
+    let (v, _, _) = r.run_offload(&sp, hdr);
+    assert_eq!(v, Verdict::Segment);
+    let st = r.dp.stats();
+    assert_eq!((st.rx_packets, st.gso_cut, st.forwarded), (0, 1, 0));
+    // A plain packet with a partial checksum: completed, then encapsulated.
+    let mut one = tcp(client, vip, ACK, &[7u8; 500]);
+    let want = one.clone();
+    let h = offloaded(&mut one, None);
+    let (v, out, h) = r.run_offload(&one, h);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert_eq!(h, VnetHdr::NONE);
+    assert_eq!(
+        &out[20..],
+        &want[..],
+        "the inner packet with its checksum complete"
+    );
+    assert_eq!(r.dp.stats().csum_completed, 1);
+}
+
+#[test]
+fn an_offload_header_that_does_not_fit_its_packet_is_dropped_and_counted() {
+    let mut r = Rig::new(nat_spec("203.0.113.10:80", Proto::Tcp, &B3), Link::Ip);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let _ = r.forward(&tcp(client, vip, SYN, b""));
+    let mut sp = tcp(client, vip, ACK, &[1u8; 2000]);
+    let mut hdr = offloaded(&mut sp, Some(1000));
+    hdr.gso = GsoType::TcpV6;
+    let (v, _, _) = r.run_offload(&sp, hdr);
+    assert_eq!(v, Verdict::Drop(DropReason::BadOffload));
+    assert_eq!(r.dp.stats().drops_for(DropReason::BadOffload), 1);
+}

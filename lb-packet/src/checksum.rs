@@ -160,6 +160,19 @@ impl Delta {
     }
 }
 
+/// Adds `d` to the partial (pseudo-header only, not complemented) checksum stored at `off`:
+/// `S' = S + Σ(~m + m')`, the sum the device will start from. No-op when out of bounds or
+/// empty. See [`crate::offload`].
+#[inline(always)]
+pub(crate) fn apply_partial_at(buf: &mut [u8], off: usize, d: Delta) {
+    if d.is_empty() {
+        return;
+    }
+    if let Some(s) = get16(buf, off) {
+        let _ = put16(buf, off, fold(u64::from(s) + d.0));
+    }
+}
+
 /// Reads the big-endian u16 at `off`, if in bounds.
 #[inline(always)]
 pub(crate) fn get16(buf: &[u8], off: usize) -> Option<u16> {

@@ -99,6 +99,11 @@ pub enum PacketError {
     /// An address given for a rewrite is not of the packet's family.
     #[error("address family does not match the packet")]
     FamilyMismatch,
+    /// A virtio-net offload header that does not describe the packet it came with (unknown
+    /// GSO type, a GSO type of another protocol or family, a zero segment size, a checksum
+    /// start outside the packet).
+    #[error("bad offload header: {0}")]
+    BadOffload(&'static str),
     /// The operation needs a different kind of packet (e.g. TCP for splicing, a tunnel for decap).
     #[error("operation not applicable: {0}")]
     NotApplicable(&'static str),

@@ -54,6 +54,7 @@ mod error;
 mod frag;
 pub mod icmp;
 pub mod nat;
+pub mod offload;
 mod parse;
 pub mod sip;
 pub mod splice;

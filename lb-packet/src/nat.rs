@@ -134,6 +134,38 @@ pub fn rewrite(
     src: Option<SocketAddr>,
     dst: Option<SocketAddr>,
 ) -> Result<(), PacketError> {
+    rewrite_csum(buf, p, src, dst, false)
+}
+
+/// [`rewrite`] for a TCP or UDP packet whose L4 checksum is *partial*
+/// ([`crate::offload::L4Csum::Partial`]: a GSO super-packet or a packet with `NEEDS_CSUM`):
+/// the field holds the pseudo-header's sum, which gets the address changes (with the sign
+/// that keeps it a sum, not a checksum); port changes are left to the device, which sums the
+/// transport header with the payload. The IPv4 header checksum is updated as usual. Anything
+/// else (ICMP, SCTP, fragments) is rewritten as by [`rewrite`].
+///
+/// # Errors
+/// As [`rewrite`].
+pub fn rewrite_partial(
+    buf: &mut [u8],
+    p: &Parsed,
+    src: Option<SocketAddr>,
+    dst: Option<SocketAddr>,
+) -> Result<(), PacketError> {
+    let partial = p.icmp.is_none()
+        && p.fragment == Fragment::None
+        && matches!(p.proto, IpProto::Tcp | IpProto::Udp);
+    rewrite_csum(buf, p, src, dst, partial)
+}
+
+#[inline(always)]
+fn rewrite_csum(
+    buf: &mut [u8],
+    p: &Parsed,
+    src: Option<SocketAddr>,
+    dst: Option<SocketAddr>,
+    partial: bool,
+) -> Result<(), PacketError> {
     let sport = src.map(|a| a.port());
     let dport = dst.map(|a| a.port());
     p.check(buf.len())?;
@@ -141,12 +173,12 @@ pub fn rewrite(
         Family::V4 => {
             let s = src.map(|a| v4(a.ip())).transpose()?;
             let d = dst.map(|a| v4(a.ip())).transpose()?;
-            rewrite_n(buf, p, (s, sport), (d, dport))
+            rewrite_n(buf, p, (s, sport), (d, dport), partial)
         }
         Family::V6 => {
             let s = src.map(|a| v6(a.ip())).transpose()?;
             let d = dst.map(|a| v6(a.ip())).transpose()?;
-            rewrite_n(buf, p, (s, sport), (d, dport))
+            rewrite_n(buf, p, (s, sport), (d, dport), partial)
         }
     }
 }
@@ -159,6 +191,7 @@ fn rewrite_n<const N: usize>(
     p: &Parsed,
     (s, sport): Side<N>,
     (d, dport): Side<N>,
+    partial: bool,
 ) -> Result<(), PacketError> {
     if let Some(e) = p.icmp {
         return rewrite_icmp_error(buf, p, &e, (s, sport), (d, dport));
@@ -214,6 +247,10 @@ fn rewrite_n<const N: usize>(
         IpProto::Other(_) => {}
     }
     match proto {
+        IpProto::Tcp | IpProto::Udp if partial => {
+            let off = if proto == IpProto::Tcp { 16 } else { 6 };
+            checksum::apply_partial_at(buf, l4 + off, ad);
+        }
         IpProto::Tcp => {
             pd.merge(ad);
             apply_at(buf, l4 + 16, pd, false);

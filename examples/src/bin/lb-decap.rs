@@ -76,8 +76,8 @@ fn main() {
         eprintln!("lb-decap: {what}: {e}");
         std::process::exit(1);
     };
-    let mut tun =
-        TunQueue::open(&cli.device, DeviceKind::Tun, false).unwrap_or_else(|e| fail("open TUN", e));
+    let mut tun = TunQueue::open(&cli.device, DeviceKind::Tun, false, false)
+        .unwrap_or_else(|e| fail("open TUN", e));
     set_link_up(&cli.device).unwrap_or_else(|e| fail("set device up", e));
     let mut v4 =
         RawSocket::open(false, 4).unwrap_or_else(|e| fail("raw socket (IPv4, protocol 4)", e));

@@ -1,0 +1,313 @@
+//! End to end with the device's offloads on (`balancer.offload = true`): the kernel hands the
+//! balancer GSO super-packets (up to 64 KiB of TCP payload with a partial checksum) and takes
+//! them back. In every forwarding mode a 4 MiB upload (client → backend, through the balancer)
+//! and a 4 MiB download of random bytes must arrive byte for byte (SHA-256), and the balancer's
+//! counters must show that super-packets really crossed it: rewritten whole in `nat`, `dnat`
+//! and `dr`, cut into plain packets in `tunnel` (the virtio-net header cannot describe an
+//! encapsulated super-packet). In `nat` and `dnat` the transfers run again with the balancer
+//! namespace's ports unable to checksum, so that the receivers verify checksums the kernel
+//! completed from the balancer's partial sums.
+
+mod common;
+
+use common::{need_root, need_tool, python, Lab, Topo};
+
+const VIP4: &str = "203.0.113.10";
+const VIP6: &str = "2001:db8:10::10";
+const LB_MAC: &str = "02:00:5e:10:00:01";
+/// The upload service's port (the hash server on every backend).
+const HASH_PORT: u16 = 9000;
+const SIZE: usize = 4 << 20;
+
+/// Reads a connection to its end, answers `<bytes> <sha256>`.
+const HASH_SERVER: &str = r#"
+import hashlib, socket, socketserver
+class H(socketserver.BaseRequestHandler):
+    def handle(self):
+        h, n = hashlib.sha256(), 0
+        while True:
+            b = self.request.recv(1 << 16)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+        self.request.sendall(f"{n} {h.hexdigest()}\n".encode())
+class S(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+    daemon_threads = True
+S(("::", 9000), H).serve_forever()
+"#;
+
+/// Sends `SIZE` random bytes to `argv[1]:argv[2]`, then checks the server's digest; downloads
+/// `argv[3]` (a URL) and prints its digest. Exits non-zero on a mismatch.
+const CLIENT: &str = r#"
+import hashlib, os, socket, sys, urllib.request
+host, port, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+data = os.urandom(int(sys.argv[4]))
+want = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+s = socket.create_connection((host, port), timeout=30)
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+got = b""
+while not got.endswith(b"\n"):
+    b = s.recv(4096)
+    if not b:
+        break
+    got += b
+got = got.decode().strip()
+print("upload", "ok" if got == want else f"MISMATCH got {got!r} want {want!r}")
+body = urllib.request.urlopen(url, timeout=30).read()
+print("download", len(body), hashlib.sha256(body).hexdigest())
+sys.exit(0 if got == want else 1)
+"#;
+
+/// Starts the hash server and an HTTP server with a random file on every backend; returns the
+/// random file's SHA-256 per backend (they differ).
+fn servers(lab: &mut Lab, t: &Topo) -> Vec<String> {
+    let script = lab.write("hash_server.py", HASH_SERVER);
+    let mut sums = Vec::new();
+    for b in t.backends.clone() {
+        lab.http_server(&b, 80);
+        let file = lab.dir.join(format!("www-{}", b.name)).join("rand");
+        lab.sh(
+            &b.ns,
+            &format!("head -c {SIZE} /dev/urandom > '{}'", file.display()),
+        );
+        sums.push(
+            lab.sh(&b.ns, &format!("sha256sum '{}'", file.display()))
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        let s = script.to_string_lossy().into_owned();
+        lab.spawn(&b.ns, &format!("hash-{}", b.name), &[python(), &s]);
+        lab.wait_listen(&b.ns, "tcp", HASH_PORT);
+    }
+    sums
+}
+
+/// One upload and one download through `vip` (bracketed for IPv6 in the URL); returns the
+/// downloaded file's digest.
+fn transfer(lab: &Lab, t: &Topo, vip: &str) -> String {
+    let client = lab.write("offload_client.py", CLIENT);
+    let url_host = if vip.contains(':') {
+        format!("[{vip}]")
+    } else {
+        vip.to_string()
+    };
+    let out = lab
+        .try_sh_timeout(
+            &t.client,
+            &format!(
+                "{} '{}' {vip} {HASH_PORT} http://{url_host}/rand {SIZE}",
+                python(),
+                client.display()
+            ),
+            std::time::Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("transfer via {vip}: {e}\n{}", lab.log("balancer")));
+    println!("{vip}: {}", out.trim().replace('\n', "; "));
+    assert!(out.contains("upload ok"), "upload via {vip}: {out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("download"))
+        .unwrap_or_else(|| panic!("no download line: {out}"));
+    let mut f = line.split_whitespace().skip(1);
+    assert_eq!(
+        f.next().and_then(|n| n.parse::<usize>().ok()),
+        Some(SIZE),
+        "download size via {vip}: {line}"
+    );
+    f.next().unwrap_or_default().to_string()
+}
+
+/// The balancer's offload counters and the drops they could cause.
+fn offload_stats(lab: &Lab, t: &Topo) -> (u64, u64, u64, u64) {
+    let s = lab.balancer_stats(t);
+    let o = &s["offload"];
+    let get = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    println!("offload counters: {o}; drops {}", s["drops"]);
+    (
+        get(&o["gso_packets"]),
+        get(&o["gso_segments"]),
+        get(&o["gso_cut"]),
+        get(&s["drops"]["bad_offload"]) + get(&s["drops"]["malformed"]),
+    )
+}
+
+fn services(mode: &str, extra: &str, backend_port: u16) -> String {
+    let mut c = String::new();
+    for (vip, b4) in [("203.0.113.10", true), ("[2001:db8:10::10]", false)] {
+        for port in [80u16, HASH_PORT] {
+            c.push_str(&format!(
+                "\n[[service]]\nvip = \"{vip}:{port}\"\nproto = \"tcp\"\nmode = \"{mode}\"\n{extra}\
+                 scheduler = \"maglev\"\n[service.health]\nkind = \"none\"\n"
+            ));
+            for i in 1..=3 {
+                let bp = if backend_port == 0 { 0 } else { port };
+                let addr = if b4 {
+                    format!("198.51.100.{}:{bp}", 10 + i)
+                } else {
+                    format!("[2001:db8:b::{}]:{bp}", 10 + i)
+                };
+                let mac = if mode == "dr" {
+                    format!("mac = \"02:00:00:00:00:1{i}\"\n")
+                } else {
+                    String::new()
+                };
+                c.push_str(&format!("[[service.backend]]\naddr = \"{addr}\"\n{mac}"));
+            }
+        }
+    }
+    c
+}
+
+/// Checks a mode: transfers both families, then the counters.
+fn check(lab: &Lab, t: &Topo, sums: &[String], cut: bool) {
+    for vip in [VIP4, VIP6] {
+        let got = transfer(lab, t, vip);
+        assert!(
+            sums.contains(&got),
+            "download via {vip}: digest {got} is no backend's file ({sums:?})"
+        );
+    }
+    let (gso, segs, cuts, bad) = offload_stats(lab, t);
+    assert!(
+        gso > 0 && segs > gso,
+        "no GSO super-packet crossed the balancer (gso {gso}, segments {segs})"
+    );
+    if cut {
+        assert!(cuts > 0, "tunnel mode cut no super-packet");
+    }
+    assert_eq!(bad, 0, "offload or malformed drops");
+}
+
+#[test]
+fn offload_nat_and_dnat_rewrite_super_packets_whole() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    for mode in ["nat", "dnat"] {
+        let mut lab = Lab::new(&format!("off{mode}"));
+        let t = lab.topology(3);
+        let sums = servers(&mut lab, &t);
+        let cfg = format!(
+            "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
+             conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\noffload = true\n{}",
+            services(mode, "", 1)
+        );
+        let mut routes = vec!["203.0.113.10/32 dev lb0", "2001:db8:10::10/128 dev lb0"];
+        if mode == "nat" {
+            routes.extend(["203.0.113.100/32 dev lb0", "2001:db8:100::100/128 dev lb0"]);
+        }
+        lab.start_balancer(&t, "lb0", &cfg, &routes);
+        if mode == "dnat" {
+            // The backends answer the client's own address, through the balancer's namespace,
+            // which hands everything arriving from the backends' bridge to lb0.
+            for fam in ["", "-6 "] {
+                lab.ip(&t.balancer, &format!("{fam}rule add iif br0 lookup 100"));
+                lab.ip(
+                    &t.balancer,
+                    &format!("{fam}route add default dev lb0 table 100"),
+                );
+            }
+        }
+        println!("mode {mode}:");
+        check(&lab, &t, &sums, false);
+        if need_tool("ethtool") {
+            // A receiver on a veth trusts a partial checksum without looking at it. With the
+            // balancer namespace's own ports unable to checksum or segment, its kernel
+            // segments the balancer's super-packets in software and computes every checksum
+            // from the pseudo-header sums the balancer left: the receivers then verify real
+            // checksums, and a wrong sum would stall the transfers.
+            let ports = ["c1", "b1", "b2", "b3"];
+            for p in ports {
+                lab.sh(
+                    &t.balancer,
+                    &format!("ethtool -K {p} tx off tso off gso off"),
+                );
+            }
+            println!("mode {mode}, the balancer's ports without offloads:");
+            check(&lab, &t, &sums, false);
+        }
+    }
+}
+
+#[test]
+fn offload_tunnel_cuts_super_packets() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    for tunnel in ["gue", "ipip"] {
+        let mut lab = Lab::new(&format!("off{tunnel}"));
+        let t = lab.topology(3);
+        for b in t.backends.clone() {
+            lab.vip_on_backend(&b, &[VIP4, VIP6]);
+            lab.decap_agent(&b);
+        }
+        let sums = servers(&mut lab, &t);
+        let cfg = format!(
+            "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
+             conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\nmtu = 1500\noffload = true\n{}",
+            services(
+                "tunnel",
+                &format!("tunnel = \"{tunnel}\"\n"),
+                0
+            )
+        );
+        lab.start_balancer(
+            &t,
+            "lb0",
+            &cfg,
+            &["203.0.113.10/32 dev lb0", "2001:db8:10::10/128 dev lb0"],
+        );
+        println!("mode tunnel {tunnel}:");
+        check(&lab, &t, &sums, true);
+    }
+}
+
+#[test]
+fn offload_dr_forwards_super_frames_whole() {
+    if !need_root() || !need_tool("curl") || !need_tool("bridge") {
+        return;
+    }
+    let mut lab = Lab::new("offdr");
+    let t = lab.topology(3);
+    for (i, b) in t.backends.clone().into_iter().enumerate() {
+        lab.ip(
+            &b.ns,
+            &format!("link set e0 address 02:00:00:00:00:1{}", i + 1),
+        );
+        lab.vip_on_backend(&b, &[VIP4, VIP6]);
+        lab.sh(
+            &b.ns,
+            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+        );
+    }
+    let sums = servers(&mut lab, &t);
+    let cfg = format!(
+        "[balancer]\ndevice = \"lb0\"\nconntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\n\
+         mac = \"{LB_MAC}\"\noffload = true\n{}",
+        services("dr", "", 0)
+    );
+    lab.start_balancer(&t, "lb0", &cfg, &[]);
+    let l = &t.balancer;
+    lab.ip(l, "link set lb0 master br0");
+    lab.sh(l, &format!("bridge fdb add {LB_MAC} dev lb0 master static"));
+    lab.ip(
+        l,
+        &format!("neigh add 198.51.100.254 lladdr {LB_MAC} dev br0 nud permanent"),
+    );
+    lab.ip(l, "route add 203.0.113.10/32 via 198.51.100.254 dev br0");
+    lab.ip(
+        l,
+        &format!("-6 neigh add 2001:db8:b::254 lladdr {LB_MAC} dev br0 nud permanent"),
+    );
+    lab.ip(
+        l,
+        "-6 route add 2001:db8:10::10/128 via 2001:db8:b::254 dev br0",
+    );
+    check(&lab, &t, &sums, false);
+}

@@ -116,8 +116,19 @@ pub struct FlowKey {
     dst_port: u16,
     /// The protocol number.
     proto: u8,
-    /// 4 or 6.
-    family: u8,
+    /// 4 or 6 (an enum, whose unused values give `Option<FlowKey>` its niche).
+    family: Family,
+    /// Always zero: keeps the key 40 bytes, as the `IpAddr` form was, so that structures
+    /// holding keys keep their size and the compiler its inline copies.
+    pad: u16,
+}
+
+/// A key's address family, by its IP version number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Family {
+    V4 = 4,
+    V6 = 6,
 }
 
 /// Length of [`FlowKey::encode`]'s output, the same for both families.
@@ -155,7 +166,8 @@ impl FlowKey {
             src_port,
             dst_port,
             proto: proto.number(),
-            family: 4,
+            family: Family::V4,
+            pad: 0,
         }
     }
 
@@ -174,7 +186,8 @@ impl FlowKey {
             src_port,
             dst_port,
             proto: proto.number(),
-            family: 6,
+            family: Family::V6,
+            pad: 0,
         }
     }
 
@@ -189,7 +202,8 @@ impl FlowKey {
             src_port,
             dst_port,
             proto,
-            family: 4,
+            family: Family::V4,
+            pad: 0,
         }
     }
 
@@ -208,7 +222,8 @@ impl FlowKey {
             src_port,
             dst_port,
             proto,
-            family: 6,
+            family: Family::V6,
+            pad: 0,
         }
     }
 
@@ -235,7 +250,7 @@ impl FlowKey {
 
     #[inline(always)]
     const fn addr(&self, f: &[u8; 16]) -> IpAddr {
-        if self.family == 4 {
+        if matches!(self.family, Family::V4) {
             IpAddr::V4(Ipv4Addr::new(f[0], f[1], f[2], f[3]))
         } else {
             IpAddr::V6(Ipv6Addr::new(
@@ -274,7 +289,7 @@ impl FlowKey {
     /// For an IPv4 key, the source and destination address values (`u32::from(Ipv4Addr)`).
     #[inline]
     pub const fn v4_addr_bits(&self) -> Option<(u32, u32)> {
-        if self.family == 4 {
+        if matches!(self.family, Family::V4) {
             Some((v4_bits(&self.src), v4_bits(&self.dst)))
         } else {
             None
@@ -303,7 +318,7 @@ impl FlowKey {
     /// Whether both addresses are IPv4.
     #[inline]
     pub const fn is_ipv4(&self) -> bool {
-        self.family == 4
+        matches!(self.family, Family::V4)
     }
 
     /// The same key with ports set to zero: the 3-tuple used for non-first fragments.
@@ -342,6 +357,7 @@ impl FlowKey {
             dst_port: self.src_port,
             proto: self.proto,
             family: self.family,
+            pad: 0,
         }
     }
 
@@ -371,7 +387,7 @@ impl FlowKey {
     /// the encodings of keys.
     pub fn encode(&self) -> [u8; FLOW_KEY_ENCODED_LEN] {
         let mut out = [0u8; FLOW_KEY_ENCODED_LEN];
-        out[0] = self.family;
+        out[0] = self.family as u8;
         out[1] = self.proto;
         out[2..4].copy_from_slice(&self.src_port.to_be_bytes());
         out[4..6].copy_from_slice(&self.dst_port.to_be_bytes());
@@ -408,7 +424,8 @@ impl FlowKey {
                 src_port,
                 dst_port,
                 proto: b[1],
-                family: f,
+                family: if f == 4 { Family::V4 } else { Family::V6 },
+                pad: 0,
             }),
             t => Err(CoreError::UnknownFamily(t)),
         }
@@ -420,7 +437,7 @@ impl FlowKey {
     /// integers, cheaper than building the canonical key).
     #[inline(always)]
     pub(crate) fn packed(&self, canonical: bool) -> Packed {
-        if self.family == 4 {
+        if matches!(self.family, Family::V4) {
             let (mut a, mut ap, mut b, mut bp) = (
                 v4_bits(&self.src),
                 self.src_port,
@@ -637,6 +654,12 @@ mod tests {
         fn proto_number_roundtrip(n in any::<u8>()) {
             prop_assert_eq!(IpProto::from(n).number(), n);
         }
+    }
+
+    #[test]
+    fn key_is_40_bytes() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<Option<FlowKey>>(), 40);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::hash::{BuildHasher, BuildHasherDefault};
 use std::hint::black_box;
+use std::net::IpAddr;
 use std::time::Instant as StdInstant;
 
 use criterion::measurement::WallTime;
@@ -70,18 +71,54 @@ fn bench_peer<S: BuildHasher + Default>(
     probe: &dyn Fn() -> Vec<FlowKey>,
     misses: &dyn Fn() -> Vec<FlowKey>,
 ) {
-    let map: RefCell<Option<hashbrown::HashMap<FlowKey, u32, S>>> = RefCell::new(None);
+    bench_peer_of::<S, FlowKey>(g, name, keys, probe, misses, |k| *k);
+}
+
+/// The 5-tuple as `FlowKey` held it until issue 19: two `IpAddr`s, the ports and an `IpProto`,
+/// with the derived `Hash` (the peer the issue's ratios were taken against).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct IpAddrKey {
+    src: IpAddr,
+    dst: IpAddr,
+    src_port: u16,
+    dst_port: u16,
+    proto: IpProto,
+}
+
+impl IpAddrKey {
+    fn of(k: &FlowKey) -> IpAddrKey {
+        IpAddrKey {
+            src: k.src(),
+            dst: k.dst(),
+            src_port: k.src_port(),
+            dst_port: k.dst_port(),
+            proto: k.proto(),
+        }
+    }
+}
+
+/// [`bench_peer`] over keys of type `K`, converted from the flow keys by `conv`.
+fn bench_peer_of<S: BuildHasher + Default, K: Copy + Eq + std::hash::Hash>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    keys: &dyn Fn() -> Vec<FlowKey>,
+    probe: &dyn Fn() -> Vec<FlowKey>,
+    misses: &dyn Fn() -> Vec<FlowKey>,
+    conv: fn(&FlowKey) -> K,
+) {
+    let map: RefCell<Option<hashbrown::HashMap<K, u32, S>>> = RefCell::new(None);
     for (what, lookups) in [("hit", probe), ("miss", misses)] {
         g.bench_function(format!("{what}/hashbrown_{name}"), |b| {
-            let lookups = lookups();
+            let lookups: Vec<K> = lookups().iter().map(conv).collect();
             let mut cell = map.borrow_mut();
             let m = cell.get_or_insert_with(|| {
                 let mut m = hashbrown::HashMap::with_capacity_and_hasher(N, S::default());
                 for (i, k) in keys().iter().enumerate() {
-                    m.insert(*k, i as u32);
+                    m.insert(conv(k), i as u32);
                 }
                 eprintln!(
-                    "hashbrown<FlowKey,u32> {name}: {:.1} B/entry (allocation_size / N)",
+                    "hashbrown<{},u32> {name}: {:.1} B/entry (allocation_size / N)",
+                    std::any::type_name::<K>(),
                     m.allocation_size() as f64 / N as f64
                 );
                 m
@@ -305,13 +342,22 @@ pub fn register(c: &mut Criterion) {
     });
     *churn.borrow_mut() = None;
 
-    // Peers: plain hashbrown maps, same keys, value = insertion index.
+    // Peers: plain hashbrown maps, same keys, value = insertion index. `siphash13_ipaddr_key`
+    // holds the 5-tuple as FlowKey did before issue 19 (IpAddr fields, derived Hash).
     bench_peer::<BuildHasherDefault<siphasher::sip::SipHasher13>>(
         &mut g,
         "siphash13",
         &get_keys,
         &get_probe,
         &get_misses,
+    );
+    bench_peer_of::<BuildHasherDefault<siphasher::sip::SipHasher13>, IpAddrKey>(
+        &mut g,
+        "siphash13_ipaddr_key",
+        &get_keys,
+        &get_probe,
+        &get_misses,
+        IpAddrKey::of,
     );
     bench_peer::<foldhash::fast::RandomState>(
         &mut g,

@@ -14,9 +14,7 @@
 //! [`MAX_CAPACITY`](crate::MAX_CAPACITY) entries) and backend ids are 16-bit (an insert with a
 //! larger id is refused).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-use lb_core::{BackendId, FlowKey, Instant, IpProto};
+use lb_core::{BackendId, FlowKey, Instant};
 
 use crate::tcp_state::{Direction, TcpFlags};
 use crate::timeout::FlowState;
@@ -224,19 +222,19 @@ pub(crate) enum Probe {
 impl Probe {
     #[inline(always)]
     pub(crate) fn of(key: &FlowKey) -> Probe {
-        let (sport, dport, proto) = (key.src_port(), key.dst_port(), key.proto().number());
-        match (key.src(), key.dst()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => Probe::V4 {
-                a: u32::from(s),
-                b: u32::from(d),
+        let (sport, dport, proto) = (key.src_port(), key.dst_port(), key.proto_number());
+        match key.v4_addr_bits() {
+            Some((a, b)) => Probe::V4 {
+                a,
+                b,
                 sport,
                 dport,
                 proto,
             },
-            (s, d) => {
+            None => {
                 let mut addrs = [0u8; 32];
-                addrs[..16].copy_from_slice(&v6(s).octets());
-                addrs[16..].copy_from_slice(&v6(d).octets());
+                addrs[..16].copy_from_slice(key.src_octets());
+                addrs[16..].copy_from_slice(key.dst_octets());
                 Probe::V6 {
                     addrs,
                     sport,
@@ -281,38 +279,18 @@ impl Probe {
     }
 }
 
-fn v6(a: IpAddr) -> Ipv6Addr {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped(),
-        IpAddr::V6(a) => a,
-    }
-}
-
 /// Rebuilds the key of slot `s`.
 #[inline]
 pub(crate) fn slot_key(s: &Slot, v6store: &[[u8; 32]]) -> FlowKey {
-    let proto = IpProto::from_number(s.proto);
     if s.flags & F_V6 == 0 {
-        FlowKey::v4(
-            Ipv4Addr::from(s.a),
-            s.sport,
-            Ipv4Addr::from(s.b),
-            s.dport,
-            proto,
-        )
+        FlowKey::v4_bits(s.a, s.sport, s.b, s.dport, s.proto)
     } else {
         let pair = v6store.get(s.a as usize).copied().unwrap_or([0; 32]);
         let mut src = [0u8; 16];
         let mut dst = [0u8; 16];
         src.copy_from_slice(&pair[..16]);
         dst.copy_from_slice(&pair[16..]);
-        FlowKey::v6(
-            Ipv6Addr::from(src),
-            s.sport,
-            Ipv6Addr::from(dst),
-            s.dport,
-            proto,
-        )
+        FlowKey::v6_octets(src, s.sport, dst, s.dport, s.proto)
     }
 }
 
@@ -394,6 +372,7 @@ pub struct Hit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_core::IpProto;
 
     #[test]
     fn slot_is_40_bytes() {

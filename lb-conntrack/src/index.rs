@@ -105,12 +105,8 @@ impl Index {
         let Some(b) = self.buckets.get(self.home(hash)) else {
             return NIL;
         };
-        // A bit mask of the matching ways, built without branches (the compiler turns it into
-        // a vector compare), then the lowest set bit.
-        let mut mask = 0u32;
-        for (w, &x) in b.tags.iter().enumerate() {
-            mask |= u32::from(x == t) << w;
-        }
+        // The lowest matching way.
+        let mask = Self::matches(b, t);
         if mask == 0 {
             return NIL;
         }
@@ -120,17 +116,36 @@ impl Index {
             .unwrap_or(NIL)
     }
 
+    /// The ways of bucket `b` whose tag is `t`, as a bit mask, built without branches (the
+    /// compiler turns it into a vector compare).
+    #[inline(always)]
+    fn matches(b: &Bucket, t: u16) -> u32 {
+        let mut mask = 0u32;
+        for (w, &x) in b.tags.iter().enumerate() {
+            mask |= u32::from(x == t) << w;
+        }
+        mask
+    }
+
     /// The slot id stored under `hash` for which `eq` holds.
+    ///
+    /// The tags of a line are matched into a bit mask and only the matching ways are
+    /// visited: the branches then depend on whether a way matches at all (almost always
+    /// one way for a hit, none for a miss), not on which way it is, so they predict well and
+    /// the core can run ahead of the line's arrival.
     #[inline(always)]
     pub(crate) fn find(&self, hash: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
         let t = tag_of(hash);
         let mut b = self.home(hash);
         for _ in 0..self.buckets.len() {
             let bucket = self.buckets.get(b)?;
-            for w in 0..WAYS {
-                if bucket.tags[w] == t && eq(bucket.ids[w]) {
-                    return Some(bucket.ids[w]);
+            let mut mask = Self::matches(bucket, t);
+            while mask != 0 {
+                let id = bucket.ids.get(mask.trailing_zeros() as usize).copied()?;
+                if eq(id) {
+                    return Some(id);
                 }
+                mask &= mask - 1;
             }
             if bucket.overflow == 0 {
                 return None;

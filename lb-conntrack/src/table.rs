@@ -399,29 +399,28 @@ impl<H: KeyedHash> ConnTable<H> {
         if s.flags & F_NAT == 0 {
             return None;
         }
-        let proto = lb_core::IpProto::from_number(s.proto);
         if s.flags & F_V6 == 0 {
             let n = self.nat.get(i as usize)?;
-            Some(FlowKey::v4(
-                n.backend.into(),
+            Some(FlowKey::v4_bits(
+                n.backend,
                 n.backend_port,
-                n.snat.into(),
+                n.snat,
                 n.snat_port,
-                proto,
+                s.proto,
             ))
         } else {
             let n = self.nat6.get(s.a as usize)?;
             let addr = |o: usize| {
                 let mut a = [0u8; 16];
                 a.copy_from_slice(&n[o..o + 16]);
-                std::net::Ipv6Addr::from(a)
+                a
             };
-            Some(FlowKey::v6(
+            Some(FlowKey::v6_octets(
                 addr(0),
                 u16::from_be_bytes([n[32], n[33]]),
                 addr(16),
                 u16::from_be_bytes([n[34], n[35]]),
-                proto,
+                s.proto,
             ))
         }
     }
@@ -432,25 +431,25 @@ impl<H: KeyedHash> ConnTable<H> {
         let Some(s) = self.slots.get(i as usize).copied() else {
             return false;
         };
-        match (s.flags & F_V6 != 0, r.src(), r.dst()) {
-            (false, std::net::IpAddr::V4(b), std::net::IpAddr::V4(n)) => {
+        match (s.flags & F_V6 != 0, r.v4_addr_bits()) {
+            (false, Some((b, n))) => {
                 let Some(slot) = self.nat.get_mut(i as usize) else {
                     return false;
                 };
                 *slot = Nat4 {
-                    backend: b.into(),
-                    snat: n.into(),
+                    backend: b,
+                    snat: n,
                     backend_port: r.src_port(),
                     snat_port: r.dst_port(),
                 };
                 true
             }
-            (true, std::net::IpAddr::V6(b), std::net::IpAddr::V6(n)) => {
+            (true, None) => {
                 let Some(slot) = self.nat6.get_mut(s.a as usize) else {
                     return false;
                 };
-                slot[..16].copy_from_slice(&b.octets());
-                slot[16..32].copy_from_slice(&n.octets());
+                slot[..16].copy_from_slice(r.src_octets());
+                slot[16..32].copy_from_slice(r.dst_octets());
                 slot[32..34].copy_from_slice(&r.src_port().to_be_bytes());
                 slot[34..].copy_from_slice(&r.dst_port().to_be_bytes());
                 true

@@ -102,17 +102,50 @@ impl fmt::Display for IpProto {
 /// assert_eq!(k.canonical(), k.reversed().canonical());
 /// assert_eq!(lb_core::FlowKey::decode(&k.encode()), Ok(k));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Representation: both addresses as 16-byte arrays (an IPv4 address in the first 4 bytes, the
+/// other 12 zero) and a family tag, so that comparing, hashing and packing a key is plain loads
+/// and compares, with no `IpAddr` enum to match on. [`FlowKey::src`] and [`FlowKey::dst`] build
+/// the `IpAddr` on demand. `Hash` feeds a hasher the same compact bytes the flow hash uses (13
+/// for IPv4, 37 for IPv6); `Ord` orders as the 5-tuple of `IpAddr`s and [`IpProto`] would.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
-    src: IpAddr,
-    dst: IpAddr,
+    src: [u8; 16],
+    dst: [u8; 16],
     src_port: u16,
     dst_port: u16,
-    proto: IpProto,
+    /// The protocol number.
+    proto: u8,
+    /// 4 or 6 (an enum, whose unused values give `Option<FlowKey>` its niche).
+    family: Family,
+    /// Always zero: keeps the key 40 bytes, as the `IpAddr` form was, so that structures
+    /// holding keys keep their size and the compiler its inline copies.
+    pad: u16,
+}
+
+/// A key's address family, by its IP version number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Family {
+    V4 = 4,
+    V6 = 6,
 }
 
 /// Length of [`FlowKey::encode`]'s output, the same for both families.
 pub const FLOW_KEY_ENCODED_LEN: usize = 38;
+
+/// An IPv4 address in a 16-byte field: its 4 bytes first, then zeros.
+#[inline(always)]
+const fn v4_field(a: Ipv4Addr) -> [u8; 16] {
+    let o = a.octets();
+    [o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// The first 4 bytes of a field, as a big-endian address value.
+#[inline(always)]
+const fn v4_bits(f: &[u8; 16]) -> u32 {
+    u32::from_be_bytes([f[0], f[1], f[2], f[3]])
+}
 
 impl FlowKey {
     /// Length of the fixed-size encoding (see [`FlowKey::encode`]).
@@ -128,11 +161,13 @@ impl FlowKey {
         proto: IpProto,
     ) -> Self {
         FlowKey {
-            src: IpAddr::V4(src),
-            dst: IpAddr::V4(dst),
+            src: v4_field(src),
+            dst: v4_field(dst),
             src_port,
             dst_port,
-            proto,
+            proto: proto.number(),
+            family: Family::V4,
+            pad: 0,
         }
     }
 
@@ -146,11 +181,49 @@ impl FlowKey {
         proto: IpProto,
     ) -> Self {
         FlowKey {
-            src: IpAddr::V6(src),
-            dst: IpAddr::V6(dst),
+            src: src.octets(),
+            dst: dst.octets(),
+            src_port,
+            dst_port,
+            proto: proto.number(),
+            family: Family::V6,
+            pad: 0,
+        }
+    }
+
+    /// An IPv4 flow key from address values (`u32::from(Ipv4Addr)`) and a protocol number:
+    /// the cheapest constructor, for parsers and tables that hold these forms.
+    #[inline]
+    pub const fn v4_bits(src: u32, src_port: u16, dst: u32, dst_port: u16, proto: u8) -> Self {
+        let (s, d) = (src.to_be_bytes(), dst.to_be_bytes());
+        FlowKey {
+            src: [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [d[0], d[1], d[2], d[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             src_port,
             dst_port,
             proto,
+            family: Family::V4,
+            pad: 0,
+        }
+    }
+
+    /// An IPv6 flow key from address octets and a protocol number.
+    #[inline]
+    pub const fn v6_octets(
+        src: [u8; 16],
+        src_port: u16,
+        dst: [u8; 16],
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
+        FlowKey {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            proto,
+            family: Family::V6,
+            pad: 0,
         }
     }
 
@@ -175,15 +248,52 @@ impl FlowKey {
         }
     }
 
+    #[inline(always)]
+    const fn addr(&self, f: &[u8; 16]) -> IpAddr {
+        if matches!(self.family, Family::V4) {
+            IpAddr::V4(Ipv4Addr::new(f[0], f[1], f[2], f[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::new(
+                u16::from_be_bytes([f[0], f[1]]),
+                u16::from_be_bytes([f[2], f[3]]),
+                u16::from_be_bytes([f[4], f[5]]),
+                u16::from_be_bytes([f[6], f[7]]),
+                u16::from_be_bytes([f[8], f[9]]),
+                u16::from_be_bytes([f[10], f[11]]),
+                u16::from_be_bytes([f[12], f[13]]),
+                u16::from_be_bytes([f[14], f[15]]),
+            ))
+        }
+    }
+
     /// Source address.
     #[inline]
     pub const fn src(&self) -> IpAddr {
-        self.src
+        self.addr(&self.src)
     }
     /// Destination address.
     #[inline]
     pub const fn dst(&self) -> IpAddr {
-        self.dst
+        self.addr(&self.dst)
+    }
+    /// The source address field: 16 octets for IPv6; for IPv4 the 4 octets then 12 zeros.
+    #[inline]
+    pub const fn src_octets(&self) -> &[u8; 16] {
+        &self.src
+    }
+    /// The destination address field (as [`FlowKey::src_octets`]).
+    #[inline]
+    pub const fn dst_octets(&self) -> &[u8; 16] {
+        &self.dst
+    }
+    /// For an IPv4 key, the source and destination address values (`u32::from(Ipv4Addr)`).
+    #[inline]
+    pub const fn v4_addr_bits(&self) -> Option<(u32, u32)> {
+        if matches!(self.family, Family::V4) {
+            Some((v4_bits(&self.src), v4_bits(&self.dst)))
+        } else {
+            None
+        }
     }
     /// Source port (0 when the protocol has none or the packet is a non-first fragment).
     #[inline]
@@ -198,12 +308,17 @@ impl FlowKey {
     /// IP protocol.
     #[inline]
     pub const fn proto(&self) -> IpProto {
+        IpProto::from_number(self.proto)
+    }
+    /// The IP protocol number.
+    #[inline]
+    pub const fn proto_number(&self) -> u8 {
         self.proto
     }
     /// Whether both addresses are IPv4.
     #[inline]
     pub const fn is_ipv4(&self) -> bool {
-        matches!(self.src, IpAddr::V4(_))
+        matches!(self.family, Family::V4)
     }
 
     /// The same key with ports set to zero: the 3-tuple used for non-first fragments.
@@ -221,7 +336,7 @@ impl FlowKey {
     /// # Errors
     /// [`CoreError::FamilyMismatch`] if `dst` is not of this key's family.
     pub fn with_dst(&self, dst: IpAddr, dst_port: u16) -> Result<Self, CoreError> {
-        Self::new(self.src, self.src_port, dst, dst_port, self.proto)
+        Self::new(self.src(), self.src_port, dst, dst_port, self.proto())
     }
 
     /// The same key with the source replaced (for example by a source NAT).
@@ -229,7 +344,7 @@ impl FlowKey {
     /// # Errors
     /// [`CoreError::FamilyMismatch`] if `src` is not of this key's family.
     pub fn with_src(&self, src: IpAddr, src_port: u16) -> Result<Self, CoreError> {
-        Self::new(src, src_port, self.dst, self.dst_port, self.proto)
+        Self::new(src, src_port, self.dst(), self.dst_port, self.proto())
     }
 
     /// The key of the opposite direction: source and destination swapped.
@@ -241,6 +356,8 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
             proto: self.proto,
+            family: self.family,
+            pad: 0,
         }
     }
 
@@ -258,6 +375,7 @@ impl FlowKey {
     /// Whether `self` is already in canonical form (see [`FlowKey::canonical`]).
     #[inline]
     pub fn is_canonical(&self) -> bool {
+        // Both addresses are of one family, whose order is their octets' (IPv4 padding is zero).
         (self.src, self.src_port) <= (self.dst, self.dst_port)
     }
 
@@ -269,12 +387,12 @@ impl FlowKey {
     /// the encodings of keys.
     pub fn encode(&self) -> [u8; FLOW_KEY_ENCODED_LEN] {
         let mut out = [0u8; FLOW_KEY_ENCODED_LEN];
-        out[0] = family(self.src);
-        out[1] = self.proto.number();
+        out[0] = self.family as u8;
+        out[1] = self.proto;
         out[2..4].copy_from_slice(&self.src_port.to_be_bytes());
         out[4..6].copy_from_slice(&self.dst_port.to_be_bytes());
-        write_addr(&mut out[6..22], self.src);
-        write_addr(&mut out[22..38], self.dst);
+        out[6..22].copy_from_slice(&self.src);
+        out[22..38].copy_from_slice(&self.dst);
         out
     }
 
@@ -290,7 +408,6 @@ impl FlowKey {
             need: FLOW_KEY_ENCODED_LEN,
             have: bytes.len(),
         })?;
-        let proto = IpProto::from_number(b[1]);
         let src_port = u16::from_be_bytes([b[2], b[3]]);
         let dst_port = u16::from_be_bytes([b[4], b[5]]);
         let mut src = [0u8; 16];
@@ -298,21 +415,18 @@ impl FlowKey {
         src.copy_from_slice(&b[6..22]);
         dst.copy_from_slice(&b[22..38]);
         match b[0] {
-            4 => {
-                if src[4..].iter().chain(&dst[4..]).any(|&x| x != 0) {
-                    return Err(CoreError::NonZeroPadding);
-                }
-                let s = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
-                let d = Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]);
-                Ok(Self::v4(s, src_port, d, dst_port, proto))
+            4 if src[4..].iter().chain(&dst[4..]).any(|&x| x != 0) => {
+                Err(CoreError::NonZeroPadding)
             }
-            6 => Ok(Self::v6(
-                Ipv6Addr::from(src),
+            f @ (4 | 6) => Ok(FlowKey {
+                src,
+                dst,
                 src_port,
-                Ipv6Addr::from(dst),
                 dst_port,
-                proto,
-            )),
+                proto: b[1],
+                family: if f == 4 { Family::V4 } else { Family::V6 },
+                pad: 0,
+            }),
             t => Err(CoreError::UnknownFamily(t)),
         }
     }
@@ -323,39 +437,95 @@ impl FlowKey {
     /// integers, cheaper than building the canonical key).
     #[inline(always)]
     pub(crate) fn packed(&self, canonical: bool) -> Packed {
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let (mut a, mut ap, mut b, mut bp) =
-                    (u32::from(s), self.src_port, u32::from(d), self.dst_port);
-                if canonical && (a, ap) > (b, bp) {
-                    core::mem::swap(&mut a, &mut b);
-                    core::mem::swap(&mut ap, &mut bp);
-                }
-                // The 13 bytes `src ‖ dst ‖ src port ‖ dst port ‖ proto` (network order) as two
-                // little-endian words, computed arithmetically: building a byte array and reading it
-                // back as words stalls store-to-load forwarding on the hot path.
-                let w0 = u64::from(a.swap_bytes()) | (u64::from(b.swap_bytes()) << 32);
-                let w1 = u64::from(ap.swap_bytes())
-                    | (u64::from(bp.swap_bytes()) << 16)
-                    | (u64::from(self.proto.number()) << 32);
-                Packed::V4 { w0, w1 }
+        if matches!(self.family, Family::V4) {
+            let (mut a, mut ap, mut b, mut bp) = (
+                v4_bits(&self.src),
+                self.src_port,
+                v4_bits(&self.dst),
+                self.dst_port,
+            );
+            if canonical && (a, ap) > (b, bp) {
+                core::mem::swap(&mut a, &mut b);
+                core::mem::swap(&mut ap, &mut bp);
             }
-            (s, d) => {
-                let (mut a, mut ap, mut b, mut bp) =
-                    (v6_octets(s), self.src_port, v6_octets(d), self.dst_port);
-                if canonical && (a, ap) > (b, bp) {
-                    core::mem::swap(&mut a, &mut b);
-                    core::mem::swap(&mut ap, &mut bp);
-                }
-                let mut buf = [0u8; 37];
-                buf[0..16].copy_from_slice(&a);
-                buf[16..32].copy_from_slice(&b);
-                buf[32..34].copy_from_slice(&ap.to_be_bytes());
-                buf[34..36].copy_from_slice(&bp.to_be_bytes());
-                buf[36] = self.proto.number();
-                Packed::V6(buf)
+            // The 13 bytes `src ‖ dst ‖ src port ‖ dst port ‖ proto` (network order) as two
+            // little-endian words, computed arithmetically: building a byte array and reading it
+            // back as words stalls store-to-load forwarding on the hot path.
+            let w0 = u64::from(a.swap_bytes()) | (u64::from(b.swap_bytes()) << 32);
+            let w1 = u64::from(ap.swap_bytes())
+                | (u64::from(bp.swap_bytes()) << 16)
+                | (u64::from(self.proto) << 32);
+            Packed::V4 { w0, w1 }
+        } else {
+            let (mut a, mut ap, mut b, mut bp) =
+                (&self.src, self.src_port, &self.dst, self.dst_port);
+            if canonical && (a, ap) > (b, bp) {
+                core::mem::swap(&mut a, &mut b);
+                core::mem::swap(&mut ap, &mut bp);
             }
+            let mut buf = [0u8; 37];
+            buf[0..16].copy_from_slice(a);
+            buf[16..32].copy_from_slice(b);
+            buf[32..34].copy_from_slice(&ap.to_be_bytes());
+            buf[34..36].copy_from_slice(&bp.to_be_bytes());
+            buf[36] = self.proto;
+            Packed::V6(buf)
         }
+    }
+}
+
+impl core::hash::Hash for FlowKey {
+    /// Feeds the packed form (13 bytes for IPv4 as two words, 37 for IPv6): what
+    /// [`crate::FlowHasher`] hashes, and as few bytes as name the key.
+    #[inline]
+    fn hash<S: core::hash::Hasher>(&self, state: &mut S) {
+        match self.packed(false) {
+            Packed::V4 { w0, w1 } => {
+                state.write_u64(w0);
+                state.write_u64(w1);
+            }
+            Packed::V6(b) => state.write(&b),
+        }
+    }
+}
+
+impl Ord for FlowKey {
+    /// As the tuple `(src, dst, src port, dst port, protocol)` of `IpAddr`s and [`IpProto`]
+    /// orders: IPv4 keys first, addresses by octets, protocols in [`IpProto`]'s variant order.
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        (
+            self.family,
+            self.src,
+            self.dst,
+            self.src_port,
+            self.dst_port,
+        )
+            .cmp(&(
+                other.family,
+                other.src,
+                other.dst,
+                other.src_port,
+                other.dst_port,
+            ))
+            .then_with(|| self.proto().cmp(&other.proto()))
+    }
+}
+
+impl PartialOrd for FlowKey {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for FlowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowKey")
+            .field("src", &self.src())
+            .field("dst", &self.dst())
+            .field("src_port", &self.src_port)
+            .field("dst_port", &self.dst_port)
+            .field("proto", &self.proto())
+            .finish()
     }
 }
 
@@ -376,33 +546,13 @@ fn family(a: IpAddr) -> u8 {
     }
 }
 
-fn write_addr(out: &mut [u8], a: IpAddr) {
-    match a {
-        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => out.copy_from_slice(&a.octets()),
-    }
-}
-
-fn v6_octets(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
 impl fmt::Display for FlowKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => write!(
-                f,
-                "{} {}:{} -> {}:{}",
-                self.proto, s, self.src_port, d, self.dst_port
-            ),
-            (s, d) => write!(
-                f,
-                "{} [{}]:{} -> [{}]:{}",
-                self.proto, s, self.src_port, d, self.dst_port
-            ),
+        let (s, d, p) = (self.src(), self.dst(), self.proto());
+        if self.is_ipv4() {
+            write!(f, "{p} {s}:{} -> {d}:{}", self.src_port, self.dst_port)
+        } else {
+            write!(f, "{p} [{s}]:{} -> [{d}]:{}", self.src_port, self.dst_port)
         }
     }
 }
@@ -471,10 +621,45 @@ mod tests {
             }
         }
 
+        /// The representation without `IpAddr` keeps the order, equality and accessors of the
+        /// tuple of `IpAddr`s it replaced, and hashes like its packed form.
+        #[test]
+        fn agrees_with_the_ipaddr_tuple(a in any_key(), b in any_key()) {
+            let t = |k: &FlowKey| (k.src(), k.dst(), k.src_port(), k.dst_port(), k.proto());
+            prop_assert_eq!(a.cmp(&b), t(&a).cmp(&t(&b)));
+            prop_assert_eq!(a == b, t(&a) == t(&b));
+            let back = FlowKey::new(a.src(), a.src_port(), a.dst(), a.dst_port(), a.proto());
+            prop_assert_eq!(back, Ok(a));
+            prop_assert_eq!(a.is_canonical(), (a.src(), a.src_port()) <= (a.dst(), a.dst_port()));
+            match (a.src(), a.dst(), a.v4_addr_bits()) {
+                (IpAddr::V4(s), IpAddr::V4(d), Some((sb, db))) => {
+                    prop_assert_eq!((u32::from(s), u32::from(d)), (sb, db));
+                    let k = FlowKey::v4_bits(sb, a.src_port(), db, a.dst_port(), a.proto_number());
+                    prop_assert_eq!(k, a);
+                }
+                (IpAddr::V6(s), IpAddr::V6(d), None) => {
+                    prop_assert_eq!((&s.octets(), &d.octets()), (a.src_octets(), a.dst_octets()));
+                    let k = FlowKey::v6_octets(s.octets(), a.src_port(), d.octets(), a.dst_port(), a.proto_number());
+                    prop_assert_eq!(k, a);
+                }
+                other => prop_assert!(false, "mixed families {:?}", other),
+            }
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            let bh = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+            let copy = FlowKey::decode(&a.encode()).unwrap_or(b);
+            prop_assert_eq!(bh.hash_one(a), bh.hash_one(copy));
+        }
+
         #[test]
         fn proto_number_roundtrip(n in any::<u8>()) {
             prop_assert_eq!(IpProto::from(n).number(), n);
         }
+    }
+
+    #[test]
+    fn key_is_40_bytes() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<Option<FlowKey>>(), 40);
     }
 
     #[test]

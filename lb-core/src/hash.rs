@@ -130,15 +130,22 @@ pub trait KeyedHash: Clone + Send + Sync + 'static {
 /// SipHash-1-3 keyed with a [`HashKey`]: the default, flood-resistant choice.
 #[derive(Clone, Debug)]
 pub struct SipHash13 {
-    k0: u64,
-    k1: u64,
+    /// The initial state `v0..v3` for the key, computed once.
+    v: [u64; 4],
 }
 
 impl KeyedHash for SipHash13 {
     #[inline]
     fn with_key(key: &HashKey) -> Self {
         let (k0, k1) = key.halves();
-        SipHash13 { k0, k1 }
+        SipHash13 {
+            v: [
+                k0 ^ 0x736f_6d65_7073_6575,
+                k1 ^ 0x646f_7261_6e64_6f6d,
+                k0 ^ 0x6c79_6765_6e65_7261,
+                k1 ^ 0x7465_6462_7974_6573,
+            ],
+        }
     }
 
     /// SipHash-1-3 (Aumasson & Bernstein; one compression round, three finalization rounds),
@@ -179,12 +186,7 @@ impl SipHash13 {
     /// The SipHash initial state for this key.
     #[inline(always)]
     fn initial_state(&self) -> [u64; 4] {
-        [
-            self.k0 ^ 0x736f_6d65_7073_6575,
-            self.k1 ^ 0x646f_7261_6e64_6f6d,
-            self.k0 ^ 0x6c79_6765_6e65_7261,
-            self.k1 ^ 0x7465_6462_7974_6573,
-        ]
+        self.v
     }
 }
 

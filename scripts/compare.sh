@@ -312,7 +312,7 @@ record() { # mode round json-fields...
   python3 - "$@" >> "$RESULTS" <<'PY'
 import json, sys
 mode, rnd = sys.argv[1], int(sys.argv[2])
-r = {"mode": mode, "round": rnd}
+r = {"mode": mode, "round": rnd, "load1": float(open("/proc/loadavg").read().split()[0])}
 for kv in sys.argv[3:]:
     k, v = kv.split("=", 1)
     r[k] = json.loads(v)

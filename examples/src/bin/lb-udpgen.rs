@@ -372,3 +372,101 @@ fn sink(a: &SinkArgs) -> Result<String, String> {
         },
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_arguments_are_errors_not_panics() {
+        for args in [
+            &["lb-udpgen", "send", "--dst", "nope"][..],
+            &["lb-udpgen", "send", "--dst", "127.0.0.1:9", "--batch", "0"],
+            &[
+                "lb-udpgen",
+                "send",
+                "--dst",
+                "127.0.0.1:9",
+                "--batch",
+                "5000",
+            ],
+            &[
+                "lb-udpgen",
+                "send",
+                "--dst",
+                "127.0.0.1:9",
+                "--seconds",
+                "0",
+            ],
+            &[
+                "lb-udpgen",
+                "send",
+                "--dst",
+                "127.0.0.1:9",
+                "--seconds",
+                "NaN",
+            ],
+            &[
+                "lb-udpgen",
+                "send",
+                "--dst",
+                "127.0.0.1:9",
+                "--size",
+                "70000",
+            ],
+            &[
+                "lb-udpgen",
+                "sink",
+                "--listen",
+                "127.0.0.1:9",
+                "--seconds",
+                "inf",
+            ],
+            &["lb-udpgen", "flood"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
+        }
+        assert!(Cli::try_parse_from(["lb-udpgen", "sink", "--listen", "[::1]:5300"]).is_ok());
+    }
+
+    #[test]
+    fn positive_seconds_bounds() {
+        assert_eq!(positive_seconds("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "x", "inf", "1e9"] {
+            assert!(positive_seconds(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A capped send over loopback: every datagram the sender counts arrives, with the payload
+    /// size asked for, and the rate cap holds.
+    #[test]
+    fn capped_send_over_loopback_arrives_whole() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        set_buffer(&rx, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        let dst = rx.local_addr().expect("addr");
+        let a = SendArgs {
+            dst,
+            size: 100,
+            batch: 8,
+            sockets: 4,
+            threads: 2,
+            seconds: 0.5,
+            rate: 2000,
+        };
+        let json = send(&a).expect("send");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        let sent = v["packets"].as_u64().expect("packets");
+        // 2000/s for 0.5 s, two threads each ahead by at most one batch (fewer on a loaded
+        // machine, never more).
+        assert!((1..=1016).contains(&sent), "{json}");
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        let mut got = 0u64;
+        while let Ok(n) = rx.recv(&mut buf) {
+            assert_eq!(n, 100);
+            got += 1;
+        }
+        assert_eq!(got, sent, "{json}");
+    }
+}

@@ -460,15 +460,25 @@ PY
   esac
   sleep 0.5
   bal_cpu() { if [ -n "$BAL_PID" ]; then proc_cpu "$BAL_PID"; else echo 0; fi; }
+  lb_rx() { # tun-balancer's rx_packets counter (0 for the peers)
+    ip netns exec "$L" curl -s --max-time 3 http://127.0.0.1:9100/ 2>/dev/null \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin).get("rx_packets", 0))' 2>/dev/null || echo 0
+  }
+  tun_drops() { ip netns exec "$L" cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo 0; }
   tcp1=$(iperf "$VIP")
   tcp8=$(iperf "$VIP" -P 8)
   local udp=null udp_bal=null
+  local udp_lb=null r0 r1 d0 d1
   if [ "$mode" != haproxy ]; then
+    r0=$(lb_rx) d0=$(tun_drops)
     c0=$(bal_cpu)
     udp_run "$VIP" "${B[@]}"
     c1=$(bal_cpu)
+    r1=$(lb_rx) d1=$(tun_drops)
     udp=$UDP_JSON
     udp_bal=$(ticks_to_s $((c1 - c0)))
+    # tun-balancer: packets it read and packets the kernel dropped because its TUN queue was full.
+    [ -n "$BAL_PID" ] && udp_lb="{\"rx_packets\": $((r1 - r0)), \"tun_queue_drops\": $((d1 - d0))}"
   fi
   c0=$(bal_cpu)
   http_run "$VIP"
@@ -482,7 +492,7 @@ PY
   fi
   local tun_drops
   tun_drops=$(ip netns exec "$L" cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo null)
-  record "$mode" "$rnd" "tcp1=$tcp1" "tcp8=$tcp8" "udp=$udp" "udp_bal_cpu_s=$udp_bal" \
+  record "$mode" "$rnd" "tcp1=$tcp1" "tcp8=$tcp8" "udp=$udp" "udp_bal_cpu_s=$udp_bal" "udp_lb=$udp_lb" \
     "http=$http" "http_bal_cpu_s=$http_bal" "lb_stats=$stats" "lb0_tx_dropped=$tun_drops"
 }
 
@@ -522,8 +532,8 @@ order = []
 for r in rows:
     if r["mode"] not in order:
         order.append(r["mode"])
-print("| mode | TCP 1 stream Gbit/s | TCP 8 streams Gbit/s | UDP 64 B offered kpps | UDP delivered kpps | delivered k per balancer CPU-s | delivered k per machine CPU-s | new conn/s | balancer CPU-s per 10k conn | machine CPU-s per 10k conn |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| mode | TCP 1 stream Gbit/s | TCP 8 streams Gbit/s | UDP 64 B offered kpps | UDP delivered kpps | delivered k per balancer CPU-s | delivered k per machine CPU-s | k read by tun-balancer per its CPU-s (TUN queue drops k) | new conn/s | balancer CPU-s per 10k conn | machine CPU-s per 10k conn |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for m in order:
     rs = [r for r in rows if r["mode"] == m]
     def udp(key):
@@ -549,6 +559,12 @@ for m in order:
         if m == "nft" and not machine:
             cpu = h["machine_cpu_s"]
         return None if cpu is None else cpu / h["requests"] * 1e4
+    def lb_read(rs):
+        got = [(r["udp_lb"], r.get("udp_bal_cpu_s")) for r in rs if r.get("udp_lb")]
+        if not got:
+            return "–"
+        per = rng([u["rx_packets"] / c for u, c in got if c], k)
+        return f"{per} ({rng([u['tun_queue_drops'] for u, _ in got], k)})"
     tcp1 = [r.get("tcp1") for r in rs]
     tcp8 = [r.get("tcp8") for r in rs]
     name = names.get(m, m)
@@ -556,7 +572,7 @@ for m in order:
         name += " (*)"
     cells = [
         name, rng(tcp1, g), rng(tcp8, g), rng(udp("sent_pps"), k), rng(udp("delivered_pps"), k),
-        rng([per_cpu(r) for r in rs], k), rng([per_machine(r) for r in rs], k),
+        rng([per_cpu(r) for r in rs], k), rng([per_machine(r) for r in rs], k), lb_read(rs),
         rng([r["http"]["conn_per_s"] if r.get("http") else None for r in rs], i),
         rng([conn_cpu(r, False) for r in rs], f2), rng([conn_cpu(r, True) for r in rs], f2),
     ]
@@ -564,7 +580,7 @@ for m in order:
     if m == "veth":
         ipu = [r.get("iperf_udp") for r in rs if r.get("iperf_udp")]
         if ipu:
-            print(f"| iperf3 -u -l 64 -b 0 on the same veth pair | – | – | {rng([x['sent_pps'] for x in ipu], k)} | {rng([x['delivered_pps'] for x in ipu], k)} | – | – | – | – | – |")
+            print(f"| iperf3 -u -l 64 -b 0 on the same veth pair | – | – | {rng([x['sent_pps'] for x in ipu], k)} | {rng([x['delivered_pps'] for x in ipu], k)} | – | – | – | – | – | – |")
 print()
 print("(*) nftables: the kernel's NAT has no process and its softirq time is not separable from the client's and")
 print("backends' network stacks (over veth the receive path runs in the sender's context): its 'balancer CPU' is the")

@@ -27,6 +27,7 @@
 #   UDP_SOCKETS  lb-udpgen sockets = flows (default 16); UDP_THREADS its sending threads (default 1);
 #   UDP_RATE  its cap in packets/s (default 0: none)
 #   OUT       directory for the raw results (default: a temporary directory, kept)
+#   PERF      set: a system-wide perf profile of every UDP run through a balancer, under $OUT
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -253,6 +254,12 @@ udp_run() { # target sink_namespaces...
     sinks+=("$BG_PID")
   done
   for ns in "$@"; do wait_listen "$ns" udp 5300; done
+  local perf_pid=""
+  if [ -n "${PERF:-}" ] && [ "$MODE" != veth ]; then
+    # System-wide profile of the UDP run (the machine's other load included: sort by comm).
+    perf record -q -a -g -F 499 -o "$OUT/perf-$MODE-$ROUND.data" -- sleep "$T" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   t0=$(ns_cpu "$@")
   m0=$(machine_cpu)
   ip netns exec "$C" "$UDPGEN" send --dst "$target:5300" --size 64 --sockets "$UDP_SOCKETS" \
@@ -260,6 +267,13 @@ udp_run() { # target sink_namespaces...
   sleep 0.5
   m1=$(machine_cpu)
   t1=$(ns_cpu "$@")
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid" || true
+    perf report -i "$OUT/perf-$MODE-$ROUND.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null \
+      | grep -v '^#' | grep '%' | head -25 > "$OUT/perf-$MODE-$ROUND.comm-dso.txt" || true
+    perf report -i "$OUT/perf-$MODE-$ROUND.data" --no-children --sort sym --stdio -g none 2>/dev/null \
+      | grep -v '^#' | grep '%' | head -40 > "$OUT/perf-$MODE-$ROUND.sym.txt" || true
+  fi
   for p in "${sinks[@]}"; do kill -TERM "$p"; done
   for p in "${sinks[@]}"; do wait "$p" 2>/dev/null || true; done
   UDP_JSON=$(python3 - "$WORK/gen.json" "$((m1 - m0))" "$((t1 - t0))" "$HZ" "$WORK"/sink*.log <<'PY'
@@ -427,6 +441,7 @@ HAP
 
 run_mode() { # mode round
   local mode=$1 rnd=$2 c0 c1 tcp1 tcp8
+  MODE=$mode ROUND=$rnd
   echo "== round $rnd, mode $mode: fresh namespaces $P-*"
   teardown
   if [ "$mode" = veth ]; then

@@ -89,13 +89,15 @@ WORK=$(mktemp -d /tmp/cmp-work.XXXXXX)
 VIP=203.0.113.10 SNAT=203.0.113.100
 PIDS=()
 
+ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
+
 teardown() { # kills what runs in our namespaces and removes them
   local p ns
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   PIDS=()
   sleep 0.3
   for ns in "$C" "$L" "${B[@]}"; do
-    if ip netns list | grep -qw "$ns"; then
+    if ns_exists "$ns"; then
       ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
       ip netns del "$ns" 2>/dev/null || true
     fi
@@ -218,7 +220,7 @@ proc_cpu() { # pid: utime+stime+cutime+cstime in ticks (0 when gone)
 ns_cpu() { # ns...: CPU ticks of every process now in these namespaces
   local ns p sum=0
   for ns in "$@"; do
-    ip netns list | grep -qw "$ns" || continue
+    ns_exists "$ns" || continue
     for p in $(ip netns pids "$ns" 2>/dev/null); do sum=$((sum + $(proc_cpu "$p"))); done
   done
   echo "$sum"

@@ -57,6 +57,8 @@ pub mod nat;
 mod parse;
 pub mod sip;
 pub mod splice;
+pub mod syncookie;
+pub mod tcpseg;
 pub mod tunnel;
 
 #[cfg(test)]

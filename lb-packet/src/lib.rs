@@ -53,6 +53,7 @@ pub mod dr;
 mod error;
 mod frag;
 pub mod icmp;
+pub mod l5head;
 pub mod nat;
 mod parse;
 pub mod sip;

@@ -102,6 +102,7 @@ mod icmp_limit;
 mod load;
 mod sip;
 mod spec;
+mod splice;
 mod stats;
 mod sync;
 mod tables;
@@ -138,8 +139,10 @@ pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto,
-    SchedulerKind, ServiceSpec, TunnelKind, UnknownName, UnknownScheduler,
+    SchedulerKind, ServiceSpec, SpliceRule, SpliceSpec, TunnelKind, UnknownName, UnknownScheduler,
+    MAX_SPLICE_HEAD,
 };
+pub use splice::{SpliceStats, OUR_WSCALE};
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
 pub use sync::{SyncApplied, SyncChange, SyncCursor};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
@@ -210,6 +213,9 @@ pub enum Verdict {
     },
     /// Drop the packet.
     Drop(DropReason),
+    /// Nothing to send: the data path absorbed the packet (a TCP splice holding a client's
+    /// request head, or a segment it answers later).
+    Held,
 }
 
 /// How a data path is set up, beside the configuration.
@@ -300,6 +306,8 @@ pub struct Dataplane {
     /// By backend id: retired, and reported free by [`Dataplane::release_retired`] (its state
     /// is gone; sync may not install anything for it) until tables without it arrive.
     released: Vec<bool>,
+    /// Layer-5 splicing (module `splice`).
+    splice: splice::Splicer,
 }
 
 #[inline]
@@ -386,6 +394,8 @@ impl Dataplane {
             sync_log,
         } = opts;
         let (cfg, cfg6) = spec.conntrack_configs();
+        // Spliced connections take the top of the SNAT port range (module `splice`).
+        let (splice, snat_ports) = splice::Splicer::new(spec, key, snat_ports);
         let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
         let mut ct6 = ConnTable::new(cfg6, key.derive("conntrack6"))?;
         let v4: Vec<IpAddr> = spec
@@ -432,6 +442,7 @@ impl Dataplane {
                 FlowHasher::new(key.derive("frag")),
             ),
             released: Vec::new(),
+            splice,
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -819,6 +830,7 @@ impl Dataplane {
         match v {
             Verdict::Forward { .. } => self.stats.forwarded += 1,
             Verdict::Reply { .. } => self.stats.icmp_generated += 1,
+            Verdict::Held => {}
             Verdict::Drop(r) => {
                 if let Some(d) = self.stats.drops.get_mut(r as usize) {
                     *d += 1;
@@ -867,7 +879,10 @@ impl Dataplane {
         };
         match si {
             Some(si) => self.forward(buf, &cx, si),
-            None => self.reply(buf, &cx),
+            None => match self.splice_backend(buf, &cx) {
+                Some(v) => v,
+                None => self.reply(buf, &cx),
+            },
         }
     }
 
@@ -885,6 +900,9 @@ impl Dataplane {
         } = *cx;
         // UDP SIP with `affinity = "sip-call-id"`: placed per message by Call-ID (sip.rs).
         if let Some(v) = self.sip_forward(buf, cx, si) {
+            return v;
+        }
+        if let Some(v) = self.splice_client(buf, cx, si) {
             return v;
         }
         let key = p.key;
@@ -997,7 +1015,7 @@ impl Dataplane {
         let pkt = buf.get(start..end).unwrap_or(&[]);
         let src_hash = addr_hash(&self.flows, key.src());
         let h = match svc.affinity {
-            Affinity::None | Affinity::PerPacket => self.flows.hash_flow(&key),
+            Affinity::None | Affinity::PerPacket | Affinity::HttpHost => self.flows.hash_flow(&key),
             Affinity::Source => src_hash,
             Affinity::SipCallId => match lb_packet::sip::call_id(p.payload(pkt)) {
                 Some(id) => self.flows.hash_bytes(id),

@@ -92,12 +92,19 @@ pub fn parse_head(buf: &[u8]) -> Head<'_> {
         (None, target)
     };
     let mut hosts = 0;
-    for l in head.get(line_end + 2..).unwrap_or(&[]).split(|&b| b == b'\n') {
+    for l in head
+        .get(line_end + 2..)
+        .unwrap_or(&[])
+        .split(|&b| b == b'\n')
+    {
         let l = l.strip_suffix(b"\r").unwrap_or(l);
         let Some(colon) = l.iter().position(|&b| b == b':') else {
             continue;
         };
-        let (name, value) = (l.get(..colon).unwrap_or(&[]), l.get(colon + 1..).unwrap_or(&[]));
+        let (name, value) = (
+            l.get(..colon).unwrap_or(&[]),
+            l.get(colon + 1..).unwrap_or(&[]),
+        );
         if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
             if host.is_none() {
@@ -164,7 +171,10 @@ mod tests {
             parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
             Head::Invalid
         );
-        assert_eq!(parse_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Head::Invalid);
+        assert_eq!(
+            parse_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Head::Invalid
+        );
         assert_eq!(parse_head(b"\x16\x03\x01\r\n\r\n"), Head::Invalid);
     }
 

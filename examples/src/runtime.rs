@@ -313,6 +313,8 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
     let mut lens = [0usize; BATCH];
     let mut verdicts = [Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
     let mut last_housekeeping = StdInstant::now();
+    // Packets the splice timers originate (`Dataplane::splice_poll`), one at a time.
+    let mut emit = vec![0u8; 2048];
     let mut write_errors = 0u64;
     let mut full = false;
     while !sh.stop.load(Ordering::Acquire) {
@@ -362,6 +364,11 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant) {
             }
             if housekeeping {
                 dp.housekeeping(t, 1024);
+                while let Some(len) = dp.splice_poll(&mut emit, t) {
+                    if q.send(&emit[..len]).is_err() {
+                        sh.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 while let Some(e) = dp.poll_event() {
                     match e {
                         lb_dataplane::LoadEvent::Ejected {

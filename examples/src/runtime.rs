@@ -75,12 +75,12 @@ impl Shared {
             };
         }
         let mut labels = self.labels.lock().clone();
-        let (s, t): (Stats, TableStats) = {
+        let (s, t, splice): (Stats, TableStats, _) = {
             let dp = self.dp.lock();
             for l in &mut labels {
                 l.load = dp.backend_load(BackendId(l.id), t_now);
             }
-            (dp.stats().clone(), dp.table_stats())
+            (dp.stats().clone(), dp.table_stats(), dp.splice_stats())
         };
         let (reloads, rejected) = (
             self.reloads.load(Ordering::Relaxed),
@@ -94,6 +94,9 @@ impl Shared {
                     Ok(mut v) => {
                         v["reloads"] =
                             serde_json::json!({ "applied": reloads, "rejected": rejected });
+                        for (k, x) in splice.pairs() {
+                            v["splice"][k] = x.into();
+                        }
                         if self.has_ha {
                             v["ha"] = self.ha.json();
                         }

@@ -101,6 +101,29 @@ pub struct SpliceStats {
     pub active: u64,
 }
 
+impl SpliceStats {
+    /// Every counter with its name (for the stats endpoint).
+    pub fn pairs(&self) -> [(&'static str, u64); 15] {
+        [
+            ("cookies_sent", self.cookies_sent),
+            ("cookies_ok", self.cookies_ok),
+            ("cookies_bad", self.cookies_bad),
+            ("table_full", self.table_full),
+            ("head_timeouts", self.head_timeouts),
+            ("head_too_large", self.head_too_large),
+            ("head_invalid", self.head_invalid),
+            ("backend_refused", self.backend_refused),
+            ("backend_timeouts", self.backend_timeouts),
+            ("client_resets", self.client_resets),
+            ("spliced", self.spliced),
+            ("retransmits", self.retransmits),
+            ("to_backend", self.to_backend),
+            ("to_client", self.to_client),
+            ("active", self.active),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum State {
     #[default]

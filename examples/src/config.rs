@@ -142,8 +142,7 @@ use lb_core::{Duration, HashKey, Weight};
 use lb_conntrack::{FlowState, TcpState, MAX_CAPACITY};
 use lb_dataplane::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, OutlierSpec, Proto,
-    SpliceRule, SpliceSpec, MAX_SPLICE_HEAD,
-    SchedulerKind, ServiceSpec, SpecError, TunnelKind,
+    SchedulerKind, ServiceSpec, SpecError, SpliceRule, SpliceSpec, TunnelKind, MAX_SPLICE_HEAD,
 };
 use lb_dataplane::{IcmpLimit, MAX_ICMP_RATE};
 

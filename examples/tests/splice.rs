@@ -8,12 +8,21 @@
 //!   byte-identical (sha256 on both ends); tshark on the client side and on the backend side:
 //!   every segment's checksum is valid (`tcp.check_checksum:TRUE`) and the backend sees the
 //!   client's ISN (the balancer's SYN to it carries the client's sequence number).
+//! - `splice_sip_tcp_call_id_affinity`: sipp over TCP with one connection per call
+//!   (`-t tn`), `affinity = "sip-call-id"`: 0 failed calls, calls spread over the three UASes;
+//!   then one shared connection (`-t t1`): the splice binds the connection on its first
+//!   request, so every call follows the first call's backend (a per-message SIP proxy mode
+//!   would have to parse each message on the stream, which means owning the byte stream:
+//!   terminating TCP, i.e. a proxy, not a splice).
 //! - `splice_syn_flood_keeps_no_state`: an hping3 SYN flood at the VIP while curl clients
 //!   fetch through it: the clients are served, the SYNs leave no splice slot behind.
 
 mod common;
 
 use std::time::Duration;
+
+use std::collections::HashMap;
+use std::path::Path;
 
 use common::{need_root, need_tool, tshark_read, Lab, Topo};
 
@@ -91,19 +100,31 @@ fn splice_host_and_path_rules_and_a_50mib_download() {
     let log = |lab: &Lab| lab.log("balancer");
     // Host rules.
     for _ in 0..10 {
-        let got = curl(&lab, &t, &format!("-H 'Host: one.example' http://{VIP4}/id"))
-            .unwrap_or_else(|e| panic!("{e}\n{}", log(&lab)));
+        let got = curl(
+            &lab,
+            &t,
+            &format!("-H 'Host: one.example' http://{VIP4}/id"),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", log(&lab)));
         assert_eq!(got.trim(), "b1");
-        let got = curl(&lab, &t, &format!("-H 'Host: APP.example:80' http://{VIP4}/two/id"))
-            .unwrap_or_else(|e| panic!("{e}\n{}", log(&lab)));
+        let got = curl(
+            &lab,
+            &t,
+            &format!("-H 'Host: APP.example:80' http://{VIP4}/two/id"),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", log(&lab)));
         assert_eq!(got.trim(), "b2");
     }
     // app.example outside /two/, and hosts no rule names: the default group (all three).
     let urls = std::iter::repeat_n(format!("http://{VIP4}/id"), 90)
         .collect::<Vec<_>>()
         .join(" ");
-    let got = curl(&lab, &t, &format!("-H 'Host: app.example' -H 'Connection: close' {urls}"))
-        .unwrap_or_else(|e| panic!("{e}\n{}", log(&lab)));
+    let got = curl(
+        &lab,
+        &t,
+        &format!("-H 'Host: app.example' -H 'Connection: close' {urls}"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log(&lab)));
     let lines: Vec<String> = got.lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), 90, "{got}");
     let tally = Lab::tally(&lines);
@@ -142,20 +163,50 @@ fn splice_host_and_path_rules_and_a_50mib_download() {
         let bad_filter = format!("{spliced} && tcp.checksum.status == 0");
         let bad = tshark_read(
             cap,
-            &["-o", "tcp.check_checksum:TRUE", "-Y", &bad_filter, "-T", "fields", "-e", "frame.number"],
+            &[
+                "-o",
+                "tcp.check_checksum:TRUE",
+                "-Y",
+                &bad_filter,
+                "-T",
+                "fields",
+                "-e",
+                "frame.number",
+            ],
         );
         let all = tshark_read(cap, &["-Y", spliced, "-T", "fields", "-e", "frame.number"]);
         let n = all.lines().count();
-        println!("{side}: {n} segments, {} with a bad checksum", bad.lines().count());
+        println!(
+            "{side}: {n} segments, {} with a bad checksum",
+            bad.lines().count()
+        );
         assert!(n > 1000, "{side}: {n} segments captured");
-        assert_eq!(bad.lines().count(), 0, "{side}: bad checksums in frames {bad}");
+        assert_eq!(
+            bad.lines().count(),
+            0,
+            "{side}: bad checksums in frames {bad}"
+        );
     }
     // The backend side uses the client's ISNs: every SYN the client sent to the VIP with
     // sequence number x reappears as a SYN from the balancer to b1 with the same x.
-    let raw = ["-o", "tcp.relative_sequence_numbers:FALSE", "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0", "-T", "fields", "-e", "tcp.seq"];
-    let c_isns: std::collections::HashSet<String> =
-        tshark_read(&cap_c, &raw).lines().map(str::to_owned).collect();
-    let b_isns: Vec<String> = tshark_read(&cap_b, &raw).lines().map(str::to_owned).collect();
+    let raw = [
+        "-o",
+        "tcp.relative_sequence_numbers:FALSE",
+        "-Y",
+        "tcp.flags.syn == 1 && tcp.flags.ack == 0",
+        "-T",
+        "fields",
+        "-e",
+        "tcp.seq",
+    ];
+    let c_isns: std::collections::HashSet<String> = tshark_read(&cap_c, &raw)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let b_isns: Vec<String> = tshark_read(&cap_b, &raw)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     let spliced: Vec<&String> = b_isns.iter().filter(|s| c_isns.contains(*s)).collect();
     println!(
         "backend-side SYNs: {}, with a client ISN: {}",
@@ -177,14 +228,29 @@ fn splice_syn_flood_keeps_no_state() {
     lab.spawn(
         &t.client,
         "hping",
-        &["timeout", "20", "hping3", "-S", "-p", "80", "--rand-source", "-i", "u100", VIP4],
+        &[
+            "timeout",
+            "20",
+            "hping3",
+            "-S",
+            "-p",
+            "80",
+            "--rand-source",
+            "-i",
+            "u100",
+            VIP4,
+        ],
     );
     std::thread::sleep(Duration::from_secs(2));
     let urls = std::iter::repeat_n(format!("http://{VIP4}/id"), 100)
         .collect::<Vec<_>>()
         .join(" ");
-    let got = curl(&lab, &t, &format!("-H 'Connection: close' {urls}"))
-        .unwrap_or_else(|e| panic!("clients not served during the flood: {e}\n{}", lab.log("balancer")));
+    let got = curl(&lab, &t, &format!("-H 'Connection: close' {urls}")).unwrap_or_else(|e| {
+        panic!(
+            "clients not served during the flood: {e}\n{}",
+            lab.log("balancer")
+        )
+    });
     assert_eq!(got.lines().count(), 100, "{got}");
     // Closed connections linger 2 s (their last ACKs still translate), then leave.
     std::thread::sleep(Duration::from_secs(3));
@@ -193,9 +259,155 @@ fn splice_syn_flood_keeps_no_state() {
     let sent = s["splice"]["cookies_sent"].as_u64().unwrap_or(0);
     let ok = s["splice"]["cookies_ok"].as_u64().unwrap_or(0);
     let active = s["splice"]["active"].as_u64().unwrap_or(u64::MAX);
-    assert!(sent > 1_000, "the flood's SYNs were answered with cookies: {s}");
+    assert!(
+        sent > 1_000,
+        "the flood's SYNs were answered with cookies: {s}"
+    );
     // Only the real clients' ACKs took a slot; the flood left none.
     assert!((100..=110).contains(&ok), "{s}");
     assert!(active <= 5, "{s}");
     lab.kill("hping");
+}
+
+/// The last data line of a sipp CSV file (`;`-separated, first line = header) as a map.
+fn last_csv_row(path: &Path) -> Option<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next()?.split(';').collect();
+    let last = lines.next_back()?;
+    Some(
+        header
+            .iter()
+            .zip(last.split(';'))
+            .map(|(h, v)| ((*h).to_owned(), v.trim().to_owned()))
+            .collect(),
+    )
+}
+
+fn sip_scenario(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sip")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// INVITEs each UAS received so far (from its `-trace_counts` file).
+fn invites(lab: &Lab) -> Vec<u64> {
+    (1..=3)
+        .map(|i| {
+            let dir = lab.dir.join(format!("uas-b{i}"));
+            std::fs::read_dir(&dir)
+                .ok()
+                .and_then(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .find(|p| p.to_string_lossy().ends_with("_counts.csv"))
+                })
+                .and_then(|p| last_csv_row(&p))
+                .and_then(|r| r.get("1_INVITE_Recv").and_then(|v| v.parse().ok()))
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Runs a sipp UAC over TCP (`transport` `tn` or `t1`) placing `calls` calls; returns its exit
+/// code and statistics.
+fn run_uac(
+    lab: &mut Lab,
+    t: &Topo,
+    name: &str,
+    transport: &str,
+    calls: u32,
+) -> (Option<i32>, HashMap<String, String>) {
+    let dir = lab.dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let stf = dir.join("uac.csv");
+    let script = format!(
+        "cd '{}' && exec sipp -sf '{}' -t {transport} -i 192.0.2.2 -p 5070 -m {calls} -r 20 -rp 1000 -max_socket 1000 \
+         -nostdin -trace_stat -stf uac.csv -fd 1 -timeout 50s {VIP4}:5060",
+        dir.display(),
+        sip_scenario("uac.xml"),
+    );
+    lab.spawn(&t.client, name, &["sh", "-c", &script]);
+    let exit = lab.wait_exit(name, Duration::from_secs(60));
+    if exit.is_none() {
+        lab.kill(name);
+    }
+    // The UASes dump their counts every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    (exit, last_csv_row(&stf).unwrap_or_default())
+}
+
+#[test]
+fn splice_sip_tcp_call_id_affinity() {
+    if !need_root() || !need_tool("sipp") || !need_tool("curl") {
+        return;
+    }
+    let mut lab = Lab::new("sp-sip");
+    let t = lab.topology(3);
+    for b in t.backends.clone() {
+        let dir = lab.dir.join(format!("uas-{}", b.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!(
+            "cd '{}' && exec sipp -sf '{}' -t t1 -i {} -p 5060 -nostdin -trace_stat -stf uas.csv \
+             -fd 1 -trace_counts -default_behaviors all,-bye",
+            dir.display(),
+            sip_scenario("uas.xml"),
+            b.v4
+        );
+        lab.spawn(&b.ns, &format!("uas-{}", b.name), &["sh", "-c", &script]);
+        lab.wait_listen(&b.ns, "tcp", 5060);
+    }
+    let mut c = String::from(
+        "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\"]\n\
+         stats = \"127.0.0.1:9100\"\nhash_key = \"e2e cluster secret 0123456789\"\n",
+    );
+    c.push_str(&format!(
+        "\n[[service]]\nvip = \"{VIP4}:5060\"\nproto = \"tcp\"\nmode = \"splice\"\naffinity = \"sip-call-id\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval_ms = 500\nrise = 2\nfall = 2\n"
+    ));
+    for i in 1..=3 {
+        c.push_str(&format!(
+            "[[service.backend]]\naddr = \"198.51.100.{}:5060\"\nweight = 1\n",
+            10 + i
+        ));
+    }
+    lab.start_balancer(&t, "lb0", &c, &routes());
+    std::thread::sleep(Duration::from_millis(1500));
+    // One TCP connection per call.
+    let (exit, row) = run_uac(&mut lab, &t, "uac-tn", "tn", 60);
+    let per = invites(&lab);
+    println!(
+        "-t tn: exit {exit:?}, successful {:?}, failed {:?}, INVITEs per backend {per:?}",
+        row.get("SuccessfulCall(C)"),
+        row.get("FailedCall(C)")
+    );
+    println!("splice: {}", lab.balancer_stats(&t)["splice"]);
+    assert_eq!(
+        exit,
+        Some(0),
+        "sipp exits 0 only when every call succeeded: {}",
+        lab.log("uac-tn")
+    );
+    assert_eq!(row.get("FailedCall(C)").map(String::as_str), Some("0"));
+    assert_eq!(row.get("SuccessfulCall(C)").map(String::as_str), Some("60"));
+    assert_eq!(per.iter().sum::<u64>(), 60);
+    assert!(per.iter().all(|&n| n >= 8), "calls not spread: {per:?}");
+    // One shared connection: bound with its first request, every call follows it.
+    let before = per;
+    let (exit, row) = run_uac(&mut lab, &t, "uac-t1", "t1", 30);
+    let after = invites(&lab);
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!(
+        "-t t1: exit {exit:?}, successful {:?}, INVITEs per backend {delta:?}",
+        row.get("SuccessfulCall(C)")
+    );
+    assert_eq!(exit, Some(0), "{}", lab.log("uac-t1"));
+    assert_eq!(delta.iter().sum::<u64>(), 30);
+    assert_eq!(
+        delta.iter().filter(|&&n| n > 0).count(),
+        1,
+        "one connection, one backend: {delta:?}"
+    );
 }

@@ -14,6 +14,12 @@
 //!   request, so every call follows the first call's backend (a per-message SIP proxy mode
 //!   would have to parse each message on the stream, which means owning the byte stream:
 //!   terminating TCP, i.e. a proxy, not a splice).
+//! - `splice_vs_haproxy` (`#[ignore]`, run by hand for `benches/results/splice.md`): the same
+//!   topology and backends behind three front ends at once: the splice (VIP:80), our L4 NAT
+//!   (VIP:81) and HAProxy `mode http` in the balancer namespace (203.0.113.20:80); new
+//!   connections/s (wrk, `Connection: close`), one-stream throughput (curl, 200 MiB), time to
+//!   first byte (curl, median of 100) and balancer CPU (user + system of the process) per
+//!   connection.
 //! - `splice_syn_flood_keeps_no_state`: an hping3 SYN flood at the VIP while curl clients
 //!   fetch through it: the clients are served, the SYNs leave no splice slot behind.
 
@@ -410,4 +416,126 @@ fn splice_sip_tcp_call_id_affinity() {
         1,
         "one connection, one backend: {delta:?}"
     );
+}
+
+/// User + system CPU time of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the command.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+#[test]
+#[ignore = "a measurement: cargo test -p lb-examples --test splice -- --ignored --nocapture"]
+fn splice_vs_haproxy() {
+    if !need_root() || !need_tool("curl") || !need_tool("wrk") || !need_tool("haproxy") {
+        return;
+    }
+    let mut lab = Lab::new("sp-bench");
+    let t = lab.topology(3);
+    for b in t.backends.clone() {
+        lab.http_server(&b, 8080);
+        let big = lab.dir.join(format!("www-{}", b.name)).join("big200");
+        lab.sh(
+            &b.ns,
+            &format!("head -c {} /dev/zero > {}", 200 << 20, big.display()),
+        );
+    }
+    // The splice on :80 and layer-4 NAT on :81, one balancer.
+    let mut c = config("none");
+    c.push_str(&format!(
+        "\n[[service]]\nvip = \"{VIP4}:81\"\nproto = \"tcp\"\nmode = \"nat\"\n\
+         [service.health]\nkind = \"http\"\npath = \"/id\"\ninterval_ms = 500\nrise = 2\nfall = 2\n"
+    ));
+    for i in 1..=3 {
+        c.push_str(&format!(
+            "[[service.backend]]\naddr = \"198.51.100.{}:8080\"\nweight = 1\n",
+            10 + i
+        ));
+    }
+    lab.start_balancer(&t, "lb0", &c, &routes());
+    // HAProxy, mode http, in the balancer namespace on its own address.
+    lab.sh(&t.balancer, "ip addr add 203.0.113.20/32 dev lo");
+    let hcfg = lab.write(
+        "haproxy.cfg",
+        "global\n  maxconn 4000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 2s\n  \
+         timeout client 30s\n  timeout server 30s\nfrontend f\n  bind 203.0.113.20:80\n  \
+         default_backend b\nbackend b\n  balance roundrobin\n  server b1 198.51.100.11:8080\n  \
+         server b2 198.51.100.12:8080\n  server b3 198.51.100.13:8080\n",
+    );
+    let hcfg = hcfg.to_string_lossy().into_owned();
+    lab.spawn(&t.balancer, "haproxy", &["haproxy", "-db", "-f", &hcfg]);
+    std::thread::sleep(Duration::from_secs(2));
+    let fronts = [
+        ("splice", format!("{VIP4}:80"), "balancer"),
+        ("nat (L4)", format!("{VIP4}:81"), "balancer"),
+        ("haproxy http", "203.0.113.20:80".to_owned(), "haproxy"),
+    ];
+    println!("| front end | new conn/s (wrk -c 16, Connection: close) | CPU ms per 1000 conns | one stream 200 MiB (MB/s) | first byte p50 (ms) |");
+    println!("|---|---|---|---|---|");
+    for (name, addr, proc_name) in &fronts {
+        let pid = lab.pid(proc_name).expect("pid");
+        let cpu0 = cpu_secs(pid);
+        let out = lab
+            .try_sh_timeout(
+                &t.client,
+                &format!("wrk -t 2 -c 16 -d 10s -H 'Connection: close' http://{addr}/id"),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("wrk {name}: {e}\n{}", lab.log(proc_name)));
+        let cpu = cpu_secs(pid) - cpu0;
+        let reqs: f64 = out
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let rate: f64 = out
+            .lines()
+            .find(|l| l.starts_with("Requests/sec:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let errors = out
+            .lines()
+            .find(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+            .unwrap_or("");
+        let speed: f64 = lab
+            .try_sh_timeout(
+                &t.client,
+                &format!("curl -sS --max-time 60 -o /dev/null -w '%{{speed_download}}' http://{addr}/big200"),
+                Duration::from_secs(70),
+            )
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        let mut ttfb = Vec::new();
+        for _ in 0..100 {
+            if let Ok(v) = lab.try_sh_timeout(
+                &t.client,
+                &format!("curl -sS --max-time 5 -o /dev/null -w '%{{time_starttransfer}}' http://{addr}/id"),
+                Duration::from_secs(10),
+            ) {
+                if let Ok(x) = v.trim().parse::<f64>() {
+                    ttfb.push(x * 1000.0);
+                }
+            }
+        }
+        println!(
+            "| {name} | {rate:.0} ({reqs:.0} in 10 s) {errors} | {:.1} | {:.0} | {:.2} |",
+            cpu * 1000.0 / (reqs / 1000.0).max(1e-9),
+            speed / 1e6,
+            median(ttfb)
+        );
+    }
+    println!("splice: {}", lab.balancer_stats(&t)["splice"]);
 }

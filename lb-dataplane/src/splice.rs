@@ -173,6 +173,8 @@ struct Slot {
     retrans: u8,
     fin_c: bool,
     fin_s: bool,
+    /// Times the slot was taken (picks its SNAT port).
+    gen: u16,
 }
 
 fn unspec() -> SocketAddr {
@@ -219,6 +221,7 @@ impl Slot {
             retrans: 0,
             fin_c: false,
             fin_s: false,
+            gen: 0,
         }
     }
 
@@ -263,7 +266,9 @@ struct Svc {
 pub(crate) struct Splicer {
     svcs: Vec<Svc>,
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// Free slots, oldest first (FIFO: a port is reused as late as possible).
+    free: std::collections::VecDeque<u32>,
+    ports_per_slot: usize,
     /// Open addressing: slot index + 1 by client key hash (0: empty).
     index: Vec<u32>,
     cookies: SynCookies,
@@ -332,7 +337,18 @@ impl Splicer {
             .map(|s| s.spec.head_max.min(MAX_SPLICE_HEAD))
             .max()
             .unwrap_or(0);
-        let port_base = hi.saturating_sub(cap as u16).saturating_add(1);
+        // Each slot owns `ports_per_slot` ports and moves to the next one each time it is
+        // reused, so that a 4-tuple comes back only after many connections (a backend that
+        // closed first holds the last one in TIME_WAIT and may answer a new SYN on it with an
+        // ACK instead of a SYN-ACK).
+        let ports_per_slot = if cap == 0 {
+            1
+        } else {
+            (span / 2 / cap).clamp(1, 8)
+        };
+        let port_base = hi
+            .saturating_sub((cap * ports_per_slot) as u16)
+            .saturating_add(1);
         let rest = if cap == 0 {
             lo..=hi
         } else {
@@ -343,7 +359,8 @@ impl Splicer {
             Splicer {
                 svcs,
                 slots: (0..cap).map(|_| Slot::new(head_max)).collect(),
-                free: (0..cap as u32).rev().collect(),
+                free: (0..cap as u32).collect(),
+                ports_per_slot,
                 index: vec![0; isz],
                 cookies: SynCookies::new(FlowHasher::new(key.derive("splice-cookie"))),
                 hasher: FlowHasher::new(key.derive("splice")),
@@ -439,7 +456,7 @@ impl Splicer {
         }
         self.index_remove(s);
         self.slots[s].state = State::Free;
-        self.free.push(s as u32);
+        self.free.push_back(s as u32);
         self.stats.active = self.stats.active.saturating_sub(1);
     }
 
@@ -523,7 +540,13 @@ impl Splicer {
             addr
         };
         let snat_ip = tables.snat_for(baddr.ip())?;
-        let port = self.port_base.wrapping_add(s as u16);
+        let n = self.slots.len();
+        let x = &mut self.slots[s];
+        if x.tries == 0 {
+            x.gen = x.gen.wrapping_add(1);
+        }
+        let round = usize::from(x.gen) % self.ports_per_slot;
+        let port = self.port_base.wrapping_add((round * n + s) as u16);
         let x = &mut self.slots[s];
         if let Some(t) = x.tried.get_mut(usize::from(x.tries)) {
             *t = Some(id);
@@ -702,7 +725,7 @@ impl Splicer {
             self.stats.cookies_bad += 1;
             return Verdict::Drop(DropReason::MidFlowUnknown);
         };
-        let Some(s) = self.free.pop() else {
+        let Some(s) = self.free.pop_front() else {
             self.stats.table_full += 1;
             return Verdict::Drop(DropReason::TableFull);
         };
@@ -950,11 +973,11 @@ impl Splicer {
             return None;
         }
         let key = p.key;
-        let s = usize::from(key.dst_port().checked_sub(self.port_base)?);
+        let s = usize::from(key.dst_port().checked_sub(self.port_base)?) % self.slots.len().max(1);
         let x = self.slots.get(s)?;
         if x.state == State::Free
             || x.baddr != SocketAddr::new(key.src(), key.src_port())
-            || x.snat.ip() != key.dst()
+            || x.snat != SocketAddr::new(key.dst(), key.dst_port())
         {
             return None;
         }

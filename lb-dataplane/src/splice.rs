@@ -341,11 +341,7 @@ impl Splicer {
         // reused, so that a 4-tuple comes back only after many connections (a backend that
         // closed first holds the last one in TIME_WAIT and may answer a new SYN on it with an
         // ACK instead of a SYN-ACK).
-        let ports_per_slot = if cap == 0 {
-            1
-        } else {
-            (span / 2 / cap).clamp(1, 8)
-        };
+        let ports_per_slot = (span / 2).checked_div(cap).unwrap_or(1).clamp(1, 8);
         let port_base = hi
             .saturating_sub((cap * ports_per_slot) as u16)
             .saturating_add(1);

@@ -1856,6 +1856,44 @@ addr = "[2001:db8:51::11]:53"
     }
 
     #[test]
+    fn splice_keys() {
+        let t = GOOD
+            .replace("mode = \"nat\"", "mode = \"splice\"")
+            .replace("affinity = \"none\"", "affinity = \"http-host\"")
+            .replace(
+                "[[service.backend]]\naddr = \"198.51.100.11:80\"",
+                "[service.splice]\nhead_max = 800\nhead_timeout_ms = 2000\n\
+                 [[service.splice.rule]]\nhost = \"api.example\"\npath_prefix = \"/v1/\"\n\
+                 backends = [\"198.51.100.11:80\"]\n[[service.backend]]\naddr = \"198.51.100.11:80\"",
+            );
+        let c = Config::parse(&t, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let s = &c.dataplane.services[0];
+        assert_eq!(s.mode, Mode::Nat);
+        assert_eq!(s.affinity, Affinity::HttpHost);
+        let sp = s.splice.as_ref().unwrap();
+        assert_eq!(sp.head_max, 800);
+        assert_eq!(sp.head_timeout, Duration::from_millis(2000));
+        assert_eq!(sp.rules.len(), 1);
+        assert_eq!(sp.rules[0].host.as_deref(), Some("api.example"));
+        assert_eq!(sp.rules[0].path_prefix, "/v1/");
+        assert!(c.dataplane.services[1].splice.is_none());
+        // sip-call-id over TCP only with the splice; http-host only with the splice.
+        let e = err(&GOOD.replace("affinity = \"none\"", "affinity = \"sip-call-id\""));
+        assert!(e.to_string().contains("splice"), "{e}");
+        let e = err(&GOOD.replace("affinity = \"none\"", "affinity = \"http-host\""));
+        assert!(e.to_string().contains("splice"), "{e}");
+        let sip = GOOD
+            .replace("mode = \"nat\"", "mode = \"splice\"")
+            .replace("affinity = \"none\"", "affinity = \"sip-call-id\"");
+        assert!(Config::parse(&sip, "t.toml").is_ok());
+        // Not for UDP; head_max bounded.
+        let e = err(&GOOD.replace("mode = \"dnat\"", "mode = \"splice\""));
+        assert!(e.to_string().contains("tcp"), "{e}");
+        let e = err(&t.replace("head_max = 800", "head_max = 5000"));
+        assert!(e.to_string().contains("head_max"), "{e}");
+    }
+
+    #[test]
     fn mid_flow_key() {
         let c = Config::parse(GOOD, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].mid_flow, MidFlow::Hash);

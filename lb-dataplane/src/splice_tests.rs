@@ -586,3 +586,32 @@ proptest! {
         prop_assert_eq!(to_c.h.ack, n.wrapping_add(1));
     }
 }
+
+/// A reused slot moves to another SNAT port, so that the backend does not see the 4-tuple of a
+/// connection it may still hold in TIME_WAIT; a full pool refuses the cookie's ACK, counted.
+#[test]
+fn reused_slots_rotate_their_snat_port_and_a_full_pool_refuses() {
+    let mut r = Rig::new(Affinity::None, |s| {
+        s.splice_capacity = 1;
+        s.services[0].splice.as_mut().unwrap().rules.clear();
+    });
+    let vip = sa(VIP);
+    let mut ports = Vec::new();
+    for i in 0..3u16 {
+        let client = SocketAddr::new("192.0.2.7".parse().unwrap(), 6000 + i);
+        let (c, _, syn) = open(&mut r, client, &get("x", "/"), false);
+        ports.push(syn.src.port());
+        // The client gives up while the balancer connects: the slot is free at once.
+        r.send(&seg(client, vip, c.wrapping_add(1), 0, flags::RST, b""));
+        assert_eq!(r.dp.splice_stats().active, 0);
+    }
+    assert!(ports[0] != ports[1] && ports[1] != ports[2], "{ports:?}");
+    // One slot: a second connection's valid ACK finds none.
+    let _ = open(&mut r, sa("192.0.2.7:7000"), &get("x", "/"), false);
+    let client = sa("192.0.2.7:7001");
+    let (sa_, _) = r.send(&seg(client, vip, 10, 0, flags::SYN, b""));
+    let l = sa_.unwrap().h.seq;
+    let (out, v) = r.send(&seg(client, vip, 11, l.wrapping_add(1), flags::ACK, b""));
+    assert!(out.is_none() && matches!(v, Verdict::Drop(_)), "{v:?}");
+    assert_eq!(r.dp.splice_stats().table_full, 1);
+}

@@ -615,3 +615,64 @@ fn reused_slots_rotate_their_snat_port_and_a_full_pool_refuses() {
     assert!(out.is_none() && matches!(v, Verdict::Drop(_)), "{v:?}");
     assert_eq!(r.dp.splice_stats().table_full, 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Hostile segments in any order, mixed with valid steps (SYN, the cookie's ACK with a head,
+    /// a backend's SYN-ACK to the balancer's SYN, backend segments on a live 4-tuple), with
+    /// timers run in between: no panic, every packet the data path writes parses with valid
+    /// checksums (checked by `Rig::decode`), and the slot count stays within the pool.
+    #[test]
+    fn hostile_segments_never_panic(ops in proptest::collection::vec(
+        (0u8..7, any::<u16>(), any::<u32>(), any::<u32>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..80), any::<bool>()),
+        1..80,
+    )) {
+        let mut r = Rig::new(Affinity::HttpHost, |s| s.splice_capacity = 4);
+        let vip = sa(VIP);
+        let mut cookies = std::collections::HashMap::new();
+        let mut last_syn: Option<Seg> = None;
+        for (kind, port, seq, ack, fl, data, ts) in ops {
+            let client = SocketAddr::new("192.0.2.2".parse().unwrap(), port % 4 + 1);
+            let mut s = match kind {
+                0 => seg(client, vip, seq, ack, fl, &data),
+                1 => seg(client, vip, seq, 0, flags::SYN, b""),
+                2 => {
+                    let Some(&(c, l)) = cookies.get(&client) else { continue };
+                    let body: Vec<u8> = if ts { get("h", "/").into_iter().chain(data).collect() } else { data };
+                    seg(client, vip, u32::wrapping_add(c, 1), u32::wrapping_add(l, 1), flags::ACK, &body)
+                }
+                3 => seg(sa(BACKENDS[usize::from(port % 3)]), SocketAddr::new(SNAT.parse().unwrap(), 65535 - port % 64), seq, ack, fl, &data),
+                4 => {
+                    let Some(b) = &last_syn else { continue };
+                    seg(b.dst, b.src, seq, b.h.seq.wrapping_add(1), flags::SYN | flags::ACK, b"")
+                }
+                5 => {
+                    let Some(b) = &last_syn else { continue };
+                    seg(b.dst, b.src, seq, ack, fl, &data)
+                }
+                _ => {
+                    r.now += Duration::from_millis(u64::from(port) * 4);
+                    while let Some(o) = r.poll() {
+                        if o.h.flags == flags::SYN {
+                            last_syn = Some(o);
+                        }
+                    }
+                    continue;
+                }
+            };
+            if ts && kind != 2 {
+                s.o.timestamps = Some((seq, ack));
+            }
+            let (out, _) = r.send(&s);
+            if let Some(o) = out {
+                if o.h.flags == flags::SYN | flags::ACK && o.dst == client {
+                    cookies.insert(client, (s.h.seq, o.h.seq));
+                }
+                if o.h.flags == flags::SYN {
+                    last_syn = Some(o);
+                }
+            }
+            prop_assert!(r.dp.splice_stats().active <= 4);
+        }
+    }
+}

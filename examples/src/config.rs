@@ -25,7 +25,7 @@
 //! icmp_peer_rate = 100       # the same per destination address (at most the global ones)
 //! icmp_peer_burst = 20
 //! splice_capacity = 4096     # spliced connections per data path (mode "splice"): each takes
-//!                            # one SNAT port from the top of the data path's snat_ports
+//!                            # up to 8 SNAT ports from the top of the data path's snat_ports
 //! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
 //!                            # a key left out keeps lb-conntrack's default for its states
 //! tcp_established = 900

@@ -419,8 +419,8 @@ pub struct DataplaneSpec {
     /// global token bucket and one per destination address, per data path. Rates and bursts
     /// at most [`MAX_ICMP_RATE`](crate::MAX_ICMP_RATE), the peer's no larger than the global.
     pub icmp: crate::IcmpLimits,
-    /// Spliced connections tracked at once (each owns one SNAT port, taken from the top
-    /// of the data path's SNAT port range when a service splices).
+    /// Spliced connections tracked at once (each owns up to 8 SNAT ports, taken from the
+    /// top of the data path's SNAT port range, at most half of it, when a service splices).
     pub splice_capacity: usize,
     /// The services.
     pub services: Vec<ServiceSpec>,

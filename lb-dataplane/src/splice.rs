@@ -28,8 +28,10 @@
 //!   Window scale and SACK survive the cookie only with timestamps (as in Linux).
 //! - **One slot per connection**, from a pool fixed at start
 //!   ([`DataplaneSpec::splice_capacity`](crate::DataplaneSpec::splice_capacity)); a slot
-//!   owns one SNAT port, so a backend's packet finds its slot by destination port without a
-//!   lookup. Held heads live in the slot's fixed buffer.
+//!   owns up to 8 SNAT ports (`port = base + round × capacity + slot`, the next round each
+//!   time the slot is reused, free slots reused oldest first), so a backend's packet finds its
+//!   slot by destination port without a lookup, and a 4-tuple a backend may still hold in
+//!   TIME_WAIT does not come back soon. Held heads live in the slot's fixed buffer.
 //! - **Failures**: no complete head within the timeout: the slot is freed (counted); a head
 //!   larger than the limit or not HTTP/1.x / SIP: RST to the client (counted); a backend's
 //!   RST or silence to the SYN: the next eligible backend, then RST to the client; a backend

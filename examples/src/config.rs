@@ -26,6 +26,8 @@
 //! icmp_burst = 50            # their burst (defaults: Linux's icmp_msgs_per_sec / _burst; 0 0: none)
 //! icmp_peer_rate = 100       # the same per destination address (at most the global ones)
 //! icmp_peer_burst = 20
+//! splice_capacity = 4096     # spliced connections per data path (mode "splice"): each takes
+//!                            # up to 8 SNAT ports from the top of the data path's snat_ports
 //! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
 //!                            # a key left out keeps lb-conntrack's default for its states
 //! tcp_established = 900
@@ -39,9 +41,13 @@
 //! vip = "203.0.113.10:80"
 //! proto = "tcp"              # tcp | udp
 //! mode = "nat"               # nat | dnat | tunnel | dr ("dr" cannot share a device with others)
+//!                            # | splice (tcp: layer-5 delayed binding + TCP splicing, NAT
+//!                            # addressing towards the backends; see [service.splice])
 //! scheduler = "maglev"       # maglev ring rendezvous jump modulo, or a policy: rr wrr swrr
 //!                            # random sh dh lc wlc sed nq lblc lblcr fo ovf p2c peak-ewma least-request
-//! affinity = "none"          # none | source | sip-call-id (udp) | per-packet (udp: no affinity at all)
+//! affinity = "none"          # none | source | sip-call-id (udp, or tcp with mode "splice")
+//!                            # | per-packet (udp: no affinity at all)
+//!                            # | http-host (mode "splice": by the first request's Host)
 //! persistence_timeout_s = 0  # > 0: a client's new flows follow its previous backend
 //! tunnel = "ipip"            # mode "tunnel": ipip (IPIP / IP6IP6) | gue
 //! gue_port = 6080            # with tunnel = "gue"
@@ -58,6 +64,16 @@
 //!                            # (nat / dnat always drop it: only sync knows its SNAT tuple)
 //! maglev_size = 65537        # maglev only: a prime in 3..=2^24, at least the backends (default:
 //!                            # the smallest prime >= max(65537, 100 x backends))
+//! [service.splice]           # mode "splice" only; every key optional
+//! head_max = 1400            # bytes of the first request head held (<= 1400; larger: RST)
+//! head_timeout_ms = 5000     # the head must complete this soon after the handshake
+//! connect_timeout_ms = 1000  # a backend's SYN-ACK / ACK of the head; then the next backend
+//! idle_timeout_s = 300       # a spliced connection's idle timeout
+//! mss = 1400                 # MSS offered to clients in the SYN-cookie SYN-ACK
+//! [[service.splice.rule]]    # first match wins; no match: any backend of the service
+//! host = "api.example"       # optional: exact host (case-insensitive, port stripped)
+//! path_prefix = "/"          # optional (default "/")
+//! backends = ["10.0.0.1:80"] # addresses of [[service.backend]] entries
 //! [service.outlier]          # passive ejection; the table's presence turns it on
 //! consecutive_failures = 5   # 0 = off
 //! failure_rate = 50          # percent 1..=100 failed in a window ejects; 0 = off
@@ -128,7 +144,7 @@ use lb_core::{Duration, HashKey, Weight};
 use lb_conntrack::{FlowState, TcpState, MAX_CAPACITY};
 use lb_dataplane::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, OutlierSpec, Proto,
-    SchedulerKind, ServiceSpec, SpecError, TunnelKind,
+    SchedulerKind, ServiceSpec, SpecError, SpliceRule, SpliceSpec, TunnelKind, MAX_SPLICE_HEAD,
 };
 use lb_dataplane::{IcmpLimit, MAX_ICMP_RATE};
 
@@ -446,6 +462,7 @@ struct RawBalancer {
     icmp_burst: Option<Spanned<u64>>,
     icmp_peer_rate: Option<Spanned<u64>>,
     icmp_peer_burst: Option<Spanned<u64>>,
+    splice_capacity: Option<Spanned<u64>>,
     timeouts: Option<Spanned<RawTimeouts>>,
 }
 
@@ -480,9 +497,30 @@ struct RawService {
     maglev_size: Option<Spanned<u64>>,
     mid_flow: Option<Spanned<String>>,
     outlier: Option<Spanned<RawOutlier>>,
+    splice: Option<Spanned<RawSplice>>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplice {
+    head_max: Option<Spanned<u64>>,
+    head_timeout_ms: Option<Spanned<u64>>,
+    connect_timeout_ms: Option<Spanned<u64>>,
+    idle_timeout_s: Option<Spanned<u64>>,
+    mss: Option<Spanned<u64>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawSpliceRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpliceRule {
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    backends: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -650,6 +688,12 @@ impl Validator<'_> {
             "balancer.persist_capacity",
             (1, MAX_CAPACITY as u64),
             spec.persist_capacity as u64,
+        )? as usize;
+        spec.splice_capacity = self.opt_int(
+            &b.splice_capacity,
+            "balancer.splice_capacity",
+            (1, 32_768),
+            spec.splice_capacity as u64,
         )? as usize;
         let icmp = [
             (&b.icmp_rate, "balancer.icmp_rate", spec.icmp.global.rate),
@@ -881,6 +925,59 @@ impl Validator<'_> {
         })
     }
 
+    /// `[service.splice]`: limits and rules (rule backends checked against the service's
+    /// backends by `DataplaneSpec::validate`'s caller below).
+    fn splice(&self, i: usize, r: &RawSplice, sp: &mut SpliceSpec) -> Result<(), ConfigError> {
+        let f = |name: &str| format!("service[{i}].splice.{name}");
+        sp.head_max = self.opt_int(
+            &r.head_max,
+            &f("head_max"),
+            (64, MAX_SPLICE_HEAD as u64),
+            sp.head_max as u64,
+        )? as usize;
+        let ms = |d: Duration| d.as_millis() as u64;
+        sp.head_timeout = Duration::from_millis(self.opt_int(
+            &r.head_timeout_ms,
+            &f("head_timeout_ms"),
+            (1, 600_000),
+            ms(sp.head_timeout),
+        )?);
+        sp.connect_timeout = Duration::from_millis(self.opt_int(
+            &r.connect_timeout_ms,
+            &f("connect_timeout_ms"),
+            (1, 60_000),
+            ms(sp.connect_timeout),
+        )?);
+        sp.idle_timeout = Duration::from_secs(self.opt_int(
+            &r.idle_timeout_s,
+            &f("idle_timeout_s"),
+            (1, 86_400),
+            sp.idle_timeout.as_secs(),
+        )?);
+        sp.mss = self.opt_int(&r.mss, &f("mss"), (536, 9000), sp.mss.into())? as u16;
+        for (j, rule) in r.rule.iter().enumerate() {
+            let rr = rule.get_ref();
+            let fr = |name: &str| format!("service[{i}].splice.rule[{j}].{name}");
+            let mut backends = Vec::new();
+            for b in &rr.backends {
+                backends.push(self.parse::<SocketAddr>(b, &fr("backends"))?);
+            }
+            if backends.is_empty() {
+                return Err(self.err(rule.span(), fr("backends"), "a rule needs backends"));
+            }
+            let path_prefix = rr
+                .path_prefix
+                .as_ref()
+                .map_or_else(|| "/".to_owned(), |p| p.get_ref().clone());
+            sp.rules.push(SpliceRule {
+                host: rr.host.as_ref().map(|h| h.get_ref().clone()),
+                path_prefix,
+                backends,
+            });
+        }
+        Ok(())
+    }
+
     fn service(
         &self,
         i: usize,
@@ -891,8 +988,21 @@ impl Validator<'_> {
         let f = |name: &str| format!("service[{i}].{name}");
         let vip: SocketAddr = self.parse(&r.vip, &f("vip"))?;
         let proto: Proto = self.parse(&r.proto, &f("proto"))?;
-        let mode: Mode = self.parse(&r.mode, &f("mode"))?;
+        let splice = r.mode.get_ref() == "splice";
+        let mode: Mode = if splice {
+            if proto != Proto::Tcp {
+                return Err(self.err(r.mode.span(), f("mode"), "splice needs proto = \"tcp\""));
+            }
+            Mode::Nat
+        } else {
+            self.parse(&r.mode, &f("mode"))?
+        };
         let mut svc = ServiceSpec::new(vip, proto, mode);
+        if splice {
+            svc.splice = Some(SpliceSpec::default());
+        } else if let Some(sp) = &r.splice {
+            return Err(self.err(sp.span(), f("splice"), "only with mode = \"splice\""));
+        }
         if let Some(sch) = &r.scheduler {
             svc.scheduler = sch
                 .get_ref()
@@ -901,8 +1011,15 @@ impl Validator<'_> {
         }
         if let Some(a) = &r.affinity {
             svc.affinity = self.parse(a, &f("affinity"))?;
-            if svc.affinity == Affinity::SipCallId && proto != Proto::Udp {
-                return Err(self.err(a.span(), f("affinity"), "sip-call-id needs proto = \"udp\""));
+            if svc.affinity == Affinity::SipCallId && proto != Proto::Udp && !splice {
+                return Err(self.err(
+                    a.span(),
+                    f("affinity"),
+                    "sip-call-id needs proto = \"udp\" or mode = \"splice\"",
+                ));
+            }
+            if svc.affinity == Affinity::HttpHost && !splice {
+                return Err(self.err(a.span(), f("affinity"), "http-host needs mode = \"splice\""));
             }
             if svc.affinity == Affinity::PerPacket && proto != Proto::Udp {
                 return Err(self.err(a.span(), f("affinity"), "per-packet needs proto = \"udp\""));
@@ -992,6 +1109,9 @@ impl Validator<'_> {
         }
         if r.backend.is_empty() {
             return Err(self.err(s.span(), f("backend"), "no [[service.backend]] defined"));
+        }
+        if let (Some(sp), Some(raw)) = (svc.splice.as_mut(), &r.splice) {
+            self.splice(i, raw.get_ref(), sp)?;
         }
         let mut addrs = HashSet::new();
         for (j, b) in r.backend.iter().enumerate() {
@@ -1741,6 +1861,44 @@ addr = "[2001:db8:51::11]:53"
             (h.watchdog, h.refresh, h.sync_mtu),
             (Duration::from_secs(1), Duration::from_secs(5), 1472)
         );
+    }
+
+    #[test]
+    fn splice_keys() {
+        let t = GOOD
+            .replace("mode = \"nat\"", "mode = \"splice\"")
+            .replace("affinity = \"none\"", "affinity = \"http-host\"")
+            .replace(
+                "[[service.backend]]\naddr = \"198.51.100.11:80\"",
+                "[service.splice]\nhead_max = 800\nhead_timeout_ms = 2000\n\
+                 [[service.splice.rule]]\nhost = \"api.example\"\npath_prefix = \"/v1/\"\n\
+                 backends = [\"198.51.100.11:80\"]\n[[service.backend]]\naddr = \"198.51.100.11:80\"",
+            );
+        let c = Config::parse(&t, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let s = &c.dataplane.services[0];
+        assert_eq!(s.mode, Mode::Nat);
+        assert_eq!(s.affinity, Affinity::HttpHost);
+        let sp = s.splice.as_ref().unwrap();
+        assert_eq!(sp.head_max, 800);
+        assert_eq!(sp.head_timeout, Duration::from_millis(2000));
+        assert_eq!(sp.rules.len(), 1);
+        assert_eq!(sp.rules[0].host.as_deref(), Some("api.example"));
+        assert_eq!(sp.rules[0].path_prefix, "/v1/");
+        assert!(c.dataplane.services[1].splice.is_none());
+        // sip-call-id over TCP only with the splice; http-host only with the splice.
+        let e = err(&GOOD.replace("affinity = \"none\"", "affinity = \"sip-call-id\""));
+        assert!(e.to_string().contains("splice"), "{e}");
+        let e = err(&GOOD.replace("affinity = \"none\"", "affinity = \"http-host\""));
+        assert!(e.to_string().contains("splice"), "{e}");
+        let sip = GOOD
+            .replace("mode = \"nat\"", "mode = \"splice\"")
+            .replace("affinity = \"none\"", "affinity = \"sip-call-id\"");
+        assert!(Config::parse(&sip, "t.toml").is_ok());
+        // Not for UDP; head_max bounded.
+        let e = err(&GOOD.replace("mode = \"dnat\"", "mode = \"splice\""));
+        assert!(e.to_string().contains("tcp"), "{e}");
+        let e = err(&t.replace("head_max = 800", "head_max = 5000"));
+        assert!(e.to_string().contains("head_max"), "{e}");
     }
 
     #[test]

@@ -77,12 +77,12 @@ impl Shared {
             };
         }
         let mut labels = self.labels.lock().clone();
-        let (s, t): (Stats, TableStats) = {
+        let (s, t, splice): (Stats, TableStats, _) = {
             let dp = self.dp.lock();
             for l in &mut labels {
                 l.load = dp.backend_load(BackendId(l.id), t_now);
             }
-            (dp.stats().clone(), dp.table_stats())
+            (dp.stats().clone(), dp.table_stats(), dp.splice_stats())
         };
         let (reloads, rejected) = (
             self.reloads.load(Ordering::Relaxed),
@@ -96,6 +96,9 @@ impl Shared {
                     Ok(mut v) => {
                         v["reloads"] =
                             serde_json::json!({ "applied": reloads, "rejected": rejected });
+                        for (k, x) in splice.pairs() {
+                            v["splice"][k] = x.into();
+                        }
                         if self.has_ha {
                             v["ha"] = self.ha.json();
                         }
@@ -332,6 +335,8 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Lin
     let pre = if vnet { VNET_HDR_LEN } else { 0 };
     let mut last_housekeeping = StdInstant::now();
     let mut tx = Tx::default();
+    // Packets the splice timers originate (`Dataplane::splice_poll`), one at a time.
+    let mut emit = vec![0u8; 2048];
     let mut full = false;
     while !sh.stop.load(Ordering::Acquire) {
         sh.ha.kick(i, crate::ha::mono_ms(epoch));
@@ -400,6 +405,9 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Lin
             }
             if housekeeping {
                 dp.housekeeping(t, 1024);
+                while let Some(len) = dp.splice_poll(&mut emit, t) {
+                    tx.send(&mut q, vnet, &VnetHdr::NONE, &emit[..len], sh, i);
+                }
                 while let Some(e) = dp.poll_event() {
                     match e {
                         lb_dataplane::LoadEvent::Ejected {

@@ -719,7 +719,7 @@ fn output(buf: &[u8], v: Verdict) -> Vec<u8> {
             );
             buf[start..start + len].to_vec()
         }
-        Verdict::Drop(_) => Vec::new(),
+        Verdict::Drop(_) | Verdict::Held => Vec::new(),
         other => panic!("unexpected verdict {other:?}"),
     }
 }

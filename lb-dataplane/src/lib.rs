@@ -102,6 +102,7 @@ mod icmp_limit;
 mod load;
 mod sip;
 mod spec;
+mod splice;
 mod stats;
 mod sync;
 mod tables;
@@ -139,8 +140,10 @@ pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto,
-    SchedulerKind, ServiceSpec, TunnelKind, UnknownName, UnknownScheduler,
+    SchedulerKind, ServiceSpec, SpliceRule, SpliceSpec, TunnelKind, UnknownName, UnknownScheduler,
+    MAX_SPLICE_HEAD,
 };
+pub use splice::{SpliceStats, OUR_WSCALE};
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
 pub use sync::{SyncApplied, SyncChange, SyncCursor};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
@@ -220,6 +223,9 @@ pub enum Verdict {
     /// Cut it with [`lb_packet::offload::Segmenter`] and process each segment as an ordinary
     /// packet. Nothing was changed, and nothing counted but [`Stats::gso_cut`].
     Segment,
+    /// Nothing to send: the data path absorbed the packet (a TCP splice holding a client's
+    /// request head, or a segment it answers later).
+    Held,
 }
 
 /// How a data path is set up, beside the configuration.
@@ -310,6 +316,8 @@ pub struct Dataplane {
     /// By backend id: retired, and reported free by [`Dataplane::release_retired`] (its state
     /// is gone; sync may not install anything for it) until tables without it arrive.
     released: Vec<bool>,
+    /// Layer-5 splicing (module `splice`).
+    splice: splice::Splicer,
 }
 
 #[inline]
@@ -396,6 +404,8 @@ impl Dataplane {
             sync_log,
         } = opts;
         let (cfg, cfg6) = spec.conntrack_configs();
+        // Spliced connections take the top of the SNAT port range (module `splice`).
+        let (splice, snat_ports) = splice::Splicer::new(spec, key, snat_ports);
         let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
         let mut ct6 = ConnTable::new(cfg6, key.derive("conntrack6"))?;
         let v4: Vec<IpAddr> = spec
@@ -442,6 +452,7 @@ impl Dataplane {
                 FlowHasher::new(key.derive("frag")),
             ),
             released: Vec::new(),
+            splice,
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -877,6 +888,7 @@ impl Dataplane {
                 self.stats.rx_bytes -= len as u64;
                 self.stats.gso_cut += 1;
             }
+            Verdict::Held => {}
             Verdict::Drop(r) => {
                 if let Some(d) = self.stats.drops.get_mut(r as usize) {
                     *d += 1;
@@ -922,6 +934,19 @@ impl Dataplane {
             *hdr = VnetHdr::NONE;
             return self.fragment(buf, (start, end), p, si, now);
         }
+        // TCP splicing translates sequence numbers and timestamps with full-checksum updates:
+        // a backend's packet that may belong to a splice takes plain packets only (with a
+        // splice service configured, every reply does: they are told apart inside).
+        let mut csum = csum;
+        if csum == L4Csum::Partial && si.is_none() && self.splice.is_active() {
+            if hdr.is_gso() {
+                return Verdict::Segment;
+            }
+            if let Err(r) = self.complete_csum(buf, start, end, p, hdr) {
+                return Verdict::Drop(r);
+            }
+            csum = L4Csum::Full;
+        }
         let ip = p.end - p.l3;
         let wire = ip + (segs as usize - 1) * (p.payload - p.l3);
         let cx = Ctx {
@@ -937,7 +962,10 @@ impl Dataplane {
         };
         match si {
             Some(si) => self.forward(buf, &cx, si, hdr),
-            None => self.reply(buf, &cx),
+            None => match self.splice_backend(buf, &cx) {
+                Some(v) => v,
+                None => self.reply(buf, &cx),
+            },
         }
     }
 
@@ -992,13 +1020,12 @@ impl Dataplane {
     fn forward(&mut self, buf: &mut [u8], cx: &Ctx<'_>, si: usize, hdr: &mut VnetHdr) -> Verdict {
         let mut cx = *cx;
         if cx.csum == L4Csum::Partial {
-            // Tunnel mode (an encapsulated super-packet has no virtio-net description) and the
-            // SIP path (each datagram placed by its own Call-ID) take plain packets only.
-            let plain = self
-                .tables
-                .services
-                .get(si)
-                .is_some_and(|s| s.mode == Mode::Tunnel || sip::per_message(s));
+            // Tunnel mode (an encapsulated super-packet has no virtio-net description), the SIP
+            // path (each datagram placed by its own Call-ID) and TCP splicing (sequence numbers
+            // and timestamps translated with full-checksum updates) take plain packets only.
+            let plain = self.tables.services.get(si).is_some_and(|s| {
+                s.mode == Mode::Tunnel || sip::per_message(s) || self.splice.serves(s.vip)
+            });
             if plain {
                 if hdr.is_gso() {
                     return Verdict::Segment;
@@ -1023,6 +1050,9 @@ impl Dataplane {
         } = *cx;
         // UDP SIP with `affinity = "sip-call-id"`: placed per message by Call-ID (sip.rs).
         if let Some(v) = self.sip_forward(buf, cx, si) {
+            return v;
+        }
+        if let Some(v) = self.splice_client(buf, cx, si) {
             return v;
         }
         let key = p.key;
@@ -1138,7 +1168,7 @@ impl Dataplane {
         let pkt = buf.get(start..end).unwrap_or(&[]);
         let src_hash = addr_hash(&self.flows, key.src());
         let h = match svc.affinity {
-            Affinity::None | Affinity::PerPacket => self.flows.hash_flow(&key),
+            Affinity::None | Affinity::PerPacket | Affinity::HttpHost => self.flows.hash_flow(&key),
             Affinity::Source => src_hash,
             Affinity::SipCallId => match lb_packet::sip::call_id(p.payload(pkt)) {
                 Some(id) => self.flows.hash_bytes(id),

@@ -48,6 +48,60 @@ pub enum Affinity {
     /// UDP (modes `nat`, `dnat`): no affinity at all, every datagram is scheduled on its own
     /// (a per-packet policy: the baseline that shows why layer-5 affinity matters).
     PerPacket,
+    /// TCP with a splice ([`ServiceSpec::splice`]): the hash of the first request's `Host`
+    /// header picks the backend (within the group its host/path rule names).
+    HttpHost,
+}
+
+/// A content rule of a spliced service: requests whose host and path match go to a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpliceRule {
+    /// Exact host (compared case-insensitively, port stripped); `None`: any host.
+    pub host: Option<String>,
+    /// Path prefix (`/` matches every path).
+    pub path_prefix: String,
+    /// The backends of the group (addresses as in [`ServiceSpec::backends`]).
+    pub backends: Vec<SocketAddr>,
+}
+
+/// Layer-5 switching of a TCP service by delayed binding and TCP splicing (module `splice`
+/// of this crate): the balancer answers the SYN with a SYN cookie, reads the first request
+/// head, picks the backend from it, connects to it with the client's sequence space and then
+/// only translates sequence numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpliceSpec {
+    /// Host / path rules, first match wins; a request no rule matches goes to any backend
+    /// of the service (the default group).
+    pub rules: Vec<SpliceRule>,
+    /// The most bytes of a first request head held (larger: the connection is reset and
+    /// counted). At most [`MAX_SPLICE_HEAD`].
+    pub head_max: usize,
+    /// How long a client may take to send the head after its handshake.
+    pub head_timeout: Duration,
+    /// How long a backend may leave the balancer's SYN (and the held head) unanswered
+    /// before the next backend is tried.
+    pub connect_timeout: Duration,
+    /// Idle timeout of a spliced connection.
+    pub idle_timeout: Duration,
+    /// MSS the balancer offers clients in its SYN-ACK.
+    pub mss: u16,
+}
+
+/// The largest [`SpliceSpec::head_max`]: the held head is sent to the backend in one segment.
+pub const MAX_SPLICE_HEAD: usize = 1400;
+
+impl Default for SpliceSpec {
+    /// No rules; 1400-byte heads within 5 s; 1 s to connect; 300 s idle; MSS 1400.
+    fn default() -> Self {
+        SpliceSpec {
+            rules: Vec::new(),
+            head_max: MAX_SPLICE_HEAD,
+            head_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(300),
+            mss: 1400,
+        }
+    }
 }
 
 /// Encapsulation used by [`Mode::Tunnel`].
@@ -275,6 +329,9 @@ pub struct ServiceSpec {
     pub mid_flow: MidFlow,
     /// The backends.
     pub backends: Vec<BackendSpec>,
+    /// Layer-5 splicing (config `mode = "splice"`, TCP, with [`Mode::Nat`] addressing towards
+    /// the backends); `None`: layer 4.
+    pub splice: Option<SpliceSpec>,
 }
 
 impl ServiceSpec {
@@ -297,6 +354,7 @@ impl ServiceSpec {
             maglev_size: None,
             mid_flow: MidFlow::Hash,
             backends: Vec::new(),
+            splice: None,
         }
     }
 
@@ -361,6 +419,9 @@ pub struct DataplaneSpec {
     /// global token bucket and one per destination address, per data path. Rates and bursts
     /// at most [`MAX_ICMP_RATE`](crate::MAX_ICMP_RATE), the peer's no larger than the global.
     pub icmp: crate::IcmpLimits,
+    /// Spliced connections tracked at once (each owns up to 8 SNAT ports, taken from the
+    /// top of the data path's SNAT port range, at most half of it, when a service splices).
+    pub splice_capacity: usize,
     /// The services.
     pub services: Vec<ServiceSpec>,
 }
@@ -378,6 +439,7 @@ impl Default for DataplaneSpec {
             frag_capacity: crate::FRAG_CAPACITY,
             frag_timeout: crate::FRAG_TIMEOUT,
             icmp: crate::IcmpLimits::default(),
+            splice_capacity: 4096,
             services: Vec::new(),
         }
     }
@@ -417,7 +479,8 @@ named_enum!(Proto, "protocol", "tcp" => Proto::Tcp, "udp" => Proto::Udp);
 named_enum!(Mode, "mode", "nat" => Mode::Nat, "dnat" => Mode::Dnat, "tunnel" => Mode::Tunnel, "dr" => Mode::Dr);
 named_enum!(MidFlow, "mid-flow treatment", "hash" => MidFlow::Hash, "drop" => MidFlow::Drop);
 named_enum!(Affinity, "affinity", "none" => Affinity::None, "source" => Affinity::Source,
-    "sip-call-id" => Affinity::SipCallId, "per-packet" => Affinity::PerPacket);
+    "sip-call-id" => Affinity::SipCallId, "per-packet" => Affinity::PerPacket,
+    "http-host" => Affinity::HttpHost);
 
 impl fmt::Display for Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -108,7 +108,7 @@ impl Rig {
             Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
                 self.buf[start..start + len].to_vec()
             }
-            Verdict::Drop(_) | Verdict::Segment => Vec::new(),
+            Verdict::Drop(_) | Verdict::Segment | Verdict::Held => Vec::new(),
         };
         (v, out)
     }
@@ -625,7 +625,7 @@ fn batch_matches_one_by_one() {
                     Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
                         b[start..start + len].to_vec()
                     }
-                    Verdict::Drop(_) | Verdict::Segment => Vec::new(),
+                    Verdict::Drop(_) | Verdict::Segment | Verdict::Held => Vec::new(),
                 };
                 outs_many.push((*v, out));
             }

@@ -53,11 +53,14 @@ pub mod dr;
 mod error;
 mod frag;
 pub mod icmp;
+pub mod l5head;
 pub mod nat;
 pub mod offload;
 mod parse;
 pub mod sip;
 pub mod splice;
+pub mod syncookie;
+pub mod tcpseg;
 pub mod tunnel;
 
 #[cfg(test)]

@@ -1,0 +1,1172 @@
+//! Layer-5 switching of TCP by delayed binding and TCP splicing (services with
+//! [`ServiceSpec::splice`](crate::ServiceSpec::splice), config `mode = "splice"`).
+//!
+//! ```text
+//! client                  balancer                                backend
+//!   SYN (c)   ─────────▶  cookie ISN lc, no state
+//!             ◀─────────  SYN-ACK (lc, ack c+1)
+//!   ACK       ─────────▶  cookie checked: slot allocated
+//!   data…     ─────────▶  head buffered (ACKed while incomplete)
+//!                         head complete: backend chosen
+//!                         SYN (seq c, client's options) ──────▶
+//!                                      ◀────────────────────── SYN-ACK (s, ack c+1)
+//!                         ACK + held head (seq c+1)    ──────▶
+//!   then every segment: addresses NATed, client→backend ack += s−lc (and SACK, TSecr),
+//!   backend→client seq += lc−s (and TSval, window rescaled to the client's scale).
+//! ```
+//!
+//! - **No state before the ACK**: the SYN-ACK's ISN is a SYN cookie
+//!   ([`lb_packet::syncookie`]); a SYN flood costs one hash and one reply per SYN.
+//! - **The backend sees the client's sequence space**: the balancer's SYN to it carries the
+//!   client's ISN, so client → backend sequence numbers are never rewritten; only
+//!   acknowledgements (and SACK blocks, and TSecr) are.
+//! - **Options** towards the backend are exactly the client's (MSS rounded down to the
+//!   cookie's table, window scale, SACK permitted, its timestamp clock), so the backend never
+//!   uses one the client did not offer. Towards the client the balancer offers its own MSS,
+//!   window scale [`OUR_WSCALE`], SACK and timestamps, each only if the client offered it; the
+//!   backend's window is rescaled from its scale to ours, its TSval moved into our clock.
+//!   Window scale and SACK survive the cookie only with timestamps (as in Linux).
+//! - **One slot per connection**, from a pool fixed at start
+//!   ([`DataplaneSpec::splice_capacity`](crate::DataplaneSpec::splice_capacity)); a slot
+//!   owns up to 8 SNAT ports (`port = base + round × capacity + slot`, the next round each
+//!   time the slot is reused, free slots reused oldest first), so a backend's packet finds its
+//!   slot by destination port without a lookup, and a 4-tuple a backend may still hold in
+//!   TIME_WAIT does not come back soon. Held heads live in the slot's fixed buffer.
+//! - **Failures**: no complete head within the timeout: the slot is freed (counted); a head
+//!   larger than the limit or not HTTP/1.x / SIP: RST to the client (counted); a backend's
+//!   RST or silence to the SYN: the next eligible backend, then RST to the client; a backend
+//!   removed or failed health while spliced: the client's next segment is answered with RST.
+//! - **Keep-alive and pipelining**: only the first request head is read; later requests on
+//!   the connection go to the bound backend. HTTP/2 multiplexes streams on one connection:
+//!   placing streams would need a proxy that terminates HTTP/2 (frames, HPACK state, flow
+//!   control), which a splice cannot be.
+//!
+//! Timers (head timeout, connect timeout, retransmission of the held head, idle) run in
+//! [`Dataplane::splice_poll`](crate::Dataplane::splice_poll), which also returns the packets
+//! they originate.
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_core::{BackendId, Duration, FlowHasher, FlowKey, Instant, IpProto};
+use lb_packet::l5head::{parse_head, Head};
+use lb_packet::splice::{translate, SeqShift};
+use lb_packet::syncookie::{CookieOpts, SynCookies, OPT_BITS};
+use lb_packet::tcpseg::{self, flags, OptionShift, TcpHeader, TcpOptions};
+use lb_packet::{nat, Link, Parsed};
+
+use crate::spec::{Affinity, DataplaneSpec, SpliceSpec, MAX_SPLICE_HEAD};
+use crate::{DropReason, Proto, Tables, Verdict};
+
+/// The window scale the balancer offers clients that offer one.
+pub const OUR_WSCALE: u8 = 7;
+/// Window the balancer advertises to a client while it holds the head (unscaled bytes).
+const HEAD_WINDOW: u16 = 64_240;
+/// Backends tried for one connection.
+const MAX_TRIES: usize = 4;
+/// Retransmissions of the held head before the client is reset.
+const MAX_RETRANS: u8 = 4;
+/// How long a slot lingers after both FINs or an RST (the last ACKs still translate).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Counters of the splice path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpliceStats {
+    /// SYN-ACKs with a cookie sent (no state kept).
+    pub cookies_sent: u64,
+    /// ACKs whose cookie validated (a slot was taken).
+    pub cookies_ok: u64,
+    /// ACKs of unknown connections whose cookie did not validate (dropped).
+    pub cookies_bad: u64,
+    /// Valid cookies with no free slot (dropped).
+    pub table_full: u64,
+    /// Connections whose head did not complete in time (dropped).
+    pub head_timeouts: u64,
+    /// Heads larger than the limit (RST).
+    pub head_too_large: u64,
+    /// Heads neither HTTP/1.x nor SIP (RST).
+    pub head_invalid: u64,
+    /// Backends that refused the balancer's SYN (RST).
+    pub backend_refused: u64,
+    /// Backends that left the SYN or the held head unanswered.
+    pub backend_timeouts: u64,
+    /// Connections reset towards the client (no backend left, backend gone, bad head).
+    pub client_resets: u64,
+    /// Connections spliced (backend answered the SYN).
+    pub spliced: u64,
+    /// Retransmissions of a held head.
+    pub retransmits: u64,
+    /// Segments translated client → backend.
+    pub to_backend: u64,
+    /// Segments translated backend → client.
+    pub to_client: u64,
+    /// Slots in use now.
+    pub active: u64,
+}
+
+impl SpliceStats {
+    /// Every counter with its name (for the stats endpoint).
+    pub fn pairs(&self) -> [(&'static str, u64); 15] {
+        [
+            ("cookies_sent", self.cookies_sent),
+            ("cookies_ok", self.cookies_ok),
+            ("cookies_bad", self.cookies_bad),
+            ("table_full", self.table_full),
+            ("head_timeouts", self.head_timeouts),
+            ("head_too_large", self.head_too_large),
+            ("head_invalid", self.head_invalid),
+            ("backend_refused", self.backend_refused),
+            ("backend_timeouts", self.backend_timeouts),
+            ("client_resets", self.client_resets),
+            ("spliced", self.spliced),
+            ("retransmits", self.retransmits),
+            ("to_backend", self.to_backend),
+            ("to_client", self.to_client),
+            ("active", self.active),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum State {
+    #[default]
+    Free,
+    /// Reading the head.
+    Head,
+    /// SYN sent to a backend.
+    Connecting,
+    /// Head sent, not yet acknowledged.
+    Sent,
+    /// Spliced.
+    Spliced,
+    /// Both FINs or an RST seen: lingering.
+    Closing,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    state: State,
+    key: FlowKey,
+    hash: u64,
+    client: SocketAddr,
+    vip: SocketAddr,
+    svc: u16,
+    deadline: Instant,
+    head: Box<[u8]>,
+    head_len: u16,
+    c_isn: u32,
+    l_isn: u32,
+    c_mss: u16,
+    c_ws: Option<u8>,
+    c_sack: bool,
+    c_ts: bool,
+    ts0: u32,
+    c_tsval: u32,
+    c_win: u16,
+    place_hash: u64,
+    group: Option<u16>,
+    backend: Option<BackendId>,
+    baddr: SocketAddr,
+    snat: SocketAddr,
+    tried: [Option<BackendId>; MAX_TRIES],
+    tries: u8,
+    s_isn: u32,
+    b_ws: Option<u8>,
+    b_ts0: u32,
+    retrans: u8,
+    fin_c: bool,
+    fin_s: bool,
+    /// Times the slot was taken (picks its SNAT port).
+    gen: u16,
+}
+
+fn unspec() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
+}
+
+impl Slot {
+    fn new(head_max: usize) -> Slot {
+        Slot {
+            state: State::Free,
+            key: FlowKey::v4(
+                std::net::Ipv4Addr::UNSPECIFIED,
+                0,
+                std::net::Ipv4Addr::UNSPECIFIED,
+                0,
+                IpProto::Tcp,
+            ),
+            hash: 0,
+            client: unspec(),
+            vip: unspec(),
+            svc: 0,
+            deadline: Instant::ZERO,
+            head: vec![0u8; head_max].into_boxed_slice(),
+            head_len: 0,
+            c_isn: 0,
+            l_isn: 0,
+            c_mss: 536,
+            c_ws: None,
+            c_sack: false,
+            c_ts: false,
+            ts0: 0,
+            c_tsval: 0,
+            c_win: 0,
+            place_hash: 0,
+            group: None,
+            backend: None,
+            baddr: unspec(),
+            snat: unspec(),
+            tried: [None; MAX_TRIES],
+            tries: 0,
+            s_isn: 0,
+            b_ws: None,
+            b_ts0: 0,
+            retrans: 0,
+            fin_c: false,
+            fin_s: false,
+            gen: 0,
+        }
+    }
+
+    /// client → backend: acknowledgements from our ISN space to the backend's.
+    fn to_backend(&self) -> SeqShift {
+        SeqShift::new(0, self.s_isn.wrapping_sub(self.l_isn))
+    }
+
+    fn ts_to_backend(&self) -> OptionShift {
+        OptionShift {
+            tsval: 0,
+            tsecr: self.b_ts0.wrapping_sub(self.ts0),
+            rescale: None,
+        }
+    }
+
+    fn ts_to_client(&self) -> OptionShift {
+        OptionShift {
+            tsval: self.ts0.wrapping_sub(self.b_ts0),
+            tsecr: 0,
+            rescale: match (self.c_ws, self.b_ws) {
+                (Some(_), Some(b)) => Some((b, OUR_WSCALE)),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// A spliced service: its VIP, affinity and rules (rule backends kept as addresses, matched
+/// against the tables' backends when a connection is placed).
+#[derive(Debug, Clone)]
+struct Svc {
+    vip: SocketAddr,
+    affinity: Affinity,
+    spec: SpliceSpec,
+    /// Lower-cased rule hosts.
+    hosts: Vec<Option<Vec<u8>>>,
+}
+
+/// The splice path's state: fixed pools, built once.
+#[derive(Debug)]
+pub(crate) struct Splicer {
+    svcs: Vec<Svc>,
+    slots: Vec<Slot>,
+    /// Free slots, oldest first (FIFO: a port is reused as late as possible).
+    free: std::collections::VecDeque<u32>,
+    ports_per_slot: usize,
+    /// Open addressing: slot index + 1 by client key hash (0: empty).
+    index: Vec<u32>,
+    cookies: SynCookies,
+    hasher: FlowHasher,
+    port_base: u16,
+    cursor: usize,
+    pub(crate) stats: SpliceStats,
+}
+
+/// Whether sequence number `a` is at or after `b` (RFC 1982 arithmetic).
+#[inline]
+fn seq_ge(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+#[inline]
+fn mix(h: u64, tag: u32) -> u64 {
+    let mut z = h ^ u64::from(tag).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Our timestamp clock: milliseconds, with the cookie's option bits in the low bits.
+#[inline]
+fn our_ts(now: Instant, opts: CookieOpts) -> u32 {
+    ((now.as_millis() as u32) & !((1 << OPT_BITS) - 1)) | opts.bits()
+}
+
+impl Splicer {
+    /// The splice state for `spec`'s spliced services, and the SNAT ports it takes: the
+    /// top `splice_capacity` ports of `ports` (none when no service splices). Returns the
+    /// ports left to the flow table's SNAT pools.
+    pub(crate) fn new(
+        spec: &DataplaneSpec,
+        key: lb_core::HashKey,
+        ports: core::ops::RangeInclusive<u16>,
+    ) -> (Splicer, core::ops::RangeInclusive<u16>) {
+        let svcs: Vec<Svc> = spec
+            .services
+            .iter()
+            .filter(|s| s.proto == Proto::Tcp)
+            .filter_map(|s| {
+                let sp = s.splice.clone()?;
+                Some(Svc {
+                    vip: s.vip,
+                    affinity: s.affinity,
+                    hosts: sp
+                        .rules
+                        .iter()
+                        .map(|r| r.host.as_ref().map(|h| h.to_ascii_lowercase().into_bytes()))
+                        .collect(),
+                    spec: sp,
+                })
+            })
+            .collect();
+        let (lo, hi) = (*ports.start(), *ports.end());
+        let span = usize::from(hi.saturating_sub(lo));
+        let cap = if svcs.is_empty() {
+            0
+        } else {
+            spec.splice_capacity.min(span / 2).min(u16::MAX as usize)
+        };
+        let head_max = svcs
+            .iter()
+            .map(|s| s.spec.head_max.min(MAX_SPLICE_HEAD))
+            .max()
+            .unwrap_or(0);
+        // Each slot owns `ports_per_slot` ports and moves to the next one each time it is
+        // reused, so that a 4-tuple comes back only after many connections (a backend that
+        // closed first holds the last one in TIME_WAIT and may answer a new SYN on it with an
+        // ACK instead of a SYN-ACK).
+        let ports_per_slot = (span / 2).checked_div(cap).unwrap_or(1).clamp(1, 8);
+        let port_base = hi
+            .saturating_sub((cap * ports_per_slot) as u16)
+            .saturating_add(1);
+        let rest = if cap == 0 {
+            lo..=hi
+        } else {
+            lo..=port_base.saturating_sub(1)
+        };
+        let isz = (cap * 2).max(2).next_power_of_two();
+        (
+            Splicer {
+                svcs,
+                slots: (0..cap).map(|_| Slot::new(head_max)).collect(),
+                free: (0..cap as u32).collect(),
+                ports_per_slot,
+                index: vec![0; isz],
+                cookies: SynCookies::new(FlowHasher::new(key.derive("splice-cookie"))),
+                hasher: FlowHasher::new(key.derive("splice")),
+                port_base,
+                cursor: 0,
+                stats: SpliceStats::default(),
+            },
+            rest,
+        )
+    }
+
+    /// Whether any service splices.
+    #[inline(always)]
+    pub(crate) fn is_active(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// Whether the service at `vip` is spliced.
+    pub(crate) fn serves(&self, vip: SocketAddr) -> bool {
+        self.is_active() && self.svc_of(vip).is_some()
+    }
+
+    fn svc_of(&self, vip: SocketAddr) -> Option<usize> {
+        self.svcs.iter().position(|s| s.vip == vip)
+    }
+
+    // ---- index ----
+
+    fn find(&self, key: &FlowKey, h: u64) -> Option<usize> {
+        let mask = self.index.len() - 1;
+        let mut i = (h as usize) & mask;
+        loop {
+            let v = *self.index.get(i)?;
+            if v == 0 {
+                return None;
+            }
+            let s = (v - 1) as usize;
+            if self
+                .slots
+                .get(s)
+                .is_some_and(|x| x.hash == h && x.key == *key)
+            {
+                return Some(s);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn index_insert(&mut self, h: u64, slot: usize) {
+        let mask = self.index.len() - 1;
+        let mut i = (h as usize) & mask;
+        while self.index[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.index[i] = slot as u32 + 1;
+    }
+
+    fn index_remove(&mut self, slot: usize) {
+        let mask = self.index.len() - 1;
+        let h = self.slots[slot].hash;
+        let mut i = (h as usize) & mask;
+        loop {
+            match self.index[i] {
+                0 => return,
+                v if (v - 1) as usize == slot => break,
+                _ => i = (i + 1) & mask,
+            }
+        }
+        // Backward-shift deletion (linear probing).
+        let mut j = i;
+        loop {
+            self.index[i] = 0;
+            loop {
+                j = (j + 1) & mask;
+                let v = self.index[j];
+                if v == 0 {
+                    return;
+                }
+                let home = (self.slots[(v - 1) as usize].hash as usize) & mask;
+                // Move v into the hole unless its home lies cyclically in (i, j].
+                let keep = if i <= j {
+                    i < home && home <= j
+                } else {
+                    i < home || home <= j
+                };
+                if !keep {
+                    self.index[i] = v;
+                    i = j;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, s: usize) {
+        if self.slots[s].state == State::Free {
+            return;
+        }
+        self.index_remove(s);
+        self.slots[s].state = State::Free;
+        self.free.push_back(s as u32);
+        self.stats.active = self.stats.active.saturating_sub(1);
+    }
+
+    // ---- packet building ----
+
+    /// RST to the client of slot `s`, written at `out`; the slot is freed.
+    fn rst_client(&mut self, s: usize, out: &mut [u8], seq_next: u32) -> Option<usize> {
+        let x = &self.slots[s];
+        let h = TcpHeader {
+            seq: seq_next,
+            ack: 0,
+            flags: flags::RST,
+            window: 0,
+        };
+        let n = tcpseg::build(out, x.vip, x.client, &h, &TcpOptions::default(), &[]).ok();
+        self.stats.client_resets += 1;
+        self.release(s);
+        n
+    }
+
+    /// The balancer's SYN to the slot's current backend.
+    fn syn_to_backend(&self, s: usize, out: &mut [u8]) -> Option<usize> {
+        let x = &self.slots[s];
+        let h = TcpHeader {
+            seq: x.c_isn,
+            ack: 0,
+            flags: flags::SYN,
+            window: x.c_win,
+        };
+        let o = TcpOptions {
+            mss: Some(x.c_mss),
+            wscale: x.c_ws,
+            sack_permitted: x.c_sack,
+            timestamps: x.c_ts.then_some((x.c_tsval, 0)),
+        };
+        tcpseg::build(out, x.snat, x.baddr, &h, &o, &[]).ok()
+    }
+
+    /// ACK + held head to the backend.
+    fn head_to_backend(&self, s: usize, out: &mut [u8]) -> Option<usize> {
+        let x = &self.slots[s];
+        let h = TcpHeader {
+            seq: x.c_isn.wrapping_add(1),
+            ack: x.s_isn.wrapping_add(1),
+            flags: flags::ACK | flags::PSH,
+            window: x.c_win,
+        };
+        let o = TcpOptions {
+            timestamps: (x.c_ts && x.b_ts0 != 0).then_some((x.c_tsval, x.b_ts0)),
+            ..TcpOptions::default()
+        };
+        let data = x.head.get(..usize::from(x.head_len)).unwrap_or(&[]);
+        tcpseg::build(out, x.snat, x.baddr, &h, &o, data).ok()
+    }
+
+    /// Picks the next backend of slot `s` (skipping the ones tried): the highest
+    /// rendezvous score of the placement hash among the eligible backends of the slot's rule
+    /// group, or of the whole service when the group has none.
+    fn choose(&mut self, s: usize, tables: &Tables) -> Option<BackendId> {
+        let x = &self.slots[s];
+        let svc = self.svcs.get(usize::from(x.svc))?;
+        let group = x
+            .group
+            .and_then(|g| svc.spec.rules.get(usize::from(g)))
+            .map(|r| &r.backends[..]);
+        let pick = |in_group: Option<&[SocketAddr]>| {
+            tables
+                .backends
+                .iter()
+                .flatten()
+                .filter(|b| b.vip == svc.vip && b.proto == Proto::Tcp && b.eligible())
+                .filter(|b| !x.tried.contains(&Some(b.id)))
+                .filter(|b| in_group.is_none_or(|g| g.contains(&b.addr)))
+                .max_by_key(|b| mix(x.place_hash, b.tag()))
+                .map(|b| (b.id, b.addr))
+        };
+        let (id, addr) = pick(group).or_else(|| group.and_then(|_| pick(None)))?;
+        let baddr = if addr.port() == 0 {
+            SocketAddr::new(addr.ip(), svc.vip.port())
+        } else {
+            addr
+        };
+        let snat_ip = tables.snat_for(baddr.ip())?;
+        let n = self.slots.len();
+        let x = &mut self.slots[s];
+        if x.tries == 0 {
+            x.gen = x.gen.wrapping_add(1);
+        }
+        let round = usize::from(x.gen) % self.ports_per_slot;
+        let port = self.port_base.wrapping_add((round * n + s) as u16);
+        let x = &mut self.slots[s];
+        if let Some(t) = x.tried.get_mut(usize::from(x.tries)) {
+            *t = Some(id);
+        }
+        x.tries += 1;
+        x.backend = Some(id);
+        x.baddr = baddr;
+        x.snat = SocketAddr::new(snat_ip, port);
+        Some(id)
+    }
+
+    /// The head is complete: rule and placement hash from its content.
+    fn place(&mut self, s: usize) -> Result<(), ()> {
+        let x = &self.slots[s];
+        let svc = self.svcs.get(usize::from(x.svc)).ok_or(())?;
+        let data = x.head.get(..usize::from(x.head_len)).unwrap_or(&[]);
+        let (group, key_hash) = match parse_head(data) {
+            Head::Http { host, path } => {
+                let g = svc.spec.rules.iter().zip(&svc.hosts).position(|(r, h)| {
+                    h.as_ref().is_none_or(|h| h.eq_ignore_ascii_case(host))
+                        && path.starts_with(r.path_prefix.as_bytes())
+                });
+                let mut lower = [0u8; 256];
+                let n = host.len().min(lower.len());
+                for (o, i) in lower.iter_mut().zip(host) {
+                    *o = i.to_ascii_lowercase();
+                }
+                let hh = self.hasher.hash_bytes(lower.get(..n).unwrap_or(&[]));
+                (g, (svc.affinity == Affinity::HttpHost).then_some(hh))
+            }
+            Head::Sip { call_id } => (
+                None,
+                call_id
+                    .filter(|_| svc.affinity == Affinity::SipCallId)
+                    .map(|c| self.hasher.hash_bytes(c)),
+            ),
+            Head::Incomplete | Head::Invalid => return Err(()),
+        };
+        let src_hash = match x.key.src() {
+            IpAddr::V4(a) => self.hasher.hash_bytes(&a.octets()),
+            IpAddr::V6(a) => self.hasher.hash_bytes(&a.octets()),
+        };
+        let h = match (svc.affinity, key_hash) {
+            (_, Some(k)) => k,
+            (Affinity::Source, None) => src_hash,
+            _ => x.hash,
+        };
+        let x = &mut self.slots[s];
+        x.group = group.map(|g| g as u16);
+        x.place_hash = h;
+        Ok(())
+    }
+
+    // ---- client side ----
+
+    /// A packet to a VIP (service `svc_vip`). `None`: not a spliced service.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn client_segment(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        svc_vip: SocketAddr,
+        tables: &Tables,
+        now: Instant,
+    ) -> Option<Verdict> {
+        let si = self.svc_of(svc_vip)?;
+        if p.proto != IpProto::Tcp || p.link != Link::Ip {
+            return Some(Verdict::Drop(DropReason::RewriteFailed));
+        }
+        let pkt = buf.get_mut(start..end)?;
+        let Ok((h, o)) = tcpseg::read(pkt, p) else {
+            return Some(Verdict::Drop(DropReason::Malformed));
+        };
+        let key = p.key;
+        let hash = self.hasher.hash_flow(&key);
+        let client = SocketAddr::new(key.src(), key.src_port());
+        let Some(s) = self.find(&key, hash) else {
+            return Some(self.stateless(buf, start, end, p, si, hash, h, o, tables, now));
+        };
+        let payload = p.payload(pkt).len();
+        if h.flags & flags::RST != 0 {
+            // A client RST: forwarded when spliced, and the slot closes.
+            let st = self.slots[s].state;
+            let v = if matches!(st, State::Sent | State::Spliced | State::Closing) {
+                self.translate_to_backend(buf, start, end, p, s, tables)
+            } else {
+                Verdict::Held
+            };
+            self.close(s, now);
+            return Some(v);
+        }
+        match self.slots[s].state {
+            State::Head => Some(self.head_data(buf, start, end, p, s, h, o, tables, now)),
+            State::Connecting => Some(Verdict::Held),
+            State::Sent | State::Spliced | State::Closing => {
+                let x = &mut self.slots[s];
+                if h.flags & flags::FIN != 0 {
+                    x.fin_c = true;
+                }
+                if x.state != State::Closing {
+                    x.deadline = now + self.svcs[usize::from(x.svc)].spec.idle_timeout;
+                }
+                if x.fin_c && x.fin_s && x.state == State::Spliced {
+                    x.state = State::Closing;
+                    x.deadline = now + LINGER;
+                }
+                let _ = (payload, client);
+                Some(self.translate_to_backend(buf, start, end, p, s, tables))
+            }
+            State::Free => Some(Verdict::Drop(DropReason::NoFlow)),
+        }
+    }
+
+    /// No slot: a SYN gets a cookie, an ACK may redeem one.
+    #[allow(clippy::too_many_arguments)]
+    fn stateless(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        si: usize,
+        hash: u64,
+        h: TcpHeader,
+        o: TcpOptions,
+        tables: &Tables,
+        now: Instant,
+    ) -> Verdict {
+        let key = p.key;
+        let client = SocketAddr::new(key.src(), key.src_port());
+        let vip = SocketAddr::new(key.dst(), key.dst_port());
+        let syn = h.flags & (flags::SYN | flags::ACK | flags::RST) == flags::SYN;
+        if syn {
+            let copts = match o.timestamps {
+                Some(_) => CookieOpts {
+                    wscale: o.wscale,
+                    sack: o.sack_permitted,
+                },
+                None => CookieOpts::default(),
+            };
+            let isn = self.cookies.make(&key, h.seq, o.mss, copts, now);
+            let mss = self.svcs[si].spec.mss;
+            let reply = TcpHeader {
+                seq: isn,
+                ack: h.seq.wrapping_add(1),
+                flags: flags::SYN | flags::ACK,
+                window: HEAD_WINDOW,
+            };
+            let ts = o.timestamps.map(|(v, _)| (our_ts(now, copts), v));
+            let ro = TcpOptions {
+                mss: Some(mss),
+                wscale: copts.wscale.map(|_| OUR_WSCALE),
+                sack_permitted: copts.sack,
+                timestamps: ts,
+            };
+            let Some(out) = buf.get_mut(start..) else {
+                return Verdict::Drop(DropReason::Malformed);
+            };
+            return match tcpseg::build(out, vip, client, &reply, &ro, &[]) {
+                Ok(n) => {
+                    self.stats.cookies_sent += 1;
+                    Verdict::Forward { start, len: n }
+                }
+                Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+            };
+        }
+        if h.flags & (flags::SYN | flags::RST) != 0 || h.flags & flags::ACK == 0 {
+            return Verdict::Drop(DropReason::MidFlowUnknown);
+        }
+        let Some(ck) = self
+            .cookies
+            .check(&key, h.seq, h.ack, o.timestamps.map(|t| t.1), now)
+        else {
+            self.stats.cookies_bad += 1;
+            return Verdict::Drop(DropReason::MidFlowUnknown);
+        };
+        let Some(s) = self.free.pop_front() else {
+            self.stats.table_full += 1;
+            return Verdict::Drop(DropReason::TableFull);
+        };
+        let s = s as usize;
+        self.stats.cookies_ok += 1;
+        self.stats.active += 1;
+        let spec = &self.svcs[si].spec;
+        let x = &mut self.slots[s];
+        x.state = State::Head;
+        x.key = key;
+        x.hash = hash;
+        x.client = client;
+        x.vip = vip;
+        x.svc = si as u16;
+        x.deadline = now + spec.head_timeout;
+        x.head_len = 0;
+        x.c_isn = ck.client_isn;
+        x.l_isn = h.ack.wrapping_sub(1);
+        x.c_mss = ck.mss;
+        x.c_ws = ck.opts.wscale;
+        x.c_sack = ck.opts.sack;
+        x.c_ts = o.timestamps.is_some();
+        x.ts0 = o.timestamps.map_or(0, |t| t.1);
+        x.c_tsval = o.timestamps.map_or(0, |t| t.0);
+        x.c_win = h.window;
+        x.group = None;
+        x.backend = None;
+        x.tried = [None; MAX_TRIES];
+        x.tries = 0;
+        x.s_isn = 0;
+        x.b_ws = None;
+        x.b_ts0 = 0;
+        x.retrans = 0;
+        x.fin_c = false;
+        x.fin_s = false;
+        self.index_insert(hash, s);
+        if p.payload < p.end {
+            // Data on the cookie's ACK: the head's first bytes.
+            return self.head_data(buf, start, end, p, s, h, o, tables, now);
+        }
+        Verdict::Held
+    }
+
+    /// A segment while the head is being read.
+    #[allow(clippy::too_many_arguments)]
+    fn head_data(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        s: usize,
+        h: TcpHeader,
+        o: TcpOptions,
+        tables: &Tables,
+        now: Instant,
+    ) -> Verdict {
+        let pkt = buf.get(start..end).unwrap_or(&[]);
+        let data = p.payload(pkt);
+        let head_max = self.svcs[usize::from(self.slots[s].svc)]
+            .spec
+            .head_max
+            .min(self.slots[s].head.len());
+        {
+            let x = &mut self.slots[s];
+            if let Some((v, _)) = o.timestamps {
+                x.c_tsval = v;
+            }
+            x.c_win = h.window;
+            let expect = x.c_isn.wrapping_add(1).wrapping_add(u32::from(x.head_len));
+            if !data.is_empty() && h.seq == expect {
+                let at = usize::from(x.head_len);
+                if at + data.len() > head_max {
+                    self.stats.head_too_large += 1;
+                    let seq = x.l_isn.wrapping_add(1);
+                    return self.rst_in_place(buf, start, s, seq);
+                }
+                if let Some(d) = x.head.get_mut(at..at + data.len()) {
+                    d.copy_from_slice(data);
+                }
+                x.head_len += data.len() as u16;
+            } else if data.is_empty() && h.flags & flags::FIN == 0 {
+                return Verdict::Held;
+            }
+            if h.flags & flags::FIN != 0 {
+                // A client that closes before its head is complete: reset.
+                let seq = x.l_isn.wrapping_add(1);
+                self.stats.head_invalid += 1;
+                return self.rst_in_place(buf, start, s, seq);
+            }
+        }
+        let x = &self.slots[s];
+        let complete = !matches!(
+            parse_head(x.head.get(..usize::from(x.head_len)).unwrap_or(&[])),
+            Head::Incomplete
+        );
+        if !complete {
+            if usize::from(x.head_len) >= head_max {
+                self.stats.head_too_large += 1;
+                let seq = x.l_isn.wrapping_add(1);
+                return self.rst_in_place(buf, start, s, seq);
+            }
+            // ACK what we hold so the client keeps sending.
+            return self.ack_client(buf, start, s);
+        }
+        if self.place(s).is_err() {
+            self.stats.head_invalid += 1;
+            let seq = self.slots[s].l_isn.wrapping_add(1);
+            return self.rst_in_place(buf, start, s, seq);
+        }
+        self.connect_in_place(buf, start, s, tables, now)
+    }
+
+    fn ack_client(&mut self, buf: &mut [u8], start: usize, s: usize) -> Verdict {
+        let x = &self.slots[s];
+        let h = TcpHeader {
+            seq: x.l_isn.wrapping_add(1),
+            ack: x.c_isn.wrapping_add(1).wrapping_add(u32::from(x.head_len)),
+            flags: flags::ACK,
+            window: HEAD_WINDOW >> x.c_ws.map_or(0, |_| OUR_WSCALE),
+        };
+        let o = TcpOptions {
+            timestamps: x.c_ts.then_some((x.ts0, x.c_tsval)),
+            ..TcpOptions::default()
+        };
+        match buf
+            .get_mut(start..)
+            .and_then(|out| tcpseg::build(out, x.vip, x.client, &h, &o, &[]).ok())
+        {
+            Some(n) => Verdict::Forward { start, len: n },
+            None => Verdict::Drop(DropReason::RewriteFailed),
+        }
+    }
+
+    fn rst_in_place(&mut self, buf: &mut [u8], start: usize, s: usize, seq: u32) -> Verdict {
+        match buf
+            .get_mut(start..)
+            .and_then(|out| self.rst_client(s, out, seq))
+        {
+            Some(n) => Verdict::Forward { start, len: n },
+            None => Verdict::Drop(DropReason::RewriteFailed),
+        }
+    }
+
+    /// Chooses the next backend and writes the SYN to it at `buf[start..]`; RST to the
+    /// client when none is left.
+    fn connect_in_place(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        s: usize,
+        tables: &Tables,
+        now: Instant,
+    ) -> Verdict {
+        let Some(out) = buf.get_mut(start..) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        match self.connect(s, out, tables, now) {
+            Some(n) => Verdict::Forward { start, len: n },
+            None => Verdict::Drop(DropReason::NoBackend),
+        }
+    }
+
+    /// Next backend's SYN, or RST to the client; the packet written to `out`.
+    fn connect(
+        &mut self,
+        s: usize,
+        out: &mut [u8],
+        tables: &Tables,
+        now: Instant,
+    ) -> Option<usize> {
+        if usize::from(self.slots[s].tries) < MAX_TRIES && self.choose(s, tables).is_some() {
+            let timeout = self.svcs[usize::from(self.slots[s].svc)]
+                .spec
+                .connect_timeout;
+            let x = &mut self.slots[s];
+            x.state = State::Connecting;
+            x.deadline = now + timeout;
+            return self.syn_to_backend(s, out);
+        }
+        let seq = self.slots[s].l_isn.wrapping_add(1);
+        self.rst_client(s, out, seq)
+    }
+
+    fn translate_to_backend(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        s: usize,
+        tables: &Tables,
+    ) -> Verdict {
+        let x = &self.slots[s];
+        let alive = x
+            .backend
+            .and_then(|b| tables.backend(b))
+            .is_some_and(|b| b.healthy && b.addr.ip() == x.baddr.ip());
+        if !alive {
+            // The backend was removed or failed: the client learns now.
+            let seq = x.l_isn.wrapping_add(1);
+            let _ = end;
+            return self.rst_in_place(buf, start, s, seq);
+        }
+        let (sh, ts, snat, baddr) = (x.to_backend(), x.ts_to_backend(), x.snat, x.baddr);
+        let Some(pkt) = buf.get_mut(start..end) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let ok = nat::rewrite(pkt, p, Some(snat), Some(baddr)).is_ok()
+            && translate(pkt, p, sh).is_ok()
+            && tcpseg::rewrite_options(pkt, p, ts).is_ok();
+        if !ok {
+            return Verdict::Drop(DropReason::RewriteFailed);
+        }
+        self.stats.to_backend += 1;
+        Verdict::Forward {
+            start,
+            len: end - start,
+        }
+    }
+
+    fn close(&mut self, s: usize, now: Instant) {
+        let x = &mut self.slots[s];
+        if matches!(x.state, State::Head | State::Connecting) {
+            self.release(s);
+        } else {
+            x.state = State::Closing;
+            x.deadline = now + LINGER;
+        }
+    }
+
+    // ---- backend side ----
+
+    /// A packet to no service: a backend's, if it is addressed to a splice slot's port.
+    pub(crate) fn backend_segment(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        p: &Parsed,
+        tables: &Tables,
+        now: Instant,
+    ) -> Option<Verdict> {
+        if p.proto != IpProto::Tcp || p.icmp.is_some() {
+            return None;
+        }
+        let key = p.key;
+        let s = usize::from(key.dst_port().checked_sub(self.port_base)?) % self.slots.len().max(1);
+        let x = self.slots.get(s)?;
+        if x.state == State::Free
+            || x.baddr != SocketAddr::new(key.src(), key.src_port())
+            || x.snat != SocketAddr::new(key.dst(), key.dst_port())
+        {
+            return None;
+        }
+        let pkt = buf.get_mut(start..end)?;
+        let Ok((h, o)) = tcpseg::read(pkt, p) else {
+            return Some(Verdict::Drop(DropReason::Malformed));
+        };
+        let state = x.state;
+        match state {
+            State::Connecting => {
+                if h.flags & flags::RST != 0 {
+                    self.stats.backend_refused += 1;
+                    return Some(self.connect_in_place(buf, start, s, tables, now));
+                }
+                let synack = flags::SYN | flags::ACK;
+                if h.flags & (synack | flags::RST) != synack || h.ack != x.c_isn.wrapping_add(1) {
+                    return Some(Verdict::Held);
+                }
+                let timeout = self.svcs[usize::from(x.svc)].spec.connect_timeout;
+                let x = &mut self.slots[s];
+                x.s_isn = h.seq;
+                x.b_ws = o.wscale;
+                x.b_ts0 = o.timestamps.map_or(0, |t| t.0);
+                x.state = State::Sent;
+                x.deadline = now + timeout;
+                x.retrans = 0;
+                self.stats.spliced += 1;
+                let out = buf.get_mut(start..)?;
+                Some(match self.head_to_backend(s, out) {
+                    Some(n) => Verdict::Forward { start, len: n },
+                    None => Verdict::Drop(DropReason::RewriteFailed),
+                })
+            }
+            State::Sent | State::Spliced | State::Closing => {
+                let (sp, ts) = (x.to_backend().opposite(), x.ts_to_client());
+                let (vip, client) = (x.vip, x.client);
+                if h.flags & flags::SYN != 0 {
+                    // A retransmitted SYN-ACK (our head's ACK was lost): resend the head.
+                    let out = buf.get_mut(start..)?;
+                    return Some(match self.head_to_backend(s, out) {
+                        Some(n) => Verdict::Forward { start, len: n },
+                        None => Verdict::Held,
+                    });
+                }
+                let done = x.c_isn.wrapping_add(1).wrapping_add(u32::from(x.head_len));
+                let idle = self.svcs[usize::from(x.svc)].spec.idle_timeout;
+                let x = &mut self.slots[s];
+                if x.state == State::Sent && h.flags & flags::ACK != 0 && seq_ge(h.ack, done) {
+                    x.state = State::Spliced;
+                    x.deadline = now + idle;
+                }
+                if x.state == State::Spliced {
+                    x.deadline = now + idle;
+                }
+                if h.flags & flags::FIN != 0 {
+                    x.fin_s = true;
+                }
+                if (h.flags & flags::RST != 0 || (x.fin_c && x.fin_s)) && x.state != State::Closing
+                {
+                    x.state = State::Closing;
+                    x.deadline = now + LINGER;
+                }
+                let pkt = buf.get_mut(start..end)?;
+                let ok = nat::rewrite(pkt, p, Some(vip), Some(client)).is_ok()
+                    && translate(pkt, p, sp).is_ok()
+                    && tcpseg::rewrite_options(pkt, p, ts).is_ok();
+                if !ok {
+                    return Some(Verdict::Drop(DropReason::RewriteFailed));
+                }
+                self.stats.to_client += 1;
+                Some(Verdict::Forward {
+                    start,
+                    len: end - start,
+                })
+            }
+            State::Head | State::Free => Some(Verdict::Drop(DropReason::NoFlow)),
+        }
+    }
+
+    // ---- timers ----
+
+    /// Runs the timers of up to `budget` slots; the first packet one of them originates is
+    /// written to `out` (its length returned). Call until `None`.
+    pub(crate) fn poll(
+        &mut self,
+        out: &mut [u8],
+        tables: &Tables,
+        now: Instant,
+        budget: usize,
+    ) -> Option<usize> {
+        let n = self.slots.len();
+        for _ in 0..budget.min(n) {
+            let s = self.cursor;
+            self.cursor = (self.cursor + 1) % n.max(1);
+            let x = &self.slots[s];
+            if x.state == State::Free || now < x.deadline {
+                continue;
+            }
+            match x.state {
+                State::Head => {
+                    self.stats.head_timeouts += 1;
+                    self.release(s);
+                }
+                State::Connecting => {
+                    self.stats.backend_timeouts += 1;
+                    if let Some(len) = self.connect(s, out, tables, now) {
+                        return Some(len);
+                    }
+                }
+                State::Sent => {
+                    if x.retrans >= MAX_RETRANS {
+                        self.stats.backend_timeouts += 1;
+                        let seq = x.l_isn.wrapping_add(1);
+                        if let Some(len) = self.rst_client(s, out, seq) {
+                            return Some(len);
+                        }
+                        continue;
+                    }
+                    let timeout = self.svcs[usize::from(x.svc)].spec.connect_timeout;
+                    let x = &mut self.slots[s];
+                    x.retrans += 1;
+                    x.deadline = now + timeout;
+                    self.stats.retransmits += 1;
+                    if let Some(len) = self.head_to_backend(s, out) {
+                        return Some(len);
+                    }
+                }
+                State::Spliced | State::Closing => self.release(s),
+                State::Free => {}
+            }
+        }
+        None
+    }
+}
+
+impl crate::Dataplane {
+    /// The splice hook of [`crate::Dataplane::forward`]: `None` unless service `si` splices.
+    #[inline]
+    pub(crate) fn splice_client(
+        &mut self,
+        buf: &mut [u8],
+        cx: &crate::Ctx<'_>,
+        si: usize,
+    ) -> Option<Verdict> {
+        if !self.splice.is_active() {
+            return None;
+        }
+        let vip = self.tables.services.get(si)?.vip;
+        self.splice
+            .client_segment(buf, cx.start, cx.end, cx.p, vip, &self.tables, cx.now)
+    }
+
+    /// The splice hook for packets to no service: `None` unless it is a backend's packet of
+    /// a spliced connection.
+    #[inline]
+    pub(crate) fn splice_backend(
+        &mut self,
+        buf: &mut [u8],
+        cx: &crate::Ctx<'_>,
+    ) -> Option<Verdict> {
+        if !self.splice.is_active() {
+            return None;
+        }
+        self.splice
+            .backend_segment(buf, cx.start, cx.end, cx.p, &self.tables, cx.now)
+    }
+
+    /// Runs the splice timers (head and connect timeouts, retransmission of held heads, idle
+    /// and closing slots) and writes the first packet they originate (a SYN to the next
+    /// backend, a retransmitted head, an RST to a client) to `out`, returning its length.
+    /// Call it with every housekeeping round until it returns `None`; write each packet out
+    /// as a forwarded one.
+    pub fn splice_poll(&mut self, out: &mut [u8], now: Instant) -> Option<usize> {
+        if !self.splice.is_active() {
+            return None;
+        }
+        let tables = self.tables.clone();
+        self.splice.poll(out, &tables, now, 4096)
+    }
+
+    /// The splice path's counters.
+    pub fn splice_stats(&self) -> SpliceStats {
+        self.splice.stats
+    }
+}
+
+#[cfg(test)]
+#[path = "splice_tests.rs"]
+mod tests;

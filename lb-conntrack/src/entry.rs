@@ -175,14 +175,14 @@ impl Counts {
         (self.0 & PACKET_MAX, (self.0 >> PACKET_BITS) & BYTE_MAX)
     }
 
-    /// Small counters plus one packet of `bytes`, or `None` if that overflows them (or they
-    /// are an elephant's).
+    /// Small counters plus `packets` packets of `bytes` in all, or `None` if that overflows
+    /// them (or they are an elephant's).
     #[inline(always)]
-    pub(crate) fn bumped(self, bytes: u32) -> Option<Counts> {
+    pub(crate) fn bumped(self, bytes: u32, packets: u64) -> Option<Counts> {
         let (p, b) = self.small_values();
         let b = b + u64::from(bytes);
-        (self.0 & ELEPHANT == 0 && p < PACKET_MAX && b <= BYTE_MAX)
-            .then_some(Counts(self.0 + 1 + (u64::from(bytes) << PACKET_BITS)))
+        (self.0 & ELEPHANT == 0 && p + packets <= PACKET_MAX && b <= BYTE_MAX)
+            .then_some(Counts(self.0 + packets + (u64::from(bytes) << PACKET_BITS)))
     }
 }
 
@@ -301,8 +301,11 @@ pub struct Packet {
     pub dir: Direction,
     /// Its TCP flags (ignored for other protocols).
     pub tcp_flags: TcpFlags,
-    /// Its length in bytes (IP total length, or whatever the caller counts).
+    /// Its length in bytes (IP total length, or whatever the caller counts; for a GSO
+    /// super-packet, the bytes of all its wire segments).
     pub bytes: u32,
+    /// The wire packets it stands for: 1, or a GSO super-packet's segment count (0 counts as 1).
+    pub segments: u32,
 }
 
 impl Packet {
@@ -313,6 +316,24 @@ impl Packet {
             dir: Direction::Original,
             tcp_flags,
             bytes,
+            segments: 1,
+        }
+    }
+
+    /// The same packet standing for `n` wire segments (a GSO super-packet).
+    #[inline]
+    pub const fn with_segments(mut self, n: u32) -> Packet {
+        self.segments = n;
+        self
+    }
+
+    /// The packets it counts for.
+    #[inline(always)]
+    pub(crate) const fn count(&self) -> u64 {
+        if self.segments == 0 {
+            1
+        } else {
+            self.segments as u64
         }
     }
 
@@ -323,6 +344,7 @@ impl Packet {
             dir: Direction::Reply,
             tcp_flags,
             bytes,
+            segments: 1,
         }
     }
 }
@@ -398,19 +420,25 @@ mod tests {
 
     #[test]
     fn small_counts_bump_until_they_overflow() {
-        let c = Counts::ZERO.bumped(1500).and_then(|c| c.bumped(60));
+        let c = Counts::ZERO.bumped(1500, 1).and_then(|c| c.bumped(60, 1));
         assert_eq!(c.map(Counts::small_values), Some((2, 1560)));
-        assert_eq!(Counts::small(PACKET_MAX, 0).bumped(1), None);
-        assert_eq!(Counts::small(1, BYTE_MAX - 10).bumped(11), None);
+        assert_eq!(
+            Counts::ZERO.bumped(3000, 3).map(Counts::small_values),
+            Some((3, 3000)),
+            "a GSO super-packet counts its segments"
+        );
+        assert_eq!(Counts::small(PACKET_MAX - 2, 0).bumped(1, 3), None);
+        assert_eq!(Counts::small(PACKET_MAX, 0).bumped(1, 1), None);
+        assert_eq!(Counts::small(1, BYTE_MAX - 10).bumped(11, 1), None);
         assert_eq!(
             Counts::small(1, BYTE_MAX - 10)
-                .bumped(10)
+                .bumped(10, 1)
                 .map(Counts::small_values),
             Some((2, BYTE_MAX))
         );
         let e = Counts::elephant(9);
         assert_eq!(e.elephant_index(), Some(9));
-        assert_eq!(e.bumped(1), None);
+        assert_eq!(e.bumped(1, 1), None);
         assert_eq!(
             Counts::small(u64::MAX, u64::MAX).small_values(),
             (PACKET_MAX, BYTE_MAX)

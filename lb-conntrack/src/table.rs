@@ -493,12 +493,15 @@ impl<H: KeyedHash> ConnTable<H> {
     /// which live in the elephant store already).
     #[cold]
     #[inline(never)]
-    fn count_slow(&mut self, i: u32, bytes: u32) {
+    fn count_slow(&mut self, i: u32, bytes: u32, packets: u64) {
         let Some(s) = self.slots.get(i as usize).copied() else {
             return;
         };
         let (p, b) = self.counts_of(&s);
-        let (p, b) = (p.saturating_add(1), b.saturating_add(u64::from(bytes)));
+        let (p, b) = (
+            p.saturating_add(packets),
+            b.saturating_add(u64::from(bytes)),
+        );
         let counts = match s.counts.elephant_index() {
             Some(e) => {
                 if let Some(x) = self.elephants.get_mut(e as usize) {
@@ -953,7 +956,7 @@ impl<H: KeyedHash> ConnTable<H> {
         if class != class0 || now32 != last0 {
             self.lists.requeue(&mut self.slots, class0, class, i);
         }
-        let bumped = counts.bumped(pkt.bytes);
+        let bumped = counts.bumped(pkt.bytes, pkt.count());
         if let Some(m) = self.slots.get_mut(i as usize) {
             m.class = class;
             m.flags = flags;
@@ -967,7 +970,7 @@ impl<H: KeyedHash> ConnTable<H> {
             self.pool_track(i);
         }
         if bumped.is_none() {
-            self.count_slow(i, pkt.bytes);
+            self.count_slow(i, pkt.bytes, pkt.count());
         }
         Hit {
             backend: BackendId(backend),

@@ -1056,7 +1056,7 @@ impl Dataplane {
             return v;
         }
         let key = p.key;
-        let first = Packet::original(flags, bytes);
+        let first = Packet::original(flags, bytes).with_segments(segs);
         let ct = if key.is_ipv4() {
             &mut self.ct4
         } else {
@@ -1322,9 +1322,12 @@ impl Dataplane {
             &mut self.ct6
         };
         let hash = hash.unwrap_or_else(|| Prefetched::of_hash(ct.flow_hash(&key)));
-        let Some((orig, hit)) =
-            ct.track_reply_prefetched(hash, &key, Packet::reply(flags, bytes), now)
-        else {
+        let Some((orig, hit)) = ct.track_reply_prefetched(
+            hash,
+            &key,
+            Packet::reply(flags, bytes).with_segments(segs),
+            now,
+        ) else {
             return Verdict::Drop(DropReason::NoService);
         };
         if hit.changed || hit.was.is_none() {

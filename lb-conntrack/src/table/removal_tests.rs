@@ -472,6 +472,7 @@ fn hit_was_reports_every_transition() {
             dir,
             tcp_flags: flags,
             bytes: 40,
+            segments: 1,
         };
         let h = t.track(&k, p, secs(2 + n as u64)).unwrap();
         assert_eq!(h.was, Some(FlowState::Tcp(was)), "step {n}");
@@ -538,6 +539,7 @@ fn initial_state_matches_the_inserted_entry() {
                             dir,
                             tcp_flags: TcpFlags(f),
                             bytes: 1,
+                            segments: 1,
                         });
                     }
                     assert!(t.insert_with(flow, secs(1)).is_inserted());

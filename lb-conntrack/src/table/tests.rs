@@ -877,6 +877,7 @@ fn packet(reply: bool, flags: u8) -> Packet {
         dir,
         tcp_flags: TcpFlags(flags),
         bytes: 10,
+        segments: 1,
     }
 }
 

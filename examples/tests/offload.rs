@@ -293,21 +293,6 @@ fn offload_dr_forwards_super_frames_whole() {
         services("dr", "", 0)
     );
     lab.start_balancer(&t, "lb0", &cfg, &[]);
-    let l = &t.balancer;
-    lab.ip(l, "link set lb0 master br0");
-    lab.sh(l, &format!("bridge fdb add {LB_MAC} dev lb0 master static"));
-    lab.ip(
-        l,
-        &format!("neigh add 198.51.100.254 lladdr {LB_MAC} dev br0 nud permanent"),
-    );
-    lab.ip(l, "route add 203.0.113.10/32 via 198.51.100.254 dev br0");
-    lab.ip(
-        l,
-        &format!("-6 neigh add 2001:db8:b::254 lladdr {LB_MAC} dev br0 nud permanent"),
-    );
-    lab.ip(
-        l,
-        "-6 route add 2001:db8:10::10/128 via 2001:db8:b::254 dev br0",
-    );
+    lab.attach_dr(&t, LB_MAC);
     check(&lab, &t, &sums, false);
 }

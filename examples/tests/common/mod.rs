@@ -680,6 +680,27 @@ impl Lab {
         self.sh(&b.ns, "sysctl -qw net.ipv4.conf.dc0.rp_filter=0");
     }
 
+    /// Mode `dr`: puts the balancer's TAP device `lb0` (MAC `mac`) on the backends' bridge and
+    /// routes the test VIPs (203.0.113.10, 2001:db8:10::10) to it.
+    pub fn attach_dr(&self, t: &Topo, mac: &str) {
+        let l = &t.balancer;
+        self.ip(l, "link set lb0 master br0");
+        self.sh(l, &format!("bridge fdb add {mac} dev lb0 master static"));
+        self.ip(
+            l,
+            &format!("neigh add 198.51.100.254 lladdr {mac} dev br0 nud permanent"),
+        );
+        self.ip(l, "route add 203.0.113.10/32 via 198.51.100.254 dev br0");
+        self.ip(
+            l,
+            &format!("-6 neigh add 2001:db8:b::254 lladdr {mac} dev br0 nud permanent"),
+        );
+        self.ip(
+            l,
+            "-6 route add 2001:db8:10::10/128 via 2001:db8:b::254 dev br0",
+        );
+    }
+
     /// Whether the kernel can make a link of `kind` (e.g. "ipip", "ip6tnl"): tries one in `ns`.
     pub fn kernel_has_link(&self, ns: &str, kind: &str) -> bool {
         let ok = self

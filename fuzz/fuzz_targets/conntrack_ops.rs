@@ -188,6 +188,8 @@ fn packet(b: u8) -> Packet {
         dir,
         tcp_flags: TcpFlags(flags),
         bytes: 1,
+        // 0 counts as 1; up to 15 stands for a GSO super-packet's segments.
+        segments: u32::from(b >> 4),
     }
 }
 

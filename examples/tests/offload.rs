@@ -6,7 +6,9 @@
 //! and `dr`, cut into plain packets in `tunnel` (the virtio-net header cannot describe an
 //! encapsulated super-packet). In `nat` and `dnat` the transfers run again with the balancer
 //! namespace's ports unable to checksum, so that the receivers verify checksums the kernel
-//! completed from the balancer's partial sums.
+//! completed from the balancer's partial sums. A TCP splice (`mode = "splice"`) reads the
+//! handshake and the request head as plain packets, then translates super-packets whole: an
+//! HTTP upload and download through it, both families, the same two passes.
 
 mod common;
 
@@ -65,7 +67,12 @@ sys.exit(0 if got == want else 1)
 /// Starts the hash server and an HTTP server with a random file on every backend; returns the
 /// random file's SHA-256 per backend (they differ).
 fn servers(lab: &mut Lab, t: &Topo) -> Vec<String> {
-    let script = lab.write("hash_server.py", HASH_SERVER);
+    servers_with(lab, t, "hash_server.py", HASH_SERVER)
+}
+
+/// [`servers`] with another upload server script on :9000.
+fn servers_with(lab: &mut Lab, t: &Topo, name: &str, hash_server: &str) -> Vec<String> {
+    let script = lab.write(name, hash_server);
     let mut sums = Vec::new();
     for b in t.backends.clone() {
         lab.http_server(&b, 80);
@@ -295,4 +302,130 @@ fn offload_dr_forwards_super_frames_whole() {
     lab.start_balancer(&t, "lb0", &cfg, &[]);
     lab.attach_dr(&t, LB_MAC);
     check(&lab, &t, &sums, false);
+}
+
+/// HTTP on :9000 for the splice (which binds on a request head): a POST is answered with
+/// `<bytes> <sha256>` of its body.
+const POST_HASH_SERVER: &str = r#"
+import hashlib, http.server, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        h, got = hashlib.sha256(), 0
+        while got < n:
+            b = self.rfile.read(min(1 << 16, n - got))
+            if not b:
+                break
+            h.update(b)
+            got += len(b)
+        out = f"{got} {h.hexdigest()}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+S(("::", 9000), H).serve_forever()
+"#;
+
+/// An HTTP POST of `SIZE` random bytes (checked against the server's digest), then a GET of
+/// `/rand` on port 80 whose digest it prints. `argv`: host, size.
+const SPLICE_CLIENT: &str = r#"
+import hashlib, http.client, os, sys
+host, size = sys.argv[1], int(sys.argv[2])
+data = os.urandom(size)
+c = http.client.HTTPConnection(host, 9000, timeout=30)
+c.request("POST", "/up", body=data, headers={"Host": "up.example"})
+got = c.getresponse().read().decode().strip()
+c.close()
+want = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+print("upload", "ok" if got == want else f"MISMATCH got {got!r} want {want!r}")
+c = http.client.HTTPConnection(host, 80, timeout=30)
+c.request("GET", "/rand")
+body = c.getresponse().read()
+print("download", len(body), hashlib.sha256(body).hexdigest())
+sys.exit(0 if got == want else 1)
+"#;
+
+#[test]
+fn offload_splice_translates_super_packets_whole_once_spliced() {
+    if !need_root() || !need_tool("ethtool") {
+        return;
+    }
+    let mut lab = Lab::new("offsplice");
+    let t = lab.topology(3);
+    let sums = servers_with(&mut lab, &t, "post_hash_server.py", POST_HASH_SERVER);
+    let cfg = format!(
+        "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
+         conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\nsplice_capacity = 1024\n\
+         offload = true\n{}",
+        services("splice", "", 1)
+    );
+    lab.start_balancer(
+        &t,
+        "lb0",
+        &cfg,
+        &[
+            "203.0.113.10/32 dev lb0",
+            "2001:db8:10::10/128 dev lb0",
+            "203.0.113.100/32 dev lb0",
+            "2001:db8:100::100/128 dev lb0",
+        ],
+    );
+    let client = lab.write("splice_client.py", SPLICE_CLIENT);
+    let pass = |lab: &Lab, what: &str| {
+        for vip in [VIP4, VIP6] {
+            let out = lab
+                .try_sh_timeout(
+                    &t.client,
+                    &format!("{} '{}' {vip} {SIZE}", python(), client.display()),
+                    std::time::Duration::from_secs(120),
+                )
+                .unwrap_or_else(|e| panic!("{what} via {vip}: {e}\n{}", lab.log("balancer")));
+            println!("{what} {vip}: {}", out.trim().replace('\n', "; "));
+            assert!(out.contains("upload ok"), "upload via {vip}: {out}");
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("download"))
+                .unwrap_or("");
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f.get(1), Some(&SIZE.to_string().as_str()), "{line}");
+            assert!(
+                f.get(2).is_some_and(|d| sums.iter().any(|s| s == d)),
+                "download via {vip}: {line} is no backend's file ({sums:?})"
+            );
+        }
+        let s = lab.balancer_stats(&t);
+        let sp = &s["splice"];
+        let get = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        println!(
+            "{what}: splice {sp}; offload {}; drops {}",
+            s["offload"], s["drops"]
+        );
+        assert_eq!(
+            get(&s["drops"]["bad_offload"]) + get(&s["drops"]["malformed"]),
+            0,
+            "offload or malformed drops"
+        );
+        get(&sp["gso_translated"])
+    };
+    let whole = pass(&lab, "offloads on");
+    assert!(whole > 0, "no super-packet was translated whole");
+    // With the balancer namespace's ports unable to checksum or segment, its kernel cuts the
+    // balancer's super-packets and completes every checksum from the partial sums the splice
+    // left: the receivers then verify them (see the nat test).
+    for p in ["c1", "b1", "b2", "b3"] {
+        lab.sh(
+            &t.balancer,
+            &format!("ethtool -K {p} tx off tso off gso off"),
+        );
+    }
+    let more = pass(&lab, "the balancer's ports without offloads");
+    assert!(
+        more > whole,
+        "no super-packet translated in the second pass"
+    );
 }

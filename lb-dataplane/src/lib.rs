@@ -219,7 +219,9 @@ pub enum Verdict {
     /// Drop the packet.
     Drop(DropReason),
     /// A GSO super-packet this mode cannot forward as one (tunnel: the virtio-net header cannot
-    /// describe an encapsulated super-packet; SIP: each datagram is placed by its own Call-ID).
+    /// describe an encapsulated super-packet; SIP: each datagram is placed by its own Call-ID;
+    /// a TCP splice before the connection is spliced: it reads the handshake and the request
+    /// head segment by segment).
     /// Cut it with [`lb_packet::offload::Segmenter`] and process each segment as an ordinary
     /// packet. Nothing was changed, and nothing counted but [`Stats::gso_cut`].
     Segment,
@@ -735,7 +737,8 @@ impl Dataplane {
     /// [`Dataplane::process_batch`] for a device with offloads on: `hdrs[i]` is the virtio-net
     /// header that came with packet `i` ([`lb_packet::offload`]), and on return the one to
     /// write with its verdict's bytes. GSO super-packets are rewritten whole in modes `nat`,
-    /// `dnat` and `dr` (partial checksums kept partial, segments counted as packets);
+    /// `dnat` and `dr`, and by a TCP splice once spliced (partial checksums kept partial,
+    /// segments counted as packets);
     /// [`Verdict::Segment`] asks the caller to cut the others. A header that does not describe
     /// its packet is [`DropReason::BadOffload`].
     pub fn process_batch_offload<B: AsMut<[u8]>>(
@@ -934,19 +937,6 @@ impl Dataplane {
             *hdr = VnetHdr::NONE;
             return self.fragment(buf, (start, end), p, si, now);
         }
-        // TCP splicing translates sequence numbers and timestamps with full-checksum updates:
-        // a backend's packet that may belong to a splice takes plain packets only (with a
-        // splice service configured, every reply does: they are told apart inside).
-        let mut csum = csum;
-        if csum == L4Csum::Partial && si.is_none() && self.splice.is_active() {
-            if hdr.is_gso() {
-                return Verdict::Segment;
-            }
-            if let Err(r) = self.complete_csum(buf, start, end, p, hdr) {
-                return Verdict::Drop(r);
-            }
-            csum = L4Csum::Full;
-        }
         let ip = p.end - p.l3;
         let wire = ip + (segs as usize - 1) * (p.payload - p.l3);
         let cx = Ctx {
@@ -962,7 +952,7 @@ impl Dataplane {
         };
         match si {
             Some(si) => self.forward(buf, &cx, si, hdr),
-            None => match self.splice_backend(buf, &cx) {
+            None => match self.splice_backend(buf, &cx, hdr) {
                 Some(v) => v,
                 None => self.reply(buf, &cx),
             },
@@ -1020,12 +1010,15 @@ impl Dataplane {
     fn forward(&mut self, buf: &mut [u8], cx: &Ctx<'_>, si: usize, hdr: &mut VnetHdr) -> Verdict {
         let mut cx = *cx;
         if cx.csum == L4Csum::Partial {
-            // Tunnel mode (an encapsulated super-packet has no virtio-net description), the SIP
-            // path (each datagram placed by its own Call-ID) and TCP splicing (sequence numbers
-            // and timestamps translated with full-checksum updates) take plain packets only.
-            let plain = self.tables.services.get(si).is_some_and(|s| {
-                s.mode == Mode::Tunnel || sip::per_message(s) || self.splice.serves(s.vip)
-            });
+            // Tunnel mode (an encapsulated super-packet has no virtio-net description) and the
+            // SIP path (each datagram placed by its own Call-ID) take plain packets only. (A
+            // TCP splice takes partial checksums once spliced, and asks for plain packets
+            // before: `splice_client`.)
+            let plain = self
+                .tables
+                .services
+                .get(si)
+                .is_some_and(|s| s.mode == Mode::Tunnel || sip::per_message(s));
             if plain {
                 if hdr.is_gso() {
                     return Verdict::Segment;
@@ -1052,7 +1045,7 @@ impl Dataplane {
         if let Some(v) = self.sip_forward(buf, cx, si) {
             return v;
         }
-        if let Some(v) = self.splice_client(buf, cx, si) {
+        if let Some(v) = self.splice_client(buf, cx, si, hdr) {
             return v;
         }
         let key = p.key;

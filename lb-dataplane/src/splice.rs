@@ -49,7 +49,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_core::{BackendId, Duration, FlowHasher, FlowKey, Instant, IpProto};
 use lb_packet::l5head::{parse_head, Head};
-use lb_packet::splice::{translate, SeqShift};
+use lb_packet::offload::{L4Csum, VnetHdr};
+use lb_packet::splice::{translate, translate_partial, SeqShift};
 use lb_packet::syncookie::{CookieOpts, SynCookies, OPT_BITS};
 use lb_packet::tcpseg::{self, flags, OptionShift, TcpHeader, TcpOptions};
 use lb_packet::{nat, Link, Parsed};
@@ -77,8 +78,11 @@ pub struct SpliceStats {
     pub cookies_ok: u64,
     /// ACKs of unknown connections whose cookie did not validate (dropped).
     pub cookies_bad: u64,
-    /// Valid cookies with no free slot (dropped).
+    /// Valid cookies with no free slot and no closing one to take (dropped).
     pub table_full: u64,
+    /// Closing slots (both FINs or an RST seen, lingering for the last ACKs) taken early for
+    /// a new connection because no slot was free.
+    pub reclaimed: u64,
     /// Connections whose head did not complete in time (dropped).
     pub head_timeouts: u64,
     /// Heads larger than the limit (RST).
@@ -99,18 +103,25 @@ pub struct SpliceStats {
     pub to_backend: u64,
     /// Segments translated backend → client.
     pub to_client: u64,
+    /// SYNs on the 4-tuple of a closing connection (the client reused its port): the old
+    /// slot was freed and the SYN answered as a new connection's.
+    pub reopened: u64,
+    /// GSO super-packets (either way) translated whole, their partial checksums left to the
+    /// device: the splice's share of the TUN offloads.
+    pub gso_translated: u64,
     /// Slots in use now.
     pub active: u64,
 }
 
 impl SpliceStats {
     /// Every counter with its name (for the stats endpoint).
-    pub fn pairs(&self) -> [(&'static str, u64); 15] {
+    pub fn pairs(&self) -> [(&'static str, u64); 18] {
         [
             ("cookies_sent", self.cookies_sent),
             ("cookies_ok", self.cookies_ok),
             ("cookies_bad", self.cookies_bad),
             ("table_full", self.table_full),
+            ("reclaimed", self.reclaimed),
             ("head_timeouts", self.head_timeouts),
             ("head_too_large", self.head_too_large),
             ("head_invalid", self.head_invalid),
@@ -121,6 +132,8 @@ impl SpliceStats {
             ("retransmits", self.retransmits),
             ("to_backend", self.to_backend),
             ("to_client", self.to_client),
+            ("reopened", self.reopened),
+            ("gso_translated", self.gso_translated),
             ("active", self.active),
         ]
     }
@@ -172,6 +185,9 @@ struct Slot {
     s_isn: u32,
     b_ws: Option<u8>,
     b_ts0: u32,
+    /// Added to the client's TSval towards the backend: the backend connection's timestamps
+    /// run on the balancer's millisecond clock (see `connect`).
+    ts_d: u32,
     retrans: u8,
     fin_c: bool,
     fin_s: bool,
@@ -220,6 +236,7 @@ impl Slot {
             s_isn: 0,
             b_ws: None,
             b_ts0: 0,
+            ts_d: 0,
             retrans: 0,
             fin_c: false,
             fin_s: false,
@@ -234,7 +251,7 @@ impl Slot {
 
     fn ts_to_backend(&self) -> OptionShift {
         OptionShift {
-            tsval: 0,
+            tsval: self.ts_d,
             tsecr: self.b_ts0.wrapping_sub(self.ts0),
             rescale: None,
         }
@@ -243,7 +260,7 @@ impl Slot {
     fn ts_to_client(&self) -> OptionShift {
         OptionShift {
             tsval: self.ts0.wrapping_sub(self.b_ts0),
-            tsecr: 0,
+            tsecr: self.ts_d.wrapping_neg(),
             rescale: match (self.c_ws, self.b_ws) {
                 (Some(_), Some(b)) => Some((b, OUR_WSCALE)),
                 _ => None,
@@ -277,11 +294,39 @@ pub(crate) struct Splicer {
     hasher: FlowHasher,
     port_base: u16,
     cursor: usize,
+    /// Where the search for a closing slot to reclaim goes on.
+    reclaim_cursor: usize,
     pub(crate) stats: SpliceStats,
 }
 
+/// Slots looked at for a closing one to reclaim when none is free (a bound on the work a
+/// full table costs per new connection).
+const RECLAIM_SCAN: usize = 64;
+
 /// Whether sequence number `a` is at or after `b` (RFC 1982 arithmetic).
 #[inline]
+/// The per-segment rewrite of a spliced direction: addresses and ports, sequence and
+/// acknowledgement numbers with SACK blocks, timestamps and window. With `partial` the TCP
+/// checksum is a partial one (the pseudo-header's sum): only the address change touches it.
+fn rewrite_spliced(
+    pkt: &mut [u8],
+    p: &Parsed,
+    (src, dst): (SocketAddr, SocketAddr),
+    sh: SeqShift,
+    ts: OptionShift,
+    partial: bool,
+) -> bool {
+    if partial {
+        nat::rewrite_partial(pkt, p, Some(src), Some(dst)).is_ok()
+            && translate_partial(pkt, p, sh).is_ok()
+            && tcpseg::rewrite_options_partial(pkt, p, ts).is_ok()
+    } else {
+        nat::rewrite(pkt, p, Some(src), Some(dst)).is_ok()
+            && translate(pkt, p, sh).is_ok()
+            && tcpseg::rewrite_options(pkt, p, ts).is_ok()
+    }
+}
+
 fn seq_ge(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) >= 0
 }
@@ -364,6 +409,7 @@ impl Splicer {
                 hasher: FlowHasher::new(key.derive("splice")),
                 port_base,
                 cursor: 0,
+                reclaim_cursor: 0,
                 stats: SpliceStats::default(),
             },
             rest,
@@ -374,11 +420,6 @@ impl Splicer {
     #[inline(always)]
     pub(crate) fn is_active(&self) -> bool {
         !self.slots.is_empty()
-    }
-
-    /// Whether the service at `vip` is spliced.
-    pub(crate) fn serves(&self, vip: SocketAddr) -> bool {
-        self.is_active() && self.svc_of(vip).is_some()
     }
 
     fn svc_of(&self, vip: SocketAddr) -> Option<usize> {
@@ -453,6 +494,25 @@ impl Splicer {
         }
     }
 
+    /// No slot is free: frees a closing one (its connection is over both ways; it lingers
+    /// only for the last ACKs) for a new connection, if one is among the next
+    /// [`RECLAIM_SCAN`] slots. Without this, slots lingering [`LINGER`] after each close cap
+    /// the connection rate at capacity / `LINGER`.
+    fn reclaim(&mut self) -> Option<u32> {
+        let n = self.slots.len();
+        for _ in 0..RECLAIM_SCAN.min(n) {
+            let s = self.reclaim_cursor;
+            self.reclaim_cursor = (s + 1) % n;
+            if self.slots[s].state == State::Closing {
+                self.release(s);
+                self.stats.reclaimed += 1;
+                // (`release` queued it last; it is taken now.)
+                return self.free.pop_back();
+            }
+        }
+        None
+    }
+
     fn release(&mut self, s: usize) {
         if self.slots[s].state == State::Free {
             return;
@@ -493,7 +553,7 @@ impl Splicer {
             mss: Some(x.c_mss),
             wscale: x.c_ws,
             sack_permitted: x.c_sack,
-            timestamps: x.c_ts.then_some((x.c_tsval, 0)),
+            timestamps: x.c_ts.then_some((x.c_tsval.wrapping_add(x.ts_d), 0)),
         };
         tcpseg::build(out, x.snat, x.baddr, &h, &o, &[]).ok()
     }
@@ -508,7 +568,8 @@ impl Splicer {
             window: x.c_win,
         };
         let o = TcpOptions {
-            timestamps: (x.c_ts && x.b_ts0 != 0).then_some((x.c_tsval, x.b_ts0)),
+            timestamps: (x.c_ts && x.b_ts0 != 0)
+                .then_some((x.c_tsval.wrapping_add(x.ts_d), x.b_ts0)),
             ..TcpOptions::default()
         };
         let data = x.head.get(..usize::from(x.head_len)).unwrap_or(&[]);
@@ -616,6 +677,7 @@ impl Splicer {
         svc_vip: SocketAddr,
         tables: &Tables,
         now: Instant,
+        csum: L4Csum,
     ) -> Option<Verdict> {
         let si = self.svc_of(svc_vip)?;
         if p.proto != IpProto::Tcp || p.link != Link::Ip {
@@ -628,15 +690,42 @@ impl Splicer {
         let key = p.key;
         let hash = self.hasher.hash_flow(&key);
         let client = SocketAddr::new(key.src(), key.src_port());
-        let Some(s) = self.find(&key, hash) else {
+        let partial = csum == L4Csum::Partial;
+        let mut found = self.find(&key, hash);
+        if let Some(s) = found.filter(|&s| self.slots[s].state == State::Closing) {
+            if h.flags & (flags::SYN | flags::ACK | flags::RST) == flags::SYN {
+                // The client reused the port of a connection that is closing here: a new
+                // connection (as IPVS's `conn_reuse_mode`, and the NAT path, treat it). The
+                // old slot goes; translated as the old one's, the SYN would reach the
+                // backend's TIME_WAIT and the client would wait a retransmission out.
+                self.release(s);
+                self.stats.reopened += 1;
+                found = None;
+            }
+        }
+        let Some(s) = found else {
+            if partial {
+                return Some(Verdict::Segment);
+            }
             return Some(self.stateless(buf, start, end, p, si, hash, h, o, tables, now));
         };
+        // A partial checksum (a GSO super-packet, or `NEEDS_CSUM`) is translated as it is
+        // once the connection is spliced; everything else the splice reads or answers (the
+        // handshake, the head) it takes as plain packets: `Segment` asks for them.
+        if partial
+            && !(matches!(
+                self.slots[s].state,
+                State::Sent | State::Spliced | State::Closing
+            ) && self.backend_alive(s, tables))
+        {
+            return Some(Verdict::Segment);
+        }
         let payload = p.payload(pkt).len();
         if h.flags & flags::RST != 0 {
             // A client RST: forwarded when spliced, and the slot closes.
             let st = self.slots[s].state;
             let v = if matches!(st, State::Sent | State::Spliced | State::Closing) {
-                self.translate_to_backend(buf, start, end, p, s, tables)
+                self.translate_to_backend(buf, start, end, p, s, tables, partial)
             } else {
                 Verdict::Held
             };
@@ -659,7 +748,7 @@ impl Splicer {
                     x.deadline = now + LINGER;
                 }
                 let _ = (payload, client);
-                Some(self.translate_to_backend(buf, start, end, p, s, tables))
+                Some(self.translate_to_backend(buf, start, end, p, s, tables, partial))
             }
             State::Free => Some(Verdict::Drop(DropReason::NoFlow)),
         }
@@ -728,7 +817,7 @@ impl Splicer {
             self.stats.cookies_bad += 1;
             return Verdict::Drop(DropReason::MidFlowUnknown);
         };
-        let Some(s) = self.free.pop_front() else {
+        let Some(s) = self.free.pop_front().or_else(|| self.reclaim()) else {
             self.stats.table_full += 1;
             return Verdict::Drop(DropReason::TableFull);
         };
@@ -799,21 +888,28 @@ impl Splicer {
             }
             x.c_win = h.window;
             let expect = x.c_isn.wrapping_add(1).wrapping_add(u32::from(x.head_len));
+            // Whether this segment's data (and so its FIN) was taken whole.
+            let mut whole = true;
             if !data.is_empty() && h.seq == expect {
                 let at = usize::from(x.head_len);
-                if at + data.len() > head_max {
+                // Take what fits. A request body sent in the head's segment (a POST) may
+                // overflow: the rest is not acknowledged, so the client sends it again, and
+                // it reaches the backend once the connection is spliced.
+                let take = data.len().min(head_max.saturating_sub(at));
+                if take == 0 {
                     self.stats.head_too_large += 1;
                     let seq = x.l_isn.wrapping_add(1);
                     return self.rst_in_place(buf, start, s, seq);
                 }
-                if let Some(d) = x.head.get_mut(at..at + data.len()) {
-                    d.copy_from_slice(data);
+                whole = take == data.len();
+                if let Some(d) = x.head.get_mut(at..at + take) {
+                    d.copy_from_slice(&data[..take]);
                 }
-                x.head_len += data.len() as u16;
+                x.head_len += take as u16;
             } else if data.is_empty() && h.flags & flags::FIN == 0 {
                 return Verdict::Held;
             }
-            if h.flags & flags::FIN != 0 {
+            if h.flags & flags::FIN != 0 && whole {
                 // A client that closes before its head is complete: reset.
                 let seq = x.l_isn.wrapping_add(1);
                 self.stats.head_invalid += 1;
@@ -907,12 +1003,27 @@ impl Splicer {
             let x = &mut self.slots[s];
             x.state = State::Connecting;
             x.deadline = now + timeout;
+            // The backend connection's TSvals run on the balancer's millisecond clock, not
+            // the client's: its SNAT 4-tuple was used before, and the backend may still hold
+            // it in TIME_WAIT, where it accepts a new SYN only with a newer TSval (PAWS, RFC
+            // 7323 §5; Linux `tcp_timewait_state_process`). Clients' clocks start at random
+            // offsets per connection, so half their SYNs would get a bare ACK instead.
+            x.ts_d = (now.as_millis() as u32).wrapping_sub(x.c_tsval);
             return self.syn_to_backend(s, out);
         }
         let seq = self.slots[s].l_isn.wrapping_add(1);
         self.rst_client(s, out, seq)
     }
 
+    /// Whether slot `s`'s backend is still configured, at the same address, and healthy.
+    fn backend_alive(&self, s: usize, tables: &Tables) -> bool {
+        let x = &self.slots[s];
+        x.backend
+            .and_then(|b| tables.backend(b))
+            .is_some_and(|b| b.healthy && b.addr.ip() == x.baddr.ip())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn translate_to_backend(
         &mut self,
         buf: &mut [u8],
@@ -921,26 +1032,19 @@ impl Splicer {
         p: &Parsed,
         s: usize,
         tables: &Tables,
+        partial: bool,
     ) -> Verdict {
-        let x = &self.slots[s];
-        let alive = x
-            .backend
-            .and_then(|b| tables.backend(b))
-            .is_some_and(|b| b.healthy && b.addr.ip() == x.baddr.ip());
-        if !alive {
+        if !self.backend_alive(s, tables) {
             // The backend was removed or failed: the client learns now.
-            let seq = x.l_isn.wrapping_add(1);
-            let _ = end;
+            let seq = self.slots[s].l_isn.wrapping_add(1);
             return self.rst_in_place(buf, start, s, seq);
         }
+        let x = &self.slots[s];
         let (sh, ts, snat, baddr) = (x.to_backend(), x.ts_to_backend(), x.snat, x.baddr);
         let Some(pkt) = buf.get_mut(start..end) else {
             return Verdict::Drop(DropReason::Malformed);
         };
-        let ok = nat::rewrite(pkt, p, Some(snat), Some(baddr)).is_ok()
-            && translate(pkt, p, sh).is_ok()
-            && tcpseg::rewrite_options(pkt, p, ts).is_ok();
-        if !ok {
+        if !rewrite_spliced(pkt, p, (snat, baddr), sh, ts, partial) {
             return Verdict::Drop(DropReason::RewriteFailed);
         }
         self.stats.to_backend += 1;
@@ -963,6 +1067,7 @@ impl Splicer {
     // ---- backend side ----
 
     /// A packet to no service: a backend's, if it is addressed to a splice slot's port.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn backend_segment(
         &mut self,
         buf: &mut [u8],
@@ -971,6 +1076,7 @@ impl Splicer {
         p: &Parsed,
         tables: &Tables,
         now: Instant,
+        csum: L4Csum,
     ) -> Option<Verdict> {
         if p.proto != IpProto::Tcp || p.icmp.is_some() {
             return None;
@@ -989,6 +1095,14 @@ impl Splicer {
             return Some(Verdict::Drop(DropReason::Malformed));
         };
         let state = x.state;
+        let partial = csum == L4Csum::Partial;
+        // As on the client side: partial checksums only through the translation.
+        if partial
+            && (h.flags & flags::SYN != 0
+                || !matches!(state, State::Sent | State::Spliced | State::Closing))
+        {
+            return Some(Verdict::Segment);
+        }
         match state {
             State::Connecting => {
                 if h.flags & flags::RST != 0 {
@@ -1044,10 +1158,7 @@ impl Splicer {
                     x.deadline = now + LINGER;
                 }
                 let pkt = buf.get_mut(start..end)?;
-                let ok = nat::rewrite(pkt, p, Some(vip), Some(client)).is_ok()
-                    && translate(pkt, p, sp).is_ok()
-                    && tcpseg::rewrite_options(pkt, p, ts).is_ok();
-                if !ok {
+                if !rewrite_spliced(pkt, p, (vip, client), sp, ts, partial) {
                     return Some(Verdict::Drop(DropReason::RewriteFailed));
                 }
                 self.stats.to_client += 1;
@@ -1124,13 +1235,24 @@ impl crate::Dataplane {
         buf: &mut [u8],
         cx: &crate::Ctx<'_>,
         si: usize,
+        hdr: &mut VnetHdr,
     ) -> Option<Verdict> {
         if !self.splice.is_active() {
             return None;
         }
         let vip = self.tables.services.get(si)?.vip;
+        let (start, end, p) = (cx.start, cx.end, cx.p);
+        let v =
+            self.splice
+                .client_segment(buf, start, end, p, vip, &self.tables, cx.now, cx.csum)?;
+        if v != Verdict::Segment {
+            return Some(self.spliced(v, hdr));
+        }
+        if let Err(v) = self.splice_plain(buf, cx, hdr) {
+            return Some(v);
+        }
         self.splice
-            .client_segment(buf, cx.start, cx.end, cx.p, vip, &self.tables, cx.now)
+            .client_segment(buf, start, end, p, vip, &self.tables, cx.now, L4Csum::Full)
     }
 
     /// The splice hook for packets to no service: `None` unless it is a backend's packet of
@@ -1140,12 +1262,52 @@ impl crate::Dataplane {
         &mut self,
         buf: &mut [u8],
         cx: &crate::Ctx<'_>,
+        hdr: &mut VnetHdr,
     ) -> Option<Verdict> {
         if !self.splice.is_active() {
             return None;
         }
+        let (start, end, p) = (cx.start, cx.end, cx.p);
+        let v = self
+            .splice
+            .backend_segment(buf, start, end, p, &self.tables, cx.now, cx.csum)?;
+        if v != Verdict::Segment {
+            return Some(self.spliced(v, hdr));
+        }
+        if let Err(v) = self.splice_plain(buf, cx, hdr) {
+            return Some(v);
+        }
         self.splice
-            .backend_segment(buf, cx.start, cx.end, cx.p, &self.tables, cx.now)
+            .backend_segment(buf, start, end, p, &self.tables, cx.now, L4Csum::Full)
+    }
+
+    /// Counts a super-packet the splice translated whole.
+    #[inline]
+    fn spliced(&mut self, v: Verdict, hdr: &VnetHdr) -> Verdict {
+        if hdr.is_gso() && matches!(v, Verdict::Forward { .. }) {
+            self.splice.stats.gso_translated += 1;
+        }
+        v
+    }
+
+    /// The splice asked for a plain packet: a super-packet goes back to be cut
+    /// (`Err(Segment)`), a lone partial checksum is completed here.
+    #[cold]
+    fn splice_plain(
+        &mut self,
+        buf: &mut [u8],
+        cx: &crate::Ctx<'_>,
+        hdr: &mut VnetHdr,
+    ) -> Result<(), Verdict> {
+        if hdr.is_gso() {
+            return Err(Verdict::Segment);
+        }
+        if cx.csum != L4Csum::Partial {
+            // (The splice never asks this of a plain packet.)
+            return Err(Verdict::Drop(DropReason::RewriteFailed));
+        }
+        self.complete_csum(buf, cx.start, cx.end, cx.p, hdr)
+            .map_err(Verdict::Drop)
     }
 
     /// Runs the splice timers (head and connect timeouts, retransmission of held heads, idle

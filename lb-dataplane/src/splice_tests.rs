@@ -143,6 +143,26 @@ fn with_ts(mut s: Seg, v: u32, e: u32) -> Seg {
     s
 }
 
+/// The backend's SYN-ACK to the balancer's SYN `bsyn`: ISN `s`, window scale 5, SACK, its
+/// own clock (TSval 50 000) echoing `bts`.
+fn backend_synack(bsyn: &Seg, s: u32, c: u32, bts: u32) -> Seg {
+    let mut synack = with_ts(
+        seg(
+            bsyn.dst,
+            bsyn.src,
+            s,
+            c.wrapping_add(1),
+            flags::SYN | flags::ACK,
+            b"",
+        ),
+        50_000,
+        bts,
+    );
+    synack.o.wscale = Some(5);
+    synack.o.sack_permitted = true;
+    synack
+}
+
 fn get(host: &str, path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: t\r\n\r\n").into_bytes()
 }
@@ -192,7 +212,12 @@ fn open(r: &mut Rig, client: SocketAddr, head: &[u8], ts: bool) -> (u32, u32, Se
     assert_eq!(bsyn.o.mss, Some(1460));
     assert_eq!(bsyn.o.wscale, ts.then_some(9));
     assert_eq!(bsyn.o.sack_permitted, ts);
-    assert_eq!(bsyn.o.timestamps, ts.then_some((778, 0)));
+    // The backend connection's TSvals run on the balancer's clock (PAWS on reused SNAT
+    // tuples): the client's 778 becomes the balancer's millisecond count.
+    assert_eq!(
+        bsyn.o.timestamps,
+        ts.then_some((r.now.as_millis() as u32, 0))
+    );
     (c, l, bsyn)
 }
 
@@ -266,22 +291,17 @@ fn spliced_exchange_translates_both_ways() {
     let head = get("api.example", "/big");
     let (c, l, bsyn) = open(&mut r, client, &head, true);
     let (snat, b) = (bsyn.src, bsyn.dst);
+    // What the backend echoes: the TSval of the balancer's SYN (the client's 778, moved).
+    let bts = bsyn.o.timestamps.unwrap().0;
     let s = 0x1000_0000u32;
-    // Backend's SYN-ACK, window scale 5, its own clock.
-    let mut synack = with_ts(
-        seg(b, snat, s, c.wrapping_add(1), flags::SYN | flags::ACK, b""),
-        50_000,
-        778,
-    );
-    synack.o.wscale = Some(5);
-    synack.o.sack_permitted = true;
+    let synack = backend_synack(&bsyn, s, c, bts);
     let (out, _) = r.send(&synack);
     let data = out.expect("held head to the backend");
     assert_eq!((data.src, data.dst), (snat, b));
     assert_eq!(data.h.seq, c.wrapping_add(1));
     assert_eq!(data.h.ack, s.wrapping_add(1));
     assert_eq!(data.data, head);
-    assert_eq!(data.o.timestamps, Some((778, 50_000)));
+    assert_eq!(data.o.timestamps, Some((bts, 50_000)));
     let hl = head.len() as u32;
     // Backend ACKs the head and answers, with a window of 1000 << 5.
     let mut resp = with_ts(
@@ -294,7 +314,7 @@ fn spliced_exchange_translates_both_ways() {
             b"HTTP/1.1 200 OK\r\n\r\n",
         ),
         50_010,
-        778,
+        bts,
     );
     resp.h.window = 1000;
     let (out, _) = r.send(&resp);
@@ -333,7 +353,7 @@ fn spliced_exchange_translates_both_ways() {
     assert_eq!((to_b.src, to_b.dst), (snat, b));
     assert_eq!(to_b.h.seq, c.wrapping_add(1 + hl), "client seq untouched");
     assert_eq!(to_b.h.ack, s.wrapping_add(20));
-    assert_eq!(to_b.o.timestamps, Some((790, 50_010)));
+    assert_eq!(to_b.o.timestamps, Some((bts + 12, 50_010)));
     assert_eq!(r.dp.splice_stats().spliced, 1);
     // FIN both ways, then the slot lingers and goes.
     r.send(&seg(
@@ -675,4 +695,331 @@ proptest! {
             prop_assert!(r.dp.splice_stats().active <= 4);
         }
     }
+}
+
+// --- Offloads: partial checksums and GSO super-packets through a splice. ---
+
+use lb_packet::offload::{GsoType, Segmenter, VnetHdr};
+
+/// Both sides of a spliced connection close: the backend's FIN (a server closing first), then
+/// the client's. `c_next` / `l_ack`: the client's next sequence number and acknowledgement;
+/// `s_next`: the backend's next sequence number.
+fn fin_both(
+    r: &mut Rig,
+    (client, c_next, l_ack): (SocketAddr, u32, u32),
+    (b, snat, s_next): (SocketAddr, SocketAddr, u32),
+) {
+    r.send(&seg(b, snat, s_next, c_next, flags::FIN | flags::ACK, b""));
+    r.send(&seg(
+        client,
+        sa(VIP),
+        c_next,
+        l_ack,
+        flags::FIN | flags::ACK,
+        b"",
+    ));
+}
+
+impl Rig {
+    /// Sends `s` as a sender with offloads hands it over (partial checksum; a TCPv4 GSO
+    /// super-packet when `gso` is set) through `process_batch_offload`; returns the verdict,
+    /// the bytes out and the header to write with them.
+    fn send_offload(&mut self, s: &Seg, gso: Option<u16>) -> (Verdict, Vec<u8>, VnetHdr) {
+        let mut pkt = vec![0u8; 70_000];
+        let n = tcpseg::build(&mut pkt, s.src, s.dst, &s.h, &s.o, &s.data).unwrap();
+        pkt.truncate(n);
+        let hdr = crate::tests::offloaded(&mut pkt, gso);
+        let mut bufs = vec![vec![0u8; HEADROOM + 70_000]];
+        bufs[0][HEADROOM..HEADROOM + n].copy_from_slice(&pkt);
+        let mut hdrs = [hdr];
+        let mut v = [Verdict::Held];
+        self.dp
+            .process_batch_offload(&mut bufs, HEADROOM, &[n], &mut hdrs, self.now, &mut v);
+        let out = match v[0] {
+            Verdict::Forward { start, len } => bufs[0][start..start + len].to_vec(),
+            _ => Vec::new(),
+        };
+        (v[0], out, hdrs[0])
+    }
+}
+
+/// Cuts a translated super-packet as the kernel would: every segment decoded (checksums
+/// checked against a full recompute).
+/// Also: the super-packet's checksum field must hold the pseudo-header sum of what it became
+/// (the kernel's segmentation adjusts that field per segment rather than summing afresh), so
+/// completing it as one packet must give a valid checksum.
+fn cut(pkt: &[u8], hdr: &VnetHdr) -> Vec<Seg> {
+    let p = parse(pkt, Link::Ip).unwrap();
+    let mut whole = pkt.to_vec();
+    lb_packet::offload::complete_csum(&mut whole, hdr, p.end, false).unwrap();
+    Rig::decode(&whole);
+    let mut seg = Segmenter::new(pkt, &p, hdr).unwrap();
+    let mut out = vec![0u8; 70_000];
+    let mut segs = Vec::new();
+    while let Some(n) = seg.next_into(pkt, &mut out).unwrap() {
+        segs.push(Rig::decode(&out[..n]));
+    }
+    segs
+}
+
+#[test]
+fn spliced_super_packets_are_translated_whole_and_plain_ones_before() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let client = sa("192.0.2.2:40000");
+    let vip = sa(VIP);
+    let head = get("api.example", "/big");
+    let hl = head.len() as u32;
+    // Before the splice, a super-packet is handed back to be cut, untouched and uncounted
+    // by the splice (here: a client that sends data right after its SYN's cookie).
+    let early = seg(client, vip, 5, 6, flags::ACK, &[b'x'; 3000]);
+    let (v, _, _) = r.send_offload(&early, Some(1000));
+    assert_eq!(v, Verdict::Segment);
+    assert_eq!(r.dp.splice_stats().cookies_bad, 0, "nothing was read");
+    // A lone partial checksum before the splice is completed and read: a SYN gets its cookie.
+    let (v, out, h) = r.send_offload(&seg(client, vip, 1, 0, flags::SYN, b""), None);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert_eq!(h, VnetHdr::NONE, "a packet the splice wrote goes out plain");
+    let synack = Rig::decode(&out);
+    assert_eq!(synack.h.flags, flags::SYN | flags::ACK);
+    assert_eq!(r.dp.stats().csum_completed, 1);
+    // A spliced connection (another client), timestamps on.
+    let client = sa("192.0.2.3:40001");
+    let (c, l, bsyn) = open(&mut r, client, &head, true);
+    let (snat, b) = (bsyn.src, bsyn.dst);
+    let bts = bsyn.o.timestamps.unwrap().0;
+    let s = 0x7000_0000u32;
+    let synack = backend_synack(&bsyn, s, c, bts);
+    // The backend's SYN-ACK as a partial checksum: completed, the held head goes out plain.
+    let (v, out, h) = r.send_offload(&synack, None);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert_eq!(h, VnetHdr::NONE);
+    assert_eq!(Rig::decode(&out).data, head);
+    // The backend's answer as one super-packet of 3 × 1000 bytes.
+    let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let mut resp = with_ts(
+        seg(
+            b,
+            snat,
+            s.wrapping_add(1),
+            c.wrapping_add(1 + hl),
+            flags::ACK | flags::PSH,
+            &body,
+        ),
+        50_010,
+        bts,
+    );
+    resp.h.window = 1000;
+    let (v, out, h) = r.send_offload(&resp, Some(1000));
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert_eq!(h.gso, GsoType::TcpV4, "the super-packet goes out whole");
+    assert_eq!(h.gso_size, 1000);
+    let segs = cut(&out, &h);
+    assert_eq!(segs.len(), 3);
+    let mut got = Vec::new();
+    for (i, x) in segs.iter().enumerate() {
+        assert_eq!((x.src, x.dst), (vip, client));
+        assert_eq!(
+            x.h.seq,
+            l.wrapping_add(1 + 1000 * i as u32),
+            "our ISN space"
+        );
+        assert_eq!(x.h.ack, c.wrapping_add(1 + hl));
+        assert_eq!(x.h.window, 1000 << 5 >> 7, "window rescaled");
+        assert_eq!(
+            x.o.timestamps.map(|t| t.1),
+            Some(778),
+            "TSecr in the client's clock"
+        );
+        got.extend_from_slice(&x.data);
+    }
+    assert_eq!(got, body);
+    let tsv = segs[0].o.timestamps.unwrap().0;
+    // The client's upload as a super-packet: into the backend's space.
+    let up: Vec<u8> = (0..4000u32).map(|i| (i % 13) as u8).collect();
+    let req = with_ts(
+        seg(
+            client,
+            vip,
+            c.wrapping_add(1 + hl),
+            l.wrapping_add(3001),
+            flags::ACK,
+            &up,
+        ),
+        790,
+        tsv,
+    );
+    let (v, out, h) = r.send_offload(&req, Some(1400));
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    let segs = cut(&out, &h);
+    assert_eq!(segs.len(), 3);
+    for (i, x) in segs.iter().enumerate() {
+        assert_eq!((x.src, x.dst), (snat, b));
+        assert_eq!(x.h.seq, c.wrapping_add(1 + hl + 1400 * i as u32));
+        assert_eq!(x.h.ack, s.wrapping_add(3001), "the backend's space");
+        assert_eq!(x.o.timestamps, Some((bts + 12, 50_010)));
+    }
+    let st = r.dp.splice_stats();
+    assert_eq!(st.gso_translated, 2);
+    assert_eq!((st.to_backend, st.to_client), (1, 1));
+    assert_eq!(
+        r.dp.stats().gso_cut,
+        1,
+        "only the early super-packet was cut"
+    );
+}
+
+#[test]
+fn a_body_in_the_head_segment_beyond_head_max_follows_once_spliced() {
+    // head_max is 512 here: a POST whose head and first body bytes share one 900-byte
+    // segment is bound on the first 512 bytes; the rest, not acknowledged, comes again and
+    // is translated through.
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let client = sa("192.0.2.2:45000");
+    let vip = sa(VIP);
+    let mut post =
+        b"POST /up HTTP/1.1\r\nHost: api.example\r\nContent-Length: 850\r\n\r\n".to_vec();
+    post.resize(900, b'b');
+    let (c, l, bsyn) = open(&mut r, client, &post, false);
+    let (snat, b) = (bsyn.src, bsyn.dst);
+    let s = 0x2000_0000u32;
+    let (out, _) = r.send(&seg(
+        b,
+        snat,
+        s,
+        c.wrapping_add(1),
+        flags::SYN | flags::ACK,
+        b"",
+    ));
+    let held = out.expect("the held head");
+    assert_eq!(held.data, &post[..512], "the first head_max bytes");
+    assert_eq!(held.h.seq, c.wrapping_add(1));
+    // The client's TCP sends the unacknowledged rest again.
+    let (out, _) = r.send(&seg(
+        client,
+        vip,
+        c.wrapping_add(513),
+        l.wrapping_add(1),
+        flags::ACK | flags::PSH,
+        &post[512..],
+    ));
+    let rest = out.expect("the rest, translated");
+    assert_eq!((rest.src, rest.dst), (snat, b));
+    assert_eq!(rest.h.seq, c.wrapping_add(513));
+    assert_eq!(rest.data, &post[512..]);
+    assert_eq!(r.dp.splice_stats().head_too_large, 0);
+}
+
+#[test]
+fn a_syn_on_a_closing_connections_port_opens_a_new_one() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let client = sa("192.0.2.2:46000");
+    let vip = sa(VIP);
+    let head = get("api.example", "/");
+    let hl = head.len() as u32;
+    let (c, l, bsyn) = open(&mut r, client, &head, false);
+    let (snat, b) = (bsyn.src, bsyn.dst);
+    let s = 0x3000_0000u32;
+    r.send(&seg(
+        b,
+        snat,
+        s,
+        c.wrapping_add(1),
+        flags::SYN | flags::ACK,
+        b"",
+    ));
+    // Both sides close.
+    fin_both(
+        &mut r,
+        (client, c.wrapping_add(1 + hl), l.wrapping_add(2)),
+        (b, snat, s.wrapping_add(1)),
+    );
+    assert_eq!(r.dp.splice_stats().active, 1, "the slot lingers");
+    // The same client port, a new connection at once: answered with a cookie, not
+    // translated to the old backend connection.
+    let (out, _) = r.send(&seg(client, vip, 0x0bad_cafe, 0, flags::SYN, b""));
+    let synack = out.expect("a SYN-ACK");
+    assert_eq!((synack.src, synack.dst), (vip, client));
+    assert_eq!(synack.h.flags, flags::SYN | flags::ACK);
+    assert_eq!(synack.h.ack, 0x0bad_cafe + 1);
+    let st = r.dp.splice_stats();
+    assert_eq!((st.reopened, st.active), (1, 0));
+    // And it goes through to a backend as usual.
+    let l2 = synack.h.seq;
+    r.send(&seg(
+        client,
+        vip,
+        0x0bad_caff,
+        l2.wrapping_add(1),
+        flags::ACK,
+        b"",
+    ));
+    let (out, _) = r.send(&seg(
+        client,
+        vip,
+        0x0bad_caff,
+        l2.wrapping_add(1),
+        flags::ACK | flags::PSH,
+        &head,
+    ));
+    let syn2 = out.expect("a SYN to a backend");
+    assert_eq!(syn2.h.flags, flags::SYN);
+    assert_eq!(syn2.h.seq, 0x0bad_cafe);
+    assert_ne!(syn2.src, snat, "a fresh SNAT port");
+}
+
+#[test]
+fn a_full_table_takes_a_closing_slot_but_never_a_live_one() {
+    let mut r = Rig::new(Affinity::None, |s| s.splice_capacity = 2);
+    let vip = sa(VIP);
+    let head = get("api.example", "/");
+    let hl = head.len() as u32;
+    // Two spliced connections fill the table.
+    let mut conns = Vec::new();
+    for port in [47000u16, 47001] {
+        let client = SocketAddr::new(sa("192.0.2.2:1").ip(), port);
+        let (c, l, bsyn) = open(&mut r, client, &head, false);
+        let s = 0x4000_0000u32 + u32::from(port);
+        r.send(&seg(
+            bsyn.dst,
+            bsyn.src,
+            s,
+            c.wrapping_add(1),
+            flags::SYN | flags::ACK,
+            b"",
+        ));
+        conns.push((client, c, l, bsyn, s));
+    }
+    assert_eq!(r.dp.splice_stats().active, 2);
+    // A third client completes its handshake: no slot free, none closing: dropped.
+    let third = sa("192.0.2.9:48000");
+    let (out, _) = r.send(&seg(third, vip, 100, 0, flags::SYN, b""));
+    let l3 = out.unwrap().h.seq;
+    let ack3 = seg(third, vip, 101, l3.wrapping_add(1), flags::ACK, b"");
+    let (_, v) = r.send(&ack3);
+    assert_eq!(v, Verdict::Drop(crate::DropReason::TableFull));
+    assert_eq!(r.dp.splice_stats().table_full, 1);
+    // The first connection closes both ways: its slot lingers, and the third client's next
+    // ACK takes it.
+    let (client, c, l, bsyn, s) = conns[0].clone();
+    fin_both(
+        &mut r,
+        (client, c.wrapping_add(1 + hl), l.wrapping_add(2)),
+        (bsyn.dst, bsyn.src, s.wrapping_add(1)),
+    );
+    let (_, v) = r.send(&ack3);
+    assert_eq!(v, Verdict::Held, "a slot for the third connection");
+    let st = r.dp.splice_stats();
+    assert_eq!((st.reclaimed, st.active, st.table_full), (1, 2, 1));
+    // The second connection is untouched: it still translates.
+    let (client, c, l, bsyn, _) = conns[1].clone();
+    let (out, _) = r.send(&seg(
+        client,
+        vip,
+        c.wrapping_add(1 + hl),
+        l.wrapping_add(1),
+        flags::ACK,
+        b"more",
+    ));
+    let to_b = out.expect("still spliced");
+    assert_eq!((to_b.src, to_b.dst), (bsyn.src, bsyn.dst));
 }

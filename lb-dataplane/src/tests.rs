@@ -734,7 +734,7 @@ use lb_packet::offload::{GsoType, Segmenter, VnetHdr};
 
 /// Makes `pkt` (IPv4 TCP with a full checksum) what a sender with offloads hands over: the
 /// TCP checksum field holds the pseudo-header's sum; returns the header that says so.
-fn offloaded(pkt: &mut [u8], gso: Option<u16>) -> VnetHdr {
+pub(crate) fn offloaded(pkt: &mut [u8], gso: Option<u16>) -> VnetHdr {
     let p = parse(pkt, Link::Ip).unwrap();
     let mut s = [0u8; 4];
     let mut d = [0u8; 4];

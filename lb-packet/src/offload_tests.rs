@@ -293,3 +293,84 @@ proptest! {
         }
     }
 }
+
+/// A TCP super-packet (payload `len`) with a timestamps option and `sack` SACK blocks.
+fn spliceable(v6: bool, len: usize, sack: &[(u32, u32)], ts: (u32, u32)) -> Vec<u8> {
+    let mut s = gso_spec(v6, 6, len);
+    s.tcp_opts = 3 + 1 + 2 * sack.len();
+    let mut pkt = build(&s);
+    let p = parse(&pkt, Link::Ip).unwrap();
+    let mut o = p.l4 + 20;
+    let mut opt = vec![1u8, 1, 8, 10];
+    opt.extend_from_slice(&ts.0.to_be_bytes());
+    opt.extend_from_slice(&ts.1.to_be_bytes());
+    opt.extend_from_slice(&[1, 1, 5, (2 + 8 * sack.len()) as u8]);
+    for (l, r) in sack {
+        opt.extend_from_slice(&l.to_be_bytes());
+        opt.extend_from_slice(&r.to_be_bytes());
+    }
+    for b in opt {
+        pkt[o] = b;
+        o += 1;
+    }
+    recompute(&mut pkt, &p).unwrap();
+    pkt
+}
+
+proptest! {
+    /// A spliced segment's translation (NAT, sequence / acknowledgement / SACK shift, window
+    /// rescale and timestamp shift) done on a partial checksum and completed by the device
+    /// equals the same translation with full-checksum updates; and a translated super-packet
+    /// cuts into valid segments that all carry the translated numbers.
+    #[test]
+    fn partial_splice_translation_equals_full_and_survives_segmentation(
+        v6 in any::<bool>(),
+        len in 1usize..5000,
+        mss in 200u16..1500,
+        sack in proptest::collection::vec(any::<(u32, u32)>(), 0..4),
+        ts in any::<(u32, u32)>(),
+        shift in any::<(u32, u32)>(),
+        opt in any::<(u32, u32)>(),
+        rescale in proptest::option::of((0u8..15, 0u8..15)),
+        (a, b, sp, dp) in any::<(u8, u8, u16, u16)>(),
+    ) {
+        use crate::splice::{translate, translate_partial, SeqShift};
+        use crate::tcpseg::{rewrite_options, rewrite_options_partial, OptionShift};
+        let full = spliceable(v6, len, &sack, ts);
+        let p = parse(&full, Link::Ip).unwrap();
+        let src = Some(SocketAddr::new(addr(v6, a), sp));
+        let dst = Some(SocketAddr::new(addr(v6, b), dp));
+        let sh = SeqShift::new(shift.0, shift.1);
+        let os = OptionShift { tsval: opt.0, tsecr: opt.1, rescale };
+        let mut want = full.clone();
+        rewrite(&mut want, &p, src, dst).unwrap();
+        translate(&mut want, &p, sh).unwrap();
+        rewrite_options(&mut want, &p, os).unwrap();
+        let mut got = full.clone();
+        let mut h = make_partial(&mut got);
+        rewrite_partial(&mut got, &p, src, dst).unwrap();
+        translate_partial(&mut got, &p, sh).unwrap();
+        rewrite_options_partial(&mut got, &p, os).unwrap();
+        let partial = got.clone();
+        complete_csum(&mut got, &h, p.end, false).unwrap();
+        prop_assert_eq!(&got, &want);
+        // As a super-packet: every segment valid, numbers translated in each.
+        h.gso = if v6 { GsoType::TcpV6 } else { GsoType::TcpV4 };
+        h.gso_size = mss;
+        let segs = check_segments(&partial, &h);
+        let rd = |s: &[u8], o: usize| u32::from_be_bytes([s[o], s[o + 1], s[o + 2], s[o + 3]]);
+        let seq0 = rd(&want, p.l4 + 4);
+        for (i, s) in segs.iter().enumerate() {
+            let q = parse(s, Link::Ip).unwrap();
+            prop_assert_eq!(q.key.src_port(), sp);
+            prop_assert_eq!(q.key.dst_port(), dp);
+            prop_assert_eq!(rd(s, q.l4 + 4), seq0.wrapping_add((i * usize::from(mss)) as u32));
+            // Acknowledgement, window and every option byte as in the translated header (PSH
+            // and FIN stay on the last segment only).
+            prop_assert_eq!(&s[q.l4 + 8..q.l4 + 13], &want[p.l4 + 8..p.l4 + 13]);
+            prop_assert_eq!(s[q.l4 + 13] | 0x09, want[p.l4 + 13] | 0x09);
+            prop_assert_eq!(&s[q.l4 + 14..q.l4 + 16], &want[p.l4 + 14..p.l4 + 16]);
+            prop_assert_eq!(&s[q.l4 + 20..q.payload], &want[p.l4 + 20..p.payload]);
+        }
+    }
+}

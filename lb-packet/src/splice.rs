@@ -67,6 +67,29 @@ const MAX_OPTION_BYTES: usize = 40;
 /// [`PacketError::NotApplicable`] unless `p` is TCP with its header present (not a non-first
 /// fragment); [`PacketError::Truncated`] if `p` does not describe `buf`.
 pub fn translate(buf: &mut [u8], p: &Parsed, shift: SeqShift) -> Result<(), PacketError> {
+    translate_csum(buf, p, shift, true)
+}
+
+/// [`translate`] for a segment whose TCP checksum is *partial*
+/// ([`crate::offload::L4Csum::Partial`]: a GSO super-packet, or a packet with `NEEDS_CSUM`):
+/// the checksum field holds the pseudo-header's sum and the device sums the TCP header with
+/// the payload, so the translated numbers need no checksum change and the field is left alone.
+/// A super-packet's segments inherit the translated sequence number (each offset by its
+/// position), acknowledgement and SACK blocks, so one translation serves them all.
+///
+/// # Errors
+/// As [`translate`].
+pub fn translate_partial(buf: &mut [u8], p: &Parsed, shift: SeqShift) -> Result<(), PacketError> {
+    translate_csum(buf, p, shift, false)
+}
+
+#[inline(always)]
+fn translate_csum(
+    buf: &mut [u8],
+    p: &Parsed,
+    shift: SeqShift,
+    fix: bool,
+) -> Result<(), PacketError> {
     if p.proto != IpProto::Tcp || p.fragment == Fragment::NonFirst || p.icmp.is_some() {
         return Err(PacketError::NotApplicable(
             "TCP splicing needs a TCP header",
@@ -112,7 +135,9 @@ pub fn translate(buf: &mut [u8], p: &Parsed, shift: SeqShift) -> Result<(), Pack
             }
         }
     }
-    apply_at(buf, l4 + 16, d, false);
+    if fix {
+        apply_at(buf, l4 + 16, d, false);
+    }
     Ok(())
 }
 

@@ -250,6 +250,30 @@ pub struct OptionShift {
 /// # Errors
 /// As [`read`].
 pub fn rewrite_options(buf: &mut [u8], p: &Parsed, s: OptionShift) -> Result<(), PacketError> {
+    rewrite_options_csum(buf, p, s, true)
+}
+
+/// [`rewrite_options`] for a segment whose TCP checksum is *partial* (the field holds the
+/// pseudo-header's sum, the device sums the header): the field is left alone. The window and
+/// timestamps rewritten in a GSO super-packet's header carry over to every segment.
+///
+/// # Errors
+/// As [`read`].
+pub fn rewrite_options_partial(
+    buf: &mut [u8],
+    p: &Parsed,
+    s: OptionShift,
+) -> Result<(), PacketError> {
+    rewrite_options_csum(buf, p, s, false)
+}
+
+#[inline(always)]
+fn rewrite_options_csum(
+    buf: &mut [u8],
+    p: &Parsed,
+    s: OptionShift,
+    fix: bool,
+) -> Result<(), PacketError> {
     let (h, _) = read(buf, p)?;
     let l4 = p.l4;
     let mut d = Delta::default();
@@ -283,7 +307,9 @@ pub fn rewrite_options(buf: &mut [u8], p: &Parsed, s: OptionShift) -> Result<(),
             }
         }
     }
-    apply_at(buf, l4 + 16, d, false);
+    if fix {
+        apply_at(buf, l4 + 16, d, false);
+    }
     Ok(())
 }
 

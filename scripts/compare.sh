@@ -28,6 +28,9 @@
 #   UDP_RATE  its cap in packets/s (default 0: none)
 #   OUT       directory for the raw results (default: a temporary directory, kept)
 #   PERF      set: a system-wide perf profile of every UDP run through a balancer, under $OUT
+#   RPS       a CPU mask (hex) for lb0's receive packet steering: the kernel's forwarding of the
+#             packets tun-balancer writes then runs in softirq on those CPUs instead of inside
+#             its write() (default: unset, no steering)
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -41,6 +44,7 @@ QUEUES=${QUEUES:-1}
 ROUNDS=${ROUNDS:-1}
 MODES=${MODES:-veth nft haproxy nat dnat tunnel}
 OFFLOAD=${OFFLOAD:-}
+RPS=${RPS:-}
 T=${SECONDS_RUN:-5}
 UDP_SOCKETS=${UDP_SOCKETS:-16}
 UDP_RATE=${UDP_RATE:-0}
@@ -381,6 +385,12 @@ start_lb() { # mode: starts tun-balancer, sets BAL_PID
   ip -n "$L" link show lb0 | grep -q UP || { cat "$WORK/balancer.log" >&2; return 1; }
   ip netns exec "$L" sysctl -qw net.ipv4.conf.lb0.rp_filter=0
   ip -n "$L" link set lb0 txqueuelen 10000
+  if [ -n "$RPS" ]; then
+    local q
+    for q in $(ip netns exec "$L" sh -c 'ls -d /sys/class/net/lb0/queues/rx-*'); do
+      ip netns exec "$L" sh -c "echo $RPS > $q/rps_cpus"
+    done
+  fi
   ip -n "$L" route add "$VIP/32" dev lb0
   ip -n "$L" route add "$SNAT/32" dev lb0
   if [ "$mode" = dnat ]; then
@@ -514,7 +524,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none}; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

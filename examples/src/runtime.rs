@@ -221,6 +221,13 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     } else {
         Link::Ip
     };
+    // The data path's clock: `Instant::ZERO` is now. Its wall-clock reading starts the TCP
+    // timestamps of spliced backend connections (`clock_base_ms`), so that they keep growing
+    // across a restart of this balancer and across a takeover by its peer.
+    let epoch = StdInstant::now();
+    let clock_base_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let opts = DataplaneOptions {
         link,
         key,
@@ -229,9 +236,9 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         snat_ports: cfg.dataplane.snat_ports.clone(),
         removal_log: 0,
         sync_log: if cfg.ha.is_some() { ha::SYNC_LOG } else { 0 },
+        clock_base_ms,
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
-    let epoch = StdInstant::now();
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         epoch,

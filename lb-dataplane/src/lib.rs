@@ -251,6 +251,12 @@ pub struct DataplaneOptions {
     /// without a peer). A sender draining every few milliseconds wants room for a few
     /// milliseconds of new flows at the highest rate expected, e.g. 65 536.
     pub sync_log: usize,
+    /// Milliseconds to add to [`Instant`]s where a clock leaves the process: the TCP
+    /// timestamps of a splice's backend connections count from it. Give the wall clock at
+    /// `Instant::ZERO` in ms since the Unix epoch, so that they keep growing across a restart
+    /// and agree (to the clocks' skew) across a cluster: a backend holding one of the SNAT
+    /// 4-tuples in TIME_WAIT takes a new SYN on it only with a newer timestamp. 0 by default.
+    pub clock_base_ms: u64,
 }
 
 impl DataplaneOptions {
@@ -263,6 +269,7 @@ impl DataplaneOptions {
             snat_ports: SNAT_PORTS,
             removal_log: 0,
             sync_log: 0,
+            clock_base_ms: 0,
         }
     }
 
@@ -404,10 +411,11 @@ impl Dataplane {
             snat_ports,
             removal_log,
             sync_log,
+            clock_base_ms,
         } = opts;
         let (cfg, cfg6) = spec.conntrack_configs();
         // Spliced connections take the top of the SNAT port range (module `splice`).
-        let (splice, snat_ports) = splice::Splicer::new(spec, key, snat_ports);
+        let (splice, snat_ports) = splice::Splicer::new(spec, key, snat_ports, clock_base_ms);
         let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
         let mut ct6 = ConnTable::new(cfg6, key.derive("conntrack6"))?;
         let v4: Vec<IpAddr> = spec

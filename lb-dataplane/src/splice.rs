@@ -296,6 +296,8 @@ pub(crate) struct Splicer {
     cursor: usize,
     /// Where the search for a closing slot to reclaim goes on.
     reclaim_cursor: usize,
+    /// [`crate::DataplaneOptions::clock_base_ms`].
+    clock_base_ms: u64,
     pub(crate) stats: SpliceStats,
 }
 
@@ -353,6 +355,7 @@ impl Splicer {
         spec: &DataplaneSpec,
         key: lb_core::HashKey,
         ports: core::ops::RangeInclusive<u16>,
+        clock_base_ms: u64,
     ) -> (Splicer, core::ops::RangeInclusive<u16>) {
         let svcs: Vec<Svc> = spec
             .services
@@ -410,6 +413,7 @@ impl Splicer {
                 port_base,
                 cursor: 0,
                 reclaim_cursor: 0,
+                clock_base_ms,
                 stats: SpliceStats::default(),
             },
             rest,
@@ -1008,7 +1012,11 @@ impl Splicer {
             // it in TIME_WAIT, where it accepts a new SYN only with a newer TSval (PAWS, RFC
             // 7323 §5; Linux `tcp_timewait_state_process`). Clients' clocks start at random
             // offsets per connection, so half their SYNs would get a bare ACK instead.
-            x.ts_d = (now.as_millis() as u32).wrapping_sub(x.c_tsval);
+            // (The clock counts from `clock_base_ms`, the wall clock at start, so that it also
+            // grows across a restart and agrees across a cluster.)
+            let clock = self.clock_base_ms.wrapping_add(now.as_millis()) as u32;
+            let x = &mut self.slots[s];
+            x.ts_d = clock.wrapping_sub(x.c_tsval);
             return self.syn_to_backend(s, out);
         }
         let seq = self.slots[s].l_isn.wrapping_add(1);

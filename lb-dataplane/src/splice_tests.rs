@@ -29,6 +29,8 @@ struct Rig {
     dp: Dataplane,
     buf: Vec<u8>,
     now: Instant,
+    /// The data path's `clock_base_ms`.
+    clock: u64,
 }
 
 /// A segment as seen on the wire.
@@ -58,6 +60,15 @@ fn rules() -> Vec<SpliceRule> {
 
 impl Rig {
     fn new(affinity: Affinity, edit: impl FnOnce(&mut DataplaneSpec)) -> Rig {
+        Rig::with_clock(affinity, edit, 0)
+    }
+
+    /// [`Rig::new`] with [`DataplaneOptions::clock_base_ms`] set.
+    fn with_clock(
+        affinity: Affinity,
+        edit: impl FnOnce(&mut DataplaneSpec),
+        clock_base_ms: u64,
+    ) -> Rig {
         let mut svc = ServiceSpec::new(sa(VIP), Proto::Tcp, Mode::Nat);
         svc.affinity = affinity;
         svc.splice = Some(SpliceSpec {
@@ -78,12 +89,15 @@ impl Rig {
         edit(&mut spec);
         let key = HashKey::from_bytes([9; 16]);
         let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
-        let dp = Dataplane::new(&spec, cp.build().unwrap(), DataplaneOptions::new(key)).unwrap();
+        let mut opts = DataplaneOptions::new(key);
+        opts.clock_base_ms = clock_base_ms;
+        let dp = Dataplane::new(&spec, cp.build().unwrap(), opts).unwrap();
         Rig {
             cp,
             dp,
             buf: vec![0; 4096],
             now: Instant::from_secs(1_000),
+            clock: clock_base_ms,
         }
     }
 
@@ -214,10 +228,8 @@ fn open(r: &mut Rig, client: SocketAddr, head: &[u8], ts: bool) -> (u32, u32, Se
     assert_eq!(bsyn.o.sack_permitted, ts);
     // The backend connection's TSvals run on the balancer's clock (PAWS on reused SNAT
     // tuples): the client's 778 becomes the balancer's millisecond count.
-    assert_eq!(
-        bsyn.o.timestamps,
-        ts.then_some((r.now.as_millis() as u32, 0))
-    );
+    let clock = (r.clock + r.now.as_millis()) as u32;
+    assert_eq!(bsyn.o.timestamps, ts.then_some((clock, 0)));
     (c, l, bsyn)
 }
 
@@ -1022,4 +1034,36 @@ fn a_full_table_takes_a_closing_slot_but_never_a_live_one() {
     ));
     let to_b = out.expect("still spliced");
     assert_eq!((to_b.src, to_b.dst), (bsyn.src, bsyn.dst));
+}
+
+#[test]
+fn backend_timestamps_count_from_the_clock_base_whatever_the_clients_clock() {
+    // Two balancer processes in a row (a restart, or a takeover by the peer) that reuse a
+    // SNAT 4-tuple: the second one's SYN must carry a newer TSval than the first one's
+    // connection left in the backend's TIME_WAIT, whatever TSvals the clients chose.
+    let head = get("api.example", "/");
+    let client = sa("192.0.2.2:49000");
+    let wall = 1_764_000_000_000u64; // ms since the Unix epoch at the first start
+    let mut first = Rig::with_clock(Affinity::None, |_| {}, wall);
+    let (_, _, a) = open(&mut first, client, &head, true);
+    let ta = a.o.timestamps.unwrap().0;
+    assert_eq!(
+        ta,
+        (wall + first.now.as_millis()) as u32,
+        "the balancer's clock, not the client's 778"
+    );
+    // Restarted 5 s after that connection: its Instant starts again near zero.
+    let restart = wall + first.now.as_millis() + 5_000;
+    let mut second = Rig::with_clock(Affinity::None, |_| {}, restart);
+    second.now = Instant::from_secs(1);
+    let (_, _, b) = open(&mut second, client, &head, true);
+    let tb = b.o.timestamps.unwrap().0;
+    assert_eq!(
+        a.src, b.src,
+        "the same SNAT 4-tuple (the same slot and port)"
+    );
+    assert!(
+        (tb.wrapping_sub(ta) as i32) > 0,
+        "PAWS: {tb} must be newer than {ta}"
+    );
 }

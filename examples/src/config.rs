@@ -28,6 +28,7 @@
 //! icmp_peer_burst = 20
 //! splice_capacity = 4096     # spliced connections per data path (mode "splice"): each takes
 //!                            # up to 8 SNAT ports from the top of the data path's snat_ports
+//!                            # (restart to change it, or to add the first spliced service)
 //! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
 //!                            # a key left out keeps lb-conntrack's default for its states
 //! tcp_established = 900

@@ -670,6 +670,8 @@ fn control(
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
     register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
     let mut last_release = StdInstant::now();
+    // A reloaded configuration's spliced services, waiting for its tables.
+    let mut splice_spec: Option<lb_dataplane::DataplaneSpec> = None;
     while !term.load(Ordering::Acquire) {
         let mut dirty = false;
         let mut reloaded = None;
@@ -693,6 +695,8 @@ fn control(
             match reload(config_path, &cfg, cp) {
                 Ok((new, r)) => {
                     cfg = new;
+                    // Installed with the tables it goes with, below.
+                    splice_spec = Some(cfg.dataplane.clone());
                     register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
                     dirty = true;
                     reloaded = Some(r);
@@ -734,7 +738,14 @@ fn control(
             match cp.build() {
                 Ok(t) => {
                     *sh.labels.lock() = labels(cp);
-                    sh.dp.lock().set_tables(t, now(epoch));
+                    let mut dp = sh.dp.lock();
+                    if let Some(spec) = splice_spec.take() {
+                        // (`reload` refused what set_splice would refuse.)
+                        if let Err(e) = dp.set_splice(&spec) {
+                            tracing::error!("splice services not reloaded: {e}");
+                        }
+                    }
+                    dp.set_tables(t, now(epoch));
                 }
                 Err(e) => tracing::error!("cannot build tables: {e}"),
             }
@@ -836,6 +847,15 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
             "balancer.conntrack_capacity, balancer.snat_addrs and balancer.hash_key need a restart"
                 .into(),
         );
+    }
+    let splices = |c: &Config| c.dataplane.services.iter().any(|s| s.splice.is_some());
+    if splices(&new) && !splices(old) {
+        return Err(
+            "the first spliced service needs a restart (no splice slots were set up)".into(),
+        );
+    }
+    if splices(old) && new.dataplane.splice_capacity != old.dataplane.splice_capacity {
+        return Err("balancer.splice_capacity needs a restart".into());
     }
     let r = cp.apply(new.dataplane.clone()).map_err(|e| e.to_string())?;
     for id in &r.removed {

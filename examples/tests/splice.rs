@@ -613,3 +613,85 @@ fn splice_vs_haproxy() {
     println!("splice: {}", lab.balancer_stats(&t)["splice"]);
     println!("offload: {}", lab.balancer_stats(&t)["offload"]);
 }
+
+#[test]
+fn splice_rules_reload_with_sighup_and_spliced_connections_stay() {
+    if !need_root() || !need_tool("curl") || !need_tool("sha256sum") {
+        return;
+    }
+    let mut lab = Lab::new("sp-reload");
+    let t = setup(&mut lab, "none");
+    let get_id = |lab: &Lab| {
+        curl(lab, &t, &format!("-H 'Host: one.example' http://{VIP4}/id"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.log("balancer")))
+    };
+    assert_eq!(get_id(&lab).trim(), "b1");
+    // A 48 MiB download from b1 at 4 MiB/s (far more than the socket buffers hold), spliced
+    // under the old rule, runs across the reload.
+    let big = lab.dir.join("www-b1").join("big48");
+    lab.sh(
+        &t.backends[0].ns,
+        &format!("head -c {} /dev/urandom > {}", 48 << 20, big.display()),
+    );
+    let want = lab.sh(&t.backends[0].ns, &format!("sha256sum < {}", big.display()));
+    let got_file = lab.dir.join("slow.sha");
+    lab.spawn(
+        &t.client,
+        "slow",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "curl -sS --max-time 30 --limit-rate 4M -H 'Host: one.example' http://{VIP4}/big48 \
+                 | sha256sum > {}",
+                got_file.display()
+            ),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // one.example now goes to b3.
+    let cfg = config("none").replace("[\"198.51.100.11:8080\"]", "[\"198.51.100.13:8080\"]");
+    assert_ne!(cfg, config("none"));
+    lab.write("balancer.toml", &cfg);
+    lab.signal("balancer", "HUP");
+    let reloaded = lab.wait_for(Duration::from_secs(5), || {
+        lab.log("balancer")
+            .contains("configuration reloaded")
+            .then_some(())
+    });
+    assert!(reloaded.is_some(), "{}", lab.log("balancer"));
+    for _ in 0..10 {
+        assert_eq!(
+            get_id(&lab).trim(),
+            "b3",
+            "new connections follow the new rule"
+        );
+    }
+    let t0 = std::time::Instant::now();
+    assert_eq!(lab.wait_exit("slow", Duration::from_secs(30)), Some(0));
+    let after = t0.elapsed();
+    println!("the download ended {after:?} after the reload checks");
+    assert!(
+        after > Duration::from_millis(500),
+        "the download did not outlast the reload ({after:?})"
+    );
+    let got = std::fs::read_to_string(&got_file).unwrap_or_default();
+    assert_eq!(
+        got.trim(),
+        want.trim(),
+        "the download spliced before the reload arrived whole"
+    );
+    // A reload that would need new slots is refused, and the running rules stay.
+    lab.write(
+        "balancer.toml",
+        &cfg.replace("splice_capacity = 4096", "splice_capacity = 8192"),
+    );
+    lab.signal("balancer", "HUP");
+    let rejected = lab.wait_for(Duration::from_secs(5), || {
+        lab.log("balancer")
+            .contains("splice_capacity needs a restart")
+            .then_some(())
+    });
+    assert!(rejected.is_some(), "{}", lab.log("balancer"));
+    assert_eq!(get_id(&lab).trim(), "b3");
+}

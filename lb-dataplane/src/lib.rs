@@ -143,7 +143,7 @@ pub use spec::{
     SchedulerKind, ServiceSpec, SpliceRule, SpliceSpec, TunnelKind, UnknownName, UnknownScheduler,
     MAX_SPLICE_HEAD,
 };
-pub use splice::{SpliceStats, OUR_WSCALE};
+pub use splice::{SpliceReloadError, SpliceStats, OUR_WSCALE};
 pub use stats::{BackendStats, DropReason, Stats, TableStats, SESSION_STATS_BACKENDS};
 pub use sync::{SyncApplied, SyncChange, SyncCursor};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
@@ -327,6 +327,8 @@ pub struct Dataplane {
     released: Vec<bool>,
     /// Layer-5 splicing (module `splice`).
     splice: splice::Splicer,
+    /// The `splice_capacity` the splice slots were built for (a reload may not change it).
+    splice_capacity: usize,
 }
 
 #[inline]
@@ -463,6 +465,7 @@ impl Dataplane {
             ),
             released: Vec::new(),
             splice,
+            splice_capacity: spec.splice_capacity,
         };
         dp.set_tables(tables, Instant::ZERO);
         Ok(dp)
@@ -509,6 +512,19 @@ impl Dataplane {
         self.stats.backend_ids_in_use = in_use;
         self.stats.backend_ids_retired = retired;
         self.tables = tables;
+    }
+
+    /// Installs the spliced services of a reloaded configuration (control path: allocates):
+    /// host/path rules, affinity and limits change for new connections, a new spliced VIP is
+    /// served, a removed one takes no new connection while its spliced connections run on.
+    /// Call it with the tables of the same configuration ([`Dataplane::set_tables`]), under
+    /// the same lock.
+    ///
+    /// # Errors
+    /// [`SpliceReloadError`] when the change needs a new data path: the first spliced service
+    /// of a data path built without one, or another `splice_capacity`. Nothing changes then.
+    pub fn set_splice(&mut self, spec: &DataplaneSpec) -> Result<(), SpliceReloadError> {
+        self.splice.reconfigure(spec, self.splice_capacity)
     }
 
     /// Retired backends (removed from the configuration, `live == false` in the tables in

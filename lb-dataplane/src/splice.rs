@@ -278,6 +278,42 @@ struct Svc {
     spec: SpliceSpec,
     /// Lower-cased rule hosts.
     hosts: Vec<Option<Vec<u8>>>,
+    /// Still configured: a service a reload removed keeps its entry (its slots refer to it by
+    /// index) but takes no new connection.
+    live: bool,
+}
+
+impl Svc {
+    fn of(s: &crate::ServiceSpec) -> Option<Svc> {
+        if s.proto != Proto::Tcp {
+            return None;
+        }
+        let sp = s.splice.clone()?;
+        Some(Svc {
+            vip: s.vip,
+            affinity: s.affinity,
+            hosts: sp
+                .rules
+                .iter()
+                .map(|r| r.host.as_ref().map(|h| h.to_ascii_lowercase().into_bytes()))
+                .collect(),
+            spec: sp,
+            live: true,
+        })
+    }
+}
+
+/// Why a reloaded configuration's splice services cannot be installed in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpliceReloadError {
+    /// The data path was built without a spliced service, so it holds no slots and no SNAT
+    /// ports for them.
+    #[error("the first spliced service needs a restart (no splice slots were set up)")]
+    NoSlots,
+    /// `splice_capacity` changed (the slot pool and its SNAT ports are fixed).
+    #[error("balancer.splice_capacity needs a restart")]
+    Capacity,
 }
 
 /// The splice path's state: fixed pools, built once.
@@ -357,24 +393,7 @@ impl Splicer {
         ports: core::ops::RangeInclusive<u16>,
         clock_base_ms: u64,
     ) -> (Splicer, core::ops::RangeInclusive<u16>) {
-        let svcs: Vec<Svc> = spec
-            .services
-            .iter()
-            .filter(|s| s.proto == Proto::Tcp)
-            .filter_map(|s| {
-                let sp = s.splice.clone()?;
-                Some(Svc {
-                    vip: s.vip,
-                    affinity: s.affinity,
-                    hosts: sp
-                        .rules
-                        .iter()
-                        .map(|r| r.host.as_ref().map(|h| h.to_ascii_lowercase().into_bytes()))
-                        .collect(),
-                    spec: sp,
-                })
-            })
-            .collect();
+        let svcs: Vec<Svc> = spec.services.iter().filter_map(Svc::of).collect();
         let (lo, hi) = (*ports.start(), *ports.end());
         let span = usize::from(hi.saturating_sub(lo));
         let cap = if svcs.is_empty() {
@@ -382,11 +401,9 @@ impl Splicer {
         } else {
             spec.splice_capacity.min(span / 2).min(u16::MAX as usize)
         };
-        let head_max = svcs
-            .iter()
-            .map(|s| s.spec.head_max.min(MAX_SPLICE_HEAD))
-            .max()
-            .unwrap_or(0);
+        // Room for the largest head any service may hold, so that a reload can raise a
+        // service's `head_max` (MAX_SPLICE_HEAD bytes per slot: 5.6 MiB for 4 096 slots).
+        let head_max = if svcs.is_empty() { 0 } else { MAX_SPLICE_HEAD };
         // Each slot owns `ports_per_slot` ports and moves to the next one each time it is
         // reused, so that a 4-tuple comes back only after many connections (a backend that
         // closed first holds the last one in TIME_WAIT and may answer a new SYN on it with an
@@ -426,8 +443,34 @@ impl Splicer {
         !self.slots.is_empty()
     }
 
-    fn svc_of(&self, vip: SocketAddr) -> Option<usize> {
-        self.svcs.iter().position(|s| s.vip == vip)
+    /// Installs a reloaded configuration's spliced services: rules, affinity and limits of a
+    /// service that stays (by VIP) change for new connections, a new one is added, a removed
+    /// one takes no new connection while its spliced ones run on under the old settings.
+    pub(crate) fn reconfigure(
+        &mut self,
+        spec: &DataplaneSpec,
+        capacity: usize,
+    ) -> Result<(), SpliceReloadError> {
+        let new: Vec<Svc> = spec.services.iter().filter_map(Svc::of).collect();
+        if new.is_empty() && self.slots.is_empty() {
+            return Ok(());
+        }
+        if self.slots.is_empty() {
+            return Err(SpliceReloadError::NoSlots);
+        }
+        if spec.splice_capacity != capacity {
+            return Err(SpliceReloadError::Capacity);
+        }
+        for s in &mut self.svcs {
+            s.live = false;
+        }
+        for n in new {
+            match self.svcs.iter_mut().find(|s| s.vip == n.vip) {
+                Some(s) => *s = n,
+                None => self.svcs.push(n),
+            }
+        }
+        Ok(())
     }
 
     // ---- index ----
@@ -683,9 +726,12 @@ impl Splicer {
         now: Instant,
         csum: L4Csum,
     ) -> Option<Verdict> {
-        let si = self.svc_of(svc_vip)?;
+        // A service a reload stopped splicing (not `live`) still carries its spliced
+        // connections; anything else to it is the tables' business.
+        let si = self.svcs.iter().position(|s| s.vip == svc_vip)?;
+        let live = self.svcs[si].live;
         if p.proto != IpProto::Tcp || p.link != Link::Ip {
-            return Some(Verdict::Drop(DropReason::RewriteFailed));
+            return live.then_some(Verdict::Drop(DropReason::RewriteFailed));
         }
         let pkt = buf.get_mut(start..end)?;
         let Ok((h, o)) = tcpseg::read(pkt, p) else {
@@ -708,6 +754,9 @@ impl Splicer {
             }
         }
         let Some(s) = found else {
+            if !live {
+                return None;
+            }
             if partial {
                 return Some(Verdict::Segment);
             }

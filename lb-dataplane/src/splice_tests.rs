@@ -31,6 +31,8 @@ struct Rig {
     now: Instant,
     /// The data path's `clock_base_ms`.
     clock: u64,
+    /// The configuration it was built from.
+    spec: DataplaneSpec,
 }
 
 /// A segment as seen on the wire.
@@ -98,6 +100,7 @@ impl Rig {
             buf: vec![0; 4096],
             now: Instant::from_secs(1_000),
             clock: clock_base_ms,
+            spec,
         }
     }
 
@@ -1065,5 +1068,78 @@ fn backend_timestamps_count_from_the_clock_base_whatever_the_clients_clock() {
     assert!(
         (tb.wrapping_sub(ta) as i32) > 0,
         "PAWS: {tb} must be newer than {ta}"
+    );
+}
+
+#[test]
+fn a_reload_changes_rules_for_new_connections_and_keeps_spliced_ones() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let vip = sa(VIP);
+    let head = get("api.example", "/");
+    let hl = head.len() as u32;
+    // A connection spliced under the old rule (api.example -> b1).
+    let client = sa("192.0.2.2:50000");
+    let (c, l, bsyn) = open(&mut r, client, &head, false);
+    assert_eq!(bsyn.dst, sa(BACKENDS[0]));
+    let s = 0x5000_0000u32;
+    r.send(&backend_synack(&bsyn, s, c, 0));
+    // The rule now sends api.example to b3.
+    let mut spec = r.spec.clone();
+    spec.services[0].splice.as_mut().unwrap().rules[0].backends = vec![sa(BACKENDS[2])];
+    r.dp.set_splice(&spec).unwrap();
+    let (_, _, syn) = open(&mut r, sa("192.0.2.2:50001"), &head, false);
+    assert_eq!(
+        syn.dst,
+        sa(BACKENDS[2]),
+        "new connections follow the new rule"
+    );
+    let more = seg(
+        client,
+        vip,
+        c.wrapping_add(1 + hl),
+        l.wrapping_add(1),
+        flags::ACK,
+        b"more",
+    );
+    let (out, _) = r.send(&more);
+    assert_eq!(out.expect("still spliced").dst, sa(BACKENDS[0]));
+    // The service stops splicing: a new SYN is not answered with a cookie any more (it is
+    // the tables' business now), the spliced connection runs on.
+    spec.services[0].splice = None;
+    r.dp.set_splice(&spec).unwrap();
+    let sent = r.dp.splice_stats().cookies_sent;
+    let (out, _) = r.send(&seg(sa("192.0.2.2:50002"), vip, 9, 0, flags::SYN, b""));
+    assert!(
+        out.as_ref().is_none_or(|o| o.src != vip),
+        "no cookie SYN-ACK: {out:?}"
+    );
+    assert_eq!(r.dp.splice_stats().cookies_sent, sent);
+    let (out, _) = r.send(&more);
+    assert_eq!(out.expect("still spliced").dst, sa(BACKENDS[0]));
+    // Back again: the VIP's entry is reused.
+    r.dp.set_splice(&r.spec.clone()).unwrap();
+    let (_, _, syn) = open(&mut r, sa("192.0.2.2:50003"), &head, false);
+    assert_eq!(syn.dst, sa(BACKENDS[0]));
+}
+
+#[test]
+fn a_reload_that_needs_new_slots_is_refused() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let mut spec = r.spec.clone();
+    spec.splice_capacity *= 2;
+    assert_eq!(
+        r.dp.set_splice(&spec),
+        Err(crate::SpliceReloadError::Capacity)
+    );
+    // A data path built without a spliced service has no slots to splice with.
+    let mut plain = r.spec.clone();
+    plain.services[0].splice = None;
+    let key = HashKey::from_bytes([9; 16]);
+    let mut cp = ControlPlane::new(plain.clone(), key).unwrap();
+    let mut dp = Dataplane::new(&plain, cp.build().unwrap(), DataplaneOptions::new(key)).unwrap();
+    assert_eq!(dp.set_splice(&plain), Ok(()));
+    assert_eq!(
+        dp.set_splice(&r.spec),
+        Err(crate::SpliceReloadError::NoSlots)
     );
 }

@@ -209,14 +209,10 @@ fn nat_reload_removes_a_backend_without_breaking_flows() {
         .v4
         .to_string();
     // A bad configuration is rejected and the running one kept.
-    lab.write("balancer.toml", "[balancer]\ndevice = \"lb0\"\nbogus = 1\n");
-    lab.signal("balancer", "HUP");
-    let rejected = lab.wait_for(Duration::from_secs(5), || {
-        lab.log("balancer")
-            .contains("reload rejected")
-            .then_some(())
-    });
-    assert!(rejected.is_some(), "{}", lab.log("balancer"));
+    lab.reload_balancer(
+        "[balancer]\ndevice = \"lb0\"\nbogus = 1\n",
+        "reload rejected",
+    );
     assert!(
         lab.log("balancer").contains("bogus"),
         "the error names the field"
@@ -233,14 +229,7 @@ fn nat_reload_removes_a_backend_without_breaking_flows() {
         "",
         1,
     );
-    lab.write("balancer.toml", &cfg);
-    lab.signal("balancer", "HUP");
-    let reloaded = lab.wait_for(Duration::from_secs(5), || {
-        lab.log("balancer")
-            .contains("configuration reloaded")
-            .then_some(())
-    });
-    assert!(reloaded.is_some(), "{}", lab.log("balancer"));
+    lab.reload_balancer(&cfg, "configuration reloaded");
     let got = lab
         .curl_many(&t.client, &format!("http://{VIP4}/id"), 60)
         .unwrap();

@@ -652,14 +652,7 @@ fn splice_rules_reload_with_sighup_and_spliced_connections_stay() {
     // one.example now goes to b3.
     let cfg = config("none").replace("[\"198.51.100.11:8080\"]", "[\"198.51.100.13:8080\"]");
     assert_ne!(cfg, config("none"));
-    lab.write("balancer.toml", &cfg);
-    lab.signal("balancer", "HUP");
-    let reloaded = lab.wait_for(Duration::from_secs(5), || {
-        lab.log("balancer")
-            .contains("configuration reloaded")
-            .then_some(())
-    });
-    assert!(reloaded.is_some(), "{}", lab.log("balancer"));
+    lab.reload_balancer(&cfg, "configuration reloaded");
     for _ in 0..10 {
         assert_eq!(
             get_id(&lab).trim(),
@@ -682,16 +675,9 @@ fn splice_rules_reload_with_sighup_and_spliced_connections_stay() {
         "the download spliced before the reload arrived whole"
     );
     // A reload that would need new slots is refused, and the running rules stay.
-    lab.write(
-        "balancer.toml",
+    lab.reload_balancer(
         &cfg.replace("splice_capacity = 4096", "splice_capacity = 8192"),
+        "splice_capacity needs a restart",
     );
-    lab.signal("balancer", "HUP");
-    let rejected = lab.wait_for(Duration::from_secs(5), || {
-        lab.log("balancer")
-            .contains("splice_capacity needs a restart")
-            .then_some(())
-    });
-    assert!(rejected.is_some(), "{}", lab.log("balancer"));
     assert_eq!(get_id(&lab).trim(), "b3");
 }

@@ -555,6 +555,22 @@ impl Lab {
         }
     }
 
+    /// Writes a new `balancer.toml`, sends the balancer SIGHUP and waits (5 s) for its log to
+    /// show `needle` ("configuration reloaded", "reload rejected", a refusal's message);
+    /// panics with the log otherwise.
+    pub fn reload_balancer(&self, config: &str, needle: &str) {
+        self.write("balancer.toml", config);
+        self.signal("balancer", "HUP");
+        let seen = self.wait_for(Duration::from_secs(5), || {
+            self.log("balancer").contains(needle).then_some(())
+        });
+        assert!(
+            seen.is_some(),
+            "no {needle:?} in the log: {}",
+            self.log("balancer")
+        );
+    }
+
     /// The balancer's statistics (JSON served on 127.0.0.1:9100 inside its namespace).
     pub fn balancer_stats(&self, t: &Topo) -> serde_json::Value {
         let out = self

@@ -120,6 +120,17 @@ impl Shared {
                     "# HELP lb_tx_errors_total Writes to the device that failed.\n# TYPE lb_tx_errors_total counter\nlb_tx_errors_total {}\n",
                     self.tx_errors.load(Ordering::Relaxed)
                 ));
+                // The splice path's counters (the same names as in the JSON's "splice").
+                for (k, x) in splice.pairs() {
+                    let (name, kind) = if k == "active" {
+                        ("lb_splice_active".to_owned(), "gauge")
+                    } else {
+                        (format!("lb_splice_{k}_total"), "counter")
+                    };
+                    o.push_str(&format!(
+                        "# HELP {name} Splice: {k}.\n# TYPE {name} {kind}\n{name} {x}\n"
+                    ));
+                }
                 o
             }
         }

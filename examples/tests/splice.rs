@@ -660,6 +660,18 @@ fn splice_rules_reload_with_sighup_and_spliced_connections_stay() {
             "new connections follow the new rule"
         );
     }
+    // The splice counters in Prometheus text too.
+    let metrics = lab.sh(
+        &t.balancer,
+        "curl -sS --max-time 3 http://127.0.0.1:9100/metrics",
+    );
+    let spliced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_splice_spliced_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lb_splice_spliced_total in {metrics}"));
+    assert!(spliced >= 12, "{spliced} spliced connections counted");
+    assert!(metrics.contains("# TYPE lb_splice_active gauge"));
     let t0 = std::time::Instant::now();
     assert_eq!(lab.wait_exit("slow", Duration::from_secs(30)), Some(0));
     let after = t0.elapsed();

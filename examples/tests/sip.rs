@@ -701,9 +701,16 @@ fn call_id_spray_sheds_the_spray_not_live_calls() {
 /// Issue 18, item 1 on the SIP path: spoofed UDP datagrams at the SIP VIP (`hping3 --flood
 /// --rand-source --udp`, every datagram from a new source, so a new `nat` flow holding an SNAT
 /// port of its backend until it times out unanswered) empty the backends' SNAT pools, held to
-/// 1 024 ports each, within a second. 100 sipp calls placed meanwhile all complete: a new flow
+/// 4 096 ports each, within a second. 100 sipp calls placed meanwhile all complete: a new flow
 /// of an empty pool takes the port of that pool's oldest unconfirmed (never answered) flow.
 /// The flooder is held to 15 % of a core, as in `flood.rs`.
+///
+/// The pool size bounds how long a call's INVITE flow survives unanswered: it becomes its
+/// pool's oldest unconfirmed flow after one pool's worth of flood flows, ~100 000 a second
+/// here. With 1 024 ports that was ~30 ms, and a UAS answer queued in the TUN device behind
+/// thousands of flood datagrams sometimes came later (a fresh-clone CI run: 4 calls of 100
+/// failed); 4 096 ports give it ~120 ms. (An answer later than that loses the flow, and the
+/// call its first transaction's retransmission: the price of reclaiming under a flood.)
 #[test]
 fn spoofed_udp_flood_does_not_lock_calls_out_of_snat_ports() {
     if !tools() || !need_tool("hping3") {
@@ -711,7 +718,7 @@ fn spoofed_udp_flood_does_not_lock_calls_out_of_snat_ports() {
     }
     let config = sip_config(Fam::V4, "maglev", "sip-call-id").replace(
         "conntrack_capacity = 65536\n",
-        "conntrack_capacity = 65536\nsnat_ports = \"40000-41023\"\n",
+        "conntrack_capacity = 65536\nsnat_ports = \"40000-44095\"\n",
     );
     let mut s = SipLab::new("sipflood", Fam::V4);
     let t = s.t.clone();

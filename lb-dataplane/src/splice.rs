@@ -11,8 +11,9 @@
 //!                         SYN (seq c, client's options) ──────▶
 //!                                      ◀────────────────────── SYN-ACK (s, ack c+1)
 //!                         ACK + held head (seq c+1)    ──────▶
-//!   then every segment: addresses NATed, client→backend ack += s−lc (and SACK, TSecr),
-//!   backend→client seq += lc−s (and TSval, window rescaled to the client's scale).
+//!   then every segment: addresses NATed, client→backend ack += s−lc (and SACK, TSecr;
+//!   TSval moved onto the balancer's clock), backend→client seq += lc−s (and TSval into our
+//!   clock, TSecr back to the client's, window rescaled to the client's scale).
 //! ```
 //!
 //! - **No state before the ACK**: the SYN-ACK's ISN is a SYN cookie
@@ -21,8 +22,11 @@
 //!   client's ISN, so client → backend sequence numbers are never rewritten; only
 //!   acknowledgements (and SACK blocks, and TSecr) are.
 //! - **Options** towards the backend are exactly the client's (MSS rounded down to the
-//!   cookie's table, window scale, SACK permitted, its timestamp clock), so the backend never
-//!   uses one the client did not offer. Towards the client the balancer offers its own MSS,
+//!   cookie's table, window scale, SACK permitted, timestamps), so the backend never uses one
+//!   the client did not offer. The backend connection's TSvals run on the balancer's
+//!   millisecond clock ([`crate::DataplaneOptions::clock_base_ms`] + now), not the client's
+//!   (which starts at a random offset per connection): a backend accepts a SYN on a 4-tuple it
+//!   holds in TIME_WAIT only with a newer TSval (PAWS). Towards the client the balancer offers its own MSS,
 //!   window scale [`OUR_WSCALE`], SACK and timestamps, each only if the client offered it; the
 //!   backend's window is rescaled from its scale to ours, its TSval moved into our clock.
 //!   Window scale and SACK survive the cookie only with timestamps (as in Linux).
@@ -31,7 +35,14 @@
 //!   owns up to 8 SNAT ports (`port = base + round × capacity + slot`, the next round each
 //!   time the slot is reused, free slots reused oldest first), so a backend's packet finds its
 //!   slot by destination port without a lookup, and a 4-tuple a backend may still hold in
-//!   TIME_WAIT does not come back soon. Held heads live in the slot's fixed buffer.
+//!   TIME_WAIT does not come back soon. Held heads live in the slot's fixed buffer. A slot
+//!   lingers 2 s after both FINs or an RST; when none is free a closing one is reclaimed
+//!   (never a live one), and a bare SYN on a closing slot's 4-tuple opens a new connection.
+//! - **Offloads**: GSO super-packets and partial checksums are translated whole once spliced
+//!   (the checksum field left to the device); before that the splice answers
+//!   [`Verdict::Segment`] and reads plain packets.
+//! - **Reload**: [`crate::Dataplane::set_splice`] changes rules, affinity and limits for new
+//!   connections; the pool itself is fixed at start.
 //! - **Failures**: no complete head within the timeout: the slot is freed (counted); a head
 //!   larger than the limit or not HTTP/1.x / SIP: RST to the client (counted); a backend's
 //!   RST or silence to the SYN: the next eligible backend, then RST to the client; a backend

@@ -31,6 +31,9 @@
 #   RPS       a CPU mask (hex) for lb0's receive packet steering: the kernel's forwarding of the
 #             packets tun-balancer writes then runs in softirq on those CPUs instead of inside
 #             its write() (default: unset, no steering)
+#   GRO       set: GRO with UDP GRO forwarding on the balancer's ingress veth (c1), so the kernel
+#             hands a TUN with USO one super-packet per flow and NAPI poll instead of each
+#             datagram (default: unset, the veth's defaults)
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -45,6 +48,7 @@ ROUNDS=${ROUNDS:-1}
 MODES=${MODES:-veth nft haproxy nat dnat tunnel}
 OFFLOAD=${OFFLOAD:-}
 RPS=${RPS:-}
+GRO=${GRO:-}
 T=${SECONDS_RUN:-5}
 UDP_SOCKETS=${UDP_SOCKETS:-16}
 UDP_RATE=${UDP_RATE:-0}
@@ -146,6 +150,9 @@ topology() { # the standard topology of examples/tests/common (IPv4 only)
     ip -n "$ns" addr add "198.51.100.1$i/24" dev e0 && ip -n "$ns" link set e0 up
     ip -n "$ns" route add default via 198.51.100.1
   done
+  if [ -n "$GRO" ]; then
+    ip netns exec "$L" ethtool -K c1 gro on rx-udp-gro-forwarding on >/dev/null
+  fi
   ip netns exec "$L" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
   # Every mode alike: a wide ephemeral port range and TIME_WAIT reuse for whoever opens the
   # connections (the client; HAProxy towards the backends).
@@ -502,6 +509,7 @@ PY
     udp_run "$VIP" "${B[@]}"
     c1=$(bal_cpu)
     r1=$(lb_rx) d1=$(tun_drops)
+    [ -n "$BAL_PID" ] && ip netns exec "$L" curl -s --max-time 3 http://127.0.0.1:9100/ > "$OUT/stats-udp-$mode-$rnd.json" 2>/dev/null || true
     udp=$UDP_JSON
     udp_bal=$(ticks_to_s $((c1 - c0)))
     # tun-balancer: packets it read and packets the kernel dropped because its TUN queue was full.
@@ -524,7 +532,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none}; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off}; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

@@ -26,6 +26,10 @@
 //! icmp_burst = 50            # their burst (defaults: Linux's icmp_msgs_per_sec / _burst; 0 0: none)
 //! icmp_peer_rate = 100       # the same per destination address (at most the global ones)
 //! icmp_peer_burst = 20
+//! frag_capacity = 4096       # IP datagrams whose fragments may be in flight at once (a later
+//!                            # fragment follows its first's decision; 0: drop every fragment;
+//!                            # at most 1048576, 112 bytes each)
+//! frag_timeout_ms = 5000     # a datagram's later fragments are forwarded this long after its first
 //! splice_capacity = 4096     # spliced connections per data path (mode "splice"): each takes
 //!                            # up to 8 SNAT ports from the top of the data path's snat_ports
 //!                            # (restart to change it, or to add the first spliced service)
@@ -145,7 +149,8 @@ use lb_core::{Duration, HashKey, Weight};
 use lb_conntrack::{FlowState, TcpState, MAX_CAPACITY};
 use lb_dataplane::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, OutlierSpec, Proto,
-    SchedulerKind, ServiceSpec, SpecError, SpliceRule, SpliceSpec, TunnelKind, MAX_SPLICE_HEAD,
+    SchedulerKind, ServiceSpec, SpecError, SpliceRule, SpliceSpec, TunnelKind, MAX_FRAG_CAPACITY,
+    MAX_SPLICE_HEAD,
 };
 use lb_dataplane::{IcmpLimit, MAX_ICMP_RATE};
 
@@ -464,6 +469,8 @@ struct RawBalancer {
     icmp_peer_rate: Option<Spanned<u64>>,
     icmp_peer_burst: Option<Spanned<u64>>,
     splice_capacity: Option<Spanned<u64>>,
+    frag_capacity: Option<Spanned<u64>>,
+    frag_timeout_ms: Option<Spanned<u64>>,
     timeouts: Option<Spanned<RawTimeouts>>,
 }
 
@@ -696,6 +703,18 @@ impl Validator<'_> {
             (1, 32_768),
             spec.splice_capacity as u64,
         )? as usize;
+        spec.frag_capacity = self.opt_int(
+            &b.frag_capacity,
+            "balancer.frag_capacity",
+            (0, MAX_FRAG_CAPACITY as u64),
+            spec.frag_capacity as u64,
+        )? as usize;
+        spec.frag_timeout = Duration::from_millis(self.opt_int(
+            &b.frag_timeout_ms,
+            "balancer.frag_timeout_ms",
+            (1, 600_000),
+            u64::try_from(spec.frag_timeout.as_millis()).unwrap_or(600_000),
+        )?);
         let icmp = [
             (&b.icmp_rate, "balancer.icmp_rate", spec.icmp.global.rate),
             (&b.icmp_burst, "balancer.icmp_burst", spec.icmp.global.burst),
@@ -2079,6 +2098,22 @@ addr = "[2001:db8:51::11]:53"
         );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn fragment_table_keys_parse_and_are_checked() {
+        let bal = "stats = \"127.0.0.1:9100\"";
+        let d = Config::parse(GOOD, "t.toml").unwrap().dataplane;
+        assert_eq!(d.frag_capacity, lb_dataplane::FRAG_CAPACITY);
+        assert_eq!(d.frag_timeout, lb_dataplane::FRAG_TIMEOUT);
+        let t = with(bal, "frag_capacity = 0\nfrag_timeout_ms = 1500");
+        let c = Config::parse(&t, "t.toml").unwrap().dataplane;
+        assert_eq!(c.frag_capacity, 0);
+        assert_eq!(c.frag_timeout, Duration::from_millis(1500));
+        let t = with(bal, "frag_capacity = 1048577");
+        fails_at(&t, "frag_capacity", "balancer.frag_capacity");
+        let t = with(bal, "frag_timeout_ms = 0");
+        fails_at(&t, "frag_timeout_ms", "balancer.frag_timeout_ms");
     }
 
     #[test]

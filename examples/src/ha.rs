@@ -819,7 +819,8 @@ impl<'a> Ha<'a> {
             self.counters.gaps += 1;
             tracing::debug!(peer = %from, missing = g, "ha: sync gap");
         }
-        let n = (r.message.records.len() + r.message.templates.len()) as u64;
+        let n =
+            (r.message.records.len() + r.message.templates.len() + r.message.splices.len()) as u64;
         self.counters.received += n;
         if n > 0 {
             // Active-active: the last writer wins (a flow's owner is the node its packets reach).
@@ -827,7 +828,8 @@ impl<'a> Ha<'a> {
             match self.lock_dp(Duration::from_millis(20)) {
                 Some(mut dp) => {
                     let a = dp.apply_sync(&r.message, t, merge);
-                    self.counters.installed += a.installed + a.updated + a.templates + a.deleted;
+                    self.counters.installed +=
+                        a.installed + a.updated + a.templates + a.deleted + a.splices;
                     self.counters.refused += a.refused;
                 }
                 // The data path held the lock for 20 ms (stuck): these records are lost here;
@@ -1101,7 +1103,10 @@ impl<'a> Ha<'a> {
         self.templates.clear();
         let mut refresh_records = Vec::new();
         let mut refresh_templates = Vec::new();
-        // Each peer's dump chunk of this tick: (peer, records, templates, whether it ended).
+        // Spliced connections: what changed, and the refresh pass's (sent when it starts).
+        let mut splices = Vec::new();
+        // Each peer's dump chunk of this tick: (peer, records, templates, splices, whether
+        // it ended); a dump's spliced connections go with its first chunk.
         let mut dump_chunks = Vec::new();
         // Who streams its flows: the master of a pair; every node of an active-active group
         // but a faulty one.
@@ -1130,9 +1135,13 @@ impl<'a> Ha<'a> {
                 &mut self.records,
                 &mut self.templates,
             );
-            lost = dp.stats().sync_lost;
+            dp.splice_sync_drain(t, &mut splices);
+            lost = dp.stats().sync_lost + dp.splice_stats().sync_lost;
             if master {
                 if let Some((c, since)) = self.refresh {
+                    if c == SyncCursor::START {
+                        dp.splice_sync_export(Some(since), t, &mut splices);
+                    }
                     let next = dp.sync_export(
                         c,
                         EXPORT_CHUNK,
@@ -1146,9 +1155,12 @@ impl<'a> Ha<'a> {
             }
             for (i, d) in self.dumps.iter_mut().enumerate() {
                 let Some(cursor) = *d else { continue };
-                let (mut records, mut templates) = (Vec::new(), Vec::new());
+                let (mut records, mut templates, mut spl) = (Vec::new(), Vec::new(), Vec::new());
+                if cursor == SyncCursor::START {
+                    dp.splice_sync_export(None, t, &mut spl);
+                }
                 *d = dp.sync_export(cursor, EXPORT_CHUNK, None, t, &mut records, &mut templates);
-                dump_chunks.push((i, records, templates, d.is_none()));
+                dump_chunks.push((i, records, templates, spl, d.is_none()));
             }
         }
         if lost > self.lost_seen {
@@ -1166,12 +1178,15 @@ impl<'a> Ha<'a> {
             // streamed; a master that heals asks for them with a bulk request.
             self.records.clear();
             self.templates.clear();
+            splices.clear();
         }
         let records = std::mem::take(&mut self.records);
         let templates = std::mem::take(&mut self.templates);
-        self.counters.sent +=
-            (records.len() + templates.len() + refresh_records.len() + refresh_templates.len())
-                as u64;
+        self.counters.sent += (records.len()
+            + templates.len()
+            + refresh_records.len()
+            + refresh_templates.len()
+            + splices.len()) as u64;
         // The same records to every peer, each on its own stream (sequence and MAC per peer).
         for i in 0..self.cfg.peers.len() {
             let Some(tx) = self.tx.get_mut(i) else {
@@ -1180,23 +1195,25 @@ impl<'a> Ha<'a> {
             self.out.clear();
             tx.encode_items(&records, &templates, 0, &mut self.out);
             tx.encode_items(&refresh_records, &refresh_templates, 0, &mut self.out);
+            tx.encode_splices(&splices, 0, &mut self.out);
             self.send_out(i);
         }
         self.records = records;
         self.templates = templates;
         // Each dump goes to the peer that asked (or, after a loss, to each peer) on its stream.
-        for (i, records, templates, ended) in dump_chunks {
+        for (i, records, templates, spl, ended) in dump_chunks {
             let Some(tx) = self.tx.get_mut(i) else {
                 continue;
             };
             self.out.clear();
             tx.encode_items(&records, &templates, FLAG_BULK, &mut self.out);
+            tx.encode_splices(&spl, FLAG_BULK, &mut self.out);
             if ended {
                 self.out.push(tx.bulk_end());
                 self.counters.bulk_sent += 1;
                 tracing::info!(peer = ?self.cfg.peers.get(i), "ha: bulk sync sent");
             }
-            self.counters.sent += (records.len() + templates.len()) as u64;
+            self.counters.sent += (records.len() + templates.len() + spl.len()) as u64;
             self.send_out(i);
         }
     }

@@ -5,6 +5,10 @@
 //!   sees a reply and nothing but its flow entry ties a flow to its backend. A flow the new
 //!   master does not know is scheduled again (a mid-stream ACK joins as a new flow, as IPVS'
 //!   sloppy TCP does) and, if it lands on another backend, that backend resets it.
+//! - Mode `splice` (TCP; UDP in `nat`): the balancer opened each backend connection itself
+//!   and translates sequence numbers and timestamps; a node that does not know a spliced
+//!   connection's offsets cannot forward a byte of it (its mid-stream segments fail the SYN
+//!   cookie check and are dropped), whichever backend it would pick.
 //! - SIP with `affinity = "sip-call-id"` (mode `nat`): nothing but the call's Call-ID binding
 //!   ties the messages of a call to the UAS that took its INVITE.
 //!
@@ -24,7 +28,8 @@
 //! SIP call.
 //!
 //! Run: `cargo test -p lb-examples --test ha_modes -- --nocapture` (root; the tests of this
-//! file run one at a time: about 13 s for each mode test, 20 s for each SIP test, 95 s in all).
+//! file run one at a time: about 13 s for each mode test, 20 s for each SIP test, 120 s in
+//! all).
 #![allow(missing_docs)]
 
 mod common;
@@ -275,6 +280,13 @@ fn kill_master_under_workload(tag: &str, mode: &str, sync: Sync) -> (HaLab, Kill
     let w = Workload::start(&mut h, &wopts);
     std::thread::sleep(BEFORE_KILL);
     let installed_before = h.ha(2).map_or(0, |s| sync_counter(&s, "installed"));
+    if mode == "splice" {
+        println!(
+            "splice: node 1 {:?}; node 2 {:?} (before the kill)",
+            splice_counters(&h, 1),
+            splice_counters(&h, 2)
+        );
+    }
     assert_healthy_now(&h, 1, "before the kill");
     assert_healthy_now(&h, 2, "before the kill");
     let kill = h.kill_balancer(1);
@@ -398,6 +410,19 @@ fn assert_flows_lost(h: &HaLab, run: &KillRun) {
     );
 }
 
+/// Node `node`'s splice counters that tell a spliced connection's fate: (spliced here,
+/// installed from the peer, translated towards the client).
+fn splice_counters(h: &HaLab, node: u8) -> (u64, u64, u64) {
+    let s = h.stats(node).and_then(|s| s.get("splice").cloned());
+    let get = |k: &str| {
+        s.as_ref()
+            .and_then(|s| s.get(k))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    (get("spliced"), get("synced_in"), get("to_client"))
+}
+
 fn tools() -> bool {
     need_root() && need_tool("curl") && need_tool("nft")
 }
@@ -414,6 +439,20 @@ fn kill_test(tag: &str, mode: &str, sync: Sync) {
     match sync {
         Sync::On => assert_flows_kept(&h, &run, WorkloadOpts::default().downloads),
         Sync::Defeated => assert_flows_lost(&h, &run),
+    }
+    if mode == "splice" {
+        // The downloads' connections were spliced by node 1; node 2 spliced none of them but
+        // translated them after the takeover from what the sync installed (or, defeated,
+        // installed nothing).
+        let (_, synced_in, to_client) = splice_counters(&h, 2);
+        println!("{label}: node 2 installed {synced_in} spliced connections, translated {to_client} segments to clients");
+        match sync {
+            Sync::On => assert!(
+                synced_in >= WorkloadOpts::default().downloads as u64 && to_client > 0,
+                "node 2: {synced_in} spliced connections installed, {to_client} segments translated"
+            ),
+            Sync::Defeated => assert_eq!(synced_in, 0),
+        }
     }
     drop(h);
     println!("{label}: {:.1} s", t0.elapsed().as_secs_f64());
@@ -433,6 +472,22 @@ fn tunnel_kill_master_without_sync_flows_move() {
         return;
     }
     kill_test("hmtunx", "tunnel", Sync::Defeated);
+}
+
+#[test]
+fn splice_kill_master_spliced_downloads_go_on() {
+    if !tools() {
+        return;
+    }
+    kill_test("hmspl", "splice", Sync::On);
+}
+
+#[test]
+fn splice_kill_master_without_sync_spliced_downloads_break() {
+    if !tools() {
+        return;
+    }
+    kill_test("hmsplx", "splice", Sync::Defeated);
 }
 
 #[test]

@@ -17,8 +17,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
 use lb_conntrack::sync::{
-    apply, apply_record, apply_template, decode, seal, MessageKind, RecordOp, SyncError,
-    SyncMessage, SyncReceiver, SyncRecord, SyncSender, TemplateRecord, HEADER_LEN, MAC_LEN,
+    apply, apply_record, apply_template, decode, seal, MessageKind, RecordOp, SpliceRecord,
+    SyncError, SyncMessage, SyncReceiver, SyncRecord, SyncSender, TemplateRecord, HEADER_LEN,
+    MAC_LEN,
 };
 use lb_conntrack::{
     Config, ConnTable, FlowState, Service, SnatPool, TcpState, TemplateKey, MAX_TIMEOUT,
@@ -184,6 +185,55 @@ fn template(u: &mut Unstructured<'_>) -> Result<TemplateRecord> {
     })
 }
 
+/// A splice record of arbitrary values (within what the wire allows).
+fn splice(u: &mut Unstructured<'_>) -> Result<SpliceRecord> {
+    let v6: bool = u.arbitrary()?;
+    let key = if v6 {
+        FlowKey::v6(
+            u.arbitrary::<u128>()?.into(),
+            u.arbitrary()?,
+            u.arbitrary::<u128>()?.into(),
+            u.arbitrary()?,
+            IpProto::Tcp,
+        )
+    } else {
+        FlowKey::v4(
+            u.arbitrary::<u32>()?.into(),
+            u.arbitrary()?,
+            u.arbitrary::<u32>()?.into(),
+            u.arbitrary()?,
+            IpProto::Tcp,
+        )
+    };
+    if u.arbitrary()? {
+        return Ok(SpliceRecord::delete(key));
+    }
+    let snat_v6 = u.arbitrary()?;
+    let ws = |u: &mut Unstructured<'_>| -> Result<Option<u8>> {
+        Ok(if u.arbitrary()? {
+            Some(u.int_in_range(0..=14)?)
+        } else {
+            None
+        })
+    };
+    Ok(SpliceRecord {
+        delete: false,
+        key,
+        backend: BackendId(u.arbitrary()?),
+        backend_tag: u.arbitrary()?,
+        snat: std::net::SocketAddr::new(addr(u, snat_v6)?, u.arbitrary()?),
+        remaining_ms: millis(u)?,
+        local_isn: u.arbitrary()?,
+        backend_isn: u.arbitrary()?,
+        client_ts0: u.arbitrary()?,
+        backend_ts0: u.arbitrary()?,
+        ts_shift: u.arbitrary()?,
+        client_wscale: ws(u)?,
+        backend_wscale: ws(u)?,
+        flags: u.int_in_range(0..=31)?,
+    })
+}
+
 /// Records and templates built from `data` survive encode → decode, in MTU-sized messages.
 fn structured(data: &[u8]) -> Result<()> {
     let mut u = Unstructured::new(data);
@@ -195,12 +245,16 @@ fn structured(data: &[u8]) -> Result<()> {
     let templates: Vec<TemplateRecord> = (0..u.int_in_range(0..=8)?)
         .map(|_| template(&mut u))
         .collect::<Result<_>>()?;
+    let splices: Vec<SpliceRecord> = (0..u.int_in_range(0..=8)?)
+        .map(|_| splice(&mut u))
+        .collect::<Result<_>>()?;
     let echo: u64 = u.arbitrary()?;
     let mut tx = SyncSender::new(2, 3, KEY, mtu).unwrap();
     tx.set_echo(echo);
     let mut out = Vec::new();
     tx.encode_items(&records, &templates, flags, &mut out);
-    let (mut got, mut got_t) = (Vec::new(), Vec::new());
+    tx.encode_splices(&splices, flags, &mut out);
+    let (mut got, mut got_t, mut got_s) = (Vec::new(), Vec::new(), Vec::new());
     for m in &out {
         assert!(m.len() <= mtu);
         let d = decode(m, &KEY).unwrap();
@@ -208,9 +262,11 @@ fn structured(data: &[u8]) -> Result<()> {
         assert_eq!(d.header.challenge, echo);
         got.extend(d.records);
         got_t.extend(d.templates);
+        got_s.extend(d.splices);
     }
     assert_eq!(got, records);
     assert_eq!(got_t, templates);
+    assert_eq!(got_s, splices);
     Ok(())
 }
 
@@ -243,20 +299,30 @@ fuzz_target!(|data: &[u8]| {
         assert!(rx.receive(&sealed).is_err());
         let msg = &r.message;
         let len: usize = msg.records.iter().map(|x| x.encoded_len()).sum::<usize>()
-            + msg.templates.iter().map(|x| x.encoded_len()).sum::<usize>();
+            + msg.templates.iter().map(|x| x.encoded_len()).sum::<usize>()
+            + msg.splices.iter().map(|x| x.encoded_len()).sum::<usize>();
         assert_eq!(HEADER_LEN + len + MAC_LEN, sealed.len());
-        let empty = msg.records.is_empty() && msg.templates.is_empty();
+        let empty = msg.records.is_empty() && msg.templates.is_empty() && msg.splices.is_empty();
         if msg.header.kind == MessageKind::Records && !empty {
             let mut tx = SyncSender::new(1, 1, KEY, 65_507).unwrap();
             let mut out = Vec::new();
             tx.encode_items(&msg.records, &msg.templates, msg.header.flags, &mut out);
-            let mut back = (Vec::new(), Vec::new());
+            tx.encode_splices(&msg.splices, msg.header.flags, &mut out);
+            let mut back = (Vec::new(), Vec::new(), Vec::new());
             for m in &out {
                 let d = decode(m, &KEY).unwrap();
                 back.0.extend(d.records);
                 back.1.extend(d.templates);
+                back.2.extend(d.splices);
             }
-            assert_eq!(back, (msg.records.clone(), msg.templates.clone()));
+            assert_eq!(
+                back,
+                (
+                    msg.records.clone(),
+                    msg.templates.clone(),
+                    msg.splices.clone()
+                )
+            );
             apply_and_drain(msg);
         }
     }

@@ -417,7 +417,8 @@ impl Dataplane {
         } = opts;
         let (cfg, cfg6) = spec.conntrack_configs();
         // Spliced connections take the top of the SNAT port range (module `splice`).
-        let (splice, snat_ports) = splice::Splicer::new(spec, key, snat_ports, clock_base_ms);
+        let (mut splice, snat_ports) = splice::Splicer::new(spec, key, snat_ports, clock_base_ms);
+        splice.log_cap = sync_log;
         let mut ct4 = ConnTable::new(cfg, key.derive("conntrack4"))?;
         let mut ct6 = ConnTable::new(cfg6, key.derive("conntrack6"))?;
         let v4: Vec<IpAddr> = spec

@@ -41,6 +41,9 @@
 //! - **Offloads**: GSO super-packets and partial checksums are translated whole once spliced
 //!   (the checksum field left to the device); before that the splice answers
 //!   [`Verdict::Segment`] and reads plain packets.
+//! - **Sync**: spliced connections go to a backup as splice records (module `sync`,
+//!   [`crate::Dataplane::splice_sync_drain`], [`crate::Dataplane::splice_sync_export`]); the
+//!   backup puts each in the slot its SNAT port names and translates it after a takeover.
 //! - **Reload**: [`crate::Dataplane::set_splice`] changes rules, affinity and limits for new
 //!   connections; the pool itself is fixed at start.
 //! - **Failures**: no complete head within the timeout: the slot is freed (counted); a head
@@ -120,13 +123,21 @@ pub struct SpliceStats {
     /// GSO super-packets (either way) translated whole, their partial checksums left to the
     /// device: the splice's share of the TUN offloads.
     pub gso_translated: u64,
+    /// Spliced connections installed or refreshed from a peer's sync records.
+    pub synced_in: u64,
+    /// Peer splice records refused (no such spliced service or backend here, a SNAT port
+    /// outside this node's slots).
+    pub sync_refused: u64,
+    /// Changes not logged for the sync sender because its log was full (the embedder then
+    /// sends a bulk dump).
+    pub sync_lost: u64,
     /// Slots in use now.
     pub active: u64,
 }
 
 impl SpliceStats {
     /// Every counter with its name (for the stats endpoint).
-    pub fn pairs(&self) -> [(&'static str, u64); 18] {
+    pub fn pairs(&self) -> [(&'static str, u64); 21] {
         [
             ("cookies_sent", self.cookies_sent),
             ("cookies_ok", self.cookies_ok),
@@ -145,6 +156,9 @@ impl SpliceStats {
             ("to_client", self.to_client),
             ("reopened", self.reopened),
             ("gso_translated", self.gso_translated),
+            ("synced_in", self.synced_in),
+            ("sync_refused", self.sync_refused),
+            ("sync_lost", self.sync_lost),
             ("active", self.active),
         ]
     }
@@ -345,6 +359,10 @@ pub(crate) struct Splicer {
     reclaim_cursor: usize,
     /// [`crate::DataplaneOptions::clock_base_ms`].
     clock_base_ms: u64,
+    /// Keys of spliced connections that changed, for the sync sender (module `sync`), at
+    /// most `log_cap` (0: no sync).
+    log: std::collections::VecDeque<FlowKey>,
+    pub(crate) log_cap: usize,
     pub(crate) stats: SpliceStats,
 }
 
@@ -442,6 +460,8 @@ impl Splicer {
                 cursor: 0,
                 reclaim_cursor: 0,
                 clock_base_ms,
+                log: std::collections::VecDeque::new(),
+                log_cap: 0,
                 stats: SpliceStats::default(),
             },
             rest,
@@ -574,6 +594,12 @@ impl Splicer {
     fn release(&mut self, s: usize) {
         if self.slots[s].state == State::Free {
             return;
+        }
+        if matches!(
+            self.slots[s].state,
+            State::Sent | State::Spliced | State::Closing
+        ) {
+            self.log(s);
         }
         self.index_remove(s);
         self.slots[s].state = State::Free;
@@ -801,6 +827,7 @@ impl Splicer {
             State::Connecting => Some(Verdict::Held),
             State::Sent | State::Spliced | State::Closing => {
                 let x = &mut self.slots[s];
+                let was = (x.fin_c, x.state);
                 if h.flags & flags::FIN != 0 {
                     x.fin_c = true;
                 }
@@ -810,6 +837,9 @@ impl Splicer {
                 if x.fin_c && x.fin_s && x.state == State::Spliced {
                     x.state = State::Closing;
                     x.deadline = now + LINGER;
+                }
+                if was != (x.fin_c, x.state) {
+                    self.log(s);
                 }
                 let _ = (payload, client);
                 Some(self.translate_to_backend(buf, start, end, p, s, tables, partial))
@@ -1129,6 +1159,7 @@ impl Splicer {
         } else {
             x.state = State::Closing;
             x.deadline = now + LINGER;
+            self.log(s);
         }
     }
 
@@ -1210,6 +1241,7 @@ impl Splicer {
                 let done = x.c_isn.wrapping_add(1).wrapping_add(u32::from(x.head_len));
                 let idle = self.svcs[usize::from(x.svc)].spec.idle_timeout;
                 let x = &mut self.slots[s];
+                let was = (x.fin_s, x.state);
                 if x.state == State::Sent && h.flags & flags::ACK != 0 && seq_ge(h.ack, done) {
                     x.state = State::Spliced;
                     x.deadline = now + idle;
@@ -1224,6 +1256,10 @@ impl Splicer {
                 {
                     x.state = State::Closing;
                     x.deadline = now + LINGER;
+                }
+                if was != (x.fin_s, x.state) {
+                    // Spliced (the backup can take it from here), half or fully closed.
+                    self.log(s);
                 }
                 let pkt = buf.get_mut(start..end)?;
                 if !rewrite_spliced(pkt, p, (vip, client), sp, ts, partial) {
@@ -1396,6 +1432,9 @@ impl crate::Dataplane {
         self.splice.stats
     }
 }
+
+#[path = "splice_sync.rs"]
+mod sync;
 
 #[cfg(test)]
 #[path = "splice_tests.rs"]

@@ -93,6 +93,7 @@ impl Rig {
         let mut cp = ControlPlane::new(spec.clone(), key).unwrap();
         let mut opts = DataplaneOptions::new(key);
         opts.clock_base_ms = clock_base_ms;
+        opts.sync_log = 1024;
         let dp = Dataplane::new(&spec, cp.build().unwrap(), opts).unwrap();
         Rig {
             cp,
@@ -1143,3 +1144,6 @@ fn a_reload_that_needs_new_slots_is_refused() {
         Err(crate::SpliceReloadError::NoSlots)
     );
 }
+
+#[path = "splice_sync_tests.rs"]
+mod sync_tests;

@@ -9,6 +9,10 @@
 //! - a flow left a table, for any reason but a sync delete (the removal stream);
 //! - a persistence template or SIP Call-ID binding was written.
 //!
+//! Spliced TCP connections have their own log and records (`splice_sync.rs`:
+//! [`Dataplane::splice_sync_drain`], [`Dataplane::splice_sync_export`]); [`Dataplane::apply_sync`]
+//! installs both.
+//!
 //! The embedder's sync thread calls [`Dataplane::sync_drain`] every few milliseconds: each key
 //! is looked up once, *then*, so several changes of one flow between two drains become one
 //! record with the flow's latest state and remaining timeout. A flow's NAT tuple travels with
@@ -78,6 +82,8 @@ pub struct SyncApplied {
     pub refused: u64,
     /// Records left alone (merge mode: the entry exists; a delete of an absent entry).
     pub ignored: u64,
+    /// Spliced connections installed, refreshed or deleted.
+    pub splices: u64,
 }
 
 impl SyncApplied {
@@ -359,13 +365,16 @@ impl Dataplane {
             let ct = self.ct_for_template_mut(&t.key);
             out.add(apply_template(ct, t, now, merge), true);
         }
+        for x in &msg.splices {
+            self.apply_splice(x, now, merge, &mut out);
+        }
         out
     }
 
     /// The backend a record names here: the one with its tag if it has one (a record names
     /// backends by tag because ids may differ between peers; `None`, counted as refused, when
     /// no single backend here has the tag), else the id as sent.
-    fn local_backend(
+    pub(crate) fn local_backend(
         &mut self,
         id: lb_core::BackendId,
         tag: Option<u32>,
@@ -383,7 +392,7 @@ impl Dataplane {
     }
 
     /// Whether `id` is a retired backend [`Dataplane::release_retired`] reported free.
-    fn is_released(&self, id: lb_core::BackendId) -> bool {
+    pub(crate) fn is_released(&self, id: lb_core::BackendId) -> bool {
         self.released.get(id.get() as usize) == Some(&true)
     }
 

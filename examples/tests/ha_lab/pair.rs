@@ -45,7 +45,7 @@ impl HaLab {
     /// node's `back0` turned into a bridge (the veth renamed `bk0` becomes its port) that the
     /// balancer's TAP device joins once it exists.
     pub fn prepare_mode(&mut self, mode: &str) {
-        if mode == "nat" {
+        if mode == "nat" || mode == "splice" {
             return;
         }
         for b in self.backends.clone() {
@@ -315,19 +315,19 @@ fn sip_service(mode: &str, opts: &PairOpts) -> String {
 }
 
 /// The tun-balancer configuration of node `node` in `mode` (`nat`: SNAT [`SNAT4`] / [`SNAT6`],
-/// backends `:8080`; `tunnel`: GUE to the VIP's port; `dr`: TAP `lb0` with [`dr_mac`]): TCP
+/// backends `:8080`; `splice`: the same, with the TCP service spliced; `tunnel`: GUE to the VIP's port; `dr`: TAP `lb0` with [`dr_mac`]): TCP
 /// VIP:80 and UDP VIP:7000 ([`PairOpts::scheduler`], HTTP and UDP health checks) per family,
 /// the [`PairOpts::sip`] service if asked, device `lb0`, stats on 127.0.0.1:9100, the shared
 /// [`HASH_KEY`], then [`ha_section`].
 pub fn pair_config(node: u8, mode: &str, opts: &PairOpts) -> String {
     let mut c = String::from("[balancer]\ndevice = \"lb0\"\n");
     match mode {
-        "nat" => c.push_str(&format!("snat_addrs = [\"{SNAT4}\", \"{SNAT6}\"]\n")),
+        "nat" | "splice" => c.push_str(&format!("snat_addrs = [\"{SNAT4}\", \"{SNAT6}\"]\n")),
         "tunnel" => c.push_str(&format!(
             "snat_addrs = [\"{SNAT4}\", \"{SNAT6}\"]\nmtu = 1500\n"
         )),
         "dr" => c.push_str(&format!("mac = \"{}\"\n", dr_mac(node))),
-        _ => panic!("mode {mode}: nat, tunnel or dr"),
+        _ => panic!("mode {mode}: nat, splice, tunnel or dr"),
     }
     c.push_str(&format!(
         "conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\nhash_key = \"{HASH_KEY}\"\n"
@@ -340,7 +340,16 @@ pub fn pair_config(node: u8, mode: &str, opts: &PairOpts) -> String {
             format!("[{VIP6}]")
         };
         for (proto, port, bport) in [("tcp", 80, 8080), ("udp", UDP_PORT, UDP_PORT)] {
-            let bport = if mode == "nat" { bport } else { 0 };
+            let bport = if mode == "nat" || mode == "splice" {
+                bport
+            } else {
+                0
+            };
+            // "splice": the TCP service is spliced, the UDP one NATed.
+            let mode = match (mode, proto) {
+                ("splice", "udp") => "nat",
+                (m, _) => m,
+            };
             c.push_str(&format!(
                 "\n[[service]]\nvip = \"{vip}:{port}\"\nproto = \"{proto}\"\nmode = \"{mode}\"\n\
                  scheduler = \"{}\"\n",

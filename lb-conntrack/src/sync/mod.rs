@@ -20,7 +20,12 @@
 //!   after a takeover no new flow is given it) and the persistence prefix of the client
 //!   template the flow pins (the backup pins it too);
 //! - persistence templates ([`TemplateRecord`]): client-affinity templates and affinity-key
-//!   bindings such as SIP Call-IDs, with their backend, remaining time and idle timeout.
+//!   bindings such as SIP Call-IDs, with their backend, remaining time and idle timeout;
+//! - spliced TCP connections ([`SpliceRecord`]): a connection the balancer bound late and
+//!   splices (lb-dataplane's splice path), with its backend, SNAT address and port, and the
+//!   sequence-number, timestamp and window-scale offsets of its translation
+//!   ([`SyncSender::encode_splices`]); this crate only carries them, the splice path
+//!   installs them.
 //!
 //! [`apply`] installs a message's records with their remaining timeouts (backup mode);
 //! [`apply_record`] and [`apply_template`] apply one record each and say what changed
@@ -85,7 +90,8 @@ mod wire;
 
 pub use apply::{apply, apply_record, apply_template, Applied, ApplyReport};
 pub use wire::{
-    decode, seal, MessageKind, Received, RecordOp, SyncError, SyncHeader, SyncMessage,
-    SyncReceiver, SyncRecord, SyncSender, TemplateRecord, FLAG_BULK, FLAG_BULK_END, HEADER_LEN,
-    MAC_LEN, MIN_MTU, SYNC_VERSION,
+    decode, seal, MessageKind, Received, RecordOp, SpliceRecord, SyncError, SyncHeader,
+    SyncMessage, SyncReceiver, SyncRecord, SyncSender, TemplateRecord, FLAG_BULK, FLAG_BULK_END,
+    HEADER_LEN, MAC_LEN, MIN_MTU, SPLICE_CLOSING, SPLICE_FIN_BACKEND, SPLICE_FIN_CLIENT,
+    SPLICE_SACK, SPLICE_TS, SYNC_VERSION,
 };

@@ -3,7 +3,7 @@
 //! ```text
 //! header (31 bytes)
 //!   0  magic "LC"            2
-//!   2  version (3)           1
+//!   2  version (4)           1
 //!   3  kind (1 records, 2 resync request)
 //!   4  flags (bit 0: bulk dump, bit 1: last message of a bulk dump)
 //!   5  sender id             4   big-endian
@@ -11,7 +11,7 @@
 //!  13  sequence number       8
 //!  21  challenge             8   resync request: the requester's nonce; records: the nonce the
 //!                                destination last sent this sender in a request (0: none)
-//!  29  item count            2   connection and template records
+//!  29  item count            2   connection, template and splice records
 //! connection records, each
 //!   0  op (bits 0-2: 1 new, 2 update, 3 delete) | 0x08 backend tag | 0x10 persistence prefix
 //!      | 0x20 reply tuple is IPv6 | 0x40 key is IPv6 | 0x80 has reply tuple
@@ -37,11 +37,26 @@
 //!      idle timeout, ms       4
 //!      client template: prefix length 1, client address 4 or 16;
 //!      affinity template: affinity key 8
+//! splice records (spliced TCP connections), each
+//!   0  op (bits 0-2: 6 upsert, 7 delete) | 0x10 backend tag | 0x20 SNAT address is IPv6
+//!      | 0x40 key is IPv6 (a delete carries the key only)
+//!   1  protocol (TCP)         1
+//!   2  source port, destination port            2 + 2
+//!   6  source, destination address              4 + 4 or 16 + 16
+//!      backend id             4
+//!      [backend tag           4]
+//!      remaining timeout, ms  4
+//!      SNAT port, address     2 + 4 or 16
+//!      balancer's ISN, backend's ISN            4 + 4
+//!      client's first TSval, backend's first TSval, TSval shift to the backend   4 + 4 + 4
+//!      client's window scale, backend's window scale (0xff: none)                1 + 1
+//!      flags (timestamps, SACK, client FIN, backend FIN, closing)               1
 //! MAC (16 bytes): SipHash-2-4-128 under the sync key over everything before it
 //! ```
 //!
-//! Connection records come first in a message, then template records. Reserved bits must be
-//! zero, and a template's client address must have no bit set beyond its prefix.
+//! Connection records come first in a message, then template records, then splice records.
+//! Reserved bits must be zero, and a template's client address must have no bit set beyond
+//! its prefix.
 //!
 //! # Freshness after a restart
 //!
@@ -70,13 +85,17 @@ use lb_core::{BackendId, FlowKey, HashKey, Instant, IpProto};
 use crate::entry::EntryInfo;
 use crate::timeout::{FlowState, MAX_TIMEOUT};
 
+mod splice;
 mod template;
 
+pub use splice::{
+    SpliceRecord, SPLICE_CLOSING, SPLICE_FIN_BACKEND, SPLICE_FIN_CLIENT, SPLICE_SACK, SPLICE_TS,
+};
 pub use template::TemplateRecord;
 
 /// The wire version this crate speaks (2: template records, persistence prefixes, bulk end;
-/// 3: the challenge field, freshness after a restart).
-pub const SYNC_VERSION: u8 = 3;
+/// 3: the challenge field, freshness after a restart; 4: splice records).
+pub const SYNC_VERSION: u8 = 4;
 /// Header flag: the message is part of a bulk dump (an answer to a resync request).
 pub const FLAG_BULK: u8 = 1;
 /// Header flag: the last message of a bulk dump (sent with [`FLAG_BULK`], by
@@ -87,10 +106,11 @@ pub const HEADER_LEN: usize = 31;
 /// MAC length in bytes.
 pub const MAC_LEN: usize = lb_core::mac::TAG_LEN;
 const MAGIC: [u8; 2] = *b"LC";
-/// The longest record: IPv6, with a backend tag, a persistence prefix and an IPv6 reply tuple.
-const MAX_RECORD_LEN: usize = 88;
-/// The shortest item (an IPv4 connection record without options).
-const MIN_ITEM_LEN: usize = 23;
+/// The longest record: a splice record with an IPv6 key, a backend tag and an IPv6 SNAT
+/// address (a connection record is at most 88 bytes).
+const MAX_RECORD_LEN: usize = 91;
+/// The shortest item (the delete of an IPv4 splice record).
+const MIN_ITEM_LEN: usize = 14;
 /// Smallest MTU accepted by [`SyncSender::new`]: room for one record of any kind.
 pub const MIN_MTU: usize = HEADER_LEN + MAC_LEN + MAX_RECORD_LEN;
 /// Peers a receiver tracks.
@@ -130,6 +150,10 @@ pub enum SyncError {
     /// set beyond its prefix.
     #[error("bad persistence prefix {0}")]
     Prefix(u8),
+    /// A splice record with a field out of range (its protocol is not TCP, a window scale
+    /// above 14, unknown flags): the offending byte.
+    #[error("bad splice record field {0}")]
+    Splice(u8),
     /// Bytes left over after the declared records.
     #[error("{0} trailing bytes")]
     Trailing(usize),
@@ -331,6 +355,8 @@ pub struct SyncMessage {
     pub records: Vec<SyncRecord>,
     /// The template records (empty for a resync request).
     pub templates: Vec<TemplateRecord>,
+    /// The splice records (empty for a resync request).
+    pub splices: Vec<SpliceRecord>,
 }
 
 /// The tag of a message body: lb-core's keyed MAC, shared with the heartbeat.
@@ -449,11 +475,20 @@ impl SyncSender {
         flags: u8,
         out: &mut Vec<Vec<u8>>,
     ) {
-        let mut cur: Option<(Vec<u8>, u16)> = None;
         let items = records
             .iter()
             .map(Item::Record)
             .chain(templates.iter().map(Item::Template));
+        self.encode_list(items, flags, out);
+    }
+
+    fn encode_list<'a>(
+        &mut self,
+        items: impl Iterator<Item = Item<'a>>,
+        flags: u8,
+        out: &mut Vec<Vec<u8>>,
+    ) {
+        let mut cur: Option<(Vec<u8>, u16)> = None;
         for item in items {
             let need = item.encoded_len();
             if let Some((m, n)) = cur.take() {
@@ -472,6 +507,12 @@ impl SyncSender {
         if let Some((m, n)) = cur {
             out.push(self.finish(m, n));
         }
+    }
+
+    /// Encodes splice records into as few messages as fit the MTU, each with header flags
+    /// `flags`, appended to `out` (nothing when `splices` is empty).
+    pub fn encode_splices(&mut self, splices: &[SpliceRecord], flags: u8, out: &mut Vec<Vec<u8>>) {
+        self.encode_list(splices.iter().map(Item::Splice), flags, out);
     }
 
     /// The end of a bulk dump: an empty records message flagged [`FLAG_BULK`] and
@@ -494,6 +535,7 @@ impl SyncSender {
 enum Item<'a> {
     Record(&'a SyncRecord),
     Template(&'a TemplateRecord),
+    Splice(&'a SpliceRecord),
 }
 
 impl Item<'_> {
@@ -501,6 +543,7 @@ impl Item<'_> {
         match self {
             Item::Record(r) => r.encoded_len(),
             Item::Template(t) => t.encoded_len(),
+            Item::Splice(x) => x.encoded_len(),
         }
     }
 
@@ -508,6 +551,7 @@ impl Item<'_> {
         match self {
             Item::Record(r) => r.encode(out),
             Item::Template(t) => t.encode(out),
+            Item::Splice(x) => x.encode(out),
         }
     }
 }
@@ -621,16 +665,21 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
         seq,
         challenge,
     };
-    // Every item is at least 23 bytes: bound the allocation by what the message can hold.
+    // Every item is at least MIN_ITEM_LEN bytes: bound the allocation by what the message can
+    // hold.
     let cap = usize::from(count).min(body.len() / MIN_ITEM_LEN);
     let mut records = Vec::with_capacity(cap);
     let mut templates = Vec::new();
+    let mut splices = Vec::new();
     for _ in 0..count {
         let opb = r.u8()?;
         match opb & 0x07 {
-            // Connection records come first.
-            1..=3 if templates.is_empty() => records.push(decode_record(&mut r, opb)?),
-            4 | 5 => templates.push(template::decode(&mut r, opb)?),
+            // Connection records come first, then templates, then splices.
+            1..=3 if templates.is_empty() && splices.is_empty() => {
+                records.push(decode_record(&mut r, opb)?)
+            }
+            4 | 5 if splices.is_empty() => templates.push(template::decode(&mut r, opb)?),
+            6 | 7 => splices.push(splice::decode(&mut r, opb)?),
             _ => return Err(SyncError::Op(opb)),
         }
     }
@@ -645,6 +694,7 @@ pub fn decode(bytes: &[u8], key: &HashKey) -> Result<SyncMessage, SyncError> {
         header,
         records,
         templates,
+        splices,
     })
 }
 

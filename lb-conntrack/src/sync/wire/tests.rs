@@ -7,6 +7,7 @@ use crate::tcp_state::TcpState;
 use crate::{Config, ConnTable, NewFlow, Packet, TcpFlags};
 use lb_core::Duration;
 use proptest::prelude::*;
+use std::net::SocketAddr;
 
 const K: HashKey = HashKey::from_bytes(*b"sync-mac-key-016");
 
@@ -216,7 +217,8 @@ fn sizes() {
         nat: Some(rec(1, true, false).key),
         ..rec(1, true, false)
     };
-    assert_eq!(largest.encoded_len(), MAX_RECORD_LEN);
+    // (A splice record can be longer: splice_record_lengths_and_the_largest_fits_the_smallest_mtu.)
+    assert_eq!(largest.encoded_len(), 88);
     assert!(SyncSender::new(1, 1, K, MIN_MTU).is_ok());
     assert!(SyncSender::new(1, 1, K, MIN_MTU - 1).is_err());
     let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
@@ -309,8 +311,12 @@ fn bad_values_behind_a_valid_mac_are_rejected() {
     };
     // Connection record: op values, reserved bit, v6 reply flag without a reply tuple.
     let body = body_of(&[rec(1, false, false)], &[]);
-    for op in [0u8, 6, 7, 0x20 | 1] {
+    for op in [0u8, 0x20 | 1] {
         assert_eq!(edit(&body, at, op), Err(SyncError::Op(op)), "op {op:#x}");
+    }
+    // Ops 6 and 7 are splice records: this body is no valid one.
+    for op in [6u8, 7] {
+        assert!(edit(&body, at, op).is_err(), "op {op:#x}");
     }
     assert_eq!(edit(&body, at + 1, 13), Err(SyncError::State(13)));
     // Remaining timeout above the maximum (bytes 15..19 of an IPv4 record).
@@ -744,5 +750,145 @@ proptest! {
             last = b;
         }
         let _ = Duration::ZERO;
+    }
+}
+
+fn arb_splice() -> impl Strategy<Value = SpliceRecord> {
+    (
+        (any::<bool>(), any::<u32>(), any::<bool>(), any::<bool>()),
+        (any::<u32>(), proptest::option::of(any::<u32>())),
+        (0u32..=MAX_TIMEOUT.as_millis() as u32, any::<u16>()),
+        proptest::array::uniform5(any::<u32>()),
+        (
+            proptest::option::of(0u8..=14),
+            proptest::option::of(0u8..=14),
+            0u8..32,
+        ),
+    )
+        .prop_map(
+            |((delete, i, v6, snat6), (b, tag), (rem, port), n, (cw, bw, flags))| {
+                let key = rec(i, v6, false).key;
+                if delete {
+                    return SpliceRecord::delete(key);
+                }
+                let snat = if snat6 {
+                    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(u128::from(b) << 3)), port)
+                } else {
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(b)), port)
+                };
+                SpliceRecord {
+                    delete,
+                    key,
+                    backend: BackendId(b),
+                    backend_tag: tag,
+                    snat,
+                    remaining_ms: rem,
+                    local_isn: n[0],
+                    backend_isn: n[1],
+                    client_ts0: n[2],
+                    backend_ts0: n[3],
+                    ts_shift: n[4],
+                    client_wscale: cw,
+                    backend_wscale: bw,
+                    flags,
+                }
+            },
+        )
+}
+
+#[test]
+fn splice_record_lengths_and_the_largest_fits_the_smallest_mtu() {
+    let v4 = rec(1, false, false).key;
+    let v6 = rec(1, true, false).key;
+    assert_eq!(SpliceRecord::delete(v4).encoded_len(), MIN_ITEM_LEN);
+    assert_eq!(SpliceRecord::delete(v6).encoded_len(), 38);
+    let full = SpliceRecord {
+        delete: false,
+        backend: BackendId(3),
+        backend_tag: Some(9),
+        snat: "[2001:db8::100]:61000".parse().unwrap(),
+        remaining_ms: 1000,
+        local_isn: 1,
+        backend_isn: 2,
+        client_ts0: 3,
+        backend_ts0: 4,
+        ts_shift: 5,
+        client_wscale: Some(7),
+        backend_wscale: None,
+        flags: SPLICE_TS | SPLICE_SACK,
+        ..SpliceRecord::delete(v6)
+    };
+    assert_eq!(full.encoded_len(), MAX_RECORD_LEN);
+    let mut tx = SyncSender::new(1, 1, K, MIN_MTU).unwrap();
+    tx.set_echo(NONCE);
+    let mut out = Vec::new();
+    tx.encode_splices(&[full, full], 0, &mut out);
+    assert_eq!(out.len(), 2, "one record per message at the smallest MTU");
+    let m = decode(&out[0], &K).unwrap();
+    assert_eq!(m.splices, vec![full]);
+    assert!(m.records.is_empty() && m.templates.is_empty());
+}
+
+#[test]
+fn splice_records_with_fields_out_of_range_are_refused() {
+    let v4 = rec(1, false, false).key;
+    let good = SpliceRecord {
+        delete: false,
+        snat: "198.51.100.1:61000".parse().unwrap(),
+        remaining_ms: 5,
+        ..SpliceRecord::delete(v4)
+    };
+    let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    let mut out = Vec::new();
+    tx.encode_splices(&[good], 0, &mut out);
+    let body = out[0][..out[0].len() - MAC_LEN].to_vec();
+    let item = HEADER_LEN;
+    let len = body.len();
+    let bad = |at: usize, v: u8| {
+        let mut b = body.clone();
+        b[at] = v;
+        decode(&sealed(&b), &K)
+    };
+    assert!(decode(&sealed(&body), &K).is_ok());
+    // Not TCP.
+    assert_eq!(bad(item + 1, 17), Err(SyncError::Splice(17)));
+    // A window scale above 14, unknown flags.
+    assert_eq!(bad(len - 3, 15), Err(SyncError::Splice(15)));
+    assert_eq!(bad(len - 1, 32), Err(SyncError::Splice(32)));
+    // A reserved op bit; a delete with a tag flag.
+    assert_eq!(bad(item, 6 | 0x08), Err(SyncError::Op(6 | 0x08)));
+    assert_eq!(bad(item, 7 | 0x10), Err(SyncError::Op(7 | 0x10)));
+    // A template after a splice record breaks the order.
+    let mut tx = SyncSender::new(1, 1, K, 1472).unwrap();
+    let mut b = body.clone();
+    let mut t = Vec::new();
+    tpl(1, Some(false), false).encode(&mut t);
+    b.extend_from_slice(&t);
+    b[HEADER_LEN - 2..HEADER_LEN].copy_from_slice(&2u16.to_be_bytes());
+    assert!(matches!(decode(&sealed(&b), &K), Err(SyncError::Op(_))));
+    let _ = tx.bulk_end();
+}
+
+proptest! {
+    #[test]
+    fn splice_records_round_trip(
+        xs in proptest::collection::vec(arb_splice(), 0..40),
+        mtu in MIN_MTU..1500,
+    ) {
+        let mut tx = SyncSender::new(3, 9, K, mtu).unwrap();
+        tx.set_echo(NONCE);
+        let mut out = Vec::new();
+        tx.encode_splices(&xs, FLAG_BULK, &mut out);
+        prop_assert_eq!(out.is_empty(), xs.is_empty());
+        let mut rx = SyncReceiver::new(K, NONCE);
+        let mut got = Vec::new();
+        for m in &out {
+            prop_assert!(m.len() <= mtu);
+            let r = rx.receive(m).unwrap();
+            let len: usize = r.message.splices.iter().map(SpliceRecord::encoded_len).sum();
+            prop_assert_eq!(HEADER_LEN + len + MAC_LEN, m.len());
+            got.extend(r.message.splices);
+        }
+        prop_assert_eq!(got, xs);
     }
 }

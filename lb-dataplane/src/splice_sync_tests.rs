@@ -1,0 +1,251 @@
+//! Sync of spliced connections: a peer that applies the records translates every later
+//! segment exactly as the node that spliced the connection.
+
+use lb_conntrack::sync::{decode, SpliceRecord, SyncMessage, SyncSender, SPLICE_FIN_CLIENT};
+
+use super::*;
+
+const SYNC_KEY: HashKey = HashKey::from_bytes(*b"splice-sync-key!");
+
+/// Sends `recs` as one stream's messages and decodes them, as a peer receives them.
+fn wire(recs: &[SpliceRecord]) -> Vec<SyncMessage> {
+    let mut tx = SyncSender::new(1, 1, SYNC_KEY, 1472).unwrap();
+    let mut out = Vec::new();
+    tx.encode_splices(recs, 0, &mut out);
+    out.iter().map(|m| decode(m, &SYNC_KEY).unwrap()).collect()
+}
+
+fn drain(r: &mut Rig) -> Vec<SpliceRecord> {
+    let mut v = Vec::new();
+    r.dp.splice_sync_drain(r.now, &mut v);
+    v
+}
+
+fn apply(to: &mut Rig, recs: &[SpliceRecord], merge: bool) -> crate::SyncApplied {
+    let mut total = crate::SyncApplied::default();
+    for m in wire(recs) {
+        let a = to.dp.apply_sync(&m, to.now, merge);
+        total.splices += a.splices;
+        total.refused += a.refused;
+        total.ignored += a.ignored;
+    }
+    total
+}
+
+/// Splices a connection with timestamps and window scaling on `r`: returns the client, the
+/// backend, the SNAT address, and the next (client seq, our ack, backend seq).
+fn spliced(r: &mut Rig, port: u16) -> (SocketAddr, SocketAddr, SocketAddr, (u32, u32, u32)) {
+    let client = SocketAddr::new("192.0.2.2".parse().unwrap(), port);
+    let head = get("api.example", "/big");
+    let (c, l, bsyn) = open(r, client, &head, true);
+    let bts = bsyn.o.timestamps.unwrap().0;
+    let s = 0x7000_0000u32;
+    let (out, _) = r.send(&backend_synack(&bsyn, s, c, bts));
+    assert!(out.is_some(), "held head to the backend");
+    let hl = head.len() as u32;
+    let resp = with_ts(
+        seg(
+            bsyn.dst,
+            bsyn.src,
+            s.wrapping_add(1),
+            c.wrapping_add(1 + hl),
+            flags::ACK | flags::PSH,
+            b"HTTP/1.1 200 OK\r\n\r\nabc",
+        ),
+        50_010,
+        bts,
+    );
+    let (out, _) = r.send(&resp);
+    assert!(out.is_some(), "the answer reaches the client");
+    (
+        client,
+        bsyn.dst,
+        bsyn.src,
+        (
+            c.wrapping_add(1 + hl),
+            l.wrapping_add(23),
+            s.wrapping_add(23),
+        ),
+    )
+}
+
+#[test]
+fn a_peer_that_applies_the_records_translates_as_the_splicer_did() {
+    let mut a = Rig::new(Affinity::None, |_| {});
+    let mut b = Rig::new(Affinity::None, |_| {});
+    b.now = a.now;
+    // Nothing to send before the backend acknowledged the head.
+    let (client, be, snat, (cs, la, bs)) = spliced(&mut a, 40_000);
+    let recs = drain(&mut a);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert!(!recs[0].delete && recs[0].backend_tag.is_some());
+    assert_eq!(recs[0].snat, snat);
+    let got = apply(&mut b, &recs, false);
+    assert_eq!((got.splices, got.refused), (1, 0));
+    assert_eq!(b.dp.splice_stats().synced_in, 1);
+    assert_eq!(b.dp.splice_stats().active, 1);
+    // The same segments, both ways, come out of both nodes byte for byte.
+    let vip = sa(VIP);
+    let mut to_b = with_ts(seg(client, vip, cs, la, flags::ACK, b"more"), 900, 12_345);
+    to_b.h.window = 300;
+    let mut to_c = with_ts(
+        seg(be, snat, bs, cs, flags::ACK, b"body bytes"),
+        50_100,
+        4_242,
+    );
+    to_c.h.window = 2000;
+    for s in [&to_b, &to_c] {
+        let (oa, va) = a.send(s);
+        let (ob, vb) = b.send(s);
+        assert!(matches!(va, Verdict::Forward { .. }), "{va:?}");
+        assert_eq!(va, vb);
+        let (oa, ob) = (oa.unwrap(), ob.unwrap());
+        assert_eq!((oa.src, oa.dst, oa.h, oa.o), (ob.src, ob.dst, ob.h, ob.o));
+        assert_eq!(oa.data, ob.data);
+    }
+    // A record from the peer is not sent back.
+    assert!(drain(&mut b).is_empty());
+    // The client's FIN travels; then the end of the connection deletes it on the peer.
+    a.send(&seg(client, vip, cs + 4, la, flags::FIN | flags::ACK, b""));
+    let recs = drain(&mut a);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].flags & SPLICE_FIN_CLIENT, SPLICE_FIN_CLIENT);
+    apply(&mut b, &recs, false);
+    a.send(&seg(
+        be,
+        snat,
+        bs + 10,
+        cs + 5,
+        flags::FIN | flags::ACK,
+        b"",
+    ));
+    a.now += Duration::from_secs(3);
+    assert!(a.poll().is_none());
+    assert_eq!(a.dp.splice_stats().active, 0);
+    let recs = drain(&mut a);
+    assert!(recs.iter().any(|r| r.delete), "{recs:?}");
+    let got = apply(&mut b, &recs, false);
+    assert!(got.splices >= 1);
+    assert_eq!(b.dp.splice_stats().active, 0);
+}
+
+#[test]
+fn bulk_and_refresh_exports_and_merge_keeps_local_connections() {
+    let mut a = Rig::new(Affinity::None, |_| {});
+    for i in 0..5 {
+        spliced(&mut a, 41_000 + i);
+    }
+    let mut all = Vec::new();
+    a.dp.splice_sync_export(None, a.now, &mut all);
+    assert_eq!(all.len(), 5);
+    // A refresh pass from later on sends none (no traffic since), one after a segment.
+    let later = a.now + Duration::from_secs(1);
+    let mut v = Vec::new();
+    a.dp.splice_sync_export(Some(later), later, &mut v);
+    assert!(v.is_empty(), "{v:?}");
+    // A node that is master itself (merge) with its own connection in the first record's
+    // slot keeps it, and installs the rest.
+    let mut m = Rig::new(Affinity::None, |_| {});
+    m.now = a.now;
+    let (mine, ..) = spliced(&mut m, 41_000);
+    assert_eq!(mine.port(), 41_000);
+    let got = apply(&mut m, &all, true);
+    assert_eq!((got.splices, got.ignored), (4, 1));
+    assert_eq!(m.dp.splice_stats().active, 5);
+    // A node whose slots differ (another capacity) refuses what does not fit.
+    let mut other = Rig::new(Affinity::None, |s| s.splice_capacity = 16);
+    let got = apply(&mut other, &all, false);
+    assert_eq!(got.splices + got.refused, 5);
+    assert!(got.refused > 0, "{got:?}");
+    assert_eq!(other.dp.splice_stats().sync_refused, got.refused);
+}
+
+/// The slot pool's bookkeeping agrees with itself: every slot in use is found by its key,
+/// the free queue holds exactly the free slots, once each, and `active` counts the rest.
+fn assert_consistent(r: &Rig) {
+    let sp = &r.dp.splice;
+    let mut free = 0;
+    for (i, x) in sp.slots.iter().enumerate() {
+        if x.state == super::super::State::Free {
+            free += 1;
+            assert_eq!(sp.free.iter().filter(|&&f| f as usize == i).count(), 1);
+        } else {
+            assert_eq!(sp.find(&x.key, x.hash), Some(i), "slot {i} not indexed");
+        }
+    }
+    assert_eq!(sp.free.len(), free);
+    assert_eq!(sp.stats.active as usize, sp.slots.len() - free);
+}
+
+proptest! {
+    /// Whatever records a peer sends (in range or not, for this VIP or another, deletes of
+    /// anything), applying them never panics, keeps the pool consistent, and a segment of
+    /// any installed connection is translated or dropped, never mishandled.
+    #[test]
+    fn any_peer_records_keep_the_pool_consistent(
+        recs in proptest::collection::vec(
+            (
+                any::<bool>(),
+                0u16..6,
+                0u16..80,
+                0u32..5,
+                any::<bool>(),
+                any::<[u32; 5]>(),
+                0u8..32,
+                any::<bool>(),
+            ),
+            1..60,
+        ),
+        merge in any::<bool>(),
+    ) {
+        let mut r = Rig::new(Affinity::None, |_| {});
+        let base = r.dp.splice.port_base;
+        let vip = sa(VIP);
+        for (i, (del, cport, pslot, b, other_vip, n, flags, far)) in recs.into_iter().enumerate() {
+            let dst = if other_vip { sa("203.0.113.11:80") } else { vip };
+            let key = lb_core::FlowKey::v4(
+                "192.0.2.9".parse().unwrap(),
+                1000 + cport,
+                match dst.ip() { std::net::IpAddr::V4(a) => a, _ => unreachable!() },
+                dst.port(),
+                lb_core::IpProto::Tcp,
+            );
+            let rec = if del {
+                SpliceRecord::delete(key)
+            } else {
+                let port = if far { base.wrapping_sub(1) } else { base.wrapping_add(pslot) };
+                SpliceRecord {
+                    delete: false,
+                    backend: lb_core::BackendId(b),
+                    snat: SocketAddr::new(SNAT.parse().unwrap(), port),
+                    remaining_ms: 1000 + i as u32,
+                    local_isn: n[0],
+                    backend_isn: n[1],
+                    client_ts0: n[2],
+                    backend_ts0: n[3],
+                    ts_shift: n[4],
+                    client_wscale: Some(7),
+                    backend_wscale: None,
+                    flags,
+                    ..SpliceRecord::delete(key)
+                }
+            };
+            apply(&mut r, &[rec], merge);
+            assert_consistent(&r);
+        }
+        // Segments of every installed connection, both ways.
+        let live: Vec<(SocketAddr, SocketAddr, SocketAddr)> = r.dp.splice.slots.iter()
+            .filter(|x| x.state != super::super::State::Free)
+            .map(|x| (x.client, x.baddr, x.snat))
+            .collect();
+        for (client, be, snat) in live {
+            let (_, v) = r.send(&seg(client, vip, 5, 6, flags::ACK, b"x"));
+            prop_assert!(matches!(v, Verdict::Forward { .. } | Verdict::Drop(_)), "{:?}", v);
+            let (_, v) = r.send(&seg(be, snat, 5, 6, flags::ACK, b"y"));
+            prop_assert!(matches!(v, Verdict::Forward { .. } | Verdict::Drop(_)), "{:?}", v);
+        }
+        r.now += Duration::from_secs(1000);
+        while r.poll().is_some() {}
+        assert_consistent(&r);
+    }
+}

@@ -61,6 +61,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use lb_conntrack::FlowState;
 use lb_core::{BackendId, Duration, FlowHasher, FlowKey, Instant, IpProto};
 use lb_packet::l5head::{parse_head, Head};
 use lb_packet::offload::{L4Csum, VnetHdr};
@@ -69,6 +70,7 @@ use lb_packet::syncookie::{CookieOpts, SynCookies, OPT_BITS};
 use lb_packet::tcpseg::{self, flags, OptionShift, TcpHeader, TcpOptions};
 use lb_packet::{nat, Link, Parsed};
 
+use crate::load::Live;
 use crate::spec::{Affinity, DataplaneSpec, SpliceSpec, MAX_SPLICE_HEAD};
 use crate::{DropReason, Proto, Tables, Verdict};
 
@@ -218,6 +220,8 @@ struct Slot {
     fin_s: bool,
     /// Times the slot was taken (picks its SNAT port).
     gen: u16,
+    /// What the live load counts for this slot now (module `sync`'s `recount`).
+    counted: Option<(BackendId, FlowState)>,
 }
 
 fn unspec() -> SocketAddr {
@@ -266,6 +270,7 @@ impl Slot {
             fin_c: false,
             fin_s: false,
             gen: 0,
+            counted: None,
         }
     }
 
@@ -291,6 +296,22 @@ impl Slot {
                 _ => None,
             },
         }
+    }
+}
+
+/// What placing a connection reads: the tables (dereferenced to), and the live load
+/// (availability: health, ejection, admission; effective weights: slow start).
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    tables: &'a Tables,
+    live: &'a Live,
+}
+
+impl std::ops::Deref for View<'_> {
+    type Target = Tables;
+
+    fn deref(&self) -> &Tables {
+        self.tables
     }
 }
 
@@ -363,6 +384,9 @@ pub(crate) struct Splicer {
     /// most `log_cap` (0: no sync).
     log: std::collections::VecDeque<FlowKey>,
     pub(crate) log_cap: usize,
+    /// Changes of what the live load counts (backend, before, after), for the data path to
+    /// apply after each call ([`crate::Dataplane::splice_counts`]).
+    pub(crate) counts: Vec<(BackendId, Option<FlowState>, Option<FlowState>)>,
     pub(crate) stats: SpliceStats,
 }
 
@@ -404,6 +428,13 @@ fn mix(h: u64, tag: u32) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// A weighted rendezvous score: `w / -ln(u)` with `u` in (0, 1) from the top 53 bits of `h`.
+#[inline]
+fn rendezvous(h: u64, w: u64) -> f64 {
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    w as f64 / -u.ln()
 }
 
 /// Our timestamp clock: milliseconds, with the cookie's option bits in the low bits.
@@ -462,6 +493,7 @@ impl Splicer {
                 clock_base_ms,
                 log: std::collections::VecDeque::new(),
                 log_cap: 0,
+                counts: Vec::with_capacity(16),
                 stats: SpliceStats::default(),
             },
             rest,
@@ -603,6 +635,7 @@ impl Splicer {
         }
         self.index_remove(s);
         self.slots[s].state = State::Free;
+        self.recount(s);
         self.free.push_back(s as u32);
         self.stats.active = self.stats.active.saturating_sub(1);
     }
@@ -663,13 +696,18 @@ impl Splicer {
     /// Picks the next backend of slot `s` (skipping the ones tried): the highest
     /// rendezvous score of the placement hash among the eligible backends of the slot's rule
     /// group, or of the whole service when the group has none.
-    fn choose(&mut self, s: usize, tables: &Tables) -> Option<BackendId> {
+    fn choose(&mut self, s: usize, tables: View<'_>, now: Instant) -> Option<BackendId> {
         let x = &self.slots[s];
         let svc = self.svcs.get(usize::from(x.svc))?;
         let group = x
             .group
             .and_then(|g| svc.spec.rules.get(usize::from(g)))
             .map(|r| &r.backends[..]);
+        // Weighted rendezvous: each backend's score is its effective weight (slow start
+        // included) over -ln(u), u uniform in (0, 1) from the key and the backend's tag; the
+        // highest wins. A key's share of backends follows the weights, and removing a backend
+        // moves only the keys it held. Backends the live load says cannot take a connection
+        // now (ejected, above their admission threshold) are left out.
         let pick = |in_group: Option<&[SocketAddr]>| {
             tables
                 .backends
@@ -678,8 +716,15 @@ impl Splicer {
                 .filter(|b| b.vip == svc.vip && b.proto == Proto::Tcp && b.eligible())
                 .filter(|b| !x.tried.contains(&Some(b.id)))
                 .filter(|b| in_group.is_none_or(|g| g.contains(&b.addr)))
-                .max_by_key(|b| mix(x.place_hash, b.tag()))
-                .map(|b| (b.id, b.addr))
+                .filter_map(|b| {
+                    let (avail, w) = match tables.live.load(b.id, now) {
+                        Some(l) => (l.available, l.effective_weight),
+                        None => (true, u64::from(b.weight.get())),
+                    };
+                    avail.then(|| (rendezvous(mix(x.place_hash, b.tag()), w), b.id, b.addr))
+                })
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, id, addr)| (id, addr))
         };
         let (id, addr) = pick(group).or_else(|| group.and_then(|_| pick(None)))?;
         let baddr = if addr.port() == 0 {
@@ -759,7 +804,7 @@ impl Splicer {
         end: usize,
         p: &Parsed,
         svc_vip: SocketAddr,
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
         csum: L4Csum,
     ) -> Option<Verdict> {
@@ -839,6 +884,7 @@ impl Splicer {
                     x.deadline = now + LINGER;
                 }
                 if was != (x.fin_c, x.state) {
+                    self.recount(s);
                     self.log(s);
                 }
                 let _ = (payload, client);
@@ -860,7 +906,7 @@ impl Splicer {
         hash: u64,
         h: TcpHeader,
         o: TcpOptions,
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
     ) -> Verdict {
         let key = p.key;
@@ -966,7 +1012,7 @@ impl Splicer {
         s: usize,
         h: TcpHeader,
         o: TcpOptions,
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
     ) -> Verdict {
         let pkt = buf.get(start..end).unwrap_or(&[]);
@@ -1070,7 +1116,7 @@ impl Splicer {
         buf: &mut [u8],
         start: usize,
         s: usize,
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
     ) -> Verdict {
         let Some(out) = buf.get_mut(start..) else {
@@ -1087,16 +1133,17 @@ impl Splicer {
         &mut self,
         s: usize,
         out: &mut [u8],
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
     ) -> Option<usize> {
-        if usize::from(self.slots[s].tries) < MAX_TRIES && self.choose(s, tables).is_some() {
+        if usize::from(self.slots[s].tries) < MAX_TRIES && self.choose(s, tables, now).is_some() {
             let timeout = self.svcs[usize::from(self.slots[s].svc)]
                 .spec
                 .connect_timeout;
             let x = &mut self.slots[s];
             x.state = State::Connecting;
             x.deadline = now + timeout;
+            self.recount(s);
             // The backend connection's TSvals run on the balancer's millisecond clock, not
             // the client's: its SNAT 4-tuple was used before, and the backend may still hold
             // it in TIME_WAIT, where it accepts a new SYN only with a newer TSval (PAWS, RFC
@@ -1114,7 +1161,7 @@ impl Splicer {
     }
 
     /// Whether slot `s`'s backend is still configured, at the same address, and healthy.
-    fn backend_alive(&self, s: usize, tables: &Tables) -> bool {
+    fn backend_alive(&self, s: usize, tables: View<'_>) -> bool {
         let x = &self.slots[s];
         x.backend
             .and_then(|b| tables.backend(b))
@@ -1129,7 +1176,7 @@ impl Splicer {
         end: usize,
         p: &Parsed,
         s: usize,
-        tables: &Tables,
+        tables: View<'_>,
         partial: bool,
     ) -> Verdict {
         if !self.backend_alive(s, tables) {
@@ -1159,6 +1206,7 @@ impl Splicer {
         } else {
             x.state = State::Closing;
             x.deadline = now + LINGER;
+            self.recount(s);
             self.log(s);
         }
     }
@@ -1173,7 +1221,7 @@ impl Splicer {
         start: usize,
         end: usize,
         p: &Parsed,
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
         csum: L4Csum,
     ) -> Option<Verdict> {
@@ -1221,6 +1269,7 @@ impl Splicer {
                 x.deadline = now + timeout;
                 x.retrans = 0;
                 self.stats.spliced += 1;
+                self.recount(s);
                 let out = buf.get_mut(start..)?;
                 Some(match self.head_to_backend(s, out) {
                     Some(n) => Verdict::Forward { start, len: n },
@@ -1259,6 +1308,7 @@ impl Splicer {
                 }
                 if was != (x.fin_s, x.state) {
                     // Spliced (the backup can take it from here), half or fully closed.
+                    self.recount(s);
                     self.log(s);
                 }
                 let pkt = buf.get_mut(start..end)?;
@@ -1282,7 +1332,7 @@ impl Splicer {
     pub(crate) fn poll(
         &mut self,
         out: &mut [u8],
-        tables: &Tables,
+        tables: View<'_>,
         now: Instant,
         budget: usize,
     ) -> Option<usize> {
@@ -1344,19 +1394,53 @@ impl crate::Dataplane {
         if !self.splice.is_active() {
             return None;
         }
+        let v = self.splice_client_inner(buf, cx, si, hdr);
+        self.splice_counts();
+        v
+    }
+
+    #[inline]
+    fn splice_client_inner(
+        &mut self,
+        buf: &mut [u8],
+        cx: &crate::Ctx<'_>,
+        si: usize,
+        hdr: &mut VnetHdr,
+    ) -> Option<Verdict> {
         let vip = self.tables.services.get(si)?.vip;
         let (start, end, p) = (cx.start, cx.end, cx.p);
-        let v =
-            self.splice
-                .client_segment(buf, start, end, p, vip, &self.tables, cx.now, cx.csum)?;
+        let v = self.splice.client_segment(
+            buf,
+            start,
+            end,
+            p,
+            vip,
+            View {
+                tables: &self.tables,
+                live: &self.live,
+            },
+            cx.now,
+            cx.csum,
+        )?;
         if v != Verdict::Segment {
             return Some(self.spliced(v, hdr));
         }
         if let Err(v) = self.splice_plain(buf, cx, hdr) {
             return Some(v);
         }
-        self.splice
-            .client_segment(buf, start, end, p, vip, &self.tables, cx.now, L4Csum::Full)
+        self.splice.client_segment(
+            buf,
+            start,
+            end,
+            p,
+            vip,
+            View {
+                tables: &self.tables,
+                live: &self.live,
+            },
+            cx.now,
+            L4Csum::Full,
+        )
     }
 
     /// The splice hook for packets to no service: `None` unless it is a backend's packet of
@@ -1371,18 +1455,49 @@ impl crate::Dataplane {
         if !self.splice.is_active() {
             return None;
         }
+        let v = self.splice_backend_inner(buf, cx, hdr);
+        self.splice_counts();
+        v
+    }
+
+    #[inline]
+    fn splice_backend_inner(
+        &mut self,
+        buf: &mut [u8],
+        cx: &crate::Ctx<'_>,
+        hdr: &mut VnetHdr,
+    ) -> Option<Verdict> {
         let (start, end, p) = (cx.start, cx.end, cx.p);
-        let v = self
-            .splice
-            .backend_segment(buf, start, end, p, &self.tables, cx.now, cx.csum)?;
+        let v = self.splice.backend_segment(
+            buf,
+            start,
+            end,
+            p,
+            View {
+                tables: &self.tables,
+                live: &self.live,
+            },
+            cx.now,
+            cx.csum,
+        )?;
         if v != Verdict::Segment {
             return Some(self.spliced(v, hdr));
         }
         if let Err(v) = self.splice_plain(buf, cx, hdr) {
             return Some(v);
         }
-        self.splice
-            .backend_segment(buf, start, end, p, &self.tables, cx.now, L4Csum::Full)
+        self.splice.backend_segment(
+            buf,
+            start,
+            end,
+            p,
+            View {
+                tables: &self.tables,
+                live: &self.live,
+            },
+            cx.now,
+            L4Csum::Full,
+        )
     }
 
     /// Counts a super-packet the splice translated whole.
@@ -1423,8 +1538,13 @@ impl crate::Dataplane {
         if !self.splice.is_active() {
             return None;
         }
-        let tables = self.tables.clone();
-        self.splice.poll(out, &tables, now, 4096)
+        let view = View {
+            tables: &self.tables,
+            live: &self.live,
+        };
+        let n = self.splice.poll(out, view, now, 4096);
+        self.splice_counts();
+        n
     }
 
     /// The splice path's counters.

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use lb_conntrack::sync::{
     SpliceRecord, SPLICE_CLOSING, SPLICE_FIN_BACKEND, SPLICE_FIN_CLIENT, SPLICE_SACK, SPLICE_TS,
 };
+use lb_conntrack::{FlowState, TcpState};
 use lb_core::{BackendId, Duration, FlowKey, Instant, IpProto};
 
 use super::{Splicer, State, LINGER, MAX_TRIES};
@@ -41,7 +42,45 @@ pub(crate) enum Adopted {
     Refused,
 }
 
+/// What the live load counts for a slot in `state` (IPVS: handshake and closing states are
+/// inactive connections, an established one is active).
+fn counted_state(state: State) -> Option<FlowState> {
+    match state {
+        State::Free | State::Head => None,
+        State::Connecting | State::Sent => Some(FlowState::Tcp(TcpState::SynSent)),
+        State::Spliced => Some(FlowState::Tcp(TcpState::Established)),
+        State::Closing => Some(FlowState::Tcp(TcpState::TimeWait)),
+    }
+}
+
 impl Splicer {
+    /// Notes what changed in what the live load should count for slot `s` (its backend and
+    /// state): a connection opened, moved between states or backends, or closed. Called
+    /// after every change of a slot's state or backend; the data path applies the notes
+    /// ([`Dataplane::splice_counts`]), so spliced connections count in their backends'
+    /// connection counts like tracked flows, and hold a retired backend's id until they end.
+    pub(super) fn recount(&mut self, s: usize) {
+        let Some(x) = self.slots.get_mut(s) else {
+            return;
+        };
+        let now = counted_state(x.state).and_then(|st| Some((x.backend?, st)));
+        if now == x.counted {
+            return;
+        }
+        match (x.counted, now) {
+            (Some((a, w)), Some((b, n))) if a == b => self.counts.push((a, Some(w), Some(n))),
+            (was, now) => {
+                if let Some((a, w)) = was {
+                    self.counts.push((a, Some(w), None));
+                }
+                if let Some((b, n)) = now {
+                    self.counts.push((b, None, Some(n)));
+                }
+            }
+        }
+        x.counted = now;
+    }
+
     /// Logs slot `s`'s connection for the sync sender.
     pub(super) fn log(&mut self, s: usize) {
         if self.log_cap == 0 {
@@ -212,12 +251,32 @@ impl Splicer {
         x.fin_s = r.flags & SPLICE_FIN_BACKEND != 0;
         // The next use of the slot moves on from the sender's round.
         x.gen = round as u16;
+        self.recount(s);
         self.stats.synced_in += 1;
         Adopted::Applied
     }
 }
 
 impl Dataplane {
+    /// Applies the splice path's notes of what the live load counts (see `recount`).
+    #[inline]
+    pub(crate) fn splice_counts(&mut self) {
+        if self.splice.counts.is_empty() {
+            return;
+        }
+        let mut notes = std::mem::take(&mut self.splice.counts);
+        for &(b, was, now) in &notes {
+            match (was, now) {
+                (None, Some(n)) => self.flow_opened(b, n),
+                (Some(w), None) => self.live.closed(b, w),
+                (w, Some(n)) => self.live.moved(b, w, n),
+                (None, None) => {}
+            }
+        }
+        notes.clear();
+        self.splice.counts = notes;
+    }
+
     /// Turns the spliced connections that changed since the last call into records appended
     /// to `out` (an upsert for one spliced or closing now, a delete for one that ended), each
     /// key looked up once at `now`. Returns the changes consumed. Control path: call it with
@@ -298,7 +357,9 @@ impl Dataplane {
                 }
             }
         };
-        match self.splice.adopt(r, backend, &self.tables, now, merge) {
+        let a = self.splice.adopt(r, backend, &self.tables, now, merge);
+        self.splice_counts();
+        match a {
             Adopted::Applied => out.splices += 1,
             Adopted::Ignored => out.ignored += 1,
             Adopted::Refused => {

@@ -249,3 +249,90 @@ proptest! {
         assert_consistent(&r);
     }
 }
+
+/// (active, inactive) connections of the backend at `addr`, as the live load counts them.
+fn conns(r: &Rig, addr: SocketAddr) -> (u32, u32) {
+    let id = (0..8u32)
+        .map(lb_core::BackendId)
+        .find(|&b| r.dp.tables.backend(b).is_some_and(|x| x.addr == addr))
+        .expect("backend");
+    let l = r.dp.backend_load(id, r.now).expect("load");
+    (l.active_conns, l.inactive_conns)
+}
+
+#[test]
+fn spliced_connections_count_in_their_backends_load_here_and_on_the_peer() {
+    let mut a = Rig::new(Affinity::None, |_| {});
+    let mut b = Rig::new(Affinity::None, |_| {});
+    b.now = a.now;
+    // While connecting: an inactive connection of the chosen backend.
+    let client = sa("192.0.2.2:42000");
+    let (c, _, bsyn) = open(&mut a, client, &get("api.example", "/"), true);
+    assert_eq!(conns(&a, bsyn.dst), (0, 1));
+    // The backend refuses: the next one is tried, the first one's count goes.
+    let rst = seg(
+        bsyn.dst,
+        bsyn.src,
+        0,
+        c.wrapping_add(1),
+        flags::RST | flags::ACK,
+        b"",
+    );
+    let (next, _) = a.send(&rst);
+    let next = next.expect("SYN to the next backend");
+    assert_ne!(next.dst, bsyn.dst);
+    assert_eq!(conns(&a, bsyn.dst), (0, 0));
+    assert_eq!(conns(&a, next.dst), (0, 1));
+    // Spliced connections: active, on the node that spliced them and on its peer.
+    let (_, be, snat, (cs, la, bs)) = spliced(&mut a, 42_001);
+    assert_eq!(conns(&a, be).0, 1);
+    apply(&mut b, &drain(&mut a), false);
+    assert_eq!(conns(&b, be), (1, 0));
+    // Closing: inactive; ended: gone, on both.
+    let vip = sa(VIP);
+    a.send(&seg(client, vip, 0, 0, flags::RST, b""));
+    a.send(&seg(
+        sa("192.0.2.2:42001"),
+        vip,
+        cs,
+        la,
+        flags::FIN | flags::ACK,
+        b"",
+    ));
+    a.send(&seg(be, snat, bs, cs + 1, flags::FIN | flags::ACK, b""));
+    assert_eq!(conns(&a, be), (0, 1));
+    a.now += Duration::from_secs(3);
+    assert!(a.poll().is_none());
+    let recs = drain(&mut a);
+    assert_eq!(conns(&a, be), (0, 0));
+    apply(&mut b, &recs, false);
+    assert_eq!(conns(&b, be), (0, 0));
+    assert_eq!(a.dp.splice_stats().active, 0);
+}
+
+#[test]
+fn a_removed_backend_keeps_its_id_while_a_spliced_connection_holds_it() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let (_, be, ..) = spliced(&mut r, 43_000);
+    assert_eq!(be, sa(BACKENDS[0]), "api.example's rule");
+    let id = r.cp.backend_id(sa(VIP), Proto::Tcp, be).unwrap();
+    // A reload removes the backend (and the rule naming it).
+    let mut spec = r.spec.clone();
+    spec.services[0].backends.retain(|b| b.addr != be);
+    spec.services[0].splice.as_mut().unwrap().rules.clear();
+    r.cp.apply(spec.clone()).unwrap();
+    let t = r.cp.build().unwrap();
+    r.dp.set_tables(t, r.now);
+    r.dp.set_splice(&spec).unwrap();
+    assert!(
+        r.dp.release_retired().is_empty(),
+        "the spliced connection still refers to backend {id:?}"
+    );
+    // Once the connection is gone, the id is free.
+    let client = sa("192.0.2.2:43000");
+    r.send(&seg(client, sa(VIP), 0, 0, flags::RST, b""));
+    r.now += Duration::from_secs(3);
+    while r.poll().is_some() {}
+    assert_eq!(r.dp.splice_stats().active, 0);
+    assert_eq!(r.dp.release_retired(), vec![id]);
+}

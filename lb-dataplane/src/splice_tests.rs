@@ -1147,3 +1147,6 @@ fn a_reload_that_needs_new_slots_is_refused() {
 
 #[path = "splice_sync_tests.rs"]
 mod sync_tests;
+
+#[path = "splice_place_tests.rs"]
+mod place_tests;

@@ -32,7 +32,9 @@
 //! frag_timeout_ms = 5000     # a datagram's later fragments are forwarded this long after its first
 //! splice_capacity = 4096     # spliced connections per data path (mode "splice"): each takes
 //!                            # up to 8 SNAT ports from the top of the data path's snat_ports
-//!                            # (restart to change it, or to add the first spliced service)
+//!                            # (restart to change it). Given explicitly, the slots are set up
+//!                            # even with no spliced service, so a reload can add the first one
+//!                            # (else that needs a restart)
 //! [balancer.timeouts]        # idle timeouts in seconds, per flow state (ipvsadm --set style);
 //!                            # a key left out keeps lb-conntrack's default for its states
 //! tcp_established = 900
@@ -697,6 +699,7 @@ impl Validator<'_> {
             (1, MAX_CAPACITY as u64),
             spec.persist_capacity as u64,
         )? as usize;
+        spec.splice_reserve = b.splice_capacity.is_some();
         spec.splice_capacity = self.opt_int(
             &b.splice_capacity,
             "balancer.splice_capacity",
@@ -2098,6 +2101,16 @@ addr = "[2001:db8:51::11]:53"
         );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_explicit_splice_capacity_reserves_the_slots() {
+        let d = Config::parse(GOOD, "t.toml").unwrap().dataplane;
+        assert!(!d.splice_reserve);
+        let t = with("stats = \"127.0.0.1:9100\"", "splice_capacity = 128");
+        let d = Config::parse(&t, "t.toml").unwrap().dataplane;
+        assert!(d.splice_reserve);
+        assert_eq!(d.splice_capacity, 128);
     }
 
     #[test]

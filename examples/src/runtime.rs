@@ -859,13 +859,17 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
                 .into(),
         );
     }
+    // Splice slots exist when the running configuration spliced or reserved them.
     let splices = |c: &Config| c.dataplane.services.iter().any(|s| s.splice.is_some());
-    if splices(&new) && !splices(old) {
+    let slots = splices(old) || old.dataplane.splice_reserve;
+    if splices(&new) && !slots {
         return Err(
-            "the first spliced service needs a restart (no splice slots were set up)".into(),
+            "the first spliced service needs a restart, or balancer.splice_capacity set at \
+             start (no splice slots were set up)"
+                .into(),
         );
     }
-    if splices(old) && new.dataplane.splice_capacity != old.dataplane.splice_capacity {
+    if slots && new.dataplane.splice_capacity != old.dataplane.splice_capacity {
         return Err("balancer.splice_capacity needs a restart".into());
     }
     let r = cp.apply(new.dataplane.clone()).map_err(|e| e.to_string())?;

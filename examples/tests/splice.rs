@@ -693,3 +693,55 @@ fn splice_rules_reload_with_sighup_and_spliced_connections_stay() {
     );
     assert_eq!(get_id(&lab).trim(), "b3");
 }
+
+/// With `splice_capacity` in the file at start, a reload can make a plain NAT service splice
+/// (the slots were set up at start); without it, the reload is refused (the first test above
+/// holds the capacity-change case).
+#[test]
+fn the_first_spliced_service_comes_by_reload_when_splice_capacity_was_set() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    let spliced = config("none");
+    let from = spliced.find("[service.splice]").unwrap();
+    let to = spliced.find("[[service.backend]]").unwrap();
+    let nat = format!("{}{}", &spliced[..from], &spliced[to..]).replace("\"splice\"", "\"nat\"");
+    let mut lab = Lab::new("sp-first");
+    let t = lab.topology(3);
+    for b in t.backends.clone() {
+        lab.http_server(&b, 8080);
+    }
+    lab.start_balancer(&t, "lb0", &nat, &routes());
+    std::thread::sleep(Duration::from_millis(1500));
+    let get_id = |lab: &Lab| {
+        curl(lab, &t, &format!("-H 'Host: one.example' http://{VIP4}/id"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", lab.log("balancer")))
+    };
+    // NAT: any backend, no splice.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..12 {
+        seen.insert(get_id(&lab).trim().to_owned());
+    }
+    assert!(seen.len() > 1, "NAT spreads: {seen:?}");
+    assert_eq!(lab.balancer_stats(&t)["splice"]["cookies_sent"], 0);
+    lab.reload_balancer(&spliced, "configuration reloaded");
+    for _ in 0..6 {
+        assert_eq!(get_id(&lab).trim(), "b1", "one.example's rule, spliced");
+    }
+    let s = lab.balancer_stats(&t);
+    assert!(
+        s["splice"]["spliced"].as_u64().unwrap_or(0) >= 6,
+        "{}",
+        s["splice"]
+    );
+    // The same without splice_capacity at start: refused with a reason, NAT goes on.
+    lab.stop_balancer(&t, "lb0");
+    let nat_only = nat.replace("splice_capacity = 4096\n", "");
+    lab.start_balancer(&t, "lb0", &nat_only, &routes());
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.reload_balancer(
+        &spliced.replace("splice_capacity = 4096\n", ""),
+        "first spliced service needs a restart",
+    );
+    assert!(["b1", "b2", "b3"].contains(&get_id(&lab).trim()));
+}

@@ -422,6 +422,11 @@ pub struct DataplaneSpec {
     /// Spliced connections tracked at once (each owns up to 8 SNAT ports, taken from the
     /// top of the data path's SNAT port range, at most half of it, when a service splices).
     pub splice_capacity: usize,
+    /// Set up the splice slots (and take their SNAT ports) even when no service splices, so
+    /// that a reload may add the first spliced service ([`crate::Dataplane::set_splice`]);
+    /// without it that needs a restart. (tun-balancer: set when the configuration gives
+    /// `splice_capacity` explicitly.)
+    pub splice_reserve: bool,
     /// The services.
     pub services: Vec<ServiceSpec>,
 }
@@ -440,6 +445,7 @@ impl Default for DataplaneSpec {
             frag_timeout: crate::FRAG_TIMEOUT,
             icmp: crate::IcmpLimits::default(),
             splice_capacity: 4096,
+            splice_reserve: false,
             services: Vec::new(),
         }
     }

@@ -456,14 +456,14 @@ impl Splicer {
         let svcs: Vec<Svc> = spec.services.iter().filter_map(Svc::of).collect();
         let (lo, hi) = (*ports.start(), *ports.end());
         let span = usize::from(hi.saturating_sub(lo));
-        let cap = if svcs.is_empty() {
+        let cap = if svcs.is_empty() && !spec.splice_reserve {
             0
         } else {
             spec.splice_capacity.min(span / 2).min(u16::MAX as usize)
         };
         // Room for the largest head any service may hold, so that a reload can raise a
         // service's `head_max` (MAX_SPLICE_HEAD bytes per slot: 5.6 MiB for 4 096 slots).
-        let head_max = if svcs.is_empty() { 0 } else { MAX_SPLICE_HEAD };
+        let head_max = if cap == 0 { 0 } else { MAX_SPLICE_HEAD };
         // Each slot owns `ports_per_slot` ports and moves to the next one each time it is
         // reused, so that a 4-tuple comes back only after many connections (a backend that
         // closed first holds the last one in TIME_WAIT and may answer a new SYN on it with an
@@ -500,10 +500,10 @@ impl Splicer {
         )
     }
 
-    /// Whether any service splices.
+    /// Whether any service splices (or did: its connections may still run).
     #[inline(always)]
     pub(crate) fn is_active(&self) -> bool {
-        !self.slots.is_empty()
+        !self.svcs.is_empty() && !self.slots.is_empty()
     }
 
     /// Installs a reloaded configuration's spliced services: rules, affinity and limits of a

@@ -25,7 +25,11 @@ fn weights_set_each_backends_share() {
     let share = |b: &str| f64::from(got[&sa(b)]) / 4000.0;
     // 1 : 1 : 2 (binomial sd ~0.7 %: 5 % is far out).
     for (b, want) in [(BACKENDS[0], 0.25), (BACKENDS[1], 0.25), (BACKENDS[2], 0.5)] {
-        assert!((share(b) - want).abs() < 0.05, "{b}: {:.3} {got:?}", share(b));
+        assert!(
+            (share(b) - want).abs() < 0.05,
+            "{b}: {:.3} {got:?}",
+            share(b)
+        );
     }
 }
 
@@ -38,4 +42,32 @@ fn a_backend_at_its_admission_threshold_takes_no_new_connection() {
     let got = spread(&mut r, 30);
     assert_eq!(got.get(&sa(BACKENDS[0])).copied(), Some(2), "{got:?}");
     assert_eq!(got.values().sum::<u32>(), 30);
+}
+
+#[test]
+fn reserved_slots_let_a_reload_add_the_first_spliced_service() {
+    // Built with no spliced service but `splice_reserve`: the service is plain NAT first.
+    let mut r = Rig::new(Affinity::None, |s| {
+        s.services[0].splice = None;
+        s.splice_reserve = true;
+    });
+    let vip = sa(VIP);
+    let (out, _) = r.send(&seg(sa("192.0.2.8:1000"), vip, 7, 0, flags::SYN, b""));
+    let out = out.expect("NATed SYN");
+    assert!(
+        BACKENDS.iter().any(|b| sa(b) == out.dst),
+        "a plain NAT service forwards the SYN: {out:?}"
+    );
+    assert_eq!(r.dp.splice_stats().cookies_sent, 0);
+    // A reload makes it splice: new connections are answered with a cookie and spliced.
+    let mut spec = r.spec.clone();
+    spec.services[0].splice = Some(SpliceSpec {
+        rules: rules(),
+        head_max: 512,
+        ..SpliceSpec::default()
+    });
+    assert_eq!(r.dp.set_splice(&spec), Ok(()));
+    let (_, _, syn) = open(&mut r, sa("192.0.2.8:1001"), &get("api.example", "/"), true);
+    assert_eq!(syn.dst, sa(BACKENDS[0]));
+    assert_eq!(r.dp.splice_stats().cookies_ok, 1);
 }

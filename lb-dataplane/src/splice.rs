@@ -1394,53 +1394,13 @@ impl crate::Dataplane {
         if !self.splice.is_active() {
             return None;
         }
-        let v = self.splice_client_inner(buf, cx, si, hdr);
+        let vip = self.tables.services.get(si)?.vip;
+        let (start, end, p, now) = (cx.start, cx.end, cx.p, cx.now);
+        let v = self.splice_run(buf, cx, hdr, |sp, buf, view, csum| {
+            sp.client_segment(buf, start, end, p, vip, view, now, csum)
+        });
         self.splice_counts();
         v
-    }
-
-    #[inline]
-    fn splice_client_inner(
-        &mut self,
-        buf: &mut [u8],
-        cx: &crate::Ctx<'_>,
-        si: usize,
-        hdr: &mut VnetHdr,
-    ) -> Option<Verdict> {
-        let vip = self.tables.services.get(si)?.vip;
-        let (start, end, p) = (cx.start, cx.end, cx.p);
-        let v = self.splice.client_segment(
-            buf,
-            start,
-            end,
-            p,
-            vip,
-            View {
-                tables: &self.tables,
-                live: &self.live,
-            },
-            cx.now,
-            cx.csum,
-        )?;
-        if v != Verdict::Segment {
-            return Some(self.spliced(v, hdr));
-        }
-        if let Err(v) = self.splice_plain(buf, cx, hdr) {
-            return Some(v);
-        }
-        self.splice.client_segment(
-            buf,
-            start,
-            end,
-            p,
-            vip,
-            View {
-                tables: &self.tables,
-                live: &self.live,
-            },
-            cx.now,
-            L4Csum::Full,
-        )
     }
 
     /// The splice hook for packets to no service: `None` unless it is a backend's packet of
@@ -1455,49 +1415,41 @@ impl crate::Dataplane {
         if !self.splice.is_active() {
             return None;
         }
-        let v = self.splice_backend_inner(buf, cx, hdr);
+        let (start, end, p, now) = (cx.start, cx.end, cx.p, cx.now);
+        let v = self.splice_run(buf, cx, hdr, |sp, buf, view, csum| {
+            sp.backend_segment(buf, start, end, p, view, now, csum)
+        });
         self.splice_counts();
         v
     }
 
+    /// Runs one side's splice step `f` on the packet as it came (`cx.csum`); when the splice
+    /// asks for a plain packet ([`Verdict::Segment`]), a super-packet goes back to be cut and a
+    /// lone partial checksum is completed, then `f` runs again on the full checksum.
     #[inline]
-    fn splice_backend_inner(
+    fn splice_run(
         &mut self,
         buf: &mut [u8],
         cx: &crate::Ctx<'_>,
         hdr: &mut VnetHdr,
+        f: impl Fn(&mut Splicer, &mut [u8], View<'_>, L4Csum) -> Option<Verdict>,
     ) -> Option<Verdict> {
-        let (start, end, p) = (cx.start, cx.end, cx.p);
-        let v = self.splice.backend_segment(
-            buf,
-            start,
-            end,
-            p,
-            View {
-                tables: &self.tables,
-                live: &self.live,
-            },
-            cx.now,
-            cx.csum,
-        )?;
+        let view = View {
+            tables: &self.tables,
+            live: &self.live,
+        };
+        let v = f(&mut self.splice, buf, view, cx.csum)?;
         if v != Verdict::Segment {
             return Some(self.spliced(v, hdr));
         }
         if let Err(v) = self.splice_plain(buf, cx, hdr) {
             return Some(v);
         }
-        self.splice.backend_segment(
-            buf,
-            start,
-            end,
-            p,
-            View {
-                tables: &self.tables,
-                live: &self.live,
-            },
-            cx.now,
-            L4Csum::Full,
-        )
+        let view = View {
+            tables: &self.tables,
+            live: &self.live,
+        };
+        f(&mut self.splice, buf, view, L4Csum::Full)
     }
 
     /// Counts a super-packet the splice translated whole.

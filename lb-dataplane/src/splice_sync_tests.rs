@@ -270,15 +270,7 @@ fn spliced_connections_count_in_their_backends_load_here_and_on_the_peer() {
     let (c, _, bsyn) = open(&mut a, client, &get("api.example", "/"), true);
     assert_eq!(conns(&a, bsyn.dst), (0, 1));
     // The backend refuses: the next one is tried, the first one's count goes.
-    let rst = seg(
-        bsyn.dst,
-        bsyn.src,
-        0,
-        c.wrapping_add(1),
-        flags::RST | flags::ACK,
-        b"",
-    );
-    let (next, _) = a.send(&rst);
+    let (next, _) = a.send(&refusal(&bsyn, c));
     let next = next.expect("SYN to the next backend");
     assert_ne!(next.dst, bsyn.dst);
     assert_eq!(conns(&a, bsyn.dst), (0, 0));

@@ -181,6 +181,18 @@ fn backend_synack(bsyn: &Seg, s: u32, c: u32, bts: u32) -> Seg {
     synack
 }
 
+/// A backend's RST to the balancer's SYN `syn` (client ISN `c`).
+fn refusal(syn: &Seg, c: u32) -> Seg {
+    seg(
+        syn.dst,
+        syn.src,
+        0,
+        c.wrapping_add(1),
+        flags::RST | flags::ACK,
+        b"",
+    )
+}
+
 fn get(host: &str, path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: t\r\n\r\n").into_bytes()
 }
@@ -442,15 +454,7 @@ fn refused_backends_are_skipped_then_the_client_is_reset() {
     let (c, _, mut syn) = open(&mut r, client, &get("x", "/"), false);
     let mut tried = vec![syn.dst];
     for _ in 0..2 {
-        let rst = seg(
-            syn.dst,
-            syn.src,
-            0,
-            c.wrapping_add(1),
-            flags::RST | flags::ACK,
-            b"",
-        );
-        let (out, _) = r.send(&rst);
+        let (out, _) = r.send(&refusal(&syn, c));
         syn = out.unwrap();
         assert_eq!(syn.h.flags, flags::SYN);
         assert!(!tried.contains(&syn.dst));

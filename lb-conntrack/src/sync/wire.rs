@@ -588,6 +588,14 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, SyncError> {
         Ok(u32::from_be_bytes(self.arr()?))
     }
+    /// A 32-bit field present only when `present` (an op flag says so).
+    fn opt_u32(&mut self, present: bool) -> Result<Option<u32>, SyncError> {
+        if present {
+            Ok(Some(self.u32()?))
+        } else {
+            Ok(None)
+        }
+    }
     fn u64(&mut self) -> Result<u64, SyncError> {
         Ok(u64::from_be_bytes(self.arr()?))
     }
@@ -715,11 +723,7 @@ fn decode_record(r: &mut Reader<'_>, opb: u8) -> Result<SyncRecord, SyncError> {
     let proto = IpProto::from_number(r.u8()?);
     let key = r.key(opb & 0x40 != 0, proto)?;
     let backend = BackendId(r.u32()?);
-    let backend_tag = if opb & 0x08 != 0 {
-        Some(r.u32()?)
-    } else {
-        None
-    };
+    let backend_tag = r.opt_u32(opb & 0x08 != 0)?;
     let remaining_ms = r.timeout()?;
     let persist = if opb & 0x10 != 0 {
         let p = r.u8()?;

@@ -164,11 +164,7 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<SpliceRecord, SyncEr
         return Ok(SpliceRecord::delete(key));
     }
     let backend = BackendId(r.u32()?);
-    let backend_tag = if opb & 0x10 != 0 {
-        Some(r.u32()?)
-    } else {
-        None
-    };
+    let backend_tag = r.opt_u32(opb & 0x10 != 0)?;
     let remaining_ms = r.timeout()?;
     let port = r.u16()?;
     let snat = SocketAddr::new(r.addr(opb & 0x20 != 0)?, port);

@@ -129,11 +129,7 @@ pub(super) fn decode(r: &mut Reader<'_>, opb: u8) -> Result<TemplateRecord, Sync
     let vip = r.addr(opb & 0x40 != 0)?;
     let service = Service { vip, port, proto };
     let backend = BackendId(r.u32()?);
-    let backend_tag = if opb & 0x10 != 0 {
-        Some(r.u32()?)
-    } else {
-        None
-    };
+    let backend_tag = r.opt_u32(opb & 0x10 != 0)?;
     let remaining_ms = r.timeout()?;
     let timeout_ms = r.timeout()?;
     let key = if opb & 0x80 != 0 {

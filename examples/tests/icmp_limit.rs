@@ -61,6 +61,9 @@ fn too_big_errors_are_rate_limited_and_only_to_unicast_sources() {
     let mut lab = Lab::new("icmplim");
     let t = lab.topology(1);
     lab.start_balancer(&t, "lb0", &config(&t), &["203.0.113.10/32 dev lb0"]);
+    // Room in the TUN queue for the whole burst (the default 500 held only a quarter of it
+    // when the balancer did not read during the 3 ms the burst took, on a loaded CI machine).
+    lab.ip(&t.balancer, "link set lb0 txqueuelen 4096");
     let r = burst(&lab, &t, N, "192.0.2.2");
     let s = lab.balancer_stats(&t);
     println!("burst: {r}");
@@ -96,9 +99,10 @@ fn too_big_errors_are_rate_limited_and_only_to_unicast_sources() {
     // chatter (no service).
     let rx = s["rx_packets"].as_u64().unwrap();
     assert_eq!(generated + limited + drops(&s, "no_service"), rx, "{s}");
+    // Enough reached the balancer for the limit to show (many times the burst).
     assert!(
-        generated + limited >= N / 2,
-        "most datagrams lost before the balancer: {s}"
+        generated + limited >= N / 4 && limited >= 10 * BURST,
+        "too few datagrams reached the balancer to test the limit: {s}"
     );
     println!(
         "reached the balancer: {}, answered {generated}, limited {limited} (= reached - answered)",

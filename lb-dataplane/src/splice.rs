@@ -222,6 +222,11 @@ struct Slot {
     gen: u16,
     /// What the live load counts for this slot now (module `sync`'s `recount`).
     counted: Option<(BackendId, FlowState)>,
+    /// When the connection took the slot, and when it last had a packet (session statistics).
+    opened: Instant,
+    seen: Instant,
+    /// Wire segments of the connection the balancer handled, both ways.
+    packets: u32,
 }
 
 fn unspec() -> SocketAddr {
@@ -271,6 +276,9 @@ impl Slot {
             fin_s: false,
             gen: 0,
             counted: None,
+            opened: Instant::ZERO,
+            seen: Instant::ZERO,
+            packets: 0,
         }
     }
 
@@ -387,6 +395,9 @@ pub(crate) struct Splicer {
     /// Changes of what the live load counts (backend, before, after), for the data path to
     /// apply after each call ([`crate::Dataplane::splice_counts`]).
     pub(crate) counts: Vec<(BackendId, Option<FlowState>, Option<FlowState>)>,
+    /// Connections that ended after reaching a backend: (backend, duration in ms, packets),
+    /// for the session statistics (applied with `counts`).
+    pub(crate) ended: Vec<(BackendId, u64, u64)>,
     pub(crate) stats: SpliceStats,
 }
 
@@ -494,6 +505,7 @@ impl Splicer {
                 log: std::collections::VecDeque::new(),
                 log_cap: 0,
                 counts: Vec::with_capacity(16),
+                ended: Vec::with_capacity(16),
                 stats: SpliceStats::default(),
             },
             rest,
@@ -634,6 +646,12 @@ impl Splicer {
             self.log(s);
         }
         self.index_remove(s);
+        let x = &self.slots[s];
+        if let Some((b, _)) = x.counted {
+            let ms = u64::try_from(x.seen.saturating_duration_since(x.opened).as_millis())
+                .unwrap_or(u64::MAX);
+            self.ended.push((b, ms, u64::from(x.packets)));
+        }
         self.slots[s].state = State::Free;
         self.recount(s);
         self.free.push_back(s as u32);
@@ -807,6 +825,7 @@ impl Splicer {
         tables: View<'_>,
         now: Instant,
         csum: L4Csum,
+        segs: u32,
     ) -> Option<Verdict> {
         // A service a reload stopped splicing (not `live`) still carries its spliced
         // connections; anything else to it is the tables' business.
@@ -855,6 +874,9 @@ impl Splicer {
         {
             return Some(Verdict::Segment);
         }
+        let x = &mut self.slots[s];
+        x.packets = x.packets.saturating_add(segs);
+        x.seen = now;
         let payload = p.payload(pkt).len();
         if h.flags & flags::RST != 0 {
             // A client RST: forwarded when spliced, and the slot closes.
@@ -973,6 +995,8 @@ impl Splicer {
         x.vip = vip;
         x.svc = si as u16;
         x.deadline = now + spec.head_timeout;
+        // The SYN (answered statelessly) and this ACK.
+        (x.opened, x.seen, x.packets) = (now, now, 2);
         x.head_len = 0;
         x.c_isn = ck.client_isn;
         x.l_isn = h.ack.wrapping_sub(1);
@@ -1224,6 +1248,7 @@ impl Splicer {
         tables: View<'_>,
         now: Instant,
         csum: L4Csum,
+        segs: u32,
     ) -> Option<Verdict> {
         if p.proto != IpProto::Tcp || p.icmp.is_some() {
             return None;
@@ -1250,6 +1275,9 @@ impl Splicer {
         {
             return Some(Verdict::Segment);
         }
+        let x = &mut self.slots[s];
+        x.packets = x.packets.saturating_add(segs);
+        x.seen = now;
         match state {
             State::Connecting => {
                 if h.flags & flags::RST != 0 {
@@ -1395,9 +1423,9 @@ impl crate::Dataplane {
             return None;
         }
         let vip = self.tables.services.get(si)?.vip;
-        let (start, end, p, now) = (cx.start, cx.end, cx.p, cx.now);
+        let (start, end, p, now, segs) = (cx.start, cx.end, cx.p, cx.now, cx.segs);
         let v = self.splice_run(buf, cx, hdr, |sp, buf, view, csum| {
-            sp.client_segment(buf, start, end, p, vip, view, now, csum)
+            sp.client_segment(buf, start, end, p, vip, view, now, csum, segs)
         });
         self.splice_counts();
         v
@@ -1415,9 +1443,9 @@ impl crate::Dataplane {
         if !self.splice.is_active() {
             return None;
         }
-        let (start, end, p, now) = (cx.start, cx.end, cx.p, cx.now);
+        let (start, end, p, now, segs) = (cx.start, cx.end, cx.p, cx.now, cx.segs);
         let v = self.splice_run(buf, cx, hdr, |sp, buf, view, csum| {
-            sp.backend_segment(buf, start, end, p, view, now, csum)
+            sp.backend_segment(buf, start, end, p, view, now, csum, segs)
         });
         self.splice_counts();
         v

@@ -210,8 +210,11 @@ impl Splicer {
                 self.free.remove(i);
             }
             self.stats.active += 1;
-            self.slots[s].key = r.key;
-            self.slots[s].hash = hash;
+            let x = &mut self.slots[s];
+            x.key = r.key;
+            x.hash = hash;
+            // This node's part of the session starts now.
+            (x.opened, x.seen, x.packets) = (now, now, 0);
             self.index_insert(hash, s);
         }
         let closing = r.flags & SPLICE_CLOSING != 0;
@@ -261,7 +264,7 @@ impl Dataplane {
     /// Applies the splice path's notes of what the live load counts (see `recount`).
     #[inline]
     pub(crate) fn splice_counts(&mut self) {
-        if self.splice.counts.is_empty() {
+        if self.splice.counts.is_empty() && self.splice.ended.is_empty() {
             return;
         }
         let mut notes = std::mem::take(&mut self.splice.counts);
@@ -275,6 +278,12 @@ impl Dataplane {
         }
         notes.clear();
         self.splice.counts = notes;
+        let mut ended = std::mem::take(&mut self.splice.ended);
+        for &(b, ms, packets) in &ended {
+            self.sessions.record(b, ms, packets);
+        }
+        ended.clear();
+        self.splice.ended = ended;
     }
 
     /// Turns the spliced connections that changed since the last call into records appended

@@ -328,3 +328,29 @@ fn a_removed_backend_keeps_its_id_while_a_spliced_connection_holds_it() {
     assert_eq!(r.dp.splice_stats().active, 0);
     assert_eq!(r.dp.release_retired(), vec![id]);
 }
+
+#[test]
+fn an_ended_spliced_connection_is_a_session_of_its_backend() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let before = r.dp.table_stats().sessions.packets.count();
+    let t0 = r.now;
+    let (client, be, snat, (cs, la, bs)) = spliced(&mut r, 44_000);
+    let id = r.cp.backend_id(sa(VIP), Proto::Tcp, be).unwrap();
+    let vip = sa(VIP);
+    r.now += Duration::from_millis(700);
+    for i in 0..5u32 {
+        r.send(&seg(client, vip, cs + i, la, flags::ACK, b"x"));
+    }
+    r.send(&seg(client, vip, cs + 5, la, flags::FIN | flags::ACK, b""));
+    r.send(&seg(be, snat, bs, cs + 6, flags::FIN | flags::ACK, b""));
+    r.now += Duration::from_secs(3);
+    assert!(r.poll().is_none());
+    let ts = r.dp.table_stats();
+    assert_eq!(ts.sessions.packets.count(), before + 1);
+    let b = &ts.backend_sessions[id.get() as usize];
+    assert_eq!(b.packets.count(), 1);
+    // SYN, ACK, head (3), the backend's SYN-ACK and answer (2), 5 + FIN + FIN (7).
+    assert_eq!(b.packets.sum(), 12);
+    let ms = (r.now - t0).as_millis() as u64 - 3000;
+    assert_eq!(b.duration_ms.sum(), ms, "first packet to last");
+}

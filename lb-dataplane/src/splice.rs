@@ -227,6 +227,8 @@ struct Slot {
     seen: Instant,
     /// Wire segments of the connection the balancer handled, both ways.
     packets: u32,
+    /// Installed from a peer's sync record (else spliced here).
+    from_peer: bool,
 }
 
 fn unspec() -> SocketAddr {
@@ -279,6 +281,7 @@ impl Slot {
             opened: Instant::ZERO,
             seen: Instant::ZERO,
             packets: 0,
+            from_peer: false,
         }
     }
 
@@ -997,6 +1000,7 @@ impl Splicer {
         x.deadline = now + spec.head_timeout;
         // The SYN (answered statelessly) and this ACK.
         (x.opened, x.seen, x.packets) = (now, now, 2);
+        x.from_peer = false;
         x.head_len = 0;
         x.c_isn = ck.client_isn;
         x.l_isn = h.ack.wrapping_sub(1);

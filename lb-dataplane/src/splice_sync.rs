@@ -14,6 +14,10 @@
 //!   backend's segments find the slot by port on either), with the sender's offsets. Both
 //!   nodes need the same spliced services, SNAT addresses, `snat_ports` and
 //!   `splice_capacity`; a record that does not fit this node's is refused and counted.
+//! - **Active-active**: the peers' slots overlap (each node numbers its own from the same
+//!   SNAT port base). A peer's connection is installed only in a free slot, or over an older
+//!   synced or closing one; never over a live connection spliced here (counted ignored). A
+//!   connection whose slot is taken on a node cannot move to it.
 //! - **Not synced**: connections still reading their head or connecting to a backend (a
 //!   takeover loses those: their client retransmits into a node that never saw them, and
 //!   gets no answer until its connection times out); the SYN cookies need nothing (the pair
@@ -200,7 +204,11 @@ impl Splicer {
         }
         let cur = &self.slots[s];
         if cur.state != State::Free && (merge || cur.key != r.key) {
-            if merge {
+            // The slot holds another connection. One this node spliced itself and still live
+            // is never evicted (in an active-active group the peers' slots overlap: the peer's
+            // connection is not taken over); one a peer sent earlier (its delete was lost) or
+            // a closing one gives way.
+            if merge || !(cur.from_peer || cur.state == State::Closing) {
                 return Adopted::Ignored;
             }
             self.unlogged(|sp| sp.release(s));
@@ -215,6 +223,7 @@ impl Splicer {
             x.hash = hash;
             // This node's part of the session starts now.
             (x.opened, x.seen, x.packets) = (now, now, 0);
+            x.from_peer = true;
             self.index_insert(hash, s);
         }
         let closing = r.flags & SPLICE_CLOSING != 0;

@@ -354,3 +354,31 @@ fn an_ended_spliced_connection_is_a_session_of_its_backend() {
     let ms = (r.now - t0).as_millis() as u64 - 3000;
     assert_eq!(b.duration_ms.sum(), ms, "first packet to last");
 }
+
+#[test]
+fn a_peer_record_never_evicts_a_live_connection_spliced_here() {
+    // Two active nodes splice different clients into the same slot (slot 0, first use).
+    let mut a = Rig::new(Affinity::None, |_| {});
+    let mut b = Rig::new(Affinity::None, |_| {});
+    b.now = a.now;
+    let (mine, ..) = spliced(&mut b, 45_000);
+    spliced(&mut a, 45_001);
+    let recs = drain(&mut a);
+    assert_eq!(recs.len(), 1);
+    let got = apply(&mut b, &recs, false);
+    assert_eq!((got.splices, got.ignored), (0, 1));
+    assert_eq!(b.dp.splice_stats().active, 1);
+    let key = b.dp.splice.slots[0].key;
+    assert_eq!(key.src_port(), mine.port(), "b's own connection stays");
+    // A connection a peer sent earlier gives way to the peer's newer one in that slot.
+    let mut c = Rig::new(Affinity::None, |_| {});
+    c.now = a.now;
+    apply(&mut c, &recs, false);
+    let mut a2 = Rig::new(Affinity::None, |_| {});
+    a2.now = a.now;
+    spliced(&mut a2, 45_002);
+    let got = apply(&mut c, &drain(&mut a2), false);
+    assert_eq!(got.splices, 1);
+    assert_eq!(c.dp.splice.slots[0].key.src_port(), 45_002);
+    assert_eq!(c.dp.splice_stats().active, 1);
+}

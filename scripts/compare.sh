@@ -31,6 +31,8 @@
 #   RPS       a CPU mask (hex) for lb0's receive packet steering: the kernel's forwarding of the
 #             packets tun-balancer writes then runs in softirq on those CPUs instead of inside
 #             its write() (default: unset, no steering)
+#   IO_URING  set: balancer.io_uring = true (each batch's packets written with one io_uring
+#             submission instead of a writev each)
 #   GRO       set: GRO with UDP GRO forwarding on the balancer's ingress veth (c1), so the kernel
 #             hands a TUN with USO one super-packet per flow and NAPI poll instead of each
 #             datagram (default: unset, the veth's defaults)
@@ -49,6 +51,7 @@ MODES=${MODES:-veth nft haproxy nat dnat tunnel}
 OFFLOAD=${OFFLOAD:-}
 RPS=${RPS:-}
 GRO=${GRO:-}
+IO_URING=${IO_URING:-}
 T=${SECONDS_RUN:-5}
 UDP_SOCKETS=${UDP_SOCKETS:-16}
 UDP_RATE=${UDP_RATE:-0}
@@ -131,6 +134,10 @@ if [ -n "$OFFLOAD" ]; then
   else
     echo "== OFFLOAD=$OFFLOAD ignored: this tun-balancer does not accept balancer.offload"
   fi
+fi
+if [ -n "$IO_URING" ]; then
+  OFFLOAD_LINE="$OFFLOAD_LINE
+io_uring = true"
 fi
 
 # --- topology ----------------------------------------------------------------------------------
@@ -532,7 +539,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off}; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off}; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

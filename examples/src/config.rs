@@ -12,6 +12,8 @@
 //! queues = 1                 # optional: TUN queues = data-path threads (multi-queue when > 1)
 //! offload = true             # optional: virtio-net header with checksum and segmentation
 //!                            # offloads (TSO, USO): 64 KiB super-packets in and out (default on)
+//! io_uring = false           # optional: write each batch's packets with one io_uring submission
+//!                            # instead of a writev each (default off; see README, Throughput)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
 //! mac = "02:00:5e:10:00:01"  # optional: source MAC of mode "dr" frames
 //! hash_key = "..."           # optional: secret passphrase (16+ characters) keying the flow
@@ -290,6 +292,8 @@ pub struct Config {
     /// Open the device with the virtio-net header and checksum / segmentation offloads
     /// (`balancer.offload`, default on).
     pub offload: bool,
+    /// Write each batch through io_uring (`balancer.io_uring`, default off).
+    pub io_uring: bool,
     /// The data path: services and backends.
     pub dataplane: DataplaneSpec,
     /// Health checks, one per service, in the order of `dataplane.services`.
@@ -461,6 +465,7 @@ struct RawBalancer {
     stats: Option<Spanned<String>>,
     queues: Option<Spanned<u64>>,
     offload: Option<Spanned<bool>>,
+    io_uring: Option<Spanned<bool>>,
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
     hash_key: Option<Spanned<String>>,
@@ -663,6 +668,7 @@ impl Validator<'_> {
             None => 1,
         };
         let offload = b.offload.as_ref().is_none_or(|o| *o.get_ref());
+        let io_uring = b.io_uring.as_ref().is_some_and(|o| *o.get_ref());
         let mtu = match &b.mtu {
             Some(m) => self.int(m, "balancer.mtu", 1280, 9000)? as u16,
             None => 1500,
@@ -785,6 +791,7 @@ impl Validator<'_> {
             stats,
             queues,
             offload,
+            io_uring,
             dataplane: spec,
             health,
             hash_key,
@@ -2101,6 +2108,13 @@ addr = "[2001:db8:51::11]:53"
         );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn io_uring_is_off_unless_asked() {
+        assert!(!Config::parse(GOOD, "t.toml").unwrap().io_uring);
+        let t = with("stats = \"127.0.0.1:9100\"", "io_uring = true");
+        assert!(Config::parse(&t, "t.toml").unwrap().io_uring);
     }
 
     #[test]

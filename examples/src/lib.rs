@@ -34,3 +34,4 @@ pub mod runtime;
 pub mod sim;
 pub mod stats_server;
 pub mod sys;
+pub mod uring;

@@ -224,7 +224,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     set_link_up(&cfg.device).map_err(|e| format!("cannot set {} up: {e}", cfg.device))?;
     tracing::info!(
         device = %cfg.device, ?kind, queues = queues.len(), services = cfg.dataplane.services.len(),
-        offload = cfg.offload, uso = queues.first().is_some_and(TunQueue::uso),
+        offload = cfg.offload, uso = queues.first().is_some_and(TunQueue::uso), io_uring = cfg.io_uring,
         "tun-balancer started"
     );
     let link = if kind == DeviceKind::Tap {
@@ -278,9 +278,14 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     let mut workers = Vec::new();
     for (i, q) in queues.into_iter().enumerate() {
         let sh = shared.clone();
+        let io_uring = cfg.io_uring;
+        if io_uring {
+            // Fail at start, not in the thread, if io_uring cannot be set up here.
+            crate::uring::UringTx::new().map_err(|e| format!("io_uring: {e}"))?;
+        }
         let h = std::thread::Builder::new()
             .name(format!("datapath-{i}"))
-            .spawn(move || datapath(i, q, &sh, epoch, link))
+            .spawn(move || datapath(i, q, &sh, epoch, link, io_uring))
             .map_err(|e| e.to_string())?;
         workers.push(h);
     }
@@ -336,7 +341,11 @@ const BATCH: usize = 32;
 const MAX_PACKET: usize = 65_536 + 64;
 
 /// One data-path thread: read a batch, process it under the lock, write it, until told to stop.
-fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Link) {
+fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Link, io_uring: bool) {
+    // (Checked at start: it worked then.)
+    let mut uring = io_uring
+        .then(crate::uring::UringTx::new)
+        .and_then(Result::ok);
     // Buffers for one batch, allocated once: headroom + the largest packet a device hands out.
     // With offloads on, each read puts the virtio-net header in the last bytes of the headroom,
     // right before the packet.
@@ -456,8 +465,27 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Lin
         {
             sh.ha.forwarded();
         }
+        if let Some(u) = uring.as_mut() {
+            // The batch's forwarded packets in one submission (the rest below, in order).
+            let out = verdicts[..n]
+                .iter()
+                .zip(&bufs[..n])
+                .zip(&hdrs[..n])
+                .filter_map(|((v, b), h)| match *v {
+                    Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                        Some((h, &b[start..start + len]))
+                    }
+                    _ => None,
+                });
+            match u.write_all(q.raw_fd(), vnet, out) {
+                Ok(w) if w.failed > 0 => tx.failed(w.failed, w.last_error, sh, i),
+                Ok(_) => {}
+                Err(e) => tx.failed(1, e.raw_os_error().unwrap_or(0), sh, i),
+            }
+        }
         for k in 0..n {
             match verdicts[k] {
+                Verdict::Forward { .. } | Verdict::Reply { .. } if uring.is_some() => {}
                 Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
                     tx.send(&mut q, vnet, &hdrs[k], &bufs[k][start..start + len], sh, i);
                 }
@@ -504,6 +532,17 @@ impl Tx {
             if self.errors.is_power_of_two() {
                 tracing::warn!(queue = i, errors = self.errors, "write failed: {e}");
             }
+        }
+    }
+
+    /// `n` writes failed, the last with `errno` (an io_uring batch).
+    fn failed(&mut self, n: u64, errno: i32, sh: &Shared, i: usize) {
+        let before = self.errors;
+        self.errors += n;
+        sh.tx_errors.fetch_add(n, Ordering::Relaxed);
+        if self.errors.next_power_of_two() != before.next_power_of_two() || before == 0 {
+            let e = std::io::Error::from_raw_os_error(errno);
+            tracing::warn!(queue = i, errors = self.errors, "write failed: {e}");
         }
     }
 }
@@ -843,10 +882,11 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
     if new.device != old.device
         || new.queues != old.queues
         || new.offload != old.offload
+        || new.io_uring != old.io_uring
         || new.needs_tap() != old.needs_tap()
     {
         return Err(
-            "balancer.device, balancer.queues, balancer.offload and the device kind need a restart"
+            "balancer.device, balancer.queues, balancer.offload, balancer.io_uring and the device kind need a restart"
                 .into(),
         );
     }

@@ -235,6 +235,11 @@ impl TunQueue {
         self.file.write(buf)
     }
 
+    /// The queue's file descriptor (for io_uring submissions).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Waits up to `timeout_ms` for a packet to read; `Ok(false)` on timeout.
     ///
     /// # Errors

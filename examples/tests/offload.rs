@@ -196,13 +196,15 @@ fn offload_nat_and_dnat_rewrite_super_packets_whole() {
     if !need_root() || !need_tool("curl") {
         return;
     }
-    for mode in ["nat", "dnat"] {
-        let mut lab = Lab::new(&format!("off{mode}"));
+    // The third round writes through io_uring (`balancer.io_uring`).
+    for (mode, uring) in [("nat", false), ("dnat", false), ("nat", true)] {
+        let mut lab = Lab::new(&format!("off{mode}{}", if uring { "u" } else { "" }));
         let t = lab.topology(3);
         let sums = servers(&mut lab, &t);
         let cfg = format!(
             "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
-             conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\noffload = true\n{}",
+             conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\noffload = true\n\
+             io_uring = {uring}\n{}",
             services(mode, "", 1)
         );
         let mut routes = vec!["203.0.113.10/32 dev lb0", "2001:db8:10::10/128 dev lb0"];
@@ -221,8 +223,15 @@ fn offload_nat_and_dnat_rewrite_super_packets_whole() {
                 );
             }
         }
-        println!("mode {mode}:");
+        println!("mode {mode}{}:", if uring { ", io_uring" } else { "" });
         check(&lab, &t, &sums, false);
+        if uring {
+            assert!(
+                lab.log("balancer").contains("io_uring=true"),
+                "the balancer does not say it writes through io_uring: {}",
+                lab.log("balancer")
+            );
+        }
         if need_tool("ethtool") {
             // A receiver on a veth trusts a partial checksum without looking at it. With the
             // balancer namespace's own ports unable to checksum or segment, its kernel

@@ -3,9 +3,10 @@
 //! (`io_uring_enter`) instead of one `writev` each.
 //!
 //! Only the write side: reads stay `read()` calls on the non-blocking queue, which stop at the
-//! first `EAGAIN` (an io_uring read of a TUN queue with nothing queued would have to be armed
-//! and cancelled every batch). The packets are written in batch order; the call returns once
-//! the kernel has taken all of them (a TUN write never waits for room).
+//! first `EAGAIN`. Batching them too (a batch of `RWF_NOWAIT` reads in one submission) measured
+//! no gain over batching the writes alone (benches/results/throughput.md). The packets are
+//! written in batch order; the call returns once every entry has completed, so the buffers the
+//! entries point at are the caller's again (a TUN write never waits for room).
 //!
 //! `unsafe` is limited to pushing submission entries: the kernel reads the buffers they point
 //! at until their completions are reaped, which happens before `write_all` returns.
@@ -107,6 +108,8 @@ impl UringTx {
                 // per chunk, all reaped before the next).
                 let pushed = unsafe { self.ring.submission().push(&sqe) };
                 if pushed.is_err() {
+                    // (Cannot happen: the ring is empty at the start of a chunk.)
+                    out.failed += 1;
                     break;
                 }
                 queued += 1;
@@ -114,14 +117,33 @@ impl UringTx {
             if queued == 0 {
                 break;
             }
-            self.ring.submit_and_wait(queued)?;
-            for cqe in self.ring.completion() {
-                if cqe.result() < 0 {
-                    out.failed += 1;
-                    out.last_error = -cqe.result();
-                } else {
-                    out.ok += 1;
+            // Every entry must complete before its buffers are touched again: a signal only
+            // interrupts the wait. After a hard error (the ring itself failing) the ring is
+            // replaced, and the entries it never took go with it.
+            let mut reaped = 0;
+            let mut wait = queued;
+            loop {
+                match self.ring.submit_and_wait(wait) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.ring = IoUring::new(ENTRIES)?;
+                        return Err(e);
+                    }
                 }
+                for cqe in self.ring.completion() {
+                    reaped += 1;
+                    if cqe.result() < 0 {
+                        out.failed += 1;
+                        out.last_error = -cqe.result();
+                    } else {
+                        out.ok += 1;
+                    }
+                }
+                if reaped >= queued {
+                    break;
+                }
+                wait = queued - reaped;
             }
         }
         Ok(out)

@@ -46,7 +46,7 @@ pub struct Written {
 }
 
 impl UringTx {
-    /// A ring of [`ENTRIES`] entries.
+    /// A ring of 64 entries (two batches' worth).
     ///
     /// # Errors
     /// `io_uring_setup` failed (a kernel without io_uring, or with it disabled).

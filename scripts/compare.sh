@@ -33,6 +33,9 @@
 #             its write() (default: unset, no steering)
 #   IO_URING  set: balancer.io_uring = true (each batch's packets written with one io_uring
 #             submission instead of a writev each)
+#   UDP_COALESCE  off: balancer.udp_coalesce = false (each datagram written on its own instead of
+#             a batch's runs of one flow's datagrams as one UDP GSO super-packet; default: the
+#             balancer's default, on)
 #   GRO       set: GRO with UDP GRO forwarding on the balancer's ingress veth (c1), so the kernel
 #             hands a TUN with USO one super-packet per flow and NAPI poll instead of each
 #             datagram (default: unset, the veth's defaults)
@@ -52,6 +55,7 @@ OFFLOAD=${OFFLOAD:-}
 RPS=${RPS:-}
 GRO=${GRO:-}
 IO_URING=${IO_URING:-}
+UDP_COALESCE=${UDP_COALESCE:-}
 T=${SECONDS_RUN:-5}
 UDP_SOCKETS=${UDP_SOCKETS:-16}
 UDP_RATE=${UDP_RATE:-0}
@@ -135,6 +139,12 @@ if [ -n "$OFFLOAD" ]; then
     echo "== OFFLOAD=$OFFLOAD ignored: this tun-balancer does not accept balancer.offload"
   fi
 fi
+case $UDP_COALESCE in
+  "" | on) ;;
+  off) OFFLOAD_LINE="$OFFLOAD_LINE
+udp_coalesce = false" ;;
+  *) echo "compare: UDP_COALESCE must be on or off" >&2; exit 1 ;;
+esac
 if [ -n "$IO_URING" ]; then
   OFFLOAD_LINE="$OFFLOAD_LINE
 io_uring = true"
@@ -539,7 +549,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off}; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} UDP_COALESCE=${UDP_COALESCE:-on}; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

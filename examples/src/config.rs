@@ -13,6 +13,8 @@
 //! offload = true             # optional: virtio-net header with checksum and segmentation
 //!                            # offloads (TSO, USO): 64 KiB super-packets in and out (default on)
 //! io_uring = false           # optional: write each batch's packets with one io_uring submission
+//! udp_coalesce = true        # optional: merge a batch's runs of one flow's UDP datagrams into one
+//!                            # UDP GSO write (needs offload and the kernel's USO; default on)
 //!                            # instead of a writev each (default off; see README, Throughput)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
 //! mac = "02:00:5e:10:00:01"  # optional: source MAC of mode "dr" frames
@@ -294,6 +296,10 @@ pub struct Config {
     pub offload: bool,
     /// Write each batch through io_uring (`balancer.io_uring`, default off).
     pub io_uring: bool,
+    /// Merge each batch's runs of one flow's UDP datagrams into UDP GSO super-packets
+    /// (`balancer.udp_coalesce`, default on; it takes effect with `offload` on a TUN device
+    /// whose kernel took the USO offloads).
+    pub udp_coalesce: bool,
     /// The data path: services and backends.
     pub dataplane: DataplaneSpec,
     /// Health checks, one per service, in the order of `dataplane.services`.
@@ -466,6 +472,7 @@ struct RawBalancer {
     queues: Option<Spanned<u64>>,
     offload: Option<Spanned<bool>>,
     io_uring: Option<Spanned<bool>>,
+    udp_coalesce: Option<Spanned<bool>>,
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
     hash_key: Option<Spanned<String>>,
@@ -669,6 +676,7 @@ impl Validator<'_> {
         };
         let offload = b.offload.as_ref().is_none_or(|o| *o.get_ref());
         let io_uring = b.io_uring.as_ref().is_some_and(|o| *o.get_ref());
+        let udp_coalesce = b.udp_coalesce.as_ref().is_none_or(|o| *o.get_ref());
         let mtu = match &b.mtu {
             Some(m) => self.int(m, "balancer.mtu", 1280, 9000)? as u16,
             None => 1500,
@@ -792,6 +800,7 @@ impl Validator<'_> {
             queues,
             offload,
             io_uring,
+            udp_coalesce,
             dataplane: spec,
             health,
             hash_key,
@@ -2108,6 +2117,15 @@ addr = "[2001:db8:51::11]:53"
         );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn udp_coalescing_is_on_unless_turned_off() {
+        assert!(Config::parse(GOOD, "t.toml").unwrap().udp_coalesce);
+        let t = with("stats = \"127.0.0.1:9100\"", "udp_coalesce = false");
+        assert!(!Config::parse(&t, "t.toml").unwrap().udp_coalesce);
+        let t = with("stats = \"127.0.0.1:9100\"", "udp_coalesce = 1");
+        assert!(Config::parse(&t, "t.toml").is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@ use crate::sys::{set_link_up, DeviceKind, TunQueue};
 use lb_dataplane::{
     ControlPlane, Dataplane, DataplaneOptions, Reload, Stats, TableStats, Verdict, HEADROOM,
 };
+use lb_packet::gro::{coalesce_udp, Outgoing};
 use lb_packet::offload::{Segmenter, VnetHdr, VNET_HDR_LEN};
 use lb_packet::Link;
 
@@ -52,6 +53,9 @@ struct Shared {
     dp: Mutex<Dataplane>,
     labels: Mutex<Vec<BackendLabel>>,
     tx_errors: AtomicU64,
+    /// UDP super-packets written by coalescing, and the datagrams merged into them.
+    udp_coalesced: AtomicU64,
+    udp_coalesced_datagrams: AtomicU64,
     /// Reloads applied, and rejected (the running configuration kept).
     reloads: AtomicU64,
     reloads_rejected: AtomicU64,
@@ -88,6 +92,10 @@ impl Shared {
             self.reloads.load(Ordering::Relaxed),
             self.reloads_rejected.load(Ordering::Relaxed),
         );
+        let (coalesced, coalesced_datagrams) = (
+            self.udp_coalesced.load(Ordering::Relaxed),
+            self.udp_coalesced_datagrams.load(Ordering::Relaxed),
+        );
         match f {
             Format::Explain(_) => String::new(),
             Format::Json => {
@@ -99,6 +107,8 @@ impl Shared {
                         for (k, x) in splice.pairs() {
                             v["splice"][k] = x.into();
                         }
+                        v["offload"]["udp_coalesced"] = coalesced.into();
+                        v["offload"]["udp_coalesced_datagrams"] = coalesced_datagrams.into();
                         if self.has_ha {
                             v["ha"] = self.ha.json();
                         }
@@ -119,6 +129,10 @@ impl Shared {
                 o.push_str(&format!(
                     "# HELP lb_tx_errors_total Writes to the device that failed.\n# TYPE lb_tx_errors_total counter\nlb_tx_errors_total {}\n",
                     self.tx_errors.load(Ordering::Relaxed)
+                ));
+                o.push_str(&format!(
+                    "# HELP lb_udp_coalesced_total UDP GSO super-packets written by coalescing a batch's datagrams.\n# TYPE lb_udp_coalesced_total counter\nlb_udp_coalesced_total {coalesced}\n\
+                     # HELP lb_udp_coalesced_datagrams_total Datagrams merged into those super-packets.\n# TYPE lb_udp_coalesced_datagrams_total counter\nlb_udp_coalesced_datagrams_total {coalesced_datagrams}\n"
                 ));
                 // The splice path's counters (the same names as in the JSON's "splice").
                 for (k, x) in splice.pairs() {
@@ -221,10 +235,16 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     };
     let queues = TunQueue::open_queues(&cfg.device, kind, cfg.queues, cfg.offload)
         .map_err(|e| format!("cannot open {kind:?} device {}: {e}", cfg.device))?;
+    // UDP coalescing writes UDP GSO super-packets: a TUN device (packets start at the IP
+    // header) whose kernel took the USO offloads.
+    let coalesce = cfg.udp_coalesce
+        && kind == DeviceKind::Tun
+        && queues.first().is_some_and(|q| q.vnet() && q.uso());
     set_link_up(&cfg.device).map_err(|e| format!("cannot set {} up: {e}", cfg.device))?;
     tracing::info!(
         device = %cfg.device, ?kind, queues = queues.len(), services = cfg.dataplane.services.len(),
         offload = cfg.offload, uso = queues.first().is_some_and(TunQueue::uso), io_uring = cfg.io_uring,
+        udp_coalesce = coalesce,
         "tun-balancer started"
     );
     let link = if kind == DeviceKind::Tap {
@@ -256,6 +276,8 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         dp: Mutex::new(dp),
         labels: Mutex::new(labels(&cp)),
         tx_errors: AtomicU64::new(0),
+        udp_coalesced: AtomicU64::new(0),
+        udp_coalesced_datagrams: AtomicU64::new(0),
         reloads: AtomicU64::new(0),
         reloads_rejected: AtomicU64::new(0),
         ha: HaShared::new(queues.len()),
@@ -285,7 +307,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         }
         let h = std::thread::Builder::new()
             .name(format!("datapath-{i}"))
-            .spawn(move || datapath(i, q, &sh, epoch, link, io_uring))
+            .spawn(move || datapath(i, q, &sh, epoch, link, io_uring, coalesce))
             .map_err(|e| e.to_string())?;
         workers.push(h);
     }
@@ -341,7 +363,15 @@ const BATCH: usize = 32;
 const MAX_PACKET: usize = 65_536 + 64;
 
 /// One data-path thread: read a batch, process it under the lock, write it, until told to stop.
-fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Link, io_uring: bool) {
+fn datapath(
+    i: usize,
+    mut q: TunQueue,
+    sh: &Shared,
+    epoch: StdInstant,
+    link: Link,
+    io_uring: bool,
+    coalesce: bool,
+) {
     // (Checked at start: it worked then.)
     let mut uring = io_uring
         .then(crate::uring::UringTx::new)
@@ -355,6 +385,8 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Lin
     let mut lens = [0usize; BATCH];
     let mut hdrs = [VnetHdr::NONE; BATCH];
     let mut verdicts = [Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
+    // What each packet of the batch writes (after UDP coalescing, if on).
+    let mut outs: [Option<Outgoing>; BATCH] = [None; BATCH];
     // Super-packets the data path asks to cut (tunnel mode, SIP) are cut into these, once
     // allocated.
     let mut cut = Cutter::default();
@@ -465,18 +497,31 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Lin
         {
             sh.ha.forwarded();
         }
+        for k in 0..n {
+            outs[k] = match verdicts[k] {
+                Verdict::Forward { start, len } | Verdict::Reply { start, len } => Some(Outgoing {
+                    start,
+                    len,
+                    hdr: hdrs[k],
+                }),
+                _ => None,
+            };
+        }
+        if coalesce {
+            let c = coalesce_udp(&mut bufs[..n], &mut outs[..n]);
+            if c.super_packets > 0 {
+                sh.udp_coalesced
+                    .fetch_add(u64::from(c.super_packets), Ordering::Relaxed);
+                sh.udp_coalesced_datagrams
+                    .fetch_add(u64::from(c.datagrams), Ordering::Relaxed);
+            }
+        }
         if let Some(u) = uring.as_mut() {
             // The batch's forwarded packets in one submission (the rest below, in order).
-            let out = verdicts[..n]
+            let out = outs[..n]
                 .iter()
                 .zip(&bufs[..n])
-                .zip(&hdrs[..n])
-                .filter_map(|((v, b), h)| match *v {
-                    Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
-                        Some((h, &b[start..start + len]))
-                    }
-                    _ => None,
-                });
+                .filter_map(|(o, b)| o.as_ref().map(|o| (&o.hdr, &b[o.start..o.start + o.len])));
             match u.write_all(q.raw_fd(), vnet, out) {
                 Ok(w) if w.failed > 0 => tx.failed(w.failed, w.last_error, sh, i),
                 Ok(_) => {}
@@ -485,9 +530,18 @@ fn datapath(i: usize, mut q: TunQueue, sh: &Shared, epoch: StdInstant, link: Lin
         }
         for k in 0..n {
             match verdicts[k] {
-                Verdict::Forward { .. } | Verdict::Reply { .. } if uring.is_some() => {}
-                Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
-                    tx.send(&mut q, vnet, &hdrs[k], &bufs[k][start..start + len], sh, i);
+                Verdict::Forward { .. } | Verdict::Reply { .. } => {
+                    // Merged into an earlier packet's super-packet, or written through io_uring.
+                    if let (Some(o), None) = (outs[k], uring.as_ref()) {
+                        tx.send(
+                            &mut q,
+                            vnet,
+                            &o.hdr,
+                            &bufs[k][o.start..o.start + o.len],
+                            sh,
+                            i,
+                        );
+                    }
                 }
                 Verdict::Segment => {
                     let pkt = &bufs[k][HEADROOM..HEADROOM + lens[k]];
@@ -883,10 +937,12 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
         || new.queues != old.queues
         || new.offload != old.offload
         || new.io_uring != old.io_uring
+        || new.udp_coalesce != old.udp_coalesce
         || new.needs_tap() != old.needs_tap()
     {
         return Err(
-            "balancer.device, balancer.queues, balancer.offload, balancer.io_uring and the device kind need a restart"
+            "balancer.device, balancer.queues, balancer.offload, balancer.io_uring, \
+             balancer.udp_coalesce and the device kind need a restart"
                 .into(),
         );
     }

@@ -171,6 +171,27 @@ fn services(mode: &str, extra: &str, backend_port: u16) -> String {
     c
 }
 
+/// Starts the balancer with `cfg` for a `nat` or `dnat` service set: routes for the VIPs (and
+/// in `nat` the SNAT addresses) into lb0; in `dnat` the backends answer the client's own
+/// address, through the balancer's namespace, which hands everything arriving from the
+/// backends' bridge to lb0.
+fn start_nat_or_dnat(lab: &mut Lab, t: &Topo, mode: &str, cfg: &str) {
+    let mut routes = vec!["203.0.113.10/32 dev lb0", "2001:db8:10::10/128 dev lb0"];
+    if mode == "nat" {
+        routes.extend(["203.0.113.100/32 dev lb0", "2001:db8:100::100/128 dev lb0"]);
+    }
+    lab.start_balancer(t, "lb0", cfg, &routes);
+    if mode == "dnat" {
+        for fam in ["", "-6 "] {
+            lab.ip(&t.balancer, &format!("{fam}rule add iif br0 lookup 100"));
+            lab.ip(
+                &t.balancer,
+                &format!("{fam}route add default dev lb0 table 100"),
+            );
+        }
+    }
+}
+
 /// Checks a mode: transfers both families, then the counters.
 fn check(lab: &Lab, t: &Topo, sums: &[String], cut: bool) {
     for vip in [VIP4, VIP6] {
@@ -207,22 +228,7 @@ fn offload_nat_and_dnat_rewrite_super_packets_whole() {
              io_uring = {uring}\n{}",
             services(mode, "", 1)
         );
-        let mut routes = vec!["203.0.113.10/32 dev lb0", "2001:db8:10::10/128 dev lb0"];
-        if mode == "nat" {
-            routes.extend(["203.0.113.100/32 dev lb0", "2001:db8:100::100/128 dev lb0"]);
-        }
-        lab.start_balancer(&t, "lb0", &cfg, &routes);
-        if mode == "dnat" {
-            // The backends answer the client's own address, through the balancer's namespace,
-            // which hands everything arriving from the backends' bridge to lb0.
-            for fam in ["", "-6 "] {
-                lab.ip(&t.balancer, &format!("{fam}rule add iif br0 lookup 100"));
-                lab.ip(
-                    &t.balancer,
-                    &format!("{fam}route add default dev lb0 table 100"),
-                );
-            }
-        }
+        start_nat_or_dnat(&mut lab, &t, mode, &cfg);
         println!("mode {mode}{}:", if uring { ", io_uring" } else { "" });
         check(&lab, &t, &sums, false);
         if uring {
@@ -437,4 +443,200 @@ fn offload_splice_translates_super_packets_whole_once_spliced() {
         more > whole,
         "no super-packet translated in the second pass"
     );
+}
+
+/// Receives on :5300 (both families) the datagrams of [`UDP_SENDER`], checks each one's length
+/// and contents, and per flow (source address, port and the flow byte) its order; writes its
+/// counts as JSON to `argv[1]` whenever it has been idle for 0.3 s.
+const UDP_CHECKER: &str = r#"
+import json, os, socket, sys
+out = sys.argv[1]
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.bind(("::", 5300))
+s.settimeout(0.3)
+pat = bytes(range(256)) * 260
+st = {"got": 0, "bad": 0, "reordered": 0, "gaps": 0, "flows": 0}
+last = {}
+def dump():
+    with open(out + ".tmp", "w") as f:
+        json.dump(st, f)
+    os.replace(out + ".tmp", out)
+dump()
+while True:
+    try:
+        b, addr = s.recvfrom(65536)
+    except socket.timeout:
+        dump()
+        continue
+    st["got"] += 1
+    if len(b) < 7:
+        st["bad"] += 1
+        continue
+    flow, seq, size = b[0], int.from_bytes(b[1:5], "big"), int.from_bytes(b[5:7], "big")
+    o = (flow + seq) & 0xFF
+    if len(b) != size or b[7:] != pat[o:o + size - 7]:
+        st["bad"] += 1
+        continue
+    k = (addr[0], addr[1], flow)
+    prev = last.get(k)
+    if prev is None:
+        st["flows"] += 1
+        prev = -1
+    if seq <= prev:
+        st["reordered"] += 1
+    elif seq != prev + 1:
+        st["gaps"] += 1
+    last[k] = max(seq, prev)
+"#;
+
+/// Sends bursts of numbered datagrams to `argv[1]:5300` from `argv[2]` sockets (flows), each
+/// burst one `UDP_SEGMENT` send (10–40 datagrams of 64, 200 or 1 400 bytes, every fourth with
+/// a shorter last one) that the client's kernel cuts into back-to-back datagrams; prints the
+/// number sent.
+const UDP_SENDER: &str = r#"
+import socket, sys, time
+vip, flows, bursts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+pat = bytes(range(256)) * 260
+def dgram(flow, seq, size):
+    o = (flow + seq) & 0xFF
+    return bytes([flow]) + seq.to_bytes(4, "big") + size.to_bytes(2, "big") + pat[o:o + size - 7]
+socks = []
+for f in range(flows):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.connect((vip, 5300))
+    socks.append(s)
+seqs, sent = [0] * flows, 0
+for b in range(bursts):
+    for f, s in enumerate(socks):
+        size = (64, 200, 1400)[(b + f) % 3]
+        n = 10 + (b * 7 + f) % 31
+        parts = []
+        for i in range(n):
+            short = (b + f) % 4 == 0 and i == n - 1
+            parts.append(dgram(f, seqs[f], size // 2 if short else size))
+            seqs[f] += 1
+        s.setsockopt(socket.SOL_UDP, 103, size)  # UDP_SEGMENT
+        s.send(b"".join(parts))
+        sent += n
+    time.sleep(0.003)
+print(sent)
+"#;
+
+/// The checkers' counts, summed over the backends, once every checker has been idle.
+fn udp_counts(files: &[std::path::PathBuf], want: u64) -> serde_json::Value {
+    let mut total = serde_json::json!({});
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        total = serde_json::json!({"got": 0, "bad": 0, "reordered": 0, "gaps": 0, "flows": 0});
+        for f in files {
+            let s: serde_json::Value = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
+            for k in ["got", "bad", "reordered", "gaps", "flows"] {
+                total[k] = (total[k].as_u64().unwrap_or(0) + s[k].as_u64().unwrap_or(0)).into();
+            }
+        }
+        if total["got"].as_u64() >= Some(want) {
+            break;
+        }
+    }
+    total
+}
+
+#[test]
+fn offload_udp_bursts_are_coalesced_and_arrive_whole_and_in_order() {
+    if !need_root() || !need_tool("ethtool") {
+        return;
+    }
+    for mode in ["nat", "dnat"] {
+        let mut lab = Lab::new(&format!("offudp{mode}"));
+        let t = lab.topology(3);
+        let checker = lab.write("udp_checker.py", UDP_CHECKER);
+        let mut files = Vec::new();
+        for b in t.backends.clone() {
+            let f = lab.dir.join(format!("udp-{}.json", b.name));
+            let (c, o) = (
+                checker.to_string_lossy().into_owned(),
+                f.to_string_lossy().into_owned(),
+            );
+            lab.spawn(&b.ns, &format!("udpcheck-{}", b.name), &[python(), &c, &o]);
+            lab.wait_listen(&b.ns, "udp", 5300);
+            files.push(f);
+        }
+        let mut cfg = String::from(
+            "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
+             conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\noffload = true\n",
+        );
+        for (vip, pre) in [("203.0.113.10", "198.51.100."), ("[2001:db8:10::10]", "")] {
+            cfg.push_str(&format!(
+                "\n[[service]]\nvip = \"{vip}:5300\"\nproto = \"udp\"\nmode = \"{mode}\"\n\
+                 scheduler = \"maglev\"\n[service.health]\nkind = \"none\"\n"
+            ));
+            for i in 1..=3 {
+                let addr = if pre.is_empty() {
+                    format!("[2001:db8:b::{}]:5300", 10 + i)
+                } else {
+                    format!("{pre}{}:5300", 10 + i)
+                };
+                cfg.push_str(&format!("[[service.backend]]\naddr = \"{addr}\"\n"));
+            }
+        }
+        start_nat_or_dnat(&mut lab, &t, mode, &cfg);
+        // The client's kernel cuts its UDP GSO sends itself: the balancer reads the datagrams
+        // of a burst one by one, back to back.
+        lab.sh(&t.client, "ethtool -K c0 tx-udp-segmentation off");
+        let sender = lab.write("udp_sender.py", UDP_SENDER);
+        let (mut sent, mut merged_before) = (0u64, 0u64);
+        // The second pass with checksums computed by the client and not vouched for by the
+        // balancer's veth: the balancer verifies each datagram's before it merges it, and the
+        // backends verify the super-packets' (the balancer's ports compute them in software).
+        for pass in ["partial checksums", "full checksums"] {
+            if pass == "full checksums" {
+                lab.sh(&t.client, "ethtool -K c0 tx off");
+                for p in ["c1", "b1", "b2", "b3"] {
+                    lab.sh(&t.balancer, &format!("ethtool -K {p} rx off tx off"));
+                }
+            }
+            let sent_before = sent;
+            for vip in [VIP4, VIP6] {
+                let out = lab.sh(
+                    &t.client,
+                    &format!("{} '{}' {vip} 4 60", python(), sender.display()),
+                );
+                sent += out.trim().parse::<u64>().unwrap_or(0);
+            }
+            let c = udp_counts(&files, sent);
+            let s = lab.balancer_stats(&t);
+            let o = &s["offload"];
+            println!(
+                "mode {mode}, {pass}: sent {sent}, backends {c}; balancer offload {o}, drops {}",
+                s["drops"]
+            );
+            assert_eq!(c["bad"], 0, "{mode}, {pass}: corrupted datagrams");
+            assert_eq!(c["reordered"], 0, "{mode}, {pass}: datagrams out of order");
+            assert_eq!(c["gaps"], 0, "{mode}, {pass}: datagrams lost");
+            assert_eq!(
+                c["got"].as_u64(),
+                Some(sent),
+                "{mode}, {pass}: datagrams delivered"
+            );
+            // Most bursts reach the balancer whole; a quarter of the datagrams merged is far
+            // below what it does, far above what chance would give.
+            let merged = o["udp_coalesced_datagrams"].as_u64().unwrap_or(0);
+            assert!(
+                merged - merged_before > (sent - sent_before) / 4,
+                "{mode}, {pass}: too little was coalesced ({o})"
+            );
+            merged_before = merged;
+        }
+        assert!(
+            lab.log("balancer").contains("udp_coalesce=true"),
+            "the balancer does not say it coalesces: {}",
+            lab.log("balancer")
+        );
+    }
 }

@@ -16,6 +16,9 @@
 //! - [`dr`]: direct routing (MAC rewrite).
 //! - [`splice`]: TCP sequence / acknowledgement (and SACK) translation.
 //! - [`sip`]: SIP Call-ID extraction, the layer-5 affinity key.
+//! - [`offload`]: the virtio-net header of a TUN/TAP device with offloads (GSO super-packets,
+//!   partial checksums) and the segmentation the kernel would do; [`gro`]: runs of one flow's UDP
+//!   datagrams merged into UDP GSO super-packets on the way out.
 //! - [`checksum`]: the RFC 1071 / 1624 arithmetic, usable on its own.
 //!
 //! The drive loop of a balancer: `parse` → look up / choose the backend by `parsed.key` →
@@ -52,6 +55,7 @@ pub mod checksum;
 pub mod dr;
 mod error;
 mod frag;
+pub mod gro;
 pub mod icmp;
 pub mod l5head;
 pub mod nat;

@@ -11,7 +11,7 @@
 #        nft      kernel nftables full NAT (dnat to jhash ... map + snat), the kernel's own CPU
 #        haproxy  HAProxy mode tcp, nbthread 1 (no UDP)
 #        nat dnat tunnel   tun-balancer in that mode (tunnel: IPIP, lb-decap or the kernel's ipip
-#                 on the backends)
+#                 on the backends; or GUE with TUNNEL=gue, lb-decap)
 #
 # Needs root (network namespaces). Every address is a documentation range inside namespaces this
 # script creates (cmp-<pid>-*) and removes on exit; nothing is sent outside them. Not run in CI.
@@ -33,6 +33,8 @@
 #             its write() (default: unset, no steering)
 #   IO_URING  set: balancer.io_uring = true (each batch's packets written with one io_uring
 #             submission instead of a writev each)
+#   TUNNEL    ipip|gue: the encapsulation of mode tunnel (default ipip; gue: lb-decap on the
+#             backends always, --gue-port 6080)
 #   UDP_COALESCE  off: balancer.udp_coalesce = false (each datagram written on its own instead of
 #             a batch's runs of one flow's datagrams as one UDP GSO super-packet; default: the
 #             balancer's default, on)
@@ -56,6 +58,8 @@ RPS=${RPS:-}
 GRO=${GRO:-}
 IO_URING=${IO_URING:-}
 UDP_COALESCE=${UDP_COALESCE:-}
+TUNNEL=${TUNNEL:-ipip}
+case $TUNNEL in ipip | gue) ;; *) echo "compare: TUNNEL must be ipip or gue" >&2; exit 1 ;; esac
 T=${SECONDS_RUN:-5}
 UDP_SOCKETS=${UDP_SOCKETS:-16}
 UDP_RATE=${UDP_RATE:-0}
@@ -372,7 +376,7 @@ lb_config() { # mode: tun-balancer's configuration (iperf3 by source, UDP and HT
   for svc in "tcp 5201 source" "udp 5300 none" "tcp 8081 none"; do
     set -- $svc
     printf '\n[[service]]\nvip = "%s:%s"\nproto = "%s"\nmode = "%s"\naffinity = "%s"\n' "$VIP" "$2" "$1" "$mode" "$3"
-    [ "$mode" = tunnel ] && printf 'tunnel = "ipip"\n'
+    [ "$mode" = tunnel ] && printf 'tunnel = "%s"\n' "$TUNNEL"
     printf '[service.health]\nkind = "none"\n'
     for i in 1 2 3; do
       port=$2
@@ -389,7 +393,12 @@ start_lb() { # mode: starts tun-balancer, sets BAL_PID
       ns=${B[$((i - 1))]}
       ip -n "$ns" addr add "$VIP/32" dev lo
       ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.lo.rp_filter=0
-      if ip -n "$ns" link add cmpprobe0 type ipip 2>/dev/null; then
+      if [ "$TUNNEL" = gue ]; then
+        spawn "$ns" "decap-b$i" "$DECAP" --device dc0 --gue-port 6080 --allow 203.0.113.0/24
+        for _ in $(seq 100); do ip -n "$ns" link show dc0 2>/dev/null | grep -q UP && break; sleep 0.1; done
+        ip netns exec "$ns" sysctl -qw net.ipv4.conf.dc0.rp_filter=0
+        [ "$i" = 1 ] && echo "   gue: lb-decap decapsulates on the backends (its CPU is the backends')"
+      elif ip -n "$ns" link add cmpprobe0 type ipip 2>/dev/null; then
         ip -n "$ns" link del cmpprobe0
         ip -n "$ns" link set tunl0 up
         ip netns exec "$ns" sysctl -qw net.ipv4.conf.tunl0.rp_filter=0
@@ -549,7 +558,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} UDP_COALESCE=${UDP_COALESCE:-on}; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} UDP_COALESCE=${UDP_COALESCE:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).
@@ -561,14 +570,14 @@ for rnd in $(seq "$ROUNDS"); do
 done
 teardown
 
-python3 - "$RESULTS" <<'PY' | tee "$OUT/table.md"
+python3 - "$RESULTS" "$TUNNEL" <<'PY' | tee "$OUT/table.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 names = {
     "veth": "no balancer: one veth pair (generator ceiling)",
     "nft": "kernel nftables full NAT",
     "haproxy": "HAProxy mode tcp, nbthread 1",
-    "nat": "tun-balancer nat", "dnat": "tun-balancer dnat", "tunnel": "tun-balancer tunnel (IPIP)",
+    "nat": "tun-balancer nat", "dnat": "tun-balancer dnat", "tunnel": f"tun-balancer tunnel ({sys.argv[2].upper()})",
 }
 def rng(vals, fmt):
     vals = [v for v in vals if v is not None]

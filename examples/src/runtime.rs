@@ -42,7 +42,7 @@ use crate::sys::{set_link_up, DeviceKind, TunQueue};
 use lb_dataplane::{
     ControlPlane, Dataplane, DataplaneOptions, Reload, Stats, TableStats, Verdict, HEADROOM,
 };
-use lb_packet::gro::{coalesce_udp, Outgoing};
+use lb_packet::gro::{coalesce_udp, Coalesced, Outgoing};
 use lb_packet::offload::{Segmenter, VnetHdr, VNET_HDR_LEN};
 use lb_packet::Link;
 
@@ -68,6 +68,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts what a coalescing pass merged.
+    fn coalesced(&self, c: Coalesced) {
+        if c.super_packets > 0 {
+            self.udp_coalesced
+                .fetch_add(u64::from(c.super_packets), Ordering::Relaxed);
+            self.udp_coalesced_datagrams
+                .fetch_add(u64::from(c.datagrams), Ordering::Relaxed);
+        }
+    }
+
     fn render(&self, f: Format) -> String {
         let t_now = now(self.epoch);
         if let Format::Explain(q) = &f {
@@ -389,7 +399,10 @@ fn datapath(
     let mut outs: [Option<Outgoing>; BATCH] = [None; BATCH];
     // Super-packets the data path asks to cut (tunnel mode, SIP) are cut into these, once
     // allocated.
-    let mut cut = Cutter::default();
+    let mut cut = Cutter {
+        coalesce,
+        ..Cutter::default()
+    };
     let vnet = q.vnet();
     let pre = if vnet { VNET_HDR_LEN } else { 0 };
     let mut last_housekeeping = StdInstant::now();
@@ -508,13 +521,7 @@ fn datapath(
             };
         }
         if coalesce {
-            let c = coalesce_udp(&mut bufs[..n], &mut outs[..n]);
-            if c.super_packets > 0 {
-                sh.udp_coalesced
-                    .fetch_add(u64::from(c.super_packets), Ordering::Relaxed);
-                sh.udp_coalesced_datagrams
-                    .fetch_add(u64::from(c.datagrams), Ordering::Relaxed);
-            }
+            sh.coalesced(coalesce_udp(&mut bufs[..n], &mut outs[..n]));
         }
         if let Some(u) = uring.as_mut() {
             // The batch's forwarded packets in one submission (the rest below, in order).
@@ -602,12 +609,17 @@ impl Tx {
 }
 
 /// Cuts GSO super-packets the data path cannot forward whole ([`Verdict::Segment`]) into
-/// plain packets, processes those in bursts and writes them.
+/// plain packets, processes those in bursts and writes them. With `coalesce`, what the data
+/// path made of them is coalesced again where it is UDP (a GUE tunnel's outer datagrams, a SIP
+/// stream's datagrams): the kernel then cuts the outer UDP payloads, each the encapsulation of
+/// one segment, as the user-space cut made them.
 #[derive(Default)]
 struct Cutter {
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
     verdicts: Vec<Verdict>,
+    outs: Vec<Option<Outgoing>>,
+    coalesce: bool,
 }
 
 impl Cutter {
@@ -629,6 +641,7 @@ impl Cutter {
                 .collect();
             self.lens = vec![0; BATCH];
             self.verdicts = vec![Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
+            self.outs = vec![None; BATCH];
         }
         let Ok(p) = lb_packet::parse(pkt, link) else {
             return;
@@ -663,14 +676,27 @@ impl Cutter {
                 );
             }
             for k in 0..m {
-                if let Verdict::Forward { start, len } | Verdict::Reply { start, len } =
-                    self.verdicts[k]
-                {
+                self.outs[k] = match self.verdicts[k] {
+                    Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                        Some(Outgoing {
+                            start,
+                            len,
+                            hdr: VnetHdr::NONE,
+                        })
+                    }
+                    _ => None,
+                };
+            }
+            if self.coalesce {
+                sh.coalesced(coalesce_udp(&mut self.bufs[..m], &mut self.outs[..m]));
+            }
+            for k in 0..m {
+                if let Some(o) = self.outs[k] {
                     tx.send(
                         q,
                         q.vnet(),
-                        &VnetHdr::NONE,
-                        &self.bufs[k][start..start + len],
+                        &o.hdr,
+                        &self.bufs[k][o.start..o.start + o.len],
                         sh,
                         i,
                     );

@@ -287,6 +287,19 @@ fn offload_tunnel_cuts_super_packets() {
         );
         println!("mode tunnel {tunnel}:");
         check(&lab, &t, &sums, true);
+        // GUE: the cut segments' outer datagrams (one size per flow, the same outer header)
+        // go to the kernel again as UDP GSO super-packets, which it cuts back at the same
+        // boundaries; IPIP is not UDP and is written a segment at a time.
+        let o = &lab.balancer_stats(&t)["offload"];
+        let merged = o["udp_coalesced_datagrams"].as_u64().unwrap_or(0);
+        if tunnel == "gue" {
+            assert!(
+                merged > o["gso_cut"].as_u64().unwrap_or(0),
+                "gue: the cut segments were not coalesced again ({o})"
+            );
+        } else {
+            assert_eq!(merged, 0, "ipip: nothing is UDP to coalesce ({o})");
+        }
     }
 }
 

@@ -258,7 +258,7 @@ Content-Length: 142\r\n\r\n";
         g.bench_function(name, |b| {
             b.iter(|| {
                 reset(&pkts, &mut bufs, &mut out);
-                coalesce_udp(black_box(&mut bufs), &mut out)
+                coalesce_udp(black_box(&mut bufs), &mut out, Link::Ip)
             })
         });
         if flows == 1 {

@@ -297,8 +297,8 @@ pub struct Config {
     /// Write each batch through io_uring (`balancer.io_uring`, default off).
     pub io_uring: bool,
     /// Merge each batch's runs of one flow's UDP datagrams into UDP GSO super-packets
-    /// (`balancer.udp_coalesce`, default on; it takes effect with `offload` on a TUN device
-    /// whose kernel took the USO offloads).
+    /// (`balancer.udp_coalesce`, default on; it takes effect with `offload` on a TUN or TAP
+    /// device whose kernel took the USO offloads).
     pub udp_coalesce: bool,
     /// The data path: services and backends.
     pub dataplane: DataplaneSpec,

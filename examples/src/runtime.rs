@@ -245,11 +245,9 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     };
     let queues = TunQueue::open_queues(&cfg.device, kind, cfg.queues, cfg.offload)
         .map_err(|e| format!("cannot open {kind:?} device {}: {e}", cfg.device))?;
-    // UDP coalescing writes UDP GSO super-packets: a TUN device (packets start at the IP
-    // header) whose kernel took the USO offloads.
-    let coalesce = cfg.udp_coalesce
-        && kind == DeviceKind::Tun
-        && queues.first().is_some_and(|q| q.vnet() && q.uso());
+    // UDP coalescing writes UDP GSO super-packets: a device whose kernel took the USO
+    // offloads.
+    let coalesce = cfg.udp_coalesce && queues.first().is_some_and(|q| q.vnet() && q.uso());
     set_link_up(&cfg.device).map_err(|e| format!("cannot set {} up: {e}", cfg.device))?;
     tracing::info!(
         device = %cfg.device, ?kind, queues = queues.len(), services = cfg.dataplane.services.len(),
@@ -521,7 +519,7 @@ fn datapath(
             };
         }
         if coalesce {
-            sh.coalesced(coalesce_udp(&mut bufs[..n], &mut outs[..n]));
+            sh.coalesced(coalesce_udp(&mut bufs[..n], &mut outs[..n], link));
         }
         if let Some(u) = uring.as_mut() {
             // The batch's forwarded packets in one submission (the rest below, in order).
@@ -688,7 +686,7 @@ impl Cutter {
                 };
             }
             if self.coalesce {
-                sh.coalesced(coalesce_udp(&mut self.bufs[..m], &mut self.outs[..m]));
+                sh.coalesced(coalesce_udp(&mut self.bufs[..m], &mut self.outs[..m], link));
             }
             for k in 0..m {
                 if let Some(o) = self.outs[k] {

@@ -61,15 +61,7 @@ fn dr_tcp_and_udp_ipv4_ipv6() {
     let mut lab = Lab::new("dr");
     let t = lab.topology(3);
     for (i, b) in t.backends.clone().into_iter().enumerate() {
-        lab.ip(
-            &b.ns,
-            &format!("link set e0 address 02:00:00:00:00:1{}", i + 1),
-        );
-        lab.vip_on_backend(&b, &[VIP4, VIP6]);
-        lab.sh(
-            &b.ns,
-            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
-        );
+        lab.dr_backend(i, &b, &[VIP4, VIP6]);
         lab.http_server(&b, 80);
         lab.udp_echo(
             &b.ns,

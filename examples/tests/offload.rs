@@ -311,15 +311,7 @@ fn offload_dr_forwards_super_frames_whole() {
     let mut lab = Lab::new("offdr");
     let t = lab.topology(3);
     for (i, b) in t.backends.clone().into_iter().enumerate() {
-        lab.ip(
-            &b.ns,
-            &format!("link set e0 address 02:00:00:00:00:1{}", i + 1),
-        );
-        lab.vip_on_backend(&b, &[VIP4, VIP6]);
-        lab.sh(
-            &b.ns,
-            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
-        );
+        lab.dr_backend(i, &b, &[VIP4, VIP6]);
     }
     let sums = servers(&mut lab, &t);
     let cfg = format!(
@@ -565,9 +557,15 @@ fn offload_udp_bursts_are_coalesced_and_arrive_whole_and_in_order() {
     if !need_root() || !need_tool("ethtool") {
         return;
     }
-    for mode in ["nat", "dnat"] {
+    // dr: Ethernet frames through the balancer's TAP device.
+    for mode in ["nat", "dnat", "dr"] {
         let mut lab = Lab::new(&format!("offudp{mode}"));
         let t = lab.topology(3);
+        if mode == "dr" {
+            for (i, b) in t.backends.clone().into_iter().enumerate() {
+                lab.dr_backend(i, &b, &[VIP4, VIP6]);
+            }
+        }
         let checker = lab.write("udp_checker.py", UDP_CHECKER);
         let mut files = Vec::new();
         for b in t.backends.clone() {
@@ -580,25 +578,44 @@ fn offload_udp_bursts_are_coalesced_and_arrive_whole_and_in_order() {
             lab.wait_listen(&b.ns, "udp", 5300);
             files.push(f);
         }
-        let mut cfg = String::from(
-            "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
-             conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\noffload = true\n",
-        );
+        let mut cfg = if mode == "dr" {
+            format!(
+                "[balancer]\ndevice = \"lb0\"\nconntrack_capacity = 65536\n\
+                 stats = \"127.0.0.1:9100\"\nmac = \"{LB_MAC}\"\noffload = true\n"
+            )
+        } else {
+            String::from(
+                "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
+                 conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\noffload = true\n",
+            )
+        };
         for (vip, pre) in [("203.0.113.10", "198.51.100."), ("[2001:db8:10::10]", "")] {
             cfg.push_str(&format!(
                 "\n[[service]]\nvip = \"{vip}:5300\"\nproto = \"udp\"\nmode = \"{mode}\"\n\
                  scheduler = \"maglev\"\n[service.health]\nkind = \"none\"\n"
             ));
             for i in 1..=3 {
+                // DR keeps the client's port: the backends' own port is 0 there.
+                let port = if mode == "dr" { 0 } else { 5300 };
                 let addr = if pre.is_empty() {
-                    format!("[2001:db8:b::{}]:5300", 10 + i)
+                    format!("[2001:db8:b::{}]:{port}", 10 + i)
                 } else {
-                    format!("{pre}{}:5300", 10 + i)
+                    format!("{pre}{}:{port}", 10 + i)
                 };
-                cfg.push_str(&format!("[[service.backend]]\naddr = \"{addr}\"\n"));
+                let mac = if mode == "dr" {
+                    format!("mac = \"02:00:00:00:00:1{i}\"\n")
+                } else {
+                    String::new()
+                };
+                cfg.push_str(&format!("[[service.backend]]\naddr = \"{addr}\"\n{mac}"));
             }
         }
-        start_nat_or_dnat(&mut lab, &t, mode, &cfg);
+        if mode == "dr" {
+            lab.start_balancer(&t, "lb0", &cfg, &[]);
+            lab.attach_dr(&t, LB_MAC);
+        } else {
+            start_nat_or_dnat(&mut lab, &t, mode, &cfg);
+        }
         // The client's kernel cuts its UDP GSO sends itself: the balancer reads the datagrams
         // of a burst one by one, back to back.
         lab.sh(&t.client, "ethtool -K c0 tx-udp-segmentation off");

@@ -4,7 +4,8 @@
 //! (which cuts as the kernel does) accepts, cutting into 2 to 64 datagrams: as many as went
 //! into it.
 //!
-//! Input: a sequence of `[flags, len_hi, len_lo, bytes...]` records (at most 32). Flag bit 0:
+//! Input: a sequence of `[flags, len_hi, len_lo, bytes...]` records (at most 32); the batch is of
+//! Ethernet frames (a TAP device's) when the first byte's top bit is set. Flag bit 0:
 //! the checksum is left to the device (`NEEDS_CSUM` at the UDP checksum of an option-less IPv4
 //! or plain IPv6 packet); bit 1: `DATA_VALID`; bit 2: the IPv4 header checksum is fixed up
 //! first (so that the fuzzer reaches merges); bit 3: the packet repeats the previous one's
@@ -18,6 +19,11 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mut bufs: Vec<Vec<u8>> = Vec::new();
     let mut out: Vec<Option<Outgoing>> = Vec::new();
+    let (link, l2) = if data.first().is_some_and(|b| b & 0x80 != 0) {
+        (Link::Ethernet, 14)
+    } else {
+        (Link::Ip, 0)
+    };
     let mut rest = data;
     while rest.len() >= 3 && bufs.len() < 32 {
         let (flags, len) = (rest[0], usize::from(u16::from_be_bytes([rest[1], rest[2]])));
@@ -27,20 +33,21 @@ fuzz_target!(|data: &[u8]| {
         if flags & 8 != 0 {
             if let Some(prev) = bufs.last() {
                 let o = out.last().copied().flatten().map_or(0, |o| o.start);
-                let n = 44.min(pkt.len()).min(prev.len().saturating_sub(o));
+                let n = (l2 + 44).min(pkt.len()).min(prev.len().saturating_sub(o));
                 pkt[..n].copy_from_slice(&prev[o..o + n]);
             }
         }
-        if flags & 4 != 0 && pkt.len() >= 20 && pkt[0] == 0x45 {
-            pkt[10..12].fill(0);
-            if let Some(c) = checksum::ipv4_header(&pkt[..20]) {
-                pkt[10..12].copy_from_slice(&c.to_be_bytes());
+        if flags & 4 != 0 && pkt.len() >= l2 + 20 && pkt[l2] == 0x45 {
+            let ip = &mut pkt[l2..];
+            ip[10..12].fill(0);
+            if let Some(c) = checksum::ipv4_header(&ip[..20]) {
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
             }
         }
-        let l4: u16 = if pkt.first().is_some_and(|b| b >> 4 == 6) {
-            40
+        let l4: u16 = if pkt.get(l2).is_some_and(|b| b >> 4 == 6) {
+            40 + l2 as u16
         } else {
-            20
+            20 + l2 as u16
         };
         let hdr = VnetHdr {
             needs_csum: flags & 1 != 0,
@@ -61,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
         }));
     }
     let before = out.len();
-    let c = coalesce_udp(&mut bufs, &mut out);
+    let c = coalesce_udp(&mut bufs, &mut out, link);
     let after = out.iter().flatten().count();
     assert!(c.datagrams >= 2 * c.super_packets);
     assert_eq!(after + (c.datagrams - c.super_packets) as usize, before);
@@ -73,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         let pkt = &b[o.start..o.start + o.len];
-        let p = parse(pkt, Link::Ip).expect("a super-packet parses");
+        let p = parse(pkt, link).expect("a super-packet parses");
         classify(&p, &o.hdr).expect("a super-packet's header describes it");
         let n = segments(&p, &o.hdr);
         assert!((2..=u32::from(MAX_SEGMENTS)).contains(&n));

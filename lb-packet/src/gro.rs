@@ -12,7 +12,8 @@
 //!
 //! What is merged, and why nothing else:
 //! - plain IPv4 (no options, not a fragment) and IPv6 (UDP right after the fixed header)
-//!   datagrams, the whole buffer being the IP packet, with no GSO of their own;
+//!   datagrams with no GSO of their own, each an IP packet (TUN) or in an untagged Ethernet
+//!   frame (TAP; a group's frames also share their Ethernet header);
 //! - of one flow and one IP header: the same addresses, ports, TOS / traffic class and flow
 //!   label, TTL / hop limit and IPv4 flags, so every datagram the kernel cuts back out has the
 //!   header it had. IPv4 identifications: the kernel numbers the cut datagrams up from the
@@ -34,6 +35,7 @@
 
 use crate::checksum::{fold, ipv4_header, pseudo_v4, pseudo_v6, sum};
 use crate::offload::{GsoType, VnetHdr};
+use crate::parse::Link;
 
 /// The most datagrams in one super-packet (the kernel's `UDP_MAX_SEGMENTS` was 64 before Linux
 /// 6.6 raised it to 128).
@@ -69,6 +71,8 @@ pub struct Coalesced {
 /// A datagram that may merge.
 #[derive(Debug, Clone, Copy)]
 struct Dgram {
+    /// Link header length (0 on a TUN device, 14 for an Ethernet frame).
+    l2: usize,
     v6: bool,
     /// Transport header offset = IP header length.
     l4: usize,
@@ -112,8 +116,20 @@ fn put16(b: &mut [u8], i: usize, v: u16) {
     b[i..i + 2].copy_from_slice(&v.to_be_bytes());
 }
 
-/// Classifies `pkt` (an IP packet) with its header `h`.
-fn inspect(pkt: &[u8], h: &VnetHdr) -> Kind {
+/// Classifies `frame` (`link`'s header, then an IP packet) with its header `h`.
+fn inspect(frame: &[u8], link: Link, h: &VnetHdr) -> Kind {
+    let l2 = match link {
+        Link::Ip => 0,
+        Link::Ethernet => {
+            // Ethernet II with no VLAN tag; a tagged frame may still be UDP: a barrier.
+            match frame.get(12..14) {
+                Some([0x08, 0x00] | [0x86, 0xdd]) => 14,
+                Some([0x81 | 0x88, _]) => return Kind::Barrier,
+                _ => return Kind::Other,
+            }
+        }
+    };
+    let pkt = &frame[l2..];
     let Some(&first) = pkt.first() else {
         return Kind::Other;
     };
@@ -152,7 +168,7 @@ fn inspect(pkt: &[u8], h: &VnetHdr) -> Kind {
     let csum_ok = if h.is_gso() {
         false
     } else if h.needs_csum {
-        usize::from(h.csum_start) == l4 && h.csum_offset == 6
+        usize::from(h.csum_start) == l2 + l4 && h.csum_offset == 6
     } else if h.data_valid {
         true
     } else {
@@ -182,6 +198,7 @@ fn inspect(pkt: &[u8], h: &VnetHdr) -> Kind {
         return Kind::Barrier;
     }
     Kind::Merge(Dgram {
+        l2,
         v6,
         l4,
         payload,
@@ -203,26 +220,35 @@ fn tuple_of(pkt: &[u8], v6: bool) -> [u8; 36] {
     t
 }
 
-/// Whether `b` may follow `a` in a super-packet: the rest of the IP header is the same (but for
-/// lengths, identification and checksum), so the datagram the kernel cuts out is `b` again.
-fn same_header(a: &[u8], b: &[u8], v6: bool) -> bool {
-    if v6 {
-        a[..4] == b[..4] && a[7] == b[7]
-    } else {
-        a[1] == b[1] && a[6] == b[6] && a[8] == b[8]
-    }
+/// Whether frame `b` may follow frame `a` in a super-packet: the same link header and the rest
+/// of the IP header the same (but for lengths, identification and checksum), so the datagram
+/// the kernel cuts out is `b` again.
+fn same_header(a: &[u8], b: &[u8], l2: usize, v6: bool) -> bool {
+    let (Some(la), Some(lb)) = (a.get(..l2), b.get(..l2)) else {
+        return false;
+    };
+    let (a, b) = (&a[l2..], &b[l2..]);
+    la == lb
+        && if v6 {
+            a[..4] == b[..4] && a[7] == b[7]
+        } else {
+            a[1] == b[1] && a[6] == b[6] && a[8] == b[8]
+        }
 }
 
 /// Coalesces the UDP datagrams among `out` (packets in `bufs`, `out[i]` in `bufs[i]`; `None`:
 /// nothing to write) into UDP GSO super-packets, in place: a group's first datagram becomes
 /// the super-packet (its buffer takes the others' payloads after its own, its headers and
-/// `hdr` describe the whole), the others become `None`. Packets must start at their IP header
-/// (a TUN device's, not a TAP's). A group grows only while its first buffer has room.
+/// `hdr` describe the whole), the others become `None`. Packets start with `link`'s header: an
+/// IP packet from a TUN device, an Ethernet frame from a TAP device (frames of one group also
+/// share their Ethernet header; VLAN-tagged frames are not merged). A group grows only while
+/// its first buffer has room.
 ///
 /// Write the result in order: each flow's datagrams keep theirs.
 pub fn coalesce_udp<B: AsRef<[u8]> + AsMut<[u8]>>(
     bufs: &mut [B],
     out: &mut [Option<Outgoing>],
+    link: Link,
 ) -> Coalesced {
     let mut open: [Option<Group>; OPEN] = [None; OPEN];
     // Each open group's flow fingerprint (0: no group), scanned before any tuple is compared.
@@ -233,10 +259,10 @@ pub fn coalesce_udp<B: AsRef<[u8]> + AsMut<[u8]>>(
         let Some(o) = out[k] else {
             continue;
         };
-        let Some(pkt) = bufs[k].as_ref().get(o.start..o.start.saturating_add(o.len)) else {
+        let Some(frame) = bufs[k].as_ref().get(o.start..o.start.saturating_add(o.len)) else {
             continue;
         };
-        let d = match inspect(pkt, &o.hdr) {
+        let d = match inspect(frame, link, &o.hdr) {
             Kind::Other => continue,
             Kind::Barrier => {
                 for (g, fp) in open.iter_mut().zip(&mut fps) {
@@ -247,7 +273,7 @@ pub fn coalesce_udp<B: AsRef<[u8]> + AsMut<[u8]>>(
             }
             Kind::Merge(d) => d,
         };
-        let tuple = tuple_of(pkt, d.v6);
+        let tuple = tuple_of(&frame[d.l2..], d.v6);
         let fp = fingerprint(&tuple, d.v6);
         let found = (0..OPEN).find(|&i| {
             fps[i] == fp
@@ -346,7 +372,7 @@ fn append<B: AsRef<[u8]> + AsMut<[u8]>>(
         .as_ref()
         .get(head.start..head.start + head.len)
         .zip(bufs[k].as_ref().get(o.start..o.start + o.len))
-        .is_some_and(|(a, b)| same_header(a, b, g.d.v6));
+        .is_some_and(|(a, b)| same_header(a, b, g.d.l2, g.d.v6));
     let fits = same
         && d.payload <= g.d.payload
         && g.count < MAX_SEGMENTS
@@ -358,7 +384,7 @@ fn append<B: AsRef<[u8]> + AsMut<[u8]>>(
         return false;
     }
     let (before, after) = bufs.split_at_mut(k);
-    let src = &after[0].as_ref()[o.start + d.l4 + 8..o.start + o.len];
+    let src = &after[0].as_ref()[o.start + d.l2 + d.l4 + 8..o.start + o.len];
     let end = head.start + head.len;
     before[g.head].as_mut()[end..end + d.payload].copy_from_slice(src);
     if let Some(h) = out[g.head].as_mut() {
@@ -388,9 +414,9 @@ fn close<B: AsRef<[u8]> + AsMut<[u8]>>(
     let Some(o) = out[g.head].as_mut() else {
         return;
     };
-    let l4 = g.d.l4;
+    let (l2, l4) = (g.d.l2, g.d.l4);
     let udp_len = 8 + g.total;
-    let pkt = &mut bufs[g.head].as_mut()[o.start..o.start + o.len];
+    let pkt = &mut bufs[g.head].as_mut()[o.start + l2..o.start + o.len];
     let ps = if g.d.v6 {
         put16(pkt, 4, udp_len as u16);
         let mut s = [0u8; 16];
@@ -416,9 +442,9 @@ fn close<B: AsRef<[u8]> + AsMut<[u8]>>(
         data_valid: false,
         gso: GsoType::UdpL4,
         ecn: false,
-        hdr_len: (l4 + 8) as u16,
+        hdr_len: (l2 + l4 + 8) as u16,
         gso_size: g.d.payload as u16,
-        csum_start: l4 as u16,
+        csum_start: (l2 + l4) as u16,
         csum_offset: 6,
     };
     done.super_packets += 1;

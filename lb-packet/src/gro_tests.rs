@@ -67,22 +67,55 @@ fn batch(pkts: &[(Vec<u8>, VnetHdr)]) -> (Vec<Vec<u8>>, Vec<Option<Outgoing>>) {
 /// What the wire carries for one written packet: the kernel's segmentation of it (checksums
 /// completed), as the offload module's `Segmenter` does it.
 fn wire(pkt: &[u8], h: &VnetHdr) -> Vec<Vec<u8>> {
-    let p = parse(pkt, Link::Ip).unwrap();
+    wire_on(pkt, h, Link::Ip)
+}
+
+/// [`wire`] for a packet or frame of `link`; frames come back as their IP packets, after a
+/// check that every segment carries the frame's Ethernet header.
+fn wire_on(pkt: &[u8], h: &VnetHdr, link: Link) -> Vec<Vec<u8>> {
+    let p = parse(pkt, link).unwrap();
     let mut seg = Segmenter::new(pkt, &p, h).unwrap();
     let mut buf = vec![0u8; 70_000];
     let mut v = Vec::new();
     while let Some(n) = seg.next_into(pkt, &mut buf).unwrap() {
-        v.push(buf[..n].to_vec());
+        assert_eq!(buf[..p.l3], pkt[..p.l3], "a segment's link header");
+        v.push(buf[p.l3..n].to_vec());
     }
     v
 }
 
 /// Everything written, in order, as wire packets.
 fn written(bufs: &[Vec<u8>], out: &[Option<Outgoing>]) -> Vec<Vec<u8>> {
+    written_on(bufs, out, Link::Ip)
+}
+
+/// [`written`] for packets or frames of `link`.
+fn written_on(bufs: &[Vec<u8>], out: &[Option<Outgoing>], link: Link) -> Vec<Vec<u8>> {
     out.iter()
         .enumerate()
         .filter_map(|(i, o)| o.map(|o| (i, o)))
-        .flat_map(|(i, o)| wire(&bufs[i][o.start..o.start + o.len], &o.hdr))
+        .flat_map(|(i, o)| wire_on(&bufs[i][o.start..o.start + o.len], &o.hdr, link))
+        .collect()
+}
+
+/// Puts each packet in an Ethernet frame (destination MAC `dst`), moving a partial checksum's
+/// start by the header.
+fn framed(pkts: &[(Vec<u8>, VnetHdr)], dst: u8) -> Vec<(Vec<u8>, VnetHdr)> {
+    pkts.iter()
+        .map(|(p, h)| {
+            let mut f = vec![2, 0, 0, 0, 0, dst, 2, 0, 0x5e, 0x10, 0, 1];
+            f.extend_from_slice(if p[0] >> 4 == 6 {
+                &[0x86, 0xdd]
+            } else {
+                &[0x08, 0x00]
+            });
+            f.extend_from_slice(p);
+            let mut h = *h;
+            if h.needs_csum {
+                h.csum_start += 14;
+            }
+            (f, h)
+        })
         .collect()
 }
 
@@ -113,7 +146,7 @@ fn a_run_of_one_flow_becomes_one_super_packet_that_cuts_back_into_it() {
         }
         let want: Vec<Vec<u8>> = pkts.iter().flat_map(|(p, h)| wire(p, h)).collect();
         let (mut bufs, mut out) = batch(&pkts);
-        let c = coalesce_udp(&mut bufs, &mut out);
+        let c = coalesce_udp(&mut bufs, &mut out, Link::Ip);
         assert_eq!(
             c,
             Coalesced {
@@ -151,7 +184,7 @@ fn a_shorter_datagram_ends_a_group_and_a_longer_one_starts_the_next() {
         .collect();
     let want: Vec<Vec<u8>> = pkts.iter().map(|(p, _)| normal(p.clone())).collect();
     let (mut bufs, mut out) = batch(&pkts);
-    let c = coalesce_udp(&mut bufs, &mut out);
+    let c = coalesce_udp(&mut bufs, &mut out, Link::Ip);
     // [100 100 60] [100 100] [200 200]
     assert_eq!(c.super_packets, 3);
     assert_eq!(c.datagrams, 7);
@@ -195,13 +228,16 @@ fn what_must_not_merge_does_not() {
             (base(2), VnetHdr::NONE),
         ];
         let (mut bufs, mut out) = batch(&pkts);
-        let c = coalesce_udp(&mut bufs, &mut out);
+        let c = coalesce_udp(&mut bufs, &mut out, Link::Ip);
         assert_eq!(c, Coalesced::default(), "{name}");
         assert_eq!(out.iter().flatten().count(), 3, "{name}");
         assert_eq!(&bufs[1][AT..AT + second.len()], &second[..], "{name}");
     }
     let (mut bufs, mut out) = batch(&[(nodf_a, VnetHdr::NONE), (nodf_b, VnetHdr::NONE)]);
-    assert_eq!(coalesce_udp(&mut bufs, &mut out), Coalesced::default());
+    assert_eq!(
+        coalesce_udp(&mut bufs, &mut out, Link::Ip),
+        Coalesced::default()
+    );
     // Without DF and counting up: merged, and the kernel's numbering gives the same bytes.
     let pkts: Vec<_> = (0..4)
         .map(|i| {
@@ -213,7 +249,7 @@ fn what_must_not_merge_does_not() {
         .collect();
     let want: Vec<_> = pkts.iter().map(|(p, _)| p.clone()).collect();
     let (mut bufs, mut out) = batch(&pkts);
-    assert_eq!(coalesce_udp(&mut bufs, &mut out).datagrams, 4);
+    assert_eq!(coalesce_udp(&mut bufs, &mut out, Link::Ip).datagrams, 4);
     assert_eq!(written(&bufs, &out), want);
 }
 
@@ -227,7 +263,7 @@ fn an_unchecked_ipv4_datagram_merges_and_comes_out_with_a_checksum() {
         })
         .collect();
     let (mut bufs, mut out) = batch(&pkts);
-    assert_eq!(coalesce_udp(&mut bufs, &mut out).datagrams, 3);
+    assert_eq!(coalesce_udp(&mut bufs, &mut out, Link::Ip).datagrams, 3);
     for (i, w) in written(&bufs, &out).into_iter().enumerate() {
         let mut full = w.clone();
         let q = parse(&full, Link::Ip).unwrap();
@@ -245,7 +281,7 @@ fn groups_stop_at_their_limits() {
         .map(|i| (dgram(2, &[i as u8; 8], 0, true, 64), VnetHdr::NONE))
         .collect();
     let (mut bufs, mut out) = batch(&pkts);
-    let c = coalesce_udp(&mut bufs, &mut out);
+    let c = coalesce_udp(&mut bufs, &mut out, Link::Ip);
     assert_eq!(c.super_packets, 3);
     assert_eq!(out.iter().flatten().count(), 3);
     assert_eq!(written(&bufs, &out).len(), 130);
@@ -254,7 +290,7 @@ fn groups_stop_at_their_limits() {
         .map(|i| (dgram(0, &vec![i as u8; 1400], i, true, 64), VnetHdr::NONE))
         .collect();
     let (mut bufs, mut out) = batch(&pkts);
-    coalesce_udp(&mut bufs, &mut out);
+    coalesce_udp(&mut bufs, &mut out, Link::Ip);
     for o in out.iter().flatten() {
         assert!(o.len <= 65_535);
     }
@@ -266,7 +302,7 @@ fn groups_stop_at_their_limits() {
         .collect();
     let (mut bufs, mut out) = batch(&pkts);
     bufs[0].truncate(AT + 92 + 64);
-    let c = coalesce_udp(&mut bufs, &mut out);
+    let c = coalesce_udp(&mut bufs, &mut out, Link::Ip);
     // The first and one more fit; the third starts the next group.
     assert_eq!(c.super_packets, 2);
     assert_eq!(out[0].map(|o| o.len), Some(92 + 64));
@@ -281,7 +317,10 @@ fn super_packets_and_gso_input_are_left_alone() {
     h.gso_size = 100;
     let pkts = vec![(p.clone(), h), (p, h)];
     let (mut bufs, mut out) = batch(&pkts);
-    assert_eq!(coalesce_udp(&mut bufs, &mut out), Coalesced::default());
+    assert_eq!(
+        coalesce_udp(&mut bufs, &mut out, Link::Ip),
+        Coalesced::default()
+    );
     // Garbage and empty buffers neither panic nor merge.
     let pkts = vec![
         (vec![], VnetHdr::NONE),
@@ -289,7 +328,10 @@ fn super_packets_and_gso_input_are_left_alone() {
         (vec![0x60; 50], VnetHdr::NONE),
     ];
     let (mut bufs, mut out) = batch(&pkts);
-    assert_eq!(coalesce_udp(&mut bufs, &mut out), Coalesced::default());
+    assert_eq!(
+        coalesce_udp(&mut bufs, &mut out, Link::Ip),
+        Coalesced::default()
+    );
     // An outgoing entry outside its buffer is skipped.
     let (mut bufs, mut out) = batch(&[(tcp(b"x"), VnetHdr::NONE)]);
     out[0] = Some(Outgoing {
@@ -297,7 +339,10 @@ fn super_packets_and_gso_input_are_left_alone() {
         len: 10,
         hdr: VnetHdr::NONE,
     });
-    assert_eq!(coalesce_udp(&mut bufs, &mut out), Coalesced::default());
+    assert_eq!(
+        coalesce_udp(&mut bufs, &mut out, Link::Ip),
+        Coalesced::default()
+    );
 }
 
 /// One packet of a generated batch.
@@ -342,7 +387,10 @@ proptest! {
     /// identification of DF datagrams), every packet that is not UDP unchanged and in its
     /// order, no more writes than packets, and every super-packet within the kernel's limits.
     #[test]
-    fn coalescing_changes_nothing_on_the_wire(items in proptest::collection::vec(item(), 0..80)) {
+    fn coalescing_changes_nothing_on_the_wire(
+        items in proptest::collection::vec(item(), 0..80),
+        ethernet in any::<bool>(),
+    ) {
         let mut ids = [0u16; 4];
         let mut pkts = Vec::new();
         for (i, it) in items.iter().enumerate() {
@@ -366,18 +414,23 @@ proptest! {
             pkts.push((p, h));
         }
         let before: Vec<Vec<u8>> = pkts.iter().flat_map(|(p, h)| wire(p, h)).collect();
+        let link = if ethernet { Link::Ethernet } else { Link::Ip };
+        if ethernet {
+            pkts = framed(&pkts, 0x11);
+        }
         let (mut bufs, mut out) = batch(&pkts);
-        let c = coalesce_udp(&mut bufs, &mut out);
+        let c = coalesce_udp(&mut bufs, &mut out, link);
         let writes = out.iter().flatten().count();
         prop_assert_eq!(writes + c.datagrams as usize - c.super_packets as usize, pkts.len());
         for o in out.iter().flatten() {
-            prop_assert!(o.len <= 65_535);
+            let most = if ethernet { 65_535 + 14 } else { 65_535 };
+            prop_assert!(o.len <= most);
             if o.hdr.is_gso() {
                 let segs = (o.len - usize::from(o.hdr.hdr_len)).div_ceil(usize::from(o.hdr.gso_size));
                 prop_assert!((2..=usize::from(MAX_SEGMENTS)).contains(&segs));
             }
         }
-        let after = written(&bufs, &out);
+        let after = written_on(&bufs, &out, link);
         prop_assert_eq!(after.len(), before.len());
         let key = |p: &Vec<u8>| flow_of(p);
         for f in before.iter().map(key).chain([None]) {
@@ -399,7 +452,10 @@ fn a_partial_checksum_elsewhere_is_a_barrier() {
         (dgram(0, &[1; 64], 2, true, 64), VnetHdr::NONE),
     ];
     let (mut bufs, mut out) = batch(&pkts);
-    assert_eq!(coalesce_udp(&mut bufs, &mut out), Coalesced::default());
+    assert_eq!(
+        coalesce_udp(&mut bufs, &mut out, Link::Ip),
+        Coalesced::default()
+    );
     // The helper that the partial-checksum tests share works as the device would.
     let mut q = dgram(0, &[3; 10], 0, true, 64);
     let want = q.clone();
@@ -407,4 +463,44 @@ fn a_partial_checksum_elsewhere_is_a_barrier() {
     let end = q.len();
     complete_csum(&mut q, &h, end, true).unwrap();
     assert_eq!(q, want);
+}
+
+#[test]
+fn ethernet_frames_merge_when_their_link_headers_agree() {
+    let run: Vec<_> = (0..6u16)
+        .map(|i| {
+            let mut p = dgram(2, &[i as u8; 64], 0, true, 64);
+            let h = partial(&mut p);
+            (p, h)
+        })
+        .collect();
+    let want: Vec<Vec<u8>> = run.iter().flat_map(|(p, h)| wire(p, h)).collect();
+    // One run, one link header: one super-frame, with the offsets moved by the header.
+    let frames = framed(&run, 0x11);
+    let (mut bufs, mut out) = batch(&frames);
+    let c = coalesce_udp(&mut bufs, &mut out, Link::Ethernet);
+    assert_eq!((c.super_packets, c.datagrams), (1, 6));
+    let o = out[0].unwrap();
+    assert_eq!((o.hdr.csum_start, o.hdr.hdr_len), (14 + 40, 14 + 48));
+    assert_eq!(written_on(&bufs, &out, Link::Ethernet), want);
+    // Another destination MAC halfway: two groups, in order.
+    let mut frames = framed(&run[..3], 0x11);
+    frames.extend(framed(&run[3..], 0x12));
+    let (mut bufs, mut out) = batch(&frames);
+    let c = coalesce_udp(&mut bufs, &mut out, Link::Ethernet);
+    assert_eq!((c.super_packets, c.datagrams), (2, 6));
+    // A VLAN-tagged frame is not merged and nothing overtakes it.
+    let mut frames = framed(&run, 0x11);
+    frames[2].0.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+    let (mut bufs, mut out) = batch(&frames);
+    let c = coalesce_udp(&mut bufs, &mut out, Link::Ethernet);
+    assert_eq!((c.super_packets, c.datagrams), (2, 5));
+    assert!(out[2].is_some() && out[1].is_none() && out[3].is_some());
+    // The same frames read as IP packets are not IP: nothing merges.
+    let frames = framed(&run, 0x11);
+    let (mut bufs, mut out) = batch(&frames);
+    assert_eq!(
+        coalesce_udp(&mut bufs, &mut out, Link::Ip),
+        Coalesced::default()
+    );
 }

@@ -648,6 +648,21 @@ pub fn decap_bin() -> &'static str {
 pub const DECAP_ALLOW: &str = "203.0.113.0/24,2001:db8:100::/64";
 
 impl Lab {
+    /// Mode `dr` on backend `i` (0-based): MAC `02:00:00:00:00:1<i+1>` on its `e0`, the VIPs on
+    /// `lo` ([`Lab::vip_on_backend`]), and no ARP answers for them (the balancer owns them on the
+    /// wire).
+    pub fn dr_backend(&self, i: usize, b: &BackendNs, vips: &[&str]) {
+        self.ip(
+            &b.ns,
+            &format!("link set e0 address 02:00:00:00:00:1{}", i + 1),
+        );
+        self.vip_on_backend(b, vips);
+        self.sh(
+            &b.ns,
+            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+        );
+    }
+
     /// Makes a backend answer for the VIPs itself (tunnel and direct-routing modes): the VIPs on
     /// `lo`, reverse-path filtering off.
     pub fn vip_on_backend(&self, b: &BackendNs, vips: &[&str]) {

@@ -25,6 +25,7 @@
 #             key (checked with --check); otherwise ignored with a note
 #   SECONDS_RUN  seconds of each measurement (default 5)
 #   UDP_SOCKETS  lb-udpgen sockets = flows (default 16); UDP_THREADS its sending threads (default 1);
+#   UDP_BATCH  datagrams per sendmmsg call, all on one socket (= one flow) (default 64);
 #   UDP_RATE  its cap in packets/s (default 0: none)
 #   OUT       directory for the raw results (default: a temporary directory, kept)
 #   PERF      set: a system-wide perf profile of every UDP run through a balancer, under $OUT
@@ -64,6 +65,7 @@ T=${SECONDS_RUN:-5}
 UDP_SOCKETS=${UDP_SOCKETS:-16}
 UDP_RATE=${UDP_RATE:-0}
 UDP_THREADS=${UDP_THREADS:-1}
+UDP_BATCH=${UDP_BATCH:-64}
 OUT=${OUT:-$(mktemp -d /tmp/cmp-results.XXXXXX)}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
@@ -297,7 +299,7 @@ udp_run() { # target sink_namespaces...
   t0=$(ns_cpu "$@")
   m0=$(machine_cpu)
   ip netns exec "$C" "$UDPGEN" send --dst "$target:5300" --size 64 --sockets "$UDP_SOCKETS" \
-    --threads "$UDP_THREADS" --seconds "$T" --rate "$UDP_RATE" > "$WORK/gen.json"
+    --threads "$UDP_THREADS" --batch "$UDP_BATCH" --seconds "$T" --rate "$UDP_RATE" > "$WORK/gen.json"
   sleep 0.5
   m1=$(machine_cpu)
   t1=$(ns_cpu "$@")
@@ -558,7 +560,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} UDP_COALESCE=${UDP_COALESCE:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS UDP_BATCH=$UDP_BATCH RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} UDP_COALESCE=${UDP_COALESCE:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

@@ -33,7 +33,7 @@
 //! datagrams of different flows change places. A UDP packet that cannot merge closes every
 //! open group before it, so it is not overtaken by datagrams of its own flow that came after it.
 
-use crate::checksum::{fold, ipv4_header, pseudo_v4, pseudo_v6, sum};
+use crate::checksum::{self, fold, ipv4_header, pseudo_v4, pseudo_v6, sum};
 use crate::offload::{GsoType, VnetHdr};
 use crate::parse::Link;
 
@@ -108,12 +108,14 @@ struct Group {
     next_id: u16,
 }
 
+/// A 16-bit field (0 past the end, which the callers' length checks rule out).
 fn get16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
+    checksum::get16(b, i).unwrap_or(0)
 }
 
+/// Writes a 16-bit field (nothing past the end, which the callers' length checks rule out).
 fn put16(b: &mut [u8], i: usize, v: u16) {
-    b[i..i + 2].copy_from_slice(&v.to_be_bytes());
+    let _ = checksum::put16(b, i, v);
 }
 
 /// Classifies `frame` (`link`'s header, then an IP packet) with its header `h`.

@@ -13,9 +13,9 @@
 //! offload = true             # optional: virtio-net header with checksum and segmentation
 //!                            # offloads (TSO, USO): 64 KiB super-packets in and out (default on)
 //! io_uring = false           # optional: write each batch's packets with one io_uring submission
-//! udp_coalesce = true        # optional: merge a batch's runs of one flow's UDP datagrams into one
-//!                            # UDP GSO write (needs offload and the kernel's USO; default on)
 //!                            # instead of a writev each (default off; see README, Throughput)
+//! udp_coalesce = true        # optional: merge a batch's datagrams of one flow into one UDP GSO
+//!                            # write (needs offload and the kernel's USO; default on)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
 //! mac = "02:00:5e:10:00:01"  # optional: source MAC of mode "dr" frames
 //! hash_key = "..."           # optional: secret passphrase (16+ characters) keying the flow

@@ -36,6 +36,7 @@
 #             submission instead of a writev each)
 #   TUNNEL    ipip|gue: the encapsulation of mode tunnel (default ipip; gue: lb-decap on the
 #             backends always, --gue-port 6080)
+#   DECAP_BIN lb-decap binary for the backends (default: built in release from this repository)
 #   UDP_COALESCE  off: balancer.udp_coalesce = false (each datagram written on its own instead of
 #             a batch's runs of one flow's datagrams as one UDP GSO super-packet; default: the
 #             balancer's default, on)
@@ -99,7 +100,7 @@ else
   echo "== building lb-decap, lb-udpgen (release); tun-balancer: $LB_BIN"
   cargo build --release -q -p lb-examples --bin lb-decap --bin lb-udpgen
 fi
-DECAP=$TARGET/release/lb-decap
+DECAP=${DECAP_BIN:-$TARGET/release/lb-decap}
 UDPGEN=$TARGET/release/lb-udpgen
 HZ=$(getconf CLK_TCK)
 

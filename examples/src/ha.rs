@@ -359,8 +359,11 @@ impl HaShared {
 
 /// Sets the socket's receive buffer (`SO_RCVBUF`; the kernel caps it at `rmem_max` unless
 /// root uses `SO_RCVBUFFORCE`, tried first).
+///
+/// # Errors
+/// Neither option could be set.
 #[allow(unsafe_code)]
-fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> std::io::Result<()> {
+pub fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> std::io::Result<()> {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
         // SAFETY: a valid socket and a pointer to a c_int of the size given.

@@ -1,9 +1,11 @@
 //! The operating-system edge: TUN/TAP devices and raw IP sockets, through `ioctl`/`socket`.
 //!
-//! This is the only module of the crate that uses `unsafe`: six system calls (`ioctl` to attach a
+//! This is the only module of the crate that uses `unsafe` (besides io_uring's and a socket
+//! option in `ha`): seven system calls (`ioctl` to attach a
 //! TUN/TAP queue, to set its offloads and to set interface flags, `writev` for a virtio-net
 //! header and its packet, `socket` for raw IP sockets, `recvfrom` for the
-//! sender of a raw packet, `poll` for a timed wait) whose arguments are plain `repr(C)` structs
+//! sender of a raw packet, `recvmmsg` for a batch of datagrams and their senders, `poll` for a
+//! timed wait) whose arguments are plain `repr(C)` structs
 //! built here. A TUN crate would hide the same calls
 //! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
 //! through [`std::fs::File`].
@@ -12,6 +14,133 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The address in a `sockaddr_storage` the kernel filled (IPv4 or IPv6), if it is one.
+fn address_of(sa: &libc::sockaddr_storage) -> Option<std::net::IpAddr> {
+    match libc::c_int::from(sa.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a `sockaddr_in` (family AF_INET), which fits in and is
+            // no more aligned than `sockaddr_storage`.
+            let a = unsafe { &*(sa as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(std::net::IpAddr::from(
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, a `sockaddr_in6` (family AF_INET6).
+            let a = unsafe { &*(sa as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(std::net::IpAddr::from(a.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
+}
+
+/// Receives datagrams a batch per system call (`recvmmsg`), each with its sender: the receive
+/// side of a UDP socket that must keep up with a packet rate (`lb-decap`'s GUE port).
+pub struct RecvBatch {
+    bufs: Vec<u8>,
+    addrs: Vec<libc::sockaddr_storage>,
+    lens: Vec<usize>,
+    truncated: Vec<bool>,
+    got: usize,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("batch", &self.lens.len())
+            .field("got", &self.got)
+            .finish()
+    }
+}
+
+impl RecvBatch {
+    /// Room for the largest UDP payload in each place.
+    const SLOT: usize = 65_536;
+
+    /// Up to `batch` datagrams per call (at least 1).
+    pub fn new(batch: usize) -> RecvBatch {
+        let batch = batch.max(1);
+        RecvBatch {
+            bufs: vec![0; batch * Self::SLOT],
+            // SAFETY: all-zero bytes are a valid `sockaddr_storage` (a plain C struct of integers).
+            addrs: vec![unsafe { std::mem::zeroed() }; batch],
+            lens: vec![0; batch],
+            truncated: vec![false; batch],
+            got: 0,
+        }
+    }
+
+    /// Reads the datagrams waiting on `sock`, up to the batch, without waiting: how many
+    /// (0 when none was waiting).
+    ///
+    /// # Errors
+    /// `recvmmsg` failed other than for want of data or by a signal.
+    pub fn recv(&mut self, sock: &std::net::UdpSocket) -> io::Result<usize> {
+        self.got = 0;
+        let batch = self.lens.len();
+        let mut iov: Vec<libc::iovec> = self
+            .bufs
+            .chunks_exact_mut(Self::SLOT)
+            .map(|c| libc::iovec {
+                iov_base: c.as_mut_ptr().cast(),
+                iov_len: Self::SLOT,
+            })
+            .collect();
+        // SAFETY: `mmsghdr` is plain data; all-zero is a valid empty header.
+        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
+        for ((h, v), a) in hdrs
+            .iter_mut()
+            .zip(iov.iter_mut())
+            .zip(self.addrs.iter_mut())
+        {
+            h.msg_hdr.msg_iov = v;
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_name = (a as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        }
+        // SAFETY: `hdrs` holds `batch` headers whose iovecs point into `self.bufs` (SLOT bytes
+        // each) and whose names point into `self.addrs`, all live and unaliased until after
+        // the call; the descriptor is open.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                batch as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let n = (n as usize).min(batch);
+        for (i, h) in hdrs.iter().take(n).enumerate() {
+            self.lens[i] = (h.msg_len as usize).min(Self::SLOT);
+            self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        }
+        self.got = n;
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes (`None` if it was truncated)
+    /// and its sender (`None` if not an IP address).
+    pub fn get(&self, i: usize) -> Option<(Option<&[u8]>, Option<std::net::IpAddr>)> {
+        if i >= self.got {
+            return None;
+        }
+        let start = i * Self::SLOT;
+        let data = (!self.truncated[i])
+            .then(|| self.bufs.get(start..start + self.lens[i]))
+            .flatten();
+        Some((data, address_of(&self.addrs[i])))
+    }
+}
 
 /// Kind of virtual device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,20 +553,7 @@ impl RawSocket {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let from = match libc::c_int::from(sa.ss_family) {
-            libc::AF_INET => {
-                // SAFETY: the kernel wrote a `sockaddr_in` (family AF_INET), which fits in and is
-                // no more aligned than `sockaddr_storage`.
-                let a = unsafe { &*(&raw const sa).cast::<libc::sockaddr_in>() };
-                std::net::IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes())
-            }
-            libc::AF_INET6 => {
-                // SAFETY: as above, a `sockaddr_in6` (family AF_INET6).
-                let a = unsafe { &*(&raw const sa).cast::<libc::sockaddr_in6>() };
-                std::net::IpAddr::from(a.sin6_addr.s6_addr)
-            }
-            _ => return Err(io::ErrorKind::InvalidData.into()),
-        };
+        let from = address_of(&sa).ok_or(io::ErrorKind::InvalidData)?;
         Ok((n as usize, from))
     }
 
@@ -627,6 +743,53 @@ mod huge_tests {
             let s = a.alloc(Layout::from_size_align(100, 8).expect("layout"));
             assert!(!s.is_null());
             a.dealloc(s, Layout::from_size_align(100, 8).expect("layout"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod recv_batch_tests {
+    use super::RecvBatch;
+    use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+
+    /// Over loopback: a batch reads what is waiting, up to its size, each datagram whole and
+    /// with its sender; an empty socket gives 0 without waiting.
+    #[test]
+    fn reads_waiting_datagrams_a_batch_at_a_time() {
+        let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        rx.set_nonblocking(true).expect("nonblocking");
+        let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let to = rx.local_addr().expect("addr");
+        let mut b = RecvBatch::new(8);
+        assert_eq!(b.recv(&rx).expect("empty"), 0);
+        assert!(b.get(0).is_none());
+        let sizes: Vec<usize> = (0..11).map(|i| 1 + i * 997).collect();
+        for (i, &n) in sizes.iter().enumerate() {
+            tx.send_to(&vec![i as u8; n], to).expect("send");
+        }
+        // Loopback delivers within the send; the pause only makes sure all 11 are waiting.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut got = Vec::new();
+        let mut reads = Vec::new();
+        for _ in 0..50 {
+            let n = b.recv(&rx).expect("recv");
+            reads.push(n);
+            for i in 0..n {
+                let (data, from) = b.get(i).expect("datagram");
+                assert_eq!(from, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+                got.push(data.expect("whole").to_vec());
+            }
+            assert!(b.get(n).is_none());
+            if got.len() == sizes.len() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(got.len(), sizes.len());
+        assert_eq!(reads, [8, 3], "a full batch, then the rest");
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.len(), sizes[i]);
+            assert!(d.iter().all(|&x| x == i as u8));
         }
     }
 }

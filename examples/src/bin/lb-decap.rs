@@ -1,7 +1,8 @@
 //! `lb-decap --device NAME --allow PREFIX[,PREFIX...] [--gue-port PORT]`: the backend side of
 //! `tun-balancer`'s tunnel mode on kernels without `ipip` / `ip6tnl` / `fou`. Receives IPIP (IPv4
 //! protocol 4), IPv6-in-IPv6 and IPv4-in-IPv6 (IPv6 next headers 41 and 4) on raw sockets, and
-//! optionally GUE on a UDP port, removes the outer headers with lb-packet and writes the inner
+//! optionally GUE on a UDP port (read 32 datagrams per `recvmmsg`), removes the outer headers
+//! with lb-packet and writes the inner
 //! packet to a local TUN device, so that the backend's own kernel receives it as if it had arrived
 //! directly (put the VIP on `lo` and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing
 //! its counters.
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use clap::Parser;
 use ipnet::IpNet;
 use lb_examples::decap::{gue_inner, ipv4_source, AllowList};
-use lb_examples::sys::{poll_readable, set_link_up, DeviceKind, RawSocket, TunQueue};
+use lb_examples::sys::{poll_readable, set_link_up, DeviceKind, RawSocket, RecvBatch, TunQueue};
 use lb_packet::{parse, tunnel, Link, PacketBuf};
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,12 @@ struct Cli {
     #[arg(long, required = true, value_delimiter = ',', value_parser = AllowList::parse_prefix)]
     allow: Vec<IpNet>,
 }
+
+/// GUE datagrams read per `recvmmsg`.
+const GUE_BATCH: usize = 32;
+
+/// The GUE socket's receive buffer (bytes; root may exceed `rmem_max`).
+const GUE_RCVBUF: usize = 8 << 20;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -89,8 +96,13 @@ fn main() {
         let s = UdpSocket::bind(("::", p)).unwrap_or_else(|e| fail("bind GUE port", e));
         s.set_nonblocking(true)
             .unwrap_or_else(|e| fail("GUE socket", e));
+        // Room for the bursts a balancer sends while this loop writes to the TUN device.
+        if let Err(e) = lb_examples::ha::set_rcvbuf(&s, GUE_RCVBUF) {
+            eprintln!("lb-decap: GUE receive buffer: {e} (kept the default)");
+        }
         s
     });
+    let mut batch = RecvBatch::new(GUE_BATCH);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).unwrap_or_else(|e| fail("signal", e));
@@ -140,13 +152,26 @@ fn main() {
         }
         if ready & 8 != 0 {
             if let Some(g) = &gue {
-                while let Ok((n, from)) = g.recv_from(&mut buf) {
-                    if !admit(&allow, Some(from.ip()), &mut c) {
-                        continue;
+                // A batch of datagrams per system call, until the socket is empty.
+                loop {
+                    let n = match batch.recv(g) {
+                        Ok(n) => n,
+                        Err(e) => fail("recvmmsg", e),
+                    };
+                    for i in 0..n {
+                        let Some((data, from)) = batch.get(i) else {
+                            break;
+                        };
+                        if !admit(&allow, from, &mut c) {
+                            continue;
+                        }
+                        match data.and_then(|d| gue_inner(d).and_then(|off| d.get(off..))) {
+                            Some(inner) => deliver(&mut tun, inner, &mut c),
+                            None => c.bad += 1,
+                        }
                     }
-                    match gue_inner(&buf[..n]).and_then(|off| buf.get(off..n)) {
-                        Some(inner) => deliver(&mut tun, inner, &mut c),
-                        None => c.bad += 1,
+                    if n < GUE_BATCH {
+                        break;
                     }
                 }
             }

@@ -357,32 +357,6 @@ impl HaShared {
     }
 }
 
-/// Sets the socket's receive buffer (`SO_RCVBUF`; the kernel caps it at `rmem_max` unless
-/// root uses `SO_RCVBUFFORCE`, tried first).
-///
-/// # Errors
-/// Neither option could be set.
-#[allow(unsafe_code)]
-pub fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> std::io::Result<()> {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: a valid socket and a pointer to a c_int of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-    }
-    Err(std::io::Error::last_os_error())
-}
-
 /// Wall-clock milliseconds since the Unix epoch (for the takeover-gap measurement only).
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -482,7 +456,7 @@ impl<'a> Ha<'a> {
         let sock = UdpSocket::bind(cfg.bind)
             .map_err(|e| format!("ha.bind {}: cannot bind: {e}", cfg.bind))?;
         sock.set_nonblocking(true).map_err(|e| e.to_string())?;
-        if let Err(e) = set_rcvbuf(&sock, RCVBUF) {
+        if let Err(e) = crate::sys::set_rcvbuf(&sock, RCVBUF) {
             tracing::warn!("ha: cannot enlarge the receive buffer: {e}");
         }
         let t = now(epoch);

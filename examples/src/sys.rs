@@ -1,12 +1,11 @@
 //! The operating-system edge: TUN/TAP devices and raw IP sockets, through `ioctl`/`socket`.
 //!
-//! This is the only module of the crate that uses `unsafe` (besides io_uring's and a socket
-//! option in `ha`): seven system calls (`ioctl` to attach a
-//! TUN/TAP queue, to set its offloads and to set interface flags, `writev` for a virtio-net
-//! header and its packet, `socket` for raw IP sockets, `recvfrom` for the
-//! sender of a raw packet, `recvmmsg` for a batch of datagrams and their senders, `poll` for a
-//! timed wait) whose arguments are plain `repr(C)` structs
-//! built here. A TUN crate would hide the same calls
+//! Its `unsafe` is system calls whose arguments are plain `repr(C)` structs built here:
+//! `ioctl` to attach a TUN/TAP queue, to set its offloads and to set interface flags, `writev`
+//! for a virtio-net header and its packet, `socket` for raw IP sockets, `recvfrom` for the
+//! sender of a raw packet, `recvmmsg` for a batch of datagrams and their senders, `setsockopt`
+//! for a receive buffer beyond `rmem_max`, `poll` for a timed wait, and `mmap` / `madvise` /
+//! `munmap` for the huge-page allocator. A TUN crate would hide the same calls
 //! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
 //! through [`std::fs::File`].
 #![allow(unsafe_code)]
@@ -33,6 +32,31 @@ fn address_of(sa: &libc::sockaddr_storage) -> Option<std::net::IpAddr> {
         }
         _ => None,
     }
+}
+
+/// Sets the socket's receive buffer (`SO_RCVBUF`; the kernel caps it at `rmem_max` unless
+/// root uses `SO_RCVBUFFORCE`, tried first).
+///
+/// # Errors
+/// Neither option could be set.
+pub fn set_rcvbuf(sock: &std::net::UdpSocket, bytes: usize) -> std::io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket and a pointer to a c_int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::last_os_error())
 }
 
 /// Receives datagrams a batch per system call (`recvmmsg`), each with its sender: the receive

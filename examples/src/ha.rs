@@ -456,7 +456,7 @@ impl<'a> Ha<'a> {
         let sock = UdpSocket::bind(cfg.bind)
             .map_err(|e| format!("ha.bind {}: cannot bind: {e}", cfg.bind))?;
         sock.set_nonblocking(true).map_err(|e| e.to_string())?;
-        if let Err(e) = crate::sys::set_rcvbuf(&sock, RCVBUF) {
+        if let Err(e) = crate::sys::set_buffer(&sock, crate::sys::SocketBuffer::Receive, RCVBUF) {
             tracing::warn!("ha: cannot enlarge the receive buffer: {e}");
         }
         let t = now(epoch);

@@ -4,7 +4,7 @@
 //! `ioctl` to attach a TUN/TAP queue, to set its offloads and to set interface flags, `writev`
 //! for a virtio-net header and its packet, `socket` for raw IP sockets, `recvfrom` for the
 //! sender of a raw packet, `recvmmsg` for a batch of datagrams and their senders, `setsockopt`
-//! for a receive buffer beyond `rmem_max`, `poll` for a timed wait, and `mmap` / `madvise` /
+//! for socket buffers beyond `rmem_max` / `wmem_max`, `poll` for a timed wait, and `mmap` / `madvise` /
 //! `munmap` for the huge-page allocator. A TUN crate would hide the same calls
 //! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
 //! through [`std::fs::File`].
@@ -34,14 +34,31 @@ fn address_of(sa: &libc::sockaddr_storage) -> Option<std::net::IpAddr> {
     }
 }
 
-/// Sets the socket's receive buffer (`SO_RCVBUF`; the kernel caps it at `rmem_max` unless
-/// root uses `SO_RCVBUFFORCE`, tried first).
+/// A socket buffer [`set_buffer`] sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketBuffer {
+    /// `SO_RCVBUF` (root: `SO_RCVBUFFORCE`).
+    Receive,
+    /// `SO_SNDBUF` (root: `SO_SNDBUFFORCE`).
+    Send,
+}
+
+/// Sets the socket's receive or send buffer to `bytes`. The kernel caps `SO_RCVBUF` /
+/// `SO_SNDBUF` at `rmem_max` / `wmem_max`; the root-only `…FORCE` variant, tried first, does not.
 ///
 /// # Errors
 /// Neither option could be set.
-pub fn set_rcvbuf(sock: &std::net::UdpSocket, bytes: usize) -> std::io::Result<()> {
+pub fn set_buffer(
+    sock: &std::net::UdpSocket,
+    which: SocketBuffer,
+    bytes: usize,
+) -> std::io::Result<()> {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+    let opts = match which {
+        SocketBuffer::Receive => [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF],
+        SocketBuffer::Send => [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF],
+    };
+    for opt in opts {
         // SAFETY: a valid socket and a pointer to a c_int of the size given.
         let r = unsafe {
             libc::setsockopt(
@@ -64,6 +81,10 @@ pub fn set_rcvbuf(sock: &std::net::UdpSocket, bytes: usize) -> std::io::Result<(
 pub struct RecvBatch {
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
+    /// One per place; pointed into `bufs` at each call.
+    iov: Vec<libc::iovec>,
+    /// One per place; pointed at its `iov` and `addrs` entries at each call.
+    hdrs: Vec<libc::mmsghdr>,
     lens: Vec<usize>,
     truncated: Vec<bool>,
     got: usize,
@@ -85,10 +106,17 @@ impl RecvBatch {
     /// Up to `batch` datagrams per call (at least 1).
     pub fn new(batch: usize) -> RecvBatch {
         let batch = batch.max(1);
+        let iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
         RecvBatch {
             bufs: vec![0; batch * Self::SLOT],
             // SAFETY: all-zero bytes are a valid `sockaddr_storage` (a plain C struct of integers).
             addrs: vec![unsafe { std::mem::zeroed() }; batch],
+            iov: vec![iov; batch],
+            // SAFETY: `mmsghdr` is plain data; all-zero is a valid empty header.
+            hdrs: vec![unsafe { std::mem::zeroed() }; batch],
             lens: vec![0; batch],
             truncated: vec![false; batch],
             got: 0,
@@ -102,35 +130,37 @@ impl RecvBatch {
     /// `recvmmsg` failed other than for want of data or by a signal.
     pub fn recv(&mut self, sock: &std::net::UdpSocket) -> io::Result<usize> {
         self.got = 0;
-        let batch = self.lens.len();
-        let mut iov: Vec<libc::iovec> = self
-            .bufs
-            .chunks_exact_mut(Self::SLOT)
-            .map(|c| libc::iovec {
-                iov_base: c.as_mut_ptr().cast(),
-                iov_len: Self::SLOT,
-            })
-            .collect();
-        // SAFETY: `mmsghdr` is plain data; all-zero is a valid empty header.
-        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
-        for ((h, v), a) in hdrs
+        let batch = self.hdrs.len();
+        // Nothing allocates per call: the headers and iovecs were allocated once and are
+        // pointed afresh at the buffers (pointers taken now, for this call).
+        let bufs = self.bufs.as_mut_ptr();
+        for (i, ((h, v), a)) in self
+            .hdrs
             .iter_mut()
-            .zip(iov.iter_mut())
+            .zip(self.iov.iter_mut())
             .zip(self.addrs.iter_mut())
+            .enumerate()
         {
+            *v = libc::iovec {
+                iov_base: bufs.wrapping_add(i * Self::SLOT).cast(),
+                iov_len: Self::SLOT,
+            };
             h.msg_hdr.msg_iov = v;
             h.msg_hdr.msg_iovlen = 1;
             h.msg_hdr.msg_name = (a as *mut libc::sockaddr_storage).cast();
             h.msg_hdr.msg_namelen =
                 std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
         }
-        // SAFETY: `hdrs` holds `batch` headers whose iovecs point into `self.bufs` (SLOT bytes
-        // each) and whose names point into `self.addrs`, all live and unaliased until after
+        // SAFETY: `self.hdrs` holds `batch` headers whose iovecs (`self.iov`) point into
+        // `self.bufs` (SLOT bytes each, `batch` places) and whose names point into
+        // `self.addrs`, all owned by `self`, taken just above and not otherwise used during
         // the call; the descriptor is open.
         let n = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
+                self.hdrs.as_mut_ptr(),
                 batch as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -144,7 +174,7 @@ impl RecvBatch {
             };
         }
         let n = (n as usize).min(batch);
-        for (i, h) in hdrs.iter().take(n).enumerate() {
+        for (i, h) in self.hdrs.iter().take(n).enumerate() {
             self.lens[i] = (h.msg_len as usize).min(Self::SLOT);
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }

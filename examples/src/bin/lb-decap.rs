@@ -20,7 +20,10 @@ use std::sync::Arc;
 use clap::Parser;
 use ipnet::IpNet;
 use lb_examples::decap::{gue_inner, ipv4_source, AllowList};
-use lb_examples::sys::{poll_readable, set_link_up, DeviceKind, RawSocket, RecvBatch, TunQueue};
+use lb_examples::sys::{
+    poll_readable, set_buffer, set_link_up, DeviceKind, RawSocket, RecvBatch, SocketBuffer,
+    TunQueue,
+};
 use lb_packet::{parse, tunnel, Link, PacketBuf};
 
 #[derive(Debug, Parser)]
@@ -97,7 +100,7 @@ fn main() {
         s.set_nonblocking(true)
             .unwrap_or_else(|e| fail("GUE socket", e));
         // Room for the bursts a balancer sends while this loop writes to the TUN device.
-        if let Err(e) = lb_examples::sys::set_rcvbuf(&s, GUE_RCVBUF) {
+        if let Err(e) = set_buffer(&s, SocketBuffer::Receive, GUE_RCVBUF) {
             eprintln!("lb-decap: GUE receive buffer: {e} (kept the default)");
         }
         s

@@ -23,8 +23,9 @@
 //! with a message and exit code 1. Nothing panics on input.
 //!
 //! `unsafe` is limited to three system calls libc exposes and std does not (`sendmmsg`, `recvmmsg`,
-//! `getrusage`, plus `setsockopt` for the buffer sizes), each on buffers this file owns and keeps
-//! alive for the duration of the call.
+//! `getrusage`), each on buffers this file owns and keeps alive for the duration of the call.
+//! Socket buffers are sized with `lb_examples::sys::set_buffer`; a size that cannot be set keeps
+//! the default.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -35,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use lb_examples::sys::{set_buffer, SocketBuffer};
 
 /// The largest batch a call may carry (the kernel's `UIO_MAXIOV`).
 const MAX_BATCH: usize = 1024;
@@ -137,26 +139,6 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Sets an integer socket option, trying `force` (the root-only variant that ignores the
-/// `rmem_max` / `wmem_max` limits) first; failures are ignored (the default stays).
-fn set_buffer(sock: &UdpSocket, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
-    for opt in [force, plain] {
-        // SAFETY: the option value is a c_int we own, its size passed alongside.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            return;
-        }
-    }
-}
-
 /// Failed calls by reason.
 #[derive(Debug, Default, Clone, Copy)]
 struct SendErrors {
@@ -187,7 +169,7 @@ fn send(a: &SendArgs) -> Result<String, String> {
     for i in 0..usize::from(a.sockets) {
         let s = UdpSocket::bind(bind).map_err(ctx("bind"))?;
         s.connect(a.dst).map_err(ctx("connect"))?;
-        set_buffer(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20);
+        let _ = set_buffer(&s, SocketBuffer::Send, 4 << 20);
         groups[i % threads].push(s);
     }
     let cpu0 = cpu_seconds();
@@ -294,7 +276,7 @@ fn sink(a: &SinkArgs) -> Result<String, String> {
         signal_hook::flag::register(sig, stop.clone()).map_err(ctx("signal"))?;
     }
     let sock = UdpSocket::bind(a.listen).map_err(ctx("bind"))?;
-    set_buffer(&sock, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 32 << 20);
+    let _ = set_buffer(&sock, SocketBuffer::Receive, 32 << 20);
     // Wake up regularly to notice the stop flag and the end of a second.
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .map_err(ctx("SO_RCVTIMEO"))?;
@@ -442,7 +424,7 @@ mod tests {
     #[test]
     fn capped_send_over_loopback_arrives_whole() {
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        set_buffer(&rx, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        let _ = set_buffer(&rx, SocketBuffer::Receive, 8 << 20);
         let dst = rx.local_addr().expect("addr");
         let a = SendArgs {
             dst,

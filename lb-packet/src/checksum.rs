@@ -165,12 +165,23 @@ impl Delta {
 /// empty. See [`crate::offload`].
 #[inline(always)]
 pub(crate) fn apply_partial_at(buf: &mut [u8], off: usize, d: Delta) {
-    if d.is_empty() {
-        return;
+    if let Some(f) = field2(buf, off) {
+        apply_partial_to(f, d);
     }
-    if let Some(s) = get16(buf, off) {
-        let _ = put16(buf, off, fold(u64::from(s) + d.0));
+}
+
+/// [`apply_partial_at`] on a field already in hand.
+#[inline(always)]
+pub(crate) fn apply_partial_to(f: &mut [u8; 2], d: Delta) {
+    if !d.is_empty() {
+        *f = fold(u64::from(u16::from_be_bytes(*f)) + d.0).to_be_bytes();
     }
+}
+
+/// The two bytes at `off`, if in bounds.
+#[inline(always)]
+pub(crate) fn field2(buf: &mut [u8], off: usize) -> Option<&mut [u8; 2]> {
+    buf.get_mut(off..)?.first_chunk_mut()
 }
 
 /// Reads the big-endian u16 at `off`, if in bounds.
@@ -194,23 +205,31 @@ pub(crate) fn put16(buf: &mut [u8], off: usize, v: u16) -> Option<()> {
 /// returns the change of the checksum field itself, for enclosing checksums (ICMP errors).
 #[inline(always)]
 pub(crate) fn apply_at(buf: &mut [u8], off: usize, d: Delta, udp: bool) -> Delta {
+    match field2(buf, off) {
+        Some(f) => apply_to(f, d, udp),
+        None => Delta::default(),
+    }
+}
+
+/// [`apply_at`] on a field already in hand.
+#[inline(always)]
+pub(crate) fn apply_to(f: &mut [u8; 2], d: Delta, udp: bool) -> Delta {
     let mut out = Delta::default();
     if d.is_empty() {
         return out;
     }
-    if let Some(hc) = get16(buf, off) {
-        // RFC 768: UDP checksum 0 means "none" (IPv4; RFC 6935 zero-checksum tunnels on IPv6);
-        // leave it so. A computed 0 is transmitted as all ones.
-        if udp && hc == 0 {
-            return out;
-        }
-        let mut new = d.apply(hc);
-        if udp && new == 0 {
-            new = 0xFFFF;
-        }
-        let _ = put16(buf, off, new);
-        out.add16(hc, new);
+    let hc = u16::from_be_bytes(*f);
+    // RFC 768: UDP checksum 0 means "none" (IPv4; RFC 6935 zero-checksum tunnels on IPv6);
+    // leave it so. A computed 0 is transmitted as all ones.
+    if udp && hc == 0 {
+        return out;
     }
+    let mut new = d.apply(hc);
+    if udp && new == 0 {
+        new = 0xFFFF;
+    }
+    *f = new.to_be_bytes();
+    out.add16(hc, new);
     out
 }
 

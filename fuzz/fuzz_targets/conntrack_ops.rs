@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_conntrack::{
     Config, ConnTable, Direction, EvictReason, FlowState, Insert, NewFlow, Packet, Prefetched,
-    Refusal, TcpFlags, TcpState, Timeouts, MAX_BACKEND_ID,
+    Refusal, TcpFlags, TcpState, Timeouts, MAX_BACKEND_ID, SETTLE_PER_EXPIRE, SETTLE_PER_INSERT,
 };
 use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use libfuzzer_sys::fuzz_target;
@@ -34,6 +34,11 @@ struct M {
     state: FlowState,
     last: u64,
     pos: u64,
+    /// When it was queued at `pos`.
+    q: u64,
+    /// Seen again since it was queued (lazy re-queueing: the table moves it when it reaches
+    /// the head).
+    seen: bool,
     v6: bool,
     bidir: bool,
 }
@@ -57,7 +62,29 @@ impl Model {
             .min_by_key(|(_, m)| m.pos)
             .map(|(k, _)| *k)
     }
+    /// Moves class `c`'s head to the tail if it was seen since it was queued.
+    fn settle(&mut self, c: u8) -> bool {
+        let Some(k) = self.head(c, false) else {
+            return false;
+        };
+        let (seq, clock) = (self.seq, self.clock);
+        match self.map.get_mut(&k) {
+            Some(m) if m.seen => {
+                (m.seen, m.pos, m.q) = (false, seq, clock);
+                self.seq += 1;
+                true
+            }
+            _ => false,
+        }
+    }
     fn make_room(&mut self, need_v6: bool) -> Result<Insert, Refusal> {
+        for c in 0..13 {
+            for _ in 0..SETTLE_PER_INSERT {
+                if !self.settle(c) {
+                    break;
+                }
+            }
+        }
         for c in 0..13 {
             if let Some(k) = self.head(c, need_v6) {
                 if self.expired(&self.map[&k]) {
@@ -104,9 +131,12 @@ impl Model {
             FlowState::UdpUnconfirmed if !first || p.dir == Direction::Reply => FlowState::Udp,
             o => o,
         };
-        if class(new) != class(m.state) || clock != m.last {
+        if class(new) != class(m.state) {
             m.pos = seq;
             self.seq += 1;
+            (m.seen, m.q) = (false, clock);
+        } else if clock != m.last {
+            m.seen = true;
         }
         m.state = new;
         m.last = clock;
@@ -139,6 +169,8 @@ impl Model {
             state,
             last: self.clock,
             pos,
+            q: self.clock,
+            seen: false,
             v6: !key.is_ipv4(),
             bidir: false,
         };
@@ -307,12 +339,14 @@ fuzz_target!(|data: &[u8]| {
                 let got = table.expire(now, budget);
                 let mut n = 0;
                 for cl in 0..13 {
+                    let mut settled = 0;
                     while n < budget {
                         match m.head(cl, false) {
                             Some(k) if m.expired(&m.map[&k]) => {
                                 m.map.remove(&k);
                                 n += 1;
                             }
+                            Some(_) if settled < SETTLE_PER_EXPIRE && m.settle(cl) => settled += 1,
                             _ => break,
                         }
                     }
@@ -339,12 +373,29 @@ fuzz_target!(|data: &[u8]| {
             .map(|(k, e)| (*k, e.backend, e.state))
             .collect();
         assert_eq!(live, want);
+        // The next deadline: the earliest of the list heads' (for a head seen since it was
+        // queued, the table's clock: at most the model's), and never later than any entry's
+        // place implies (queueing time plus timeout), or "now".
+        let got = table.next_deadline().map(|d| d.as_millis());
+        let heads: Vec<&M> = (0..13)
+            .filter_map(|c| m.head(c, false))
+            .map(|k| &m.map[&k])
+            .collect();
+        if heads.iter().any(|e| e.seen) {
+            assert!(got.is_some_and(|d| d <= m.clock));
+        } else {
+            let hd = heads
+                .iter()
+                .map(|e| e.last + m.t.get(e.state).as_millis() as u64)
+                .min();
+            assert_eq!(got, hd);
+        }
         let nd = m
             .map
             .values()
-            .map(|e| e.last + m.t.get(e.state).as_millis() as u64)
+            .map(|e| e.q + m.t.get(e.state).as_millis() as u64)
             .min();
-        assert_eq!(table.next_deadline().map(|d| d.as_millis()), nd);
+        assert!(got <= nd || got <= Some(m.clock));
         // Every flow that left was reported once, each reused entry counted as a session that
         // ended: entries = sessions started − sessions reported ended.
         removals += table.drain_removals().count() as u64;

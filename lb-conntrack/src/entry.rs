@@ -41,6 +41,11 @@ pub(crate) const F_PERSIST: u8 = 32;
 /// Slot flag: the entry holds a pool port (`F_POOL`), is half-open, and is linked in its
 /// backend pool's half-open list (`evict::PoolList`), the victims of SNAT port pressure.
 pub(crate) const F_POOL_HALF: u8 = 64;
+/// Slot flag: seen again since it was queued at its class list's tail, and left where it
+/// was (lazy re-queueing: a hit does not unlink the entry, which would touch its neighbours'
+/// lines). Its place is older than its last-seen time; `expire` moves it to the tail if it
+/// reaches the head.
+pub(crate) const F_SEEN: u8 = 128;
 
 /// One entry of the slab. 40 bytes, 8-byte aligned.
 #[derive(Debug, Clone, Copy, Default)]

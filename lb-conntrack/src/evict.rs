@@ -1,11 +1,18 @@
 //! Intrusive per-class lists: O(1) expiry and eviction without scans.
 //!
 //! Every live entry sits in the doubly linked list of its class (TCP state, UDP, …), linked
-//! through the `prev`/`next` fields of its slot. An entry moves to the tail of its list whenever
-//! its last-seen time changes, so each list is ordered by last-seen time, and since all entries
-//! of a class share one timeout, by deadline too. The head of each list is therefore both the
-//! next entry to expire in its class and that class's least recently used entry:
-//! expiry looks at [`CLASSES`] heads, eviction picks among them.
+//! through the `prev`/`next` fields of its slot, queued at the tail when it enters the class.
+//! A later packet does not move it (that would unlink it and touch both neighbours' cache
+//! lines on every hit): it marks the slot seen (`F_SEEN`) and the table's `expire` moves a seen
+//! entry to the tail when it reaches the head (lazy re-queueing, once per trip through the
+//! list instead of once per hit). An entry never seen since it was queued has its place at its
+//! last-seen time, and every entry behind it was queued, and last seen, later; since all
+//! entries of a class share one timeout, such a head is the next entry to expire in its class
+//! and its least recently used one: expiry looks at [`CLASSES`] heads (moving seen ones on),
+//! eviction picks among them. The price: an entry seen again and then idle, moved to the tail
+//! when it reached the head before its deadline, waits behind entries queued after its
+//! last-seen time, so it may be removed up to the time between the two later (less than one
+//! timeout); a lookup of it after its deadline finds it expired all the same.
 //!
 //! A second kind of list, [`PoolList`], serves SNAT port pressure: per backend pool, the
 //! half-open entries that hold one of its ports, in the order they became half-open (for a new

@@ -108,7 +108,7 @@ pub use stats::{
 };
 pub use table::{
     Config, ConnTable, EntryRef, Insert, Lookup, MemoryUsage, NewFlow, Prefetched, MAX_BACKEND_ID,
-    MAX_CAPACITY, PIPELINE,
+    MAX_CAPACITY, PIPELINE, SETTLE_PER_EXPIRE, SETTLE_PER_INSERT,
 };
 pub use tcp_state::{Direction, TcpFlags, TcpState};
 pub use timeout::{FlowState, Timeouts, MAX_TIMEOUT};

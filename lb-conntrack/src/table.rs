@@ -7,7 +7,8 @@
 //!   match; removals find their way by hash and slot id, never by comparing keys.
 //! - `slots`: `capacity` slots of 40 bytes (key, state, backend, list links, times, counters),
 //!   preallocated; free slots are chained through `next`.
-//! - class lists (`evict.rs`): one intrusive list per state class, ordered by last-seen time.
+//! - class lists (`evict.rs`): one intrusive list per state class, ordered by the time each
+//!   entry was queued (lazy re-queueing: a hit marks its entry, `expire` moves it).
 //! - side arrays: IPv6 address pairs, exact counters of the few flows that outgrow a slot's
 //!   (the elephant store), and when NAT is on, reply tuples (compact, see `entry.rs`) and a
 //!   second index of the same kind over them.
@@ -21,7 +22,7 @@ use lb_core::{BackendId, FlowHasher, FlowKey, HashKey, Instant, KeyedHash, SipHa
 
 use crate::entry::{
     slot_key, Counts, EntryInfo, Hit, Nat4, Nat6, Packet, Probe, Slot, F_BIDIR, F_LIVE, F_NAT,
-    F_PERSIST, F_POOL, F_POOL_HALF, F_V6, NIL,
+    F_PERSIST, F_POOL, F_POOL_HALF, F_SEEN, F_V6, NIL,
 };
 use crate::evict::Lists;
 use crate::index::Index;
@@ -129,6 +130,18 @@ impl Prefetched {
 /// this many keys ahead of the key being processed, and its index prefetch twice as far. At
 /// ~25 ns of work per key, 8 keys cover a ~200 ns memory latency.
 pub const PIPELINE: usize = 8;
+
+/// How many list heads seen again since they were queued [`ConnTable::expire`] moves to their
+/// list's tail per class and call, besides what it removes (lazy re-queueing). The work a
+/// call does stays bounded; the moves are work every hit used to do, each now done at most
+/// once per trip of an entry through its list.
+pub const SETTLE_PER_EXPIRE: usize = 256;
+
+/// How many seen list heads per class an insertion into a full table moves first, so that it
+/// is likelier to find a timed-out entry, or the least recently used one, at a head rather
+/// than a busy one that had reached it. One: a full table's churn (a SYN flood) must not pay a
+/// re-queue per class and insert; `expire` moves the rest.
+pub const SETTLE_PER_INSERT: usize = 1;
 
 impl ConnTable<SipHash13> {
     /// A table keyed with SipHash-1-3 under `key` (derive a dedicated key, e.g.
@@ -953,8 +966,14 @@ impl<H: KeyedHash> ConnTable<H> {
             counts = Counts::ZERO;
         }
         let class = new.class();
-        if class != class0 || now32 != last0 {
+        if class != class0 {
+            // Another list (another timeout): moved now, to its tail.
             self.lists.requeue(&mut self.slots, class0, class, i);
+            flags &= !F_SEEN;
+        } else if now32 != last0 {
+            // Lazy re-queueing: the entry keeps its place and is marked; `expire` moves it
+            // to the tail if it reaches the head before it is due (`settle_head`).
+            flags |= F_SEEN;
         }
         let bumped = counts.bumped(pkt.bytes, pkt.count());
         if let Some(m) = self.slots.get_mut(i as usize) {
@@ -1105,32 +1124,72 @@ impl<H: KeyedHash> ConnTable<H> {
     /// ring has room for (so none of their records is lost: drain with
     /// [`ConnTable::poll_removal`] and call again to continue). Bounded work: each removal is
     /// O(1), plus a look at one list head per state class. Returns how many were removed.
+    ///
+    /// A hit leaves its entry where it is in its class list and marks it seen (lazy
+    /// re-queueing); a list head found seen and not due is moved to the tail here, at most
+    /// [`SETTLE_PER_EXPIRE`] per class and call, and the head after it looked at. So an entry
+    /// not seen since it was queued is removed by the first call after its deadline, unless
+    /// more than that many seen entries queued before it reach the head in that call (then in
+    /// a later call); an entry seen, then idle, and moved on before its deadline may go up to
+    /// the time it was moved minus its last-seen time late (module `evict`). Never before its
+    /// deadline.
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         self.advance(now);
         let budget = budget.min(self.removals.room());
         let mut n = 0;
         for c in 0..CLASSES {
+            let mut settled = 0;
             while n < budget {
                 let h = self.lists.head[c];
-                if h == NIL || !self.slot_expired(h) {
+                if h == NIL {
                     break;
                 }
-                self.counters.expired += 1;
-                self.remove_timed_out(h);
-                n += 1;
+                if self.slot_expired(h) {
+                    self.counters.expired += 1;
+                    self.remove_timed_out(h);
+                    n += 1;
+                } else if settled < SETTLE_PER_EXPIRE && self.settle_head(c) {
+                    settled += 1;
+                } else {
+                    break;
+                }
             }
         }
         n
     }
 
+    /// If the head of class list `c` was seen since it was queued, moves it to the tail
+    /// (its place then agrees with its last-seen time) and returns true.
+    pub(crate) fn settle_head(&mut self, c: usize) -> bool {
+        let h = self.lists.head.get(c).copied().unwrap_or(NIL);
+        let Some(s) = self.slots.get_mut(h as usize) else {
+            return false;
+        };
+        if s.flags & F_SEEN == 0 {
+            return false;
+        }
+        s.flags &= !F_SEEN;
+        let class = s.class;
+        self.lists.requeue(&mut self.slots, class, class, h);
+        true
+    }
+
     /// When the next entry times out (`None` when empty). May be in the past if
-    /// [`ConnTable::expire`] is behind.
+    /// [`ConnTable::expire`] is behind; a list head seen again since it was queued (see
+    /// [`ConnTable::expire`]) makes it the table's clock: the entries behind that head are
+    /// known only once `expire` has moved it.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.lists
             .head
             .iter()
             .filter_map(|&h| self.slots.get(h as usize))
-            .map(|s| self.deadline_of(s))
+            .map(|s| {
+                if s.flags & F_SEEN != 0 {
+                    Instant::from_millis(self.clock)
+                } else {
+                    self.deadline_of(s)
+                }
+            })
             .min()
     }
 

@@ -4,7 +4,7 @@ use lb_core::{BackendId, Duration, FlowKey, Instant, KeyedHash};
 
 use super::config::V6_VICTIM_WALK;
 use super::{ConnTable, Insert, NewFlow};
-use crate::entry::{Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_V6, NIL};
+use crate::entry::{Probe, Slot, F_BIDIR, F_LIVE, F_NAT, F_PERSIST, F_POOL, F_SEEN, F_V6, NIL};
 use crate::evict::class_is_half_open;
 use crate::persist::{Service, TemplateKey};
 use crate::stats::{EvictReason, Refusal};
@@ -157,9 +157,12 @@ impl<H: KeyedHash> ConnTable<H> {
     /// Links an installed entry (whose last-seen may be in the past) near its place: at the head
     /// if it is older than the head, else at the tail.
     fn link_installed(&mut self, i: u32) {
-        let Some(s) = self.slots.get(i as usize).copied() else {
+        let Some(s) = self.slots.get_mut(i as usize) else {
             return;
         };
+        // Placed by its last-seen time: not a seen entry waiting to move.
+        s.flags &= !F_SEEN;
+        let s = *s;
         let c = usize::from(s.class) % CLASSES;
         let head = self.lists.head[c];
         let older_than_head = self
@@ -189,6 +192,15 @@ impl<H: KeyedHash> ConnTable<H> {
     /// Frees one slot (and, with `need_v6`, one IPv6 pair): a timed-out entry first, then the
     /// oldest half-open one, then the least recently used.
     fn make_room(&mut self, need_v6: bool) -> Result<Insert, Refusal> {
+        // Heads seen again since they were queued go to the tail first (lazy re-queueing), so
+        // that the heads below are the oldest entries of their classes.
+        for c in 0..CLASSES {
+            for _ in 0..super::SETTLE_PER_INSERT {
+                if !self.settle_head(c) {
+                    break;
+                }
+            }
+        }
         let full = if need_v6 {
             Refusal::Ipv6Full
         } else {

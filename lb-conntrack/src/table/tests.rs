@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use proptest::prelude::*;
 
+use super::{SETTLE_PER_EXPIRE, SETTLE_PER_INSERT};
 use crate::entry::Packet;
 use crate::entry::NIL;
 use crate::evict::class_is_half_open;
@@ -159,6 +160,45 @@ fn expire_is_bounded_and_deadline_is_exact() {
     assert_eq!(t.expire(late, 1000), 30);
     assert_eq!(t.next_deadline(), None);
     assert_eq!(t.counters().expired, 50);
+}
+
+#[test]
+fn a_hit_leaves_its_entry_in_place_and_expire_moves_it() {
+    // Lazy re-queueing: 300 flows seen again at 1 s wait at the head of the SYN_RECV list in
+    // front of an idle flow queued after them. Each `expire` moves at most
+    // SETTLE_PER_EXPIRE of them, so the idle flow (due at 60 s) goes in the second call at
+    // 60.5 s; the busy ones (due at 61 s) are never removed early.
+    let busy = SETTLE_PER_EXPIRE as u32 + 44;
+    let mut t = table(1024);
+    let t0 = Instant::ZERO;
+    for i in 0..busy {
+        let flow = NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn());
+        assert!(t.insert_with(flow, t0).is_inserted());
+    }
+    let idle = k4(busy, IpProto::Tcp);
+    assert!(t
+        .insert_with(NewFlow::new(idle, BackendId(0)).with_first(syn()), t0)
+        .is_inserted());
+    let t1 = Instant::from_secs(1);
+    for i in 0..busy {
+        let h = t.track(&k4(i, IpProto::Tcp), syn(), t1).expect("tracked");
+        assert_eq!(h.state, FlowState::Tcp(TcpState::SynRecv));
+    }
+    // The head was seen since it was queued: "due now, call expire".
+    assert_eq!(t.next_deadline(), Some(t1));
+    let t2 = Instant::from_millis(60_500);
+    assert_eq!(t.expire(t2, 10_000), 0);
+    assert_eq!(t.expire(t2, 10_000), 1);
+    assert!(matches!(t.lookup(&idle, t2), Lookup::Miss));
+    assert_eq!(t.expire(t2, 10_000), 0);
+    assert_eq!(t.len(), busy as usize);
+    // Every busy flow has been moved behind: the head is the first of them, due at 61 s.
+    assert_eq!(t.next_deadline(), Some(Instant::from_secs(61)));
+    assert_eq!(
+        t.expire(Instant::from_millis(61_500), 10_000),
+        busy as usize
+    );
+    assert_eq!(t.counters().expired, u64::from(busy) + 1);
 }
 
 #[test]
@@ -707,6 +747,10 @@ struct M {
     state: FlowState,
     last: u64,
     pos: u64,
+    /// When it was queued at `pos`.
+    q: u64,
+    /// Seen again since it was queued at `pos` (lazy re-queueing).
+    seen: bool,
     v6: bool,
     bidir: bool,
     opened: u64,
@@ -763,12 +807,34 @@ impl Model {
             .min_by_key(|(_, m)| m.pos)
             .map(|(k, _)| *k)
     }
+    /// Moves class `c`'s head to the tail if it was seen since it was queued.
+    fn settle(&mut self, c: u8) -> bool {
+        let Some(k) = self.head(c, false) else {
+            return false;
+        };
+        let (seq, clock) = (self.seq, self.clock);
+        match self.map.get_mut(&k) {
+            Some(m) if m.seen => {
+                (m.seen, m.pos, m.q) = (false, seq, clock);
+                self.seq += 1;
+                true
+            }
+            _ => false,
+        }
+    }
     fn make_room(
         &mut self,
         t: &Timeouts,
         need_v6: bool,
         evict_est: bool,
     ) -> Result<Insert, Refusal> {
+        for c in 0..CLASSES as u8 {
+            for _ in 0..SETTLE_PER_INSERT {
+                if !self.settle(c) {
+                    break;
+                }
+            }
+        }
         for c in 0..CLASSES as u8 {
             if let Some(k) = self.head(c, need_v6) {
                 if self.expired(t, &self.map[&k]) {
@@ -823,9 +889,12 @@ impl Model {
             self.record(*k, &m, RemovalReason::Closed);
             (m.opened, m.packets, m.bytes) = (clock, 0, 0);
         }
-        if new.class() != m.state.class() || clock != m.last {
+        if new.class() != m.state.class() {
             m.pos = seq;
             self.seq += 1;
+            (m.seen, m.q) = (false, clock);
+        } else if clock != m.last {
+            m.seen = true;
         }
         m.state = new;
         m.last = clock;
@@ -929,7 +998,7 @@ proptest! {
                         }
                         let pos = m.seq;
                         m.seq += 1;
-                        m.map.insert(key, M { backend: b, state: FlowState::initial(key.proto()), last: m.clock, pos, v6: !key.is_ipv4(), bidir: false, opened: m.clock, packets: 0, bytes: 0 });
+                        m.map.insert(key, M { backend: b, state: FlowState::initial(key.proto()), last: m.clock, pos, q: m.clock, seen: false, v6: !key.is_ipv4(), bidir: false, opened: m.clock, packets: 0, bytes: 0 });
                         if let Some(p) = first { m.apply(&key, p, true); }
                         out
                     })();
@@ -966,9 +1035,11 @@ proptest! {
                     let budget = usize::from(budget).min(ring);
                     let mut n = 0;
                     for c in 0..CLASSES as u8 {
+                        let mut settled = 0;
                         while n < budget {
                             match m.head(c, false) {
                                 Some(k) if m.expired(&timeouts, &m.map[&k]) => { m.take_timed_out(&k); n += 1; }
+                                Some(_) if settled < SETTLE_PER_EXPIRE && m.settle(c) => settled += 1,
                                 _ => break,
                             }
                         }
@@ -1012,9 +1083,21 @@ proptest! {
             live.sort_by_key(|e| e.0);
             let want: Vec<(FlowKey, u32, FlowState)> = m.map.iter().filter(|(_, e)| !m.expired(&timeouts, e)).map(|(k, e)| (*k, e.backend, e.state)).collect();
             prop_assert_eq!(live, want);
-            // The next deadline is the earliest of the model's.
-            let nd = m.map.values().map(|e| e.last + Model::timeout(&timeouts, e.state)).min();
-            prop_assert_eq!(t.next_deadline().map(|d| d.as_millis()), nd);
+            // The next deadline is the earliest of the list heads' (the clock for a head seen
+            // since it was queued).
+            // (The table's clock is the time of its last call, at most the model's.)
+            let got = t.next_deadline().map(|d| d.as_millis());
+            let heads: Vec<&M> = (0..CLASSES as u8).filter_map(|c| m.head(c, false)).map(|k| &m.map[&k]).collect();
+            if heads.iter().any(|e| e.seen) {
+                prop_assert!(got.is_some_and(|d| d <= m.clock));
+            } else {
+                prop_assert_eq!(got, heads.iter().map(|e| e.last + Model::timeout(&timeouts, e.state)).min());
+            }
+            // Not later than any entry's place implies: its queueing time plus its timeout
+            // (its deadline, for an entry queued when last seen; a busy entry moved to the
+            // tail when it reached the head may be removed up to that much late), or "now".
+            let nd = m.map.values().map(|e| e.q + Model::timeout(&timeouts, e.state)).min();
+            prop_assert!(got <= nd || got <= Some(m.clock), "next deadline {:?} after {:?}", got, nd);
         }
     }
 }

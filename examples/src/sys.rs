@@ -49,7 +49,7 @@ pub enum SocketBuffer {
 /// # Errors
 /// Neither option could be set.
 pub fn set_buffer(
-    sock: &std::net::UdpSocket,
+    sock: &(impl AsRawFd + ?Sized),
     which: SocketBuffer,
     bytes: usize,
 ) -> std::io::Result<()> {
@@ -77,7 +77,8 @@ pub fn set_buffer(
 }
 
 /// Receives datagrams a batch per system call (`recvmmsg`), each with its sender: the receive
-/// side of a UDP socket that must keep up with a packet rate (`lb-decap`'s GUE port).
+/// side of a socket that must keep up with a packet rate (`lb-decap`'s GUE port and raw
+/// tunnel sockets).
 pub struct RecvBatch {
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
@@ -128,7 +129,7 @@ impl RecvBatch {
     ///
     /// # Errors
     /// `recvmmsg` failed other than for want of data or by a signal.
-    pub fn recv(&mut self, sock: &std::net::UdpSocket) -> io::Result<usize> {
+    pub fn recv(&mut self, sock: &(impl AsRawFd + ?Sized)) -> io::Result<usize> {
         self.got = 0;
         let batch = self.hdrs.len();
         // Nothing allocates per call: the headers and iovecs were allocated once and are
@@ -182,17 +183,34 @@ impl RecvBatch {
         Ok(n)
     }
 
-    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes (`None` if it was truncated)
-    /// and its sender (`None` if not an IP address).
-    pub fn get(&self, i: usize) -> Option<(Option<&[u8]>, Option<std::net::IpAddr>)> {
+    /// How many datagrams one call reads at most.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Where datagram `i` of the last call lies in `bufs` (inner `None`: it was truncated).
+    fn place(&self, i: usize) -> Option<Option<std::ops::Range<usize>>> {
         if i >= self.got {
             return None;
         }
         let start = i * Self::SLOT;
-        let data = (!self.truncated[i])
-            .then(|| self.bufs.get(start..start + self.lens[i]))
-            .flatten();
-        Some((data, address_of(&self.addrs[i])))
+        let whole = !*self.truncated.get(i)?;
+        Some(whole.then(|| start..start + self.lens.get(i).copied().unwrap_or(0)))
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes (`None` if it was truncated)
+    /// and its sender (`None` if not an IP address).
+    pub fn get(&self, i: usize) -> Option<(Option<&[u8]>, Option<std::net::IpAddr>)> {
+        let place = self.place(i)?;
+        let from = address_of(self.addrs.get(i)?);
+        Some((place.and_then(|r| self.bufs.get(r)), from))
+    }
+
+    /// [`RecvBatch::get`], the bytes writable (to decapsulate in place).
+    pub fn get_mut(&mut self, i: usize) -> Option<(Option<&mut [u8]>, Option<std::net::IpAddr>)> {
+        let place = self.place(i)?;
+        let from = address_of(self.addrs.get(i)?);
+        Some((place.and_then(|r| self.bufs.get_mut(r)), from))
     }
 }
 

@@ -1,11 +1,10 @@
 //! `lb-decap --device NAME --allow PREFIX[,PREFIX...] [--gue-port PORT]`: the backend side of
 //! `tun-balancer`'s tunnel mode on kernels without `ipip` / `ip6tnl` / `fou`. Receives IPIP (IPv4
 //! protocol 4), IPv6-in-IPv6 and IPv4-in-IPv6 (IPv6 next headers 41 and 4) on raw sockets, and
-//! optionally GUE on a UDP port (read 32 datagrams per `recvmmsg`), removes the outer headers
-//! with lb-packet and writes the inner
-//! packet to a local TUN device, so that the backend's own kernel receives it as if it had arrived
-//! directly (put the VIP on `lo` and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing
-//! its counters.
+//! optionally GUE on a UDP port, each read up to 32 packets per `recvmmsg` into an 8 MiB socket
+//! buffer; removes the outer headers with lb-packet and writes the inner packet to a local TUN
+//! device, so that the backend's own kernel receives it as if it had arrived directly (put the
+//! VIP on `lo` and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing its counters.
 //!
 //! Only tunnel packets whose outer source is in `--allow` (the balancers' `snat_addrs`) are
 //! delivered; the others are dropped and counted as `refused`. The list is required: a decapsulator
@@ -44,11 +43,24 @@ struct Cli {
     allow: Vec<IpNet>,
 }
 
-/// GUE datagrams read per `recvmmsg`.
-const GUE_BATCH: usize = 32;
+/// Packets read per `recvmmsg`.
+const BATCH: usize = 32;
 
-/// The GUE socket's receive buffer (bytes; root may exceed `rmem_max`).
-const GUE_RCVBUF: usize = 8 << 20;
+/// Each socket's receive buffer (bytes; root may exceed `rmem_max`): room for the bursts a
+/// balancer sends while this loop writes to the TUN device.
+const RCVBUF: usize = 8 << 20;
+
+/// What a socket's packets hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carried {
+    /// An IPv4 raw socket's: the outer IPv4 header, then the inner packet.
+    OuterIpv4,
+    /// An IPv6 raw socket's: the inner packet (the kernel removed the outer header; its source
+    /// is the sender's address).
+    Inner,
+    /// A UDP socket's: the GUE header, then the inner packet.
+    Gue,
+}
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -78,6 +90,54 @@ fn deliver(tun: &mut TunQueue, inner: &[u8], c: &mut Counters) {
     }
 }
 
+/// Reads `sock` a batch per system call until it is empty, delivering what is admitted.
+fn drain(
+    sock: &(impl AsRawFd + ?Sized),
+    carried: Carried,
+    batch: &mut RecvBatch,
+    allow: &AllowList,
+    tun: &mut TunQueue,
+    c: &mut Counters,
+) {
+    loop {
+        // An error (none is expected) ends this round, as an empty socket does; the next poll
+        // tries again.
+        let n = batch.recv(sock).unwrap_or(0);
+        for i in 0..n {
+            let Some((data, from)) = batch.get_mut(i) else {
+                break;
+            };
+            // The outer source: an IPv4 raw socket's packet starts with the outer header.
+            let from = match carried {
+                Carried::OuterIpv4 => data.as_deref().and_then(ipv4_source),
+                Carried::Inner | Carried::Gue => from,
+            };
+            if !admit(allow, from, c) {
+                continue;
+            }
+            let inner = data.and_then(|d| match carried {
+                Carried::OuterIpv4 => {
+                    let n = d.len();
+                    let mut pb = PacketBuf::new(d, 0, n).ok()?;
+                    tunnel::decap(&mut pb, None).ok()?;
+                    let (start, len) = (pb.offset(), pb.len());
+                    let whole: &[u8] = pb.into_inner();
+                    whole.get(start..start + len)
+                }
+                Carried::Inner => Some(&*d),
+                Carried::Gue => gue_inner(d).and_then(|off| d.get(off..)),
+            });
+            match inner {
+                Some(inner) => deliver(tun, inner, c),
+                None => c.bad += 1,
+            }
+        }
+        if n < batch.capacity() {
+            break;
+        }
+    }
+}
+
 fn main() {
     lb_examples::runtime::abort_on_panic();
     let cli = Cli::parse();
@@ -89,23 +149,34 @@ fn main() {
     let mut tun = TunQueue::open(&cli.device, DeviceKind::Tun, false, false)
         .unwrap_or_else(|e| fail("open TUN", e));
     set_link_up(&cli.device).unwrap_or_else(|e| fail("set device up", e));
-    let mut v4 =
-        RawSocket::open(false, 4).unwrap_or_else(|e| fail("raw socket (IPv4, protocol 4)", e));
-    let mut v6 =
+    let v4 = RawSocket::open(false, 4).unwrap_or_else(|e| fail("raw socket (IPv4, protocol 4)", e));
+    let v6 =
         RawSocket::open(true, 41).unwrap_or_else(|e| fail("raw socket (IPv6, next header 41)", e));
-    let mut v4in6 =
+    let v4in6 =
         RawSocket::open(true, 4).unwrap_or_else(|e| fail("raw socket (IPv6, next header 4)", e));
     let gue = cli.gue_port.map(|p| {
         let s = UdpSocket::bind(("::", p)).unwrap_or_else(|e| fail("bind GUE port", e));
         s.set_nonblocking(true)
             .unwrap_or_else(|e| fail("GUE socket", e));
-        // Room for the bursts a balancer sends while this loop writes to the TUN device.
-        if let Err(e) = set_buffer(&s, SocketBuffer::Receive, GUE_RCVBUF) {
-            eprintln!("lb-decap: GUE receive buffer: {e} (kept the default)");
-        }
         s
     });
-    let mut batch = RecvBatch::new(GUE_BATCH);
+    let fds: [Option<&dyn AsRawFd>; 4] = [
+        Some(&v4),
+        Some(&v6),
+        Some(&v4in6),
+        gue.as_ref().map(|g| g as &dyn AsRawFd),
+    ];
+    for (fd, what) in fds
+        .iter()
+        .zip(["IPv4 raw", "IPv6 raw", "IPv4-in-IPv6 raw", "GUE"])
+    {
+        if let Some(fd) = fd {
+            if let Err(e) = set_buffer(*fd, SocketBuffer::Receive, RCVBUF) {
+                eprintln!("lb-decap: {what} socket receive buffer: {e} (kept the default)");
+            }
+        }
+    }
+    let mut batch = RecvBatch::new(BATCH);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).unwrap_or_else(|e| fail("signal", e));
@@ -118,7 +189,6 @@ fn main() {
         nets.join(",")
     );
     let mut c = Counters::default();
-    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Acquire) {
         let mut fds: Vec<&dyn AsRawFd> = vec![&v4, &v6, &v4in6];
         if let Some(g) = &gue {
@@ -128,55 +198,19 @@ fn main() {
             Ok(m) => m,
             Err(e) => fail("poll", e),
         };
-        if ready & 1 != 0 {
-            // IPv4 raw sockets return the outer header too: its source, then decapsulate with
-            // lb-packet.
-            if let Ok(n) = v4.recv(&mut buf) {
-                if admit(&allow, ipv4_source(&buf[..n]), &mut c) {
-                    match PacketBuf::new(&mut buf[..n], 0, n) {
-                        Ok(mut pb) => match tunnel::decap(&mut pb, None) {
-                            Ok(_) => deliver(&mut tun, pb.data(), &mut c),
-                            Err(_) => c.bad += 1,
-                        },
-                        Err(_) => c.bad += 1,
-                    }
-                }
-            }
-        }
-        // IPv6 raw sockets return the payload after the outer header: the inner packet.
-        for (bit, sock) in [(2u64, &mut v6), (4, &mut v4in6)] {
+        // (`recvmmsg` does not wait: each socket is read until empty, then polled again.)
+        let socks: [(u64, &dyn AsRawFd, Carried); 3] = [
+            (1, &v4, Carried::OuterIpv4),
+            (2, &v6, Carried::Inner),
+            (4, &v4in6, Carried::Inner),
+        ];
+        for (bit, sock, carried) in socks {
             if ready & bit != 0 {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    if admit(&allow, Some(from), &mut c) {
-                        deliver(&mut tun, &buf[..n], &mut c);
-                    }
-                }
+                drain(sock, carried, &mut batch, &allow, &mut tun, &mut c);
             }
         }
-        if ready & 8 != 0 {
-            if let Some(g) = &gue {
-                // A batch of datagrams per system call, until the socket is empty.
-                loop {
-                    // An error (none is expected on an unconnected socket) ends this round,
-                    // as an empty socket does; the next poll tries again.
-                    let n = batch.recv(g).unwrap_or(0);
-                    for i in 0..n {
-                        let Some((data, from)) = batch.get(i) else {
-                            break;
-                        };
-                        if !admit(&allow, from, &mut c) {
-                            continue;
-                        }
-                        match data.and_then(|d| gue_inner(d).and_then(|off| d.get(off..))) {
-                            Some(inner) => deliver(&mut tun, inner, &mut c),
-                            None => c.bad += 1,
-                        }
-                    }
-                    if n < GUE_BATCH {
-                        break;
-                    }
-                }
-            }
+        if let (Some(g), true) = (&gue, ready & 8 != 0) {
+            drain(g, Carried::Gue, &mut batch, &allow, &mut tun, &mut c);
         }
     }
     println!(

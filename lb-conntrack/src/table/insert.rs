@@ -192,8 +192,9 @@ impl<H: KeyedHash> ConnTable<H> {
     /// Frees one slot (and, with `need_v6`, one IPv6 pair): a timed-out entry first, then the
     /// oldest half-open one, then the least recently used.
     fn make_room(&mut self, need_v6: bool) -> Result<Insert, Refusal> {
-        // Heads seen again since they were queued go to the tail first (lazy re-queueing), so
-        // that the heads below are the oldest entries of their classes.
+        // A head seen again since it was queued goes to the tail first (lazy re-queueing; up
+        // to `SETTLE_PER_INSERT` per class), so that the heads looked at below are likelier the
+        // oldest entries of their classes.
         for c in 0..CLASSES {
             for _ in 0..super::SETTLE_PER_INSERT {
                 if !self.settle_head(c) {

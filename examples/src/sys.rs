@@ -2,12 +2,11 @@
 //!
 //! Its `unsafe` is system calls whose arguments are plain `repr(C)` structs built here:
 //! `ioctl` to attach a TUN/TAP queue, to set its offloads and to set interface flags, `writev`
-//! for a virtio-net header and its packet, `socket` for raw IP sockets, `recvfrom` for the
-//! sender of a raw packet, `recvmmsg` for a batch of datagrams and their senders, `setsockopt`
-//! for socket buffers beyond `rmem_max` / `wmem_max`, `poll` for a timed wait, and `mmap` / `madvise` /
-//! `munmap` for the huge-page allocator. A TUN crate would hide the same calls
-//! behind a larger dependency; these are the whole of what the examples need. Reads and writes go
-//! through [`std::fs::File`].
+//! for a virtio-net header and its packet, `socket` for raw IP sockets, `recvmmsg` for a batch
+//! of datagrams (or raw packets) and their senders, `setsockopt` for socket buffers beyond
+//! `rmem_max` / `wmem_max`, `poll` for a timed wait, and `mmap` / `madvise` / `munmap` for the
+//! huge-page allocator. A TUN crate would hide the same calls behind a larger dependency; these
+//! are the whole of what the examples need. Reads and writes go through [`std::fs::File`].
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -561,8 +560,9 @@ pub fn set_link_up(name: &str) -> io::Result<()> {
 
 /// A raw IP socket receiving every packet of one IP protocol (4 = IPIP, 41 = IPv6-in-IP).
 ///
-/// For IPv4 (`AF_INET`) each read returns the whole packet including the outer IPv4 header; for
-/// IPv6 (`AF_INET6`) the kernel strips the outer IPv6 header and returns the payload only.
+/// For IPv4 (`AF_INET`) each packet read (with [`RecvBatch`]) includes the outer IPv4 header;
+/// for IPv6 (`AF_INET6`) the kernel strips the outer IPv6 header and returns the payload only,
+/// the outer source being the sender's address.
 #[derive(Debug)]
 pub struct RawSocket {
     file: File,
@@ -591,50 +591,6 @@ impl RawSocket {
         Ok(RawSocket {
             file: File::from(fd),
         })
-    }
-
-    /// Reads one packet.
-    ///
-    /// # Errors
-    /// The read failed.
-    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
-    }
-
-    /// Reads one packet and the address it came from: for IPv6, the outer source address of
-    /// the header the kernel stripped.
-    ///
-    /// # Errors
-    /// The read failed, or the kernel named a sender of another address family.
-    pub fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, std::net::IpAddr)> {
-        // SAFETY: all-zero bytes are a valid `sockaddr_storage` (a plain C struct of integers).
-        let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: `buf` is writable for `buf.len()` bytes and `sa` for `len` bytes, both live for
-        // the call; the descriptor is owned by `self.file`.
-        let n = unsafe {
-            libc::recvfrom(
-                self.file.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&raw mut sa).cast(),
-                &mut len,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let from = address_of(&sa).ok_or(io::ErrorKind::InvalidData)?;
-        Ok((n as usize, from))
-    }
-
-    /// Waits up to `timeout_ms` for a packet; `Ok(false)` on timeout.
-    ///
-    /// # Errors
-    /// `poll` failed other than by a signal.
-    pub fn wait_readable(&self, timeout_ms: i32) -> io::Result<bool> {
-        wait_readable(self.file.as_raw_fd(), timeout_ms)
     }
 }
 

@@ -1123,7 +1123,8 @@ impl<H: KeyedHash> ConnTable<H> {
     /// Removes timed-out entries, at most `budget` of them and at most as many as the removal
     /// ring has room for (so none of their records is lost: drain with
     /// [`ConnTable::poll_removal`] and call again to continue). Bounded work: each removal is
-    /// O(1), plus a look at one list head per state class. Returns how many were removed.
+    /// O(1), plus a look at one list head per state class and at most [`SETTLE_PER_EXPIRE`]
+    /// O(1) moves per class (below). Returns how many were removed.
     ///
     /// A hit leaves its entry where it is in its class list and marks it seen (lazy
     /// re-queueing); a list head found seen and not due is moved to the tail here, at most

@@ -80,6 +80,8 @@ pub fn set_buffer(
 /// tunnel sockets).
 pub struct RecvBatch {
     bufs: Vec<u8>,
+    /// Bytes per place.
+    slot: usize,
     addrs: Vec<libc::sockaddr_storage>,
     /// One per place; pointed into `bufs` at each call.
     iov: Vec<libc::iovec>,
@@ -103,15 +105,22 @@ impl RecvBatch {
     /// Room for the largest UDP payload in each place.
     const SLOT: usize = 65_536;
 
-    /// Up to `batch` datagrams per call (at least 1).
+    /// Up to `batch` datagrams per call (at least 1), each up to 64 KiB (any UDP payload).
     pub fn new(batch: usize) -> RecvBatch {
-        let batch = batch.max(1);
+        Self::with_slot(batch, Self::SLOT)
+    }
+
+    /// Up to `batch` datagrams per call (at least 1), each up to `slot` bytes (at least 1);
+    /// a longer one is read truncated, and [`RecvBatch::get`] reports it as such.
+    pub fn with_slot(batch: usize, slot: usize) -> RecvBatch {
+        let (batch, slot) = (batch.max(1), slot.max(1));
         let iov = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         };
         RecvBatch {
-            bufs: vec![0; batch * Self::SLOT],
+            bufs: vec![0; batch * slot],
+            slot,
             // SAFETY: all-zero bytes are a valid `sockaddr_storage` (a plain C struct of integers).
             addrs: vec![unsafe { std::mem::zeroed() }; batch],
             iov: vec![iov; batch],
@@ -129,7 +138,26 @@ impl RecvBatch {
     /// # Errors
     /// `recvmmsg` failed other than for want of data or by a signal.
     pub fn recv(&mut self, sock: &(impl AsRawFd + ?Sized)) -> io::Result<usize> {
+        self.recv_flags(sock, libc::MSG_DONTWAIT)
+    }
+
+    /// As [`RecvBatch::recv`], but waits for the first datagram (`MSG_WAITFORONE`), as long
+    /// as the socket's receive timeout (`SO_RCVTIMEO`) allows if it has one: 0 when that
+    /// passed with nothing to read (or a signal came).
+    ///
+    /// # Errors
+    /// As [`RecvBatch::recv`].
+    pub fn recv_wait(&mut self, sock: &(impl AsRawFd + ?Sized)) -> io::Result<usize> {
+        self.recv_flags(sock, libc::MSG_WAITFORONE)
+    }
+
+    fn recv_flags(
+        &mut self,
+        sock: &(impl AsRawFd + ?Sized),
+        flags: libc::c_int,
+    ) -> io::Result<usize> {
         self.got = 0;
+        let slot = self.slot;
         let batch = self.hdrs.len();
         // Nothing allocates per call: the headers and iovecs were allocated once and are
         // pointed afresh at the buffers (pointers taken now, for this call).
@@ -142,8 +170,8 @@ impl RecvBatch {
             .enumerate()
         {
             *v = libc::iovec {
-                iov_base: bufs.wrapping_add(i * Self::SLOT).cast(),
-                iov_len: Self::SLOT,
+                iov_base: bufs.wrapping_add(i * slot).cast(),
+                iov_len: slot,
             };
             h.msg_hdr.msg_iov = v;
             h.msg_hdr.msg_iovlen = 1;
@@ -154,7 +182,7 @@ impl RecvBatch {
             h.msg_len = 0;
         }
         // SAFETY: `self.hdrs` holds `batch` headers whose iovecs (`self.iov`) point into
-        // `self.bufs` (SLOT bytes each, `batch` places) and whose names point into
+        // `self.bufs` (`slot` bytes each, `batch` places) and whose names point into
         // `self.addrs`, all owned by `self`, taken just above and not otherwise used during
         // the call; the descriptor is open.
         let n = unsafe {
@@ -162,7 +190,7 @@ impl RecvBatch {
                 sock.as_raw_fd(),
                 self.hdrs.as_mut_ptr(),
                 batch as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -175,7 +203,7 @@ impl RecvBatch {
         }
         let n = (n as usize).min(batch);
         for (i, h) in self.hdrs.iter().take(n).enumerate() {
-            self.lens[i] = (h.msg_len as usize).min(Self::SLOT);
+            self.lens[i] = (h.msg_len as usize).min(slot);
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }
         self.got = n;
@@ -192,9 +220,14 @@ impl RecvBatch {
         if i >= self.got {
             return None;
         }
-        let start = i * Self::SLOT;
+        let start = i * self.slot;
         let whole = !*self.truncated.get(i)?;
         Some(whole.then(|| start..start + self.lens.get(i).copied().unwrap_or(0)))
+    }
+
+    /// The bytes read of datagram `i` of the last call (of a truncated one, what fit).
+    pub fn received(&self, i: usize) -> Option<usize> {
+        (i < self.got).then(|| self.lens.get(i).copied()).flatten()
     }
 
     /// Datagram `i` of the last [`RecvBatch::recv`]: its bytes (`None` if it was truncated)
@@ -819,5 +852,35 @@ mod recv_batch_tests {
             assert_eq!(d.len(), sizes[i]);
             assert!(d.iter().all(|&x| x == i as u8));
         }
+    }
+
+    /// Small places: a datagram longer than its place is reported truncated (bytes `None`,
+    /// `received` what fit); the waiting read returns what is queued, and 0 once the receive
+    /// timeout passes with nothing.
+    #[test]
+    fn small_places_truncate_and_the_waiting_read_times_out() {
+        let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .expect("timeout");
+        let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let to = rx.local_addr().expect("addr");
+        let mut b = RecvBatch::with_slot(4, 100);
+        for n in [100, 101, 40] {
+            tx.send_to(&vec![n as u8; n], to).expect("send");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(b.recv_wait(&rx).expect("recv"), 3);
+        assert_eq!(b.get(0).and_then(|(d, _)| d).map(<[u8]>::len), Some(100));
+        assert_eq!(b.get(1).map(|(d, _)| d.is_none()), Some(true), "truncated");
+        assert_eq!(b.received(1), Some(100));
+        assert_eq!(b.get(2).and_then(|(d, _)| d).map(<[u8]>::len), Some(40));
+        assert_eq!(b.received(3), None);
+        let t = std::time::Instant::now();
+        assert_eq!(b.recv_wait(&rx).expect("timeout is not an error"), 0);
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(40),
+            "it waited"
+        );
+        assert!(b.get(0).is_none());
     }
 }

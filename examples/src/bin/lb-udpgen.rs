@@ -22,10 +22,10 @@
 //! Bad arguments are reported by clap (exit code 2); system call failures at set-up end the process
 //! with a message and exit code 1. Nothing panics on input.
 //!
-//! `unsafe` is limited to three system calls libc exposes and std does not (`sendmmsg`, `recvmmsg`,
+//! `unsafe` is limited to two system calls libc exposes and std does not (`sendmmsg`,
 //! `getrusage`), each on buffers this file owns and keeps alive for the duration of the call.
-//! Socket buffers are sized with `lb_examples::sys::set_buffer`; a size that cannot be set keeps
-//! the default.
+//! The sink reads through `lb_examples::sys::RecvBatch` (as `lb-decap` does), and socket buffers
+//! are sized with `lb_examples::sys::set_buffer`; a size that cannot be set keeps the default.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use lb_examples::sys::{set_buffer, SocketBuffer};
+use lb_examples::sys::{set_buffer, RecvBatch, SocketBuffer};
 
 /// The largest batch a call may carry (the kernel's `UIO_MAXIOV`).
 const MAX_BATCH: usize = 1024;
@@ -276,26 +276,18 @@ fn sink(a: &SinkArgs) -> Result<String, String> {
         signal_hook::flag::register(sig, stop.clone()).map_err(ctx("signal"))?;
     }
     let sock = UdpSocket::bind(a.listen).map_err(ctx("bind"))?;
-    let _ = set_buffer(&sock, SocketBuffer::Receive, 32 << 20);
+    sink_on(&sock, a, &stop)
+}
+
+/// [`sink`] on a bound socket, until `a.seconds` pass or `stop` is set.
+fn sink_on(sock: &UdpSocket, a: &SinkArgs, stop: &AtomicBool) -> Result<String, String> {
+    let _ = set_buffer(sock, SocketBuffer::Receive, 32 << 20);
     // Wake up regularly to notice the stop flag and the end of a second.
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .map_err(ctx("SO_RCVTIMEO"))?;
-    let batch = usize::from(a.batch);
-    const SLOT: usize = 2048;
-    let mut bufs = vec![0u8; batch * SLOT];
-    let mut iov: Vec<libc::iovec> = bufs
-        .chunks_exact_mut(SLOT)
-        .map(|c| libc::iovec {
-            iov_base: c.as_mut_ptr().cast(),
-            iov_len: SLOT,
-        })
-        .collect();
-    // SAFETY: `mmsghdr` is plain data; all-zero is a valid empty header.
-    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; batch];
-    for (h, v) in hdrs.iter_mut().zip(iov.iter_mut()) {
-        h.msg_hdr.msg_iov = v;
-        h.msg_hdr.msg_iovlen = 1;
-    }
+    // 2 KiB a datagram: room for any packet-rate measurement's payload (a longer one is
+    // counted with the bytes that fit).
+    let mut rx = RecvBatch::with_slot(usize::from(a.batch), 2048);
     let cpu0 = cpu_seconds();
     let start = Instant::now();
     let end = a.seconds.map(|s| start + Duration::from_secs_f64(s));
@@ -306,30 +298,20 @@ fn sink(a: &SinkArgs) -> Result<String, String> {
     let mut per_second: Vec<u64> = Vec::new();
     let mut errors = 0u64;
     while !stop.load(Ordering::Relaxed) && end.is_none_or(|e| Instant::now() < e) {
-        // SAFETY: `hdrs` holds `batch` headers whose iovecs point into `bufs` (SLOT bytes each);
-        // all live until after the call. No timeout argument: SO_RCVTIMEO bounds the wait.
-        let n = unsafe {
-            libc::recvmmsg(
-                sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                batch as libc::c_uint,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                _ => errors += 1,
+        // Waits for the first datagram at most SO_RCVTIMEO, then takes what else is queued.
+        let n = match rx.recv_wait(sock) {
+            Ok(0) => continue,
+            Ok(n) => n,
+            Err(_) => {
+                errors += 1;
+                continue;
             }
-            continue;
-        }
+        };
         let now = Instant::now();
         let t0 = *first.get_or_insert(now);
         last = now;
-        let n = n as usize;
         packets += n as u64;
-        bytes += hdrs[..n].iter().map(|h| u64::from(h.msg_len)).sum::<u64>();
+        bytes += (0..n).filter_map(|i| rx.received(i)).sum::<usize>() as u64;
         let sec = now.duration_since(t0).as_secs() as usize;
         if per_second.len() <= sec {
             per_second.resize(sec + 1, 0);
@@ -417,6 +399,46 @@ mod tests {
         for bad in ["0", "-1", "x", "inf", "1e9"] {
             assert!(positive_seconds(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The sink over loopback counts every datagram and byte sent to it, in batches, and stops
+    /// when its time is up.
+    #[test]
+    fn sink_counts_datagrams_and_bytes() {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let listen = sock.local_addr().expect("addr");
+        let a = SinkArgs {
+            listen,
+            batch: 8,
+            seconds: Some(1.5),
+        };
+        let stop = AtomicBool::new(false);
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let (json, sent) = std::thread::scope(|s| {
+            let h = s.spawn(|| sink_on(&sock, &a, &stop));
+            let mut sent = 0u64;
+            for round in 0..50u64 {
+                // Sizes vary per datagram: the byte count is their sum, not a multiple.
+                for i in 0..10u64 {
+                    let n = 1 + ((round * 10 + i) % 1500) as usize;
+                    tx.send_to(&vec![7u8; n], listen).expect("send");
+                    sent += n as u64;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (h.join().expect("sink thread").expect("sink"), sent)
+        });
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(v["packets"].as_u64(), Some(500), "{json}");
+        assert_eq!(v["bytes"].as_u64(), Some(sent), "{json}");
+        assert_eq!(v["errors"].as_u64(), Some(0), "{json}");
+        let per_second: u64 = v["per_second"]
+            .as_array()
+            .expect("series")
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .sum();
+        assert_eq!(per_second, 500, "{json}");
     }
 
     /// A capped send over loopback: every datagram the sender counts arrives, with the payload

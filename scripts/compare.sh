@@ -34,6 +34,9 @@
 #             its write() (default: unset, no steering)
 #   IO_URING  set: balancer.io_uring = true (each batch's packets written with one io_uring
 #             submission instead of a writev each)
+#   IO        tun-rs: balancer.io = "tun-rs" (the device read and written through the tun-rs
+#             crate: super-packets cut on the way in, coalesced on the way out; default: the
+#             balancer's own device code)
 #   TUNNEL    ipip|gue: the encapsulation of mode tunnel (default ipip; gue: lb-decap on the
 #             backends always, --gue-port 6080)
 #   DECAP_BIN lb-decap binary for the backends (default: built in release from this repository)
@@ -59,6 +62,7 @@ OFFLOAD=${OFFLOAD:-}
 RPS=${RPS:-}
 GRO=${GRO:-}
 IO_URING=${IO_URING:-}
+IO=${IO:-}
 UDP_COALESCE=${UDP_COALESCE:-}
 TUNNEL=${TUNNEL:-ipip}
 case $TUNNEL in ipip | gue) ;; *) echo "compare: TUNNEL must be ipip or gue" >&2; exit 1 ;; esac
@@ -156,6 +160,12 @@ if [ -n "$IO_URING" ]; then
   OFFLOAD_LINE="$OFFLOAD_LINE
 io_uring = true"
 fi
+case $IO in
+  "" | direct) ;;
+  tun-rs) OFFLOAD_LINE="$OFFLOAD_LINE
+io = \"tun-rs\"" ;;
+  *) echo "compare: IO must be direct or tun-rs" >&2; exit 1 ;;
+esac
 
 # --- topology ----------------------------------------------------------------------------------
 topology() { # the standard topology of examples/tests/common (IPv4 only)
@@ -528,8 +538,15 @@ PY
       | python3 -c 'import json,sys; print(json.load(sys.stdin).get("rx_packets", 0))' 2>/dev/null || echo 0
   }
   tun_drops() { ip netns exec "$L" cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo 0; }
+  # The balancer's CPU during each TCP run too (raw results only: Gbit/s per CPU-second).
+  local t0 t1 tcp1_bal tcp8_bal
+  t0=$(bal_cpu)
   tcp1=$(iperf "$VIP")
+  t1=$(bal_cpu)
+  tcp1_bal=$(ticks_to_s $((t1 - t0)))
   tcp8=$(iperf "$VIP" -P 8)
+  t0=$(bal_cpu)
+  tcp8_bal=$(ticks_to_s $((t0 - t1)))
   local udp=null udp_bal=null
   local udp_lb=null r0 r1 d0 d1
   if [ "$mode" != haproxy ]; then
@@ -549,19 +566,19 @@ PY
   c1=$(bal_cpu)
   local http=$HTTP_JSON http_bal
   http_bal=$(ticks_to_s $((c1 - c0)))
-  [ -n "$BAL_PID" ] || { http_bal=null; udp_bal=null; }
+  [ -n "$BAL_PID" ] || { http_bal=null; udp_bal=null; tcp1_bal=null; tcp8_bal=null; }
   local stats=null
   if [ "$mode" = nat ] || [ "$mode" = dnat ] || [ "$mode" = tunnel ]; then
     stats=$(ip netns exec "$L" curl -s --max-time 3 http://127.0.0.1:9100/ 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({k: s[k] for k in ("rx_packets","tx_packets","drops") if k in s}))' 2>/dev/null || echo null)
   fi
   local tun_drops
   tun_drops=$(ip netns exec "$L" cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo null)
-  record "$mode" "$rnd" "tcp1=$tcp1" "tcp8=$tcp8" "udp=$udp" "udp_bal_cpu_s=$udp_bal" "udp_lb=$udp_lb" \
+  record "$mode" "$rnd" "tcp1=$tcp1" "tcp8=$tcp8" "tcp1_bal_cpu_s=$tcp1_bal" "tcp8_bal_cpu_s=$tcp8_bal" "udp=$udp" "udp_bal_cpu_s=$udp_bal" "udp_lb=$udp_lb" \
     "http=$http" "http_bal_cpu_s=$http_bal" "lb_stats=$stats" "lb0_tx_dropped=$tun_drops"
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS UDP_BATCH=$UDP_BATCH RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} UDP_COALESCE=${UDP_COALESCE:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS UDP_BATCH=$UDP_BATCH RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} IO=${IO:-direct} UDP_COALESCE=${UDP_COALESCE:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

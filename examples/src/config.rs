@@ -14,6 +14,10 @@
 //!                            # offloads (TSO, USO): 64 KiB super-packets in and out (default on)
 //! io_uring = false           # optional: write each batch's packets with one io_uring submission
 //!                            # instead of a writev each (default off; see README, Throughput)
+//! io = "direct"              # optional: "tun-rs" reads and writes the TUN device through the
+//!                            # tun-rs crate (it cuts super-packets on the way in and coalesces
+//!                            # TCP/UDP on the way out); a measured alternative, TUN only, one
+//!                            # queue, no io_uring (default "direct": this crate's own device code)
 //! udp_coalesce = true        # optional: merge a batch's datagrams of one flow into one UDP GSO
 //!                            # write (needs offload and the kernel's USO; default on)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
@@ -282,6 +286,18 @@ impl Default for HealthSpec {
 /// Shortest `balancer.hash_key` accepted: the passphrase is the key's only entropy.
 pub const MIN_PASSPHRASE: usize = 16;
 
+/// Who reads and writes the TUN device (`balancer.io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Io {
+    /// This crate's own device code (`examples/src/sys.rs`): super-packets kept whole.
+    #[default]
+    Direct,
+    /// The `tun-rs` crate's `recv_multiple` / `send_multiple`: super-packets cut into
+    /// segments on the way in and coalesced again on the way out (wireguard-go's design),
+    /// kept to measure that design against [`Io::Direct`] in the same runs.
+    TunRs,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -296,6 +312,8 @@ pub struct Config {
     pub offload: bool,
     /// Write each batch through io_uring (`balancer.io_uring`, default off).
     pub io_uring: bool,
+    /// Who reads and writes the device (`balancer.io`, default [`Io::Direct`]).
+    pub io: Io,
     /// Merge each batch's runs of one flow's UDP datagrams into UDP GSO super-packets
     /// (`balancer.udp_coalesce`, default on; it takes effect with `offload` on a TUN or TAP
     /// device whose kernel took the USO offloads).
@@ -472,6 +490,7 @@ struct RawBalancer {
     queues: Option<Spanned<u64>>,
     offload: Option<Spanned<bool>>,
     io_uring: Option<Spanned<bool>>,
+    io: Option<Spanned<String>>,
     udp_coalesce: Option<Spanned<bool>>,
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
@@ -676,6 +695,34 @@ impl Validator<'_> {
         };
         let offload = b.offload.as_ref().is_none_or(|o| *o.get_ref());
         let io_uring = b.io_uring.as_ref().is_some_and(|o| *o.get_ref());
+        let io = match &b.io {
+            None => Io::Direct,
+            Some(v) => match v.get_ref().as_str() {
+                "direct" => Io::Direct,
+                "tun-rs" if io_uring => {
+                    return Err(self.err(
+                        v.span(),
+                        "balancer.io",
+                        "\"tun-rs\" does its own writes: not with io_uring",
+                    ))
+                }
+                "tun-rs" if queues != 1 => {
+                    return Err(self.err(
+                        v.span(),
+                        "balancer.io",
+                        "\"tun-rs\" runs one queue (queues = 1)",
+                    ))
+                }
+                "tun-rs" => Io::TunRs,
+                other => {
+                    return Err(self.err(
+                        v.span(),
+                        "balancer.io",
+                        format!("\"direct\" or \"tun-rs\", not {other:?}"),
+                    ))
+                }
+            },
+        };
         let udp_coalesce = b.udp_coalesce.as_ref().is_none_or(|o| *o.get_ref());
         let mtu = match &b.mtu {
             Some(m) => self.int(m, "balancer.mtu", 1280, 9000)? as u16,
@@ -794,12 +841,22 @@ impl Validator<'_> {
             Some(h) => Some(self.ha(h.get_ref())?),
             None => None,
         };
+        if let (Io::TunRs, Some(v)) = (io, &b.io) {
+            if spec.services.iter().any(|s| s.mode == Mode::Dr) {
+                return Err(self.err(
+                    v.span(),
+                    "balancer.io",
+                    "\"tun-rs\" opens a TUN device: not with mode \"dr\" (TAP)",
+                ));
+            }
+        }
         Ok(Config {
             device,
             stats,
             queues,
             offload,
             io_uring,
+            io,
             udp_coalesce,
             dataplane: spec,
             health,
@@ -2126,6 +2183,34 @@ addr = "[2001:db8:51::11]:53"
         assert!(!Config::parse(&t, "t.toml").unwrap().udp_coalesce);
         let t = with("stats = \"127.0.0.1:9100\"", "udp_coalesce = 1");
         assert!(Config::parse(&t, "t.toml").is_err());
+    }
+
+    #[test]
+    fn io_is_direct_unless_tun_rs_is_asked_and_fits() {
+        assert_eq!(Config::parse(GOOD, "t.toml").unwrap().io, Io::Direct);
+        let t = with("stats = \"127.0.0.1:9100\"", "io = \"tun-rs\"");
+        assert_eq!(Config::parse(&t, "t.toml").unwrap().io, Io::TunRs);
+        let t = with("stats = \"127.0.0.1:9100\"", "io = \"direct\"");
+        assert_eq!(Config::parse(&t, "t.toml").unwrap().io, Io::Direct);
+        for (extra, want) in [
+            ("io = \"tun\"", "not \"tun\""),
+            ("io = \"tun-rs\"\nio_uring = true", "io_uring"),
+            ("io = \"tun-rs\"\nqueues = 2", "one queue"),
+        ] {
+            let t = with("stats = \"127.0.0.1:9100\"", extra);
+            let e = Config::parse(&t, "t.toml").unwrap_err().to_string();
+            assert!(
+                e.contains("balancer.io") && e.contains(want),
+                "{extra}: {e}"
+            );
+        }
+        let dr = "[balancer]\ndevice = \"lb0\"\nmac = \"02:00:5e:10:00:01\"\n\
+                  [[service]]\nvip = \"203.0.113.10:80\"\nproto = \"tcp\"\nmode = \"dr\"\n\
+                  [[service.backend]]\naddr = \"198.51.100.11:80\"\nmac = \"02:00:00:00:00:11\"\n";
+        assert!(Config::parse(dr, "t.toml").is_ok());
+        let t = dr.replace("mac = \"02:00:5e", "io = \"tun-rs\"\nmac = \"02:00:5e");
+        let e = Config::parse(&t, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("balancer.io") && e.contains("TAP"), "{e}");
     }
 
     #[test]

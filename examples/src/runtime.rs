@@ -6,7 +6,9 @@
 //!   the kernel puts them on) behind a mutex taken once per *batch* of up to 32 packets: each
 //!   thread reads a batch with no lock held, processes it under the lock, and writes it back with
 //!   no lock held. The system calls, which are most of a packet's cost through TUN (see
-//!   `benches/results/balancer.md`), run in parallel; only the rewriting is serialised;
+//!   `benches/results/balancer.md`), run in parallel; only the rewriting is serialised
+//!   (with `balancer.io = "tun-rs"`, one thread on a device the `tun-rs` crate reads and
+//!   writes, kept for comparison: `tunrs.rs`);
 //! - the main thread: health checks ([`lb_health::HealthChecker`] driving [`ProbeRunner`]),
 //!   SIGHUP reloads (a signal thread wakes it), SIGTERM / SIGINT shutdown, releasing the ids of
 //!   removed backends whose last flow ended (every 100 ms and before each reload, so that ids
@@ -31,7 +33,7 @@ use lb_health::{Action, HealthChecker};
 use parking_lot::Mutex;
 use rand::SeedableRng;
 
-use crate::config::{Config, HaMode, HealthSpec};
+use crate::config::{Config, HaMode, HealthSpec, Io};
 use crate::ha::{self, HaShared};
 use crate::probe::ProbeRunner;
 use crate::render::{
@@ -45,6 +47,9 @@ use lb_dataplane::{
 use lb_packet::gro::{coalesce_udp, Coalesced, Outgoing};
 use lb_packet::offload::{Segmenter, VnetHdr, VNET_HDR_LEN};
 use lb_packet::Link;
+
+#[path = "tunrs.rs"]
+mod tunrs;
 
 /// State shared between the control thread, the data-path threads and the stats server.
 struct Shared {
@@ -243,14 +248,28 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
     } else {
         DeviceKind::Tun
     };
-    let queues = TunQueue::open_queues(&cfg.device, kind, cfg.queues, cfg.offload)
-        .map_err(|e| format!("cannot open {kind:?} device {}: {e}", cfg.device))?;
+    // This crate's queues, or (`balancer.io = "tun-rs"`) one device opened by tun-rs.
+    let (queues, tunrs_dev) =
+        match cfg.io {
+            Io::Direct => (
+                TunQueue::open_queues(&cfg.device, kind, cfg.queues, cfg.offload)
+                    .map_err(|e| format!("cannot open {kind:?} device {}: {e}", cfg.device))?,
+                None,
+            ),
+            Io::TunRs => (
+                Vec::new(),
+                Some(tunrs::open(&cfg.device, cfg.offload).map_err(|e| {
+                    format!("cannot open TUN device {} with tun-rs: {e}", cfg.device)
+                })?),
+            ),
+        };
+    let threads = queues.len() + usize::from(tunrs_dev.is_some());
     // UDP coalescing writes UDP GSO super-packets: a device whose kernel took the USO
     // offloads.
     let coalesce = cfg.udp_coalesce && queues.first().is_some_and(|q| q.vnet() && q.uso());
     set_link_up(&cfg.device).map_err(|e| format!("cannot set {} up: {e}", cfg.device))?;
     tracing::info!(
-        device = %cfg.device, ?kind, queues = queues.len(), services = cfg.dataplane.services.len(),
+        device = %cfg.device, ?kind, queues = threads, io = ?cfg.io, services = cfg.dataplane.services.len(),
         offload = cfg.offload, uso = queues.first().is_some_and(TunQueue::uso), io_uring = cfg.io_uring,
         udp_coalesce = coalesce,
         "tun-balancer started"
@@ -288,7 +307,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         udp_coalesced_datagrams: AtomicU64::new(0),
         reloads: AtomicU64::new(0),
         reloads_rejected: AtomicU64::new(0),
-        ha: HaShared::new(queues.len()),
+        ha: HaShared::new(threads),
         has_ha: cfg.ha.is_some(),
         test_panic_after: options.test_panic_after,
         test_processed: AtomicU64::new(0),
@@ -316,6 +335,15 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         let h = std::thread::Builder::new()
             .name(format!("datapath-{i}"))
             .spawn(move || datapath(i, q, &sh, epoch, link, io_uring, coalesce))
+            .map_err(|e| e.to_string())?;
+        workers.push(h);
+    }
+    if let Some(dev) = tunrs_dev {
+        let sh = shared.clone();
+        let mtu = usize::from(cfg.dataplane.mtu);
+        let h = std::thread::Builder::new()
+            .name("datapath-0".into())
+            .spawn(move || tunrs::datapath(dev, &sh, epoch, mtu))
             .map_err(|e| e.to_string())?;
         workers.push(h);
     }
@@ -478,24 +506,7 @@ fn datapath(
                 while let Some(len) = dp.splice_poll(&mut emit, t) {
                     tx.send(&mut q, vnet, &VnetHdr::NONE, &emit[..len], sh, i);
                 }
-                while let Some(e) = dp.poll_event() {
-                    match e {
-                        lb_dataplane::LoadEvent::Ejected {
-                            backend,
-                            until,
-                            count,
-                        } => tracing::warn!(
-                            backend = backend.get(),
-                            ejections = count,
-                            for_ms = (until - t).as_millis(),
-                            "outlier ejected: the data path saw it fail"
-                        ),
-                        lb_dataplane::LoadEvent::Returned { backend } => {
-                            tracing::info!(backend = backend.get(), "outlier back in rotation")
-                        }
-                        _ => {}
-                    }
-                }
+                log_events(&mut dp, t);
             }
         }
         if housekeeping {
@@ -557,6 +568,28 @@ fn datapath(
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+/// Logs what the data path's outlier detection did since the last call.
+fn log_events(dp: &mut Dataplane, t: Instant) {
+    while let Some(e) = dp.poll_event() {
+        match e {
+            lb_dataplane::LoadEvent::Ejected {
+                backend,
+                until,
+                count,
+            } => tracing::warn!(
+                backend = backend.get(),
+                ejections = count,
+                for_ms = (until - t).as_millis(),
+                "outlier ejected: the data path saw it fail"
+            ),
+            lb_dataplane::LoadEvent::Returned { backend } => {
+                tracing::info!(backend = backend.get(), "outlier back in rotation")
+            }
+            _ => {}
         }
     }
 }
@@ -961,11 +994,12 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
         || new.queues != old.queues
         || new.offload != old.offload
         || new.io_uring != old.io_uring
+        || new.io != old.io
         || new.udp_coalesce != old.udp_coalesce
         || new.needs_tap() != old.needs_tap()
     {
         return Err(
-            "balancer.device, balancer.queues, balancer.offload, balancer.io_uring, \
+            "balancer.device, balancer.queues, balancer.offload, balancer.io_uring, balancer.io, \
              balancer.udp_coalesce and the device kind need a restart"
                 .into(),
         );

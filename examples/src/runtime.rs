@@ -532,19 +532,27 @@ fn datapath(
         if coalesce {
             sh.coalesced(coalesce_udp(&mut bufs[..n], &mut outs[..n], link));
         }
-        if let Some(u) = uring.as_mut() {
-            // The batch's forwarded packets in one submission (the rest below, in order).
-            let out = outs[..n]
-                .iter()
-                .zip(&bufs[..n])
-                .filter_map(|(o, b)| o.as_ref().map(|o| (&o.hdr, &b[o.start..o.start + o.len])));
-            match u.write_all(q.raw_fd(), vnet, out) {
-                Ok(w) if w.failed > 0 => tx.failed(w.failed, w.last_error, sh, i),
-                Ok(_) => {}
-                Err(e) => tx.failed(1, e.raw_os_error().unwrap_or(0), sh, i),
-            }
-        }
+        // Through io_uring: each run of forwarded packets between two super-packets to cut in
+        // one submission, in the batch's order (the cut segments go the same way, below).
+        let mut run = 0;
         for k in 0..n {
+            if let Some(u) = uring.as_mut() {
+                if matches!(verdicts[k], Verdict::Segment) || k + 1 == n {
+                    let end = if matches!(verdicts[k], Verdict::Segment) {
+                        k
+                    } else {
+                        n
+                    };
+                    let out = outs[run..end]
+                        .iter()
+                        .zip(&bufs[run..end])
+                        .filter_map(|(o, b)| {
+                            o.as_ref().map(|o| (&o.hdr, &b[o.start..o.start + o.len]))
+                        });
+                    tx.submitted(u.write_all(q.raw_fd(), vnet, out), sh, i);
+                    run = k + 1;
+                }
+            }
             match verdicts[k] {
                 Verdict::Forward { .. } | Verdict::Reply { .. } => {
                     // Merged into an earlier packet's super-packet, or written through io_uring.
@@ -561,7 +569,17 @@ fn datapath(
                 }
                 Verdict::Segment => {
                     let pkt = &bufs[k][HEADROOM..HEADROOM + lens[k]];
-                    cut.run(pkt, &hdrs[k], link, &mut q, &mut tx, sh, epoch, i);
+                    cut.run(
+                        pkt,
+                        &hdrs[k],
+                        link,
+                        &mut q,
+                        &mut tx,
+                        uring.as_mut(),
+                        sh,
+                        epoch,
+                        i,
+                    );
                 }
                 Verdict::Drop(reason) => {
                     tracing::trace!(queue = i, reason = reason.name(), "drop");
@@ -627,6 +645,15 @@ impl Tx {
         }
     }
 
+    /// Counts what an io_uring submission reports.
+    fn submitted(&mut self, r: std::io::Result<crate::uring::Written>, sh: &Shared, i: usize) {
+        match r {
+            Ok(w) if w.failed > 0 => self.failed(w.failed, w.last_error, sh, i),
+            Ok(_) => {}
+            Err(e) => self.failed(1, e.raw_os_error().unwrap_or(0), sh, i),
+        }
+    }
+
     /// `n` writes failed, the last with `errno` (an io_uring batch).
     fn failed(&mut self, n: u64, errno: i32, sh: &Shared, i: usize) {
         let before = self.errors;
@@ -662,6 +689,7 @@ impl Cutter {
         link: Link,
         q: &mut TunQueue,
         tx: &mut Tx,
+        mut uring: Option<&mut crate::uring::UringTx>,
         sh: &Shared,
         epoch: StdInstant,
         i: usize,
@@ -720,6 +748,21 @@ impl Cutter {
             }
             if self.coalesce {
                 sh.coalesced(coalesce_udp(&mut self.bufs[..m], &mut self.outs[..m], link));
+            }
+            if let Some(u) = uring.as_deref_mut() {
+                // The burst's segments in one submission (IPIP has no GSO: one write each
+                // otherwise).
+                let out = self.outs[..m]
+                    .iter()
+                    .zip(&self.bufs[..m])
+                    .filter_map(|(o, b)| {
+                        o.as_ref().map(|o| (&o.hdr, &b[o.start..o.start + o.len]))
+                    });
+                tx.submitted(u.write_all(q.raw_fd(), q.vnet(), out), sh, i);
+                if m < BATCH {
+                    return;
+                }
+                continue;
             }
             for k in 0..m {
                 if let Some(o) = self.outs[k] {

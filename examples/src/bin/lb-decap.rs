@@ -2,9 +2,16 @@
 //! `tun-balancer`'s tunnel mode on kernels without `ipip` / `ip6tnl` / `fou`. Receives IPIP (IPv4
 //! protocol 4), IPv6-in-IPv6 and IPv4-in-IPv6 (IPv6 next headers 41 and 4) on raw sockets, and
 //! optionally GUE on a UDP port, each read up to 32 packets per `recvmmsg` into an 8 MiB socket
-//! buffer; removes the outer headers with lb-packet and writes the inner packet to a local TUN
-//! device, so that the backend's own kernel receives it as if it had arrived directly (put the
-//! VIP on `lo` and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing its counters.
+//! buffer; removes the outer headers with lb-packet and writes the inner packets to a local TUN
+//! device, so that the backend's own kernel receives them as if they had arrived directly (put
+//! the VIP on `lo` and turn `rp_filter` off). Exits on SIGTERM / SIGINT, printing its counters.
+//!
+//! The device is opened and written through the `tun-rs` crate with its offloads on: each
+//! batch's inner packets go to `send_multiple`, which coalesces a flow's consecutive TCP
+//! segments (and UDP datagrams, where the kernel takes USO) into one GSO super-packet per
+//! write, as a kernel tunnel endpoint's GRO would. A tunnel endpoint receives segments, which is
+//! the case that design is made for (`tun-balancer` keeps super-packets whole instead; see the
+//! README, "Why not the tun-rs crate").
 //!
 //! Only tunnel packets whose outer source is in `--allow` (the balancers' `snat_addrs`) are
 //! delivered; the others are dropped and counted as `refused`. The list is required: a decapsulator
@@ -20,10 +27,10 @@ use clap::Parser;
 use ipnet::IpNet;
 use lb_examples::decap::{gue_inner, ipv4_source, AllowList};
 use lb_examples::sys::{
-    poll_readable, set_buffer, set_link_up, DeviceKind, RawSocket, RecvBatch, SocketBuffer,
-    TunQueue,
+    poll_readable, set_buffer, set_link_up, RawSocket, RecvBatch, SocketBuffer,
 };
 use lb_packet::{parse, tunnel, Link, PacketBuf};
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,11 +89,58 @@ fn admit(allow: &AllowList, src: Option<IpAddr>, c: &mut Counters) -> bool {
     ok
 }
 
-fn deliver(tun: &mut TunQueue, inner: &[u8], c: &mut Counters) {
-    if parse(inner, Link::Ip).is_ok() && tun.send(inner).is_ok() {
-        c.delivered += 1;
-    } else {
-        c.bad += 1;
+/// The TUN side: a batch's inner packets, each at `VIRTIO_NET_HDR_LEN` in its own buffer
+/// (room for the header `send_multiple` writes in front, and capacity for the segments it
+/// appends when it coalesces).
+struct Out {
+    dev: SyncDevice,
+    gro: GROTable,
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+}
+
+impl Out {
+    fn new(dev: SyncDevice) -> Out {
+        Out {
+            dev,
+            gro: GROTable::default(),
+            bufs: (0..BATCH)
+                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_536))
+                .collect(),
+            n: 0,
+        }
+    }
+
+    /// Queues an inner packet (a valid IP packet, else counted as bad).
+    fn push(&mut self, inner: &[u8], c: &mut Counters) {
+        let Some(b) = self.bufs.get_mut(self.n) else {
+            c.bad += 1;
+            return;
+        };
+        if parse(inner, Link::Ip).is_err() {
+            c.bad += 1;
+            return;
+        }
+        b.clear();
+        b.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(inner);
+        self.n += 1;
+    }
+
+    /// Writes what is queued. `send_multiple` tries every packet and reports the last
+    /// failure, so a failed call counts its packets as bad.
+    fn flush(&mut self, c: &mut Counters) {
+        let n = std::mem::take(&mut self.n);
+        if n == 0 {
+            return;
+        }
+        match self
+            .dev
+            .send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
+        {
+            Ok(_) => c.delivered += n as u64,
+            Err(_) => c.bad += n as u64,
+        }
     }
 }
 
@@ -96,7 +150,7 @@ fn drain(
     carried: Carried,
     batch: &mut RecvBatch,
     allow: &AllowList,
-    tun: &mut TunQueue,
+    tun: &mut Out,
     c: &mut Counters,
 ) {
     loop {
@@ -128,10 +182,11 @@ fn drain(
                 Carried::Gue => gue_inner(d).and_then(|off| d.get(off..)),
             });
             match inner {
-                Some(inner) => deliver(tun, inner, c),
+                Some(inner) => tun.push(inner, c),
                 None => c.bad += 1,
             }
         }
+        tun.flush(c);
         if n < batch.capacity() {
             break;
         }
@@ -146,8 +201,13 @@ fn main() {
         eprintln!("lb-decap: {what}: {e}");
         std::process::exit(1);
     };
-    let mut tun = TunQueue::open(&cli.device, DeviceKind::Tun, false, false)
+    let dev = DeviceBuilder::new()
+        .name(&cli.device)
+        .offload(true)
+        .build_sync()
         .unwrap_or_else(|e| fail("open TUN", e));
+    let name = dev.name().unwrap_or_else(|e| fail("TUN name", e));
+    let mut tun = Out::new(dev);
     set_link_up(&cli.device).unwrap_or_else(|e| fail("set device up", e));
     let v4 = RawSocket::open(false, 4).unwrap_or_else(|e| fail("raw socket (IPv4, protocol 4)", e));
     let v6 =
@@ -184,7 +244,7 @@ fn main() {
     let nets: Vec<String> = allow.nets().iter().map(ToString::to_string).collect();
     println!(
         "lb-decap: decapsulating into {} (gue port {:?}) from {}",
-        tun.name(),
+        name,
         cli.gue_port,
         nets.join(",")
     );

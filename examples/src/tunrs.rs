@@ -48,10 +48,12 @@ pub(super) fn open(name: &str, offload: bool) -> std::io::Result<SyncDevice> {
 
 /// The data-path thread of a `tun-rs` device, until told to stop.
 pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usize) {
-    // Each place holds one packet at `HEADROOM` (a tunnel's outer headers go in front of it);
-    // capacity for a whole super-packet, which `send_multiple` builds by appending the
-    // segments it coalesces to the first one's place.
-    let room = HEADROOM + mtu.max(1500) + 64;
+    // Each place holds one packet at `HEADROOM` (a tunnel's outer headers go in front of it),
+    // up to the larger of the device's MTU (what the kernel hands it unsegmented) and the
+    // configured one; capacity for a whole super-packet, which `send_multiple` builds by
+    // appending the segments it coalesces to the first one's place.
+    let dev_mtu = dev.mtu().map_or(0, usize::from);
+    let room = HEADROOM + mtu.max(dev_mtu).max(1500) + 64;
     let place = || {
         let mut v = Vec::with_capacity(HEADROOM + 65_536 + 64);
         v.resize(room, 0);
@@ -87,13 +89,15 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // A packet `tun-rs` could not take (a header it rejects, a cut that failed):
-                // lost, as a malformed packet is.
+                // A packet `tun-rs` could not take (a header it rejects, a cut that failed, one
+                // longer than a place): lost, as a malformed packet is. The round ends, so a
+                // device that keeps failing is polled again, not spun on.
                 Err(e) => {
                     read_errors += 1;
                     if read_errors.is_power_of_two() {
                         tracing::warn!(errors = read_errors, "tun-rs read failed: {e}");
                     }
+                    break;
                 }
             }
         }

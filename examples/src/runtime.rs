@@ -530,7 +530,12 @@ fn datapath(
             };
         }
         if coalesce {
-            sh.coalesced(coalesce_udp(&mut bufs[..n], &mut outs[..n], link));
+            sh.coalesced(coalesce_runs(
+                &mut bufs[..n],
+                &mut outs[..n],
+                &verdicts[..n],
+                link,
+            ));
         }
         // Through io_uring: each run of forwarded packets between two super-packets to cut in
         // one submission, in the batch's order (the cut segments go the same way, below).
@@ -588,6 +593,31 @@ fn datapath(
             }
         }
     }
+}
+
+/// [`coalesce_udp`] on each run of the batch between two super-packets to cut
+/// ([`Verdict::Segment`]), so that no datagram after a cut super-packet merges into a group
+/// written before it (the cut segments are written at the super-packet's place in the batch).
+fn coalesce_runs<B: AsRef<[u8]> + AsMut<[u8]>>(
+    bufs: &mut [B],
+    outs: &mut [Option<Outgoing>],
+    verdicts: &[Verdict],
+    link: Link,
+) -> Coalesced {
+    let n = bufs.len().min(outs.len()).min(verdicts.len());
+    let mut total = Coalesced::default();
+    let mut from = 0;
+    for k in 0..=n {
+        if k == n || matches!(verdicts[k], Verdict::Segment) {
+            if k > from {
+                let c = coalesce_udp(&mut bufs[from..k], &mut outs[from..k], link);
+                total.super_packets += c.super_packets;
+                total.datagrams += c.datagrams;
+            }
+            from = k + 1;
+        }
+    }
+    total
 }
 
 /// Logs what the data path's outlier detection did since the last call.
@@ -1097,6 +1127,64 @@ pub struct Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv4 UDP datagram of one flow (ids counting up, checksums valid) at `START` in a
+    /// 4 KiB buffer, with its place.
+    fn datagram(id: u16, payload: usize) -> (Vec<u8>, Outgoing) {
+        const START: usize = 64;
+        let len = 28 + payload;
+        let mut b = vec![0u8; 4096];
+        let p = &mut b[START..START + len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[192, 0, 2, 1]);
+        p[16..20].copy_from_slice(&[198, 51, 100, 11]);
+        p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&53u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        p[28..].fill(0xab);
+        let parsed = lb_packet::parse(p, Link::Ip).expect("parse");
+        lb_packet::checksum::recompute(p, &parsed).expect("checksums");
+        let o = Outgoing {
+            start: START,
+            len,
+            hdr: VnetHdr::NONE,
+        };
+        (b, o)
+    }
+
+    /// A batch of one flow's datagrams at 0 and 2 merges into one super-packet, unless the
+    /// packet between them is a super-packet to cut: then the datagram after it stays after
+    /// its segments.
+    #[test]
+    fn no_datagram_merges_across_a_super_packet_to_cut() {
+        for cut_between in [false, true] {
+            let (b0, o0) = datagram(1, 100);
+            let (b2, o2) = datagram(2, 100);
+            let mut bufs = vec![b0, vec![0u8; 4096], b2];
+            let mut outs = [Some(o0), None, Some(o2)];
+            let fwd = Verdict::Forward {
+                start: o0.start,
+                len: o0.len,
+            };
+            let middle = if cut_between {
+                Verdict::Segment
+            } else {
+                Verdict::Drop(lb_dataplane::DropReason::Malformed)
+            };
+            let c = coalesce_runs(&mut bufs, &mut outs, &[fwd, middle, fwd], Link::Ip);
+            if cut_between {
+                assert_eq!(c, Coalesced::default());
+                assert!(outs[0].is_some() && outs[2].is_some(), "{outs:?}");
+            } else {
+                assert_eq!((c.super_packets, c.datagrams), (1, 2));
+                assert!(outs[0].is_some() && outs[2].is_none(), "{outs:?}");
+            }
+        }
+    }
 
     #[test]
     fn random_bytes_come_from_the_os_rng() {

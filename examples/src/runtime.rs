@@ -548,12 +548,7 @@ fn datapath(
                     } else {
                         n
                     };
-                    let out = outs[run..end]
-                        .iter()
-                        .zip(&bufs[run..end])
-                        .filter_map(|(o, b)| {
-                            o.as_ref().map(|o| (&o.hdr, &b[o.start..o.start + o.len]))
-                        });
+                    let out = to_write(&outs[run..end], &bufs[run..end]);
                     tx.submitted(u.write_all(q.raw_fd(), vnet, out), sh, i);
                     run = k + 1;
                 }
@@ -618,6 +613,18 @@ fn coalesce_runs<B: AsRef<[u8]> + AsMut<[u8]>>(
         }
     }
     total
+}
+
+/// The packets of a batch (or a burst of cut segments) to write, in order, each with its
+/// virtio-net header: the io_uring submissions' input.
+fn to_write<'a>(
+    outs: &'a [Option<Outgoing>],
+    bufs: &'a [Vec<u8>],
+) -> impl Iterator<Item = (&'a VnetHdr, &'a [u8])> + 'a {
+    outs.iter().zip(bufs).filter_map(|(o, b)| {
+        let o = o.as_ref()?;
+        Some((&o.hdr, b.get(o.start..o.start + o.len)?))
+    })
 }
 
 /// Logs what the data path's outlier detection did since the last call.
@@ -782,12 +789,7 @@ impl Cutter {
             if let Some(u) = uring.as_deref_mut() {
                 // The burst's segments in one submission (IPIP has no GSO: one write each
                 // otherwise).
-                let out = self.outs[..m]
-                    .iter()
-                    .zip(&self.bufs[..m])
-                    .filter_map(|(o, b)| {
-                        o.as_ref().map(|o| (&o.hdr, &b[o.start..o.start + o.len]))
-                    });
+                let out = to_write(&self.outs[..m], &self.bufs[..m]);
                 tx.submitted(u.write_all(q.raw_fd(), q.vnet(), out), sh, i);
                 if m < BATCH {
                     return;

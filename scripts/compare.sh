@@ -46,6 +46,10 @@
 #   GRO       set: GRO with UDP GRO forwarding on the balancer's ingress veth (c1), so the kernel
 #             hands a TUN with USO one super-packet per flow and NAPI poll instead of each
 #             datagram (default: unset, the veth's defaults)
+#
+# Also reported for tun-balancer: its data-path lock's use during the TCP 8-stream and UDP runs
+# (held and waited seconds, from its stats) as a share of its CPU time: the serial part of the
+# work, which bounds how far more queues can scale.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -538,23 +542,37 @@ PY
       | python3 -c 'import json,sys; print(json.load(sys.stdin).get("rx_packets", 0))' 2>/dev/null || echo 0
   }
   tun_drops() { ip netns exec "$L" cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo 0; }
+  lb_lock() { # tun-balancer's data-path lock counters: "taken held_ns wait_ns" (zeros for the peers
+    # and for a tun-balancer without them)
+    ip netns exec "$L" curl -s --max-time 3 http://127.0.0.1:9100/ 2>/dev/null \
+      | python3 -c 'import json,sys; d=json.load(sys.stdin).get("datapath", {}); print(d.get("lock_taken", 0), d.get("lock_held_ns", 0), d.get("lock_wait_ns", 0))' 2>/dev/null || echo 0 0 0
+  }
+  lock_delta() { # "before" "after" -> JSON with the lock's use in between
+    python3 -c 'import sys; a=[int(x) for x in sys.argv[1].split()]; b=[int(x) for x in sys.argv[2].split()]; print("{\"taken\": %d, \"held_s\": %.4f, \"wait_s\": %.4f}" % (b[0]-a[0], (b[1]-a[1])/1e9, (b[2]-a[2])/1e9))' "$1" "$2"
+  }
   # The balancer's CPU during each TCP run too (raw results only: Gbit/s per CPU-second).
   local t0 t1 tcp1_bal tcp8_bal
   t0=$(bal_cpu)
   tcp1=$(iperf "$VIP")
   t1=$(bal_cpu)
   tcp1_bal=$(ticks_to_s $((t1 - t0)))
+  local k0 k1 tcp8_lock=null udp_lock=null
+  k0=$(lb_lock)
   tcp8=$(iperf "$VIP" -P 8)
   t0=$(bal_cpu)
   tcp8_bal=$(ticks_to_s $((t0 - t1)))
+  sleep 0.2 # the data-path threads flush their lock times every 10 ms of traffic, or when idle
+  k1=$(lb_lock)
+  [ -n "$BAL_PID" ] && tcp8_lock=$(lock_delta "$k0" "$k1")
   local udp=null udp_bal=null
   local udp_lb=null r0 r1 d0 d1
   if [ "$mode" != haproxy ]; then
-    r0=$(lb_rx) d0=$(tun_drops)
+    r0=$(lb_rx) d0=$(tun_drops) k0=$(lb_lock)
     c0=$(bal_cpu)
     udp_run "$VIP" "${B[@]}"
     c1=$(bal_cpu)
-    r1=$(lb_rx) d1=$(tun_drops)
+    r1=$(lb_rx) d1=$(tun_drops) k1=$(lb_lock)
+    [ -n "$BAL_PID" ] && udp_lock=$(lock_delta "$k0" "$k1")
     [ -n "$BAL_PID" ] && ip netns exec "$L" curl -s --max-time 3 http://127.0.0.1:9100/ > "$OUT/stats-udp-$mode-$rnd.json" 2>/dev/null || true
     udp=$UDP_JSON
     udp_bal=$(ticks_to_s $((c1 - c0)))
@@ -573,7 +591,7 @@ PY
   fi
   local tun_drops
   tun_drops=$(ip netns exec "$L" cat /sys/class/net/lb0/statistics/tx_dropped 2>/dev/null || echo null)
-  record "$mode" "$rnd" "tcp1=$tcp1" "tcp8=$tcp8" "tcp1_bal_cpu_s=$tcp1_bal" "tcp8_bal_cpu_s=$tcp8_bal" "udp=$udp" "udp_bal_cpu_s=$udp_bal" "udp_lb=$udp_lb" \
+  record "$mode" "$rnd" "tcp1=$tcp1" "tcp8=$tcp8" "tcp1_bal_cpu_s=$tcp1_bal" "tcp8_bal_cpu_s=$tcp8_bal" "tcp8_lock=$tcp8_lock" "udp=$udp" "udp_bal_cpu_s=$udp_bal" "udp_lb=$udp_lb" "udp_lock=$udp_lock" \
     "http=$http" "http_bal_cpu_s=$http_bal" "lb_stats=$stats" "lb0_tx_dropped=$tun_drops"
 }
 
@@ -666,6 +684,22 @@ print()
 print("(*) nftables: the kernel's NAT has no process and its softirq time is not separable from the client's and")
 print("backends' network stacks (over veth the receive path runs in the sender's context): its 'balancer CPU' is the")
 print("whole machine's non-idle time from /proc/stat during the run, i.e. the same as the machine column.")
+# tun-balancer's data-path threads share one flow table behind a lock taken once per batch: the
+# time they held it, against the CPU time the balancer used, is the serial share of the work,
+# which bounds what more queues (threads) can add: at most 1 / share times one thread's rate.
+shares = []
+for r in rows:
+    for run, cpu in (("tcp8", "tcp8_bal_cpu_s"), ("udp", "udp_bal_cpu_s")):
+        lk, c = r.get(f"{run}_lock"), r.get(cpu)
+        if lk and c and lk.get("taken"):
+            shares.append(f"{r['mode']} round {r['round']} {run}: lock held {lk['held_s']:.3f} s, waited "
+                          f"{lk['wait_s']:.3f} s, {lk['taken']} times, in {c:.2f} balancer CPU-s: serial "
+                          f"share {lk['held_s'] / c:.2f} (bound {c / lk['held_s'] if lk['held_s'] else float('inf'):.1f}x one thread)")
+if shares:
+    print()
+    print("Data-path lock (held / balancer CPU-s = the serial share; queues scale at most 1 / share):")
+    for x in shares:
+        print("- " + x)
 errs = [(r["mode"], r["round"], r["http"]["errors"]) for r in rows if r.get("http") and r["http"]["errors"]]
 for m, rnd, e in errs:
     print(f"note: {m} round {rnd}: wrk reported {e} socket errors / non-2xx responses")

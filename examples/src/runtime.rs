@@ -61,6 +61,8 @@ struct Shared {
     /// UDP super-packets written by coalescing, and the datagrams merged into them.
     udp_coalesced: AtomicU64,
     udp_coalesced_datagrams: AtomicU64,
+    /// The data-path threads' use of the shared table's lock, summed over threads.
+    lock: LockTotals,
     /// Reloads applied, and rejected (the running configuration kept).
     reloads: AtomicU64,
     reloads_rejected: AtomicU64,
@@ -70,6 +72,48 @@ struct Shared {
     /// [`RunOptions::test_panic_after`], and the packets processed so far when it is set.
     test_panic_after: Option<u64>,
     test_processed: AtomicU64,
+}
+
+/// How the data-path threads use the lock around the shared [`Dataplane`], summed over threads:
+/// times it was taken, nanoseconds spent waiting for it and holding it (wall time, measured
+/// with the monotonic clock around each batch). Their ratio to the threads' CPU time is the
+/// serial share that bounds how far more queues can scale (`scripts/compare.sh` reports it).
+#[derive(Default)]
+struct LockTotals {
+    taken: AtomicU64,
+    wait_ns: AtomicU64,
+    held_ns: AtomicU64,
+}
+
+/// One data-path thread's lock times since its last flush into [`LockTotals`] (flushed at each
+/// housekeeping round, every 10 ms, so that the threads do not share a counter line per batch).
+#[derive(Default)]
+struct LockClock {
+    taken: u64,
+    wait_ns: u64,
+    held_ns: u64,
+}
+
+impl LockClock {
+    /// Adds one use of the lock: asked for at `asked`, got at `got`, released at `released`.
+    fn add(&mut self, asked: StdInstant, got: StdInstant, released: StdInstant) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.taken += 1;
+        self.wait_ns = self.wait_ns.saturating_add(ns(got.duration_since(asked)));
+        self.held_ns = self
+            .held_ns
+            .saturating_add(ns(released.duration_since(got)));
+    }
+
+    /// Moves the counts into the shared totals.
+    fn flush(&mut self, to: &LockTotals) {
+        if self.taken > 0 {
+            to.taken.fetch_add(self.taken, Ordering::Relaxed);
+            to.wait_ns.fetch_add(self.wait_ns, Ordering::Relaxed);
+            to.held_ns.fetch_add(self.held_ns, Ordering::Relaxed);
+            *self = LockClock::default();
+        }
+    }
 }
 
 impl Shared {
@@ -111,6 +155,11 @@ impl Shared {
             self.udp_coalesced.load(Ordering::Relaxed),
             self.udp_coalesced_datagrams.load(Ordering::Relaxed),
         );
+        let (lock_taken, lock_wait_ns, lock_held_ns) = (
+            self.lock.taken.load(Ordering::Relaxed),
+            self.lock.wait_ns.load(Ordering::Relaxed),
+            self.lock.held_ns.load(Ordering::Relaxed),
+        );
         match f {
             Format::Explain(_) => String::new(),
             Format::Json => {
@@ -124,6 +173,11 @@ impl Shared {
                         }
                         v["offload"]["udp_coalesced"] = coalesced.into();
                         v["offload"]["udp_coalesced_datagrams"] = coalesced_datagrams.into();
+                        v["datapath"] = serde_json::json!({
+                            "lock_taken": lock_taken,
+                            "lock_wait_ns": lock_wait_ns,
+                            "lock_held_ns": lock_held_ns,
+                        });
                         if self.has_ha {
                             v["ha"] = self.ha.json();
                         }
@@ -148,6 +202,14 @@ impl Shared {
                 o.push_str(&format!(
                     "# HELP lb_udp_coalesced_total UDP GSO super-packets written by coalescing a batch's datagrams.\n# TYPE lb_udp_coalesced_total counter\nlb_udp_coalesced_total {coalesced}\n\
                      # HELP lb_udp_coalesced_datagrams_total Datagrams merged into those super-packets.\n# TYPE lb_udp_coalesced_datagrams_total counter\nlb_udp_coalesced_datagrams_total {coalesced_datagrams}\n"
+                ));
+                let secs = |ns: u64| ns as f64 / 1e9;
+                o.push_str(&format!(
+                    "# HELP lb_datapath_lock_taken_total Times the data-path threads took the shared table's lock.\n# TYPE lb_datapath_lock_taken_total counter\nlb_datapath_lock_taken_total {lock_taken}\n\
+                     # HELP lb_datapath_lock_wait_seconds_total Time the data-path threads waited for that lock.\n# TYPE lb_datapath_lock_wait_seconds_total counter\nlb_datapath_lock_wait_seconds_total {}\n\
+                     # HELP lb_datapath_lock_held_seconds_total Time the data-path threads held that lock.\n# TYPE lb_datapath_lock_held_seconds_total counter\nlb_datapath_lock_held_seconds_total {}\n",
+                    secs(lock_wait_ns),
+                    secs(lock_held_ns)
                 ));
                 // The splice path's counters (the same names as in the JSON's "splice").
                 for (k, x) in splice.pairs() {
@@ -220,7 +282,12 @@ pub fn abort_on_panic() {
 
 /// Monotonic time since process start, as the libraries want it.
 fn now(epoch: StdInstant) -> Instant {
-    Instant::from_nanos(u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    at(epoch, StdInstant::now())
+}
+
+/// `t` as the libraries' time since process start.
+fn at(epoch: StdInstant, t: StdInstant) -> Instant {
+    Instant::from_nanos(u64::try_from(t.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Runs the balancer until SIGTERM / SIGINT. Returns an error message for a fatal start-up error.
@@ -305,6 +372,7 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         tx_errors: AtomicU64::new(0),
         udp_coalesced: AtomicU64::new(0),
         udp_coalesced_datagrams: AtomicU64::new(0),
+        lock: LockTotals::default(),
         reloads: AtomicU64::new(0),
         reloads_rejected: AtomicU64::new(0),
         ha: HaShared::new(threads),
@@ -436,6 +504,7 @@ fn datapath(
     // Packets the splice timers originate (`Dataplane::splice_poll`), one at a time.
     let mut emit = vec![0u8; 2048];
     let mut full = false;
+    let mut lock = LockClock::default();
     while !sh.stop.load(Ordering::Acquire) {
         sh.ha.kick(i, crate::ha::mono_ms(epoch));
         // After a full batch more is probably queued: read again without waiting in poll.
@@ -473,16 +542,19 @@ fn datapath(
             }
         }
         full = n == BATCH;
-        let housekeeping = last_housekeeping.elapsed() >= Duration::from_millis(10);
+        let asked = StdInstant::now();
+        let housekeeping = asked.duration_since(last_housekeeping) >= Duration::from_millis(10);
         if n == 0 && !housekeeping {
             continue;
         }
         // This batch's verdicts only: whatever happens below, no packet goes out under a verdict
         // left from an earlier batch.
         verdicts[..n].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
+        let got;
         {
             let mut dp = sh.dp.lock();
-            let t = now(epoch);
+            got = StdInstant::now();
+            let t = at(epoch, got);
             if vnet {
                 dp.process_batch_offload(
                     &mut bufs[..n],
@@ -509,8 +581,11 @@ fn datapath(
                 log_events(&mut dp, t);
             }
         }
+        let released = StdInstant::now();
+        lock.add(asked, got, released);
         if housekeeping {
-            last_housekeeping = StdInstant::now();
+            last_housekeeping = released;
+            lock.flush(&sh.lock);
         }
         if sh.has_ha
             && verdicts[..n]
@@ -588,6 +663,7 @@ fn datapath(
             }
         }
     }
+    lock.flush(&sh.lock);
 }
 
 /// [`coalesce_udp`] on each run of the batch between two super-packets to cut

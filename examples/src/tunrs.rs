@@ -19,7 +19,7 @@ use std::time::{Duration, Instant as StdInstant};
 use lb_dataplane::{DropReason, Verdict, HEADROOM};
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use super::{log_events, now, Shared};
+use super::{at, log_events, LockClock, Shared};
 use crate::sys::poll_readable;
 
 /// Packets per batch: room for the segments of two reads.
@@ -72,6 +72,7 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
     // The place a packet the splice timers originate is written from (one at a time).
     let mut emitted = vec![place()];
     let mut last_housekeeping = StdInstant::now();
+    let mut lock = LockClock::default();
     let mut read_errors = 0u64;
     let mut full = false;
     while !sh.stop.load(Ordering::Acquire) {
@@ -102,14 +103,17 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
             }
         }
         full = BATCH - n < PER_READ;
-        let housekeeping = last_housekeeping.elapsed() >= Duration::from_millis(10);
+        let asked = StdInstant::now();
+        let housekeeping = asked.duration_since(last_housekeeping) >= Duration::from_millis(10);
         if n == 0 && !housekeeping {
             continue;
         }
         verdicts[..n].fill(Verdict::Drop(DropReason::NoService));
+        let got;
         {
             let mut dp = sh.dp.lock();
-            let t = now(epoch);
+            got = StdInstant::now();
+            let t = at(epoch, got);
             dp.process_batch(&mut bufs[..n], HEADROOM, &sizes[..n], t, &mut verdicts[..n]);
             if housekeeping {
                 dp.housekeeping(t, 1024);
@@ -123,8 +127,11 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
                 log_events(&mut dp, t);
             }
         }
+        let released = StdInstant::now();
+        lock.add(asked, got, released);
         if housekeeping {
-            last_housekeeping = StdInstant::now();
+            last_housekeeping = released;
+            lock.flush(&sh.lock);
         }
         for (k, v) in verdicts[..n].iter().enumerate() {
             let (Verdict::Forward { start, len } | Verdict::Reply { start, len }) = *v else {
@@ -149,6 +156,7 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
             bufs[k] = b;
         }
     }
+    lock.flush(&sh.lock);
 }
 
 /// Writes `pkts` (each at `HEADROOM`) through `send_multiple`, counting a failure.

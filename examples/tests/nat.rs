@@ -281,6 +281,7 @@ fn nat_multi_queue() {
         lab.udp_echo(&b.ns, &format!("echo4-{}", b.name), b.v4, 7000);
     }
     let cfg = nat_config("nat", &["4"], 200).replace("[balancer]\n", "[balancer]\nqueues = 2\n");
+    let started = std::time::Instant::now();
     lab.start_balancer(&t, "lb0", &cfg, &nat_routes()[..2]);
     // Two queues and data-path threads over one flow table: a flow's replies may arrive on either
     // queue and still find it.
@@ -296,8 +297,28 @@ fn nat_multi_queue() {
             msg
         );
     }
+    // The threads flush their lock times at their next housekeeping round (an idle thread's
+    // poll ends within 100 ms).
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let s = lab.balancer_stats(&t);
-    println!("drops: {}", s["drops"]);
+    let elapsed = started.elapsed();
+    println!("drops: {}; datapath: {}", s["drops"], s["datapath"]);
+    // Every packet read went through the lock in a batch of at most 32, and the lock is
+    // exclusive: the threads' summed holding time fits in the time the balancer has run.
+    let d = &s["datapath"];
+    let taken = d["lock_taken"].as_u64().expect("lock_taken");
+    let held = d["lock_held_ns"].as_u64().expect("lock_held_ns");
+    assert!(d["lock_wait_ns"].as_u64().is_some(), "lock_wait_ns");
+    let rx = s["rx_packets"].as_u64().expect("rx_packets");
+    assert!(
+        rx > 0 && taken * 32 >= rx,
+        "lock taken {taken} times for {rx} packets"
+    );
+    assert!(held > 0, "no time holding the lock");
+    assert!(
+        u128::from(held) <= elapsed.as_nanos(),
+        "held {held} ns in {elapsed:?}: the lock is exclusive"
+    );
     // Packets of one flow may be read by both threads and processed out of order (a segment
     // after its flow was closed, say): counted, never a lost flow (checked above).
 }

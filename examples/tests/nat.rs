@@ -322,3 +322,42 @@ fn nat_multi_queue() {
     // Packets of one flow may be read by both threads and processed out of order (a segment
     // after its flow was closed, say): counted, never a lost flow (checked above).
 }
+
+/// Two services in front of the same servers (one VIP on ports 80 and 8081, both to the
+/// backends' port 8080): each service has its own backend ids, and their flows to one server
+/// must not be given the same SNAT (address, port). With an SNAT pool per backend id, both
+/// pools handed out the same pairs in the same order, and the second service's SYNs were
+/// dropped (`table_full`) while the first service's flows held them.
+#[test]
+fn nat_services_sharing_backends() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    let mut lab = Lab::new("share");
+    let t = lab.topology(3);
+    for b in t.backends.clone() {
+        lab.http_server(&b, 8080);
+    }
+    let mut cfg = nat_config("nat", &["4"], 200);
+    cfg.push_str("\n[[service]]\nvip = \"203.0.113.10:8081\"\nproto = \"tcp\"\nmode = \"nat\"\nscheduler = \"maglev\"\n");
+    for i in 1..=3 {
+        cfg.push_str(&format!(
+            "[[service.backend]]\naddr = \"198.51.100.{}:8080\"\nweight = 1\n",
+            10 + i
+        ));
+    }
+    lab.start_balancer(&t, "lb0", &cfg, &nat_routes()[..2]);
+    // 60 connections through each service, one after the other: the first 60 still hold
+    // their pairs (closed connections linger in the table) when the next 60 take theirs.
+    for port in [80, 8081, 80, 8081] {
+        let url = format!("http://{VIP4}:{port}/id");
+        let got = lab
+            .curl_many(&t.client, &url, 60)
+            .unwrap_or_else(|e| panic!("curl {url}: {e}\nbalancer log:\n{}", lab.log("balancer")));
+        assert_eq!(got.len(), 60, "{url}: {got:?}");
+    }
+    let s = lab.balancer_stats(&t);
+    println!("drops: {}", s["drops"]);
+    assert_eq!(s["drops"]["table_full"], 0, "{s}");
+    assert_eq!(s["drops"]["ports_exhausted"], 0, "{s}");
+}

@@ -25,8 +25,8 @@
 //!   backend ([`FlowState::is_active`], [`Hit::was`]) and session records are built from.
 //! - Persistence templates ([`PersistTable`]): client affinity by masked address, or by an
 //!   arbitrary affinity key such as a hashed SIP Call-ID.
-//! - Full NAT: per-backend SNAT port pools ([`SnatPool`]) and an O(1) reply-tuple index
-//!   ([`ConnTable::track_reply`]).
+//! - Full NAT: per-backend SNAT port pools ([`SnatPool`], one per backend address when several
+//!   services share a server) and an O(1) reply-tuple index ([`ConnTable::track_reply`]).
 //! - Session statistics ([`SessionStats`]): duration and packets-per-session histograms.
 //! - [`ShardedConnTable`]: the same behind per-shard `parking_lot` mutexes for several threads.
 //! - State sync ([`sync`]): authenticated, sequenced, MTU-sized messages to a backup, carrying

@@ -3,7 +3,10 @@
 //! In full NAT the balancer rewrites a flow's source to one of its own addresses and a port, so
 //! that the backend answers the balancer. The reply tuple *(backend addr:port → SNAT addr:port,
 //! protocol)* must be unique; since it contains the backend, each backend has its own pool of
-//! *(SNAT address, port)* pairs and the same pair serves many backends at once.
+//! *(SNAT address, port)* pairs and the same pair serves many backends at once. Backends are
+//! registered by id, and one server behind several services has an id per service: registered
+//! with its address ([`SnatPool::add_backend_at`]), the ids of one address share one pool, since
+//! their flows' reply tuples would otherwise collide.
 //!
 //! A pool is a FIFO ring of free pairs (4 bytes each) plus a bitmap of pairs in use (which makes
 //! double releases harmless). Allocation and release are O(1) and do not allocate.
@@ -35,7 +38,7 @@
 //! spreads the reuse but does not remove it, and those restarts were slow for other reasons too:
 //! see benches/results/balancer.md.)
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use lb_core::BackendId;
@@ -45,7 +48,10 @@ use crate::ConntrackError;
 
 #[derive(Debug, Clone)]
 struct BackendPool {
-    id: BackendId,
+    /// The address its backends share ([`SnatPool::add_backend_at`]); `None`: one backend's own.
+    key: Option<SocketAddr>,
+    /// Backend ids registered on it.
+    users: u32,
     /// Ring of free pairs: `len` of them from `head`, `stale` of which are reserved (in use)
     /// and skipped by `allocate`. Every pair not in use is in the ring, once.
     ring: Vec<u32>,
@@ -75,7 +81,8 @@ impl BackendPool {
     }
 }
 
-/// SNAT port pools, one per registered backend, over the same addresses and port range.
+/// SNAT port pools, one per registered backend (or per backend address, for backends registered
+/// with one), over the same addresses and port range.
 ///
 /// ```
 /// use lb_conntrack::SnatPool;
@@ -95,7 +102,10 @@ pub struct SnatPool {
     first_port: u16,
     ports: u32,
     start: u32,
-    backends: Vec<BackendPool>,
+    /// Registered backend ids, sorted, with the index of their pool in `pools`.
+    ids: Vec<(BackendId, u32)>,
+    /// The pools; `None` where one was dropped (the place is reused).
+    pools: Vec<Option<BackendPool>>,
 }
 
 impl SnatPool {
@@ -115,7 +125,8 @@ impl SnatPool {
             first_port: *ports.start(),
             ports: n,
             start: 0,
-            backends: Vec::new(),
+            ids: Vec::new(),
+            pools: Vec::new(),
         })
     }
 
@@ -138,22 +149,60 @@ impl SnatPool {
     }
 
     fn pos(&self, id: BackendId) -> Result<usize, usize> {
-        self.backends.binary_search_by_key(&id, |b| b.id)
+        self.ids.binary_search_by_key(&id, |&(b, _)| b)
     }
 
-    /// Registers a backend, allocating its pool (4 bytes + 2 bits per pair). Does nothing if it
-    /// is already registered. This allocates: call it from the control path.
+    /// `id`'s pool.
+    #[inline]
+    fn pool(&self, id: BackendId) -> Option<&BackendPool> {
+        let at = self.pos(id).ok()?;
+        let &(_, p) = self.ids.get(at)?;
+        self.pools.get(p as usize)?.as_ref()
+    }
+
+    /// `id`'s pool, to change.
+    #[inline]
+    fn pool_mut(&mut self, id: BackendId) -> Option<&mut BackendPool> {
+        let at = self.pos(id).ok()?;
+        let &(_, p) = self.ids.get(at)?;
+        self.pools.get_mut(p as usize)?.as_mut()
+    }
+
+    /// Registers a backend with a pool of its own, allocating it (4 bytes + 2 bits per pair).
+    /// Does nothing if it is already registered. This allocates: call it from the control path.
     pub fn add_backend(&mut self, id: BackendId) {
-        if let Err(at) = self.pos(id) {
-            let n = self.pairs();
-            let start = self.start;
-            let ring: Vec<u32> = (0..n).map(|i| (start + i) % n).collect();
-            let used = vec![0u64; (n as usize).div_ceil(64)];
-            let stale = used.clone();
-            self.backends.insert(
-                at,
-                BackendPool {
-                    id,
+        self.add(id, None);
+    }
+
+    /// Registers a backend at `addr`: every backend id registered at the same address (the
+    /// same server behind several services) draws from one pool, so that no two of their flows
+    /// get the same reply tuple. The first one allocates the pool (4 bytes + 2 bits per pair).
+    /// Does nothing if `id` is already registered. This allocates: call it from the control
+    /// path.
+    pub fn add_backend_at(&mut self, id: BackendId, addr: SocketAddr) {
+        self.add(id, Some(addr));
+    }
+
+    fn add(&mut self, id: BackendId, key: Option<SocketAddr>) {
+        let Err(at) = self.pos(id) else {
+            return;
+        };
+        let shared = key.and_then(|k| {
+            self.pools
+                .iter()
+                .position(|p| p.as_ref().is_some_and(|p| p.key == Some(k)))
+        });
+        let p = match shared {
+            Some(p) => p,
+            None => {
+                let n = self.pairs();
+                let start = self.start;
+                let ring: Vec<u32> = (0..n).map(|i| (start + i) % n).collect();
+                let used = vec![0u64; (n as usize).div_ceil(64)];
+                let stale = used.clone();
+                let pool = BackendPool {
+                    key,
+                    users: 0,
                     ring,
                     head: 0,
                     len: n,
@@ -161,15 +210,37 @@ impl SnatPool {
                     stale,
                     stale_len: 0,
                     half: PoolList::EMPTY,
-                },
-            );
+                };
+                match self.pools.iter().position(Option::is_none) {
+                    Some(free) => {
+                        self.pools[free] = Some(pool);
+                        free
+                    }
+                    None => {
+                        self.pools.push(Some(pool));
+                        self.pools.len() - 1
+                    }
+                }
+            }
+        };
+        if let Some(pool) = self.pools.get_mut(p).and_then(Option::as_mut) {
+            pool.users += 1;
         }
+        self.ids.insert(at, (id, p as u32));
     }
 
-    /// Forgets a backend and its pool.
+    /// Forgets a backend; its pool goes with the last backend registered on it.
     pub fn remove_backend(&mut self, id: BackendId) {
         if let Ok(at) = self.pos(id) {
-            self.backends.remove(at);
+            let (_, p) = self.ids.remove(at);
+            if let Some(slot) = self.pools.get_mut(p as usize) {
+                if let Some(pool) = slot.as_mut() {
+                    pool.users = pool.users.saturating_sub(1);
+                    if pool.users == 0 {
+                        *slot = None;
+                    }
+                }
+            }
         }
     }
 
@@ -178,10 +249,9 @@ impl SnatPool {
     /// the way.
     #[inline]
     pub fn allocate(&mut self, backend: BackendId) -> Option<(IpAddr, u16)> {
-        let at = self.pos(backend).ok()?;
         let ports = self.ports;
         let first = self.first_port;
-        let bp = self.backends.get_mut(at)?;
+        let bp = self.pool_mut(backend)?;
         let n = (bp.ring.len() as u32).max(1);
         let pair = loop {
             if bp.len == 0 {
@@ -231,11 +301,7 @@ impl SnatPool {
         let Some(pair) = self.pair_of(addr, port) else {
             return false;
         };
-        let Some(bp) = self
-            .pos(backend)
-            .ok()
-            .and_then(|at| self.backends.get_mut(at))
-        else {
+        let Some(bp) = self.pool_mut(backend) else {
             return false;
         };
         let (w, b) = bit(pair);
@@ -259,11 +325,7 @@ impl SnatPool {
         let Some(pair) = self.pair_of(addr, port) else {
             return false;
         };
-        let Some(bp) = self
-            .pos(backend)
-            .ok()
-            .and_then(|at| self.backends.get_mut(at))
-        else {
+        let Some(bp) = self.pool_mut(backend) else {
             return false;
         };
         if !bp.is_used(pair) {
@@ -291,23 +353,19 @@ impl SnatPool {
     /// `backend`'s list of half-open entries holding its pairs (`None` if unregistered).
     #[inline]
     pub(crate) fn half_list(&mut self, backend: BackendId) -> Option<&mut PoolList> {
-        let at = self.pos(backend).ok()?;
-        self.backends.get_mut(at).map(|b| &mut b.half)
+        self.pool_mut(backend).map(|b| &mut b.half)
     }
 
     /// The slot of the oldest half-open entry holding a pair of `backend`'s pool.
     #[inline]
     pub(crate) fn oldest_half_open(&self, backend: BackendId) -> Option<u32> {
-        let at = self.pos(backend).ok()?;
-        let h = self.backends.get(at)?.half.head;
+        let h = self.pool(backend)?.half.head;
         (h != crate::entry::NIL).then_some(h)
     }
 
     /// Free pairs left for `backend` (0 if unregistered).
     pub fn available(&self, backend: BackendId) -> usize {
-        self.pos(backend)
-            .ok()
-            .and_then(|at| self.backends.get(at))
+        self.pool(backend)
             .map_or(0, |b| b.len.saturating_sub(b.stale_len) as usize)
     }
 }
@@ -317,6 +375,50 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn backends_at_one_address_share_a_pool() {
+        let addrs = vec!["198.51.100.1".parse().unwrap()];
+        let mut pool = SnatPool::new(addrs, 40000..=40003).unwrap();
+        let server: SocketAddr = "192.0.2.10:80".parse().unwrap();
+        pool.add_backend_at(BackendId(1), server);
+        pool.add_backend_at(BackendId(2), server);
+        pool.add_backend_at(BackendId(3), "192.0.2.10:81".parse().unwrap());
+        pool.add_backend(BackendId(4));
+        // Ids 1 and 2 (one server behind two services) draw from one pool: four pairs between
+        // them, never the same one twice.
+        let mut got = HashSet::new();
+        for i in 0..4 {
+            let id = BackendId(1 + i % 2);
+            assert!(
+                got.insert(pool.allocate(id).unwrap()),
+                "pair handed out twice"
+            );
+        }
+        assert_eq!(pool.allocate(BackendId(1)), None);
+        assert_eq!(pool.allocate(BackendId(2)), None);
+        assert_eq!(pool.available(BackendId(1)), 0);
+        // Another port, or a backend registered without an address: pools of their own.
+        assert_eq!(pool.available(BackendId(3)), 4);
+        assert_eq!(pool.available(BackendId(4)), 4);
+        // A pair goes back to the shared pool whichever id releases it.
+        let a = *got.iter().next().unwrap();
+        assert!(pool.release(BackendId(2), a.0, a.1));
+        assert_eq!(pool.available(BackendId(1)), 1);
+        // The pool outlives one of its ids, and goes with the last; the place is reused.
+        pool.remove_backend(BackendId(1));
+        assert_eq!(pool.allocate(BackendId(1)), None);
+        assert_eq!(pool.allocate(BackendId(2)), Some(a));
+        pool.remove_backend(BackendId(2));
+        assert_eq!(pool.available(BackendId(2)), 0);
+        pool.add_backend_at(BackendId(5), server);
+        assert_eq!(
+            pool.available(BackendId(5)),
+            4,
+            "a fresh pool for the address"
+        );
+        assert_eq!(pool.pools.len(), 3, "the freed place was reused");
+    }
 
     #[test]
     fn validation() {
@@ -426,41 +528,52 @@ mod tests {
     proptest! {
         #[test]
         fn reserve_allocate_release_match_a_model(
-            ops in proptest::collection::vec((0u8..3, 0u16..24, any::<bool>()), 1..300),
+            ops in proptest::collection::vec((0u8..3, 0u16..24, any::<bool>(), 0usize..3), 1..300),
             start in any::<u32>(),
         ) {
             // Two addresses × ports 5000..=5009 = 20 pairs; ports 5010.. are not the pool's.
+            // Backends 0 and 1 are one server (two services in front of it): one pool between
+            // them; backend 2 is another server.
             let addrs: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
             let mut p = SnatPool::new(addrs.clone(), 5000..=5009).unwrap().with_start(start);
-            p.add_backend(BackendId(0));
-            let mut in_use: HashSet<(IpAddr, u16)> = HashSet::new();
-            for (op, port, second) in ops {
+            let servers: [SocketAddr; 2] =
+                ["192.0.2.1:80".parse().unwrap(), "192.0.2.2:80".parse().unwrap()];
+            let server_of = |who: usize| usize::from(who == 2);
+            for who in 0..3 {
+                p.add_backend_at(BackendId(who as u32), servers[server_of(who)]);
+            }
+            let mut in_use: [HashSet<(IpAddr, u16)>; 2] = [HashSet::new(), HashSet::new()];
+            for (op, port, second, who) in ops {
+                let (id, used) = (BackendId(who as u32), &mut in_use[server_of(who)]);
                 let x = (addrs[usize::from(second)], 5000 + port);
                 let valid = port < 10;
                 match op {
-                    0 => match p.allocate(BackendId(0)) {
-                        Some(y) => prop_assert!(in_use.insert(y), "{:?} handed out twice", y),
-                        None => prop_assert_eq!(in_use.len(), 20),
+                    0 => match p.allocate(id) {
+                        Some(y) => prop_assert!(used.insert(y), "{:?} handed out twice", y),
+                        None => prop_assert_eq!(used.len(), 20),
                     },
                     1 => {
-                        let ok = p.reserve(BackendId(0), x.0, x.1);
-                        prop_assert_eq!(ok, valid && !in_use.contains(&x));
+                        let ok = p.reserve(id, x.0, x.1);
+                        prop_assert_eq!(ok, valid && !used.contains(&x));
                         if ok {
-                            in_use.insert(x);
+                            used.insert(x);
                         }
                     }
                     _ => {
-                        let ok = p.release(BackendId(0), x.0, x.1);
-                        prop_assert_eq!(ok, in_use.remove(&x));
+                        let ok = p.release(id, x.0, x.1);
+                        prop_assert_eq!(ok, used.remove(&x));
                     }
                 }
-                prop_assert_eq!(p.available(BackendId(0)) + in_use.len(), 20);
+                prop_assert_eq!(p.available(id) + used.len(), 20);
             }
             // Whatever is left free is handed out exactly once.
-            while let Some(y) = p.allocate(BackendId(0)) {
-                prop_assert!(in_use.insert(y));
+            for who in [0, 2] {
+                let used = &mut in_use[server_of(who)];
+                while let Some(y) = p.allocate(BackendId(who as u32)) {
+                    prop_assert!(used.insert(y));
+                }
+                prop_assert_eq!(used.len(), 20);
             }
-            prop_assert_eq!(in_use.len(), 20);
         }
 
         #[test]

@@ -501,7 +501,7 @@ impl Dataplane {
                     &mut self.ct6
                 };
                 if let Some(pool) = ct.snat_pool_mut() {
-                    pool.add_backend(b.id);
+                    pool.add_backend_at(b.id, b.addr);
                 }
             }
         }

@@ -185,6 +185,52 @@ fn nat_round_trip_ipv4_tcp() {
     assert_eq!(s.backends.iter().map(|b| b.reply_packets).sum::<u64>(), 1);
 }
 
+/// Two full-NAT services with one backend in common (two VIPs, or one VIP on two ports, in front
+/// of the same servers): their flows to that backend draw SNAT (address, port) pairs from one
+/// pool, so no two live flows get the same reply tuple. Each service's backend has its own id;
+/// with a pool per id, both pools handed out the same first pair and every second service's
+/// flow was refused (counted as `table_full`).
+#[test]
+fn services_sharing_a_backend_share_its_snat_ports() {
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3[..1]);
+    for vip in ["203.0.113.11:80", "203.0.113.10:8080"] {
+        spec.services
+            .push(ServiceSpec::new(sa(vip), Proto::Tcp, Mode::Nat).with_backend(sa(B3[0]), 1));
+    }
+    // One pair per port: 4 ports in all, 4 flows fit whatever service they come through.
+    spec.snat_ports = 40_000..=40_003;
+    let mut r = Rig::new(spec, Link::Ip);
+    let vips = [
+        sa("203.0.113.10:80"),
+        sa("203.0.113.11:80"),
+        sa("203.0.113.10:8080"),
+    ];
+    let mut replies = HashMap::new();
+    for i in 0..4u16 {
+        let client = SocketAddr::new("192.0.2.2".parse().unwrap(), 10_000 + i);
+        let vip = vips[usize::from(i) % 3];
+        let out = r.forward(&tcp(client, vip, SYN, b""));
+        let p = parse(&out, Link::Ip).unwrap();
+        let snat = SocketAddr::new(p.key.src(), p.key.src_port());
+        assert!(
+            replies.insert(snat, (client, vip)).is_none(),
+            "{snat} handed out twice"
+        );
+    }
+    // Each backend answer reaches its own client, from the VIP it asked.
+    for (snat, (client, vip)) in &replies {
+        let back = r.forward(&tcp(sa(B3[0]), *snat, SYNACK, b""));
+        let q = parse(&back, Link::Ip).unwrap();
+        assert_eq!(SocketAddr::new(q.key.src(), q.key.src_port()), *vip);
+        assert_eq!(SocketAddr::new(q.key.dst(), q.key.dst_port()), *client);
+    }
+    // The fifth flow finds the shared pool empty (all four hold established-to-be flows that are
+    // half-open: the oldest makes way, as under SNAT pressure).
+    let (v, _) = r.run(&tcp(sa("192.0.2.2:10004"), vips[1], SYN, b""));
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert_eq!(r.dp.stats().drops.iter().sum::<u64>(), 0);
+}
+
 #[test]
 fn nat_round_trip_ipv6_udp() {
     let backends = ["[2001:db8:b::11]:5353", "[2001:db8:b::12]:5353"];

@@ -216,3 +216,117 @@ pub fn register(c: &mut Criterion) {
         t.memory_bytes >> 20
     );
 }
+
+/// Many services: the same full-NAT hits (16 Ki established flows, lines in cache, batches of
+/// 32) with 1 and with 1 024 VIPs configured, flows spread over all of them, in both directions
+/// (client → VIP, and the backends' answers to the SNAT addresses). What finding a packet's
+/// service costs as the configuration grows.
+pub fn register_many_vips(c: &mut Criterion) {
+    const HOT: u32 = 1 << 14;
+    const BATCH: usize = 32;
+    let mut g = c.benchmark_group("dataplane/vips");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for n in [1u32, 1024] {
+        let vip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i);
+        let services = (0..n)
+            .map(|i| {
+                let mut s =
+                    ServiceSpec::new(SocketAddr::new(vip(i).into(), 80), Proto::Tcp, Mode::Nat);
+                for b in 11..14 {
+                    s = s.with_backend(SocketAddr::new(IpAddr::from([198, 51, 100, b]), 8080), 1);
+                }
+                s
+            })
+            .collect();
+        let spec = DataplaneSpec {
+            snat_addrs: (1..=16)
+                .map(|i| IpAddr::from([203, 0, 113, 100 + i]))
+                .collect(),
+            conntrack_capacity: 1 << 16,
+            services,
+            ..DataplaneSpec::default()
+        };
+        let key = HashKey::from_bytes([42; 16]);
+        let mut cp = ControlPlane::new(spec.clone(), key).expect("control plane");
+        let mut dp = Dataplane::new(
+            &spec,
+            cp.build().expect("tables"),
+            DataplaneOptions::new(key),
+        )
+        .expect("dataplane");
+        let now = Instant::from_secs(1);
+        // Flow i: client i (as in `patch`) to VIP i mod n. Warm-up: SYN, the backend's SYN-ACK,
+        // ACK; each flow's client packet and backend packet (an ACK each) kept for the loops.
+        let mut buf = vec![0u8; HEADROOM + 2048];
+        let mut client = Vec::with_capacity(HOT as usize);
+        let mut backend = Vec::with_capacity(HOT as usize);
+        for i in 0..HOT {
+            let mut p = template();
+            p[16..20].copy_from_slice(&vip(i % n).octets());
+            patch(&mut p, i, 0x02);
+            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&p);
+            let v = dp.process(&mut buf, HEADROOM, 54, now);
+            let Verdict::Forward { start, len } = v else {
+                panic!("vips warm-up SYN {i}: {v:?}");
+            };
+            let mut reply = buf[start..start + len].to_vec();
+            let (src, dst) = (
+                [reply[12], reply[13], reply[14], reply[15]],
+                [reply[16], reply[17], reply[18], reply[19]],
+            );
+            reply[12..16].copy_from_slice(&dst);
+            reply[16..20].copy_from_slice(&src);
+            reply.swap(20, 22);
+            reply.swap(21, 23);
+            reply[33] = 0x12;
+            buf[HEADROOM..HEADROOM + len].copy_from_slice(&reply);
+            let v = dp.process(&mut buf, HEADROOM, len, now);
+            assert!(
+                matches!(v, Verdict::Forward { .. }),
+                "vips warm-up reply {i}: {v:?}"
+            );
+            patch(&mut p, i, 0x10);
+            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&p);
+            let v = dp.process(&mut buf, HEADROOM, 54, now);
+            assert!(
+                matches!(v, Verdict::Forward { .. }),
+                "vips warm-up ACK {i}: {v:?}"
+            );
+            reply[33] = 0x10;
+            client.push(p);
+            backend.push(reply);
+        }
+        assert_eq!(dp.stats().dropped(), 0, "vips warm-up");
+        let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 2048]).collect();
+        let mut lens = [54usize; BATCH];
+        let mut verdicts = [Verdict::Drop(DropReason::Malformed); BATCH];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for (dir, from_backend) in [("client_acks", false), ("backend_acks", true)] {
+            g.bench_function(format!("{n}_vips/{dir}_16k_flows"), |b| {
+                b.iter(|| {
+                    for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let i = ((x >> 16) % u64::from(HOT)) as usize;
+                        let p: &[u8] = if from_backend {
+                            &backend[i]
+                        } else {
+                            &client[i]
+                        };
+                        buf[HEADROOM..HEADROOM + p.len()].copy_from_slice(p);
+                        *len = p.len();
+                    }
+                    dp.process_batch(&mut bufs, HEADROOM, &lens, now, &mut verdicts);
+                    black_box(&verdicts);
+                })
+            });
+        }
+        let s = dp.stats();
+        println!(
+            "dataplane vips bench, {n} VIPs: {} packets, {} forwarded, drops {:?}",
+            s.rx_packets, s.forwarded, s.drops
+        );
+    }
+    g.finish();
+}

@@ -22,6 +22,7 @@ fn all(c: &mut Criterion) {
     conntrack::register(c);
     health::register(c);
     dataplane::register(c);
+    dataplane::register_many_vips(c);
     midflow::register(c);
     sync::register(c);
 }

@@ -176,7 +176,7 @@ impl ServiceTable {
 pub struct Tables {
     /// Increases with every build.
     pub generation: u64,
-    /// The services.
+    /// The services. (Read-only once built: [`Tables::service_index`] uses a map built with them.)
     pub services: Vec<ServiceTable>,
     /// Backends by id (index = `BackendId::get()`); `None` for ids never used.
     pub backends: Vec<Option<BackendInfo>>,
@@ -191,6 +191,82 @@ pub struct Tables {
     /// Backends by [`BackendInfo::tag`]; `None` where two share a tag (records naming it are
     /// refused rather than guessed).
     pub tags: HashMap<u32, Option<BackendId>>,
+    /// Services by (VIP address, port, protocol) when there are more than [`SCAN_SERVICES`]
+    /// (built with the tables, which are immutable once built; the first service of a key
+    /// wins, as in a scan).
+    by_vip: VipMap,
+}
+
+/// Up to this many services, [`Tables::service_index`] scans them (a few compares per
+/// service, cheaper than hashing); above, it looks the VIP up in a hash map, so that a packet's
+/// cost does not grow with the configuration (every NAT reply, which matches no service, would
+/// otherwise compare against all of them).
+const SCAN_SERVICES: usize = 8;
+
+/// A service lookup key: VIP address, port, protocol.
+type VipKey = (IpAddr, u16, IpProto);
+
+/// The VIP map: hashbrown with [`VipHasher`].
+type VipMap = hashbrown::HashMap<VipKey, usize, core::hash::BuildHasherDefault<VipHasher>>;
+
+/// A multiply-rotate hasher for the VIP map (the FxHash construction): unkeyed, which is safe
+/// here because the map's keys come from the configuration, not from packets. A packet only
+/// chooses which key to look up, and a lookup's probe length depends on how the configured keys
+/// spread, which an attacker does not control.
+#[derive(Debug, Default, Clone, Copy)]
+struct VipHasher(u64);
+
+impl core::hash::Hasher for VipHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+/// The VIP map of `services` (empty when they are few enough to scan).
+fn vip_map(services: &[ServiceTable]) -> VipMap {
+    let mut m = VipMap::default();
+    if services.len() > SCAN_SERVICES {
+        m.reserve(services.len());
+        for (i, s) in services.iter().enumerate() {
+            m.entry((s.vip.ip(), s.vip.port(), s.proto)).or_insert(i);
+        }
+    }
+    m
 }
 
 /// The fixed key of [`BackendInfo::tag`] (a name, not a secret: peers must agree on it).
@@ -212,11 +288,21 @@ impl Tables {
     }
 
     /// The service listening on `addr:port` for `proto`.
-    #[inline]
+    #[inline(always)]
     pub fn service_index(&self, addr: IpAddr, port: u16, proto: IpProto) -> Option<usize> {
+        if self.services.len() > SCAN_SERVICES {
+            return self.service_in_map(addr, port, proto);
+        }
         self.services
             .iter()
             .position(|s| s.proto == proto && s.vip.port() == port && s.vip.ip() == addr)
+    }
+
+    /// [`Tables::service_index`] of a large configuration. Out of line: inlined, the map's
+    /// probe made every packet's classification slower, small configurations' too.
+    #[inline(never)]
+    fn service_in_map(&self, addr: IpAddr, port: u16, proto: IpProto) -> Option<usize> {
+        self.by_vip.get(&(addr, port, proto)).copied()
     }
 
     /// The first SNAT address of `addr`'s family.
@@ -564,6 +650,7 @@ impl ControlPlane {
         }
         Ok(Arc::new(Tables {
             tags,
+            by_vip: vip_map(&services),
             generation: self.generation,
             services,
             backends: self.infos.clone(),
@@ -578,6 +665,53 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// With few services or many, the lookup finds what a scan finds: every configured
+        /// (VIP, port, protocol) its own service, and nothing else anything.
+        #[test]
+        fn service_lookup_equals_a_scan(picks in proptest::collection::vec(0usize..36, 0..36)) {
+            let addrs = [
+                "203.0.113.10", "203.0.113.11", "203.0.113.12", "203.0.113.13",
+                "2001:db8::10", "2001:db8::11",
+            ]
+            .map(|a| a.parse::<IpAddr>().unwrap());
+            let key = |i: usize| (addrs[i % 6], [53u16, 80, 443][i / 6 % 3], i / 18);
+            let mut seen = BTreeSet::new();
+            let mut spec = DataplaneSpec {
+                snat_addrs: vec![
+                    "203.0.113.100".parse().unwrap(),
+                    "2001:db8::100".parse().unwrap(),
+                ],
+                ..DataplaneSpec::default()
+            };
+            for i in picks.into_iter().filter(|&i| seen.insert(i)) {
+                let (a, port, p) = key(i);
+                let proto = if p == 0 { Proto::Tcp } else { Proto::Udp };
+                let backend = if a.is_ipv4() { "198.51.100.11:80" } else { "[2001:db8:1::11]:80" };
+                spec.services.push(
+                    ServiceSpec::new(SocketAddr::new(a, port), proto, Mode::Nat)
+                        .with_backend(backend.parse().unwrap(), 1),
+                );
+            }
+            let mut cp = ControlPlane::new(spec, HashKey::from_bytes([5; 16])).unwrap();
+            let t = cp.build().unwrap();
+            for i in 0..36 {
+                let (a, port, p) = key(i);
+                let proto = if p == 0 { IpProto::Tcp } else { IpProto::Udp };
+                let scan = t
+                    .services
+                    .iter()
+                    .position(|s| s.proto == proto && s.vip.port() == port && s.vip.ip() == a);
+                proptest::prop_assert_eq!(t.service_index(a, port, proto), scan);
+            }
+            // An address no service has.
+            proptest::prop_assert_eq!(
+                t.service_index("192.0.2.1".parse().unwrap(), 80, IpProto::Tcp),
+                None
+            );
+        }
+    }
 
     fn spec(backends: &[&str]) -> DataplaneSpec {
         let mut s = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);

@@ -38,6 +38,7 @@
 //! spreads the reuse but does not remove it, and those restarts were slow for other reasons too:
 //! see benches/results/balancer.md.)
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
@@ -106,6 +107,10 @@ pub struct SnatPool {
     ids: Vec<(BackendId, u32)>,
     /// The pools; `None` where one was dropped (the place is reused).
     pools: Vec<Option<BackendPool>>,
+    /// Places of dropped pools in `pools`, to reuse.
+    free: Vec<u32>,
+    /// The pools of backend addresses ([`SnatPool::add_backend_at`]), by address.
+    by_addr: BTreeMap<SocketAddr, u32>,
 }
 
 impl SnatPool {
@@ -127,6 +132,8 @@ impl SnatPool {
             start: 0,
             ids: Vec::new(),
             pools: Vec::new(),
+            free: Vec::new(),
+            by_addr: BTreeMap::new(),
         })
     }
 
@@ -187,11 +194,7 @@ impl SnatPool {
         let Err(at) = self.pos(id) else {
             return;
         };
-        let shared = key.and_then(|k| {
-            self.pools
-                .iter()
-                .position(|p| p.as_ref().is_some_and(|p| p.key == Some(k)))
-        });
+        let shared = key.and_then(|k| self.by_addr.get(&k)).map(|&p| p as usize);
         let p = match shared {
             Some(p) => p,
             None => {
@@ -211,16 +214,22 @@ impl SnatPool {
                     stale_len: 0,
                     half: PoolList::EMPTY,
                 };
-                match self.pools.iter().position(Option::is_none) {
+                let p = match self.free.pop() {
                     Some(free) => {
-                        self.pools[free] = Some(pool);
-                        free
+                        if let Some(slot) = self.pools.get_mut(free as usize) {
+                            *slot = Some(pool);
+                        }
+                        free as usize
                     }
                     None => {
                         self.pools.push(Some(pool));
                         self.pools.len() - 1
                     }
+                };
+                if let Some(k) = key {
+                    self.by_addr.insert(k, p as u32);
                 }
+                p
             }
         };
         if let Some(pool) = self.pools.get_mut(p).and_then(Option::as_mut) {
@@ -237,7 +246,11 @@ impl SnatPool {
                 if let Some(pool) = slot.as_mut() {
                     pool.users = pool.users.saturating_sub(1);
                     if pool.users == 0 {
+                        if let Some(k) = pool.key {
+                            self.by_addr.remove(&k);
+                        }
                         *slot = None;
+                        self.free.push(p);
                     }
                 }
             }

@@ -48,6 +48,22 @@ fn patch(p: &mut [u8], i: u32, flags: u8) {
     p[33] = flags;
 }
 
+/// The backend's answer to a rewritten IPv4/TCP packet `out`: both ends swapped, TCP flags
+/// `flags`. (The parser does not verify transport checksums, so it is left stale.)
+fn backend_answer(out: &[u8], flags: u8) -> Vec<u8> {
+    let mut reply = out.to_vec();
+    let (src, dst) = (
+        [reply[12], reply[13], reply[14], reply[15]],
+        [reply[16], reply[17], reply[18], reply[19]],
+    );
+    reply[12..16].copy_from_slice(&dst);
+    reply[16..20].copy_from_slice(&src);
+    reply.swap(20, 22);
+    reply.swap(21, 23);
+    reply[33] = flags;
+    reply
+}
+
 pub fn register(c: &mut Criterion) {
     let mut svc = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
     for b in 11..14 {
@@ -87,18 +103,8 @@ pub fn register(c: &mut Criterion) {
                 panic!("warm-up flow {i}: {v:?}");
             };
             if flags == 0x02 {
-                // The backend's answer: the rewritten packet with both ends swapped. (The
-                // parser does not verify transport checksums, so this one is left stale.)
-                let mut reply = buf[start..start + len].to_vec();
-                let (src, dst) = (
-                    [reply[12], reply[13], reply[14], reply[15]],
-                    [reply[16], reply[17], reply[18], reply[19]],
-                );
-                reply[12..16].copy_from_slice(&dst);
-                reply[16..20].copy_from_slice(&src);
-                reply.swap(20, 22);
-                reply.swap(21, 23);
-                reply[33] = 0x12;
+                // The backend's answer to the SYN.
+                let reply = backend_answer(&buf[start..start + len], 0x12);
                 buf[HEADROOM..HEADROOM + len].copy_from_slice(&reply);
                 let v = dp.process(&mut buf, HEADROOM, len, now);
                 assert!(
@@ -269,16 +275,7 @@ pub fn register_many_vips(c: &mut Criterion) {
             let Verdict::Forward { start, len } = v else {
                 panic!("vips warm-up SYN {i}: {v:?}");
             };
-            let mut reply = buf[start..start + len].to_vec();
-            let (src, dst) = (
-                [reply[12], reply[13], reply[14], reply[15]],
-                [reply[16], reply[17], reply[18], reply[19]],
-            );
-            reply[12..16].copy_from_slice(&dst);
-            reply[16..20].copy_from_slice(&src);
-            reply.swap(20, 22);
-            reply.swap(21, 23);
-            reply[33] = 0x12;
+            let mut reply = backend_answer(&buf[start..start + len], 0x12);
             buf[HEADROOM..HEADROOM + len].copy_from_slice(&reply);
             let v = dp.process(&mut buf, HEADROOM, len, now);
             assert!(

@@ -226,18 +226,32 @@ pub fn register(c: &mut Criterion) {
 /// Many services: the same full-NAT hits (16 Ki established flows, lines in cache, batches of
 /// 32) with 1 and with 1 024 VIPs configured, flows spread over all of them, in both directions
 /// (client → VIP, and the backends' answers to the SNAT addresses). What finding a packet's
-/// service costs as the configuration grows.
+/// service costs as the configuration grows. A third configuration has 1 024 services on one
+/// VIP, on ports 1, 65, 129, … (a shape whose keys differ only in high bits of the port: it
+/// put them in 32 buckets of the VIP map until its hash got a final mix).
 pub fn register_many_vips(c: &mut Criterion) {
     const HOT: u32 = 1 << 14;
     const BATCH: usize = 32;
     let mut g = c.benchmark_group("dataplane/vips");
     g.throughput(Throughput::Elements(BATCH as u64));
-    for n in [1u32, 1024] {
-        let vip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i);
+    for (name, n, by_port) in [
+        ("1_vips", 1u32, false),
+        ("1024_vips", 1024, false),
+        ("1024_ports", 1024, true),
+    ] {
+        // Service i: (VIP, port) = (vip(i), 80), or (vip(0), port(i)) for the ports shape.
+        let vip = |i: u32| {
+            let i = if by_port { 0 } else { i };
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + i)
+        };
+        let port = |i: u32| if by_port { ((i as u16) << 6) | 1 } else { 80 };
         let services = (0..n)
             .map(|i| {
-                let mut s =
-                    ServiceSpec::new(SocketAddr::new(vip(i).into(), 80), Proto::Tcp, Mode::Nat);
+                let mut s = ServiceSpec::new(
+                    SocketAddr::new(vip(i).into(), port(i)),
+                    Proto::Tcp,
+                    Mode::Nat,
+                );
                 for b in 11..14 {
                     s = s.with_backend(SocketAddr::new(IpAddr::from([198, 51, 100, b]), 8080), 1);
                 }
@@ -269,6 +283,7 @@ pub fn register_many_vips(c: &mut Criterion) {
         for i in 0..HOT {
             let mut p = template();
             p[16..20].copy_from_slice(&vip(i % n).octets());
+            p[22..24].copy_from_slice(&port(i % n).to_be_bytes());
             patch(&mut p, i, 0x02);
             buf[HEADROOM..HEADROOM + 54].copy_from_slice(&p);
             let v = dp.process(&mut buf, HEADROOM, 54, now);
@@ -299,7 +314,7 @@ pub fn register_many_vips(c: &mut Criterion) {
         let mut verdicts = [Verdict::Drop(DropReason::Malformed); BATCH];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for (dir, from_backend) in [("client_acks", false), ("backend_acks", true)] {
-            g.bench_function(format!("{n}_vips/{dir}_16k_flows"), |b| {
+            g.bench_function(format!("{name}/{dir}_16k_flows"), |b| {
                 b.iter(|| {
                     for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
                         x ^= x << 13;
@@ -321,7 +336,7 @@ pub fn register_many_vips(c: &mut Criterion) {
         }
         let s = dp.stats();
         println!(
-            "dataplane vips bench, {n} VIPs: {} packets, {} forwarded, drops {:?}",
+            "dataplane vips bench, {name}: {} packets, {} forwarded, drops {:?}",
             s.rx_packets, s.forwarded, s.drops
         );
     }

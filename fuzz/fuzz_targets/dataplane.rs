@@ -183,12 +183,14 @@ fn ip_spec() -> DataplaneSpec {
         },
         syn_timeout: Duration::from_millis(500),
     });
+    // The same two servers as `nat80` (one farm behind two services): their SNAT pool is
+    // shared, so the two services' flows must never get the same reply tuple.
     let mut wlc = policy(
         svc(
             "203.0.113.10:443",
             Proto::Tcp,
             Mode::Nat,
-            &["198.51.100.21:8443", "198.51.100.22:8443"],
+            &["198.51.100.11:8080", "198.51.100.12:8080"],
         ),
         PolicyKind::Wlc,
     );

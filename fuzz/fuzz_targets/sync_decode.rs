@@ -13,7 +13,7 @@
 //! family built from them, encoded at an arbitrary MTU, decoded back), so template records
 //! are covered even before the corpus finds them behind the MAC.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use arbitrary::{Result, Unstructured};
 use lb_conntrack::sync::{
@@ -31,7 +31,7 @@ const KEY: HashKey = HashKey::from_bytes(*b"fuzz-sync-key-01");
 /// The challenge of the first receiver (the seed corpus's records message echoes it).
 const NONCE: u64 = 0x5eed;
 /// SNAT pool of the table messages are applied to: two addresses × ports 40000..=40003, for
-/// backends 0..4.
+/// backends 0..4 (0 and 1 at one server address, so sharing one pool).
 const PAIRS: usize = 8;
 
 fn snat_addrs(v6: bool) -> Vec<IpAddr> {
@@ -56,9 +56,13 @@ fn nat_table(v6: bool) -> ConnTable {
     };
     let mut t = ConnTable::new(cfg, HashKey::from_bytes([4; 16])).unwrap();
     let mut pool = SnatPool::new(snat_addrs(v6), 40_000..=40_003).unwrap();
-    for b in 0..4 {
-        pool.add_backend(BackendId(b));
-    }
+    // Backends 0 and 1 are one server behind two services (one shared pool), 2 another
+    // server, 3 registered without an address (a pool of its own).
+    let server = |b: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, b)), 80);
+    pool.add_backend_at(BackendId(0), server(1));
+    pool.add_backend_at(BackendId(1), server(1));
+    pool.add_backend_at(BackendId(2), server(2));
+    pool.add_backend(BackendId(3));
     t.set_snat_pool(pool);
     t
 }

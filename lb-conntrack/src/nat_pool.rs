@@ -541,7 +541,7 @@ mod tests {
     proptest! {
         #[test]
         fn reserve_allocate_release_match_a_model(
-            ops in proptest::collection::vec((0u8..3, 0u16..24, any::<bool>(), 0usize..3), 1..300),
+            ops in proptest::collection::vec((0u8..5, 0u16..24, any::<bool>(), 0usize..3), 1..300),
             start in any::<u32>(),
         ) {
             // Two addresses × ports 5000..=5009 = 20 pairs; ports 5010.. are not the pool's.
@@ -555,11 +555,38 @@ mod tests {
             for who in 0..3 {
                 p.add_backend_at(BackendId(who as u32), servers[server_of(who)]);
             }
+            // Ids come and go (ops 3 and 4, as a reload removes and adds services): a server's
+            // pool lives while one of its ids is registered, and one registered anew after its
+            // server's last id left starts from a fresh pool (every pair free).
+            let mut registered = [true; 3];
             let mut in_use: [HashSet<(IpAddr, u16)>; 2] = [HashSet::new(), HashSet::new()];
             for (op, port, second, who) in ops {
-                let (id, used) = (BackendId(who as u32), &mut in_use[server_of(who)]);
+                let (id, server) = (BackendId(who as u32), server_of(who));
                 let x = (addrs[usize::from(second)], 5000 + port);
                 let valid = port < 10;
+                if op >= 3 {
+                    if op == 3 {
+                        p.remove_backend(id);
+                        registered[who] = false;
+                        let alive = (0..3).any(|o| registered[o] && server_of(o) == server);
+                        if !alive {
+                            in_use[server].clear();
+                        }
+                    } else {
+                        p.add_backend_at(id, servers[server]);
+                        registered[who] = true;
+                    }
+                    continue;
+                }
+                let used = &mut in_use[server];
+                if !registered[who] {
+                    // Not registered: nothing to hand out, reserve or release.
+                    prop_assert_eq!(p.allocate(id), None);
+                    prop_assert!(!p.reserve(id, x.0, x.1));
+                    prop_assert!(!p.release(id, x.0, x.1));
+                    prop_assert_eq!(p.available(id), 0);
+                    continue;
+                }
                 match op {
                     0 => match p.allocate(id) {
                         Some(y) => prop_assert!(used.insert(y), "{:?} handed out twice", y),
@@ -579,8 +606,11 @@ mod tests {
                 }
                 prop_assert_eq!(p.available(id) + used.len(), 20);
             }
-            // Whatever is left free is handed out exactly once.
-            for who in [0, 2] {
+            // Whatever is left free is handed out exactly once, to any registered id.
+            for who in 0..3 {
+                if !registered[who] {
+                    continue;
+                }
                 let used = &mut in_use[server_of(who)];
                 while let Some(y) = p.allocate(BackendId(who as u32)) {
                     prop_assert!(used.insert(y));

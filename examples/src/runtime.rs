@@ -42,7 +42,8 @@ use crate::render::{
 use crate::stats_server::{Format, Render, StatsServer};
 use crate::sys::{set_link_up, DeviceKind, TunQueue};
 use lb_dataplane::{
-    ControlPlane, Dataplane, DataplaneOptions, Reload, Stats, TableStats, Verdict, HEADROOM,
+    ControlPlane, Dataplane, DataplaneOptions, DataplaneSpec, Reload, Stats, TableStats, Verdict,
+    HEADROOM,
 };
 use lb_packet::gro::{coalesce_udp, Coalesced, Outgoing};
 use lb_packet::offload::{Segmenter, VnetHdr, VNET_HDR_LEN};
@@ -980,6 +981,8 @@ fn control(
         })
         .map_err(|e| e.to_string())?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
+    // Set up with the data paths, from the configuration they started with.
+    let slots = splice_slots(&cfg.dataplane);
     register_checks(&cfg, cp, &mut checker, &mut targets, now(epoch));
     let mut last_release = StdInstant::now();
     // A reloaded configuration's spliced services, waiting for its tables.
@@ -1004,7 +1007,7 @@ fn control(
             }
         }
         if hup_now {
-            match reload(config_path, &cfg, cp) {
+            match reload(config_path, &cfg, slots, cp) {
                 Ok((new, r)) => {
                     cfg = new;
                     // Installed with the tables it goes with, below.
@@ -1139,7 +1142,40 @@ fn transition(
 }
 
 /// Loads a new configuration; the device, queues and statistics address cannot change.
-fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, Reload), String> {
+/// The splice slots a data path was built with: their capacity, or `None` when none were set
+/// up (no spliced service and no `balancer.splice_capacity` in the configuration it started
+/// with). They stay as they are for the process's life, whatever later reloads say.
+fn splice_slots(start: &DataplaneSpec) -> Option<usize> {
+    let splices = start.services.iter().any(|s| s.splice.is_some());
+    (splices || start.splice_reserve).then_some(start.splice_capacity)
+}
+
+/// Whether a reloaded configuration `new` fits the splice slots set up at start (`slots`,
+/// from [`splice_slots`]): checked before the control plane takes it, since
+/// [`lb_dataplane::Dataplane::set_splice`] refuses the same cases later, under the data
+/// path's lock. Judged against the start, not the configuration in force: a reload that
+/// removed every spliced service leaves the slots in place for one that brings them back.
+fn check_splice_reload(slots: Option<usize>, new: &DataplaneSpec) -> Result<(), String> {
+    let splices = new.services.iter().any(|s| s.splice.is_some());
+    match slots {
+        None if splices => Err(
+            "the first spliced service needs a restart, or balancer.splice_capacity set at \
+             start (no splice slots were set up)"
+                .into(),
+        ),
+        Some(capacity) if capacity != new.splice_capacity => {
+            Err("balancer.splice_capacity needs a restart".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn reload(
+    path: &Path,
+    old: &Config,
+    slots: Option<usize>,
+    cp: &mut ControlPlane,
+) -> Result<(Config, Reload), String> {
     let new = Config::load(path).map_err(|e| e.to_string())?;
     if new.device != old.device
         || new.queues != old.queues
@@ -1164,19 +1200,7 @@ fn reload(path: &Path, old: &Config, cp: &mut ControlPlane) -> Result<(Config, R
                 .into(),
         );
     }
-    // Splice slots exist when the running configuration spliced or reserved them.
-    let splices = |c: &Config| c.dataplane.services.iter().any(|s| s.splice.is_some());
-    let slots = splices(old) || old.dataplane.splice_reserve;
-    if splices(&new) && !slots {
-        return Err(
-            "the first spliced service needs a restart, or balancer.splice_capacity set at \
-             start (no splice slots were set up)"
-                .into(),
-        );
-    }
-    if slots && new.dataplane.splice_capacity != old.dataplane.splice_capacity {
-        return Err("balancer.splice_capacity needs a restart".into());
-    }
+    check_splice_reload(slots, &new.dataplane)?;
     let r = cp.apply(new.dataplane.clone()).map_err(|e| e.to_string())?;
     for id in &r.removed {
         if let Some(b) = cp.backend(*id) {
@@ -1205,6 +1229,7 @@ pub struct Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_dataplane::{Mode, Proto, ServiceSpec};
 
     /// An IPv4 UDP datagram of one flow (ids counting up, checksums valid) at `START` in a
     /// 4 KiB buffer, with its place.
@@ -1262,6 +1287,43 @@ mod tests {
                 assert!(outs[0].is_some() && outs[2].is_none(), "{outs:?}");
             }
         }
+    }
+
+    /// Slots set up at start stay valid through reloads that drop and bring back spliced
+    /// services; none set up: the first spliced service is refused; another capacity too.
+    #[test]
+    fn splice_reloads_are_judged_against_the_slots_set_up_at_start() {
+        let plain = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+        let mut spliced = plain.clone();
+        spliced.splice = Some(lb_dataplane::SpliceSpec::default());
+        let spec = |services: Vec<ServiceSpec>, reserve: bool| DataplaneSpec {
+            services,
+            splice_reserve: reserve,
+            ..DataplaneSpec::default()
+        };
+        let with_splice = spec(vec![spliced.clone()], false);
+        let without = spec(vec![plain.clone()], false);
+        let slots = splice_slots(&with_splice);
+        assert_eq!(slots, Some(DataplaneSpec::default().splice_capacity));
+        // Started spliced, reloaded to plain NAT (the configuration in force has no splice),
+        // then back: accepted, the slots are still there.
+        assert_eq!(check_splice_reload(slots, &without), Ok(()));
+        assert_eq!(check_splice_reload(slots, &with_splice), Ok(()));
+        // The slots' size cannot change.
+        let mut bigger = with_splice.clone();
+        bigger.splice_capacity *= 2;
+        let e = check_splice_reload(slots, &bigger).unwrap_err();
+        assert!(e.contains("splice_capacity needs a restart"), "{e}");
+        // Reserved at start with no spliced service: the first one comes by reload.
+        let reserved = splice_slots(&spec(vec![plain.clone()], true));
+        assert!(reserved.is_some());
+        assert_eq!(check_splice_reload(reserved, &with_splice), Ok(()));
+        // Nothing set up: refused.
+        let none = splice_slots(&without);
+        assert_eq!(none, None);
+        let e = check_splice_reload(none, &with_splice).unwrap_err();
+        assert!(e.contains("first spliced service needs a restart"), "{e}");
+        assert_eq!(check_splice_reload(none, &without), Ok(()));
     }
 
     #[test]

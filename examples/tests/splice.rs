@@ -744,4 +744,31 @@ fn the_first_spliced_service_comes_by_reload_when_splice_capacity_was_set() {
         "first spliced service needs a restart",
     );
     assert!(["b1", "b2", "b3"].contains(&get_id(&lab).trim()));
+    // Started spliced (slots set up, no splice_capacity in the file), reloaded to plain NAT,
+    // then spliced again: the slots are those of the start, so the last reload is taken
+    // (it was refused while the check read the configuration in force).
+    lab.stop_balancer(&t, "lb0");
+    let spliced_only = spliced.replace("splice_capacity = 4096\n", "");
+    lab.start_balancer(&t, "lb0", &spliced_only, &routes());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get_id(&lab).trim(), "b1", "spliced from the start");
+    lab.reload_balancer(&nat_only, "configuration reloaded");
+    lab.write("balancer.toml", &spliced_only);
+    lab.signal("balancer", "HUP");
+    let taken = lab.wait_for(Duration::from_secs(5), || {
+        let log = lab.log("balancer");
+        if log.contains("reload rejected") {
+            Some(false)
+        } else {
+            (log.matches("configuration reloaded").count() >= 2).then_some(true)
+        }
+    });
+    assert_eq!(taken, Some(true), "{}", lab.log("balancer"));
+    for _ in 0..3 {
+        assert_eq!(
+            get_id(&lab).trim(),
+            "b1",
+            "spliced again after the round trip"
+        );
+    }
 }

@@ -209,6 +209,50 @@ pub fn register(c: &mut Criterion) {
             })
         });
     }
+    // What a queue thread holds the data path's lock for, per burst of 32 hot-flow hits: the
+    // whole `process_batch`, against `process_batch_classified` after a `Classifier` parsed,
+    // classified and hashed the burst on the thread's own time (not timed here, as it is not
+    // under the lock). Both timed the same way, around the one call.
+    let mut cl = dp.classifier(BATCH);
+    for classified in [false, true] {
+        let name = if classified { "classified" } else { "whole" };
+        g.bench_function(
+            format!("locked_part32/nat_16k_hot_flows_all_hits/{name}"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut held = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        for buf in bufs.iter_mut() {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&tpl);
+                            patch(&mut buf[HEADROOM..], ((x >> 16) % (1 << 14)) as u32, 0x10);
+                        }
+                        if classified {
+                            cl.classify(&bufs, HEADROOM, &lens);
+                        }
+                        let t0 = std::time::Instant::now();
+                        if classified {
+                            dp.process_batch_classified(
+                                &mut cl,
+                                &mut bufs,
+                                &lens,
+                                None,
+                                t,
+                                &mut verdicts,
+                            );
+                        } else {
+                            dp.process_batch(&mut bufs, HEADROOM, &lens, t, &mut verdicts);
+                        }
+                        held += t0.elapsed();
+                        black_box(&verdicts);
+                    }
+                    held
+                })
+            },
+        );
+    }
     g.finish();
     let s = dp.stats();
     let t = dp.table_stats();

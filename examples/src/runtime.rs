@@ -506,6 +506,9 @@ fn datapath(
     let mut emit = vec![0u8; 2048];
     let mut full = false;
     let mut lock = LockClock::default();
+    // Parsing, finding the service and hashing happen on this thread before the lock
+    // (`Classifier`): less serial time per packet when queues share the data path.
+    let mut cl = sh.dp.lock().classifier(BATCH);
     while !sh.stop.load(Ordering::Acquire) {
         sh.ha.kick(i, crate::ha::mono_ms(epoch));
         // After a full batch more is probably queued: read again without waiting in poll.
@@ -543,6 +546,9 @@ fn datapath(
             }
         }
         full = n == BATCH;
+        if n > 0 {
+            cl.classify(&bufs[..n], HEADROOM, &lens[..n]);
+        }
         let asked = StdInstant::now();
         let housekeeping = asked.duration_since(last_housekeeping) >= Duration::from_millis(10);
         if n == 0 && !housekeeping {
@@ -556,18 +562,15 @@ fn datapath(
             let mut dp = sh.dp.lock();
             got = StdInstant::now();
             let t = at(epoch, got);
-            if vnet {
-                dp.process_batch_offload(
-                    &mut bufs[..n],
-                    HEADROOM,
-                    &lens[..n],
-                    &mut hdrs[..n],
-                    t,
-                    &mut verdicts[..n],
-                );
-            } else {
-                dp.process_batch(&mut bufs[..n], HEADROOM, &lens[..n], t, &mut verdicts[..n]);
-            }
+            let hdrs = if vnet { Some(&mut hdrs[..n]) } else { None };
+            dp.process_batch_classified(
+                &mut cl,
+                &mut bufs[..n],
+                &lens[..n],
+                hdrs,
+                t,
+                &mut verdicts[..n],
+            );
             if let Some(limit) = sh.test_panic_after {
                 let before = sh.test_processed.fetch_add(n as u64, Ordering::Relaxed);
                 if before + n as u64 > limit {

@@ -5,7 +5,8 @@
 //! UDP, SIP Call-ID affinity, wlc / p2c policies, admission thresholds, outlier ejection,
 //! persistence) and an Ethernet-link pair (dr, and nat over Ethernet). In each pair `one` takes
 //! every packet through `Dataplane::process`, `many` takes the same packets in bursts through
-//! `Dataplane::process_batch`. Checked:
+//! `Dataplane::process_batch`, every other burst classified first by a `Classifier`
+//! (`Dataplane::process_batch_classified`). Checked:
 //!
 //! 1. no panic;
 //! 2. every `Forward` / `Reply` lies inside its buffer and parses with the pair's `Link`; when
@@ -765,16 +766,24 @@ fn run(pair: &mut Pair, pkts: &[(Vec<u8>, bool)], headroom: usize, chunk: usize,
         }
         outs_one.push((v, out));
     }
-    // In bursts.
+    // In bursts: every other one classified first (`Classifier`, capacity 16, so that a
+    // longer burst's tail is classified while processed).
     let mut outs_many = Vec::with_capacity(pkts.len());
     let idx: Vec<usize> = (0..pkts.len()).collect();
-    for c in idx.chunks(chunk) {
+    let mut cl = pair.many.classifier(16);
+    for (k, c) in idx.chunks(chunk).enumerate() {
         let mut bs: Vec<Vec<u8>> = c.iter().map(|&i| bufs[i].clone()).collect();
         let ls: Vec<usize> = c.iter().map(|&i| lens[i]).collect();
         let mut vs = vec![Verdict::Drop(DropReason::NotIp); c.len()];
         let rx = pair.many.stats().rx_packets;
-        pair.many
-            .process_batch(&mut bs, headroom, &ls, now, &mut vs);
+        if k % 2 == 1 {
+            cl.classify(&bs, headroom, &ls);
+            pair.many
+                .process_batch_classified(&mut cl, &mut bs, &ls, None, now, &mut vs);
+        } else {
+            pair.many
+                .process_batch(&mut bs, headroom, &ls, now, &mut vs);
+        }
         assert_eq!(pair.many.stats().rx_packets, rx + c.len() as u64);
         check_counters(&pair.many);
         for (b, v) in bs.iter().zip(&vs) {

@@ -314,6 +314,13 @@ impl<H: KeyedHash> ConnTable<H> {
         self.hasher.hash_flow(key)
     }
 
+    /// The keyed hasher behind [`ConnTable::flow_hash`]: a copy computes the same hashes
+    /// elsewhere, e.g. on another thread before the table's lock is taken.
+    #[inline]
+    pub fn flow_hasher(&self) -> &FlowHasher<H> {
+        &self.hasher
+    }
+
     // ---- time ----
 
     #[inline]

@@ -96,6 +96,7 @@
 //! assert_eq!(dp.stats().dropped(), 1);
 //! ```
 
+mod classify;
 mod explain;
 mod frag;
 mod icmp_limit;
@@ -137,6 +138,7 @@ pub use icmp_limit::{
 };
 pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
+pub use classify::Classifier;
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto,
@@ -149,6 +151,7 @@ pub use sync::{SyncApplied, SyncChange, SyncCursor};
 pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Tables};
 pub use validate::SpecError;
 
+use classify::{OwnRing, PreRing, OWN_RING};
 use load::Live;
 use tables::Scheduler;
 use timing::{Sample, Timing};
@@ -329,6 +332,9 @@ pub struct Dataplane {
     splice: splice::Splicer,
     /// The `splice_capacity` the splice slots were built for (a reload may not change it).
     splice_capacity: usize,
+    /// The fingerprint of the flow tables' hash keys (`classify::owner_of`): a
+    /// [`Classifier`]'s hashes are used only if its fingerprint is this one.
+    owner: u64,
 }
 
 #[inline]
@@ -443,7 +449,9 @@ impl Dataplane {
         if !v6.is_empty() {
             ct6.set_snat_pool(SnatPool::new(v6, snat_ports)?.with_start(start));
         }
+        let owner = classify::owner_of(ct4.flow_hasher(), ct6.flow_hasher());
         let mut dp = Dataplane {
+            owner,
             link,
             tables: tables.clone(),
             ct4,
@@ -756,7 +764,15 @@ impl Dataplane {
         now: Instant,
         out: &mut [Verdict],
     ) {
-        self.batch(bufs, start, lens, None, now, out);
+        self.batch(
+            bufs,
+            start,
+            lens,
+            None,
+            now,
+            out,
+            &mut OwnRing([None; OWN_RING]),
+        );
     }
 
     /// [`Dataplane::process_batch`] for a device with offloads on: `hdrs[i]` is the virtio-net
@@ -775,11 +791,22 @@ impl Dataplane {
         now: Instant,
         out: &mut [Verdict],
     ) {
-        self.batch(bufs, start, lens, Some(hdrs), now, out);
+        self.batch(
+            bufs,
+            start,
+            lens,
+            Some(hdrs),
+            now,
+            out,
+            &mut OwnRing([None; OWN_RING]),
+        );
     }
 
+    /// The burst pipeline; `ring` holds the packets' classifications (filled here in stage 1,
+    /// or already by a [`Classifier`]).
     #[inline(always)]
-    fn batch<B: AsMut<[u8]>>(
+    #[allow(clippy::too_many_arguments)]
+    fn batch<B: AsMut<[u8]>, R: PreRing>(
         &mut self,
         bufs: &mut [B],
         start: usize,
@@ -787,20 +814,21 @@ impl Dataplane {
         mut hdrs: Option<&mut [VnetHdr]>,
         now: Instant,
         out: &mut [Verdict],
+        ring: &mut R,
     ) {
         const D: usize = PIPELINE;
-        const RING: usize = 4 * PIPELINE;
         let n = bufs.len().min(lens.len()).min(out.len());
-        let mut ring = [None::<Pre>; RING];
         for j in 0..n + 2 * D {
-            // Stage 1: parse, classify, hash; fetch the index line.
-            if j < n {
+            // Stage 1: parse, classify, hash (unless done); fetch the index line.
+            let done = j < n && lens.get(j).is_some_and(|&len| ring.classified(j, len));
+            if let Some(slot) = ring.at(j).filter(|_| j < n) {
                 // Filled in place: a `Pre` returned by value was copied into the ring
                 // (a `memcpy` of ~190 bytes per packet).
-                let slot = &mut ring[j % RING];
-                match (bufs.get_mut(j), lens.get(j)) {
-                    (Some(b), Some(&len)) => self.pre_classify(b.as_mut(), start, len, slot),
-                    _ => *slot = None,
+                if !done {
+                    match (bufs.get_mut(j), lens.get(j)) {
+                        (Some(b), Some(&len)) => self.pre_classify(b.as_mut(), start, len, slot),
+                        _ => *slot = None,
+                    }
                 }
                 if let Some(x) = slot.as_ref() {
                     let (ct, h) = (self.table_of(x), x.hash.hash());
@@ -813,7 +841,7 @@ impl Dataplane {
             }
             // Stage 2: read the index line, fetch the candidate slot.
             if let Some(c) = j.checked_sub(D).filter(|&c| c < n) {
-                if let Some(x) = ring[c % RING].as_mut() {
+                if let Some(x) = ring.at(c).and_then(|x| x.as_mut()) {
                     let (ct, h) = (self.table_of(x), x.hash.hash());
                     x.hash = if x.si.is_some() {
                         ct.candidate(h)
@@ -832,8 +860,8 @@ impl Dataplane {
                         Some(h) => h,
                         None => &mut none,
                     };
-                    *o =
-                        self.process_pre(b.as_mut(), start, len, now, ring[c % RING].as_ref(), hdr);
+                    let pre = ring.at(c).and_then(|x| x.as_ref());
+                    *o = self.process_pre(b.as_mut(), start, len, now, pre, hdr);
                     // What left the table reaches the live load before the next packet is
                     // scheduled, as in `process` (found by the dataplane fuzz target: a burst
                     // saw stale connection counts after an eviction and chose differently).
@@ -864,26 +892,15 @@ impl Dataplane {
     /// reason).
     #[inline]
     fn pre_classify(&self, buf: &[u8], start: usize, len: usize, out: &mut Option<Pre>) {
-        *out = None;
-        let Some(pkt) = start.checked_add(len).and_then(|end| buf.get(start..end)) else {
-            return;
-        };
-        let Ok(p) = parse(pkt, self.link) else {
-            return;
-        };
-        if p.fragment != Fragment::None {
-            return;
-        }
-        // Built in place and filled in: moving a parsed packet through a tuple and a `Result`
-        // cost a store-forwarding stall per packet (fields at odd offsets reassembled).
-        let x = out.insert(Pre {
-            p,
-            si: None,
-            hash: Prefetched::of_hash(0),
-        });
-        let k = &x.p.key;
-        x.si = self.tables.service_index(k.dst(), k.dst_port(), k.proto());
-        x.hash = Prefetched::of_hash(self.table_of(x).flow_hash(k));
+        classify::pre_classify(
+            self.link,
+            &self.tables,
+            [self.ct4.flow_hasher(), self.ct6.flow_hasher()],
+            buf,
+            start,
+            len,
+            out,
+        );
     }
 
     /// The flow table of a classified packet's family.

@@ -616,6 +616,10 @@ fn batch_matches_one_by_one() {
     };
     let mut one = Rig::new(spec("203.0.113.10:80"), Link::Ip);
     let mut many = Rig::new(spec("203.0.113.10:80"), Link::Ip);
+    // The same bursts classified first, by a classifier smaller than the largest burst (the
+    // packets past its capacity are classified when processed).
+    let mut classified = Rig::new(spec("203.0.113.10:80"), Link::Ip);
+    let mut cl = classified.dp.classifier(24);
     let vip4 = sa("203.0.113.10:80");
     let vip6 = sa("[2001:db8::10]:80");
     let mut replies: Vec<Vec<u8>> = Vec::new();
@@ -651,10 +655,11 @@ fn batch_matches_one_by_one() {
         for p in &pkts {
             outs_one.push(one.run(p));
         }
-        // In bursts through process_batch.
+        // In bursts through process_batch, and classified then processed.
         let mut outs_many = Vec::new();
+        let mut outs_classified = Vec::new();
         for chunk in pkts.chunks([13, 5, 1, 32][usize::from(round)]) {
-            let mut bufs: Vec<Vec<u8>> = chunk
+            let bufs: Vec<Vec<u8>> = chunk
                 .iter()
                 .map(|p| {
                     let mut b = vec![0u8; HEADROOM + p.len() + 64];
@@ -663,20 +668,38 @@ fn batch_matches_one_by_one() {
                 })
                 .collect();
             let lens: Vec<usize> = chunk.iter().map(Vec::len).collect();
-            let mut verdicts = vec![Verdict::Drop(DropReason::Malformed); chunk.len()];
-            many.dp
-                .process_batch(&mut bufs, HEADROOM, &lens, many.now, &mut verdicts);
-            for (b, v) in bufs.iter().zip(&verdicts) {
-                let out = match *v {
-                    Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
-                        b[start..start + len].to_vec()
-                    }
-                    Verdict::Drop(_) | Verdict::Segment | Verdict::Held => Vec::new(),
+            for by_classifier in [false, true] {
+                let mut bufs = bufs.clone();
+                let mut verdicts = vec![Verdict::Drop(DropReason::Malformed); chunk.len()];
+                let outs = if by_classifier {
+                    cl.classify(&bufs, HEADROOM, &lens);
+                    classified.dp.process_batch_classified(
+                        &mut cl,
+                        &mut bufs,
+                        &lens,
+                        None,
+                        classified.now,
+                        &mut verdicts,
+                    );
+                    &mut outs_classified
+                } else {
+                    many.dp
+                        .process_batch(&mut bufs, HEADROOM, &lens, many.now, &mut verdicts);
+                    &mut outs_many
                 };
-                outs_many.push((*v, out));
+                for (b, v) in bufs.iter().zip(&verdicts) {
+                    let out = match *v {
+                        Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
+                            b[start..start + len].to_vec()
+                        }
+                        Verdict::Drop(_) | Verdict::Segment | Verdict::Held => Vec::new(),
+                    };
+                    outs.push((*v, out));
+                }
             }
         }
         assert_eq!(outs_one, outs_many, "round {round}");
+        assert_eq!(outs_one, outs_classified, "round {round}, classified");
         // The backends answer every forwarded client packet: next round's replies.
         for (v, out) in &outs_one {
             if matches!(v, Verdict::Forward { .. }) {
@@ -692,8 +715,107 @@ fn batch_matches_one_by_one() {
     }
     let (a, b) = (one.dp.stats(), many.dp.stats());
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    assert_eq!(format!("{a:?}"), format!("{:?}", classified.dp.stats()));
     assert!(a.forwarded > 200, "{a:?}");
     assert!(a.backends.iter().map(|b| b.reply_packets).sum::<u64>() >= 60);
+}
+
+/// A classifier's work is used only while it is valid: classified against tables that have
+/// since changed (a service removed, so the others' indexes moved), or by another data path
+/// (other hash keys, so its hashes would miss every tracked flow), the burst is classified
+/// again and goes where `process_batch` sends it.
+#[test]
+fn a_stale_or_foreign_classification_is_not_used() {
+    let vip1 = sa("203.0.113.11:80");
+    let mut spec = nat_spec("203.0.113.10:80", Proto::Tcp, &B3[..1]);
+    spec.services.push(
+        ServiceSpec::new(vip1, Proto::Tcp, Mode::Nat).with_backend(sa("198.51.100.21:8080"), 1),
+    );
+    let burst = |flags: u8| -> (Vec<Vec<u8>>, Vec<usize>) {
+        let pkts: Vec<Vec<u8>> = (0..6u16)
+            .map(|c| {
+                tcp(
+                    SocketAddr::new("192.0.2.7".parse().unwrap(), 30_000 + c),
+                    vip1,
+                    flags,
+                    b"",
+                )
+            })
+            .collect();
+        let lens = pkts.iter().map(Vec::len).collect();
+        let bufs = pkts
+            .iter()
+            .map(|p| {
+                let mut b = vec![0u8; HEADROOM + p.len() + 64];
+                b[HEADROOM..HEADROOM + p.len()].copy_from_slice(p);
+                b
+            })
+            .collect();
+        (bufs, lens)
+    };
+    let backend_of = |bufs: &[Vec<u8>], v: &[Verdict]| -> Vec<Option<IpAddr>> {
+        bufs.iter()
+            .zip(v)
+            .map(|(b, v)| match *v {
+                Verdict::Forward { start, len } => {
+                    Some(parse(&b[start..start + len], Link::Ip).unwrap().key.dst())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let b21: Option<IpAddr> = Some("198.51.100.21".parse().unwrap());
+
+    // Stale: classified with vip1 as service 1; the reload removes service 0.
+    let mut r = Rig::new(spec.clone(), Link::Ip);
+    let mut cl = r.dp.classifier(8);
+    let (mut bufs, lens) = burst(SYN);
+    cl.classify(&bufs, HEADROOM, &lens);
+    let mut only1 = spec.clone();
+    only1.services.remove(0);
+    r.cp.apply(only1).unwrap();
+    r.rebuild();
+    let mut v = vec![Verdict::Held; bufs.len()];
+    r.dp.process_batch_classified(&mut cl, &mut bufs, &lens, None, r.now, &mut v);
+    assert_eq!(backend_of(&bufs, &v), vec![b21; 6], "{v:?}");
+    // The classifier took the new tables: the next burst's classifications are valid.
+    let (mut bufs, lens) = burst(ACK);
+    cl.classify(&bufs, HEADROOM, &lens);
+    r.dp.process_batch_classified(&mut cl, &mut bufs, &lens, None, r.now, &mut v);
+    assert_eq!(backend_of(&bufs, &v), vec![b21; 6], "{v:?}");
+
+    // Foreign: flows opened on `r2`, their ACKs classified by the classifier of another data
+    // path over the same tables, with other hash keys.
+    let mut r2 = Rig::new(spec.clone(), Link::Ip);
+    let other_key = HashKey::from_bytes([10; 16]);
+    let other = Dataplane::new(
+        &spec,
+        r2.dp.tables.clone(),
+        DataplaneOptions::new(other_key),
+    )
+    .unwrap();
+    let (mut syns, lens) = burst(SYN);
+    let mut v = vec![Verdict::Held; syns.len()];
+    r2.dp
+        .process_batch(&mut syns, HEADROOM, &lens, r2.now, &mut v);
+    assert_eq!(backend_of(&syns, &v), vec![b21; 6]);
+    let mut foreign = other.classifier(8);
+    let (mut acks, lens) = burst(ACK);
+    foreign.classify(&acks, HEADROOM, &lens);
+    r2.dp
+        .process_batch_classified(&mut foreign, &mut acks, &lens, None, r2.now, &mut v);
+    assert_eq!(backend_of(&acks, &v), vec![b21; 6], "{v:?}");
+    let t = r2.dp.table_stats();
+    assert_eq!(t.entries, 6, "the ACKs found their flows: {t:?}");
+    // A packet whose length changed since it was classified is classified again.
+    let mut cl2 = r2.dp.classifier(8);
+    let (mut acks, mut lens) = burst(ACK);
+    cl2.classify(&acks, HEADROOM, &lens);
+    lens[0] = 3; // truncated after classification: now malformed
+    r2.dp
+        .process_batch_classified(&mut cl2, &mut acks, &lens, None, r2.now, &mut v);
+    assert_eq!(v[0], Verdict::Drop(DropReason::Malformed));
+    assert_eq!(backend_of(&acks[1..], &v[1..]), vec![b21; 5]);
 }
 
 /// Balancers given the same key (tun-balancer's `balancer.hash_key`) send every new flow to the

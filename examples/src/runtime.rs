@@ -658,6 +658,7 @@ fn datapath(
                         sh,
                         epoch,
                         i,
+                        &mut lock,
                     );
                 }
                 Verdict::Drop(reason) => {
@@ -790,6 +791,8 @@ impl Tx {
 /// one segment, as the user-space cut made them.
 #[derive(Default)]
 struct Cutter {
+    /// Classifies the segments before the lock, as the data-path thread does its bursts.
+    cl: Option<lb_dataplane::Classifier>,
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
     verdicts: Vec<Verdict>,
@@ -810,6 +813,7 @@ impl Cutter {
         sh: &Shared,
         epoch: StdInstant,
         i: usize,
+        lock: &mut LockClock,
     ) {
         if self.bufs.is_empty() {
             self.bufs = (0..BATCH)
@@ -819,6 +823,9 @@ impl Cutter {
             self.verdicts = vec![Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
             self.outs = vec![None; BATCH];
         }
+        let cl = self
+            .cl
+            .get_or_insert_with(|| sh.dp.lock().classifier(BATCH));
         let Ok(p) = lb_packet::parse(pkt, link) else {
             return;
         };
@@ -840,17 +847,24 @@ impl Cutter {
                 return;
             }
             self.verdicts[..m].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
+            cl.classify(&self.bufs[..m], HEADROOM, &self.lens[..m]);
+            let asked = StdInstant::now();
+            let got;
             {
                 let mut dp = sh.dp.lock();
-                let t = now(epoch);
-                dp.process_batch(
+                got = StdInstant::now();
+                dp.process_batch_classified(
+                    cl,
                     &mut self.bufs[..m],
-                    HEADROOM,
                     &self.lens[..m],
-                    t,
+                    None,
+                    at(epoch, got),
                     &mut self.verdicts[..m],
                 );
             }
+            // Counted with the thread's other holds (the cut segments are tunnel mode's
+            // main path with offloads on).
+            lock.add(asked, got, StdInstant::now());
             for k in 0..m {
                 self.outs[k] = match self.verdicts[k] {
                     Verdict::Forward { start, len } | Verdict::Reply { start, len } => {

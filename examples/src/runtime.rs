@@ -1158,7 +1158,6 @@ fn transition(
     changed
 }
 
-/// Loads a new configuration; the device, queues and statistics address cannot change.
 /// The splice slots a data path was built with: their capacity, or `None` when none were set
 /// up (no spliced service and no `balancer.splice_capacity` in the configuration it started
 /// with). They stay as they are for the process's life, whatever later reloads say.
@@ -1187,6 +1186,8 @@ fn check_splice_reload(slots: Option<usize>, new: &DataplaneSpec) -> Result<(), 
     }
 }
 
+/// Loads a new configuration; the device, queues and statistics address cannot change, nor
+/// the splice slots set up at start (`slots`, see [`check_splice_reload`]).
 fn reload(
     path: &Path,
     old: &Config,

@@ -73,6 +73,8 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
     let mut emitted = vec![place()];
     let mut last_housekeeping = StdInstant::now();
     let mut lock = LockClock::default();
+    // As in the default path: parsing, classifying and hashing before the lock.
+    let mut cl = sh.dp.lock().classifier(BATCH);
     let mut read_errors = 0u64;
     let mut full = false;
     while !sh.stop.load(Ordering::Acquire) {
@@ -103,6 +105,9 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
             }
         }
         full = BATCH - n < PER_READ;
+        if n > 0 {
+            cl.classify(&bufs[..n], HEADROOM, &sizes[..n]);
+        }
         let asked = StdInstant::now();
         let housekeeping = asked.duration_since(last_housekeeping) >= Duration::from_millis(10);
         if n == 0 && !housekeeping {
@@ -114,7 +119,14 @@ pub(super) fn datapath(dev: SyncDevice, sh: &Shared, epoch: StdInstant, mtu: usi
             let mut dp = sh.dp.lock();
             got = StdInstant::now();
             let t = at(epoch, got);
-            dp.process_batch(&mut bufs[..n], HEADROOM, &sizes[..n], t, &mut verdicts[..n]);
+            dp.process_batch_classified(
+                &mut cl,
+                &mut bufs[..n],
+                &sizes[..n],
+                None,
+                t,
+                &mut verdicts[..n],
+            );
             if housekeeping {
                 dp.housekeeping(t, 1024);
                 while let Some(len) = dp.splice_poll(&mut emit, t) {

@@ -43,6 +43,8 @@
 #   UDP_COALESCE  off: balancer.udp_coalesce = false (each datagram written on its own instead of
 #             a batch's runs of one flow's datagrams as one UDP GSO super-packet; default: the
 #             balancer's default, on)
+#   FAST_PATH off: balancer.fast_path = 0 (every packet through the data path's lock; default:
+#             the balancer's default, 1024 plans per queue thread)
 #   GRO       set: GRO with UDP GRO forwarding on the balancer's ingress veth (c1), so the kernel
 #             hands a TUN with USO one super-packet per flow and NAPI poll instead of each
 #             datagram (default: unset, the veth's defaults)
@@ -68,6 +70,7 @@ GRO=${GRO:-}
 IO_URING=${IO_URING:-}
 IO=${IO:-}
 UDP_COALESCE=${UDP_COALESCE:-}
+FAST_PATH=${FAST_PATH:-}
 TUNNEL=${TUNNEL:-ipip}
 case $TUNNEL in ipip | gue) ;; *) echo "compare: TUNNEL must be ipip or gue" >&2; exit 1 ;; esac
 T=${SECONDS_RUN:-5}
@@ -159,6 +162,12 @@ case $UDP_COALESCE in
   off) OFFLOAD_LINE="$OFFLOAD_LINE
 udp_coalesce = false" ;;
   *) echo "compare: UDP_COALESCE must be on or off" >&2; exit 1 ;;
+esac
+case $FAST_PATH in
+  "" | on) ;;
+  off) OFFLOAD_LINE="$OFFLOAD_LINE
+fast_path = 0" ;;
+  *) echo "compare: FAST_PATH must be on or off" >&2; exit 1 ;;
 esac
 if [ -n "$IO_URING" ]; then
   OFFLOAD_LINE="$OFFLOAD_LINE
@@ -596,7 +605,7 @@ PY
 }
 
 echo "== machine: $(nproc) cores, Linux $(uname -r); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS UDP_BATCH=$UDP_BATCH RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} IO=${IO:-direct} UDP_COALESCE=${UDP_COALESCE:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
+echo "== QUEUES=$QUEUES ROUNDS=$ROUNDS MODES='$MODES' T=${T}s UDP_SOCKETS=$UDP_SOCKETS UDP_BATCH=$UDP_BATCH RPS=${RPS:-none} GRO=${GRO:-off} IO_URING=${IO_URING:-off} IO=${IO:-direct} UDP_COALESCE=${UDP_COALESCE:-on} FAST_PATH=${FAST_PATH:-on} TUNNEL=$TUNNEL; raw results: $RESULTS"
 for rnd in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     # A subshell per mode: a failed step ends that mode only (its logs are kept under $OUT).

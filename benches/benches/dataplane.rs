@@ -253,8 +253,51 @@ pub fn register(c: &mut Criterion) {
             },
         );
     }
+    // The fast path (`Classifier::forward_cached`): bursts of 32 established-flow packets of
+    // 256 hot flows (elephants: their plans fit the thread's 1 024), classified, then either
+    // forwarded by the plans without the data path (`fast`: nothing here is serial) or
+    // processed under it (`locked`, `process_batch_classified`: all of it serial). Both timed
+    // around classify + forward (a queue thread's CPU per burst); the fast one hands its
+    // counts back every 1 024 bursts, under the data path, as tun-balancer does every 10 ms
+    // (that call is timed too).
+    let mut fcl = dp.classifier(BATCH);
+    fcl.enable_fast_path(1024);
+    for fast in [false, true] {
+        let name = if fast { "fast" } else { "locked" };
+        let mut bursts = 0u32;
+        g.bench_function(format!("fast_path32/nat_256_hot_flows/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    for buf in bufs.iter_mut() {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        buf[HEADROOM..HEADROOM + 54].copy_from_slice(&tpl);
+                        patch(&mut buf[HEADROOM..], ((x >> 16) % 256) as u32, 0x10);
+                    }
+                    // (`locked` with the classifier without a fast path: no plans made.)
+                    let c = if fast { &mut fcl } else { &mut cl };
+                    let t0 = std::time::Instant::now();
+                    c.classify(&bufs, HEADROOM, &lens);
+                    let left = c.forward_cached(&mut bufs, &lens, None, t, &mut verdicts);
+                    bursts += 1;
+                    if left > 0 || bursts % 1024 == 0 {
+                        dp.process_batch_classified(c, &mut bufs, &lens, None, t, &mut verdicts);
+                    }
+                    spent += t0.elapsed();
+                    black_box(&verdicts);
+                }
+                spent
+            })
+        });
+    }
     g.finish();
     let s = dp.stats();
+    println!(
+        "dataplane bench: fast path {} packets ({} by plans under the data path, {} plans)",
+        s.fast_path, s.fast_path_locked, s.fast_path_plans
+    );
     let t = dp.table_stats();
     println!(
         "dataplane bench: {} packets, {} forwarded, drops {:?}, table {} / {} entries, {} MiB",

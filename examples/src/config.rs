@@ -20,6 +20,10 @@
 //!                            # queue, no io_uring (default "direct": this crate's own device code)
 //! udp_coalesce = true        # optional: merge a batch's datagrams of one flow into one UDP GSO
 //!                            # write (needs offload and the kernel's USO; default on)
+//! fast_path = 1024           # optional: plans per queue thread for forwarding the packets of
+//!                            # established NAT/DNAT flows without the data path's lock
+//!                            # (lb_dataplane::Classifier::forward_cached); 0 turns it off
+//!                            # (default 1024, ~200 bytes each; at most 65536)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)
 //! mac = "02:00:5e:10:00:01"  # optional: source MAC of mode "dr" frames
 //! hash_key = "..."           # optional: secret passphrase (16+ characters) keying the flow
@@ -318,6 +322,9 @@ pub struct Config {
     /// (`balancer.udp_coalesce`, default on; it takes effect with `offload` on a TUN or TAP
     /// device whose kernel took the USO offloads).
     pub udp_coalesce: bool,
+    /// Plans per queue thread of the lock-free fast path for established flows
+    /// (`balancer.fast_path`, default 1024; 0: off).
+    pub fast_path: usize,
     /// The data path: services and backends.
     pub dataplane: DataplaneSpec,
     /// Health checks, one per service, in the order of `dataplane.services`.
@@ -492,6 +499,7 @@ struct RawBalancer {
     io_uring: Option<Spanned<bool>>,
     io: Option<Spanned<String>>,
     udp_coalesce: Option<Spanned<bool>>,
+    fast_path: Option<Spanned<u64>>,
     mtu: Option<Spanned<u64>>,
     mac: Option<Spanned<String>>,
     hash_key: Option<Spanned<String>>,
@@ -724,6 +732,10 @@ impl Validator<'_> {
             },
         };
         let udp_coalesce = b.udp_coalesce.as_ref().is_none_or(|o| *o.get_ref());
+        let fast_path = match &b.fast_path {
+            Some(n) => self.int(n, "balancer.fast_path", 0, 65_536)? as usize,
+            None => 1024,
+        };
         let mtu = match &b.mtu {
             Some(m) => self.int(m, "balancer.mtu", 1280, 9000)? as u16,
             None => 1500,
@@ -858,6 +870,7 @@ impl Validator<'_> {
             io_uring,
             io,
             udp_coalesce,
+            fast_path,
             dataplane: spec,
             health,
             hash_key,
@@ -2174,6 +2187,17 @@ addr = "[2001:db8:51::11]:53"
         );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.dataplane.services[0].slow_start, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_fast_path_is_on_unless_turned_off() {
+        assert_eq!(Config::parse(GOOD, "t.toml").unwrap().fast_path, 1024);
+        let t = with("stats = \"127.0.0.1:9100\"", "fast_path = 0");
+        assert_eq!(Config::parse(&t, "t.toml").unwrap().fast_path, 0);
+        for bad in ["fast_path = 65537", "fast_path = -1", "fast_path = true"] {
+            let t = with("stats = \"127.0.0.1:9100\"", bad);
+            assert!(Config::parse(&t, "t.toml").is_err(), "{bad}");
+        }
     }
 
     #[test]

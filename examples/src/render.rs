@@ -75,6 +75,10 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
             "gso_packets": s.gso_packets, "gso_segments": s.gso_segments,
             "gso_cut": s.gso_cut, "csum_completed": s.csum_completed,
         },
+        "fast_path": {
+            "packets": s.fast_path, "plans": s.fast_path_plans,
+            "orphaned": s.fast_path_orphaned,
+        },
         "fragments": {
             "first": s.frag_first, "forwarded": s.frag_forwarded,
             "completed": s.frag_completed, "expired": s.frag_expired,
@@ -186,6 +190,21 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
         s.sync_refused,
     );
     for (name, help, v) in [
+        (
+            "fast_path_packets_total",
+            "Packets of established flows forwarded without the data path's lock.",
+            s.fast_path,
+        ),
+        (
+            "fast_path_plans_total",
+            "Plans handed to the queue threads' fast paths.",
+            s.fast_path_plans,
+        ),
+        (
+            "fast_path_orphaned_total",
+            "Fast-path packets whose flow had left the table when handed back.",
+            s.fast_path_orphaned,
+        ),
         (
             "gso_packets_total",
             "GSO super-packets received (offloads on).",

@@ -401,9 +401,14 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
             // Fail at start, not in the thread, if io_uring cannot be set up here.
             crate::uring::UringTx::new().map_err(|e| format!("io_uring: {e}"))?;
         }
+        let opts = QueueOpts {
+            io_uring,
+            coalesce,
+            fast_path: cfg.fast_path,
+        };
         let h = std::thread::Builder::new()
             .name(format!("datapath-{i}"))
-            .spawn(move || datapath(i, q, &sh, epoch, link, io_uring, coalesce))
+            .spawn(move || datapath(i, q, &sh, epoch, link, opts))
             .map_err(|e| e.to_string())?;
         workers.push(h);
     }
@@ -467,16 +472,32 @@ const BATCH: usize = 32;
 /// TAP frame's Ethernet header included.
 const MAX_PACKET: usize = 65_536 + 64;
 
-/// One data-path thread: read a batch, process it under the lock, write it, until told to stop.
+/// How a data-path thread uses its queue (from `balancer.*`).
+#[derive(Debug, Clone, Copy)]
+struct QueueOpts {
+    /// Write each batch with one io_uring submission.
+    io_uring: bool,
+    /// Merge each batch's runs of one flow's UDP datagrams.
+    coalesce: bool,
+    /// Plans of the fast path (0: none).
+    fast_path: usize,
+}
+
+/// One data-path thread: read a batch, forward what the fast path can without the lock and
+/// the rest under it, write it, until told to stop.
 fn datapath(
     i: usize,
     mut q: TunQueue,
     sh: &Shared,
     epoch: StdInstant,
     link: Link,
-    io_uring: bool,
-    coalesce: bool,
+    opts: QueueOpts,
 ) {
+    let QueueOpts {
+        io_uring,
+        coalesce,
+        fast_path,
+    } = opts;
     // (Checked at start: it worked then.)
     let mut uring = io_uring
         .then(crate::uring::UringTx::new)
@@ -509,6 +530,11 @@ fn datapath(
     // Parsing, finding the service and hashing happen on this thread before the lock
     // (`Classifier`): less serial time per packet when queues share the data path.
     let mut cl = sh.dp.lock().classifier(BATCH);
+    // The packets of established NAT/DNAT flows that the data path forwarded before are
+    // forwarded again from this thread's plans, without the lock (`Classifier::forward_cached`).
+    if fast_path > 0 {
+        cl.enable_fast_path(fast_path);
+    }
     while !sh.stop.load(Ordering::Acquire) {
         sh.ha.kick(i, crate::ha::mono_ms(epoch));
         // After a full batch more is probably queued: read again without waiting in poll.
@@ -546,9 +572,7 @@ fn datapath(
             }
         }
         full = n == BATCH;
-        if n > 0 {
-            cl.classify(&bufs[..n], HEADROOM, &lens[..n]);
-        }
+        cl.classify(&bufs[..n], HEADROOM, &lens[..n]);
         let asked = StdInstant::now();
         let housekeeping = asked.duration_since(last_housekeeping) >= Duration::from_millis(10);
         if n == 0 && !housekeeping {
@@ -557,10 +581,24 @@ fn datapath(
         // This batch's verdicts only: whatever happens below, no packet goes out under a verdict
         // left from an earlier batch.
         verdicts[..n].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
-        let got;
-        {
+        // The fast path first; the lock only for what it left (and, every 10 ms, to hand back
+        // what it forwarded and keep house).
+        let left = if fast_path > 0 && n > 0 {
+            let hdrs = if vnet { Some(&hdrs[..n]) } else { None };
+            cl.forward_cached(
+                &mut bufs[..n],
+                &lens[..n],
+                hdrs,
+                at(epoch, asked),
+                &mut verdicts[..n],
+            )
+        } else {
+            n
+        };
+        if left > 0 || housekeeping {
+            let asked = StdInstant::now();
             let mut dp = sh.dp.lock();
-            got = StdInstant::now();
+            let got = StdInstant::now();
             let t = at(epoch, got);
             let hdrs = if vnet { Some(&mut hdrs[..n]) } else { None };
             dp.process_batch_classified(
@@ -584,12 +622,13 @@ fn datapath(
                 }
                 log_events(&mut dp, t);
             }
-        }
-        let released = StdInstant::now();
-        lock.add(asked, got, released);
-        if housekeeping {
-            last_housekeeping = released;
-            lock.flush(&sh.lock);
+            drop(dp);
+            let released = StdInstant::now();
+            lock.add(asked, got, released);
+            if housekeeping {
+                last_housekeeping = released;
+                lock.flush(&sh.lock);
+            }
         }
         if sh.has_ha
             && verdicts[..n]
@@ -667,6 +706,14 @@ fn datapath(
                 _ => {}
             }
         }
+    }
+    if fast_path > 0 {
+        // What the fast path forwarded since the last lock reaches the counters.
+        cl.classify(&bufs[..0], HEADROOM, &[]);
+        let t = at(epoch, StdInstant::now());
+        sh.dp
+            .lock()
+            .process_batch_classified(&mut cl, &mut bufs[..0], &[], None, t, &mut []);
     }
     lock.flush(&sh.lock);
 }

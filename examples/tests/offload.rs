@@ -192,8 +192,9 @@ fn start_nat_or_dnat(lab: &mut Lab, t: &Topo, mode: &str, cfg: &str) {
     }
 }
 
-/// Checks a mode: transfers both families, then the counters.
-fn check(lab: &Lab, t: &Topo, sums: &[String], cut: bool) {
+/// Checks a mode: transfers both families, then the counters (`cut`: tunnel mode, which cuts
+/// super-packets; `fast`: modes nat and dnat, whose established flows go the fast way).
+fn check(lab: &Lab, t: &Topo, sums: &[String], cut: bool, fast: bool) {
     for vip in [VIP4, VIP6] {
         let got = transfer(lab, t, vip);
         assert!(
@@ -208,6 +209,21 @@ fn check(lab: &Lab, t: &Topo, sums: &[String], cut: bool) {
     );
     if cut {
         assert!(cuts > 0, "tunnel mode cut no super-packet");
+    }
+    if fast {
+        // Modes nat and dnat: the transfers' established packets went by the queue thread's
+        // plans, without the data path's lock (`balancer.fast_path`, on by default), and
+        // arrived whole (the digests above).
+        let s = lab.balancer_stats(t);
+        let f = &s["fast_path"];
+        let fast = f["packets"].as_u64().unwrap_or(0);
+        let rx = s["rx_packets"].as_u64().unwrap_or(0);
+        println!("fast path: {f} of {rx} packets");
+        // (Each connection's handshake, first request and response, and close take the lock.)
+        assert!(
+            fast > rx / 4,
+            "fewer than a quarter of the packets went the fast way ({fast} of {rx}): {f}"
+        );
     }
     assert_eq!(bad, 0, "offload or malformed drops");
 }
@@ -288,7 +304,7 @@ fn offload_nat_and_dnat_rewrite_super_packets_whole() {
         );
         start_nat_or_dnat(&mut lab, &t, mode, &cfg);
         println!("mode {mode}{}:", if uring { ", io_uring" } else { "" });
-        check(&lab, &t, &sums, false);
+        check(&lab, &t, &sums, false, true);
         if uring {
             assert!(
                 lab.log("balancer").contains("io_uring=true"),
@@ -310,7 +326,7 @@ fn offload_nat_and_dnat_rewrite_super_packets_whole() {
                 );
             }
             println!("mode {mode}, the balancer's ports without offloads:");
-            check(&lab, &t, &sums, false);
+            check(&lab, &t, &sums, false, true);
         }
     }
 }
@@ -349,7 +365,7 @@ fn offload_tunnel_cuts_super_packets() {
             "mode tunnel {tunnel}{}:",
             if uring { ", io_uring" } else { "" }
         );
-        check(&lab, &t, &sums, true);
+        check(&lab, &t, &sums, true, false);
         // GUE: the cut segments' outer datagrams (one size per flow, the same outer header)
         // go to the kernel again as UDP GSO super-packets, which it cuts back at the same
         // boundaries; IPIP is not UDP and is written a segment at a time.
@@ -384,7 +400,7 @@ fn offload_dr_forwards_super_frames_whole() {
     );
     lab.start_balancer(&t, "lb0", &cfg, &[]);
     lab.attach_dr(&t, LB_MAC);
-    check(&lab, &t, &sums, false);
+    check(&lab, &t, &sums, false, false);
 }
 
 /// HTTP on :9000 for the splice (which binds on a request head): a POST is answered with

@@ -73,6 +73,9 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     clock: u64,
     cfg: Config,
     counters: Counters,
+    /// Sessions that ended: live slots removed, and TIME_WAIT / CLOSE entries reused by a new
+    /// SYN ([`ConnTable::departures`]).
+    departed: u64,
     sessions: SessionStats,
     persist: PersistTable<H>,
     snat: Option<SnatPool>,
@@ -193,6 +196,7 @@ impl<H: KeyedHash> ConnTable<H> {
             clock: 0,
             cfg,
             counters: Counters::default(),
+            departed: 0,
             sessions: SessionStats::new(cfg.stats_backends),
             persist: PersistTable::with_hasher(cfg.persist_capacity, key.derive("persist"))?,
             snat: None,
@@ -235,6 +239,16 @@ impl<H: KeyedHash> ConnTable<H> {
     /// Operation counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// How many sessions have ended so far: entries removed for any reason (timeout,
+    /// eviction, [`ConnTable::remove`], a sync delete) and TIME_WAIT / CLOSE entries whose
+    /// session a new SYN replaced. Counted whether or not removals are recorded: a caller
+    /// that keeps what it learnt about flows elsewhere (a per-thread cache of their
+    /// forwarding) knows from a change of this figure that some of it may be stale.
+    #[inline]
+    pub fn departures(&self) -> u64 {
+        self.departed
     }
 
     /// Session statistics (recorded when entries leave; needs `flow_stats`).
@@ -778,6 +792,44 @@ impl<H: KeyedHash> ConnTable<H> {
         self.track_reply_hashed(hash, reply, pkt, now)
     }
 
+    /// [`ConnTable::track_hashed`] for `packets` packets of one flow taken together: `pkt`
+    /// carries their summed segments and bytes and their TCP flags or'ed, and a hit counts as
+    /// `packets` hits. For a caller that forwarded packets of established flows on its own
+    /// (a per-thread cache of their forwarding) and hands their effect on the table back
+    /// later; for packets that cannot change the flow's state (no SYN, FIN or RST) the entry
+    /// ends as the packets one by one would have left it, with the table's clock as its
+    /// last-seen time.
+    pub fn track_aggregate(
+        &mut self,
+        hash: u64,
+        key: &FlowKey,
+        pkt: Packet,
+        packets: u32,
+        now: Instant,
+    ) -> Option<Hit> {
+        let h = self.track_hashed(hash, key, pkt, now);
+        if h.is_some() {
+            self.counters.hits += u64::from(packets.saturating_sub(1));
+        }
+        h
+    }
+
+    /// [`ConnTable::track_aggregate`] for the replies of a flow ([`ConnTable::track_reply`]).
+    pub fn track_reply_aggregate(
+        &mut self,
+        hash: u64,
+        reply: &FlowKey,
+        pkt: Packet,
+        packets: u32,
+        now: Instant,
+    ) -> Option<(FlowKey, Hit)> {
+        let h = self.track_reply_hashed(hash, reply, pkt, now);
+        if h.is_some() {
+            self.counters.reply_hits += u64::from(packets.saturating_sub(1));
+        }
+        h
+    }
+
     /// [`ConnTable::track_reply`] with a precomputed hash ([`ConnTable::flow_hash`] of
     /// `reply`).
     pub fn track_reply_hashed(
@@ -1013,6 +1065,7 @@ impl<H: KeyedHash> ConnTable<H> {
     fn reuse(&mut self, i: u32) {
         if let Some(s) = self.slots.get(i as usize).copied() {
             self.counters.reused += 1;
+            self.departed += 1;
             self.record_session(&s);
             let nat = if s.flags & F_NAT != 0 {
                 self.nat_of(i)
@@ -1041,6 +1094,7 @@ impl<H: KeyedHash> ConnTable<H> {
         if s.flags & F_LIVE == 0 {
             return;
         }
+        self.departed += 1;
         // The index lines to edit are random memory: ask for them first, do the bookkeeping
         // that touches lines already here, edit the index last. A list head's hashes were
         // computed, and its lines asked for, when its predecessor left.

@@ -5,6 +5,9 @@ use std::sync::Arc;
 use lb_core::{FlowHasher, FlowKey, IpProto};
 use lb_packet::{parse, Fragment, Link};
 
+use std::sync::atomic::AtomicU64;
+
+use crate::fast::FastCache;
 use crate::{Dataplane, Pre, Prefetched, Tables};
 
 /// Where a burst keeps its packets' classifications: the data path's own ring, or what a
@@ -96,12 +99,16 @@ pub struct Classifier {
     /// [`Dataplane`]'s `owner` fingerprint: equal only with the same flow-table hash keys.
     owner: u64,
     /// The offset of the packets in their buffers, of the last classified burst.
-    start: usize,
+    pub(crate) start: usize,
     /// Per packet of the last classified burst: its classification and length.
-    pres: Vec<Option<Pre>>,
-    lens: Vec<usize>,
+    pub(crate) pres: Vec<Option<Pre>>,
+    pub(crate) lens: Vec<usize>,
     /// Packets classified in the last burst and not yet processed.
-    n: usize,
+    pub(crate) n: usize,
+    /// The data path's generation of cached plans (module `fast`).
+    pub(crate) gen: Arc<AtomicU64>,
+    /// The fast path, once enabled ([`Classifier::enable_fast_path`]).
+    pub(crate) fast: Option<Box<FastCache>>,
 }
 
 impl Classifier {
@@ -117,6 +124,8 @@ impl Classifier {
             pres: vec![None; batch],
             lens: vec![0; batch],
             n: 0,
+            gen: dp.gen.clone(),
+            fast: None,
         }
     }
 
@@ -134,6 +143,10 @@ impl Classifier {
         let n = bufs.len().min(lens.len()).min(self.pres.len());
         self.start = start;
         self.n = n;
+        if let Some(f) = self.fast.as_deref_mut() {
+            f.done.fill(false);
+            f.cand.fill(u32::MAX);
+        }
         for ((b, &len), (pre, l)) in bufs
             .iter()
             .zip(lens)
@@ -215,19 +228,35 @@ impl Dataplane {
         let start = cl.start;
         let n = core::mem::take(&mut cl.n);
         let mine = cl.owner == self.owner && cl.link == self.link;
+        let mut fast = cl.fast.as_deref_mut();
+        if let Some(f) = fast.as_deref_mut() {
+            if mine && Arc::ptr_eq(&cl.gen, &self.gen) {
+                // What the fast path forwarded reaches the table before this burst does.
+                self.fast_flush(f);
+            } else {
+                f.clear();
+                fast = None;
+            }
+        }
+        // (The packets the fast path forwarded, marked in `fast.done`, are skipped; a reload
+        // since then does not matter to them: they were forwarded under the tables before it.)
         if mine && Arc::ptr_eq(&cl.tables, &self.tables) {
             // (`classify` keeps `n` within both vectors: never empty here but by misuse.)
             let mut given = Given {
                 pres: cl.pres.get_mut(..n).unwrap_or_default(),
                 lens: cl.lens.get(..n).unwrap_or_default(),
             };
-            self.batch(bufs, start, lens, hdrs, now, out, &mut given);
+            self.batch(bufs, start, lens, hdrs, now, out, &mut given, fast);
         } else {
             let mut own = OwnRing([None; OWN_RING]);
-            self.batch(bufs, start, lens, hdrs, now, out, &mut own);
+            self.batch(bufs, start, lens, hdrs, now, out, &mut own, fast);
             if mine {
                 cl.tables = self.tables.clone();
             }
+        }
+        if let Some(f) = cl.fast.as_deref_mut() {
+            f.done.fill(false);
+            f.cand.fill(u32::MAX);
         }
     }
 }

@@ -24,6 +24,14 @@
 //! `dyn`. Established flows keep their backend across table swaps: they are found in the flow
 //! table before the scheduler is asked.
 //!
+//! Several threads sharing one data path behind a lock (one per device queue) do part of the
+//! work on their own: a [`Classifier`] per thread parses, classifies and hashes a burst before
+//! the lock ([`Dataplane::process_batch_classified`]), and with its fast path
+//! ([`Classifier::enable_fast_path`], [`Classifier::forward_cached`]) forwards the packets of
+//! established NAT / DNAT flows by the plans the data path made for them, without the lock at
+//! all, handing their counts back at the next locked call; verdicts and bytes are the locked
+//! path's (module `fast`).
+//!
 //! Active-active behind ECMP (several balancers share a VIP; the router may move a flow from
 //! one to another in mid-flow, DESIGN §8 "scale events without drops"): balancers built from
 //! the same spec and [`HashKey`] build the same tables, so under a consistent-hash scheduler
@@ -98,6 +106,7 @@
 
 mod classify;
 mod explain;
+mod fast;
 mod frag;
 mod icmp_limit;
 mod load;
@@ -139,6 +148,7 @@ pub use icmp_limit::{
 pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
 pub use classify::Classifier;
+pub use fast::FAST_PATH_TTL;
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto,
@@ -335,6 +345,15 @@ pub struct Dataplane {
     /// The fingerprint of the flow tables' hash keys (`classify::owner_of`): a
     /// [`Classifier`]'s hashes are used only if its fingerprint is this one.
     owner: u64,
+    /// The generation of the classifiers' cached plans (module `fast`): moves whenever a
+    /// plan could have become wrong. Shared with the classifiers, which read it without the
+    /// lock.
+    gen: Arc<std::sync::atomic::AtomicU64>,
+    /// Both tables' departures when the generation last moved.
+    departed_seen: u64,
+    /// A fast path is being filled: `forward` / `reply` leave the plan of a plain hit here.
+    want_plan: bool,
+    plan: Option<fast::Plan>,
 }
 
 #[inline]
@@ -452,6 +471,10 @@ impl Dataplane {
         let owner = classify::owner_of(ct4.flow_hasher(), ct6.flow_hasher());
         let mut dp = Dataplane {
             owner,
+            gen: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            departed_seen: 0,
+            want_plan: false,
+            plan: None,
             link,
             tables: tables.clone(),
             ct4,
@@ -521,6 +544,7 @@ impl Dataplane {
         self.stats.backend_ids_in_use = in_use;
         self.stats.backend_ids_retired = retired;
         self.tables = tables;
+        self.bump_gen();
     }
 
     /// Installs the spliced services of a reloaded configuration (control path: allocates):
@@ -533,6 +557,7 @@ impl Dataplane {
     /// [`SpliceReloadError`] when the change needs a new data path: the first spliced service
     /// of a data path built without one, or another `splice_capacity`. Nothing changes then.
     pub fn set_splice(&mut self, spec: &DataplaneSpec) -> Result<(), SpliceReloadError> {
+        self.bump_gen();
         self.splice.reconfigure(spec, self.splice_capacity)
     }
 
@@ -585,6 +610,7 @@ impl Dataplane {
             }
         }
         self.stats.backend_ids_released += out.len() as u64;
+        self.bump_gen();
         out
     }
 
@@ -694,6 +720,7 @@ impl Dataplane {
                 self.live.observe(id, Observation::Timeout, now);
             }
         }
+        self.publish_gen();
         n
     }
 
@@ -747,6 +774,8 @@ impl Dataplane {
         let mut none = VnetHdr::NONE;
         let v = self.process_pre(buf, start, len, now, None, &mut none);
         self.drain_removals();
+        self.plan = None;
+        self.publish_gen();
         v
     }
 
@@ -772,6 +801,7 @@ impl Dataplane {
             now,
             out,
             &mut OwnRing([None; OWN_RING]),
+            None,
         );
     }
 
@@ -799,6 +829,7 @@ impl Dataplane {
             now,
             out,
             &mut OwnRing([None; OWN_RING]),
+            None,
         );
     }
 
@@ -815,13 +846,19 @@ impl Dataplane {
         now: Instant,
         out: &mut [Verdict],
         ring: &mut R,
+        mut fast: Option<&mut fast::FastCache>,
     ) {
         const D: usize = PIPELINE;
         let n = bufs.len().min(lens.len()).min(out.len());
+        self.want_plan = fast.is_some();
         for j in 0..n + 2 * D {
-            // Stage 1: parse, classify, hash (unless done); fetch the index line.
+            // Stage 1: parse, classify, hash (unless done); fetch the index line. (Nothing
+            // for a packet the fast path forwarded.)
             let done = j < n && lens.get(j).is_some_and(|&len| ring.classified(j, len));
-            if let Some(slot) = ring.at(j).filter(|_| j < n) {
+            let skip = |f: &Option<&mut fast::FastCache>, j: usize| {
+                f.as_deref().is_some_and(|f| f.done.get(j) == Some(&true))
+            };
+            if let Some(slot) = ring.at(j).filter(|_| j < n && !skip(&fast, j)) {
                 // Filled in place: a `Pre` returned by value was copied into the ring
                 // (a `memcpy` of ~190 bytes per packet).
                 if !done {
@@ -840,7 +877,7 @@ impl Dataplane {
                 }
             }
             // Stage 2: read the index line, fetch the candidate slot.
-            if let Some(c) = j.checked_sub(D).filter(|&c| c < n) {
+            if let Some(c) = j.checked_sub(D).filter(|&c| c < n && !skip(&fast, c)) {
                 if let Some(x) = ring.at(c).and_then(|x| x.as_mut()) {
                     let (ct, h) = (self.table_of(x), x.hash.hash());
                     x.hash = if x.si.is_some() {
@@ -851,7 +888,7 @@ impl Dataplane {
                 }
             }
             // Stage 3: process.
-            if let Some(c) = j.checked_sub(2 * D).filter(|&c| c < n) {
+            if let Some(c) = j.checked_sub(2 * D).filter(|&c| c < n && !skip(&fast, c)) {
                 if let (Some(b), Some(&len), Some(o)) =
                     (bufs.get_mut(c), lens.get(c), out.get_mut(c))
                 {
@@ -861,14 +898,39 @@ impl Dataplane {
                         None => &mut none,
                     };
                     let pre = ring.at(c).and_then(|x| x.as_ref());
-                    *o = self.process_pre(b.as_mut(), start, len, now, pre, hdr);
+                    // A packet the fast pass found a plan for: by it, if nothing changed.
+                    let planned = match (fast.as_deref(), pre) {
+                        (Some(f), Some(x)) => f.candidate(c, x).and_then(|plan| {
+                            self.fast_in_turn(plan, f.g0, x, b.as_mut(), start, len, hdr, now)
+                        }),
+                        _ => None,
+                    };
+                    *o = match planned {
+                        Some(v) => v,
+                        None => self.process_pre(b.as_mut(), start, len, now, pre, hdr),
+                    };
                     // What left the table reaches the live load before the next packet is
                     // scheduled, as in `process` (found by the dataplane fuzz target: a burst
                     // saw stale connection counts after an eviction and chose differently).
                     self.drain_removals();
+                    // (Without a fast path, once at the end: only a fast path's plans for
+                    // this burst need the departures so far at each packet.)
+                    if fast.is_some() {
+                        self.publish_gen();
+                    }
+                    // (Checked first: `take` would copy the whole plan out every time.)
+                    if self.plan.is_some() {
+                        if let (Some(plan), Verdict::Forward { .. }, Some(f)) =
+                            (self.plan.take(), *o, fast.as_deref_mut())
+                        {
+                            self.fast_fill(f, plan);
+                        }
+                    }
                 }
             }
         }
+        self.want_plan = false;
+        self.publish_gen();
     }
 
     /// Parses a packet and finds the service it is addressed to (`None`: a reply or ICMP
@@ -901,6 +963,16 @@ impl Dataplane {
             len,
             out,
         );
+    }
+
+    /// `k`'s hash in its family's flow table.
+    #[inline]
+    fn table_hash(&self, k: &FlowKey) -> u64 {
+        if k.is_ipv4() {
+            self.ct4.flow_hash(k)
+        } else {
+            self.ct6.flow_hash(k)
+        }
     }
 
     /// The flow table of a classified packet's family.
@@ -1116,15 +1188,28 @@ impl Dataplane {
             self.drain_removals();
             hit = None;
         }
+        // A plain hit of a flow in a steady state: its plan may go to a fast path.
+        let mut planned = None;
         let (id, nat_tuple) = match hit {
             Some(hit) => {
                 if hit.changed {
+                    if fast::steady(hit.was.unwrap_or(FlowState::Other)) {
+                        self.invalidate_plans();
+                    }
                     self.live.moved(hit.backend, hit.was, hit.state);
                     self.sync_log(sync::SyncChange::Flow(key));
                 }
-                if key.proto() == IpProto::Tcp && p.payload < p.end {
-                    // Data from the client: starts the response clock of a timed flow.
-                    self.timing.request(&key, now);
+                if key.proto() == IpProto::Tcp
+                    && p.payload < p.end
+                    && self.timing.request(&key, now)
+                {
+                    // Data from the client started the response clock of a timed flow: its
+                    // replies with data take the lock from now on.
+                    self.invalidate_plans();
+                }
+                if self.want_plan && fast::steady(hit.state) {
+                    let slow_data = self.timing.phase(&key) == timing::Phase::Request;
+                    planned = Some((fast::plan_deadline(self, &key, hit.state, now), slow_data));
                 }
                 (hit.backend, hit.nat)
             }
@@ -1162,12 +1247,24 @@ impl Dataplane {
                 };
                 let snat = Some(endpoint(r.dst(), r.dst_port()));
                 match nat_rewrite(pkt, p, snat, Some(b.addr), csum) {
-                    Ok(()) => done,
+                    Ok(()) => {
+                        if let Some(pl) = planned {
+                            let other = nat_tuple.as_ref();
+                            self.keep_plan(&key, hash.hash(), other, id, (snat, Some(b.addr)), pl);
+                        }
+                        done
+                    }
                     Err(_) => Verdict::Drop(DropReason::RewriteFailed),
                 }
             }
             Mode::Dnat => match nat_rewrite(pkt, p, None, Some(b.addr), csum) {
-                Ok(()) => done,
+                Ok(()) => {
+                    if let Some(pl) = planned {
+                        let other = nat_tuple.as_ref();
+                        self.keep_plan(&key, hash.hash(), other, id, (None, Some(b.addr)), pl);
+                    }
+                    done
+                }
                 Err(_) => Verdict::Drop(DropReason::RewriteFailed),
             },
             // Only a frame has a MAC address to rewrite: on a device that delivers IP
@@ -1374,9 +1471,15 @@ impl Dataplane {
             return Verdict::Drop(DropReason::NoService);
         };
         if hit.changed || hit.was.is_none() {
+            if fast::steady(hit.was.unwrap_or(FlowState::Other)) {
+                self.invalidate_plans();
+            }
             self.live.moved(hit.backend, hit.was, hit.state);
             self.sync_log(sync::SyncChange::Flow(orig));
         }
+        // A plain reply of a flow in a steady state, on a data path that splices nothing
+        // (a splice's replies come here only when they are not its own): its plan may go to
+        // a fast path.
         self.observe_reply(
             buf.get(start..end).unwrap_or(&[]),
             p,
@@ -1385,6 +1488,14 @@ impl Dataplane {
             hit.backend,
             now,
         );
+        // (After the reply's own effect on the flow's timing: a first response ends it.)
+        let planned =
+            (self.want_plan && !self.splice.is_active() && fast::steady(hit.state)).then(|| {
+                (
+                    fast::plan_deadline(self, &key, hit.state, now),
+                    self.timing.phase(&orig) == timing::Phase::Response,
+                )
+            });
         let Some(b) = self.tables.backend(hit.backend) else {
             return Verdict::Drop(DropReason::NoBackend);
         };
@@ -1409,16 +1520,24 @@ impl Dataplane {
             );
         }
         let client = endpoint(orig.src(), orig.src_port());
-        let r = match b.mode {
-            Mode::Nat => nat_rewrite(pkt, p, Some(vip), Some(client), csum),
-            Mode::Dnat => nat_rewrite(pkt, p, Some(vip), None, csum),
+        let (src, dst) = match b.mode {
+            Mode::Nat => (Some(vip), Some(client)),
+            Mode::Dnat => (Some(vip), None),
             Mode::Tunnel | Mode::Dr => return Verdict::Drop(DropReason::NoService),
         };
-        match r {
-            Ok(()) => Verdict::Forward {
-                start,
-                len: end - start,
-            },
+        match nat_rewrite(pkt, p, src, dst, csum) {
+            Ok(()) => {
+                if let Some(pl) = planned {
+                    self.keep_plan(&key, hash.hash(), Some(&orig), hit.backend, (src, dst), pl);
+                    if let Some(plan) = self.plan.as_mut() {
+                        plan.forward = false;
+                    }
+                }
+                Verdict::Forward {
+                    start,
+                    len: end - start,
+                }
+            }
             Err(_) => Verdict::Drop(DropReason::RewriteFailed),
         }
     }

@@ -186,6 +186,18 @@ pub struct Stats {
     /// [`Dataplane::release_retired`](crate::Dataplane::release_retired): their last flow
     /// ended, their state was dropped and their id freed for another backend.
     pub backend_ids_released: u64,
+    /// Of the packets given, those forwarded by a classifier's fast path (counted here when
+    /// their thread next held the data path: [`Classifier::forward_cached`](crate::Classifier::forward_cached)).
+    pub fast_path: u64,
+    /// Packets forwarded by a fast path's plan in their turn under the lock (a burst whose
+    /// earlier packet needed it).
+    pub fast_path_locked: u64,
+    /// Plans handed to fast paths (each a packet of an established flow forwarded by the
+    /// locked path and remembered; many per second means churn or many flows per thread).
+    pub fast_path_plans: u64,
+    /// Fast-path packets whose flow had left the table (or its entry had been replaced)
+    /// when they were handed back: counted in the data path's counters, not in the flow's.
+    pub fast_path_orphaned: u64,
     /// Per backend, by id.
     pub backends: Vec<BackendStats>,
 }
@@ -245,6 +257,14 @@ impl Stats {
         self.rx_packets += other.rx_packets;
         self.rx_bytes += other.rx_bytes;
         self.forwarded += other.forwarded;
+        self.gso_packets += other.gso_packets;
+        self.gso_segments += other.gso_segments;
+        self.gso_cut += other.gso_cut;
+        self.csum_completed += other.csum_completed;
+        self.fast_path += other.fast_path;
+        self.fast_path_locked += other.fast_path_locked;
+        self.fast_path_plans += other.fast_path_plans;
+        self.fast_path_orphaned += other.fast_path_orphaned;
         self.icmp_generated += other.icmp_generated;
         self.sip_not_sip += other.sip_not_sip;
         self.removals_unread += other.removals_unread;

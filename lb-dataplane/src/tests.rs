@@ -1052,3 +1052,6 @@ fn an_offload_header_that_does_not_fit_its_packet_is_dropped_and_counted() {
     assert_eq!(v, Verdict::Drop(DropReason::BadOffload));
     assert_eq!(r.dp.stats().drops_for(DropReason::BadOffload), 1);
 }
+
+#[path = "fast_tests.rs"]
+mod fast_tests;

@@ -17,7 +17,7 @@ pub(crate) const TIMED: usize = 4096;
 /// Where a timed flow is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum Phase {
+pub(crate) enum Phase {
     /// Nothing timed in this slot.
     Empty,
     /// SYN sent to the backend at `since`.
@@ -155,6 +155,20 @@ impl Timing {
         }
     }
 
+    /// The phase flow `key` (original direction) is being timed in ([`Phase::Empty`]: not
+    /// timed).
+    #[inline]
+    pub(crate) fn phase(&self, key: &FlowKey) -> Phase {
+        if self.count(Phase::Empty) == TIMED as u32 {
+            return Phase::Empty;
+        }
+        let i = self.index(key);
+        match self.slots.get(i) {
+            Some(t) if bit(&self.used, i) && t.key == *key => t.phase,
+            _ => Phase::Empty,
+        }
+    }
+
     /// A SYN opened `key` towards `backend`.
     #[inline]
     pub(crate) fn syn(&mut self, key: &FlowKey, backend: BackendId, now: Instant) {
@@ -171,18 +185,18 @@ impl Timing {
     }
 
     /// The client sent data on `key` (an established flow). Costs nothing while no timed
-    /// flow waits for a request.
+    /// flow waits for a request. Returns whether it started the flow's response clock.
     #[inline]
-    pub(crate) fn request(&mut self, key: &FlowKey, now: Instant) {
+    pub(crate) fn request(&mut self, key: &FlowKey, now: Instant) -> bool {
         if self.count(Phase::Request) == 0 {
-            return;
+            return false;
         }
         let i = self.index(key);
         if !bit(&self.asking, i) {
-            return;
+            return false;
         }
-        if let Some(&t) = self.slots.get(i) {
-            if t.phase == Phase::Request && t.key == *key {
+        match self.slots.get(i) {
+            Some(&t) if t.phase == Phase::Request && t.key == *key => {
                 self.put(
                     i,
                     Timed {
@@ -191,7 +205,9 @@ impl Timing {
                         ..t
                     },
                 );
+                true
             }
+            _ => false,
         }
     }
 
@@ -357,7 +373,9 @@ mod tests {
                 let k = key(port);
                 match op {
                     0 => t.syn(&k, BackendId(u32::from(port % 3)), ms(now)),
-                    1 => t.request(&k, ms(now)),
+                    1 => {
+                        t.request(&k, ms(now));
+                    }
                     2 => { let _ = t.reply(&k, true, false, false, ms(now)); }
                     3 => { let _ = t.reply(&k, port % 2 == 0, port % 3 == 0, true, ms(now)); }
                     _ => t.expire(ms(now), 64, Duration::from_secs(1), |_| Some(Duration::from_millis(500)), |_| {}),

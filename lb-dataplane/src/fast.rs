@@ -1,0 +1,733 @@
+//! The fast path: a queue thread forwarding the packets of established flows without the data
+//! path's lock ([`Classifier::enable_fast_path`], [`Classifier::forward_cached`]).
+//!
+//! With several queues sharing one [`Dataplane`] behind a lock, the lock's serial share bounds
+//! what more queues give (and on a busy machine a holder that is preempted makes every other
+//! queue wait). Most packets need little of the data path: a packet of an established TCP
+//! connection or of a confirmed UDP flow, without SYN, FIN or RST, is rewritten exactly as the
+//! flow's previous packet was, and changes nothing in the flow table but its counters and its
+//! last-seen time. The fast path keeps, per queue thread, a small direct-mapped cache of what
+//! the data path did with such flows (a `Plan`: the addresses and ports to write, made by the
+//! locked path when it forwards such a packet), forwards their packets by it, and hands their
+//! effect on the table and the counters back the next time the thread takes the lock.
+//!
+//! **Order.** A burst's packets up to the first one that needs the lock are forwarded without
+//! it, and what they did is handed back first thing under the lock
+//! ([`Dataplane::process_batch_classified`]), so they reach the table before anything the
+//! lock does for that burst: a burst of established flows only takes no lock at all. A
+//! packet after that point goes through the lock in its turn; if it had a usable plan in the
+//! fast pass it is forwarded by it there (no lookup of its service, no scheduling), provided
+//! the generation (below) has not moved since, else the locked path takes it as it came. So
+//! every packet sees the table as the locked path alone would have shown it, in burst order:
+//! a flow evicted by a new flow earlier in the same burst is not forwarded by its old plan.
+//! A property test (`fast_tests.rs`) runs random traffic, clock steps, evictions and health
+//! changes through both and compares every verdict, byte and counter.
+//!
+//! **When a plan is usable.** The data path counts a *generation* (shared with its
+//! classifiers through an `Arc<AtomicU64>`) that moves, before the lock is released,
+//! whenever a flow leaves either table (timeout, eviction, removal, a SYN reusing a finished
+//! entry: [`lb_conntrack::ConnTable::departures`]), an established flow's state changes (a FIN,
+//! a RST), a timed flow starts waiting for its response, the tables change (reload, health),
+//! sync is applied, the splices are reconfigured or retired backends are released. A plan is
+//! used only under the generation it was made in, for at most [`FAST_PATH_TTL`] or its flow's
+//! timeout, whichever is shorter, and not for a packet of a flow that needed the lock earlier
+//! in the same burst. Under churn the cache just refills more often.
+//!
+//! **What is deferred.** The table's update (packets, bytes, last-seen: one aggregated
+//! [`lb_conntrack::ConnTable::track_aggregate`] per flow) and the data path's counters (packets,
+//! bytes, forwarded, per-backend, offload) wait in the cache entry until the thread next holds
+//! the lock, which the embedder makes happen at least every few milliseconds (tun-balancer:
+//! every 10 ms, with its housekeeping). Between two of those the flow's last-seen time in the
+//! table lags by that much. With several threads, another thread may remove a flow (evict it,
+//! apply a peer's sync delete) while this one still holds packets of it to hand back: they
+//! stay in the data path's counters but not in the flow's ([`crate::Stats::fast_path_orphaned`]).
+//!
+//! **What is never cached.** New flows, anything with SYN, FIN or RST, fragments, ICMP errors,
+//! the SIP per-message path, spliced services and the replies of a data path that splices, and
+//! modes `tunnel` and `dr`: those always take the lock. Of a flow timed for the response-time
+//! estimates, the packets that move its timing on (the client's data while its request is
+//! awaited, the backend's while its response is) take the lock too.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lb_conntrack::{FlowState, Packet, TcpFlags, TcpState};
+use lb_core::{BackendId, Duration, FlowKey, Instant, IpProto};
+use lb_packet::offload::{self, L4Csum, VnetHdr};
+
+use crate::{nat_rewrite, sync, tcp_flags, Classifier, Dataplane, DropReason, Verdict};
+
+/// The longest a cached plan is used before its flow goes through the locked path again.
+pub const FAST_PATH_TTL: Duration = Duration::from_secs(1);
+
+/// What the data path did with a packet of an established flow: enough to do it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// Client → service (else a reply, looked up by its reply tuple).
+    pub(crate) forward: bool,
+    /// The packet's own 5-tuple (the reply tuple for a reply).
+    pub(crate) key: FlowKey,
+    /// Its flow-table hash, and that of the other direction's 5-tuple.
+    pub(crate) hash: u64,
+    pub(crate) other_hash: u64,
+    /// The flow's backend.
+    pub(crate) backend: BackendId,
+    /// The source and destination to write (`nat_rewrite`'s arguments).
+    pub(crate) src: Option<SocketAddr>,
+    pub(crate) dst: Option<SocketAddr>,
+    /// Not used from this time on.
+    pub(crate) deadline: Instant,
+    /// Packets with payload go through the lock: the flow is timed for the response-time
+    /// estimates, and such a packet moves its timing on (a request from the client, the
+    /// first response from the backend).
+    pub(crate) slow_data: bool,
+}
+
+/// Whether packets of a flow in state `s` that carry no SYN, FIN or RST leave it unchanged
+/// (so that forwarding them changes nothing but counters and the last-seen time).
+#[inline]
+pub(crate) fn steady(s: FlowState) -> bool {
+    matches!(s, FlowState::Tcp(TcpState::Established) | FlowState::Udp)
+}
+
+/// The deadline of a plan made at `now` for a flow in `state`.
+#[inline]
+pub(crate) fn plan_deadline(
+    dp: &Dataplane,
+    key: &FlowKey,
+    state: FlowState,
+    now: Instant,
+) -> Instant {
+    let ct = if key.is_ipv4() { &dp.ct4 } else { &dp.ct6 };
+    let t = ct.timeouts().get(state);
+    now + if t < FAST_PATH_TTL { t } else { FAST_PATH_TTL }
+}
+
+/// The effect of the packets forwarded from one entry since the thread last held the lock.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pending {
+    /// Packets (rewritten or not).
+    packets: u32,
+    /// Of those, dropped because the rewrite failed.
+    failed: u32,
+    /// Their lengths as given.
+    rx_bytes: u64,
+    /// Wire segments and IP bytes (the conntrack and per-backend counters).
+    segs: u32,
+    wire: u32,
+    /// Their TCP flags, or'ed.
+    flags: u8,
+    /// GSO super-packets among them, and their segments.
+    gso_packets: u32,
+    gso_segments: u32,
+    /// The time of the last one.
+    last: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// The generation the plan was made in (0: empty; generations start at 1).
+    gen: u64,
+    plan: Plan,
+    pending: Pending,
+    dirty: bool,
+}
+
+/// Plans per set of a [`FastCache`].
+const WAYS: usize = 4;
+
+/// One thread's cache of plans (sets of [`WAYS`] by flow hash) and what its packets left to
+/// hand back.
+#[derive(Debug, Clone)]
+pub(crate) struct FastCache {
+    entries: Box<[Entry]>,
+    /// Sets − 1 (a power of two).
+    mask: usize,
+    /// Per set: the way the next fill takes when none is free.
+    victim: Box<[u8]>,
+    /// Entries with something pending (an entry may appear twice; `dirty` says whether it
+    /// still has something).
+    dirty: Vec<usize>,
+    /// The data path's generation.
+    gen: Arc<AtomicU64>,
+    /// Per packet of the burst: forwarded from the cache (the locked pass skips it).
+    pub(crate) done: Vec<bool>,
+    /// Per packet of the burst after its first one that needs the lock: the place of the
+    /// plan it may be forwarded by, in order, under the lock, if the generation is still `g0`
+    /// then (and the place still holds that plan); `u32::MAX`: none.
+    pub(crate) cand: Vec<u32>,
+    /// The generation the burst's fast pass saw.
+    pub(crate) g0: u64,
+}
+
+const EMPTY: Entry = Entry {
+    gen: 0,
+    plan: Plan {
+        forward: false,
+        key: FlowKey::v4_bits(0, 0, 0, 0, 0),
+        hash: 0,
+        other_hash: 0,
+        backend: BackendId(0),
+        src: None,
+        dst: None,
+        deadline: Instant::ZERO,
+        slow_data: true,
+    },
+    pending: Pending {
+        packets: 0,
+        failed: 0,
+        rx_bytes: 0,
+        segs: 0,
+        wire: 0,
+        flags: 0,
+        gso_packets: 0,
+        gso_segments: 0,
+        last: Instant::ZERO,
+    },
+    dirty: false,
+};
+
+impl FastCache {
+    fn new(entries: usize, gen: Arc<AtomicU64>, batch: usize) -> FastCache {
+        let n = entries.clamp(WAYS, 1 << 20).next_power_of_two();
+        FastCache {
+            entries: vec![EMPTY; n].into_boxed_slice(),
+            mask: n / WAYS - 1,
+            victim: vec![0; n / WAYS].into_boxed_slice(),
+            dirty: Vec::with_capacity(n),
+            gen,
+            done: vec![false; batch],
+            cand: vec![u32::MAX; batch],
+            g0: 0,
+        }
+    }
+
+    /// The place of the plan for `key` (of flow-table hash `hash`), if there is one.
+    #[inline(always)]
+    fn find(&self, hash: u64, key: &FlowKey) -> Option<usize> {
+        let base = (hash as usize & self.mask) * WAYS;
+        (base..base + WAYS).find(|&i| {
+            self.entries
+                .get(i)
+                .is_some_and(|e| e.gen != 0 && e.plan.hash == hash && e.plan.key == *key)
+        })
+    }
+
+    /// Where a plan for `plan.key` goes: its old place, else a free or outdated way of its
+    /// set (`gen`: the generation in force), else the set's next victim in turn.
+    fn place_for(&mut self, plan: &Plan, gen: u64) -> usize {
+        if let Some(i) = self.find(plan.hash, &plan.key) {
+            return i;
+        }
+        let set = plan.hash as usize & self.mask;
+        let base = set * WAYS;
+        let free = (base..base + WAYS).find(|&i| {
+            self.entries
+                .get(i)
+                .is_some_and(|e| !e.dirty && (e.gen == 0 || e.gen != gen))
+        });
+        free.unwrap_or_else(|| {
+            let v = self.victim.get_mut(set).map_or(0, |v| {
+                let w = *v;
+                *v = (w + 1) % WAYS as u8;
+                w
+            });
+            base + usize::from(v)
+        })
+    }
+
+    /// The plan packet `c` of the burst (classified as `x`) was marked for by the fast pass,
+    /// if its place still holds it.
+    #[inline]
+    pub(crate) fn candidate(&self, c: usize, x: &crate::Pre) -> Option<&Plan> {
+        let slot = *self.cand.get(c)?;
+        if slot == u32::MAX {
+            return None;
+        }
+        let e = self.entries.get(slot as usize)?;
+        (e.gen == self.g0 && e.plan.hash == x.hash.hash() && e.plan.key == x.p.key)
+            .then_some(&e.plan)
+    }
+
+    /// Forgets every plan and what is pending (for another data path's classifier).
+    pub(crate) fn clear(&mut self) {
+        self.entries.fill(EMPTY);
+        self.dirty.clear();
+    }
+}
+
+impl Classifier {
+    /// Gives this classifier a fast path of `entries` plans (rounded up to a power of two;
+    /// about 200 bytes each; allocates: control path): from now on
+    /// [`Dataplane::process_batch_classified`] remembers how it forwarded the packets of
+    /// established flows, and [`Classifier::forward_cached`] forwards more of them without the
+    /// data path. See the module's notes (`fast.rs`) for what is cached and when a plan is
+    /// used.
+    pub fn enable_fast_path(&mut self, entries: usize) {
+        let batch = self.capacity();
+        self.fast = Some(Box::new(FastCache::new(entries, self.gen.clone(), batch)));
+    }
+
+    /// Whether [`Classifier::enable_fast_path`] was called.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// After [`Classifier::classify`], and without the data path's lock: forwards the packets
+    /// of the burst whose flow has a valid cached plan (rewriting them in place, `out[i]`
+    /// set as [`Dataplane::process_batch_classified`] would set it) and returns how many
+    /// packets are left for that call, which skips the ones done here (call it anyway when
+    /// none are left, at least every few milliseconds: it hands the table what was forwarded
+    /// here). `now` is the time, as the data path would be given it; `hdrs` the packets'
+    /// offload headers, if the device has them. Without a fast path, does nothing.
+    pub fn forward_cached<B: AsMut<[u8]>>(
+        &mut self,
+        bufs: &mut [B],
+        lens: &[usize],
+        hdrs: Option<&[VnetHdr]>,
+        now: Instant,
+        out: &mut [Verdict],
+    ) -> usize {
+        let n = self.n.min(bufs.len()).min(lens.len()).min(out.len());
+        let Some(fast) = self.fast.as_deref_mut() else {
+            return n;
+        };
+        let n = n.min(fast.done.len()).min(fast.cand.len());
+        let g = fast.gen.load(Ordering::Acquire);
+        fast.g0 = g;
+        let start = self.start;
+        let mut left = n;
+        // The burst's packets up to the first one that needs the lock are forwarded here:
+        // they precede everything the lock will do for this burst, and what they did is
+        // handed back first. Every later packet goes through the lock in its turn; those with
+        // a usable plan are marked, to be forwarded by it there, unless something changed by
+        // then. The flows (by either direction's hash, 256 buckets) with a packet that needs
+        // the lock are noted, and their later packets need it too; after a packet that could
+        // not be classified, every later one does.
+        let mut slow = Slow::default();
+        let mut prefix = true;
+        for j in 0..n {
+            if let (Some(d), Some(c)) = (fast.done.get_mut(j), fast.cand.get_mut(j)) {
+                *d = false;
+                *c = u32::MAX;
+            }
+            if slow.all {
+                continue;
+            }
+            let Some(Some(x)) = self.pres.get(j) else {
+                slow.all = true;
+                prefix = false;
+                continue;
+            };
+            let (Some(&len), Some(&clen), Some(b), Some(o)) = (
+                lens.get(j),
+                self.lens.get(j),
+                bufs.get_mut(j),
+                out.get_mut(j),
+            ) else {
+                slow.all = true;
+                prefix = false;
+                continue;
+            };
+            let hdr = hdrs
+                .and_then(|h| h.get(j))
+                .copied()
+                .unwrap_or(VnetHdr::NONE);
+            let pkt = start
+                .checked_add(len)
+                .and_then(|end| b.as_mut().get_mut(start..end))
+                .filter(|_| len == clen);
+            let checked = pkt.and_then(|pkt| {
+                let c = check(fast, &slow, g, now, x, pkt, &hdr)?;
+                Some((pkt, c))
+            });
+            match checked {
+                None => {
+                    slow.add(x.hash.hash());
+                    prefix = false;
+                }
+                Some((pkt, c)) if prefix => {
+                    *o = fast.forward(&c, &x.p, pkt, start, len, now);
+                    if let Some(d) = fast.done.get_mut(j) {
+                        *d = true;
+                    }
+                    left -= 1;
+                }
+                Some((_, c)) => {
+                    if let Some(cd) = fast.cand.get_mut(j) {
+                        *cd = u32::try_from(c.slot).unwrap_or(u32::MAX);
+                    }
+                }
+            }
+        }
+        left
+    }
+}
+
+/// Flows with a packet that went through the lock, earlier in a burst.
+#[derive(Default)]
+struct Slow {
+    /// 256 buckets of flow hashes.
+    bits: [u64; 4],
+    /// Everything from here on goes through the lock.
+    all: bool,
+}
+
+impl Slow {
+    #[inline(always)]
+    fn add(&mut self, h: u64) {
+        let b = (h & 255) as usize;
+        if let Some(w) = self.bits.get_mut(b / 64) {
+            *w |= 1 << (b % 64);
+        }
+    }
+
+    #[inline(always)]
+    fn has(&self, h: u64) -> bool {
+        let b = (h & 255) as usize;
+        self.bits
+            .get(b / 64)
+            .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    }
+}
+
+/// What [`check`] found for a packet: its plan's place, and its offload figures.
+struct Checked {
+    slot: usize,
+    csum: L4Csum,
+    segs: u32,
+    /// Its IP bytes on the wire (all segments').
+    wire: u32,
+    flags: TcpFlags,
+    /// A GSO super-packet.
+    gso: bool,
+}
+
+/// Whether `pkt` (classified as `x`) has a plan in `fast` usable now, and its figures.
+#[inline]
+fn check(
+    fast: &FastCache,
+    slow: &Slow,
+    g: u64,
+    now: Instant,
+    x: &crate::Pre,
+    pkt: &[u8],
+    hdr: &VnetHdr,
+) -> Option<Checked> {
+    let p = &x.p;
+    if p.icmp.is_some() || !matches!(p.proto, IpProto::Tcp | IpProto::Udp) {
+        return None;
+    }
+    let flags = tcp_flags(pkt, p);
+    if flags.0 & (TcpFlags::SYN.0 | TcpFlags::FIN.0 | TcpFlags::RST.0) != 0 {
+        return None;
+    }
+    let slot = fast.find(x.hash.hash(), &p.key)?;
+    let e = fast.entries.get(slot)?;
+    if e.gen != g
+        || e.plan.forward != x.si.is_some()
+        || now >= e.plan.deadline
+        || (e.plan.slow_data && p.payload < p.end)
+        || slow.has(e.plan.hash)
+        || slow.has(e.plan.other_hash)
+    {
+        return None;
+    }
+    let (csum, segs) = offload_of(p, hdr)?;
+    let q = &e.pending;
+    let wire = wire_bytes(p, segs)?;
+    // Room in the entry's counts: else this one goes through the lock, which hands the rest
+    // back first.
+    q.wire.checked_add(wire)?;
+    q.segs.checked_add(segs)?;
+    q.packets.checked_add(1)?;
+    Some(Checked {
+        slot,
+        csum,
+        segs,
+        wire,
+        flags,
+        gso: hdr.is_gso(),
+    })
+}
+
+/// How a packet's L4 checksum stands and how many wire segments it stands for, as
+/// `Dataplane::offload` finds them; `None` where that completes the checksum or drops.
+#[inline]
+fn offload_of(p: &lb_packet::Parsed, hdr: &VnetHdr) -> Option<(L4Csum, u32)> {
+    if !hdr.needs_csum && !hdr.is_gso() {
+        return Some((L4Csum::Full, 1));
+    }
+    match offload::classify(p, hdr) {
+        Ok(L4Csum::Elsewhere) | Err(_) => None,
+        Ok(c) => Some((c, offload::segments(p, hdr))),
+    }
+}
+
+/// A packet's IP bytes on the wire, all segments' (as `Dataplane::process_inner` counts).
+#[inline]
+fn wire_bytes(p: &lb_packet::Parsed, segs: u32) -> Option<u32> {
+    let ip = p.end - p.l3;
+    u32::try_from(ip + (segs as usize).saturating_sub(1) * (p.payload - p.l3)).ok()
+}
+
+/// The rewrite of a packet by `plan`, and the effect it waits to hand back.
+#[inline]
+fn by_plan(
+    plan: &Plan,
+    c: &Checked,
+    p: &lb_packet::Parsed,
+    pkt: &mut [u8],
+    start: usize,
+    len: usize,
+    now: Instant,
+) -> (Verdict, Pending) {
+    let v = match nat_rewrite(pkt, p, plan.src, plan.dst, c.csum) {
+        Ok(()) => Verdict::Forward { start, len },
+        Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+    };
+    let gso = c.gso;
+    let one = Pending {
+        packets: 1,
+        failed: u32::from(matches!(v, Verdict::Drop(_))),
+        rx_bytes: len as u64,
+        segs: c.segs,
+        wire: c.wire,
+        flags: c.flags.0,
+        gso_packets: u32::from(gso),
+        gso_segments: if gso { c.segs } else { 0 },
+        last: now,
+    };
+    (v, one)
+}
+
+impl FastCache {
+    /// Forwards a packet [`check`] passed, without the lock: rewritten by its plan, its
+    /// effect added to the entry's pending.
+    #[inline]
+    fn forward(
+        &mut self,
+        c: &Checked,
+        p: &lb_packet::Parsed,
+        pkt: &mut [u8],
+        start: usize,
+        len: usize,
+        now: Instant,
+    ) -> Verdict {
+        let Some(e) = self.entries.get_mut(c.slot) else {
+            return Verdict::Drop(DropReason::RewriteFailed);
+        };
+        let (v, one) = by_plan(&e.plan, c, p, pkt, start, len, now);
+        let q = &mut e.pending;
+        q.packets += 1;
+        q.failed += one.failed;
+        q.rx_bytes += one.rx_bytes;
+        q.segs += one.segs;
+        q.wire += one.wire;
+        q.flags |= one.flags;
+        q.gso_packets += one.gso_packets;
+        q.gso_segments += one.gso_segments;
+        q.last = now;
+        if !e.dirty {
+            e.dirty = true;
+            self.dirty.push(c.slot);
+        }
+        v
+    }
+}
+
+impl Dataplane {
+    /// Leaves the plan of the packet just forwarded (client → service; a caller for a reply
+    /// sets `forward` false) for the burst to hand to its fast path: `key` of hash `hash`, the
+    /// other direction's 5-tuple `other`, the rewrite's (source, destination), and
+    /// (deadline, `slow_data`). Out of line: the per-packet path only tests for it.
+    #[inline(never)]
+    pub(crate) fn keep_plan(
+        &mut self,
+        key: &FlowKey,
+        hash: u64,
+        other: Option<&FlowKey>,
+        backend: BackendId,
+        (src, dst): (Option<SocketAddr>, Option<SocketAddr>),
+        (deadline, slow_data): (Instant, bool),
+    ) {
+        let other_hash = other.map_or(0, |o| self.table_hash(o));
+        self.plan = Some(Plan {
+            forward: true,
+            key: *key,
+            hash,
+            other_hash,
+            backend,
+            src,
+            dst,
+            deadline,
+            slow_data,
+        });
+    }
+
+    /// Moves the generation if flows left the tables since it last moved (after each
+    /// packet, and at the end of every call that can remove flows).
+    #[inline]
+    pub(crate) fn publish_gen(&mut self) {
+        let d = self.ct4.departures().wrapping_add(self.ct6.departures());
+        if d != self.departed_seen {
+            self.departed_seen = d;
+            self.invalidate_plans();
+        }
+    }
+
+    /// Moves the generation now: every cached plan becomes unusable (a flow in a steady
+    /// state changed state, a timed flow started waiting for its response, the tables
+    /// changed).
+    #[inline]
+    pub(crate) fn invalidate_plans(&mut self) {
+        // Only the holder of `&mut self` writes it: a store, no read-modify-write.
+        let g = self.gen.load(Ordering::Relaxed);
+        self.gen.store(g.wrapping_add(1).max(1), Ordering::Release);
+    }
+
+    /// [`Dataplane::invalidate_plans`], and the departures so far taken as seen (control
+    /// path).
+    pub(crate) fn bump_gen(&mut self) {
+        self.departed_seen = self.ct4.departures().wrapping_add(self.ct6.departures());
+        self.invalidate_plans();
+    }
+
+    /// Hands back everything `fast` forwarded since the last call (under the lock).
+    pub(crate) fn fast_flush(&mut self, fast: &mut FastCache) {
+        while let Some(slot) = fast.dirty.pop() {
+            if let Some(e) = fast.entries.get_mut(slot).filter(|e| e.dirty) {
+                e.dirty = false;
+                let (plan, pending) = (e.plan, core::mem::take(&mut e.pending));
+                self.hand_back(&plan, &pending, true);
+            }
+        }
+    }
+
+    /// Remembers `plan` in `fast` (under the lock), handing back what the entry it replaces
+    /// had pending.
+    pub(crate) fn fast_fill(&mut self, fast: &mut FastCache, plan: Plan) {
+        let gen = self.gen.load(Ordering::Relaxed);
+        let slot = fast.place_for(&plan, gen);
+        let Some(e) = fast.entries.get_mut(slot) else {
+            return;
+        };
+        if e.dirty {
+            e.dirty = false;
+            let (old, pending) = (e.plan, core::mem::take(&mut e.pending));
+            self.hand_back(&old, &pending, true);
+        }
+        if let Some(e) = fast.entries.get_mut(slot) {
+            *e = Entry {
+                gen,
+                plan,
+                pending: Pending::default(),
+                dirty: false,
+            };
+        }
+        self.stats.fast_path_plans += 1;
+    }
+
+    /// Packet `c` of a burst, marked by the fast pass (`plan`), in its turn under the lock:
+    /// forwarded by the plan, its effect handed back at once, if the generation is still the
+    /// one the fast pass saw and the plan still in time; else `None` (the locked path takes
+    /// it: it is as it came).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fast_in_turn(
+        &mut self,
+        plan: &Plan,
+        g0: u64,
+        x: &crate::Pre,
+        buf: &mut [u8],
+        start: usize,
+        len: usize,
+        hdr: &VnetHdr,
+        now: Instant,
+    ) -> Option<Verdict> {
+        if self.gen.load(Ordering::Relaxed) != g0 || now >= plan.deadline {
+            return None;
+        }
+        let p = &x.p;
+        let pkt = buf.get_mut(start..start.checked_add(len)?)?;
+        let flags = tcp_flags(pkt, p);
+        let (csum, segs) = offload_of(p, hdr)?;
+        let c = Checked {
+            slot: 0,
+            csum,
+            segs,
+            wire: wire_bytes(p, segs)?,
+            flags,
+            gso: hdr.is_gso(),
+        };
+        let (v, one) = by_plan(plan, &c, p, pkt, start, len, now);
+        self.hand_back(plan, &one, false);
+        Some(v)
+    }
+
+    /// What `p`'s packets would have done to the table and the counters, done now (`outside`:
+    /// they were forwarded without the lock).
+    fn hand_back(&mut self, plan: &Plan, p: &Pending, outside: bool) {
+        if p.packets == 0 {
+            return;
+        }
+        let st = &mut self.stats;
+        st.rx_packets += u64::from(p.packets);
+        st.rx_bytes += p.rx_bytes;
+        st.forwarded += u64::from(p.packets - p.failed);
+        if outside {
+            st.fast_path += u64::from(p.packets);
+        } else {
+            st.fast_path_locked += u64::from(p.packets);
+        }
+        st.gso_packets += u64::from(p.gso_packets);
+        st.gso_segments += u64::from(p.gso_segments);
+        if let Some(d) = st.drops.get_mut(DropReason::RewriteFailed as usize) {
+            *d += u64::from(p.failed);
+        }
+        let ct = if plan.key.is_ipv4() {
+            &mut self.ct4
+        } else {
+            &mut self.ct6
+        };
+        let flags = TcpFlags(p.flags);
+        if plan.forward {
+            let pkt = Packet::original(flags, p.wire).with_segments(p.segs);
+            match ct.track_aggregate(plan.hash, &plan.key, pkt, p.packets, p.last) {
+                Some(hit) => {
+                    if hit.changed {
+                        if steady(hit.was.unwrap_or(FlowState::Other)) {
+                            self.invalidate_plans();
+                        }
+                        self.live.moved(hit.backend, hit.was, hit.state);
+                        self.sync_log(sync::SyncChange::Flow(plan.key));
+                    }
+                }
+                None => self.stats.fast_path_orphaned += u64::from(p.packets),
+            }
+            if let Some(s) = self.stats.backends.get_mut(plan.backend.get() as usize) {
+                s.packets += u64::from(p.segs);
+                s.bytes += u64::from(p.wire);
+            }
+        } else {
+            let pkt = Packet::reply(flags, p.wire).with_segments(p.segs);
+            match ct.track_reply_aggregate(plan.hash, &plan.key, pkt, p.packets, p.last) {
+                Some((orig, hit)) => {
+                    if hit.changed || hit.was.is_none() {
+                        if steady(hit.was.unwrap_or(FlowState::Other)) {
+                            self.invalidate_plans();
+                        }
+                        self.live.moved(hit.backend, hit.was, hit.state);
+                        self.sync_log(sync::SyncChange::Flow(orig));
+                    }
+                }
+                None => self.stats.fast_path_orphaned += u64::from(p.packets),
+            }
+            if let Some(s) = self.stats.backends.get_mut(plan.backend.get() as usize) {
+                s.reply_packets += u64::from(p.segs);
+                s.reply_bytes += u64::from(p.wire);
+            }
+        }
+        self.drain_removals();
+    }
+}

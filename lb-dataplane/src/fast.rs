@@ -138,8 +138,8 @@ struct Entry {
 const WAYS: usize = 4;
 
 /// One thread's cache of plans (sets of [`WAYS`] by flow hash) and what its packets left to
-/// hand back.
-#[derive(Debug, Clone)]
+/// hand back. A clone starts empty (a copy of the pending counts would be handed back twice).
+#[derive(Debug)]
 pub(crate) struct FastCache {
     entries: Box<[Entry]>,
     /// Sets − 1 (a power of two).
@@ -187,6 +187,12 @@ const EMPTY: Entry = Entry {
     },
     dirty: false,
 };
+
+impl Clone for FastCache {
+    fn clone(&self) -> FastCache {
+        FastCache::new(self.entries.len(), self.gen.clone(), self.done.len())
+    }
+}
 
 impl FastCache {
     fn new(entries: usize, gen: Arc<AtomicU64>, batch: usize) -> FastCache {

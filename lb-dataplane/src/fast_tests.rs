@@ -592,3 +592,33 @@ fn a_flow_evicted_earlier_in_the_burst_is_not_forwarded_by_its_plan() {
         .all(|(v, _)| matches!(v, Verdict::Forward { .. })));
     assert_eq!(r.rig.dp.ct4.counters().evicted_lru, 1);
 }
+
+/// A cloned classifier's fast path starts empty: what the original forwarded is handed back
+/// once, by the original.
+#[test]
+fn a_cloned_classifier_hands_nothing_back_twice() {
+    let mut r = FastRig::new(fast_spec(), 64);
+    let vip = sa("203.0.113.30:4000");
+    let c = sa("192.0.2.4:1000");
+    let (out, _) = r.burst(&[udp(c, vip, b"1")], None);
+    let (backend, snat) = ends(&out[0].1);
+    r.burst(&[udp(backend, snat, b"2")], None);
+    r.burst(&[udp(c, vip, b"3")], None);
+    let (_, n) = r.burst(&[udp(c, vip, b"4")], None);
+    assert_eq!(n, 1);
+    let mut twin = r.cl.clone();
+    r.flush();
+    let no: [Vec<u8>; 0] = [];
+    twin.classify(&no, HEADROOM, &[]);
+    let now = r.rig.now;
+    r.rig.dp.process_batch_classified(
+        &mut twin,
+        &mut [] as &mut [Vec<u8>],
+        &[],
+        None,
+        now,
+        &mut [],
+    );
+    let st = r.rig.dp.stats();
+    assert_eq!((st.fast_path, st.rx_packets), (1, 4));
+}

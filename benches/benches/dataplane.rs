@@ -39,6 +39,17 @@ fn template() -> [u8; 54] {
 
 /// Writes flow `i`'s source (198.18.0.0/15 + port) and the flags into the packet.
 #[inline(always)]
+/// Fills `bufs` with ACKs of flows drawn at random (xorshift state `x`) from the first `flows`.
+fn ack_burst(bufs: &mut [Vec<u8>], tpl: &[u8], x: &mut u64, flows: u64) {
+    for buf in bufs.iter_mut() {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        buf[HEADROOM..HEADROOM + tpl.len()].copy_from_slice(tpl);
+        patch(&mut buf[HEADROOM..], ((*x >> 16) % flows) as u32, 0x10);
+    }
+}
+
 fn patch(p: &mut [u8], i: u32, flags: u8) {
     let host = i / 60_000;
     let port = 1024 + (i % 60_000) as u16;
@@ -222,13 +233,7 @@ pub fn register(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let mut held = std::time::Duration::ZERO;
                     for _ in 0..iters {
-                        for buf in bufs.iter_mut() {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&tpl);
-                            patch(&mut buf[HEADROOM..], ((x >> 16) % (1 << 14)) as u32, 0x10);
-                        }
+                        ack_burst(&mut bufs, &tpl, &mut x, 1 << 14);
                         if classified {
                             cl.classify(&bufs, HEADROOM, &lens);
                         }
@@ -269,13 +274,7 @@ pub fn register(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut spent = std::time::Duration::ZERO;
                 for _ in 0..iters {
-                    for buf in bufs.iter_mut() {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        buf[HEADROOM..HEADROOM + 54].copy_from_slice(&tpl);
-                        patch(&mut buf[HEADROOM..], ((x >> 16) % 256) as u32, 0x10);
-                    }
+                    ack_burst(&mut bufs, &tpl, &mut x, 256);
                     // (`locked` with the classifier without a fast path: no plans made.)
                     let c = if fast { &mut fcl } else { &mut cl };
                     let t0 = std::time::Instant::now();

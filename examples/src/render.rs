@@ -76,7 +76,8 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
             "gso_cut": s.gso_cut, "csum_completed": s.csum_completed,
         },
         "fast_path": {
-            "packets": s.fast_path, "plans": s.fast_path_plans,
+            "packets": s.fast_path, "by_plan_under_lock": s.fast_path_locked,
+            "plans": s.fast_path_plans,
             "orphaned": s.fast_path_orphaned,
         },
         "fragments": {
@@ -194,6 +195,11 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
             "fast_path_packets_total",
             "Packets of established flows forwarded without the data path's lock.",
             s.fast_path,
+        ),
+        (
+            "fast_path_locked_total",
+            "Packets forwarded by a fast path's plan in their turn under the lock.",
+            s.fast_path_locked,
         ),
         (
             "fast_path_plans_total",

@@ -125,6 +125,22 @@ struct Pending {
     last: Instant,
 }
 
+impl Pending {
+    /// Adds `o`'s packets (the later ones: its time is kept).
+    #[inline]
+    fn add(&mut self, o: &Pending) {
+        self.packets += o.packets;
+        self.failed += o.failed;
+        self.rx_bytes += o.rx_bytes;
+        self.segs += o.segs;
+        self.wire += o.wire;
+        self.flags |= o.flags;
+        self.gso_packets += o.gso_packets;
+        self.gso_segments += o.gso_segments;
+        self.last = o.last;
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     /// The generation the plan was made in (0: empty; generations start at 1).
@@ -525,16 +541,7 @@ impl FastCache {
             return Verdict::Drop(DropReason::RewriteFailed);
         };
         let (v, one) = by_plan(&e.plan, c, p, pkt, start, len, now);
-        let q = &mut e.pending;
-        q.packets += 1;
-        q.failed += one.failed;
-        q.rx_bytes += one.rx_bytes;
-        q.segs += one.segs;
-        q.wire += one.wire;
-        q.flags |= one.flags;
-        q.gso_packets += one.gso_packets;
-        q.gso_segments += one.gso_segments;
-        q.last = now;
+        e.pending.add(&one);
         if !e.dirty {
             e.dirty = true;
             self.dirty.push(c.slot);

@@ -851,13 +851,13 @@ impl Dataplane {
         const D: usize = PIPELINE;
         let n = bufs.len().min(lens.len()).min(out.len());
         self.want_plan = fast.is_some();
+        // Packets the fast path forwarded: nothing to do for them here.
+        let skip = |f: &Option<&mut fast::FastCache>, j: usize| {
+            f.as_deref().is_some_and(|f| f.done.get(j) == Some(&true))
+        };
         for j in 0..n + 2 * D {
-            // Stage 1: parse, classify, hash (unless done); fetch the index line. (Nothing
-            // for a packet the fast path forwarded.)
+            // Stage 1: parse, classify, hash (unless done); fetch the index line.
             let done = j < n && lens.get(j).is_some_and(|&len| ring.classified(j, len));
-            let skip = |f: &Option<&mut fast::FastCache>, j: usize| {
-                f.as_deref().is_some_and(|f| f.done.get(j) == Some(&true))
-            };
             if let Some(slot) = ring.at(j).filter(|_| j < n && !skip(&fast, j)) {
                 // Filled in place: a `Pre` returned by value was copied into the ring
                 // (a `memcpy` of ~190 bytes per packet).

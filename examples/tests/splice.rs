@@ -175,7 +175,14 @@ fn splice_host_and_path_rules_and_a_50mib_download() {
         ("client", &cap_c, "tcp"),
         ("backend", &cap_b, "tcp && ip.addr == 203.0.113.100"),
     ] {
-        let bad_filter = format!("{spliced} && tcp.checksum.status == 0");
+        // Linux's software checksum (`skb_checksum_help`, the end hosts' and the balancer
+        // namespace's ports here) writes a sum that folds to zero as 0xffff
+        // (`CSUM_MANGLED_0`), the one's-complement equal of the 0x0000 tshark computes and
+        // flags: about one segment in 65 536, valid to every receiver, so not counted bad.
+        let bad_filter = format!(
+            "{spliced} && tcp.checksum.status == 0 \
+             && !(tcp.checksum == 0xffff && tcp.checksum_calculated == 0x0000)"
+        );
         let bad = tshark_read(
             cap,
             &[
@@ -196,11 +203,52 @@ fn splice_host_and_path_rules_and_a_50mib_download() {
             bad.lines().count()
         );
         assert!(n > 1000, "{side}: {n} segments captured");
-        assert_eq!(
-            bad.lines().count(),
-            0,
-            "{side}: bad checksums in frames {bad}"
-        );
+        if !bad.trim().is_empty() {
+            // Name each bad segment fully, so that a rare failure says where it came from.
+            let frames = bad
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" || frame.number == ");
+            let detail = tshark_read(
+                cap,
+                &[
+                    "-o",
+                    "tcp.check_checksum:TRUE",
+                    "-o",
+                    "tcp.relative_sequence_numbers:FALSE",
+                    "-Y",
+                    &format!("frame.number == {frames}"),
+                    "-T",
+                    "fields",
+                    "-e",
+                    "frame.number",
+                    "-e",
+                    "frame.time_relative",
+                    "-e",
+                    "ip.src",
+                    "-e",
+                    "tcp.srcport",
+                    "-e",
+                    "ip.dst",
+                    "-e",
+                    "tcp.dstport",
+                    "-e",
+                    "tcp.flags.str",
+                    "-e",
+                    "tcp.seq",
+                    "-e",
+                    "tcp.ack",
+                    "-e",
+                    "tcp.len",
+                    "-e",
+                    "tcp.checksum",
+                    "-e",
+                    "tcp.checksum_calculated",
+                ],
+            );
+            panic!("{side}: bad checksums in frames:\n{detail}\n{}", log(&lab));
+        }
     }
     // The backend side uses the client's ISNs: every SYN the client sent to the VIP with
     // sequence number x reappears as a SYN from the balancer to b1 with the same x.

@@ -291,6 +291,70 @@ pub fn register(c: &mut Criterion) {
             })
         });
     }
+    // The same with connections closing beside the hot flows: each burst ends (or, in the
+    // `first` shape, starts) with the backend's RST of the churn connection the previous burst
+    // opened (closing it) and the client's SYN reopening it on the same ports (the finished
+    // entry leaves the table and a new connection starts): one flow leaves per burst, as
+    // beside short connections. What is measured is how many of the hot flows' packets still
+    // go without the lock (printed) and the time per burst, which always takes the lock for
+    // its two churn packets.
+    const CHURN: u32 = u32::MAX - 1;
+    let mut rst: Option<Vec<u8>> = None;
+    for (shape, first, fast) in [
+        ("1_close_per_burst", false, false),
+        ("1_close_per_burst", false, true),
+        ("1_close_first_per_burst", true, false),
+        ("1_close_first_per_burst", true, true),
+    ] {
+        let name = if fast { "fast" } else { "locked" };
+        // The churn packets' places: the burst's end, or its start (every hot packet then
+        // comes after a packet that needs the lock).
+        let (at_rst, at_syn) = if first {
+            (0, 1)
+        } else {
+            (BATCH - 2, BATCH - 1)
+        };
+        let (fp0, rx0, pl0) = (
+            dp.stats().fast_path,
+            dp.stats().rx_packets,
+            dp.stats().fast_path_plans,
+        );
+        let ended0 = dp.table_stats().sessions.packets.count();
+        g.bench_function(
+            format!("fast_path32/nat_256_hot_flows_{shape}/{name}"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut spent = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        ack_burst(&mut bufs, &tpl, &mut x, 256);
+                        if let Some(r) = &rst {
+                            bufs[at_rst][HEADROOM..HEADROOM + r.len()].copy_from_slice(r);
+                        }
+                        patch(&mut bufs[at_syn][HEADROOM..], CHURN, 0x02);
+                        let c = if fast { &mut fcl } else { &mut cl };
+                        let t0 = std::time::Instant::now();
+                        c.classify(&bufs, HEADROOM, &lens);
+                        c.forward_cached(&mut bufs, &lens, None, t, &mut verdicts);
+                        dp.process_batch_classified(c, &mut bufs, &lens, None, t, &mut verdicts);
+                        spent += t0.elapsed();
+                        if let Verdict::Forward { start, len } = verdicts[at_syn] {
+                            rst = Some(backend_answer(&bufs[at_syn][start..start + len], 0x04));
+                        }
+                        black_box(&verdicts);
+                    }
+                    spent
+                })
+            },
+        );
+        let s = dp.stats();
+        println!(
+            "dataplane bench: {shape}, {name}: {} of {} packets without the lock, {} plans made, {} sessions ended",
+            s.fast_path - fp0,
+            s.rx_packets - rx0,
+            s.fast_path_plans - pl0,
+            dp.table_stats().sessions.packets.count() - ended0,
+        );
+    }
     g.finish();
     let s = dp.stats();
     println!(

@@ -42,6 +42,7 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
                 "id": l.id, "addr": l.addr, "service": l.service, "live": l.live,
                 "healthy": l.healthy, "flows": b.flows, "packets": b.packets, "bytes": b.bytes,
                 "reply_packets": b.reply_packets, "reply_bytes": b.reply_bytes,
+                "fast_packets": b.fast_packets,
                 "sip_calls": b.sip_calls, "sip_messages": b.sip_messages,
                 "sip_call_id_misses": b.sip_call_id_misses,
                 "active_conns": l.load.map_or(0, |x| x.active_conns),
@@ -371,6 +372,11 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
             "SIP datagrams without a Call-ID sent to a backend.",
             6,
         ),
+        (
+            "backend_fast_packets_total",
+            "Packets to or from a backend forwarded by a queue thread's plan, without the lock.",
+            7,
+        ),
     ] {
         let _ = writeln!(o, "# HELP lb_{name} {help}\n# TYPE lb_{name} counter");
         for l in labels {
@@ -383,6 +389,7 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
                 b.sip_calls,
                 b.sip_messages,
                 b.sip_call_id_misses,
+                b.fast_packets,
             ][pick];
             let _ = writeln!(
                 o,

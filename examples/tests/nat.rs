@@ -361,3 +361,121 @@ fn nat_services_sharing_backends() {
     assert_eq!(s["drops"]["table_full"], 0, "{s}");
     assert_eq!(s["drops"]["ports_exhausted"], 0, "{s}");
 }
+
+/// A client → VIP UDP stream (a datagram per millisecond) sent while other clients open and
+/// close HTTP/1.0 connections through the same balancer as fast as they can.
+const CHURN: &str = r#"
+import socket, sys, threading, time, urllib.request
+vip, dur = sys.argv[1], float(sys.argv[2])
+stop = time.time() + dur
+conns = [0, 0]
+def churn():
+    while time.time() < stop:
+        try:
+            urllib.request.urlopen("http://%s/id" % vip, timeout=2).read()
+            conns[0] += 1
+        except Exception:
+            conns[1] += 1
+threads = [threading.Thread(target=churn) for _ in range(4)]
+for t in threads:
+    t.start()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((vip, 9000))
+sent, due = 0, time.time()
+while time.time() < stop:
+    s.send(b"x" * 32)
+    sent += 1
+    due += 0.001
+    wait = due - time.time()
+    if wait > 0:
+        time.sleep(wait)
+for t in threads:
+    t.join()
+print("udp %d tcp %d failed %d" % (sent, conns[0], conns[1]))
+"#;
+
+/// An established flow keeps going the fast way (by its queue thread's plan, without the data
+/// path's lock) while connections open and close beside it: each closing connection retires
+/// only its own plans (its flow's epoch), not the stream's. With one generation for all plans,
+/// every close sent the stream's next datagram back through the lock.
+#[test]
+fn an_established_flow_stays_on_the_fast_path_while_connections_close_beside_it() {
+    if !need_root() || !need_tool("socat") {
+        return;
+    }
+    let mut lab = Lab::new("nat-epoch");
+    let t = lab.topology(3);
+    for b in t.backends.clone() {
+        lab.http_server(&b, 8080);
+        lab.udp_echo(&b.ns, &format!("echo4-{}", b.name), b.v4, 7000);
+        // A sink for the stream.
+        let sink = format!("UDP4-RECV:9000,bind={},reuseaddr", b.v4);
+        lab.spawn(
+            &b.ns,
+            &format!("sink-{}", b.name),
+            &["socat", "-u", &sink, "/dev/null"],
+        );
+        lab.wait_listen(&b.ns, "udp", 9000);
+    }
+    let mut cfg = nat_config("nat", &["4"], 200);
+    cfg.push_str(
+        "\n[[service]]\nvip = \"203.0.113.10:9000\"\nproto = \"udp\"\nmode = \"nat\"\n\
+         scheduler = \"maglev\"\n[service.health]\nkind = \"none\"\n",
+    );
+    for i in 1..=3 {
+        cfg.push_str(&format!(
+            "[[service.backend]]\naddr = \"198.51.100.{}:9000\"\n",
+            10 + i
+        ));
+    }
+    lab.start_balancer(&t, "lb0", &cfg, &nat_routes()[..2]);
+    // Health checks of the HTTP and echo backends pass (rise 2 × 200 ms).
+    std::thread::sleep(Duration::from_millis(1000));
+    let script = lab.write("churn.py", CHURN);
+    let out = lab
+        .try_sh_timeout(
+            &t.client,
+            &format!("{} '{}' {VIP4} 3", common::python(), script.display()),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.log("balancer")));
+    println!("{}", out.trim());
+    let mut f = out.split_whitespace();
+    let mut field = |name: &str| {
+        f.find(|w| *w == name)
+            .and_then(|_| f.next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {out:?}"))
+    };
+    let (sent, conns) = (field("udp"), field("tcp"));
+    assert!(sent >= 1000, "only {sent} datagrams sent");
+    assert!(
+        conns >= 100,
+        "only {conns} connections opened and closed beside the stream"
+    );
+    // The counts of the last packets reach the stats at the thread's next lock (10 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let s = lab.balancer_stats(&t);
+    println!("fast_path: {}", s["fast_path"]);
+    let stream: Vec<&serde_json::Value> = s["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter(|b| b["service"].as_str().is_some_and(|v| v.ends_with(":9000")))
+        .collect();
+    let sum = |k: &str| {
+        stream
+            .iter()
+            .map(|b| b[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let (packets, fast) = (sum("packets"), sum("fast_packets"));
+    println!("stream: {packets} datagrams forwarded, {fast} by plan without the lock");
+    assert_eq!(packets, sent, "every datagram of the stream was forwarded");
+    // The first two datagrams (the flow is confirmed by its second) and one per second
+    // (a plan's life) take the lock; everything else goes by plan.
+    assert!(
+        fast * 100 >= packets * 95,
+        "only {fast} of {packets} datagrams went by plan while {conns} connections closed"
+    );
+}

@@ -226,6 +226,20 @@ impl<H: KeyedHash> ConnTable<H> {
         self.cfg.capacity
     }
 
+    /// How many new flows can be inserted before an insertion has to evict one: the free
+    /// slots, and in a table with IPv6 address pairs the free pairs, whichever is fewer. (An
+    /// insertion may still remove a timed-out entry it meets, or, under SNAT pressure, a
+    /// half-open one; never a live established flow while this is above zero.)
+    #[inline]
+    pub fn room(&self) -> usize {
+        let slots = self.cfg.capacity.saturating_sub(self.len);
+        if self.cfg.ipv6_capacity > 0 {
+            slots.min(self.v6_free.len())
+        } else {
+            slots
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg

@@ -5,8 +5,6 @@ use std::sync::Arc;
 use lb_core::{FlowHasher, FlowKey, IpProto};
 use lb_packet::{parse, Fragment, Link};
 
-use std::sync::atomic::AtomicU64;
-
 use crate::fast::FastCache;
 use crate::{Dataplane, Pre, Prefetched, Tables};
 
@@ -105,8 +103,8 @@ pub struct Classifier {
     pub(crate) lens: Vec<usize>,
     /// Packets classified in the last burst and not yet processed.
     pub(crate) n: usize,
-    /// The data path's generation of cached plans (module `fast`).
-    pub(crate) gen: Arc<AtomicU64>,
+    /// The data path's generation and flow epochs of cached plans (module `fast`).
+    pub(crate) gen: Arc<crate::fast::Epochs>,
     /// The fast path, once enabled ([`Classifier::enable_fast_path`]).
     pub(crate) fast: Option<Box<FastCache>>,
 }

@@ -205,6 +205,20 @@ fn lockstep(
     (got, n)
 }
 
+/// A TCP connection from `client` to `vip` opened in lockstep (SYN, the backend's SYN-ACK):
+/// (backend, the source the backend sees).
+fn open_tcp(
+    r: &mut FastRig,
+    locked: &mut Rig,
+    client: SocketAddr,
+    vip: SocketAddr,
+) -> (SocketAddr, SocketAddr) {
+    let (out, _) = lockstep(&[tcp(client, vip, SYN, b"")], r, locked);
+    let (backend, snat) = ends(&out[0].1);
+    lockstep(&[tcp(backend, snat, SYNACK, b"")], r, locked);
+    (backend, snat)
+}
+
 /// Where a forwarded client packet went: (backend, the source the backend sees).
 fn ends(out: &[u8]) -> (SocketAddr, SocketAddr) {
     let p = parse(out, Link::Ip).unwrap();
@@ -220,6 +234,9 @@ fn comparable(s: &Stats) -> String {
     s.fast_path = 0;
     s.fast_path_locked = 0;
     s.fast_path_plans = 0;
+    for b in &mut s.backends {
+        b.fast_packets = 0;
+    }
     format!("{s:?}")
 }
 
@@ -351,6 +368,9 @@ proptest! {
         fast.flush();
         prop_assert_eq!(comparable(locked.dp.stats()), comparable(fast.rig.dp.stats()));
         prop_assert_eq!(fast.rig.dp.stats().fast_path as usize, by_fast);
+        // (Per backend too: no super-packets here, one segment each.)
+        let per_backend: u64 = fast.rig.dp.stats().backends.iter().map(|b| b.fast_packets).sum();
+        prop_assert_eq!(per_backend as usize, by_fast);
         prop_assert_eq!(fast.rig.dp.stats().fast_path_orphaned, 0);
         prop_assert_eq!(table_view(&locked.dp, locked.now), table_view(&fast.rig.dp, fast.rig.now));
     }
@@ -437,7 +457,7 @@ fn established_flows_go_the_fast_way_until_they_close() {
 /// plan unusable, and so does a table change; a reply whose flow is being timed for the
 /// response-time estimates is not cached.
 #[test]
-fn departures_and_reloads_retire_every_plan() {
+fn a_departure_retires_its_flows_plans_and_a_reload_every_plan() {
     let mut r = FastRig::new(fast_spec(), 64);
     let vip = sa("203.0.113.30:4000");
     let a = sa("192.0.2.4:1000");
@@ -456,14 +476,28 @@ fn departures_and_reloads_retire_every_plan() {
     reply_of(&mut r, b);
     let (_, n) = r.burst(&[udp(b, vip, b"5")], None);
     assert_eq!(n, 1);
-    // Housekeeping far enough on to expire a: b's plan goes too.
+    // Housekeeping far enough on to expire a: b's plan stays (only a's flow's epoch moves).
     let udp_timeout = r.rig.dp.ct4.timeouts().udp;
     r.rig.now += udp_timeout - lb_core::Duration::from_millis(500);
+    // (b's plan is out of time by now: b's next packet takes the lock and leaves a new one.)
+    let (_, n) = r.burst(&[udp(b, vip, b"5")], None);
+    assert_eq!(n, 0);
     r.flush();
     // (a was last seen 900 ms before b.)
     assert_eq!(r.rig.dp.housekeeping(r.rig.now, 64), 1);
     let (_, n) = r.burst(&[udp(b, vip, b"6")], None);
-    assert_eq!(n, 0);
+    assert_eq!(n, 1);
+    // A departure whose record the data path never read (as when its removal queue was
+    // full): the flows concerned are unknown, so every plan goes.
+    let t = r.rig.now + udp_timeout;
+    r.flush();
+    let key = lb_core::FlowKey::new(b.ip(), b.port(), vip.ip(), vip.port(), IpProto::Udp);
+    assert!(r.rig.dp.ct4.remove(&key.unwrap(), t));
+    while r.rig.dp.ct4.poll_removal().is_some() {}
+    r.rig.dp.housekeeping(r.rig.now, 0);
+    let (_, n) = r.burst(&[udp(b, vip, b"7")], None);
+    assert_eq!(n, 0, "b is a new flow now");
+    reply_of(&mut r, b);
     let (_, n) = r.burst(&[udp(b, vip, b"7")], None);
     assert_eq!(n, 1);
     // New tables (a backend down): every plan retired.
@@ -534,9 +568,7 @@ fn a_plan_does_not_outlive_its_flows_state() {
     let mut r = FastRig::new(fast_spec(), 64);
     let client = sa("192.0.2.2:40000");
     let vip = sa("203.0.113.10:80");
-    let (out, _) = lockstep(&[tcp(client, vip, SYN, b"")], &mut r, &mut locked);
-    let (backend, snat) = ends(&out[0].1);
-    lockstep(&[tcp(backend, snat, SYNACK, b"")], &mut r, &mut locked);
+    let (backend, snat) = open_tcp(&mut r, &mut locked, client, vip);
     lockstep(&[tcp(client, vip, PSHACK, b"get")], &mut r, &mut locked);
     lockstep(&[tcp(backend, snat, PSHACK, b"ok")], &mut r, &mut locked);
     let (_, n) = lockstep(&[tcp(client, vip, ACK, b"")], &mut r, &mut locked);
@@ -591,6 +623,8 @@ fn a_flow_evicted_earlier_in_the_burst_is_not_forwarded_by_its_plan() {
         .iter()
         .all(|(v, _)| matches!(v, Verdict::Forward { .. })));
     assert_eq!(r.rig.dp.ct4.counters().evicted_lru, 1);
+    // (The eviction moved only the evicted flow's epoch.)
+    assert_eq!(r.rig.dp.stats().fast_path_locked, 16 + 15);
 }
 
 /// A cloned classifier's fast path starts empty: what the original forwarded is handed back
@@ -621,4 +655,42 @@ fn a_cloned_classifier_hands_nothing_back_twice() {
     );
     let st = r.rig.dp.stats();
     assert_eq!((st.fast_path, st.rx_packets), (1, 4));
+}
+
+/// With room in the tables a packet goes by plan even after packets that took the lock, but
+/// not after one of its own flow's: a timed flow's first request (which starts its response
+/// clock) and the backend's answer in one burst. The answer has a plan (made while the request
+/// was not yet awaited), yet goes in its turn, under the lock, and ends the clock as the
+/// locked path does; by plan, handed back before the request, its sample would be lost.
+#[test]
+fn an_answer_after_its_own_flows_request_in_a_burst_waits_its_turn() {
+    let mut locked = Rig::new(fast_spec(), Link::Ip);
+    let mut r = FastRig::new(fast_spec(), 64);
+    let client = sa("192.0.2.2:40000");
+    let vip = sa("203.0.113.10:80");
+    let (backend, snat) = open_tcp(&mut r, &mut locked, client, vip);
+    lockstep(&[tcp(client, vip, ACK, b"")], &mut r, &mut locked);
+    // The backend's pure ACK leaves a reply plan: its data is not awaited yet.
+    lockstep(&[tcp(backend, snat, ACK, b"")], &mut r, &mut locked);
+    let (_, n) = lockstep(&[tcp(backend, snat, ACK, b"")], &mut r, &mut locked);
+    assert_eq!(n, 1, "the reply plan is in place");
+    let key = FlowKey::new(
+        client.ip(),
+        client.port(),
+        vip.ip(),
+        vip.port(),
+        IpProto::Tcp,
+    );
+    let key = key.unwrap();
+    assert_eq!(r.rig.dp.timing.phase(&key), timing::Phase::Request);
+    assert!(r.rig.dp.gen.room(), "the tables have room");
+    let burst = [
+        tcp(client, vip, PSHACK, b"GET / HTTP/1.0\r\n\r\n"),
+        tcp(backend, snat, PSHACK, b"HTTP/1.0 200 OK\r\n\r\n"),
+    ];
+    let (_, n) = lockstep(&burst, &mut r, &mut locked);
+    assert_eq!(n, 0);
+    let phase = r.rig.dp.timing.phase(&key);
+    assert_eq!(phase, locked.dp.timing.phase(&key));
+    assert_ne!(phase, timing::Phase::Response, "the answer ended the clock");
 }

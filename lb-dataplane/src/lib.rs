@@ -148,7 +148,7 @@ pub use icmp_limit::{
 pub use load::{BackendLoad, Ewma, LoadEvent, Observed};
 
 pub use classify::Classifier;
-pub use fast::FAST_PATH_TTL;
+pub use fast::{FAST_PATH_ROOM, FAST_PATH_TTL};
 pub use sip::SIP_CALL_TIMEOUT;
 pub use spec::{
     parse_mac, Affinity, BackendSpec, DataplaneSpec, MidFlow, Mode, Netmask, OutlierSpec, Proto,
@@ -270,6 +270,11 @@ pub struct DataplaneOptions {
     /// and agree (to the clocks' skew) across a cluster: a backend holding one of the SNAT
     /// 4-tuples in TIME_WAIT takes a new SYN on it only with a newer timestamp. 0 by default.
     pub clock_base_ms: u64,
+    /// Free places each flow table must have for a fast path to forward a burst's packets by
+    /// their plans wherever they stand in it, not only before its first packet that needs
+    /// the lock ([`FAST_PATH_ROOM`] by default; module notes of `fast.rs`, "Order"). Keep it
+    /// above what the bursts of every queue thread can insert between two of its locks.
+    pub fast_path_room: usize,
 }
 
 impl DataplaneOptions {
@@ -283,6 +288,7 @@ impl DataplaneOptions {
             removal_log: 0,
             sync_log: 0,
             clock_base_ms: 0,
+            fast_path_room: FAST_PATH_ROOM,
         }
     }
 
@@ -345,12 +351,17 @@ pub struct Dataplane {
     /// The fingerprint of the flow tables' hash keys (`classify::owner_of`): a
     /// [`Classifier`]'s hashes are used only if its fingerprint is this one.
     owner: u64,
-    /// The generation of the classifiers' cached plans (module `fast`): moves whenever a
-    /// plan could have become wrong. Shared with the classifiers, which read it without the
-    /// lock.
-    gen: Arc<std::sync::atomic::AtomicU64>,
-    /// Both tables' departures when the generation last moved.
+    /// The generation and the per-flow epochs of the classifiers' cached plans (module
+    /// `fast`): one moves whenever a plan could have become wrong. Shared with the
+    /// classifiers, which read them without the lock.
+    gen: Arc<fast::Epochs>,
+    /// Both tables' departures read as removal records, or taken as seen when the
+    /// generation moved for departures without one.
     departed_seen: u64,
+    /// A fast path was given a plan: departures and state changes move their flow's epoch.
+    plans_made: bool,
+    /// [`DataplaneOptions::fast_path_room`].
+    fast_room: usize,
     /// A fast path is being filled: `forward` / `reply` leave the plan of a plain hit here.
     want_plan: bool,
     plan: Option<fast::Plan>,
@@ -439,6 +450,7 @@ impl Dataplane {
             removal_log,
             sync_log,
             clock_base_ms,
+            fast_path_room,
         } = opts;
         let (cfg, cfg6) = spec.conntrack_configs();
         // Spliced connections take the top of the SNAT port range (module `splice`).
@@ -471,8 +483,10 @@ impl Dataplane {
         let owner = classify::owner_of(ct4.flow_hasher(), ct6.flow_hasher());
         let mut dp = Dataplane {
             owner,
-            gen: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            gen: Arc::new(fast::Epochs::new()),
             departed_seen: 0,
+            plans_made: false,
+            fast_room: fast_path_room,
             want_plan: false,
             plan: None,
             link,
@@ -544,7 +558,7 @@ impl Dataplane {
         self.stats.backend_ids_in_use = in_use;
         self.stats.backend_ids_retired = retired;
         self.tables = tables;
-        self.bump_gen();
+        self.invalidate_plans();
     }
 
     /// Installs the spliced services of a reloaded configuration (control path: allocates):
@@ -557,7 +571,7 @@ impl Dataplane {
     /// [`SpliceReloadError`] when the change needs a new data path: the first spliced service
     /// of a data path built without one, or another `splice_capacity`. Nothing changes then.
     pub fn set_splice(&mut self, spec: &DataplaneSpec) -> Result<(), SpliceReloadError> {
-        self.bump_gen();
+        self.invalidate_plans();
         self.splice.reconfigure(spec, self.splice_capacity)
     }
 
@@ -610,7 +624,7 @@ impl Dataplane {
             }
         }
         self.stats.backend_ids_released += out.len() as u64;
-        self.bump_gen();
+        self.invalidate_plans();
         out
     }
 
@@ -743,6 +757,7 @@ impl Dataplane {
     /// the embedder's removal log (sync deletes).
     #[inline]
     fn removed(&mut self, r: &Removal) {
+        self.departed(&r.key);
         self.live.removed(r);
         if sync::synced_removal(r.reason) {
             self.sync_log(sync::SyncChange::Gone(r.key));
@@ -1194,7 +1209,7 @@ impl Dataplane {
             Some(hit) => {
                 if hit.changed {
                     if fast::steady(hit.was.unwrap_or(FlowState::Other)) {
-                        self.invalidate_plans();
+                        self.retire_flow(hash.hash());
                     }
                     self.live.moved(hit.backend, hit.was, hit.state);
                     self.sync_log(sync::SyncChange::Flow(key));
@@ -1205,7 +1220,7 @@ impl Dataplane {
                 {
                     // Data from the client started the response clock of a timed flow: its
                     // replies with data take the lock from now on.
-                    self.invalidate_plans();
+                    self.retire_flow(hash.hash());
                 }
                 if self.want_plan && fast::steady(hit.state) {
                     let slow_data = self.timing.phase(&key) == timing::Phase::Request;
@@ -1471,8 +1486,9 @@ impl Dataplane {
             return Verdict::Drop(DropReason::NoService);
         };
         if hit.changed || hit.was.is_none() {
-            if fast::steady(hit.was.unwrap_or(FlowState::Other)) {
-                self.invalidate_plans();
+            if fast::steady(hit.was.unwrap_or(FlowState::Other)) && self.plans_made {
+                let h = self.table_hash(&orig);
+                self.retire_flow(h);
             }
             self.live.moved(hit.backend, hit.was, hit.state);
             self.sync_log(sync::SyncChange::Flow(orig));

@@ -112,6 +112,9 @@ pub struct BackendStats {
     pub reply_packets: u64,
     /// Reply bytes from it.
     pub reply_bytes: u64,
+    /// Of `packets` and `reply_packets`: packets a queue thread forwarded by its fast path's
+    /// plan, without the data path's lock ([`Stats::fast_path`]), as segments.
+    pub fast_packets: u64,
     /// SIP calls pinned to it (`affinity = "sip-call-id"`: a new Call-ID persistence entry).
     pub sip_calls: u64,
     /// SIP messages forwarded to it by the per-message (Call-ID) path.
@@ -294,6 +297,7 @@ impl Stats {
             a.bytes += b.bytes;
             a.reply_packets += b.reply_packets;
             a.reply_bytes += b.reply_bytes;
+            a.fast_packets += b.fast_packets;
             a.sip_calls += b.sip_calls;
             a.sip_messages += b.sip_messages;
             a.sip_call_id_misses += b.sip_call_id_misses;

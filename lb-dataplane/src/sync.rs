@@ -285,7 +285,7 @@ impl Dataplane {
     /// nothing for the sync sender (a backup does not echo what it is sent).
     pub fn apply_sync(&mut self, msg: &SyncMessage, now: Instant, merge: bool) -> SyncApplied {
         // What a peer's records install or replace may differ from a cached plan.
-        self.bump_gen();
+        self.invalidate_plans();
         let mut out = SyncApplied::default();
         for rec in &msg.records {
             // A tagged record names its backend by service and address: this node's id for

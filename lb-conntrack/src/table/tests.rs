@@ -290,6 +290,47 @@ fn ipv6_store_is_bounded_and_evicts_v6() {
     assert_eq!(t.len(), 6);
 }
 
+/// `room` counts the insertions left before one must evict: free slots, and with an IPv6
+/// store the free address pairs if fewer; at 0 the next insertion evicts.
+#[test]
+fn room_counts_insertions_before_an_eviction() {
+    let cfg = Config {
+        ipv6_capacity: 2,
+        ..Config::with_capacity(8)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let now = Instant::from_secs(1);
+    assert_eq!(t.room(), 2, "two IPv6 pairs");
+    t.insert_with(NewFlow::new(k6(1), BackendId(0)).with_first(syn()), now);
+    assert_eq!(t.room(), 1);
+    t.insert_with(
+        NewFlow::new(k4(1, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    assert_eq!(t.room(), 1, "slots are not the bound yet");
+    let cfg = Config {
+        ipv6_capacity: 0,
+        ..Config::with_capacity(4)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    for i in 0..4 {
+        assert_eq!(t.room(), 4 - i as usize);
+        let r = t.insert_with(
+            NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn()),
+            now,
+        );
+        assert_eq!(r, Insert::New);
+    }
+    assert_eq!(t.room(), 0);
+    let r = t.insert_with(
+        NewFlow::new(k4(9, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    assert!(matches!(r, Insert::Evicted { .. }), "{r:?}");
+    assert!(t.remove(&k4(9, IpProto::Tcp), now));
+    assert_eq!(t.room(), 1);
+}
+
 /// A 16-entry full-NAT table with an SNAT pool of `ports` on one address (returned) for
 /// `backends`.
 fn nat_table(

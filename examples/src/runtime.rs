@@ -363,7 +363,8 @@ pub fn run(config_path: &Path, options: &RunOptions) -> Result<(), String> {
         removal_log: 0,
         sync_log: if cfg.ha.is_some() { ha::SYNC_LOG } else { 0 },
         clock_base_ms,
-        fast_path_room: lb_dataplane::FAST_PATH_ROOM,
+        // Room for every queue thread's bursts several times over between two of its locks.
+        fast_path_room: lb_dataplane::FAST_PATH_ROOM.max(4 * BATCH * threads),
     };
     let dp = Dataplane::new(&cfg.dataplane, tables, opts).map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared {

@@ -73,7 +73,7 @@ use lb_conntrack::{FlowState, Packet, TcpFlags, TcpState};
 use lb_core::{BackendId, Duration, FlowKey, Instant, IpProto};
 use lb_packet::offload::{self, L4Csum, VnetHdr};
 
-use crate::{nat_rewrite, sync, tcp_flags, Classifier, Dataplane, DropReason, Verdict};
+use crate::{nat_rewrite, tcp_flags, Classifier, Dataplane, DropReason, Verdict};
 
 /// The longest a cached plan is used before its flow goes through the locked path again.
 pub const FAST_PATH_TTL: Duration = Duration::from_secs(1);
@@ -852,45 +852,31 @@ impl Dataplane {
         if plan.forward {
             let pkt = Packet::original(flags, p.wire).with_segments(p.segs);
             match ct.track_aggregate(plan.hash, &plan.key, pkt, p.packets, p.last) {
-                Some(hit) => {
-                    if hit.changed {
-                        if steady(hit.was.unwrap_or(FlowState::Other)) {
-                            self.retire_flow(plan.hash);
-                        }
-                        self.live.moved(hit.backend, hit.was, hit.state);
-                        self.sync_log(sync::SyncChange::Flow(plan.key));
-                    }
-                }
+                Some(hit) if hit.changed => self.flow_moved(plan.key, Some(plan.hash), &hit),
+                Some(_) => {}
                 None => self.stats.fast_path_orphaned += u64::from(p.packets),
-            }
-            if let Some(s) = self.stats.backends.get_mut(plan.backend.get() as usize) {
-                s.packets += u64::from(p.segs);
-                s.bytes += u64::from(p.wire);
-                if outside {
-                    s.fast_packets += u64::from(p.segs);
-                }
             }
         } else {
             let pkt = Packet::reply(flags, p.wire).with_segments(p.segs);
             match ct.track_reply_aggregate(plan.hash, &plan.key, pkt, p.packets, p.last) {
-                Some((orig, hit)) => {
-                    if hit.changed || hit.was.is_none() {
-                        if steady(hit.was.unwrap_or(FlowState::Other)) {
-                            self.retire_flow(plan.other_hash);
-                        }
-                        self.live.moved(hit.backend, hit.was, hit.state);
-                        self.sync_log(sync::SyncChange::Flow(orig));
-                    }
+                Some((orig, hit)) if hit.changed || hit.was.is_none() => {
+                    self.flow_moved(orig, Some(plan.other_hash), &hit);
                 }
+                Some(_) => {}
                 None => self.stats.fast_path_orphaned += u64::from(p.packets),
             }
-            if let Some(s) = self.stats.backends.get_mut(plan.backend.get() as usize) {
-                s.reply_packets += u64::from(p.segs);
-                s.reply_bytes += u64::from(p.wire);
-                if outside {
-                    s.fast_packets += u64::from(p.segs);
-                }
+        }
+        if let Some(s) = self.stats.backends.get_mut(plan.backend.get() as usize) {
+            if outside {
+                s.fast_packets += u64::from(p.segs);
             }
+            let (n, bytes) = if plan.forward {
+                (&mut s.packets, &mut s.bytes)
+            } else {
+                (&mut s.reply_packets, &mut s.reply_bytes)
+            };
+            *n += u64::from(p.segs);
+            *bytes += u64::from(p.wire);
         }
         self.drain_removals();
     }

@@ -753,6 +753,19 @@ impl Dataplane {
         }
     }
 
+    /// A tracked flow's state changed (`hit`): live load and sync learn it, and if it left a
+    /// steady state, its cached plans are retired (`flow`: its client → service key;
+    /// `flow_hash`: that key's table hash, if the caller has it).
+    #[inline]
+    fn flow_moved(&mut self, flow: FlowKey, flow_hash: Option<u64>, hit: &lb_conntrack::Hit) {
+        if fast::steady(hit.was.unwrap_or(FlowState::Other)) && self.plans_made {
+            let h = flow_hash.unwrap_or_else(|| self.table_hash(&flow));
+            self.retire_flow(h);
+        }
+        self.live.moved(hit.backend, hit.was, hit.state);
+        self.sync_log(sync::SyncChange::Flow(flow));
+    }
+
     /// One flow left a table: the one stream that feeds live load, session statistics and
     /// the embedder's removal log (sync deletes).
     #[inline]
@@ -1208,11 +1221,7 @@ impl Dataplane {
         let (id, nat_tuple) = match hit {
             Some(hit) => {
                 if hit.changed {
-                    if fast::steady(hit.was.unwrap_or(FlowState::Other)) {
-                        self.retire_flow(hash.hash());
-                    }
-                    self.live.moved(hit.backend, hit.was, hit.state);
-                    self.sync_log(sync::SyncChange::Flow(key));
+                    self.flow_moved(key, Some(hash.hash()), &hit);
                 }
                 if key.proto() == IpProto::Tcp
                     && p.payload < p.end
@@ -1486,12 +1495,7 @@ impl Dataplane {
             return Verdict::Drop(DropReason::NoService);
         };
         if hit.changed || hit.was.is_none() {
-            if fast::steady(hit.was.unwrap_or(FlowState::Other)) && self.plans_made {
-                let h = self.table_hash(&orig);
-                self.retire_flow(h);
-            }
-            self.live.moved(hit.backend, hit.was, hit.state);
-            self.sync_log(sync::SyncChange::Flow(orig));
+            self.flow_moved(orig, None, &hit);
         }
         // A plain reply of a flow in a steady state, on a data path that splices nothing
         // (a splice's replies come here only when they are not its own): its plan may go to

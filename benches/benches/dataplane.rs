@@ -75,6 +75,18 @@ fn backend_answer(out: &[u8], flags: u8) -> Vec<u8> {
     reply
 }
 
+/// The data path of `spec`, with the benches' hash key.
+fn dataplane(spec: &DataplaneSpec) -> Dataplane {
+    let key = HashKey::from_bytes([42; 16]);
+    let mut cp = ControlPlane::new(spec.clone(), key).expect("control plane");
+    Dataplane::new(
+        spec,
+        cp.build().expect("tables"),
+        DataplaneOptions::new(key),
+    )
+    .expect("dataplane")
+}
+
 pub fn register(c: &mut Criterion) {
     let mut svc = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
     for b in 11..14 {
@@ -88,14 +100,7 @@ pub fn register(c: &mut Criterion) {
         services: vec![svc],
         ..DataplaneSpec::default()
     };
-    let key = HashKey::from_bytes([42; 16]);
-    let mut cp = ControlPlane::new(spec.clone(), key).expect("control plane");
-    let mut dp = Dataplane::new(
-        &spec,
-        cp.build().expect("tables"),
-        DataplaneOptions::new(key),
-    )
-    .expect("dataplane");
+    let mut dp = dataplane(&spec);
     let mut buf = vec![0u8; HEADROOM + 2048];
     let mut pkt = template();
     // The measured loops copy this unpatched template into the buffer, then patch the buffer
@@ -373,6 +378,96 @@ pub fn register(c: &mut Criterion) {
     );
 }
 
+/// The fast path in mode `tunnel` (IPIP): bursts of 32 established-flow packets of 256 hot
+/// flows, classified, then encapsulated by the plans without the data path (`fast`) or under
+/// it (`locked`, `process_batch_classified`), as `fast_path32/nat_256_hot_flows` does for
+/// NAT. Timed around classify + forward; the fast one hands its counts back every 1 024
+/// bursts.
+pub fn register_tunnel_fast_path(c: &mut Criterion) {
+    const BATCH: usize = 32;
+    const HOT: u32 = 256;
+    let mut svc = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Tunnel);
+    for b in 11..14 {
+        svc = svc.with_backend(SocketAddr::new(IpAddr::from([198, 51, 100, b]), 0), 1);
+    }
+    let spec = DataplaneSpec {
+        snat_addrs: vec![IpAddr::from([203, 0, 113, 100])],
+        conntrack_capacity: 1 << 16,
+        services: vec![svc],
+        ..DataplaneSpec::default()
+    };
+    let mut dp = dataplane(&spec);
+    let tpl = template();
+    let now = Instant::from_secs(1);
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    // The hot flows' handshakes as the balancer sees them in this mode: the client's SYN,
+    // then its ACK (the backends answer the clients directly).
+    for i in 0..HOT {
+        for flags in [0x02, 0x10] {
+            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&tpl);
+            patch(&mut buf[HEADROOM..], i, flags);
+            let v = dp.process(&mut buf, HEADROOM, 54, now);
+            assert!(matches!(v, Verdict::Forward { .. }), "warm-up {i}: {v:?}");
+        }
+    }
+    let mut g = c.benchmark_group("dataplane");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 2048]).collect();
+    let lens = [54usize; BATCH];
+    let mut verdicts = [Verdict::Drop(DropReason::Malformed); BATCH];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut cl = dp.classifier(BATCH);
+    let mut fcl = dp.classifier(BATCH);
+    fcl.enable_fast_path(1024);
+    for fast in [false, true] {
+        let name = if fast { "fast" } else { "locked" };
+        let fp0 = dp.stats().fast_path;
+        let rx0 = dp.stats().rx_packets;
+        let mut bursts = 0u32;
+        g.bench_function(format!("fast_path32/tunnel_256_hot_flows/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    ack_burst(&mut bufs, &tpl, &mut x, u64::from(HOT));
+                    let c = if fast { &mut fcl } else { &mut cl };
+                    let t0 = std::time::Instant::now();
+                    c.classify(&bufs, HEADROOM, &lens);
+                    let left = c.forward_cached(&mut bufs, &lens, None, now, &mut verdicts);
+                    bursts += 1;
+                    if left > 0 || bursts % 1024 == 0 {
+                        dp.process_batch_classified(c, &mut bufs, &lens, None, now, &mut verdicts);
+                    }
+                    spent += t0.elapsed();
+                    black_box(&verdicts);
+                }
+                spent
+            })
+        });
+        if fast {
+            // What the last bursts forwarded reaches the counters.
+            let no: [Vec<u8>; 0] = [];
+            fcl.classify(&no, HEADROOM, &[]);
+            dp.process_batch_classified(
+                &mut fcl,
+                &mut [] as &mut [Vec<u8>],
+                &[],
+                None,
+                now,
+                &mut [],
+            );
+        }
+        let s = dp.stats();
+        println!(
+            "dataplane bench: tunnel_256_hot_flows, {name}: {} of {} packets without the lock, {} forwarded, drops {:?}",
+            s.fast_path - fp0,
+            s.rx_packets - rx0,
+            s.forwarded,
+            s.drops,
+        );
+    }
+    g.finish();
+}
+
 /// Many services: the same full-NAT hits (16 Ki established flows, lines in cache, batches of
 /// 32) with 1 and with 1 024 VIPs configured, flows spread over all of them, in both directions
 /// (client → VIP, and the backends' answers to the SNAT addresses). What finding a packet's
@@ -416,14 +511,7 @@ pub fn register_many_vips(c: &mut Criterion) {
             services,
             ..DataplaneSpec::default()
         };
-        let key = HashKey::from_bytes([42; 16]);
-        let mut cp = ControlPlane::new(spec.clone(), key).expect("control plane");
-        let mut dp = Dataplane::new(
-            &spec,
-            cp.build().expect("tables"),
-            DataplaneOptions::new(key),
-        )
-        .expect("dataplane");
+        let mut dp = dataplane(&spec);
         let now = Instant::from_secs(1);
         // Flow i: client i (as in `patch`) to VIP i mod n. Warm-up: SYN, the backend's SYN-ACK,
         // ACK; each flow's client packet and backend packet (an ACK each) kept for the loops.

@@ -23,6 +23,7 @@ fn all(c: &mut Criterion) {
     health::register(c);
     dataplane::register(c);
     dataplane::register_many_vips(c);
+    dataplane::register_tunnel_fast_path(c);
     midflow::register(c);
     sync::register(c);
 }

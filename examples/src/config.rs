@@ -21,7 +21,7 @@
 //! udp_coalesce = true        # optional: merge a batch's datagrams of one flow into one UDP GSO
 //!                            # write (needs offload and the kernel's USO; default on)
 //! fast_path = 1024           # optional: plans per queue thread for forwarding the packets of
-//!                            # established NAT/DNAT flows without the data path's lock
+//!                            # established flows (every mode) without the data path's lock
 //!                            # (lb_dataplane::Classifier::forward_cached); 0 turns it off
 //!                            # (default 1024, ~200 bytes each; at most 65536)
 //! mtu = 1500                 # optional: path MTU to the backends (tunnel mode: "too big" above)

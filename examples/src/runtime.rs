@@ -519,6 +519,7 @@ fn datapath(
     // allocated.
     let mut cut = Cutter {
         coalesce,
+        fast_path,
         ..Cutter::default()
     };
     let vnet = q.vnet();
@@ -532,8 +533,8 @@ fn datapath(
     // Parsing, finding the service and hashing happen on this thread before the lock
     // (`Classifier`): less serial time per packet when queues share the data path.
     let mut cl = sh.dp.lock().classifier(BATCH);
-    // The packets of established NAT/DNAT flows that the data path forwarded before are
-    // forwarded again from this thread's plans, without the lock (`Classifier::forward_cached`).
+    // The packets of established flows that the data path forwarded before are forwarded
+    // again from this thread's plans, without the lock (`Classifier::forward_cached`).
     if fast_path > 0 {
         cl.enable_fast_path(fast_path);
     }
@@ -586,7 +587,7 @@ fn datapath(
         // The fast path first; the lock only for what it left (and, every 10 ms, to hand back
         // what it forwarded and keep house).
         let left = if fast_path > 0 && n > 0 {
-            let hdrs = if vnet { Some(&hdrs[..n]) } else { None };
+            let hdrs = if vnet { Some(&mut hdrs[..n]) } else { None };
             cl.forward_cached(
                 &mut bufs[..n],
                 &lens[..n],
@@ -618,6 +619,8 @@ fn datapath(
                 }
             }
             if housekeeping {
+                // What the fast path forwarded among cut segments reaches the counters too.
+                cut.hand_back(&mut dp, t);
                 dp.housekeeping(t, 1024);
                 while let Some(len) = dp.splice_poll(&mut emit, t) {
                     tx.send(&mut q, vnet, &VnetHdr::NONE, &emit[..len], sh, i);
@@ -713,9 +716,9 @@ fn datapath(
         // What the fast path forwarded since the last lock reaches the counters.
         cl.classify(&bufs[..0], HEADROOM, &[]);
         let t = at(epoch, StdInstant::now());
-        sh.dp
-            .lock()
-            .process_batch_classified(&mut cl, &mut bufs[..0], &[], None, t, &mut []);
+        let mut dp = sh.dp.lock();
+        dp.process_batch_classified(&mut cl, &mut bufs[..0], &[], None, t, &mut []);
+        cut.hand_back(&mut dp, t);
     }
     lock.flush(&sh.lock);
 }
@@ -847,6 +850,9 @@ struct Cutter {
     verdicts: Vec<Verdict>,
     outs: Vec<Option<Outgoing>>,
     coalesce: bool,
+    /// Plans of the segments' classifier (`balancer.fast_path`; 0: none): a cut segment of
+    /// an established flow (tunnel mode's TCP with offloads) goes without the lock too.
+    fast_path: usize,
 }
 
 impl Cutter {
@@ -872,9 +878,14 @@ impl Cutter {
             self.verdicts = vec![Verdict::Drop(lb_dataplane::DropReason::NoService); BATCH];
             self.outs = vec![None; BATCH];
         }
-        let cl = self
-            .cl
-            .get_or_insert_with(|| sh.dp.lock().classifier(BATCH));
+        let fast_path = self.fast_path;
+        let cl = self.cl.get_or_insert_with(|| {
+            let mut cl = sh.dp.lock().classifier(BATCH);
+            if fast_path > 0 {
+                cl.enable_fast_path(fast_path);
+            }
+            cl
+        });
         let Ok(p) = lb_packet::parse(pkt, link) else {
             return;
         };
@@ -898,22 +909,37 @@ impl Cutter {
             self.verdicts[..m].fill(Verdict::Drop(lb_dataplane::DropReason::NoService));
             cl.classify(&self.bufs[..m], HEADROOM, &self.lens[..m]);
             let asked = StdInstant::now();
-            let got;
-            {
-                let mut dp = sh.dp.lock();
-                got = StdInstant::now();
-                dp.process_batch_classified(
-                    cl,
+            // The segments of established flows by this classifier's plans first (what they
+            // did is handed back at the next lock: below, or the queue's housekeeping).
+            let left = if self.fast_path > 0 {
+                cl.forward_cached(
                     &mut self.bufs[..m],
                     &self.lens[..m],
                     None,
-                    at(epoch, got),
+                    at(epoch, asked),
                     &mut self.verdicts[..m],
-                );
+                )
+            } else {
+                m
+            };
+            if left > 0 {
+                let got;
+                {
+                    let mut dp = sh.dp.lock();
+                    got = StdInstant::now();
+                    dp.process_batch_classified(
+                        cl,
+                        &mut self.bufs[..m],
+                        &self.lens[..m],
+                        None,
+                        at(epoch, got),
+                        &mut self.verdicts[..m],
+                    );
+                }
+                // Counted with the thread's other holds (the cut segments are tunnel mode's
+                // main path with offloads on).
+                lock.add(asked, got, StdInstant::now());
             }
-            // Counted with the thread's other holds (the cut segments are tunnel mode's
-            // main path with offloads on).
-            lock.add(asked, got, StdInstant::now());
             for k in 0..m {
                 self.outs[k] = match self.verdicts[k] {
                     Verdict::Forward { start, len } | Verdict::Reply { start, len } => {
@@ -954,6 +980,17 @@ impl Cutter {
             if m < BATCH {
                 return;
             }
+        }
+    }
+}
+
+impl Cutter {
+    /// Hands back what the segments' fast path forwarded since the segments last took the
+    /// lock (`dp` held by the caller).
+    fn hand_back(&mut self, dp: &mut lb_dataplane::Dataplane, now: Instant) {
+        if let Some(cl) = self.cl.as_mut().filter(|c| c.has_fast_path()) {
+            cl.classify(&self.bufs[..0], HEADROOM, &[]);
+            dp.process_batch_classified(cl, &mut self.bufs[..0], &[], None, now, &mut []);
         }
     }
 }

@@ -4,12 +4,14 @@
 //! With several queues sharing one [`Dataplane`] behind a lock, the lock's serial share bounds
 //! what more queues give (and on a busy machine a holder that is preempted makes every other
 //! queue wait). Most packets need little of the data path: a packet of an established TCP
-//! connection or of a confirmed UDP flow, without SYN, FIN or RST, is rewritten exactly as the
-//! flow's previous packet was, and changes nothing in the flow table but its counters and its
-//! last-seen time. The fast path keeps, per queue thread, a small direct-mapped cache of what
-//! the data path did with such flows (a `Plan`: the addresses and ports to write, made by the
-//! locked path when it forwards such a packet), forwards their packets by it, and hands their
-//! effect on the table and the counters back the next time the thread takes the lock.
+//! connection or of a confirmed UDP flow, without SYN, FIN or RST, is rewritten (NAT, DNAT),
+//! encapsulated (tunnel) or re-addressed (DR) exactly as the flow's previous packet was, and
+//! changes nothing in the flow table but its counters and its last-seen time. The fast path
+//! keeps, per queue thread, a small direct-mapped cache of what the data path did with such
+//! flows (a `Plan`: the addresses and ports to write, the encapsulation or the MAC addresses,
+//! made by the locked path when it forwards such a packet), forwards their packets by it, and
+//! hands their effect on the table and the counters back the next time the thread takes the
+//! lock.
 //!
 //! **Order.** A burst's packets up to the first one that needs the lock are forwarded without
 //! it, and what they did is handed back first thing under the lock
@@ -60,8 +62,12 @@
 //! stay in the data path's counters but not in the flow's ([`crate::Stats::fast_path_orphaned`]).
 //!
 //! **What is never cached.** New flows, anything with SYN, FIN or RST, fragments, ICMP errors,
-//! the SIP per-message path, spliced services and the replies of a data path that splices, and
-//! modes `tunnel` and `dr`: those always take the lock. Of a flow timed for the response-time
+//! the SIP per-message path, spliced services and the replies of a data path that splices: those
+//! always take the lock. In mode `tunnel` a plan is the encapsulation (outer addresses, kind,
+//! path MTU, the flow's label and entropy port): a packet that would not fit the path MTU once
+//! encapsulated (the lock answers it "too big") and a GSO super-packet (the lock asks for it
+//! to be cut) take the lock; a partial checksum is completed without it, as the lock would.
+//! In mode `dr` a plan is the frame's two MAC addresses. Of a flow timed for the response-time
 //! estimates, the packets that move its timing on (the client's data while its request is
 //! awaited, the backend's while its response is) take the lock too.
 
@@ -70,10 +76,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lb_conntrack::{FlowState, Packet, TcpFlags, TcpState};
-use lb_core::{BackendId, Duration, FlowKey, Instant, IpProto};
+use lb_core::{BackendId, Duration, FlowKey, Instant, IpProto, MacAddr};
+use lb_packet::dr;
 use lb_packet::offload::{self, L4Csum, VnetHdr};
+use lb_packet::tunnel::Encap;
 
-use crate::{nat_rewrite, tcp_flags, Classifier, Dataplane, DropReason, Verdict};
+use crate::{nat_rewrite, tcp_flags, Classifier, Dataplane, DropReason, TunnelTo, Verdict};
 
 /// The longest a cached plan is used before its flow goes through the locked path again.
 pub const FAST_PATH_TTL: Duration = Duration::from_secs(1);
@@ -168,9 +176,8 @@ pub(crate) struct Plan {
     pub(crate) other_hash: u64,
     /// The flow's backend.
     pub(crate) backend: BackendId,
-    /// The source and destination to write (`nat_rewrite`'s arguments).
-    pub(crate) src: Option<SocketAddr>,
-    pub(crate) dst: Option<SocketAddr>,
+    /// What to do to the packet.
+    pub(crate) action: Action,
     /// Not used from this time on.
     pub(crate) deadline: Instant,
     /// Packets with payload go through the lock: the flow is timed for the response-time
@@ -189,6 +196,25 @@ impl Plan {
             self.other_hash
         }
     }
+}
+
+/// What a plan does to its flow's packets: the rewrite of each forwarding mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Modes `nat` and `dnat`: the source and destination to write (`nat_rewrite`'s
+    /// arguments).
+    Nat(Option<SocketAddr>, Option<SocketAddr>),
+    /// Mode `tunnel`: encapsulate, when the packet fits the path MTU encapsulated (a packet
+    /// too big for it takes the lock, which answers it); a partial checksum is completed
+    /// first, and the offload header cleared.
+    Tunnel(TunnelTo),
+    /// Mode `dr`: the frame's destination and source MAC addresses.
+    Dr {
+        /// The backend's.
+        dst: MacAddr,
+        /// The balancer's.
+        src: MacAddr,
+    },
 }
 
 /// Whether packets of a flow in state `s` that carry no SYN, FIN or RST leave it unchanged
@@ -228,6 +254,8 @@ struct Pending {
     /// GSO super-packets among them, and their segments.
     gso_packets: u32,
     gso_segments: u32,
+    /// Partial checksums completed (tunnel mode).
+    csum_completed: u32,
     /// The time of the last one.
     last: Instant,
 }
@@ -244,6 +272,7 @@ impl Pending {
         self.flags |= o.flags;
         self.gso_packets += o.gso_packets;
         self.gso_segments += o.gso_segments;
+        self.csum_completed += o.csum_completed;
         self.last = o.last;
     }
 }
@@ -296,8 +325,7 @@ const EMPTY: Entry = Entry {
         hash: 0,
         other_hash: 0,
         backend: BackendId(0),
-        src: None,
-        dst: None,
+        action: Action::Nat(None, None),
         deadline: Instant::ZERO,
         slow_data: true,
     },
@@ -310,6 +338,7 @@ const EMPTY: Entry = Entry {
         flags: 0,
         gso_packets: 0,
         gso_segments: 0,
+        csum_completed: 0,
         last: Instant::ZERO,
     },
     dirty: false,
@@ -420,12 +449,14 @@ impl Classifier {
     /// packets are left for that call, which skips the ones done here (call it anyway when
     /// none are left, at least every few milliseconds: it hands the table what was forwarded
     /// here). `now` is the time, as the data path would be given it; `hdrs` the packets'
-    /// offload headers, if the device has them. Without a fast path, does nothing.
+    /// offload headers, if the device has them (a packet encapsulated here, in tunnel mode,
+    /// has its header cleared, as [`Dataplane::process_batch_classified`] clears it). Without
+    /// a fast path, does nothing.
     pub fn forward_cached<B: AsMut<[u8]>>(
         &mut self,
         bufs: &mut [B],
         lens: &[usize],
-        hdrs: Option<&[VnetHdr]>,
+        mut hdrs: Option<&mut [VnetHdr]>,
         now: Instant,
         out: &mut [Verdict],
     ) -> usize {
@@ -472,31 +503,30 @@ impl Classifier {
                 prefix = false;
                 continue;
             };
-            let hdr = hdrs
-                .and_then(|h| h.get(j))
-                .copied()
-                .unwrap_or(VnetHdr::NONE);
-            let pkt = start
+            let mut none = VnetHdr::NONE;
+            let hdr = match hdrs.as_deref_mut().and_then(|h| h.get_mut(j)) {
+                Some(h) => h,
+                None => &mut none,
+            };
+            let buf = b.as_mut();
+            let checked = start
                 .checked_add(len)
-                .and_then(|end| b.as_mut().get_mut(start..end))
-                .filter(|_| len == clen);
-            let checked = pkt.and_then(|pkt| {
-                let c = check(fast, &slow, g, now, x, pkt, &hdr)?;
-                Some((pkt, c))
-            });
+                .and_then(|end| buf.get(start..end))
+                .filter(|_| len == clen)
+                .and_then(|pkt| check(fast, &slow, g, now, x, pkt, hdr, start));
             match checked {
                 None => {
                     slow.add(x.hash.hash());
                     prefix = false;
                 }
-                Some((pkt, c)) if prefix || room => {
-                    *o = fast.forward(&c, &x.p, pkt, start, len, now);
+                Some(c) if prefix || room => {
+                    *o = fast.forward(&c, &x.p, buf, start, len, hdr, now);
                     if let Some(d) = fast.done.get_mut(j) {
                         *d = true;
                     }
                     left -= 1;
                 }
-                Some((_, c)) => {
+                Some(c) => {
                     if let Some(cd) = fast.cand.get_mut(j) {
                         *cd = u32::try_from(c.slot).unwrap_or(u32::MAX);
                     }
@@ -546,8 +576,10 @@ struct Checked {
     gso: bool,
 }
 
-/// Whether `pkt` (classified as `x`) has a plan in `fast` usable now, and its figures.
+/// Whether `pkt` (classified as `x`; at `start` in its buffer) has a plan in `fast` usable
+/// now, and its figures.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn check(
     fast: &FastCache,
     slow: &Slow,
@@ -556,6 +588,7 @@ fn check(
     x: &crate::Pre,
     pkt: &[u8],
     hdr: &VnetHdr,
+    start: usize,
 ) -> Option<Checked> {
     let p = &x.p;
     if p.icmp.is_some() || !matches!(p.proto, IpProto::Tcp | IpProto::Udp) {
@@ -576,6 +609,11 @@ fn check(
         || slow.has(e.plan.other_hash)
     {
         return None;
+    }
+    if let Action::Tunnel(to) = &e.plan.action {
+        if !tunnel_fits(to, hdr, pkt.len(), start) {
+            return None;
+        }
     }
     let (csum, segs) = offload_of(p, hdr)?;
     let q = &e.pending;
@@ -615,20 +653,57 @@ fn wire_bytes(p: &lb_packet::Parsed, segs: u32) -> Option<u32> {
     u32::try_from(ip + (segs as usize).saturating_sub(1) * (p.payload - p.l3)).ok()
 }
 
-/// The rewrite of a packet by `plan`, and the effect it waits to hand back.
+/// Whether a packet of `len` bytes at `start` with offload header `hdr` can be encapsulated
+/// by `to` without the lock: no super-packet (the lock has it cut), and it fits the path MTU
+/// encapsulated (else the lock answers "too big") and the headroom.
 #[inline]
+fn tunnel_fits(to: &TunnelTo, hdr: &VnetHdr, len: usize, start: usize) -> bool {
+    !hdr.is_gso() && to.fits(len) && start >= to.overhead()
+}
+
+/// The rewrite of the packet `buf[start..start + len]` by `plan`, and the effect it waits to
+/// hand back.
+#[inline]
+#[allow(clippy::too_many_arguments)]
 fn by_plan(
     plan: &Plan,
     c: &Checked,
     p: &lb_packet::Parsed,
-    pkt: &mut [u8],
+    buf: &mut [u8],
     start: usize,
     len: usize,
+    hdr: &mut VnetHdr,
     now: Instant,
 ) -> (Verdict, Pending) {
-    let v = match nat_rewrite(pkt, p, plan.src, plan.dst, c.csum) {
-        Ok(()) => Verdict::Forward { start, len },
-        Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+    let failed = Verdict::Drop(DropReason::RewriteFailed);
+    let mut completed = 0;
+    let end = start.saturating_add(len);
+    let v = match (plan.action, buf.get_mut(start..end)) {
+        (_, None) => failed,
+        (Action::Nat(src, dst), Some(pkt)) => match nat_rewrite(pkt, p, src, dst, c.csum) {
+            Ok(()) => Verdict::Forward { start, len },
+            Err(_) => failed,
+        },
+        (Action::Dr { dst, src }, Some(pkt)) => match dr::set_macs(pkt, dst, Some(src)) {
+            Ok(_) => Verdict::Forward { start, len },
+            Err(_) => failed,
+        },
+        (Action::Tunnel(to), Some(pkt)) => {
+            // As the locked path: a partial checksum completed, the offload header cleared
+            // (a new outer header), then the encapsulation (`check` made sure it fits). (The
+            // completion cannot fail: `offload_of` found the checksum's place inside the
+            // transport part.)
+            let done = c.csum != L4Csum::Partial || {
+                let udp = p.proto == IpProto::Udp && usize::from(hdr.csum_start) == p.l4;
+                completed = 1;
+                offload::complete_csum(pkt, hdr, p.end, udp).is_ok()
+            };
+            *hdr = VnetHdr::NONE;
+            match to.encap(buf, start, end, p.family) {
+                Ok((Encap::Done, start, len)) if done => Verdict::Forward { start, len },
+                _ => failed,
+            }
+        }
     };
     let gso = c.gso;
     let one = Pending {
@@ -640,6 +715,7 @@ fn by_plan(
         flags: c.flags.0,
         gso_packets: u32::from(gso),
         gso_segments: if gso { c.segs } else { 0 },
+        csum_completed: completed,
         last: now,
     };
     (v, one)
@@ -649,19 +725,21 @@ impl FastCache {
     /// Forwards a packet [`check`] passed, without the lock: rewritten by its plan, its
     /// effect added to the entry's pending.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         c: &Checked,
         p: &lb_packet::Parsed,
-        pkt: &mut [u8],
+        buf: &mut [u8],
         start: usize,
         len: usize,
+        hdr: &mut VnetHdr,
         now: Instant,
     ) -> Verdict {
         let Some(e) = self.entries.get_mut(c.slot) else {
             return Verdict::Drop(DropReason::RewriteFailed);
         };
-        let (v, one) = by_plan(&e.plan, c, p, pkt, start, len, now);
+        let (v, one) = by_plan(&e.plan, c, p, buf, start, len, hdr, now);
         e.pending.add(&one);
         if !e.dirty {
             e.dirty = true;
@@ -674,8 +752,9 @@ impl FastCache {
 impl Dataplane {
     /// Leaves the plan of the packet just forwarded (client → service; a caller for a reply
     /// sets `forward` false) for the burst to hand to its fast path: `key` of hash `hash`, the
-    /// other direction's 5-tuple `other`, the rewrite's (source, destination), and
-    /// (deadline, `slow_data`). Out of line: the per-packet path only tests for it.
+    /// other direction's 5-tuple `other` (none in modes `tunnel` and `dr`, whose replies do
+    /// not come back), what was done to the packet, and (deadline, `slow_data`). Out of line:
+    /// the per-packet path only tests for it.
     #[inline(never)]
     pub(crate) fn keep_plan(
         &mut self,
@@ -683,18 +762,18 @@ impl Dataplane {
         hash: u64,
         other: Option<&FlowKey>,
         backend: BackendId,
-        (src, dst): (Option<SocketAddr>, Option<SocketAddr>),
+        action: Action,
         (deadline, slow_data): (Instant, bool),
     ) {
-        let other_hash = other.map_or(0, |o| self.table_hash(o));
+        // (Without another direction, its hash is the flow's own.)
+        let other_hash = other.map_or(hash, |o| self.table_hash(o));
         self.plan = Some(Plan {
             forward: true,
             key: *key,
             hash,
             other_hash,
             backend,
-            src,
-            dst,
+            action,
             deadline,
             slow_data,
         });
@@ -747,13 +826,23 @@ impl Dataplane {
 
     /// Hands back everything `fast` forwarded since the last call (under the lock).
     pub(crate) fn fast_flush(&mut self, fast: &mut FastCache) {
-        while let Some(slot) = fast.dirty.pop() {
+        // Oldest last packet first: a flow table's clock does not go back, so an entry handed
+        // back after a later one would have its flow's last-seen time dated by that one's.
+        // (Unstable sort: no allocation; entries of the same time commute.)
+        let entries = &fast.entries;
+        fast.dirty.sort_unstable_by_key(|&slot| {
+            entries.get(slot).map_or(Instant::ZERO, |e| e.pending.last)
+        });
+        let mut dirty = core::mem::take(&mut fast.dirty);
+        for &slot in &dirty {
             if let Some(e) = fast.entries.get_mut(slot).filter(|e| e.dirty) {
                 e.dirty = false;
                 let (plan, pending) = (e.plan, core::mem::take(&mut e.pending));
                 self.hand_back(&plan, &pending, true);
             }
         }
+        dirty.clear();
+        fast.dirty = dirty;
     }
 
     /// Remembers `plan` in `fast` (under the lock), handing back what the entry it replaces
@@ -797,7 +886,7 @@ impl Dataplane {
         buf: &mut [u8],
         start: usize,
         len: usize,
-        hdr: &VnetHdr,
+        hdr: &mut VnetHdr,
         now: Instant,
     ) -> Option<Verdict> {
         if self.gen.global() != g0
@@ -807,7 +896,12 @@ impl Dataplane {
             return None;
         }
         let p = &x.p;
-        let pkt = buf.get_mut(start..start.checked_add(len)?)?;
+        let pkt = buf.get(start..start.checked_add(len)?)?;
+        if let Action::Tunnel(to) = &plan.action {
+            if !tunnel_fits(to, hdr, len, start) {
+                return None;
+            }
+        }
         let flags = tcp_flags(pkt, p);
         let (csum, segs) = offload_of(p, hdr)?;
         let c = Checked {
@@ -818,7 +912,7 @@ impl Dataplane {
             flags,
             gso: hdr.is_gso(),
         };
-        let (v, one) = by_plan(plan, &c, p, pkt, start, len, now);
+        let (v, one) = by_plan(plan, &c, p, buf, start, len, hdr, now);
         self.hand_back(plan, &one, false);
         Some(v)
     }
@@ -840,6 +934,7 @@ impl Dataplane {
         }
         st.gso_packets += u64::from(p.gso_packets);
         st.gso_segments += u64::from(p.gso_segments);
+        st.csum_completed += u64::from(p.csum_completed);
         if let Some(d) = st.drops.get_mut(DropReason::RewriteFailed as usize) {
             *d += u64::from(p.failed);
         }

@@ -91,6 +91,51 @@ fn tcp_flags_of(kind: u8, client: bool) -> (u8, &'static [u8]) {
     }
 }
 
+/// What happens between bursts: mostly nothing.
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        20 => Just(Step::Burst),
+        2 => prop_oneof![Just(10u64), Just(300), Just(2_000), Just(400_000)].prop_map(Step::Advance),
+        1 => Just(Step::Housekeeping),
+        1 => (0usize..3).prop_map(Step::Health),
+    ]
+}
+
+/// Does `step` to both rigs (`down`: which of the first service's backends, at `backend(b)`,
+/// are down); `false` for [`Step::Burst`], which is the caller's.
+fn between(
+    step: Step,
+    locked: &mut Rig,
+    fast: &mut FastRig,
+    down: &mut [bool; 3],
+    backend: impl Fn(usize) -> SocketAddr,
+) -> bool {
+    match step {
+        Step::Advance(ms) => {
+            locked.now += lb_core::Duration::from_millis(ms);
+            fast.rig.now = locked.now;
+        }
+        Step::Housekeeping => {
+            locked.dp.housekeeping(locked.now, 64);
+            fast.flush();
+            fast.rig.dp.housekeeping(fast.rig.now, 64);
+        }
+        Step::Health(b) => {
+            down[b] = !down[b];
+            let id = locked
+                .cp
+                .backend_id(sa("203.0.113.10:80"), Proto::Tcp, backend(b))
+                .unwrap();
+            for r in [&mut *locked, &mut fast.rig] {
+                r.cp.set_healthy(id, !down[b]);
+                r.rebuild();
+            }
+        }
+        Step::Burst => return false,
+    }
+    true
+}
+
 /// A packet kind for `tcp_flags_of`: mostly data and ACKs, some opening and closing.
 fn kind() -> impl Strategy<Value = u8> {
     prop_oneof![
@@ -109,7 +154,11 @@ struct FastRig {
 
 impl FastRig {
     fn new(spec: DataplaneSpec, entries: usize) -> FastRig {
-        let rig = Rig::new(spec, Link::Ip);
+        FastRig::on(spec, entries, Link::Ip)
+    }
+
+    fn on(spec: DataplaneSpec, entries: usize, link: Link) -> FastRig {
+        let rig = Rig::new(spec, link);
         let mut cl = rig.dp.classifier(64);
         cl.enable_fast_path(entries);
         FastRig { rig, cl }
@@ -127,10 +176,10 @@ impl FastRig {
         let mut out = vec![Verdict::Drop(DropReason::Malformed); pkts.len()];
         let now = self.rig.now;
         self.cl.classify(&bufs, HEADROOM, &lens);
-        let hd: Option<Vec<VnetHdr>> = hdrs.as_ref().map(|h| h.to_vec());
+        let mut hdrs = hdrs;
         let left = self
             .cl
-            .forward_cached(&mut bufs, &lens, hd.as_deref(), now, &mut out);
+            .forward_cached(&mut bufs, &lens, hdrs.as_deref_mut(), now, &mut out);
         // As tun-balancer does: no lock when nothing is left.
         if left > 0 {
             self.rig.dp.process_batch_classified(
@@ -242,13 +291,19 @@ fn comparable(s: &Stats) -> String {
 
 /// The table's view of every flow (both directions' keys) and its counters.
 fn table_view(dp: &Dataplane, now: Instant) -> String {
+    let keys = clients().into_iter().flat_map(|(c, vip, _)| {
+        [IpProto::Tcp, IpProto::Udp]
+            .map(|proto| FlowKey::new(c.ip(), c.port(), vip.ip(), vip.port(), proto).unwrap())
+    });
+    view_of(dp, now, keys)
+}
+
+/// The entries of `keys` and the tables' counters.
+fn view_of(dp: &Dataplane, now: Instant, keys: impl IntoIterator<Item = FlowKey>) -> String {
     let mut v = String::new();
-    for (c, vip, _) in clients() {
-        for proto in [IpProto::Tcp, IpProto::Udp] {
-            let k = FlowKey::new(c.ip(), c.port(), vip.ip(), vip.port(), proto).unwrap();
-            let ct = if k.is_ipv4() { &dp.ct4 } else { &dp.ct6 };
-            v += &format!("{:?}\n", ct.get(&k, now));
-        }
+    for k in keys {
+        let ct = if k.is_ipv4() { &dp.ct4 } else { &dp.ct6 };
+        v += &format!("{:?}\n", ct.get(&k, now));
     }
     v + &format!("{:?} {:?}", dp.ct4.counters(), dp.ct6.counters())
 }
@@ -267,12 +322,7 @@ proptest! {
     fn the_fast_path_forwards_as_the_locked_path_does(
         script in proptest::collection::vec(
             (
-                prop_oneof![
-                    20 => Just(Step::Burst),
-                    2 => prop_oneof![Just(10u64), Just(300), Just(2_000), Just(400_000)].prop_map(Step::Advance),
-                    1 => Just(Step::Housekeeping),
-                    1 => (0usize..3).prop_map(Step::Health),
-                ],
+                step(),
                 proptest::collection::vec(
                     prop_oneof![
                         8 => (0usize..48, kind()).prop_map(|(f, k)| Pkt::Client(f, k)),
@@ -300,28 +350,8 @@ proptest! {
         let mut down = [false; 3];
         let mut by_fast = 0;
         for (step, burst) in &script {
-            match *step {
-                Step::Advance(ms) => {
-                    locked.now += lb_core::Duration::from_millis(ms);
-                    fast.rig.now = locked.now;
-                    continue;
-                }
-                Step::Housekeeping => {
-                    locked.dp.housekeeping(locked.now, 64);
-                    fast.flush();
-                    fast.rig.dp.housekeeping(fast.rig.now, 64);
-                    continue;
-                }
-                Step::Health(b) => {
-                    down[b] = !down[b];
-                    let id = locked.cp.backend_id(sa("203.0.113.10:80"), Proto::Tcp, sa(B3[b])).unwrap();
-                    for r in [&mut locked, &mut fast.rig] {
-                        r.cp.set_healthy(id, !down[b]);
-                        r.rebuild();
-                    }
-                    continue;
-                }
-                Step::Burst => {}
+            if between(*step, &mut locked, &mut fast, &mut down, |b| sa(B3[b])) {
+                continue;
             }
             let (sent, pkts): (Vec<Pkt>, Vec<Vec<u8>>) = burst
                 .iter()
@@ -693,4 +723,274 @@ fn an_answer_after_its_own_flows_request_in_a_burst_waits_its_turn() {
     let phase = r.rig.dp.timing.phase(&key);
     assert_eq!(phase, locked.dp.timing.phase(&key));
     assert_ne!(phase, timing::Phase::Response, "the answer ended the clock");
+}
+
+/// Services whose replies go straight from the backends to the clients, in `mode` (`Tunnel`:
+/// IPIP for TCP, GUE for UDP, with a path MTU of 1 400 bytes; `Dr`: MAC addresses): TCP over
+/// IPv4 and IPv6, UDP over IPv4.
+fn one_way_spec(mode: Mode) -> DataplaneSpec {
+    let mut s = nat_spec(
+        "203.0.113.10:80",
+        Proto::Tcp,
+        &["198.51.100.11:0", "198.51.100.12:0", "198.51.100.13:0"],
+    );
+    let mut v6 = ServiceSpec::new(sa("[2001:db8::10]:80"), Proto::Tcp, mode);
+    for b in ["[2001:db8:1::11]:0", "[2001:db8:1::12]:0"] {
+        v6 = v6.with_backend(sa(b), 1);
+    }
+    let mut udp = ServiceSpec::new(sa("203.0.113.30:4000"), Proto::Udp, mode);
+    for b in ["198.51.100.31:0", "198.51.100.32:0"] {
+        udp = udp.with_backend(sa(b), 1);
+    }
+    if mode == Mode::Tunnel {
+        udp.tunnel = TunnelKind::Gue { port: 6080 };
+    }
+    s.services.extend([v6, udp]);
+    for (i, svc) in s.services.iter_mut().enumerate() {
+        svc.mode = mode;
+        for (j, b) in svc.backends.iter_mut().enumerate() {
+            b.mac = Some(MacAddr([2, 0, 0, 0, i as u8, j as u8]));
+        }
+    }
+    s.mtu = 1400;
+    s.timeouts.tcp_close = lb_core::Duration::from_millis(500);
+    s
+}
+
+/// The clients of `one_way_spec`: (client, VIP, TCP?).
+fn one_way_clients() -> Vec<(SocketAddr, SocketAddr, bool)> {
+    let mut v = Vec::new();
+    for c in 0..8u16 {
+        v.push((sa("192.0.2.2:30000"), sa("203.0.113.10:80"), true));
+        v.push((sa("[2001:db8:2::2]:30000"), sa("[2001:db8::10]:80"), true));
+        v.push((sa("192.0.2.4:32000"), sa("203.0.113.30:4000"), false));
+        for f in v.iter_mut().rev().take(3) {
+            f.0.set_port(f.0.port() + c);
+        }
+    }
+    v
+}
+
+/// An IP packet as the device delivers it: framed for `link` (an Ethernet header from a router
+/// to the balancer), and with an offload header saying its TCP checksum is partial if
+/// `partial` (IPv4 TCP only), a super-packet of 2-byte segments if `gso` too.
+fn delivered(link: Link, mut ip: Vec<u8>, partial: bool, gso: bool) -> (Vec<u8>, VnetHdr) {
+    let v4_tcp = ip[0] >> 4 == 4 && ip[9] == 6;
+    let mut hdr = if partial && v4_tcp {
+        offloaded(&mut ip, gso.then_some(2))
+    } else {
+        VnetHdr::NONE
+    };
+    if link == Link::Ethernet && hdr.needs_csum {
+        // (Offsets in the frame.)
+        hdr.csum_start += 14;
+    }
+    (super::place::frame(link, &ip), hdr)
+}
+
+/// The table's view of every `one_way_clients` flow and its counters.
+fn one_way_view(dp: &Dataplane, now: Instant) -> String {
+    let keys = one_way_clients().into_iter().map(|(c, vip, tcp)| {
+        let proto = if tcp { IpProto::Tcp } else { IpProto::Udp };
+        FlowKey::new(c.ip(), c.port(), vip.ip(), vip.port(), proto).unwrap()
+    });
+    view_of(dp, now, keys)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Modes `tunnel` (on a TUN device) and `dr` (on a TAP device), whose replies do not come
+    /// back: whatever the traffic (handshakes, data, FIN, RST, packets too big for the tunnel's
+    /// path MTU, partial checksums and super-packets from a device with offloads, garbage),
+    /// the clock, the tables and evictions, the fast path forwards every packet with the
+    /// verdict, bytes and offload header the locked path alone gives, and leaves the same
+    /// counters and flow entries.
+    #[test]
+    fn the_fast_path_tunnels_and_routes_directly_as_the_locked_path_does(
+        dr in any::<bool>(),
+        script in proptest::collection::vec(
+            (
+                step(),
+                proptest::collection::vec(
+                    prop_oneof![
+                        12 => (0usize..24, kind(), any::<bool>(), any::<bool>())
+                            .prop_map(|(f, k, partial, gso)| (Some(f), k, partial, gso)),
+                        1 => Just((None, 0u8, false, false)),
+                    ],
+                    1..40,
+                ),
+            ),
+            1..40,
+        ),
+        entries in prop_oneof![Just(4usize), Just(256)],
+        small in any::<bool>(),
+    ) {
+        let (mode, link) = if dr { (Mode::Dr, Link::Ethernet) } else { (Mode::Tunnel, Link::Ip) };
+        let flows = one_way_clients();
+        let mut spec = one_way_spec(mode);
+        if small {
+            spec.conntrack_capacity = 16;
+        }
+        let mut locked = Rig::new(spec.clone(), link);
+        let mut fast = FastRig::on(spec, entries, link);
+        let mut down = [false; 3];
+        let mut by_fast = 0;
+        for (step, burst) in &script {
+            let backend = |b: usize| sa(&format!("198.51.100.1{}:0", b + 1));
+            if between(*step, &mut locked, &mut fast, &mut down, backend) {
+                continue;
+            }
+            let (pkts, mut hdrs): (Vec<Vec<u8>>, Vec<VnetHdr>) = burst
+                .iter()
+                .map(|&(f, k, partial, gso)| {
+                    let Some(f) = f else {
+                        return (vec![0x45, 0, 0, 8, 1, 2], VnetHdr::NONE);
+                    };
+                    let (c, vip, is_tcp) = flows[f];
+                    let ip = if is_tcp {
+                        let (fl, data) = tcp_flags_of(k, true);
+                        // Kind 3: too big for the tunnel's path MTU (1 400) once encapsulated.
+                        let big = [7u8; 1_390];
+                        tcp(c, vip, fl, if k % 8 == 3 { &big[..] } else { data })
+                    } else {
+                        udp(c, vip, if k % 8 == 3 { &[7u8; 1_390][..] } else { b"q" })
+                    };
+                    delivered(link, ip, partial, gso && k % 8 != 0)
+                })
+                .unzip();
+            let want = {
+                let mut bufs = to_bufs(&pkts);
+                let lens: Vec<usize> = pkts.iter().map(Vec::len).collect();
+                let mut out = vec![Verdict::Drop(DropReason::Malformed); pkts.len()];
+                let mut h = hdrs.clone();
+                let now = locked.now;
+                locked.dp.process_batch_offload(&mut bufs, HEADROOM, &lens, &mut h, now, &mut out);
+                (outputs(&bufs, &out), h)
+            };
+            let (got, n) = fast.burst(&pkts, Some(&mut hdrs));
+            by_fast += n;
+            prop_assert_eq!(&got, &want.0);
+            prop_assert_eq!(&hdrs, &want.1);
+        }
+        fast.flush();
+        prop_assert_eq!(comparable(locked.dp.stats()), comparable(fast.rig.dp.stats()));
+        prop_assert_eq!(fast.rig.dp.stats().fast_path as usize, by_fast);
+        prop_assert_eq!(fast.rig.dp.stats().fast_path_orphaned, 0);
+        prop_assert_eq!(
+            one_way_view(&locked.dp, locked.now),
+            one_way_view(&fast.rig.dp, fast.rig.now)
+        );
+    }
+}
+
+/// Modes `tunnel` and `dr`: a flow's packets go the fast way once it is established, encapsulated
+/// (IPIP, GUE) or with the backend's MAC address as the locked path does it; a packet too big
+/// for the tunnel takes the lock, which answers it; a partial checksum is completed first.
+#[test]
+fn tunnel_and_dr_flows_go_the_fast_way() {
+    for (mode, link) in [(Mode::Tunnel, Link::Ip), (Mode::Dr, Link::Ethernet)] {
+        let mut r = FastRig::on(one_way_spec(mode), 64, link);
+        for (client, vip, is_tcp) in [
+            (sa("192.0.2.2:40000"), sa("203.0.113.10:80"), true),
+            (sa("[2001:db8:2::2]:40000"), sa("[2001:db8::10]:80"), true),
+            (sa("192.0.2.4:40000"), sa("203.0.113.30:4000"), false),
+        ] {
+            let pkt = |fl: u8, data: &[u8]| {
+                if is_tcp {
+                    tcp(client, vip, fl, data)
+                } else {
+                    udp(client, vip, data)
+                }
+            };
+            let (first, n) = r.burst(&[delivered(link, pkt(SYN, b""), false, false).0], None);
+            assert_eq!(n, 0, "{mode:?} {vip}: a new flow takes the lock");
+            // TCP: the handshake's ACK makes it established (one way: the balancer sees the
+            // client's side only); UDP: its second datagram confirms it.
+            let (_, n) = r.burst(&[delivered(link, pkt(ACK, b""), false, false).0], None);
+            assert_eq!(n, 0, "{mode:?} {vip}: the plan is made under the lock");
+            let data: Vec<(Vec<u8>, VnetHdr)> = (0..4)
+                .map(|i| delivered(link, pkt(PSHACK, b"data"), i % 2 == 1, false))
+                .collect();
+            let (pkts, mut hdrs): (Vec<_>, Vec<_>) = data.into_iter().unzip();
+            let (out, n) = r.burst(&pkts, Some(&mut hdrs));
+            assert_eq!(n, 4, "{mode:?} {vip}: established packets go the fast way");
+            let want_backend = &first[0].1;
+            for ((v, o), inner) in out.iter().zip(&pkts) {
+                assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+                match mode {
+                    Mode::Dr => {
+                        assert_eq!(o[..12], want_backend[..12], "the same MACs");
+                        assert_eq!(&o[12..], &inner[12..], "the IP packet untouched");
+                    }
+                    _ => {
+                        // The backend's address outside, the packet (its checksum complete)
+                        // inside.
+                        let outer = parse(o, Link::Ip).unwrap();
+                        let was = parse(want_backend, Link::Ip).unwrap();
+                        assert_eq!(outer.key.dst(), was.key.dst());
+                        assert_eq!(outer.proto, was.proto);
+                        let plain = pkt(PSHACK, b"data");
+                        assert!(o.ends_with(&plain), "{mode:?} {vip}: the inner packet");
+                        let ip = if vip.is_ipv4() { 20 } else { 40 };
+                        let gue = if is_tcp { 0 } else { 12 };
+                        assert_eq!(o.len(), inner.len() + ip + gue);
+                    }
+                }
+            }
+            assert!(hdrs.iter().all(|h| mode == Mode::Dr || *h == VnetHdr::NONE));
+            // Too big for the tunnel once encapsulated: through the lock, answered there.
+            let (big, n) = r.burst(
+                &[delivered(link, pkt(PSHACK, &[7; 1_390]), false, false).0],
+                None,
+            );
+            if mode == Mode::Tunnel {
+                assert_eq!(n, 0);
+                assert!(matches!(big[0].0, Verdict::Reply { .. }), "{:?}", big[0].0);
+            } else {
+                assert_eq!(n, 1);
+            }
+        }
+        r.flush();
+        let s = r.rig.dp.stats();
+        assert_eq!(
+            s.fast_path,
+            if mode == Mode::Dr { 15 } else { 12 },
+            "{mode:?}"
+        );
+        assert_eq!(s.fast_path_orphaned, 0);
+        if mode == Mode::Tunnel {
+            assert_eq!(s.csum_completed, 2, "the IPv4 TCP flow's partial checksums");
+        }
+    }
+}
+
+/// What the fast path forwarded is handed back oldest first: a flow whose packets went by plan
+/// before the clock moved keeps its own last-seen time, although another flow's packets went
+/// by plan later and were handed back at the same lock (the table's clock never goes back, so
+/// the other order dated the first flow by the second's time; found by the tunnel / DR
+/// property test).
+#[test]
+fn handed_back_flows_keep_their_own_last_seen_times() {
+    let mut r = FastRig::new(fast_spec(), 64);
+    let vip = sa("203.0.113.30:4000");
+    let (a, b) = (sa("192.0.2.4:40000"), sa("192.0.2.4:40001"));
+    // Two datagrams each: the second confirms the flow and leaves its plan.
+    for c in [a, b] {
+        for _ in 0..2 {
+            assert_eq!(r.burst(&[udp(c, vip, b"q")], None).1, 0);
+        }
+    }
+    let t0 = r.rig.now;
+    assert_eq!(r.burst(&[udp(a, vip, b"q")], None).1, 1);
+    r.rig.now += lb_core::Duration::from_millis(10);
+    assert_eq!(r.burst(&[udp(b, vip, b"q")], None).1, 1);
+    r.flush();
+    let now = r.rig.now;
+    let seen = |c: SocketAddr| {
+        let k = FlowKey::new(c.ip(), c.port(), vip.ip(), vip.port(), IpProto::Udp).unwrap();
+        r.rig.dp.ct4.get(&k, now).unwrap().last_seen
+    };
+    assert_eq!(seen(a), t0);
+    assert_eq!(seen(b), now);
 }

@@ -514,7 +514,7 @@ impl Dataplane {
                 }
             }
             (FragAction::Tunnel { hash }, Some(b)) => {
-                encapsulate(buf, cx, b, tables, hash, &mut self.icmp)
+                encapsulate(buf, cx, b, tables, hash, &mut self.icmp).0
             }
             (FragAction::Dr, Some(b)) if self.link == Link::Ethernet => {
                 match b.mac.map(|m| dr::set_macs(pkt, m, Some(tables.mac))) {

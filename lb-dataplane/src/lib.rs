@@ -162,6 +162,7 @@ pub use tables::{BackendInfo, BuildError, ControlPlane, Reload, ServiceTable, Ta
 pub use validate::SpecError;
 
 use classify::{OwnRing, PreRing, OWN_RING};
+use fast::Action;
 use load::Live;
 use tables::Scheduler;
 use timing::{Sample, Timing};
@@ -1274,7 +1275,8 @@ impl Dataplane {
                     Ok(()) => {
                         if let Some(pl) = planned {
                             let other = nat_tuple.as_ref();
-                            self.keep_plan(&key, hash.hash(), other, id, (snat, Some(b.addr)), pl);
+                            let a = Action::Nat(snat, Some(b.addr));
+                            self.keep_plan(&key, hash.hash(), other, id, a, pl);
                         }
                         done
                     }
@@ -1285,7 +1287,8 @@ impl Dataplane {
                 Ok(()) => {
                     if let Some(pl) = planned {
                         let other = nat_tuple.as_ref();
-                        self.keep_plan(&key, hash.hash(), other, id, (None, Some(b.addr)), pl);
+                        let a = Action::Nat(None, Some(b.addr));
+                        self.keep_plan(&key, hash.hash(), other, id, a, pl);
                     }
                     done
                 }
@@ -1294,15 +1297,28 @@ impl Dataplane {
             // Only a frame has a MAC address to rewrite: on a device that delivers IP
             // packets the "frame header" would be the IP header.
             Mode::Dr if self.link != Link::Ethernet => Verdict::Drop(DropReason::RewriteFailed),
-            Mode::Dr => match b.mac.map(|m| dr::set_macs(pkt, m, Some(tables.mac))) {
-                Some(Ok(_)) => done,
-                _ => Verdict::Drop(DropReason::RewriteFailed),
-            },
+            Mode::Dr => {
+                let (dst, src) = (b.mac, tables.mac);
+                match dst.map(|m| dr::set_macs(pkt, m, Some(src))) {
+                    Some(Ok(_)) => {
+                        if let (Some(pl), Some(dst)) = (planned, dst) {
+                            let a = Action::Dr { dst, src };
+                            self.keep_plan(&key, hash.hash(), None, id, a, pl);
+                        }
+                        done
+                    }
+                    _ => Verdict::Drop(DropReason::RewriteFailed),
+                }
+            }
             Mode::Tunnel => {
                 // A new outer header: nothing of the old offload header applies.
                 *hdr = VnetHdr::NONE;
                 let h = self.flows.hash_flow(&key);
-                encapsulate(buf, cx, b, tables, h, &mut self.icmp)
+                let (v, to) = encapsulate(buf, cx, b, tables, h, &mut self.icmp);
+                if let (Some(pl), Some(to)) = (planned, to) {
+                    self.keep_plan(&key, hash.hash(), None, id, Action::Tunnel(to), pl);
+                }
+                v
             }
         }
     }
@@ -1548,7 +1564,8 @@ impl Dataplane {
         match nat_rewrite(pkt, p, src, dst, csum) {
             Ok(()) => {
                 if let Some(pl) = planned {
-                    self.keep_plan(&key, hash.hash(), Some(&orig), hit.backend, (src, dst), pl);
+                    let a = Action::Nat(src, dst);
+                    self.keep_plan(&key, hash.hash(), Some(&orig), hit.backend, a, pl);
                     if let Some(plan) = self.plan.as_mut() {
                         plan.forward = false;
                     }
@@ -1784,7 +1801,105 @@ pub(crate) fn mid_flow_backend(table: &AnyHash, tables: &Tables, h: u64) -> Opti
     })
 }
 
-/// Tunnel mode: encapsulate in the headroom, or answer "too big" / drop.
+/// Where and how tunnel mode encapsulates a flow's packets: what a fast-path plan keeps too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TunnelTo {
+    kind: TunnelKind,
+    /// The outer source (the balancer's address of the backend's family) and destination.
+    src: IpAddr,
+    dst: IpAddr,
+    /// The path MTU towards the backends.
+    mtu: u16,
+    /// The flow's scheduling hash (the IPv6 flow label and the GUE source port come from it).
+    flow_hash: u64,
+}
+
+impl TunnelTo {
+    /// Tunnel mode's encapsulation of a flow of hash `flow_hash` to backend `b`, if the
+    /// balancer has an address of the backend's family.
+    fn of(b: &BackendInfo, tables: &Tables, flow_hash: u64) -> Option<TunnelTo> {
+        Some(TunnelTo {
+            kind: b.tunnel,
+            src: tables.snat_for(b.addr.ip())?,
+            dst: b.addr.ip(),
+            mtu: tables.mtu,
+            flow_hash,
+        })
+    }
+
+    /// The bytes the encapsulation adds.
+    #[inline]
+    pub(crate) fn overhead(&self) -> usize {
+        let ip = if self.src.is_ipv4() {
+            tunnel::IPV4_HEADER
+        } else {
+            tunnel::IPV6_HEADER
+        };
+        ip + match self.kind {
+            TunnelKind::Ipip => 0,
+            TunnelKind::Gue { .. } => tunnel::GUE_OVERHEAD,
+        }
+    }
+
+    /// Whether a packet of `len` IP bytes fits the path MTU once encapsulated (then it is
+    /// never "too big").
+    #[inline]
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        len + self.overhead() <= usize::from(self.mtu)
+    }
+
+    /// Encapsulates the IP packet `buf[start..end]` (of `family`) in the headroom before it.
+    #[inline]
+    pub(crate) fn encap(
+        &self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        family: Family,
+    ) -> Result<(Encap, usize, usize), PacketError> {
+        // The kernel already decremented the inner TTL when it routed the packet into the
+        // device.
+        let params = TunnelParams {
+            ttl: 64,
+            path_mtu: self.mtu,
+            decrement_ttl: false,
+        };
+        let region = buf.get_mut(..end).ok_or(PacketError::Truncated {
+            layer: lb_packet::Layer::Ipv4,
+            need: end,
+            have: 0,
+        })?;
+        let mut pb = PacketBuf::new(region, start, end - start)?;
+        let label = (self.flow_hash as u32) & 0x000f_ffff;
+        let r = match (self.kind, self.src, self.dst, family) {
+            (TunnelKind::Ipip, IpAddr::V4(s), IpAddr::V4(d), Family::V4) => {
+                tunnel::encap_ipip(&mut pb, s, d, &params)
+            }
+            (TunnelKind::Ipip, IpAddr::V6(s), IpAddr::V6(d), Family::V6) => {
+                tunnel::encap_ip6ip6(&mut pb, s, d, label, &params)
+            }
+            (TunnelKind::Ipip, IpAddr::V6(s), IpAddr::V6(d), Family::V4) => {
+                tunnel::encap_4in6(&mut pb, s, d, label, &params)
+            }
+            (TunnelKind::Gue { port }, s, d, _) => tunnel::encap_gue(
+                &mut pb,
+                s,
+                d,
+                port,
+                tunnel::entropy_port(self.flow_hash),
+                &params,
+            ),
+            _ => Err(PacketError::BadVersion {
+                layer: lb_packet::Layer::Ipv4,
+                version: 0,
+            }),
+        }?;
+        Ok((r, pb.offset(), pb.len()))
+    }
+}
+
+/// Tunnel mode: encapsulate in the headroom, or answer "too big" / drop. With the
+/// encapsulation, for a fast path's plan.
 fn encapsulate(
     buf: &mut [u8],
     cx: &Ctx<'_>,
@@ -1792,54 +1907,22 @@ fn encapsulate(
     tables: &Tables,
     flow_hash: u64,
     out: &mut icmp_limit::IcmpOut,
-) -> Verdict {
+) -> (Verdict, Option<TunnelTo>) {
     let Ctx { start, end, p, .. } = *cx;
-    let Some(src) = tables.snat_for(b.addr.ip()) else {
-        return Verdict::Drop(DropReason::RewriteFailed);
+    let Some(to) = TunnelTo::of(b, tables, flow_hash) else {
+        return (Verdict::Drop(DropReason::RewriteFailed), None);
     };
-    // The kernel already decremented the inner TTL when it routed the packet into the device.
-    let params = TunnelParams {
-        ttl: 64,
-        path_mtu: tables.mtu,
-        decrement_ttl: false,
-    };
-    let Some(region) = buf.get_mut(..end) else {
-        return Verdict::Drop(DropReason::Malformed);
-    };
-    let Ok(mut pb) = PacketBuf::new(region, start, end - start) else {
-        return Verdict::Drop(DropReason::Malformed);
-    };
-    let label = (flow_hash as u32) & 0x000f_ffff;
-    let r = match (b.tunnel, src, b.addr.ip(), p.family) {
-        (TunnelKind::Ipip, IpAddr::V4(s), IpAddr::V4(d), Family::V4) => {
-            tunnel::encap_ipip(&mut pb, s, d, &params)
-        }
-        (TunnelKind::Ipip, IpAddr::V6(s), IpAddr::V6(d), Family::V6) => {
-            tunnel::encap_ip6ip6(&mut pb, s, d, label, &params)
-        }
-        (TunnelKind::Ipip, IpAddr::V6(s), IpAddr::V6(d), Family::V4) => {
-            tunnel::encap_4in6(&mut pb, s, d, label, &params)
-        }
-        (TunnelKind::Gue { port }, s, d, _) => tunnel::encap_gue(
-            &mut pb,
-            s,
-            d,
-            port,
-            tunnel::entropy_port(flow_hash),
-            &params,
+    if start > end || end > buf.len() {
+        return (Verdict::Drop(DropReason::Malformed), None);
+    }
+    match to.encap(buf, start, end, p.family) {
+        Ok((Encap::Done, start, len)) => (Verdict::Forward { start, len }, Some(to)),
+        Ok((Encap::TooBig { mtu }, ..)) => (
+            icmp_reply(buf, cx, b.vip.ip(), IcmpError::TooBig { mtu }, out),
+            None,
         ),
-        _ => return Verdict::Drop(DropReason::RewriteFailed),
-    };
-    match r {
-        Ok(Encap::Done) => Verdict::Forward {
-            start: pb.offset(),
-            len: pb.len(),
-        },
-        Ok(Encap::TooBig { mtu }) => {
-            icmp_reply(buf, cx, b.vip.ip(), IcmpError::TooBig { mtu }, out)
-        }
-        Err(PacketError::TtlExpired) => Verdict::Drop(DropReason::TtlExpired),
-        Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+        Err(PacketError::TtlExpired) => (Verdict::Drop(DropReason::TtlExpired), None),
+        Err(_) => (Verdict::Drop(DropReason::RewriteFailed), None),
     }
 }
 

@@ -146,7 +146,7 @@ enum Who {
 }
 
 /// An IP packet framed for `link` (an Ethernet header from a router to the balancer).
-fn frame(link: Link, ip: &[u8]) -> Vec<u8> {
+pub(super) fn frame(link: Link, ip: &[u8]) -> Vec<u8> {
     match link {
         Link::Ip => ip.to_vec(),
         Link::Ethernet => {

@@ -336,9 +336,18 @@ fn offload_tunnel_cuts_super_packets() {
     if !need_root() || !need_tool("curl") {
         return;
     }
-    // The third round writes through io_uring: the cut segments too, a burst per submission.
-    for (tunnel, uring) in [("gue", false), ("ipip", false), ("ipip", true)] {
-        let mut lab = Lab::new(&format!("off{tunnel}{}", if uring { "u" } else { "" }));
+    // The third round writes through io_uring: the cut segments too, a burst per submission;
+    // the fourth has two queues, each thread with its own plans and its own cutter's.
+    for (tunnel, uring, queues) in [
+        ("gue", false, 1),
+        ("ipip", false, 1),
+        ("ipip", true, 1),
+        ("gue", false, 2),
+    ] {
+        let mut lab = Lab::new(&format!(
+            "off{tunnel}{}{queues}",
+            if uring { "u" } else { "" }
+        ));
         let t = lab.topology(3);
         for b in t.backends.clone() {
             lab.vip_on_backend(&b, &[VIP4, VIP6]);
@@ -348,7 +357,7 @@ fn offload_tunnel_cuts_super_packets() {
         let cfg = format!(
             "[balancer]\ndevice = \"lb0\"\nsnat_addrs = [\"203.0.113.100\", \"2001:db8:100::100\"]\n\
              conntrack_capacity = 65536\nstats = \"127.0.0.1:9100\"\nmtu = 1500\noffload = true\n\
-             io_uring = {uring}\n{}",
+             io_uring = {uring}\nqueues = {queues}\n{}",
             services(
                 "tunnel",
                 &format!("tunnel = \"{tunnel}\"\n"),
@@ -362,7 +371,7 @@ fn offload_tunnel_cuts_super_packets() {
             &["203.0.113.10/32 dev lb0", "2001:db8:10::10/128 dev lb0"],
         );
         println!(
-            "mode tunnel {tunnel}{}:",
+            "mode tunnel {tunnel}{}, {queues} queue(s):",
             if uring { ", io_uring" } else { "" }
         );
         check(&lab, &t, &sums, true, true);

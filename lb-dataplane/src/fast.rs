@@ -678,13 +678,14 @@ fn by_plan(
     let failed = Verdict::Drop(DropReason::RewriteFailed);
     let mut completed = 0;
     let end = start.saturating_add(len);
-    let v = match (plan.action, buf.get_mut(start..end)) {
+    // (By reference: the action is larger than what each arm reads.)
+    let v = match (&plan.action, buf.get_mut(start..end)) {
         (_, None) => failed,
-        (Action::Nat(src, dst), Some(pkt)) => match nat_rewrite(pkt, p, src, dst, c.csum) {
+        (&Action::Nat(src, dst), Some(pkt)) => match nat_rewrite(pkt, p, src, dst, c.csum) {
             Ok(()) => Verdict::Forward { start, len },
             Err(_) => failed,
         },
-        (Action::Dr { dst, src }, Some(pkt)) => match dr::set_macs(pkt, dst, Some(src)) {
+        (&Action::Dr { dst, src }, Some(pkt)) => match dr::set_macs(pkt, dst, Some(src)) {
             Ok(_) => Verdict::Forward { start, len },
             Err(_) => failed,
         },

@@ -603,6 +603,11 @@ fn datapath(
             let mut dp = sh.dp.lock();
             let got = StdInstant::now();
             let t = at(epoch, got);
+            if housekeeping {
+                // What the fast path forwarded among cut segments reaches the counters too
+                // (first: those segments came before this burst).
+                cut.hand_back(&mut dp, t);
+            }
             let hdrs = if vnet { Some(&mut hdrs[..n]) } else { None };
             dp.process_batch_classified(
                 &mut cl,
@@ -619,8 +624,6 @@ fn datapath(
                 }
             }
             if housekeeping {
-                // What the fast path forwarded among cut segments reaches the counters too.
-                cut.hand_back(&mut dp, t);
                 dp.housekeeping(t, 1024);
                 while let Some(len) = dp.splice_poll(&mut emit, t) {
                     tx.send(&mut q, vnet, &VnetHdr::NONE, &emit[..len], sh, i);

@@ -75,6 +75,57 @@ fn backend_answer(out: &[u8], flags: u8) -> Vec<u8> {
     reply
 }
 
+/// Flow `i`'s complete handshake through `dp` in mode `nat` (its SYN, the backend's SYN-ACK to
+/// the SNAT address, its ACK), in `buf` from template `tpl`: the flow is then established,
+/// which eviction spares.
+fn handshake(dp: &mut Dataplane, buf: &mut [u8], tpl: &[u8], i: u32, now: Instant) {
+    for flags in [0x02, 0x10] {
+        buf[HEADROOM..HEADROOM + tpl.len()].copy_from_slice(tpl);
+        patch(&mut buf[HEADROOM..], i, flags);
+        let v = dp.process(buf, HEADROOM, tpl.len(), now);
+        let Verdict::Forward { start, len } = v else {
+            panic!("warm-up flow {i}: {v:?}");
+        };
+        if flags == 0x02 {
+            // The backend's answer to the SYN.
+            let reply = backend_answer(&buf[start..start + len], 0x12);
+            buf[HEADROOM..HEADROOM + len].copy_from_slice(&reply);
+            let v = dp.process(buf, HEADROOM, len, now);
+            assert!(
+                matches!(v, Verdict::Forward { .. }),
+                "warm-up reply {i}: {v:?}"
+            );
+        }
+    }
+}
+
+/// What a fast-path bench bursts with: 32 buffers of 54-byte packets, their verdicts, the
+/// flow-picking xorshift state, and two classifiers of `dp`, one without plans (`cl`, for
+/// `locked`) and one with 1 024 (`fcl`, for `fast`).
+struct Bursts {
+    bufs: Vec<Vec<u8>>,
+    lens: [usize; 32],
+    verdicts: [Verdict; 32],
+    x: u64,
+    cl: lb_dataplane::Classifier,
+    fcl: lb_dataplane::Classifier,
+}
+
+impl Bursts {
+    fn new(dp: &Dataplane) -> Bursts {
+        let mut fcl = dp.classifier(32);
+        fcl.enable_fast_path(1024);
+        Bursts {
+            bufs: (0..32).map(|_| vec![0u8; HEADROOM + 2048]).collect(),
+            lens: [54; 32],
+            verdicts: [Verdict::Drop(DropReason::Malformed); 32],
+            x: 0x9e37_79b9_7f4a_7c15,
+            cl: dp.classifier(32),
+            fcl,
+        }
+    }
+}
+
 /// The data path of `spec`, with the benches' hash key.
 fn dataplane(spec: &DataplaneSpec) -> Dataplane {
     let key = HashKey::from_bytes([42; 16]);
@@ -125,7 +176,6 @@ pub fn register(c: &mut Criterion) {
     };
     let mut dp = dataplane(&spec);
     let mut buf = vec![0u8; HEADROOM + 2048];
-    let mut pkt = template();
     // The measured loops copy this unpatched template into the buffer, then patch the buffer
     // (patching a template and copying it would read back bytes just written by narrow stores,
     // a store-forwarding stall no packet read from a device has).
@@ -134,24 +184,7 @@ pub fn register(c: &mut Criterion) {
     // Warm-up: 1 M complete handshakes (SYN, the backend's SYN-ACK to the SNAT address, ACK),
     // so the table holds 1 M established flows, which eviction spares.
     for i in 0..FLOWS {
-        for flags in [0x02, 0x10] {
-            patch(&mut pkt, i, flags);
-            buf[HEADROOM..HEADROOM + 54].copy_from_slice(&pkt);
-            let v = dp.process(&mut buf, HEADROOM, 54, now);
-            let Verdict::Forward { start, len } = v else {
-                panic!("warm-up flow {i}: {v:?}");
-            };
-            if flags == 0x02 {
-                // The backend's answer to the SYN.
-                let reply = backend_answer(&buf[start..start + len], 0x12);
-                buf[HEADROOM..HEADROOM + len].copy_from_slice(&reply);
-                let v = dp.process(&mut buf, HEADROOM, len, now);
-                assert!(
-                    matches!(v, Verdict::Forward { .. }),
-                    "warm-up reply {i}: {v:?}"
-                );
-            }
-        }
+        handshake(&mut dp, &mut buf, &tpl, i, now);
     }
     assert_eq!(dp.stats().dropped(), 0, "warm-up");
     let mut g = c.benchmark_group("dataplane");
@@ -428,13 +461,14 @@ pub fn register_tunnel_fast_path(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("dataplane");
     g.throughput(Throughput::Elements(BATCH as u64));
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; HEADROOM + 2048]).collect();
-    let lens = [54usize; BATCH];
-    let mut verdicts = [Verdict::Drop(DropReason::Malformed); BATCH];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut cl = dp.classifier(BATCH);
-    let mut fcl = dp.classifier(BATCH);
-    fcl.enable_fast_path(1024);
+    let Bursts {
+        mut bufs,
+        lens,
+        mut verdicts,
+        mut x,
+        mut cl,
+        mut fcl,
+    } = Bursts::new(&dp);
     for fast in [false, true] {
         let name = if fast { "fast" } else { "locked" };
         let fp0 = dp.stats().fast_path;
@@ -585,6 +619,112 @@ pub fn register_many_vips(c: &mut Criterion) {
         println!(
             "dataplane vips bench, {name}: {} packets, {} forwarded, drops {:?}",
             s.rx_packets, s.forwarded, s.drops
+        );
+    }
+    g.finish();
+}
+
+/// The fast path under a SYN flood that fills the flow table (mode `nat`, 2^16 entries): 256
+/// established hot flows, the rest of the table half-open entries of spoofed SYNs, and bursts
+/// of 32 packets of which every fourth is a SYN from a source never seen (each evicts the
+/// oldest half-open entry), the others ACKs of the hot flows. Classified, then forwarded by
+/// the plans where they may be and the rest under the data path (`fast`), or all under it
+/// (`locked`). What is measured is how many of the hot flows' packets go without the lock
+/// (printed) and the time per burst, which always takes the lock for its eight SYNs. With the
+/// free places alone as the margin, a full table sends every packet after a burst's first SYN
+/// through the lock; counting the half-open entries a flood keeps replacing, they go by plan.
+pub fn register_flood_fast_path(c: &mut Criterion) {
+    const BATCH: usize = 32;
+    const HOT: u32 = 256;
+    const CAPACITY: u32 = 1 << 16;
+    let mut svc = ServiceSpec::new("203.0.113.10:80".parse().unwrap(), Proto::Tcp, Mode::Nat);
+    for b in 11..14 {
+        svc = svc.with_backend(SocketAddr::new(IpAddr::from([198, 51, 100, b]), 8080), 1);
+    }
+    let spec = DataplaneSpec {
+        snat_addrs: (1..=4)
+            .map(|i| IpAddr::from([203, 0, 113, 100 + i]))
+            .collect(),
+        conntrack_capacity: CAPACITY as usize,
+        services: vec![svc],
+        ..DataplaneSpec::default()
+    };
+    let mut dp = dataplane(&spec);
+    let tpl = template();
+    let now = Instant::from_secs(1);
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    // The hot flows' handshakes (SYN, the backend's SYN-ACK, ACK), then the flood's first
+    // SYNs, which fill the table.
+    for i in 0..HOT {
+        handshake(&mut dp, &mut buf, &tpl, i, now);
+    }
+    let mut spoofed = 1_000_000u32;
+    for _ in HOT..CAPACITY {
+        spoofed += 1;
+        buf[HEADROOM..HEADROOM + 54].copy_from_slice(&tpl);
+        patch(&mut buf[HEADROOM..], spoofed, 0x02);
+        let v = dp.process(&mut buf, HEADROOM, 54, now);
+        assert!(
+            matches!(v, Verdict::Forward { .. }),
+            "flood {spoofed}: {v:?}"
+        );
+    }
+    assert_eq!(
+        dp.table_stats().entries,
+        CAPACITY as u64,
+        "the table is full"
+    );
+    let mut g = c.benchmark_group("dataplane");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let Bursts {
+        mut bufs,
+        lens,
+        mut verdicts,
+        mut x,
+        mut cl,
+        mut fcl,
+    } = Bursts::new(&dp);
+    for fast in [false, true] {
+        let name = if fast { "fast" } else { "locked" };
+        let (fp0, rx0) = (dp.stats().fast_path, dp.stats().rx_packets);
+        // The part a queue thread would spend holding the data path's lock.
+        let (mut held, mut bursts) = (std::time::Duration::ZERO, 0u32);
+        g.bench_function(
+            format!("fast_path32/nat_256_hot_flows_syn_flood_full_table/{name}"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut spent = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        ack_burst(&mut bufs, &tpl, &mut x, u64::from(HOT));
+                        for buf in bufs.iter_mut().skip(1).step_by(4) {
+                            spoofed = spoofed.wrapping_add(1).max(1_000_000);
+                            patch(&mut buf[HEADROOM..], spoofed, 0x02);
+                        }
+                        let c = if fast { &mut fcl } else { &mut cl };
+                        bursts += 1;
+                        let t0 = std::time::Instant::now();
+                        c.classify(&bufs, HEADROOM, &lens);
+                        c.forward_cached(&mut bufs, &lens, None, now, &mut verdicts);
+                        let t1 = std::time::Instant::now();
+                        dp.process_batch_classified(c, &mut bufs, &lens, None, now, &mut verdicts);
+                        let t2 = std::time::Instant::now();
+                        spent += t2 - t0;
+                        held += t2 - t1;
+                        black_box(&verdicts);
+                    }
+                    spent
+                })
+            },
+        );
+        let s = dp.stats();
+        println!(
+            "dataplane bench: syn_flood_full_table, {name}: {} of {} packets ({} hot) without the lock, {:.2} us per burst under the data path, drops {:?}, table {} entries",
+            s.fast_path - fp0,
+            s.rx_packets - rx0,
+            (s.rx_packets - rx0) * 3 / 4,
+            held.as_secs_f64() * 1e6 / f64::from(bursts.max(1)),
+            s.drops,
+            dp.table_stats().entries,
         );
     }
     g.finish();

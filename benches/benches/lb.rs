@@ -24,6 +24,7 @@ fn all(c: &mut Criterion) {
     dataplane::register(c);
     dataplane::register_many_vips(c);
     dataplane::register_tunnel_fast_path(c);
+    dataplane::register_flood_fast_path(c);
     midflow::register(c);
     sync::register(c);
 }

@@ -27,6 +27,9 @@
 //!
 //! Run with `--nocapture` for the figures (flood rate offered and absorbed, balancer CPU,
 //! SYNs per CPU-second); `benches/results/flood.md` records them.
+//!
+//! A second test floods a small flow table (4 096 entries) full of half-open entries beside
+//! one established UDP flow, whose packets must keep going by the fast path's plans.
 
 mod common;
 
@@ -40,6 +43,14 @@ const VIP4: &str = "203.0.113.10";
 const FLOOD_CPU_PERCENT: u32 = 15;
 
 const FLOOD: Duration = Duration::from_secs(20);
+
+/// One flood at a time: each test's figures are the balancer's under its own flood (the
+/// harness runs a file's tests in parallel, and on two cores two floods starve each other).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 const CLIENTS: usize = 10;
 const PERIOD_MS: u64 = 50;
 
@@ -141,11 +152,53 @@ fn flows(s: &serde_json::Value) -> u64 {
         .map_or(0, |b| b.iter().filter_map(|x| x["flows"].as_u64()).sum())
 }
 
+/// Starts the balancer with `cfg` (routes for the IPv4 VIP and SNAT address into lb0) and
+/// waits until its six backends are healthy.
+fn start_healthy(lab: &mut Lab, t: &common::Topo, cfg: &str) {
+    lab.start_balancer(
+        t,
+        "lb0",
+        cfg,
+        &["203.0.113.10/32 dev lb0", "203.0.113.100/32 dev lb0"],
+    );
+    let healthy = lab.wait_for(Duration::from_secs(10), || {
+        let s = lab.try_balancer_get(t, "/")?;
+        let up = s["backends"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["healthy"].as_bool() == Some(true))
+            .count();
+        (up == 6).then_some(())
+    });
+    assert!(healthy.is_some(), "backends not healthy");
+}
+
+/// Starts the spoofed SYN flood from namespace `f` (process `hping3`, at nice 19), capped at
+/// `FLOOD_CPU_PERCENT` of a core in cgroup `group` (see the module docs).
+fn flood(lab: &mut Lab, f: &str, group: &str) {
+    let argv = [
+        "nice",
+        "-n",
+        "19",
+        "hping3",
+        "--flood",
+        "--rand-source",
+        "-S",
+        "-p",
+        "80",
+        VIP4,
+    ];
+    lab.spawn(f, "hping3", &argv);
+    let capped = lab.cap_cpu("hping3", group, FLOOD_CPU_PERCENT);
+    println!("flooder CPU capped at {FLOOD_CPU_PERCENT} % of a core: {capped}");
+}
+
 #[test]
 fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
     if !need_root() || !need_tool("hping3") {
         return;
     }
+    let _turn = serial();
     let mut lab = Lab::new("snatflood");
     let t = lab.topology(3);
     for b in t.backends.clone() {
@@ -161,22 +214,7 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
         "snat_ports = \"40000-48191\"\n",
     );
     assert!(!cfg.contains("conntrack_capacity"));
-    lab.start_balancer(
-        &t,
-        "lb0",
-        &cfg,
-        &["203.0.113.10/32 dev lb0", "203.0.113.100/32 dev lb0"],
-    );
-    let healthy = lab.wait_for(Duration::from_secs(10), || {
-        let s = lab.try_balancer_get(&t, "/")?;
-        let up = s["backends"]
-            .as_array()?
-            .iter()
-            .filter(|b| b["healthy"].as_bool() == Some(true))
-            .count();
-        (up == 6).then_some(())
-    });
-    assert!(healthy.is_some(), "backends not healthy");
+    start_healthy(&mut lab, &t, &cfg);
     assert_eq!(
         lab.curl_many(&t.client, &format!("http://{VIP4}/id"), 5)
             .unwrap()
@@ -195,24 +233,7 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
         counter(&lab, &t.balancer, "lb0", "tx_dropped"),
     );
     let start = Instant::now();
-    lab.spawn(
-        &f,
-        "hping3",
-        &[
-            "nice",
-            "-n",
-            "19",
-            "hping3",
-            "--flood",
-            "--rand-source",
-            "-S",
-            "-p",
-            "80",
-            VIP4,
-        ],
-    );
-    let capped = lab.cap_cpu("hping3", "lb-flood-test", FLOOD_CPU_PERCENT);
-    println!("flooder CPU capped at {FLOOD_CPU_PERCENT} % of a core: {capped}");
+    flood(&mut lab, &f, "lb-flood-test");
     // The clients start a second into the flood and stop with it.
     std::thread::sleep(Duration::from_secs(1));
     let client_secs = FLOOD.as_secs_f64() - 1.0;
@@ -307,6 +328,175 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
             > 0,
         "no SNAT pressure: {}",
         s1["conntrack"]
+    );
+    assert!(
+        lab.alive("balancer"),
+        "balancer died: {}",
+        lab.log("balancer")
+    );
+}
+
+/// A UDP echo server (one socket, as many datagrams as come): `python3 - ADDR PORT`.
+const ECHO_SCRIPT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"#;
+
+/// One UDP flow: `python3 - VIP PORT SECS RATE` sends RATE datagrams a second for SECS
+/// seconds from one socket, counts the echoes (for a second more), prints `sent echoed`.
+const STREAM_SCRIPT: &str = r#"
+import socket, sys, threading, time
+vip, port, secs, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+s.connect((vip, port))
+s.settimeout(0.2)
+got = [0]
+done = [False]
+def rx():
+    quiet = None
+    while True:
+        try:
+            s.recv(2048)
+            got[0] += 1
+        except socket.timeout:
+            pass
+        except OSError:
+            pass
+        if done[0]:
+            quiet = quiet or time.monotonic()
+            if time.monotonic() - quiet > 1.0:
+                return
+t = threading.Thread(target=rx)
+t.start()
+sent = 0
+start = time.monotonic()
+while time.monotonic() - start < secs:
+    due = int((time.monotonic() - start) * rate)
+    while sent < due:
+        try:
+            s.send(b"x" * 32)
+            sent += 1
+        except OSError:
+            break
+    time.sleep(0.001)
+done[0] = True
+t.join()
+print(sent, got[0])
+"#;
+
+/// A spoofed SYN flood that fills the flow table (4 096 entries) with half-open entries, each
+/// new SYN evicting the oldest of them, beside one UDP flow of 3 000 datagrams a second each
+/// way: the flow's packets keep going by the queue thread's plans, without the data path's
+/// lock. The fast path may forward a packet that follows, in its burst, one that took the lock
+/// only while the tables can take that many new flows without evicting an established one;
+/// counting free places alone, a full table sent every such packet through the lock (with a
+/// flood, nearly every burst has a SYN in it); counting the half-open entries the flood keeps
+/// replacing, the established flow stays on the fast path.
+#[test]
+fn a_syn_flood_filling_the_table_leaves_established_flows_on_the_fast_path() {
+    if !need_root() || !need_tool("hping3") {
+        return;
+    }
+    let _turn = serial();
+    let mut lab = Lab::new("tableflood");
+    let t = lab.topology(3);
+    let echo = lab.write("echo.py", ECHO_SCRIPT);
+    for b in t.backends.clone() {
+        lab.http_server(&b, 8080);
+        let argv = [
+            common::python(),
+            echo.to_str().unwrap(),
+            &b.v4.to_string(),
+            "7000",
+        ];
+        lab.spawn(&b.ns, &format!("echo-{}", b.name), &argv);
+        lab.wait_listen(&b.ns, "udp", 7000);
+    }
+    let f = lab.flooder(&t);
+    let cfg = nat_config("nat", &["4"], 200).replace(
+        "conntrack_capacity = 65536\n",
+        "conntrack_capacity = 4096\n",
+    );
+    assert!(cfg.contains("conntrack_capacity = 4096"));
+    start_healthy(&mut lab, &t, &cfg);
+    flood(&mut lab, &f, "lb-tableflood-test");
+    // The flood fills the table within a second.
+    let full = lab.wait_for(Duration::from_secs(10), || {
+        let s = lab.try_balancer_get(&t, "/")?;
+        (s["conntrack"]["evicted_half_open"].as_u64()? > 0).then_some(())
+    });
+    assert!(full.is_some(), "the flood did not fill the table");
+    let s0 = lab.balancer_stats(&t);
+    let script = lab.write("stream.py", STREAM_SCRIPT);
+    let out = lab.sh(
+        &t.client,
+        &format!("{} {} {VIP4} 53 5 3000", common::python(), script.display()),
+    );
+    let s1 = lab.balancer_stats(&t);
+    lab.signal("hping3", "INT");
+    lab.wait_exit("hping3", Duration::from_secs(5));
+    lab.uncap_cpu("lb-tableflood-test");
+    let n: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let [sent, echoed] = n[..] else {
+        panic!("stream: {out:?}");
+    };
+    let delta = |a: &serde_json::Value, b: &serde_json::Value| {
+        b.as_u64()
+            .unwrap_or(0)
+            .saturating_sub(a.as_u64().unwrap_or(0))
+    };
+    // The stream's packets as the balancer counted them: its UDP service's backends' (the
+    // flood is TCP, to other backends), both directions, and those forwarded by plan.
+    let udp = |s: &serde_json::Value, k: &str| -> u64 {
+        s["backends"].as_array().map_or(0, |b| {
+            b.iter()
+                .filter(|x| x["addr"].as_str().is_some_and(|a| a.ends_with(":7000")))
+                .filter_map(|x| x[k].as_u64())
+                .sum()
+        })
+    };
+    let seen = udp(&s1, "packets") + udp(&s1, "reply_packets")
+        - udp(&s0, "packets")
+        - udp(&s0, "reply_packets");
+    let fast = udp(&s1, "fast_packets") - udp(&s0, "fast_packets");
+    let rx = delta(&s0["rx_packets"], &s1["rx_packets"]);
+    let evicted = delta(
+        &s0["conntrack"]["evicted_half_open"],
+        &s1["conntrack"]["evicted_half_open"],
+    );
+    let lru = delta(
+        &s0["conntrack"]["evicted_lru"],
+        &s1["conntrack"]["evicted_lru"],
+    );
+    println!(
+        "stream: {sent} datagrams sent, {echoed} echoed; the balancer saw {seen} of its packets, \
+         {fast} by plan; balancer rx {rx} packets in all, {evicted} half-open entries evicted, \
+         {lru} by LRU; fast path {}; table {}",
+        s1["fast_path"], s1["conntrack"]
+    );
+    assert!(sent >= 10_000, "the stream sent only {sent}");
+    assert!(echoed >= sent / 2, "{echoed} of {sent} datagrams came back");
+    assert!(seen >= echoed, "the backends' counters missed the stream");
+    assert!(
+        evicted > 1_000,
+        "the flood evicted only {evicted} half-open entries"
+    );
+    assert_eq!(lru, 0, "an established flow was evicted");
+    // Nearly all of the stream by plan (its first packets, a plan made again when an
+    // eviction retires the plans of the evicted flow's epoch bucket, and packets sharing a
+    // bucket with a SYN earlier in their burst take the lock).
+    assert!(
+        fast >= seen * 9 / 10,
+        "only {fast} of the stream's {seen} packets went by plan"
     );
     assert!(
         lab.alive("balancer"),

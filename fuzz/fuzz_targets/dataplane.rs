@@ -383,9 +383,10 @@ impl Pair {
         opts.link = link;
         opts.seed = 0x5eed;
         opts.snat_ports = SNAT_PORTS;
-        // A room rule the small tables reach (bursts classify at most 16 packets, so at most 15
+        // A margin the small tables reach (bursts classify at most 16 packets, so at most 15
         // insertions precede a packet sent by plan out of burst order): both orders are
-        // fuzzed, room while the tables are roomy, burst order once floods fill them.
+        // fuzzed, out of order while the tables have free places or half-open entries to
+        // evict (`ConnTable::spare`), burst order once established flows would be next.
         opts.fast_path_room = 16;
         let one = Dataplane::new(&spec, tables.clone(), opts.clone()).expect("data path");
         let many = Dataplane::new(&spec, tables, opts).expect("data path");

@@ -240,6 +240,30 @@ impl<H: KeyedHash> ConnTable<H> {
         }
     }
 
+    /// How many new flows can be inserted before an insertion has to evict a flow that is
+    /// past its handshake: [`ConnTable::room`] plus the half-open entries (TCP before its
+    /// handshake completed, unconfirmed UDP), which eviction takes, oldest first, before any
+    /// other live entry. Each insertion lowers it by at most one, and so does each packet
+    /// that completes a handshake; removals and timed-out entries raise it. So while it is
+    /// above zero no insertion evicts an established flow or a confirmed UDP flow (it may
+    /// remove a timed-out entry): a SYN flood that fills the table keeps it up, since each
+    /// spoofed SYN evicts a half-open entry and adds one. In a table with fewer IPv6 address
+    /// pairs than slots it is `room()`: there an IPv6 insertion needs an IPv6 victim, which
+    /// the half-open entries need not be.
+    #[inline]
+    pub fn spare(&self) -> usize {
+        let room = self.room();
+        if self.cfg.ipv6_capacity > 0 && self.cfg.ipv6_capacity < self.cfg.capacity {
+            return room;
+        }
+        let half_open: usize = (0..CLASSES as u8)
+            .filter(|&c| crate::evict::class_is_half_open(c))
+            .filter_map(|c| self.lists.len.get(usize::from(c)))
+            .map(|&n| n as usize)
+            .sum();
+        room.saturating_add(half_open)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg

@@ -17,15 +17,20 @@
 //! it, and what they did is handed back first thing under the lock
 //! ([`Dataplane::process_batch_classified`]), so they reach the table before anything the
 //! lock does for that burst: a burst of established flows only takes no lock at all. When
-//! both flow tables have [`FAST_PATH_ROOM`] places free (published under the lock;
-//! [`crate::DataplaneOptions::fast_path_room`]), a later packet with a usable plan goes
-//! without the lock too, unless a packet of its flow (either direction) needed the lock
-//! earlier in the burst: handing its effect back before those earlier packets changes nothing
-//! they do, since with room to spare none of them can evict its flow (an insertion evicts
-//! only from a full table; it may remove a timed-out entry, or a half-open one under SNAT
-//! pressure, never a flow with a usable plan), and what they do to their own flows does not
-//! touch it. (Beside new connections arriving about 2 000 a second, a stream's datagrams went
-//! by plan 42 % of the time in burst order only, 99 % with this.) Otherwise a packet after
+//! both flow tables can take [`FAST_PATH_ROOM`] new flows before one would evict a flow past
+//! its handshake (free places plus half-open entries, [`lb_conntrack::ConnTable::spare`],
+//! published under the lock; [`crate::DataplaneOptions::fast_path_room`]), a later packet
+//! with a usable plan goes without the lock too, unless a packet of its flow (either
+//! direction) needed the lock earlier in the burst: handing its effect back before those
+//! earlier packets changes nothing they do, since none of them can evict its flow (each
+//! lowers the spare by at most one; an insertion evicts a half-open entry while there is one,
+//! and may remove a timed-out entry, never a flow with a usable plan), and what they do to
+//! their own flows does not touch it. (Beside new connections arriving about 2 000 a second,
+//! a stream's datagrams went by plan 42 % of the time in burst order only, 99 % with this.)
+//! Counting the half-open entries keeps this under a SYN flood that fills a table: each
+//! spoofed SYN evicts a half-open entry and adds one, so the spare stays where it was, where
+//! free places alone would have been none and established flows back to burst order
+//! exactly when the lock is busiest. Otherwise a packet after
 //! that point goes through the lock in its turn; if it had a usable plan in the
 //! fast pass it is forwarded by it there (no lookup of its service, no scheduling), provided
 //! the plan is still usable then (below), else the locked path takes it as it came. So
@@ -97,16 +102,20 @@ const FLOW_BUCKETS: usize = 1 << 14;
 #[derive(Debug)]
 pub(crate) struct Epochs {
     global: AtomicU64,
-    /// Both flow tables have at least `fast_path_room` places free (so the packets of a burst
-    /// that take the lock cannot evict an established flow: module notes, "Order").
+    /// Both flow tables can take at least `fast_path_room` new flows before one evicts a flow
+    /// past its handshake ([`lb_conntrack::ConnTable::spare`]: free places and half-open
+    /// entries), so the packets of a burst that take the lock cannot evict an established
+    /// flow: module notes, "Order".
     room: AtomicBool,
     flows: Box<[AtomicU32]>,
 }
 
-/// The default [`crate::DataplaneOptions::fast_path_room`]: free places in each flow table
-/// from which a burst's packets with a usable plan may go without the lock wherever they
-/// stand in the burst (else only those before its first packet that needs the lock). More
-/// than any burst inserts, with a margin for the other threads' bursts.
+/// The default [`crate::DataplaneOptions::fast_path_room`]: new flows each flow table must be
+/// able to take before one evicts a flow past its handshake (free places and half-open
+/// entries, [`lb_conntrack::ConnTable::spare`]) for a burst's packets with a usable plan to
+/// go without the lock wherever they stand in the burst (else only those before its first
+/// packet that needs the lock). More than any burst inserts, with a margin for the other
+/// threads' bursts.
 pub const FAST_PATH_ROOM: usize = 1024;
 
 impl Epochs {
@@ -137,8 +146,8 @@ impl Epochs {
         self.bucket(h).map_or(0, |b| b.load(Ordering::Acquire))
     }
 
-    /// Whether both flow tables had `fast_path_room` places free when the lock was last
-    /// released.
+    /// Whether both flow tables could take `fast_path_room` new flows without evicting one
+    /// past its handshake when the lock was last released.
     #[inline(always)]
     pub(crate) fn room(&self) -> bool {
         self.room.load(Ordering::Acquire)
@@ -475,7 +484,7 @@ impl Classifier {
         // handed back first. So are later ones with a usable plan while the tables have room
         // (module notes, "Order"). Every other later packet goes through the lock in its turn;
         // those with a usable plan are marked, to be forwarded by it there, unless something
-        // changed by then. The flows (by either direction's hash, 256 buckets) with a packet
+        // changed by then. The flows (by either direction's hash, `SLOW_BUCKETS` buckets) with a packet
         // that needs the lock are noted, and their later packets need it too; after a packet
         // that could not be classified, every later one does.
         let mut slow = Slow::default();
@@ -537,19 +546,24 @@ impl Classifier {
     }
 }
 
-/// Flows with a packet that went through the lock, earlier in a burst.
+/// Flows with a packet that went through the lock, earlier in a burst: a bit per bucket of
+/// [`SLOW_BUCKETS`] by flow hash. A packet whose flow shares a bucket with one of those goes
+/// through the lock too, so the buckets must be many next to the flows that take the lock in
+/// one burst: in a SYN flood's bursts, a flow per spoofed SYN.
 #[derive(Default)]
 struct Slow {
-    /// 256 buckets of flow hashes.
-    bits: [u64; 4],
+    bits: [u64; SLOW_BUCKETS / 64],
     /// Everything from here on goes through the lock.
     all: bool,
 }
 
+/// Buckets of [`Slow`] (a power of two).
+const SLOW_BUCKETS: usize = 1024;
+
 impl Slow {
     #[inline(always)]
     fn add(&mut self, h: u64) {
-        let b = (h & 255) as usize;
+        let b = (h as usize) & (SLOW_BUCKETS - 1);
         if let Some(w) = self.bits.get_mut(b / 64) {
             *w |= 1 << (b % 64);
         }
@@ -557,7 +571,7 @@ impl Slow {
 
     #[inline(always)]
     fn has(&self, h: u64) -> bool {
-        let b = (h & 255) as usize;
+        let b = (h as usize) & (SLOW_BUCKETS - 1);
         self.bits
             .get(b / 64)
             .is_some_and(|w| w & (1 << (b % 64)) != 0)
@@ -793,7 +807,7 @@ impl Dataplane {
         if self.plans_made {
             let room = self.fast_room;
             self.gen
-                .set_room(self.ct4.room() >= room && self.ct6.room() >= room);
+                .set_room(self.ct4.spare() >= room && self.ct6.spare() >= room);
         }
     }
 

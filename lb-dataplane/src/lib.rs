@@ -271,10 +271,12 @@ pub struct DataplaneOptions {
     /// and agree (to the clocks' skew) across a cluster: a backend holding one of the SNAT
     /// 4-tuples in TIME_WAIT takes a new SYN on it only with a newer timestamp. 0 by default.
     pub clock_base_ms: u64,
-    /// Free places each flow table must have for a fast path to forward a burst's packets by
-    /// their plans wherever they stand in it, not only before its first packet that needs
-    /// the lock ([`FAST_PATH_ROOM`] by default; module notes of `fast.rs`, "Order"). Keep it
-    /// above what the bursts of every queue thread can insert between two of its locks.
+    /// New flows each flow table must be able to take before one evicts a flow past its
+    /// handshake (free places plus half-open entries, [`lb_conntrack::ConnTable::spare`]) for
+    /// a fast path to forward a burst's packets by their plans wherever they stand in it, not
+    /// only before its first packet that needs the lock ([`FAST_PATH_ROOM`] by default;
+    /// module notes of `fast.rs`, "Order"). Keep it above what the bursts of every queue
+    /// thread can insert between two of its locks.
     pub fast_path_room: usize,
 }
 

@@ -1143,6 +1143,144 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// `spare` (which the data path's fast path publishes, issue 19): while it is above zero
+    /// no insertion evicts a flow past its handshake, it is never below `room`, and no call
+    /// lowers it by more than one.
+    #[test]
+    fn spare_keeps_established_flows_from_eviction(
+        ops in proptest::collection::vec(op(), 1..160),
+        v6_everywhere in any::<bool>(),
+    ) {
+        let cap = 6;
+        let cfg = Config {
+            capacity: cap,
+            ipv6_capacity: if v6_everywhere { cap } else { 0 },
+            removal_queue: 16,
+            ..Config::default()
+        };
+        let mut t = ConnTable::new(cfg, KEY).unwrap();
+        let mut now = Instant::ZERO;
+        for op in ops {
+            let spare = t.spare();
+            prop_assert!(spare >= t.room());
+            match op {
+                Op::Insert(k, b, p) => {
+                    let mut flow = NewFlow::new(key_of(k), BackendId(b));
+                    flow.first = p.map(|(r, f)| packet(r, f));
+                    let got = t.insert_with(flow, now);
+                    if spare > 0 {
+                        prop_assert!(
+                            !matches!(got, Insert::Evicted { reason: EvictReason::Lru, .. }),
+                            "{:?} with {} spare", got, spare
+                        );
+                    }
+                }
+                Op::Track(k, r, f) => {
+                    t.track(&key_of(k), packet(r, f), now);
+                }
+                Op::Advance(ms) => now += Duration::from_millis(u64::from(ms)),
+                Op::Expire(budget) => {
+                    t.expire(now, usize::from(budget));
+                }
+                Op::Remove(k) => {
+                    t.remove(&key_of(k), now);
+                }
+            }
+            for r in t.drain_removals() {
+                if spare > 0 && matches!(r.reason, RemovalReason::EvictedLru | RemovalReason::EvictedHalfOpen) {
+                    prop_assert!(r.state.is_half_open(), "{:?} evicted with {} spare", r, spare);
+                }
+            }
+            prop_assert_eq!(t.counters().removals_lost, 0);
+            prop_assert!(t.spare() + 1 >= spare, "{:?}: spare {} -> {}", op, spare, t.spare());
+        }
+    }
+}
+
+/// A full table: `spare` counts its half-open entries, a SYN flood (each SYN evicting the
+/// oldest half-open entry) leaves it as it was, and once no half-open entry is left the next
+/// insertion evicts the least recently used established flow.
+#[test]
+fn spare_counts_half_open_entries_a_flood_replaces() {
+    let cfg = Config {
+        ipv6_capacity: 0,
+        ..Config::with_capacity(8)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let now = Instant::from_secs(1);
+    for i in 0..4 {
+        let k = k4(i, IpProto::Tcp);
+        assert!(t
+            .insert_with(NewFlow::new(k, BackendId(0)).with_first(syn()), now)
+            .is_inserted());
+        t.track(&k, Packet::reply(TcpFlags(0x12), 1), now);
+        t.track(&k, ack(), now);
+    }
+    assert_eq!(t.spare(), 4, "four free places, four established flows");
+    for i in 4..8 {
+        t.insert_with(
+            NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn()),
+            now,
+        );
+    }
+    assert_eq!((t.room(), t.spare()), (0, 4), "full: four half-open");
+    for i in 100..110 {
+        let r = t.insert_with(
+            NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn()),
+            now,
+        );
+        assert!(
+            matches!(
+                r,
+                Insert::Evicted {
+                    reason: EvictReason::HalfOpen,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(t.spare(), 4, "a spoofed SYN replaces a half-open entry");
+    }
+    // The flood's last four complete their handshakes: nothing half-open is left.
+    for i in 106..110 {
+        let k = k4(i, IpProto::Tcp);
+        t.track(&k, Packet::reply(TcpFlags(0x12), 1), now);
+        assert_eq!(
+            t.track(&k, ack(), now).map(|h| h.state),
+            Some(FlowState::Tcp(TcpState::Established))
+        );
+    }
+    assert_eq!(t.spare(), 0);
+    let r = t.insert_with(
+        NewFlow::new(k4(200, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    assert!(
+        matches!(
+            r,
+            Insert::Evicted {
+                reason: EvictReason::Lru,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // A table with fewer IPv6 pairs than slots counts its room only.
+    let cfg = Config {
+        ipv6_capacity: 2,
+        ..Config::with_capacity(8)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    t.insert_with(
+        NewFlow::new(k4(1, IpProto::Tcp), BackendId(0)).with_first(syn()),
+        now,
+    );
+    assert_eq!((t.room(), t.spare()), (2, 2));
+}
+
 #[test]
 fn nat_tuples_round_trip_in_compact_form() {
     let cfg = Config {

@@ -91,6 +91,9 @@ use crate::{nat_rewrite, tcp_flags, Classifier, Dataplane, DropReason, TunnelTo,
 /// The longest a cached plan is used before its flow goes through the locked path again.
 pub const FAST_PATH_TTL: Duration = Duration::from_secs(1);
 
+/// Hand-backs between the stages of [`Dataplane::fast_flush`]'s pipeline.
+const FLUSH_PIPELINE: usize = 4;
+
 /// Buckets of [`Epochs::flows`] (a power of two; 64 KiB of counters).
 const FLOW_BUCKETS: usize = 1 << 14;
 
@@ -849,7 +852,29 @@ impl Dataplane {
             entries.get(slot).map_or(Instant::ZERO, |e| e.pending.last)
         });
         let mut dirty = core::mem::take(&mut fast.dirty);
-        for &slot in &dirty {
+        // Software-pipelined, as `ConnTable::track_batch`: while entry k is handed back, the
+        // slot of entry k + D and the index line of entry k + 2D are on their way (in a
+        // large table each hand-back would otherwise wait, under the lock, for two random
+        // lines in a row).
+        const D: usize = FLUSH_PIPELINE;
+        let n = dirty.len();
+        for k in 0..n + 2 * D {
+            let plan_at = |j: usize| {
+                dirty
+                    .get(j)
+                    .and_then(|&slot| fast.entries.get(slot))
+                    .filter(|e| e.dirty)
+                    .map(|e| e.plan)
+            };
+            if let Some(plan) = plan_at(k) {
+                self.prefetch_plan(&plan, false);
+            }
+            if let Some(plan) = k.checked_sub(D).and_then(plan_at) {
+                self.prefetch_plan(&plan, true);
+            }
+            let Some(&slot) = k.checked_sub(2 * D).and_then(|j| dirty.get(j)) else {
+                continue;
+            };
             if let Some(e) = fast.entries.get_mut(slot).filter(|e| e.dirty) {
                 e.dirty = false;
                 let (plan, pending) = (e.plan, core::mem::take(&mut e.pending));
@@ -858,6 +883,27 @@ impl Dataplane {
         }
         dirty.clear();
         fast.dirty = dirty;
+    }
+
+    /// Brings a plan's flow-table lines into cache for its hand-back: its index line
+    /// (`slot` false), then, that line read, the slot (and NAT tuple) it points at.
+    #[inline(always)]
+    fn prefetch_plan(&self, plan: &Plan, slot: bool) {
+        let ct = if plan.key.is_ipv4() {
+            &self.ct4
+        } else {
+            &self.ct6
+        };
+        match (plan.forward, slot) {
+            (true, false) => ct.prefetch_bucket(plan.hash),
+            (true, true) => {
+                ct.candidate(plan.hash);
+            }
+            (false, false) => ct.prefetch_reply_bucket(plan.hash),
+            (false, true) => {
+                ct.reply_candidate(plan.hash);
+            }
+        }
     }
 
     /// Remembers `plan` in `fast` (under the lock), handing back what the entry it replaces

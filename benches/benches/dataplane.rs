@@ -359,16 +359,60 @@ pub fn register(c: &mut Criterion) {
     // hand-back of the plans' counts, one flow-table update per flow) waits for memory.
     let mut fcl_big = dp.classifier(BATCH);
     fcl_big.enable_fast_path(1 << 16);
-    for (flows, shape, first, fast) in [
-        ("256_hot", "1_close_per_burst", false, false),
-        ("256_hot", "1_close_per_burst", false, true),
-        ("256_hot", "1_close_first_per_burst", true, false),
-        ("256_hot", "1_close_first_per_burst", true, true),
-        ("32k", "1_close_per_burst", false, false),
-        ("32k", "1_close_per_burst", false, true),
+    // (`32k_flows_1024_plans`: the same with tun-balancer's 1 024 plans, which cannot hold
+    // those flows: what plans cost when they do not pay.)
+    for (flows, hot, big, shape, first, fast) in [
+        (
+            "256_hot_flows",
+            256,
+            false,
+            "1_close_per_burst",
+            false,
+            false,
+        ),
+        (
+            "256_hot_flows",
+            256,
+            false,
+            "1_close_per_burst",
+            false,
+            true,
+        ),
+        (
+            "256_hot_flows",
+            256,
+            false,
+            "1_close_first_per_burst",
+            true,
+            false,
+        ),
+        (
+            "256_hot_flows",
+            256,
+            false,
+            "1_close_first_per_burst",
+            true,
+            true,
+        ),
+        (
+            "32k_flows",
+            1 << 15,
+            true,
+            "1_close_per_burst",
+            false,
+            false,
+        ),
+        ("32k_flows", 1 << 15, true, "1_close_per_burst", false, true),
+        (
+            "32k_flows_1024_plans",
+            1 << 15,
+            false,
+            "1_close_per_burst",
+            false,
+            true,
+        ),
     ] {
         let name = if fast { "fast" } else { "locked" };
-        let hot = if flows == "32k" { 1 << 15 } else { 256 };
         // The churn packets' places: the burst's end, or its start (every hot packet then
         // comes after a packet that needs the lock).
         let (at_rst, at_syn) = if first {
@@ -384,43 +428,40 @@ pub fn register(c: &mut Criterion) {
         let ended0 = dp.table_stats().sessions.packets.count();
         // The part a queue thread would spend holding the data path's lock.
         let (mut held, mut bursts) = (std::time::Duration::ZERO, 0u32);
-        g.bench_function(
-            format!("fast_path32/nat_{flows}_flows_{shape}/{name}"),
-            |b| {
-                b.iter_custom(|iters| {
-                    let mut spent = std::time::Duration::ZERO;
-                    for _ in 0..iters {
-                        ack_burst(&mut bufs, &tpl, &mut x, hot);
-                        if let Some(r) = &rst {
-                            bufs[at_rst][HEADROOM..HEADROOM + r.len()].copy_from_slice(r);
-                        }
-                        patch(&mut bufs[at_syn][HEADROOM..], CHURN, 0x02);
-                        let c = match (fast, hot) {
-                            (false, _) => &mut cl,
-                            (true, 256) => &mut fcl,
-                            (true, _) => &mut fcl_big,
-                        };
-                        bursts += 1;
-                        let t0 = std::time::Instant::now();
-                        c.classify(&bufs, HEADROOM, &lens);
-                        c.forward_cached(&mut bufs, &lens, None, t, &mut verdicts);
-                        let t1 = std::time::Instant::now();
-                        dp.process_batch_classified(c, &mut bufs, &lens, None, t, &mut verdicts);
-                        let t2 = std::time::Instant::now();
-                        spent += t2 - t0;
-                        held += t2 - t1;
-                        if let Verdict::Forward { start, len } = verdicts[at_syn] {
-                            rst = Some(backend_answer(&bufs[at_syn][start..start + len], 0x04));
-                        }
-                        black_box(&verdicts);
+        g.bench_function(format!("fast_path32/nat_{flows}_{shape}/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    ack_burst(&mut bufs, &tpl, &mut x, hot);
+                    if let Some(r) = &rst {
+                        bufs[at_rst][HEADROOM..HEADROOM + r.len()].copy_from_slice(r);
                     }
-                    spent
-                })
-            },
-        );
+                    patch(&mut bufs[at_syn][HEADROOM..], CHURN, 0x02);
+                    let c = match (fast, big) {
+                        (false, _) => &mut cl,
+                        (true, false) => &mut fcl,
+                        (true, true) => &mut fcl_big,
+                    };
+                    bursts += 1;
+                    let t0 = std::time::Instant::now();
+                    c.classify(&bufs, HEADROOM, &lens);
+                    c.forward_cached(&mut bufs, &lens, None, t, &mut verdicts);
+                    let t1 = std::time::Instant::now();
+                    dp.process_batch_classified(c, &mut bufs, &lens, None, t, &mut verdicts);
+                    let t2 = std::time::Instant::now();
+                    spent += t2 - t0;
+                    held += t2 - t1;
+                    if let Verdict::Forward { start, len } = verdicts[at_syn] {
+                        rst = Some(backend_answer(&bufs[at_syn][start..start + len], 0x04));
+                    }
+                    black_box(&verdicts);
+                }
+                spent
+            })
+        });
         let s = dp.stats();
         println!(
-            "dataplane bench: {flows} flows, {shape}, {name}: {} of {} packets without the lock, {} plans made, {} sessions ended, {:.2} us per burst under the data path",
+            "dataplane bench: {flows}, {shape}, {name}: {} of {} packets without the lock, {} plans made, {} sessions ended, {:.2} us per burst under the data path",
             s.fast_path - fp0,
             s.rx_packets - rx0,
             s.fast_path_plans - pl0,

@@ -1014,3 +1014,52 @@ fn handed_back_flows_keep_their_own_last_seen_times() {
     assert_eq!(seen(a), t0);
     assert_eq!(seen(b), now);
 }
+
+/// More flows than places, each back only after the others: the plans pay nothing (each is
+/// pushed out before its flow's next packet), so once the slack is spent only one locked
+/// packet in `ADMIT_SAMPLE` leaves one; a flow that then comes back often gets a place within
+/// a few packets, and the plans pay again.
+#[test]
+fn plans_are_sampled_while_they_do_not_pay() {
+    let mut r = FastRig::new(fast_spec(), 4);
+    let mut locked = Rig::new(fast_spec(), Link::Ip);
+    let vip = sa("203.0.113.10:80");
+    let flows: Vec<SocketAddr> = (0..256)
+        .map(|i| SocketAddr::new("192.0.2.9".parse().unwrap(), 20_000 + i))
+        .collect();
+    for &c in &flows {
+        open_tcp(&mut r, &mut locked, c, vip);
+    }
+    let made = |r: &FastRig| r.rig.dp.stats().fast_path_plans;
+    let (plans0, mut sent, mut by_plan) = (made(&r), 0u64, 0u64);
+    for _ in 0..8 {
+        for &c in &flows {
+            by_plan += r.burst(&[tcp(c, vip, ACK, b"")], None).1 as u64;
+            sent += 1;
+        }
+    }
+    let plans = made(&r) - plans0;
+    assert!(by_plan < sent / 20, "{by_plan} of {sent} by plan");
+    assert!(
+        plans < sent / 8,
+        "{plans} plans made for {sent} packets (all would be {sent})"
+    );
+    // One flow alone: within a few dozen packets it has a plan (and then pays for the
+    // plans made before).
+    let c = flows[7];
+    let mut first = None;
+    for i in 0..256 {
+        if r.burst(&[tcp(c, vip, ACK, b"")], None).1 == 1 {
+            first = first.or(Some(i));
+        }
+    }
+    assert!(
+        first.is_some_and(|i| i < 48),
+        "the busy flow's first packet by plan: {first:?}"
+    );
+    // The plans pay again: a flow that comes back gets one at once.
+    let (d, e) = (flows[100], flows[200]);
+    r.burst(&[tcp(d, vip, ACK, b"")], None);
+    r.burst(&[tcp(e, vip, ACK, b"")], None);
+    assert_eq!(r.burst(&[tcp(d, vip, ACK, b"")], None).1, 1);
+}

@@ -936,9 +936,18 @@ impl Dataplane {
                         }),
                         _ => None,
                     };
-                    *o = match planned {
-                        Some(v) => v,
-                        None => self.process_pre(b.as_mut(), start, len, now, pre, hdr),
+                    *o = match (planned, fast.as_deref_mut()) {
+                        (Some(v), f) => {
+                            if let Some(f) = f {
+                                f.hit();
+                            }
+                            v
+                        }
+                        (None, f) => {
+                            // A plan for this packet's flow only if the plans are paying.
+                            self.want_plan = f.is_some_and(|f| f.admit());
+                            self.process_pre(b.as_mut(), start, len, now, pre, hdr)
+                        }
                     };
                     // What left the table reaches the live load before the next packet is
                     // scheduled, as in `process` (found by the dataplane fuzz target: a burst

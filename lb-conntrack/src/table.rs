@@ -244,9 +244,10 @@ impl<H: KeyedHash> ConnTable<H> {
     /// past its handshake: [`ConnTable::room`] plus the half-open entries (TCP before its
     /// handshake completed, unconfirmed UDP), which eviction takes, oldest first, before any
     /// other live entry. Each insertion lowers it by at most one, and so does each packet
-    /// that completes a handshake; removals and timed-out entries raise it. So while it is
-    /// above zero no insertion evicts an established flow or a confirmed UDP flow (it may
-    /// remove a timed-out entry): a SYN flood that fills the table keeps it up, since each
+    /// that moves an entry out of the half-open states (a TCP handshake completing or reset,
+    /// an unconfirmed UDP flow's next packet); removals never lower it. So while it is above zero no
+    /// insertion evicts an established flow or a confirmed UDP flow (it may remove a
+    /// timed-out entry): a SYN flood that fills the table keeps it up, since each
     /// spoofed SYN evicts a half-open entry and adds one. In a table with fewer IPv6 address
     /// pairs than slots it is `room()`: there an IPv6 insertion needs an IPv6 victim, which
     /// the half-open entries need not be.

@@ -920,13 +920,13 @@ impl Dataplane {
                     .get(j)
                     .and_then(|&slot| fast.entries.get(slot))
                     .filter(|e| e.dirty)
-                    .map(|e| e.plan)
+                    .map(|e| &e.plan)
             };
             if let Some(plan) = plan_at(k) {
-                self.prefetch_plan(&plan, false);
+                self.prefetch_plan(plan, false);
             }
             if let Some(plan) = k.checked_sub(D).and_then(plan_at) {
-                self.prefetch_plan(&plan, true);
+                self.prefetch_plan(plan, true);
             }
             let Some(&slot) = k.checked_sub(2 * D).and_then(|j| dirty.get(j)) else {
                 continue;

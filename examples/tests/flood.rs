@@ -43,6 +43,8 @@ const VIP4: &str = "203.0.113.10";
 const FLOOD_CPU_PERCENT: u32 = 15;
 
 const FLOOD: Duration = Duration::from_secs(20);
+const CLIENTS: usize = 10;
+const PERIOD_MS: u64 = 50;
 
 /// One flood at a time: each test's figures are the balancer's under its own flood (the
 /// harness runs a file's tests in parallel, and on two cores two floods starve each other).
@@ -51,8 +53,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-const CLIENTS: usize = 10;
-const PERIOD_MS: u64 = 50;
 
 /// `CLIENTS` threads, each opening a TCP connection to `vip:80` every `PERIOD_MS` (the next as
 /// soon as the previous one is done if it took longer), sending an HTTP/1.0 GET of `/id` and
@@ -336,7 +336,7 @@ fn spoofed_syn_flood_does_not_lock_clients_out_of_snat_ports() {
     );
 }
 
-/// A UDP echo server (one socket, as many datagrams as come): `python3 - ADDR PORT`.
+/// A UDP echo server (one socket, as many datagrams as come): `python3 echo.py ADDR PORT`.
 const ECHO_SCRIPT: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -347,7 +347,7 @@ while True:
     s.sendto(d, a)
 "#;
 
-/// One UDP flow: `python3 - VIP PORT SECS RATE` sends RATE datagrams a second for SECS
+/// One UDP flow: `python3 stream.py VIP PORT SECS RATE` sends RATE datagrams a second for SECS
 /// seconds from one socket, counts the echoes (for a second more), prints `sent echoed`.
 const STREAM_SCRIPT: &str = r#"
 import socket, sys, threading, time
@@ -464,10 +464,9 @@ fn a_syn_flood_filling_the_table_leaves_established_flows_on_the_fast_path() {
                 .sum()
         })
     };
-    let seen = udp(&s1, "packets") + udp(&s1, "reply_packets")
-        - udp(&s0, "packets")
-        - udp(&s0, "reply_packets");
-    let fast = udp(&s1, "fast_packets") - udp(&s0, "fast_packets");
+    let seen = (udp(&s1, "packets") + udp(&s1, "reply_packets"))
+        .saturating_sub(udp(&s0, "packets") + udp(&s0, "reply_packets"));
+    let fast = udp(&s1, "fast_packets").saturating_sub(udp(&s0, "fast_packets"));
     let rx = delta(&s0["rx_packets"], &s1["rx_packets"]);
     let evicted = delta(
         &s0["conntrack"]["evicted_half_open"],

@@ -29,7 +29,10 @@
 //! SYNs per CPU-second); `benches/results/flood.md` records them.
 //!
 //! A second test floods a small flow table (4 096 entries) full of half-open entries beside
-//! one established UDP flow, whose packets must keep going by the fast path's plans.
+//! one established UDP flow, whose packets must keep going by the fast path's plans. A third
+//! floods the queue thread's plans rather than the table: 4 096 UDP flows, each back after
+//! its plan could serve it, must not make a plan for every packet (plan admission), and one
+//! busy flow afterwards must go by plan again.
 
 mod common;
 
@@ -390,6 +393,63 @@ t.join()
 print(sent, got[0])
 "#;
 
+/// HTTP servers on `:8080` and python UDP echo servers (`echo.py`, one socket each) on
+/// `:7000` on every backend of `t`.
+fn echo_backends(lab: &mut Lab, t: &common::Topo) {
+    let echo = lab.write("echo.py", ECHO_SCRIPT);
+    for b in t.backends.clone() {
+        lab.http_server(&b, 8080);
+        let argv = [
+            common::python(),
+            echo.to_str().unwrap(),
+            &b.v4.to_string(),
+            "7000",
+        ];
+        lab.spawn(&b.ns, &format!("echo-{}", b.name), &argv);
+        lab.wait_listen(&b.ns, "udp", 7000);
+    }
+}
+
+/// How much counter `a` grew to `b` (0 where either is missing).
+fn delta(a: &serde_json::Value, b: &serde_json::Value) -> u64 {
+    b.as_u64()
+        .unwrap_or(0)
+        .saturating_sub(a.as_u64().unwrap_or(0))
+}
+
+/// The UDP service's backends' (`:7000`) counter `k`, summed.
+fn udp_sum(s: &serde_json::Value, k: &str) -> u64 {
+    s["backends"].as_array().map_or(0, |b| {
+        b.iter()
+            .filter(|x| x["addr"].as_str().is_some_and(|a| a.ends_with(":7000")))
+            .filter_map(|x| x[k].as_u64())
+            .sum()
+    })
+}
+
+/// Between stats snapshots `s0` and `s1`: the UDP service's packets the balancer forwarded
+/// (both directions) and, of them, those forwarded by plan without the lock.
+fn udp_seen_and_fast(s0: &serde_json::Value, s1: &serde_json::Value) -> (u64, u64) {
+    let seen = (udp_sum(s1, "packets") + udp_sum(s1, "reply_packets"))
+        .saturating_sub(udp_sum(s0, "packets") + udp_sum(s0, "reply_packets"));
+    (
+        seen,
+        udp_sum(s1, "fast_packets").saturating_sub(udp_sum(s0, "fast_packets")),
+    )
+}
+
+/// The two figures (`sent echoed`) a UDP sender script prints.
+fn sent_and_echoed(out: &str) -> (u64, u64) {
+    let n: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let [sent, echoed] = n[..] else {
+        panic!("sender: {out:?}");
+    };
+    (sent, echoed)
+}
+
 /// A spoofed SYN flood that fills the flow table (4 096 entries) with half-open entries, each
 /// new SYN evicting the oldest of them, beside one UDP flow of 3 000 datagrams a second each
 /// way: the flow's packets keep going by the queue thread's plans, without the data path's
@@ -406,18 +466,7 @@ fn a_syn_flood_filling_the_table_leaves_established_flows_on_the_fast_path() {
     let _turn = serial();
     let mut lab = Lab::new("tableflood");
     let t = lab.topology(3);
-    let echo = lab.write("echo.py", ECHO_SCRIPT);
-    for b in t.backends.clone() {
-        lab.http_server(&b, 8080);
-        let argv = [
-            common::python(),
-            echo.to_str().unwrap(),
-            &b.v4.to_string(),
-            "7000",
-        ];
-        lab.spawn(&b.ns, &format!("echo-{}", b.name), &argv);
-        lab.wait_listen(&b.ns, "udp", 7000);
-    }
+    echo_backends(&mut lab, &t);
     let f = lab.flooder(&t);
     let cfg = nat_config("nat", &["4"], 200).replace(
         "conntrack_capacity = 65536\n",
@@ -442,31 +491,10 @@ fn a_syn_flood_filling_the_table_leaves_established_flows_on_the_fast_path() {
     lab.signal("hping3", "INT");
     lab.wait_exit("hping3", Duration::from_secs(5));
     lab.uncap_cpu("lb-tableflood-test");
-    let n: Vec<u64> = out
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let [sent, echoed] = n[..] else {
-        panic!("stream: {out:?}");
-    };
-    let delta = |a: &serde_json::Value, b: &serde_json::Value| {
-        b.as_u64()
-            .unwrap_or(0)
-            .saturating_sub(a.as_u64().unwrap_or(0))
-    };
-    // The stream's packets as the balancer counted them: its UDP service's backends' (the
-    // flood is TCP, to other backends), both directions, and those forwarded by plan.
-    let udp = |s: &serde_json::Value, k: &str| -> u64 {
-        s["backends"].as_array().map_or(0, |b| {
-            b.iter()
-                .filter(|x| x["addr"].as_str().is_some_and(|a| a.ends_with(":7000")))
-                .filter_map(|x| x[k].as_u64())
-                .sum()
-        })
-    };
-    let seen = (udp(&s1, "packets") + udp(&s1, "reply_packets"))
-        .saturating_sub(udp(&s0, "packets") + udp(&s0, "reply_packets"));
-    let fast = udp(&s1, "fast_packets").saturating_sub(udp(&s0, "fast_packets"));
+    let (sent, echoed) = sent_and_echoed(&out);
+    // The stream's packets as the balancer counted them (the flood is TCP, to other
+    // backends).
+    let (seen, fast) = udp_seen_and_fast(&s0, &s1);
     let rx = delta(&s0["rx_packets"], &s1["rx_packets"]);
     let evicted = delta(
         &s0["conntrack"]["evicted_half_open"],
@@ -496,6 +524,140 @@ fn a_syn_flood_filling_the_table_leaves_established_flows_on_the_fast_path() {
     assert!(
         fast >= seen * 9 / 10,
         "only {fast} of the stream's {seen} packets went by plan"
+    );
+    assert!(
+        lab.alive("balancer"),
+        "balancer died: {}",
+        lab.log("balancer")
+    );
+}
+
+/// Many UDP flows: `python3 many.py VIP PORT FLOWS SECS RATE` opens FLOWS sockets and sends
+/// RATE datagrams a second for SECS seconds, one per socket in turn (so each flow sends one
+/// every FLOWS / RATE seconds); then counts the echoes waiting on the sockets and prints
+/// `sent echoed`.
+const MANY_SCRIPT: &str = r#"
+import resource, socket, sys, time
+vip, port, flows, secs, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < flows + 64:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (flows + 64, max(hard, flows + 64)))
+socks = []
+for _ in range(flows):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((vip, port))
+    s.setblocking(False)
+    socks.append(s)
+sent = got = 0
+start = time.monotonic()
+while time.monotonic() - start < secs:
+    due = int((time.monotonic() - start) * rate)
+    while sent < due:
+        try:
+            socks[sent % flows].send(b"x" * 32)
+        except OSError:
+            pass
+        sent += 1
+    time.sleep(0.001)
+time.sleep(1.0)
+for s in socks:
+    while True:
+        try:
+            s.recv(2048)
+            got += 1
+        except OSError:
+            break
+print(sent, got)
+"#;
+
+/// More busy flows than a queue thread has plans (4 096 UDP flows, both directions, over
+/// 1 024 places; each flow's next datagram comes after its plan's 1-s life): a plan made for
+/// every locked packet would be pushed out or expire before its flow came back, so the queue
+/// thread makes one for only one locked packet in 16 while plans forward fewer packets than
+/// are made (plan admission). Then one busy flow alone: its packets go by plan again.
+///
+/// With a plan for every locked packet (admission always open) the first phase makes about
+/// as many plans as it forwards packets under the lock, and the first assertion fails.
+#[test]
+fn more_flows_than_plans_leave_plans_to_the_flows_that_use_them() {
+    if !need_root() {
+        return;
+    }
+    let _turn = serial();
+    let mut lab = Lab::new("manyflows");
+    let t = lab.topology(3);
+    echo_backends(&mut lab, &t);
+    start_healthy(&mut lab, &t, &nat_config("nat", &["4"], 200));
+    assert!(
+        !nat_config("nat", &["4"], 200).contains("fast_path"),
+        "the default plans (1 024 per queue thread) are the ones measured"
+    );
+    let many = lab.write("many.py", MANY_SCRIPT);
+    let s0 = lab.balancer_stats(&t);
+    let out = lab.sh(
+        &t.client,
+        &format!(
+            "{} {} {VIP4} 53 4096 5 3500",
+            common::python(),
+            many.display()
+        ),
+    );
+    // The last counts reach the stats at the queue thread's next lock (10 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let s1 = lab.balancer_stats(&t);
+    let (sent, echoed) = sent_and_echoed(&out);
+    let (seen, fast) = udp_seen_and_fast(&s0, &s1);
+    let plans = delta(&s0["fast_path"]["plans"], &s1["fast_path"]["plans"]);
+    let locked = seen.saturating_sub(fast);
+    let held = delta(
+        &s0["datapath"]["lock_held_ns"],
+        &s1["datapath"]["lock_held_ns"],
+    );
+    println!(
+        "4 096 flows: {sent} datagrams sent, {echoed} echoed; the balancer forwarded {seen} \
+         of the flows' packets, {fast} by plan, {locked} under the lock; {plans} plans made \
+         ({:.3} per locked packet); the lock held {held} ns in all ({} ns per packet \
+         forwarded, with the health checks and housekeeping); fast path {}",
+        plans as f64 / locked.max(1) as f64,
+        held / seen.max(1),
+        s1["fast_path"]
+    );
+    assert!(sent >= 15_000, "only {sent} datagrams sent");
+    assert!(
+        echoed >= sent * 9 / 10,
+        "{echoed} of {sent} datagrams came back"
+    );
+    assert!(seen >= 2 * echoed, "the backends' counters missed packets");
+    // One plan per 16 locked packets, plus the plans that paid and the slack.
+    assert!(
+        plans <= fast + locked / 8 + 512,
+        "{plans} plans made for {locked} packets under the lock and {fast} by plan"
+    );
+
+    // One busy flow (3 000 datagrams a second each way for 3 s) after the thrash.
+    let stream = lab.write("stream.py", STREAM_SCRIPT);
+    let s2 = lab.balancer_stats(&t);
+    let out = lab.sh(
+        &t.client,
+        &format!("{} {} {VIP4} 53 3 3000", common::python(), stream.display()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let s3 = lab.balancer_stats(&t);
+    let (sent, echoed) = sent_and_echoed(&out);
+    let (seen, fast) = udp_seen_and_fast(&s2, &s3);
+    println!(
+        "one flow after: {sent} datagrams sent, {echoed} echoed; {seen} forwarded, {fast} by \
+         plan; {} plans made",
+        delta(&s2["fast_path"]["plans"], &s3["fast_path"]["plans"])
+    );
+    assert!(sent >= 6_000, "the stream sent only {sent}");
+    assert!(
+        echoed >= sent * 9 / 10,
+        "{echoed} of {sent} datagrams came back"
+    );
+    assert!(
+        fast >= seen * 9 / 10,
+        "only {fast} of the busy flow's {seen} packets went by plan"
     );
     assert!(
         lab.alive("balancer"),

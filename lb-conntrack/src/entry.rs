@@ -4,8 +4,8 @@
 //! bytes, the state class, flags, the backend, the two links of its class list, the last-seen
 //! and creation times in 32-bit milliseconds, and its packet and byte counters packed in one
 //! 64-bit word (a flow that outgrows them moves its counters to a small side table of exact
-//! 64-bit pairs, see [`Counts`]). With the 8-byte index share that makes 48 bytes per IPv4
-//! flow. An IPv6 key does not fit: its two addresses (32 bytes) live in a side store of
+//! 64-bit pairs, see [`Counts`]). With the index's share (5.33 bytes) that makes 45.3 bytes per
+//! IPv4 flow. An IPv6 key does not fit: its two addresses (32 bytes) live in a side store of
 //! [`Config::ipv6_capacity`](crate::Config::ipv6_capacity) pairs and the slot keeps their
 //! index. The NAT reply tuple lives in a parallel array when [`Config::nat`](crate::Config::nat)
 //! is on: a table pays only for what it uses.

@@ -1,8 +1,9 @@
-//! The hash index of the slab: cache-line buckets of (tag, slot id) pairs.
+//! The hash index of the slab: cache-line buckets of (tag, slot id) entries.
 //!
-//! Each bucket is one 64-byte cache line holding [`WAYS`] entries: a 16-bit tag taken from the
-//! top of the flow hash (never zero; zero marks an empty way) and the 32-bit slot id, plus an
-//! overflow count. A key's home bucket comes from the low 32 bits of its hash (Lemire's
+//! Each bucket is one 64-byte cache line holding [`WAYS`] (15) entries of 32 bits and an
+//! overflow count. An entry is the slot id in the low bits (as many as the table's capacity
+//! needs: 20 at 2^20 flows, at most 24) and a tag from the top of the flow hash in the rest
+//! (12 bits at 2^20, at least 8; never zero, which marks an empty way). A key's home bucket comes from the low 32 bits of its hash (Lemire's
 //! multiply-shift, so any bucket count works); when the home bucket is full, the entry goes to
 //! the next bucket with room and every full bucket it passed counts one more overflow. A lookup
 //! therefore reads one cache line in the common case and stops at the first bucket whose
@@ -18,8 +19,11 @@
 //! burst back to back.
 //!
 //! Sizing: `ceil(1.25 × capacity / WAYS)` buckets, so the index is at most 80 % full and costs
-//! 8 bytes per entry of capacity (hashbrown: 10 at 2^20, up to 20 just above a power of two).
-//! A sparser index (2/3 full, 9.6 B) and branch-free tag matching in [`Index::find`] were
+//! 5.33 bytes per entry of capacity (hashbrown: 10 at 2^20, up to 20 just above a power of
+//! two). Packing tag and id in 32 bits (15 ways a line instead of 10 of a 16-bit tag and a
+//! 32-bit id) made the index of a 2^20-flow table 5.3 MiB instead of 8: more of it stays in the
+//! last-level cache while the slab's lines stream through, so a lone hit more often waits for
+//! one memory line instead of two (benches/results/conntrack.md). A sparser index (2/3 full, 9.6 B) and branch-free tag matching in [`Index::find`] were
 //! measured and were not faster on the bench machine: the tag loop's branches are cheap next to
 //! the line's miss. ([`Index::candidate`], which runs on a line a burst prefetched, builds a
 //! branch-free match mask.)
@@ -27,41 +31,54 @@
 use crate::entry::NIL;
 
 /// Entries per bucket.
-pub(crate) const WAYS: usize = 10;
+pub(crate) const WAYS: usize = 15;
 
 /// One cache line of the index.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(64))]
 struct Bucket {
-    /// Tags; 0 = empty way.
-    tags: [u16; WAYS],
-    /// How many entries homed at or before this bucket were placed after it (saturating: at
-    /// `u16::MAX` it stays, which only costs longer probes).
-    overflow: u16,
-    _pad: u16,
-    /// Slot ids.
-    ids: [u32; WAYS],
+    /// Lanes `0..WAYS`: entries, the tag in the bits above the index's id bits and the slot id
+    /// below (0 = empty). Lane [`OVERFLOW`]: how many entries homed at or before this bucket
+    /// were placed after it (saturating: at `u32::MAX` it stays, which only costs longer
+    /// probes). One array of 16 so that tag matching runs over whole vectors.
+    lanes: [u32; 16],
 }
 
-/// The index: buckets and the number of entries.
+/// The lane of a bucket holding its overflow count.
+const OVERFLOW: usize = WAYS;
+
+/// The bits of a match mask that are ways (not the overflow lane).
+const WAY_BITS: u32 = (1 << WAYS) - 1;
+
+/// The index: buckets, the number of entries, and the mask of an entry's slot id bits.
 #[derive(Debug, Clone)]
 pub(crate) struct Index {
     buckets: Vec<Bucket>,
     len: usize,
+    /// Insertions so far: a key found absent stays absent while this does not move.
+    stamp: u64,
+    /// The low bits of an entry that hold the slot id (enough for every id below the
+    /// capacity); the bits above hold the tag.
+    id_mask: u32,
 }
 
-#[inline(always)]
-fn tag_of(hash: u64) -> u16 {
-    ((hash >> 48) as u16) | 1
+/// The mask of the bits for slot ids 0..`capacity` (at least one), leaving at least 8 for
+/// the tag (the table's capacity is below 2^24).
+fn id_mask_for(capacity: usize) -> u32 {
+    let bits = (usize::BITS - capacity.saturating_sub(1).leading_zeros()).clamp(1, 24);
+    (1u32 << bits) - 1
 }
 
 impl Index {
-    /// An index for up to `capacity` entries (at most 80 % of its ways used).
+    /// An index for up to `capacity` entries (at most 80 % of its ways used), whose slot ids
+    /// are below `capacity`.
     pub(crate) fn with_capacity(capacity: usize) -> Index {
         let n = (capacity.saturating_mul(5) / 4).div_ceil(WAYS).max(1);
         Index {
             buckets: vec![Bucket::default(); n],
             len: 0,
+            stamp: 0,
+            id_mask: id_mask_for(capacity),
         }
     }
 
@@ -74,6 +91,13 @@ impl Index {
     /// Bytes allocated.
     pub(crate) fn allocation_size(&self) -> usize {
         self.buckets.capacity() * core::mem::size_of::<Bucket>()
+    }
+
+    /// `hash`'s tag, in place: the hash's top bits above the id bits, never zero (zero marks
+    /// an empty way).
+    #[inline(always)]
+    fn tag(&self, hash: u64) -> u32 {
+        ((hash >> 32) as u32 & !self.id_mask).max(self.id_mask + 1)
     }
 
     #[inline(always)]
@@ -96,35 +120,45 @@ impl Index {
         prefetch_index::prefetch_index(&self.buckets, self.home(hash));
     }
 
-    /// The first slot id in `hash`'s home bucket whose tag matches, or `NIL`: the line a
-    /// lookup reads first, without key comparison. A hint for burst lookups; [`Index::find`]
-    /// is the truth.
+    /// Insertions so far (see [`Index::candidate`]).
     #[inline(always)]
-    pub(crate) fn candidate(&self, hash: u64) -> u32 {
-        let t = tag_of(hash);
+    pub(crate) fn stamp(&self) -> u64 {
+        self.stamp
+    }
+
+    /// The first slot id in `hash`'s home bucket whose tag matches, or `NIL`: the line a
+    /// lookup reads first, without key comparison; and whether nothing is stored under
+    /// `hash` at all (no tag matches and no entry overflowed past the bucket), which stays
+    /// true until [`Index::stamp`] moves. A hint for burst lookups; [`Index::find`] is the
+    /// truth.
+    #[inline(always)]
+    pub(crate) fn candidate(&self, hash: u64) -> (u32, bool) {
+        let t = self.tag(hash);
         let Some(b) = self.buckets.get(self.home(hash)) else {
-            return NIL;
+            return (NIL, false);
         };
         // The lowest matching way.
-        let mask = Self::matches(b, t);
+        let mask = self.matches(b, t);
         if mask == 0 {
-            return NIL;
+            return (NIL, b.lanes[OVERFLOW] == 0);
         }
-        b.ids
+        let id = b
+            .lanes
             .get(mask.trailing_zeros() as usize)
-            .copied()
-            .unwrap_or(NIL)
+            .map_or(NIL, |&x| x & self.id_mask);
+        (id, false)
     }
 
     /// The ways of bucket `b` whose tag is `t`, as a bit mask, built without branches (the
     /// compiler turns it into a vector compare).
     #[inline(always)]
-    fn matches(b: &Bucket, t: u16) -> u32 {
+    fn matches(&self, b: &Bucket, t: u32) -> u32 {
+        let tags = !self.id_mask;
         let mut mask = 0u32;
-        for (w, &x) in b.tags.iter().enumerate() {
-            mask |= u32::from(x == t) << w;
+        for (w, &x) in b.lanes.iter().enumerate() {
+            mask |= u32::from(x & tags == t) << w;
         }
-        mask
+        mask & WAY_BITS
     }
 
     /// The slot id stored under `hash` for which `eq` holds.
@@ -135,19 +169,19 @@ impl Index {
     /// the core can run ahead of the line's arrival.
     #[inline(always)]
     pub(crate) fn find(&self, hash: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
-        let t = tag_of(hash);
+        let t = self.tag(hash);
         let mut b = self.home(hash);
         for _ in 0..self.buckets.len() {
             let bucket = self.buckets.get(b)?;
-            let mut mask = Self::matches(bucket, t);
+            let mut mask = self.matches(bucket, t);
             while mask != 0 {
-                let id = bucket.ids.get(mask.trailing_zeros() as usize).copied()?;
+                let id = bucket.lanes.get(mask.trailing_zeros() as usize)? & self.id_mask;
                 if eq(id) {
                     return Some(id);
                 }
                 mask &= mask - 1;
             }
-            if bucket.overflow == 0 {
+            if bucket.lanes[OVERFLOW] == 0 {
                 return None;
             }
             b = self.next(b);
@@ -156,24 +190,25 @@ impl Index {
     }
 
     /// Stores `id` under `hash` (the caller ensures it is not already there). Returns false
-    /// only if every way is taken, which sizing rules out while `len < capacity`.
+    /// only if every way is taken, which sizing rules out while `len < capacity`, or if `id`
+    /// is not below the capacity the index was made for.
     pub(crate) fn insert(&mut self, hash: u64, id: u32) -> bool {
-        if self.len >= self.buckets.len() * WAYS {
+        if self.len >= self.buckets.len() * WAYS || id & !self.id_mask != 0 {
             return false;
         }
-        let t = tag_of(hash);
+        let x = self.tag(hash) | id;
         let mut b = self.home(hash);
         for _ in 0..self.buckets.len() {
             let Some(bucket) = self.buckets.get_mut(b) else {
                 return false;
             };
-            if let Some(w) = bucket.tags.iter().position(|&x| x == 0) {
-                bucket.tags[w] = t;
-                bucket.ids[w] = id;
+            if let Some(w) = bucket.lanes[..WAYS].iter_mut().find(|w| **w == 0) {
+                *w = x;
                 self.len += 1;
+                self.stamp += 1;
                 return true;
             }
-            bucket.overflow = bucket.overflow.saturating_add(1);
+            bucket.lanes[OVERFLOW] = bucket.lanes[OVERFLOW].saturating_add(1);
             b = self.next(b);
         }
         false
@@ -181,30 +216,33 @@ impl Index {
 
     /// Removes `id` stored under `hash`. Returns whether it was there.
     pub(crate) fn remove(&mut self, hash: u64, id: u32) -> bool {
-        let t = tag_of(hash);
+        if id & !self.id_mask != 0 {
+            return false;
+        }
+        let x = self.tag(hash) | id;
         let home = self.home(hash);
         let mut b = home;
         for _ in 0..self.buckets.len() {
             let Some(bucket) = self.buckets.get_mut(b) else {
                 return false;
             };
-            if let Some(w) = (0..WAYS).find(|&w| bucket.tags[w] == t && bucket.ids[w] == id) {
-                bucket.tags[w] = 0;
-                bucket.ids[w] = 0;
+            if let Some(w) = bucket.lanes[..WAYS].iter_mut().find(|w| **w == x) {
+                *w = 0;
                 self.len -= 1;
                 // Undo the overflow counts this entry raised on its way from home.
                 let mut o = home;
                 while o != b {
                     if let Some(ob) = self.buckets.get_mut(o) {
-                        if ob.overflow != u16::MAX {
-                            ob.overflow = ob.overflow.saturating_sub(1);
+                        let o = &mut ob.lanes[OVERFLOW];
+                        if *o != u32::MAX {
+                            *o = o.saturating_sub(1);
                         }
                     }
                     o = self.next(o);
                 }
                 return true;
             }
-            if bucket.overflow == 0 {
+            if bucket.lanes[OVERFLOW] == 0 {
                 return false;
             }
             b = self.next(b);
@@ -215,7 +253,10 @@ impl Index {
     /// Sum of the overflow counts (0 when every entry sits in its home bucket); for tests.
     #[cfg(test)]
     pub(crate) fn total_overflow(&self) -> u64 {
-        self.buckets.iter().map(|b| u64::from(b.overflow)).sum()
+        self.buckets
+            .iter()
+            .map(|b| u64::from(b.lanes[OVERFLOW]))
+            .sum()
     }
 }
 
@@ -232,31 +273,65 @@ mod tests {
     }
 
     #[test]
-    fn sizing_is_eight_bytes_per_entry() {
+    fn sizing_is_under_five_and_a_half_bytes_per_entry() {
         let ix = Index::with_capacity(1 << 20);
-        assert_eq!(ix.allocation_size(), (1 << 20) * 8);
+        // ceil(1.25 × 2^20 / 15) lines of 64 bytes.
+        assert_eq!(ix.allocation_size(), 87_382 * 64);
+        assert!(ix.allocation_size() * 10 < (1 << 20) * 54);
+    }
+
+    #[test]
+    fn ids_take_the_bits_the_capacity_needs_and_tags_the_rest() {
+        for (capacity, mask) in [
+            (1, 1),
+            (2, 1),
+            (36, 63),
+            (1 << 20, (1 << 20) - 1),
+            ((1 << 20) + 1, (1 << 21) - 1),
+            ((1 << 24) - 1, (1 << 24) - 1),
+        ] {
+            let ix = Index {
+                buckets: Vec::new(),
+                len: 0,
+                stamp: 0,
+                id_mask: id_mask_for(capacity),
+            };
+            assert_eq!(ix.id_mask, mask, "capacity {capacity}");
+            // Tags are never zero and never touch the id bits.
+            for h in [0u64, u64::MAX, 0x0000_0001_0000_0000, 0x8000_0000_0000_0000] {
+                let t = ix.tag(h);
+                assert_ne!(t, 0);
+                assert_eq!(t & mask, 0);
+            }
+        }
+        // An id the capacity does not cover is refused, not stored under another's bits.
+        let mut ix = Index::with_capacity(36);
+        assert!(!ix.insert(7, 64));
+        assert!(ix.insert(7, 63));
+        assert_eq!(ix.find(7, |x| x == 63), Some(63));
+        assert!(!ix.remove(7, 64 | 63));
     }
 
     #[test]
     fn collisions_overflow_and_unwind() {
         // 3 buckets; every hash homes in bucket 0 with the same tag.
-        let mut ix = Index::with_capacity(24);
+        let mut ix = Index::with_capacity(36);
         assert_eq!(ix.buckets.len(), 3);
         let h = 0xabcd_0000_0000_0000u64;
-        for id in 0..25 {
+        for id in 0..40 {
             assert!(ix.insert(h, id));
         }
-        assert_eq!(ix.buckets[0].overflow, 15);
-        assert_eq!(ix.buckets[1].overflow, 5);
-        for id in 0..25 {
+        assert_eq!(ix.buckets[0].lanes[OVERFLOW], 25);
+        assert_eq!(ix.buckets[1].lanes[OVERFLOW], 10);
+        for id in 0..40 {
             assert_eq!(ix.find(h, |x| x == id), Some(id));
         }
-        // Full: 30 ways.
-        for id in 25..30 {
+        // Full: 45 ways.
+        for id in 40..45 {
             assert!(ix.insert(h, id));
         }
-        assert!(!ix.insert(h, 30));
-        for id in (0..30).rev() {
+        assert!(!ix.insert(h, 45));
+        for id in (0..45).rev() {
             assert!(ix.remove(h, id), "{id}");
             assert_eq!(ix.find(h, |x| x == id), None);
         }
@@ -267,15 +342,15 @@ mod tests {
 
     #[test]
     fn wraps_around_the_end() {
-        let mut ix = Index::with_capacity(24);
+        let mut ix = Index::with_capacity(36);
         let h = 0xffff_ffffu64; // homes in the last bucket
-        for id in 0..15 {
+        for id in 0..25 {
             assert!(ix.insert(h, id));
         }
-        assert_eq!(ix.buckets[2].overflow, 5);
-        assert_eq!(ix.find(h, |x| x == 14), Some(14));
-        assert!(ix.remove(h, 14));
-        assert_eq!(ix.total_overflow(), 4);
+        assert_eq!(ix.buckets[2].lanes[OVERFLOW], 10);
+        assert_eq!(ix.find(h, |x| x == 24), Some(24));
+        assert!(ix.remove(h, 24));
+        assert_eq!(ix.total_overflow(), 9);
     }
 
     proptest! {

@@ -6,9 +6,9 @@
 //!
 //! - [`ConnTable`]: a fixed-capacity table keyed by [`lb_core::FlowKey`] under a keyed hash,
 //!   40 bytes per IPv4 entry (key, state, backend, expiry-list links, created and last-seen
-//!   times, packet and byte counters) plus an 8-byte share of a cache-line hash index: 48 B
-//!   per flow (from [`ConnTable::memory`]), +36 B per IPv6 place ([`Config::ipv6_capacity`]),
-//!   +24 B with full-NAT reply tuples ([`Config::nat`]), +8 B with an SNAT pool (its
+//!   times, packet and byte counters) plus a 5.33-byte share of a cache-line hash index: 45.3
+//!   B per flow (from [`ConnTable::memory`]), +36 B per IPv6 place ([`Config::ipv6_capacity`]),
+//!   +21.3 B with full-NAT reply tuples ([`Config::nat`]), +8 B with an SNAT pool (its
 //!   half-open lists). Linux nf_conntrack: 304 B, IPVS: 136 B. No allocation after
 //!   construction.
 //! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine

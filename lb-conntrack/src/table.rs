@@ -113,13 +113,21 @@ impl NextOut {
 pub struct Prefetched {
     hash: u64,
     slot: u32,
+    /// 0, or the index's [`Index::stamp`] + 1 at a candidate that found the key absent: while
+    /// the stamp stays there, a lookup through this hint misses without reading the line
+    /// again.
+    absent_at: u64,
 }
 
 impl Prefetched {
     /// A key known only by its hash ([`ConnTable::flow_hash`]): no candidate slot.
     #[inline]
     pub fn of_hash(hash: u64) -> Prefetched {
-        Prefetched { hash, slot: NIL }
+        Prefetched {
+            hash,
+            slot: NIL,
+            absent_at: 0,
+        }
     }
 
     /// The flow hash.
@@ -439,6 +447,10 @@ impl<H: KeyedHash> ConnTable<H> {
     /// falls back to the full probe.
     #[inline(always)]
     fn find_hinted(&self, p: Prefetched, probe: &Probe) -> Option<u32> {
+        if p.absent_at == self.index.stamp() + 1 {
+            // Absent at the candidate, and nothing inserted since.
+            return None;
+        }
         if let Some(s) = self.slots.get(p.slot as usize) {
             if s.flags & F_LIVE != 0 && probe.matches(s, &self.v6) {
                 return Some(p.slot);
@@ -750,9 +762,13 @@ impl<H: KeyedHash> ConnTable<H> {
     /// [`ConnTable::lookup_prefetched`] some keys later.
     #[inline(always)]
     pub fn candidate(&self, hash: u64) -> Prefetched {
-        let slot = self.index.candidate(hash);
+        let (slot, absent) = self.index.candidate(hash);
         self.prefetch_slot(slot);
-        Prefetched { hash, slot }
+        Prefetched {
+            hash,
+            slot,
+            absent_at: if absent { self.index.stamp() + 1 } else { 0 },
+        }
     }
 
     /// [`ConnTable::prefetch_bucket`] for a NAT reply tuple's hash.
@@ -765,9 +781,13 @@ impl<H: KeyedHash> ConnTable<H> {
     /// [`ConnTable::track_reply_prefetched`]).
     #[inline(always)]
     pub fn reply_candidate(&self, hash: u64) -> Prefetched {
-        let slot = self.reply_index.candidate(hash);
+        let (slot, _) = self.reply_index.candidate(hash);
         self.prefetch_slot(slot);
-        Prefetched { hash, slot }
+        Prefetched {
+            hash,
+            slot,
+            absent_at: 0,
+        }
     }
 
     /// Brings into cache, for a burst of flow hashes (from [`ConnTable::flow_hash`]), the

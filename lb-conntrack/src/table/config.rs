@@ -32,7 +32,7 @@ pub struct Config {
     /// Idle timeouts.
     pub timeouts: Timeouts,
     /// Keep NAT reply tuples and their reverse index (full NAT). Costs
-    /// `size_of::<FlowKey>()` + a `u32` index bucket per entry of capacity.
+    /// a 16-byte reply tuple and a reply index share (5.33 B) per entry of capacity.
     pub nat: bool,
     /// Record session statistics (duration, packets) when entries leave. Per-flow counters
     /// (created time, packets, bytes) are kept either way: they live in the slot.

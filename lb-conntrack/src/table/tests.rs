@@ -557,7 +557,8 @@ fn wrong_and_stale_hints_are_ignored() {
     let backend = "10.1.0.5:8080".parse().unwrap();
     // Created after its hint was taken: the hint has no slot.
     let hint_a = t.candidate(t.flow_hash(&a));
-    assert_eq!(hint_a, Prefetched::of_hash(t.flow_hash(&a)));
+    assert_eq!((hint_a.hash, hint_a.slot), (t.flow_hash(&a), NIL));
+    assert_ne!(hint_a.absent_at, 0, "A's home line says absent");
     let (_, reply_a) = t.insert_snat(NewFlow::new(a, BackendId(1)), backend, now);
     let reply_a = reply_a.unwrap();
     assert_eq!(
@@ -575,6 +576,7 @@ fn wrong_and_stale_hints_are_ignored() {
     let lie = Prefetched {
         hash: t.flow_hash(&b),
         slot: slot_a,
+        absent_at: 0,
     };
     assert_eq!(
         t.track_prefetched(lie, &b, ack(), now).unwrap().backend,
@@ -583,6 +585,7 @@ fn wrong_and_stale_hints_are_ignored() {
     let rlie = Prefetched {
         hash: t.flow_hash(&reply_b),
         slot: slot_a,
+        absent_at: 0,
     };
     let (orig, hit) = t
         .track_reply_prefetched(rlie, &reply_b, ack(), now)
@@ -615,16 +618,30 @@ fn wrong_and_stale_hints_are_ignored() {
     let free = Prefetched {
         hash: t.flow_hash(&zero),
         slot: 15,
+        absent_at: 0,
     };
     assert_eq!(t.track_prefetched(free, &zero, ack(), now), None);
     // An out-of-range slot is harmless.
     let wild = Prefetched {
         hash: t.flow_hash(&c),
         slot: u32::MAX - 1,
+        absent_at: 0,
     };
     assert_eq!(
         t.track_prefetched(wild, &c, ack(), now).unwrap().backend,
         BackendId(1)
+    );
+    // A hint taken while D was absent: a miss while nothing is inserted (removals cannot
+    // make it present), found once D (or any flow) is inserted after the hint.
+    let d = k4(4, IpProto::Tcp);
+    let hint_d = t.candidate(t.flow_hash(&d));
+    assert_ne!(hint_d.absent_at, 0, "D's home line says absent");
+    assert!(t.remove(&c, now));
+    assert_eq!(t.track_prefetched(hint_d, &d, ack(), now), None);
+    t.insert_snat(NewFlow::new(d, BackendId(2)), backend2, now);
+    assert_eq!(
+        t.track_prefetched(hint_d, &d, ack(), now).unwrap().backend,
+        BackendId(2)
     );
 }
 
@@ -645,7 +662,9 @@ fn memory_per_ipv4_entry() {
     let t = ConnTable::new(cfg, KEY).unwrap();
     let m = t.memory();
     assert_eq!(m.slots, cap * 40);
-    assert_eq!(m.index, cap * 8, "{m:?}");
+    // ceil(1.25 × capacity / 15) lines of 64 bytes: 5.33 B per entry of capacity.
+    assert_eq!(m.index, (cap * 5 / 4).div_ceil(15) * 64, "{m:?}");
+    assert!(m.index * 100 < cap * 534, "{m:?}");
     // The rest is per table, not per flow: the elephant store, one empty reply-index line,
     // one persistence template, the overall session histograms, and the removal ring
     // (4 096 records of 120 B by default: 480 KiB, or 0 with `removal_queue: 0`).

@@ -3,13 +3,14 @@
 //! Each bucket is one 64-byte cache line holding [`WAYS`] (15) entries of 32 bits and an
 //! overflow count. An entry is the slot id in the low bits (as many as the table's capacity
 //! needs: 20 at 2^20 flows, at most 24) and a tag from the top of the flow hash in the rest
-//! (12 bits at 2^20, at least 8; never zero, which marks an empty way). A key's home bucket comes from the low 32 bits of its hash (Lemire's
-//! multiply-shift, so any bucket count works); when the home bucket is full, the entry goes to
-//! the next bucket with room and every full bucket it passed counts one more overflow. A lookup
-//! therefore reads one cache line in the common case and stops at the first bucket whose
-//! overflow count is zero. Removal clears the way and decrements the counts it had raised, so
-//! there are no tombstones and the index never needs rebuilding (unlike open addressing with
-//! deletion markers, which degrades under churn).
+//! (12 bits at 2^20, at least 8; never zero, which marks an empty way). A key's home bucket
+//! comes from the low 32 bits of its hash (Lemire's multiply-shift, so any bucket count
+//! works); when the home bucket is full, the entry goes to the next bucket with room and every
+//! full bucket it passed counts one more overflow. A lookup therefore reads one cache line in
+//! the common case and stops at the first bucket whose overflow count is zero. Removal clears
+//! the way and decrements the counts it had raised, so there are no tombstones and the index
+//! never needs rebuilding (unlike open addressing with deletion markers, which degrades under
+//! churn).
 //!
 //! Why not `hashbrown`: its control bytes and its buckets live in two separate arrays, so a
 //! lookup touches two cache lines before it even reaches the slab, and it offers no way to
@@ -23,10 +24,11 @@
 //! two). Packing tag and id in 32 bits (15 ways a line instead of 10 of a 16-bit tag and a
 //! 32-bit id) made the index of a 2^20-flow table 5.3 MiB instead of 8: more of it stays in the
 //! last-level cache while the slab's lines stream through, so a lone hit more often waits for
-//! one memory line instead of two (benches/results/conntrack.md). A sparser index (2/3 full, 9.6 B) and branch-free tag matching in [`Index::find`] were
-//! measured and were not faster on the bench machine: the tag loop's branches are cheap next to
-//! the line's miss. ([`Index::candidate`], which runs on a line a burst prefetched, builds a
-//! branch-free match mask.)
+//! one memory line instead of two (benches/results/conntrack.md; 90 % full instead of 80 %
+//! was measured too, and lost to its overflow chains). A sparser index (2/3 full, 9.6 B) and
+//! branch-free tag matching in [`Index::find`] were measured and were not faster on the bench
+//! machine: the tag loop's branches are cheap next to the line's miss. ([`Index::candidate`],
+//! which runs on a line a burst prefetched, builds a branch-free match mask.)
 
 use crate::entry::NIL;
 

@@ -106,9 +106,11 @@ impl NextOut {
     };
 }
 
-/// One key of a prefetched burst (from [`ConnTable::candidate`]): its flow hash and the
-/// slot its index line pointed at. Only a hint: lookups through it return what they would
-/// without it.
+/// One key of a prefetched burst (from [`ConnTable::candidate`]): its flow hash, the slot its
+/// index line pointed at, and whether the line said the key was absent (with the table's
+/// insertion count then). Only a hint: lookups through it, in the table that gave it, return
+/// what they would without it. (A hint that said absent, used in another table, could make a
+/// lookup miss a key that table holds.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefetched {
     hash: u64,
@@ -643,7 +645,8 @@ impl<H: KeyedHash> ConnTable<H> {
     /// [`ConnTable::lookup`] for a key of a burst prefetched with
     /// [`ConnTable::candidate`]: the candidate slot found then is checked first, so the
     /// index line is not scanned again on a hit. Same result as [`ConnTable::lookup`] (for a
-    /// `p` whose hash is [`ConnTable::flow_hash`] of `key`), whatever changed in between.
+    /// `p` whose hash is [`ConnTable::flow_hash`] of `key`, from this table), whatever changed
+    /// in between.
     #[inline(always)]
     pub fn lookup_prefetched(
         &mut self,

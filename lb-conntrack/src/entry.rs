@@ -182,12 +182,17 @@ impl Counts {
 
     /// Small counters plus `packets` packets of `bytes` in all, or `None` if that overflows
     /// them (or they are an elephant's).
+    ///
+    /// One add: with room in the packet field nothing carries out of it, and the byte field
+    /// (37 bits below bit 63) overflows into the elephant bit, so "neither word has bit 63 set"
+    /// is the whole byte check.
     #[inline(always)]
     pub(crate) fn bumped(self, bytes: u32, packets: u64) -> Option<Counts> {
-        let (p, b) = self.small_values();
-        let b = b + u64::from(bytes);
-        (self.0 & ELEPHANT == 0 && p + packets <= PACKET_MAX && b <= BYTE_MAX)
-            .then_some(Counts(self.0 + packets + (u64::from(bytes) << PACKET_BITS)))
+        let room = packets <= PACKET_MAX - (self.0 & PACKET_MAX);
+        let n = self
+            .0
+            .wrapping_add(packets.wrapping_add(u64::from(bytes) << PACKET_BITS));
+        (room && (self.0 | n) & ELEPHANT == 0).then_some(Counts(n))
     }
 }
 
@@ -448,6 +453,24 @@ mod tests {
             Counts::small(u64::MAX, u64::MAX).small_values(),
             (PACKET_MAX, BYTE_MAX)
         );
+    }
+
+    proptest::proptest! {
+        /// The one-add bump is the field arithmetic: both fields grow when both stay within
+        /// their maxima, and nothing changes otherwise (elephants included).
+        #[test]
+        fn bump_is_the_field_arithmetic(
+            p in proptest::prop_oneof![0..=PACKET_MAX, PACKET_MAX - 70_000..=PACKET_MAX],
+            b in proptest::prop_oneof![0..=BYTE_MAX, BYTE_MAX - (1 << 33)..=BYTE_MAX],
+            bytes in proptest::prelude::any::<u32>(),
+            packets in proptest::prop_oneof![0..=70_000u64, 0..=u64::from(u32::MAX)],
+            elephant in proptest::prelude::any::<bool>(),
+        ) {
+            let c = if elephant { Counts::elephant(p as u32) } else { Counts::small(p, b) };
+            let want = (!elephant && p + packets <= PACKET_MAX && b + u64::from(bytes) <= BYTE_MAX)
+                .then(|| Counts::small(p + packets, b + u64::from(bytes)));
+            proptest::prop_assert_eq!(c.bumped(bytes, packets), want);
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::persist::{PersistTable, Service, TemplateKey};
 use crate::removal::{RemovalReason, RemovalRing};
 use crate::stats::{Counters, EvictReason, Refusal, SessionStats};
 use crate::tcp_state::{Direction, TcpState};
-use crate::timeout::{FlowState, Timeouts, CLASSES};
+use crate::timeout::{next_class, FlowState, Timeouts, CLASSES};
 use crate::ConntrackError;
 
 mod config;
@@ -707,10 +707,19 @@ impl<H: KeyedHash> ConnTable<H> {
         pkt: Packet,
         now: Instant,
     ) -> Option<Hit> {
-        match self.lookup_prefetched(p, key, now) {
-            Lookup::Hit(mut e) => Some(e.update(pkt, now)),
-            _ => None,
+        // `lookup_prefetched` and `EntryRef::update` in one: the clock advanced once.
+        let now32 = self.advance(now);
+        let Some(i) = self.find_hinted(p, &Probe::of(key)) else {
+            self.counters.misses += 1;
+            return None;
+        };
+        if self.slot_expired(i) {
+            self.counters.expired_on_lookup += 1;
+            self.remove_timed_out(i);
+            return None;
         }
+        self.counters.hits += 1;
+        Some(self.apply_packet(i, pkt, now32, false))
     }
 
     /// Tracks a burst: looks up and updates each key in order, as [`ConnTable::track`] would,
@@ -1065,28 +1074,20 @@ impl<H: KeyedHash> ConnTable<H> {
                 changed: false,
             };
         };
-        let old = FlowState::from_class(class0).unwrap_or(FlowState::Other);
         let mut flags = flags0;
-        if pkt.dir == Direction::Reply {
+        let reply = pkt.dir == Direction::Reply;
+        if reply {
             flags |= F_BIDIR;
         }
-        let mut reused = false;
-        let new = match old {
-            FlowState::Tcp(t) => {
-                let n = t.next(pkt.dir, pkt.tcp_flags, flags & F_BIDIR != 0);
-                reused =
-                    matches!(t, TcpState::TimeWait | TcpState::Close) && n == TcpState::SynRecv;
-                FlowState::Tcp(n)
-            }
-            FlowState::UdpUnconfirmed if !first || pkt.dir == Direction::Reply => FlowState::Udp,
-            other => other,
-        };
+        // The state machine as one table lookup on the class byte (`timeout::next_class`).
+        let class = next_class(class0, reply, flags & F_BIDIR != 0, first, pkt.tcp_flags);
+        let reused = (class0 == TcpState::TimeWait as u8 || class0 == TcpState::Close as u8)
+            && class == TcpState::SynRecv as u8;
         let mut counts = counts0;
         if reused {
             self.reuse(i);
             counts = Counts::ZERO;
         }
-        let class = new.class();
         if class != class0 {
             // Another list (another timeout): moved now, to its tail.
             self.lists.requeue(&mut self.slots, class0, class, i);
@@ -1114,10 +1115,14 @@ impl<H: KeyedHash> ConnTable<H> {
         }
         Hit {
             backend: BackendId(backend),
-            state: new,
-            was: if reused { None } else { Some(old) },
+            state: FlowState::from_class(class).unwrap_or(FlowState::Other),
+            was: if reused {
+                None
+            } else {
+                Some(FlowState::from_class(class0).unwrap_or(FlowState::Other))
+            },
             nat: self.nat_of(i),
-            changed: new != old,
+            changed: class != class0,
         }
     }
 

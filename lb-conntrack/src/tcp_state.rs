@@ -134,7 +134,7 @@ impl TcpState {
     /// assert_eq!(TcpState::TimeWait.next(Direction::Original, TcpFlags::SYN, true), TcpState::SynRecv);
     /// ```
     #[inline]
-    pub fn next(self, dir: Direction, flags: TcpFlags, bidirectional: bool) -> TcpState {
+    pub const fn next(self, dir: Direction, flags: TcpFlags, bidirectional: bool) -> TcpState {
         let row = if flags.contains(TcpFlags::RST) {
             3
         } else if flags.contains(TcpFlags::SYN) {

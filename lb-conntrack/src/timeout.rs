@@ -2,7 +2,7 @@
 
 use lb_core::{Duration, IpProto};
 
-use crate::tcp_state::{TcpState, TCP_STATES};
+use crate::tcp_state::{Direction, TcpFlags, TcpState, TCP_STATES};
 use crate::ConntrackError;
 
 /// The longest timeout accepted: 24 days. Entries keep their last-seen time as 32-bit
@@ -49,6 +49,15 @@ impl FlowState {
     /// The state of class `c` (`None` for an out-of-range class).
     #[inline]
     pub(crate) const fn from_class(c: u8) -> Option<FlowState> {
+        if (c as usize) < CLASSES {
+            Some(STATE_OF_CLASS[c as usize])
+        } else {
+            None
+        }
+    }
+
+    /// [`FlowState::from_class`] as a `match` (builds the table it reads).
+    const fn from_class_slow(c: u8) -> Option<FlowState> {
         match c {
             CLASS_UDP_UNCONFIRMED => Some(FlowState::UdpUnconfirmed),
             CLASS_UDP => Some(FlowState::Udp),
@@ -92,6 +101,102 @@ impl FlowState {
             _ => false,
         }
     }
+}
+
+/// The state of each class, by class.
+const STATE_OF_CLASS: [FlowState; CLASSES] = {
+    let mut t = [FlowState::Other; CLASSES];
+    let mut c = 0;
+    while c < CLASSES {
+        if let Some(s) = FlowState::from_class_slow(c as u8) {
+            t[c] = s;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// The flag that selects each row of [`TcpState::next`]'s tables, by the row
+/// [`flag_row`] gives; row 4: none (the state stays).
+const ROW_FLAGS: [TcpFlags; 5] = [
+    TcpFlags::SYN,
+    TcpFlags::FIN,
+    TcpFlags::ACK,
+    TcpFlags::RST,
+    TcpFlags::NONE,
+];
+
+/// The row a segment's flags select, with IPVS' priority (RST, SYN, FIN, ACK), from FIN,
+/// SYN, RST (bits 0..3) and ACK (bit 3) of `f`.
+const fn flag_row(f: usize) -> usize {
+    if f & 4 != 0 {
+        3
+    } else if f & 2 != 0 {
+        0
+    } else if f & 1 != 0 {
+        1
+    } else if f & 8 != 0 {
+        2
+    } else {
+        4
+    }
+}
+
+/// The class after a packet, indexed by the class (bits 0..4), the segment's FIN, SYN, RST
+/// and ACK flags (4..8), whether replies are seen (8), whether it is a reply (9) and whether
+/// it created the entry (10): the TCP state machine and the UDP confirmation rule folded
+/// into one table, so that a hit reads one byte where it would convert its class to a
+/// [`FlowState`], run the machine and convert back. Classes 13..16 (none) stay
+/// [`CLASS_OTHER`].
+static NEXT_CLASS: [u8; 2048] = {
+    let mut t = [CLASS_OTHER; 2048];
+    let mut i = 0;
+    while i < 2048 {
+        let c = i & 15;
+        let bidirectional = i & 0x100 != 0;
+        let reply = i & 0x200 != 0;
+        let first = i & 0x400 != 0;
+        let dir = if reply {
+            Direction::Reply
+        } else {
+            Direction::Original
+        };
+        if c < TCP_STATES {
+            let flags = ROW_FLAGS[flag_row((i >> 4) & 15)];
+            t[i] = TcpState::ALL[c].next(dir, flags, bidirectional) as u8;
+        } else if c == CLASS_UDP_UNCONFIRMED as usize && (reply || !first) {
+            t[i] = CLASS_UDP;
+        } else if c < CLASSES {
+            t[i] = c as u8;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// The class of an entry of class `class` after a packet with TCP `flags` (ignored by
+/// other classes), travelling as a `reply` or not, on an entry whose replies are seen
+/// (`bidirectional`), `first` if the packet created the entry: what
+/// [`TcpState::next`] and the UDP rule (a second packet or a reply confirms) give, in one
+/// lookup. A class out of range gives [`CLASS_OTHER`].
+#[inline(always)]
+pub(crate) fn next_class(
+    class: u8,
+    reply: bool,
+    bidirectional: bool,
+    first: bool,
+    flags: TcpFlags,
+) -> u8 {
+    if usize::from(class) >= CLASSES {
+        return CLASS_OTHER;
+    }
+    let f = usize::from(flags.0);
+    let i = usize::from(class)
+        | ((f & 7) | ((f >> 1) & 8)) << 4
+        | usize::from(bidirectional) << 8
+        | usize::from(reply) << 9
+        | usize::from(first) << 10;
+    NEXT_CLASS.get(i).copied().unwrap_or(CLASS_OTHER)
 }
 
 /// Idle timeouts: how long an entry lives after its last packet, by state.
@@ -211,6 +316,42 @@ mod tests {
             assert_eq!(s, Some(c));
         }
         assert_eq!(FlowState::from_class(CLASSES as u8), None);
+    }
+
+    /// The folded table is the state machine and the UDP rule, for every class (and some out
+    /// of range), both directions, both tables, first packet or not, and all 256 flag bytes.
+    #[test]
+    fn next_class_is_the_state_machine() {
+        for c in 0..=(CLASSES as u8 + 2) {
+            for reply in [false, true] {
+                for bidirectional in [false, true] {
+                    for first in [false, true] {
+                        for f in 0..=255u8 {
+                            let flags = TcpFlags(f);
+                            let dir = if reply {
+                                Direction::Reply
+                            } else {
+                                Direction::Original
+                            };
+                            let want =
+                                match FlowState::from_class_slow(c).unwrap_or(FlowState::Other) {
+                                    FlowState::Tcp(t) => {
+                                        FlowState::Tcp(t.next(dir, flags, bidirectional))
+                                    }
+                                    FlowState::UdpUnconfirmed if !first || reply => FlowState::Udp,
+                                    other => other,
+                                };
+                            assert_eq!(
+                                next_class(c, reply, bidirectional, first, flags),
+                                want.class(),
+                                "class {c} reply {reply} bidirectional {bidirectional} first {first} flags {f:#x}"
+                            );
+                        }
+                    }
+                }
+            }
+            assert_eq!(FlowState::from_class(c), FlowState::from_class_slow(c));
+        }
     }
 
     #[test]

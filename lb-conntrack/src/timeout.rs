@@ -116,32 +116,6 @@ const STATE_OF_CLASS: [FlowState; CLASSES] = {
     t
 };
 
-/// The flag that selects each row of [`TcpState::next`]'s tables, by the row
-/// [`flag_row`] gives; row 4: none (the state stays).
-const ROW_FLAGS: [TcpFlags; 5] = [
-    TcpFlags::SYN,
-    TcpFlags::FIN,
-    TcpFlags::ACK,
-    TcpFlags::RST,
-    TcpFlags::NONE,
-];
-
-/// The row a segment's flags select, with IPVS' priority (RST, SYN, FIN, ACK), from FIN,
-/// SYN, RST (bits 0..3) and ACK (bit 3) of `f`.
-const fn flag_row(f: usize) -> usize {
-    if f & 4 != 0 {
-        3
-    } else if f & 2 != 0 {
-        0
-    } else if f & 1 != 0 {
-        1
-    } else if f & 8 != 0 {
-        2
-    } else {
-        4
-    }
-}
-
 /// The class after a packet, indexed by the class (bits 0..4), the segment's FIN, SYN, RST
 /// and ACK flags (4..8), whether replies are seen (8), whether it is a reply (9) and whether
 /// it created the entry (10): the TCP state machine and the UDP confirmation rule folded
@@ -162,8 +136,9 @@ static NEXT_CLASS: [u8; 2048] = {
             Direction::Original
         };
         if c < TCP_STATES {
-            let flags = ROW_FLAGS[flag_row((i >> 4) & 15)];
-            t[i] = TcpState::ALL[c].next(dir, flags, bidirectional) as u8;
+            // Index bits 4..8 back to the flag bits they came from (ACK is 0x10).
+            let f = (i >> 4) & 7 | ((i >> 4) & 8) << 1;
+            t[i] = TcpState::ALL[c].next(dir, TcpFlags(f as u8), bidirectional) as u8;
         } else if c == CLASS_UDP_UNCONFIRMED as usize && (reply || !first) {
             t[i] = CLASS_UDP;
         } else if c < CLASSES {

@@ -106,6 +106,16 @@ impl NextOut {
     };
 }
 
+/// What a lookup's slot is at the table's clock ([`ConnTable::live`]).
+enum Found {
+    /// A live entry's slot.
+    Live(u32),
+    /// No entry.
+    Miss,
+    /// A timed-out entry, removed; the backend it was bound to.
+    Expired(BackendId),
+}
+
 /// One key of a prefetched burst (from [`ConnTable::candidate`]): its flow hash, the slot its
 /// index line pointed at, and whether the line said the key was absent (with the table's
 /// insertion count then). Only a hint: lookups through it, in the table that gave it, return
@@ -655,25 +665,39 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
     ) -> Lookup<'_, H> {
         self.advance(now);
-        let probe = Probe::of(key);
-        match self.find_hinted(p, &probe) {
-            None => {
+        let found = self.find_hinted(p, &Probe::of(key));
+        match self.live(found) {
+            Found::Miss => {
                 self.counters.misses += 1;
                 Lookup::Miss
             }
-            Some(i) if self.slot_expired(i) => {
-                let backend = BackendId(self.slots.get(i as usize).map_or(0, Slot::backend));
-                self.counters.expired_on_lookup += 1;
-                self.remove_timed_out(i);
-                Lookup::Expired { backend }
-            }
-            Some(i) => {
+            Found::Expired(backend) => Lookup::Expired { backend },
+            Found::Live(i) => {
                 self.counters.hits += 1;
                 Lookup::Hit(EntryRef {
                     table: self,
                     idx: i,
                 })
             }
+        }
+    }
+
+    /// What a lookup's `found` slot is at the table's clock: live, absent, or timed out (then
+    /// removed here, counted in [`Counters::expired_on_lookup`], its backend kept). The one
+    /// place the data path's lookups ([`ConnTable::lookup_prefetched`],
+    /// [`ConnTable::track_prefetched`], [`ConnTable::track_reply_prefetched`]) decide this;
+    /// each counts its own hits and misses.
+    #[inline(always)]
+    fn live(&mut self, found: Option<u32>) -> Found {
+        match found {
+            None => Found::Miss,
+            Some(i) if self.slot_expired(i) => {
+                let backend = BackendId(self.slots.get(i as usize).map_or(0, Slot::backend));
+                self.counters.expired_on_lookup += 1;
+                self.remove_timed_out(i);
+                Found::Expired(backend)
+            }
+            Some(i) => Found::Live(i),
         }
     }
 
@@ -709,17 +733,18 @@ impl<H: KeyedHash> ConnTable<H> {
     ) -> Option<Hit> {
         // `lookup_prefetched` and `EntryRef::update` in one: the clock advanced once.
         let now32 = self.advance(now);
-        let Some(i) = self.find_hinted(p, &Probe::of(key)) else {
-            self.counters.misses += 1;
-            return None;
-        };
-        if self.slot_expired(i) {
-            self.counters.expired_on_lookup += 1;
-            self.remove_timed_out(i);
-            return None;
+        let found = self.find_hinted(p, &Probe::of(key));
+        match self.live(found) {
+            Found::Live(i) => {
+                self.counters.hits += 1;
+                Some(self.apply_packet(i, pkt, now32, false))
+            }
+            Found::Miss => {
+                self.counters.misses += 1;
+                None
+            }
+            Found::Expired(_) => None,
         }
-        self.counters.hits += 1;
-        Some(self.apply_packet(i, pkt, now32, false))
     }
 
     /// Tracks a burst: looks up and updates each key in order, as [`ConnTable::track`] would,
@@ -923,15 +948,15 @@ impl<H: KeyedHash> ConnTable<H> {
         now: Instant,
     ) -> Option<(FlowKey, Hit)> {
         let now32 = self.advance(now);
-        let Some(i) = self.find_reply_hinted(p, reply) else {
-            self.counters.reply_misses += 1;
-            return None;
+        let found = self.find_reply_hinted(p, reply);
+        let i = match self.live(found) {
+            Found::Live(i) => i,
+            Found::Miss => {
+                self.counters.reply_misses += 1;
+                return None;
+            }
+            Found::Expired(_) => return None,
         };
-        if self.slot_expired(i) {
-            self.counters.expired_on_lookup += 1;
-            self.remove_timed_out(i);
-            return None;
-        }
         self.counters.reply_hits += 1;
         let key = self.key_of(i)?;
         let pkt = Packet {

@@ -351,6 +351,48 @@ fn nat_table(
     (t, snat)
 }
 
+/// A reply that finds its flow timed out removes it there (as a forward lookup would): no
+/// hit, no reply miss, one `expired_on_lookup`, and the SNAT port free for the next flow.
+#[test]
+fn a_reply_to_a_timed_out_flow_removes_it() {
+    let (mut t, _) = nat_table(40000..=40000, &[5]);
+    let backend_addr = "10.1.0.5:8080".parse().unwrap();
+    let now = Instant::from_secs(1);
+    let (r, reply) = t.insert_snat(
+        NewFlow::new(k4(1, IpProto::Tcp), BackendId(5)).with_first(syn()),
+        backend_addr,
+        now,
+    );
+    assert_eq!(r, Insert::New);
+    let reply = reply.unwrap();
+    let late = Instant::from_secs(1000);
+    assert!(t
+        .track_reply(&reply, Packet::reply(TcpFlags::ACK, 40), late)
+        .is_none());
+    let c = t.counters();
+    assert_eq!(
+        (c.reply_hits, c.reply_misses, c.expired_on_lookup),
+        (0, 0, 1)
+    );
+    assert_eq!(t.len(), 0);
+    let r = t.poll_removal().unwrap();
+    assert_eq!(
+        (r.key, r.reason),
+        (k4(1, IpProto::Tcp), RemovalReason::Expired)
+    );
+    // Gone now: a second reply is a plain miss.
+    assert!(t
+        .track_reply(&reply, Packet::reply(TcpFlags::ACK, 40), late)
+        .is_none());
+    assert_eq!(t.counters().reply_misses, 1);
+    let (r2, reply2) = t.insert_snat(
+        NewFlow::new(k4(2, IpProto::Tcp), BackendId(5)),
+        backend_addr,
+        late,
+    );
+    assert_eq!((r2, reply2), (Insert::New, Some(reply)));
+}
+
 #[test]
 fn full_nat_reply_lookup_and_port_release() {
     let (mut t, snat) = nat_table(40000..=40000, &[5]);

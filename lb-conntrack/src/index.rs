@@ -92,7 +92,7 @@ impl Index {
     }
 
     /// Entries stored.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "model"))]
     pub(crate) fn len(&self) -> usize {
         self.len
     }

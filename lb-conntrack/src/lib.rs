@@ -86,6 +86,8 @@
 mod entry;
 mod evict;
 mod index;
+#[cfg(any(test, feature = "model"))]
+pub mod model;
 mod nat_pool;
 mod persist;
 mod removal;

@@ -234,6 +234,12 @@ impl<H: KeyedHash> ConnTable<H> {
         self.len
     }
 
+    /// Number of ways the key index holds (one per entry, when every removal found its way).
+    #[cfg(any(test, feature = "model"))]
+    pub(crate) fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
     /// Whether the table is empty.
     #[inline]
     pub fn is_empty(&self) -> bool {

@@ -1,21 +1,20 @@
 //! Tests of the table: behaviour, a reference model, the flood scenario, memory.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_core::{BackendId, Duration, FlowKey, HashKey, Instant, IpProto};
 use proptest::prelude::*;
 
-use super::{SETTLE_PER_EXPIRE, SETTLE_PER_INSERT};
+use super::SETTLE_PER_EXPIRE;
 use crate::entry::Packet;
 use crate::entry::NIL;
-use crate::evict::class_is_half_open;
+use crate::model::Model;
 use crate::persist::{Service, TemplateKey};
 use crate::tcp_state::{Direction, TcpFlags, TcpState};
-use crate::timeout::{FlowState, Timeouts, CLASSES};
+use crate::timeout::{FlowState, Timeouts};
 use crate::{
-    Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Prefetched, Refusal, Removal,
-    RemovalReason, SnatPool,
+    Config, ConnTable, EvictReason, Insert, Lookup, NewFlow, Prefetched, Refusal, RemovalReason,
+    SnatPool,
 };
 
 const KEY: HashKey = HashKey::from_bytes(*b"conntrack-test-k");
@@ -841,171 +840,7 @@ fn syn_flood_spares_established_flows() {
     flood(100_000, 10_000, 1_000_000);
 }
 
-// ---- the reference model ----
-
-#[derive(Debug, Clone, Copy)]
-struct M {
-    backend: u32,
-    state: FlowState,
-    last: u64,
-    pos: u64,
-    /// When it was queued at `pos`.
-    q: u64,
-    /// Seen again since it was queued at `pos` (lazy re-queueing).
-    seen: bool,
-    v6: bool,
-    bidir: bool,
-    opened: u64,
-    packets: u64,
-    bytes: u64,
-}
-
-#[derive(Debug, Default)]
-struct Model {
-    map: BTreeMap<FlowKey, M>,
-    clock: u64,
-    seq: u64,
-    /// Removal records, in the order the table should queue them.
-    removed: Vec<Removal>,
-}
-
-impl Model {
-    fn record(&mut self, k: FlowKey, m: &M, reason: RemovalReason) {
-        self.removed.push(Removal {
-            key: k,
-            backend: BackendId(m.backend),
-            reason,
-            state: m.state,
-            nat: None,
-            opened: Instant::from_millis(m.opened),
-            last_seen: Instant::from_millis(m.last),
-            packets: m.packets,
-            bytes: m.bytes,
-        });
-    }
-    /// Removes `k` (present) and records it.
-    fn take(&mut self, k: &FlowKey, reason: RemovalReason) {
-        if let Some(m) = self.map.remove(k) {
-            self.record(*k, &m, reason);
-        }
-    }
-    /// Removes timed-out `k` (present) and records it.
-    fn take_timed_out(&mut self, k: &FlowKey) {
-        if let Some(m) = self.map.get(k) {
-            let r = RemovalReason::timed_out(m.state);
-            self.take(k, r);
-        }
-    }
-    fn timeout(t: &Timeouts, s: FlowState) -> u64 {
-        t.get(s).as_millis() as u64
-    }
-    fn expired(&self, t: &Timeouts, m: &M) -> bool {
-        self.clock - m.last >= Self::timeout(t, m.state)
-    }
-    fn head(&self, c: u8, need_v6: bool) -> Option<FlowKey> {
-        self.map
-            .iter()
-            .filter(|(_, m)| m.state.class() == c && (!need_v6 || m.v6))
-            .min_by_key(|(_, m)| m.pos)
-            .map(|(k, _)| *k)
-    }
-    /// Moves class `c`'s head to the tail if it was seen since it was queued.
-    fn settle(&mut self, c: u8) -> bool {
-        let Some(k) = self.head(c, false) else {
-            return false;
-        };
-        let (seq, clock) = (self.seq, self.clock);
-        match self.map.get_mut(&k) {
-            Some(m) if m.seen => {
-                (m.seen, m.pos, m.q) = (false, seq, clock);
-                self.seq += 1;
-                true
-            }
-            _ => false,
-        }
-    }
-    fn make_room(
-        &mut self,
-        t: &Timeouts,
-        need_v6: bool,
-        evict_est: bool,
-    ) -> Result<Insert, Refusal> {
-        for c in 0..CLASSES as u8 {
-            for _ in 0..SETTLE_PER_INSERT {
-                if !self.settle(c) {
-                    break;
-                }
-            }
-        }
-        for c in 0..CLASSES as u8 {
-            if let Some(k) = self.head(c, need_v6) {
-                if self.expired(t, &self.map[&k]) {
-                    self.take_timed_out(&k);
-                    return Ok(Insert::New);
-                }
-            }
-        }
-        for (reason, half) in [(EvictReason::HalfOpen, true), (EvictReason::Lru, false)] {
-            if !half && !evict_est {
-                break;
-            }
-            let mut best: Option<(FlowKey, u64)> = None;
-            for c in 0..CLASSES as u8 {
-                if half && !class_is_half_open(c) {
-                    continue;
-                }
-                if let Some(k) = self.head(c, need_v6) {
-                    let age = self.clock - self.map[&k].last;
-                    if best.is_none_or(|(_, a)| age > a) {
-                        best = Some((k, age));
-                    }
-                }
-            }
-            if let Some((k, _)) = best {
-                self.take(&k, reason.into());
-                return Ok(Insert::Evicted { victim: k, reason });
-            }
-        }
-        Err(if need_v6 {
-            Refusal::Ipv6Full
-        } else {
-            Refusal::TableFull
-        })
-    }
-    /// Feeds `p` to `k`; returns the state before it (`None` if it started a new session).
-    fn apply(&mut self, k: &FlowKey, p: Packet, first: bool) -> Option<FlowState> {
-        let (clock, seq) = (self.clock, self.seq);
-        let mut m = *self.map.get(k)?;
-        if p.dir == Direction::Reply {
-            m.bidir = true;
-        }
-        let old = m.state;
-        let new = match m.state {
-            FlowState::Tcp(s) => FlowState::Tcp(s.next(p.dir, p.tcp_flags, m.bidir)),
-            FlowState::UdpUnconfirmed if !first || p.dir == Direction::Reply => FlowState::Udp,
-            o => o,
-        };
-        let reused = matches!(old, FlowState::Tcp(TcpState::TimeWait | TcpState::Close))
-            && new == FlowState::Tcp(TcpState::SynRecv);
-        if reused {
-            self.record(*k, &m, RemovalReason::Closed);
-            (m.opened, m.packets, m.bytes) = (clock, 0, 0);
-        }
-        if new.class() != m.state.class() {
-            m.pos = seq;
-            self.seq += 1;
-            (m.seen, m.q) = (false, clock);
-        } else if clock != m.last {
-            m.seen = true;
-        }
-        m.state = new;
-        m.last = clock;
-        m.packets += 1;
-        m.bytes += u64::from(p.bytes);
-        self.map.insert(*k, m);
-        (!reused).then_some(old)
-    }
-}
+// ---- the reference model (crate::model) ----
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -1072,41 +907,17 @@ proptest! {
         // its own timed-out key, an IPv6 victim, a slot victim) or `ring` (expire).
         let cfg = Config { capacity: cap, ipv6_capacity: 2, timeouts, evict_established: evict_est, removal_queue: ring, ..Config::default() };
         let mut t = ConnTable::new(cfg, KEY).unwrap();
-        let mut m = Model::default();
+        let mut m = Model::new(&cfg);
         let mut now = Instant::ZERO;
-        // Sessions started (inserts, and SYNs that restarted a finished entry) and ended.
-        let (mut started, mut ended) = (0usize, 0usize);
         for op in ops {
-            let before: Vec<FlowKey> = m.map.keys().copied().collect();
             match op {
                 Op::Insert(k, b, p) => {
                     let key = key_of(k);
-                    let first = p.map(|(r, f)| packet(r, f));
                     let mut flow = NewFlow::new(key, BackendId(b));
-                    flow.first = first;
+                    flow.first = p.map(|(r, f)| packet(r, f));
                     let got = t.insert_with(flow, now);
-                    // Model.
-                    let want = (|| {
-                        if let Some(e) = m.map.get(&key).copied() {
-                            if !m.expired(&timeouts, &e) { return Insert::Exists; }
-                            m.take_timed_out(&key);
-                        }
-                        let mut out = Insert::New;
-                        if !key_of(k).is_ipv4() && m.map.values().filter(|e| e.v6).count() >= 2 {
-                            match m.make_room(&timeouts, true, evict_est) { Ok(o) => out = o, Err(r) => return Insert::Refused(r) }
-                        }
-                        if m.map.len() >= cap {
-                            match m.make_room(&timeouts, false, evict_est) { Ok(o) => out = o, Err(r) => return Insert::Refused(r) }
-                        }
-                        let pos = m.seq;
-                        m.seq += 1;
-                        m.map.insert(key, M { backend: b, state: FlowState::initial(key.proto()), last: m.clock, pos, q: m.clock, seen: false, v6: !key.is_ipv4(), bidir: false, opened: m.clock, packets: 0, bytes: 0 });
-                        if let Some(p) = first { m.apply(&key, p, true); }
-                        out
-                    })();
-                    prop_assert_eq!(got, want);
+                    prop_assert_eq!(got, m.insert(flow));
                     if got.is_inserted() {
-                        started += 1;
                         // The state after the first packet is known without a lookup.
                         prop_assert_eq!(m.map[&key].state, flow.initial_state());
                     }
@@ -1114,92 +925,27 @@ proptest! {
                 Op::Track(k, r, f) => {
                     let key = key_of(k);
                     let got = t.track(&key, packet(r, f), now).map(|h| (h.backend.get(), h.state, h.was));
-                    let want = match m.map.get(&key).copied() {
-                        Some(e) if m.expired(&timeouts, &e) => { m.take_timed_out(&key); None }
-                        Some(e) => {
-                            let was = m.apply(&key, packet(r, f), false);
-                            Some((e.backend, m.map[&key].state, was))
-                        }
-                        None => None,
-                    };
-                    if matches!(got, Some((_, _, None))) {
-                        started += 1;
-                    }
-                    prop_assert_eq!(got, want);
+                    prop_assert_eq!(got, m.track(&key, packet(r, f)));
                 }
                 Op::Advance(ms) => {
                     now += Duration::from_millis(u64::from(ms));
-                    m.clock = now.as_millis();
+                    m.advance(now);
                 }
                 Op::Expire(budget) => {
                     let got = t.expire(now, usize::from(budget));
                     // Capped by the ring's room (all of it: the ring is drained every step).
-                    let budget = usize::from(budget).min(ring);
-                    let mut n = 0;
-                    for c in 0..CLASSES as u8 {
-                        let mut settled = 0;
-                        while n < budget {
-                            match m.head(c, false) {
-                                Some(k) if m.expired(&timeouts, &m.map[&k]) => { m.take_timed_out(&k); n += 1; }
-                                Some(_) if settled < SETTLE_PER_EXPIRE && m.settle(c) => settled += 1,
-                                _ => break,
-                            }
-                        }
-                    }
-                    prop_assert_eq!(got, n);
+                    prop_assert_eq!(got, m.expire(usize::from(budget).min(ring)));
                 }
                 Op::Remove(k) => {
                     let key = key_of(k);
-                    let had = m.map.contains_key(&key);
-                    m.take(&key, RemovalReason::Removed);
-                    prop_assert_eq!(t.remove(&key, now), had);
+                    prop_assert_eq!(t.remove(&key, now), m.remove(&key));
                 }
             }
-            // Removals: exactly the model's records, in order.
-            let got: Vec<Removal> = t.drain_removals().collect();
-            let want = core::mem::take(&mut m.removed);
-            prop_assert_eq!(&got, &want);
-            prop_assert_eq!(t.counters().removals_lost, 0);
-            ended += got.len();
-            prop_assert_eq!(t.len(), started - ended);
-            // Every key that left is reported, once; a reported key that is still here was
-            // restarted (reuse) or replaced (an insert over its timed-out entry).
-            let mut reported: Vec<FlowKey> = got.iter().map(|r| r.key).collect();
-            reported.sort();
-            let n = reported.len();
-            reported.dedup();
-            prop_assert_eq!(reported.len(), n);
-            for k in &before {
-                if !m.map.contains_key(k) {
-                    prop_assert!(reported.binary_search(k).is_ok(), "{:?} left unreported", k);
-                }
+            // Removals exactly the model's, in order; entries, index, counters and the next
+            // deadline as the model has them.
+            if let Err(e) = m.check(&mut t, now) {
+                prop_assert!(false, "{}", e);
             }
-            for k in &reported {
-                prop_assert!(before.contains(k));
-            }
-            prop_assert!(t.len() <= cap);
-            prop_assert_eq!(t.len(), m.map.len());
-            // Every removal found its index way (by hash and slot id).
-            prop_assert_eq!(t.index.len(), t.len());
-            let mut live: Vec<(FlowKey, u32, FlowState)> = t.entries(now).iter().map(|e| (e.key, e.backend.get(), e.state)).collect();
-            live.sort_by_key(|e| e.0);
-            let want: Vec<(FlowKey, u32, FlowState)> = m.map.iter().filter(|(_, e)| !m.expired(&timeouts, e)).map(|(k, e)| (*k, e.backend, e.state)).collect();
-            prop_assert_eq!(live, want);
-            // The next deadline is the earliest of the list heads' (the clock for a head seen
-            // since it was queued).
-            // (The table's clock is the time of its last call, at most the model's.)
-            let got = t.next_deadline().map(|d| d.as_millis());
-            let heads: Vec<&M> = (0..CLASSES as u8).filter_map(|c| m.head(c, false)).map(|k| &m.map[&k]).collect();
-            if heads.iter().any(|e| e.seen) {
-                prop_assert!(got.is_some_and(|d| d <= m.clock));
-            } else {
-                prop_assert_eq!(got, heads.iter().map(|e| e.last + Model::timeout(&timeouts, e.state)).min());
-            }
-            // Not later than any entry's place implies: its queueing time plus its timeout
-            // (its deadline, for an entry queued when last seen; a busy entry moved to the
-            // tail when it reached the head may be removed up to that much late), or "now".
-            let nd = m.map.values().map(|e| e.q + Model::timeout(&timeouts, e.state)).min();
-            prop_assert!(got <= nd || got <= Some(m.clock), "next deadline {:?} after {:?}", got, nd);
         }
     }
 }

@@ -605,6 +605,64 @@ fn connections_drain() {
     );
 }
 
+/// An idle connection leaves the connection counts by its deadline, not up to a timeout later:
+/// the flow table's sweep (`Dataplane::housekeeping`) finds a flow that its class list keeps
+/// behind a younger one. Established flows time out after 6 s here; `a`, `x` and `b` are
+/// opened in that order at 0 s. `a` stays idle (due at 6 s); `b` is seen once more at 1 s (due
+/// at 7 s); `x` at 5 s (due at 11 s). At 6 s the balancer removes `a` and moves the seen `x`,
+/// then `b`, to the tail of their list: `b` now waits behind `x`, and without the sweep would
+/// stay counted until `x` leaves at 11 s. At 9 s only `x` may be counted.
+#[test]
+fn an_idle_connection_leaves_the_counts_by_its_deadline() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    let _g = serial();
+    let mut lab = Lab::new("idle");
+    let t = topo(&mut lab, 2);
+    let o = Opts {
+        balancer: "[balancer.timeouts]\ntcp_established = 6\n",
+        ..Opts::default()
+    };
+    // A table of 16 Ki slots: swept whole every 16 housekeeping calls (160 ms).
+    let cfg =
+        config("wlc", 2, &o).replace("conntrack_capacity = 262144", "conntrack_capacity = 16384");
+    start(&mut lab, &t, &cfg);
+    wait_health(&lab, &t, &[("b1", true), ("b2", true)], 10);
+    let open = |what: &str| {
+        hold(&t, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connection {what}: {e}\n{}", lab.log("balancer")))
+            .0
+    };
+    let t0 = Instant::now();
+    let at = |secs: f64| {
+        let due = t0 + Duration::from_secs_f64(secs);
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    };
+    let _a = open("a");
+    let mut x = open("x");
+    let mut b = open("b");
+    assert_eq!(sum(&per_backend_u64(&lab, &t, "active_conns")), 3);
+    at(1.0);
+    b.write_all(b"b").expect("b seen again");
+    at(5.0);
+    x.write_all(b"x").expect("x seen again");
+    at(9.0);
+    let a = per_backend_u64(&lab, &t, "active_conns");
+    println!(
+        "at {:?}: active_conns {a:?} (a and b idle past their deadlines, x not)",
+        t0.elapsed()
+    );
+    assert_eq!(
+        sum(&a),
+        1,
+        "at 9 s only x may be counted: {}",
+        lab.balancer_stats(&t)["backends"]
+    );
+}
+
 // ---- 3. counts survive table swaps ----------------------------------------------------------
 
 #[test]

@@ -149,6 +149,13 @@ fuzz_target!(|data: &[u8]| {
                 now += Duration::from_millis(u64::from(u16::from_le_bytes([b, c])) * 2);
                 m.advance(now);
             }
+            4 if a & 0x80 != 0 => {
+                // The sweep: `c` slots from the table's cursor, removing what has timed out.
+                let (slots, budget) = (usize::from(c), usize::from(b % 6));
+                let (n, cursor) = m.sweep(&table, CAP, slots, budget);
+                assert_eq!(table.sweep(now, slots, budget), n);
+                assert_eq!(table.sweep_cursor(), cursor);
+            }
             4 => {
                 let budget = usize::from(b % 6);
                 assert_eq!(table.expire(now, budget), m.expire(budget));

@@ -11,8 +11,11 @@
 //! and its least recently used one: expiry looks at [`CLASSES`] heads (moving seen ones on),
 //! eviction picks among them. The price: an entry seen again and then idle, moved to the tail
 //! when it reached the head before its deadline, waits behind entries queued after its
-//! last-seen time, so it may be removed up to the time between the two later (less than one
-//! timeout); a lookup of it after its deadline finds it expired all the same.
+//! last-seen time, so the lists alone may remove it up to the time between the two later
+//! (less than one timeout); a lookup of it after its deadline finds it expired all the same,
+//! and [`crate::ConnTable::sweep`], which reads the slots in address order a slice per call,
+//! removes it within one period of the sweep (a table's capacity over the slots swept per
+//! second) of its deadline.
 //!
 //! A second kind of list, [`PoolList`], serves SNAT port pressure: per backend pool, the
 //! half-open entries that hold one of its ports, in the order they became half-open (for a new

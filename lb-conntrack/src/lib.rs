@@ -13,7 +13,8 @@
 //!   construction.
 //! - Per-protocol and per-TCP-state idle [`Timeouts`] with IPVS' defaults, a TCP state machine
 //!   ([`TcpState`]) driven by the flags seen in each [`Direction`], and incremental expiry
-//!   ([`ConnTable::expire`] with a budget, [`ConnTable::next_deadline`]).
+//!   ([`ConnTable::expire`] with a budget, [`ConnTable::next_deadline`]; [`ConnTable::sweep`]
+//!   bounds how late a flow seen again and then idle can leave).
 //! - Flood resistance: a full table sheds half-open entries first, then the least recently used;
 //!   an empty SNAT port pool sheds the oldest half-open entry holding one of its ports
 //!   ([`EvictReason::SnatPressure`], O(1)); every eviction and refusal is counted
@@ -41,7 +42,8 @@
 //! them). On `None`, choose a backend
 //! (persistence template first, then the scheduler) and [`ConnTable::insert_with`] the flow with
 //! its first packet ([`NewFlow::initial_state`] is the state it is then in). Every
-//! millisecond or so: `expire(now, budget)`. After every burst and every `expire`: drain
+//! millisecond or so: `expire(now, budget)`, and a `sweep` of a slice of the table. After
+//! every burst and every `expire`: drain
 //! [`ConnTable::poll_removal`] (`expire` stops when the removal ring is full; a per-packet path
 //! that finds it full drops the record and counts it in [`Counters::removals_lost`]).
 //!

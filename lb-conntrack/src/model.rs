@@ -344,6 +344,40 @@ impl Model {
         n
     }
 
+    /// [`ConnTable::sweep`] over `slots` slots of table `t` (of capacity `capacity`) from its
+    /// cursor, with `budget` already capped by the removal ring's room, called before the
+    /// table's own sweep: which slot each flow sits in is the table's (`slot_of`), the rest
+    /// the model's. Returns what the sweep removes and the cursor it leaves.
+    pub fn sweep<H: lb_core::KeyedHash>(
+        &mut self,
+        t: &ConnTable<H>,
+        capacity: usize,
+        slots: usize,
+        budget: usize,
+    ) -> (usize, u32) {
+        let mut at: BTreeMap<u32, FlowKey> = BTreeMap::new();
+        for k in self.map.keys() {
+            if let Some(i) = t.slot_of(k) {
+                at.insert(i, *k);
+            }
+        }
+        let mut i = t.sweep_cursor() as usize % capacity.max(1);
+        let mut n = 0;
+        for _ in 0..slots.min(capacity) {
+            if n >= budget {
+                break;
+            }
+            if let Some(k) = at.get(&(i as u32)).copied() {
+                if self.expired(&self.map[&k]) {
+                    self.take_timed_out(&k);
+                    n += 1;
+                }
+            }
+            i = if i + 1 == capacity { 0 } else { i + 1 };
+        }
+        (n, i as u32)
+    }
+
     /// [`ConnTable::remove`].
     pub fn remove(&mut self, key: &FlowKey) -> bool {
         self.take(key, RemovalReason::Removed)

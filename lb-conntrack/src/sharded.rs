@@ -131,6 +131,15 @@ impl<H: KeyedHash> ShardedConnTable<H> {
             .sum()
     }
 
+    /// [`ConnTable::sweep`] of `slots_per_shard` slots in every shard, removing up to
+    /// `budget_per_shard` timed-out entries in each, locking one shard at a time.
+    pub fn sweep(&self, now: Instant, slots_per_shard: usize, budget_per_shard: usize) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().sweep(now, slots_per_shard, budget_per_shard))
+            .sum()
+    }
+
     /// Earliest deadline over all shards.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.shards
@@ -292,5 +301,22 @@ mod tests {
         assert_eq!((expired, removals), (9_999, 9_999));
         assert_eq!(t.counters().removals_lost, 0);
         assert_eq!(t.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_sweep_visits_every_shard() {
+        let t = ShardedConnTable::new(4, Config::with_capacity(64), HashKey::from_bytes([2; 16]))
+            .unwrap();
+        for i in 0..40 {
+            let f =
+                NewFlow::new(k(0, i), BackendId(0)).with_first(Packet::original(TcpFlags::SYN, 60));
+            assert!(t.insert_with(f, Instant::from_secs(1)).is_inserted());
+        }
+        // Not due yet: nothing leaves.
+        assert_eq!(t.sweep(Instant::from_secs(2), 16, 100), 0);
+        // Every shard's 16 slots looked at once more, all timed out: all 40 leave.
+        assert_eq!(t.sweep(Instant::from_secs(1_000), 16, 100), 40);
+        assert_eq!(t.drain_removals().count(), 40);
+        assert!(t.is_empty());
     }
 }

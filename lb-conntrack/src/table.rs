@@ -87,6 +87,8 @@ pub struct ConnTable<H: KeyedHash = SipHash13> {
     next_out: NextOut,
     /// Flows that left, for [`ConnTable::poll_removal`].
     removals: RemovalRing,
+    /// The next slot [`ConnTable::sweep`] looks at.
+    sweep_cursor: u32,
 }
 
 /// A live slot's hashes (its key's, and its NAT reply tuple's or 0), computed with its index
@@ -223,6 +225,7 @@ impl<H: KeyedHash> ConnTable<H> {
             pool_links: Vec::new(),
             next_out: NextOut::NONE,
             removals: RemovalRing::new(cfg.removal_queue),
+            sweep_cursor: 0,
         })
     }
 
@@ -1291,8 +1294,8 @@ impl<H: KeyedHash> ConnTable<H> {
     /// not seen since it was queued is removed by the first call after its deadline, unless
     /// more than that many seen entries queued before it reach the head in that call (then in
     /// a later call); an entry seen, then idle, and moved on before its deadline may go up to
-    /// the time it was moved minus its last-seen time late (module `evict`). Never before its
-    /// deadline.
+    /// the time it was moved minus its last-seen time late (module `evict`), which
+    /// [`ConnTable::sweep`] bounds by its period. Never before its deadline.
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         self.advance(now);
         let budget = budget.min(self.removals.room());
@@ -1316,6 +1319,58 @@ impl<H: KeyedHash> ConnTable<H> {
             }
         }
         n
+    }
+
+    /// Looks at up to `slots` slots from where the last call stopped (in slot order, wrapping
+    /// around) and removes each entry there that has timed out, at most `budget` of them and
+    /// at most as many as the removal ring has room for; the next call continues at the first
+    /// slot not looked at. Returns how many were removed.
+    ///
+    /// [`ConnTable::expire`] removes entries in their class lists' order, and an entry seen
+    /// again and then idle can wait there behind entries queued after its last packet, up to
+    /// one timeout past its deadline (module `evict`): its backend's connection count, the
+    /// table's length and its removal record lag by as much. The sweep bounds that lag by its
+    /// period: a table of capacity *C* swept *s* slots per call, *r* calls a second, looks at
+    /// every slot every *C* / (*s* · *r*) seconds (1 Mi slots, 1 024 per call every 10 ms:
+    /// 10 s). It reads the slots in address order, which the hardware prefetcher follows.
+    /// Removals are recorded and counted as [`ConnTable::expire`]'s.
+    pub fn sweep(&mut self, now: Instant, slots: usize, budget: usize) -> usize {
+        self.advance(now);
+        let cap = self.slots.len();
+        if cap == 0 {
+            return 0;
+        }
+        let budget = budget.min(self.removals.room());
+        let mut i = self.sweep_cursor as usize % cap;
+        let mut n = 0;
+        for _ in 0..slots.min(cap) {
+            if n >= budget {
+                break;
+            }
+            let due = self.slots.get(i).is_some_and(|s| s.flags & F_LIVE != 0)
+                && self.slot_expired(i as u32);
+            if due {
+                self.counters.expired += 1;
+                self.remove_timed_out(i as u32);
+                n += 1;
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+        }
+        self.sweep_cursor = i as u32;
+        n
+    }
+
+    /// The slot [`ConnTable::sweep`] looks at next (for the reference model).
+    #[cfg(any(test, feature = "model"))]
+    pub fn sweep_cursor(&self) -> u32 {
+        self.sweep_cursor
+    }
+
+    /// The slot holding `key`'s entry, live or timed out (for the reference model, which
+    /// predicts [`ConnTable::sweep`] from it).
+    #[cfg(any(test, feature = "model"))]
+    pub fn slot_of(&self, key: &FlowKey) -> Option<u32> {
+        self.find(self.hasher.hash_flow(key), &Probe::of(key))
     }
 
     /// If the head of class list `c` was seen since it was queued, moves it to the tail

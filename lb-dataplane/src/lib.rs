@@ -209,6 +209,11 @@ struct Pre {
 /// Headroom to leave in front of each packet: enough for any encapsulation (IPv6 + UDP + GUE).
 pub const HEADROOM: usize = 64;
 
+/// Slots of each flow table [`Dataplane::housekeeping`] sweeps per call (see
+/// [`lb_conntrack::ConnTable::sweep`]): at one call per 10 ms (tun-balancer), a table of 1 Mi
+/// flows is looked through every 10 s, a few microseconds of each call.
+pub const SWEEP_SLOTS: usize = 1024;
+
 /// SNAT source ports handed out per backend and SNAT address.
 pub const SNAT_PORTS: core::ops::RangeInclusive<u16> = 1024..=65535;
 
@@ -705,13 +710,18 @@ impl Dataplane {
 
     /// Expires idle flows and persistence templates, at most `budget` of each per table;
     /// returns ejected backends whose time is up to rotation and counts SYNs left unanswered.
-    /// Returns the number of flows removed.
+    /// Returns the number of flows removed. Each call also sweeps [`SWEEP_SLOTS`] slots of
+    /// each flow table ([`lb_conntrack::ConnTable::sweep`]), so that every timed-out flow
+    /// leaves within a period of capacity / `SWEEP_SLOTS` calls.
     pub fn housekeeping(&mut self, now: Instant, budget: usize) -> usize {
         let mut n = 0;
         for ct in [&mut self.ct4, &mut self.ct6] {
             // At most what the removal queue can take now: nothing removed goes unreported.
             // (With a budget larger than the queue, the rest waits for the next call.)
-            n += ct.expire(now, budget);
+            let expired = ct.expire(now, budget);
+            // A slice of the table in slot order: a flow seen again and then idle may wait in
+            // its class list well past its deadline; the sweep bounds that by its period.
+            n += expired + ct.sweep(now, SWEEP_SLOTS, budget.saturating_sub(expired));
             ct.persist_mut().expire(now, budget);
         }
         self.drain_removals();

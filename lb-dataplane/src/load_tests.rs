@@ -100,6 +100,37 @@ fn counts_follow_tcp_states_and_removals() {
 }
 
 #[test]
+fn an_idle_flow_leaves_its_backend_count_by_its_deadline() {
+    // Established flows time out after 10 s. `b` is seen again at 1 s and then idle (due at
+    // 11 s); `c`, opened at 5 s, is kept busy; `d`, opened at 9.9 s, is idle (due at 19.9 s).
+    // At 10.5 s housekeeping removes `a` and moves the seen `b` and `c` behind `d` in their
+    // list, where `b` would wait for `d`'s deadline; the sweep removes it at the next call.
+    let mut r = rig("wlc", |s| {
+        s.timeouts.tcp_established = lb_core::Duration::from_secs(10);
+        s.conntrack_capacity = 1024;
+    });
+    r.connect(1);
+    r.connect(2);
+    r.later(1_000);
+    r.client_seg(2, ACK, b"").expect("b seen again");
+    r.later(4_000);
+    r.connect(3);
+    r.later(2_000);
+    r.client_seg(3, ACK, b"").expect("c busy");
+    r.later(2_000);
+    r.client_seg(3, ACK, b"").expect("c busy");
+    r.later(900);
+    r.connect(4);
+    assert_eq!(r.conns(), (4, 0));
+    r.later(600);
+    r.dp.housekeeping(r.now, 1024);
+    assert_eq!(r.conns(), (3, 0), "a left at 10.5 s");
+    r.later(1_000);
+    r.dp.housekeeping(r.now, 1024);
+    assert_eq!(r.conns(), (2, 0), "b left at 11.5 s, not at d's 19.9 s");
+}
+
+#[test]
 fn a_reset_closes_at_once_and_reuse_counts_a_new_session() {
     let mut r = rig("wlc", |_| {});
     let (b, out) = r.connect(2000);

@@ -201,6 +201,110 @@ fn a_hit_leaves_its_entry_in_place_and_expire_moves_it() {
 }
 
 #[test]
+fn a_flow_seen_then_idle_waits_in_its_list_and_the_sweep_removes_it() {
+    // SYN_RECV entries, 60 s. `a` queued at 0 and idle; `b` queued at 0, seen at 1 s, idle
+    // (due at 61 s); `c` queued at 30 s and seen every 10 s; `d` queued at 59 s, idle (due at
+    // 119 s). At 60.5 s `expire` removes `a` and moves the seen `b` and `c` behind `d`, so `b`
+    // waits for `d`: `expire` alone would remove it at 119 s, 58 s late.
+    let mut t = table(64);
+    let f = |i| NewFlow::new(k4(i, IpProto::Tcp), BackendId(i)).with_first(syn());
+    let s = Instant::from_secs;
+    assert!(t.insert_with(f(0), s(0)).is_inserted());
+    assert!(t.insert_with(f(1), s(0)).is_inserted());
+    assert!(t.track(&k4(1, IpProto::Tcp), syn(), s(1)).is_some());
+    assert!(t.insert_with(f(2), s(30)).is_inserted());
+    for at in [40, 50, 59] {
+        assert!(t.track(&k4(2, IpProto::Tcp), syn(), s(at)).is_some());
+    }
+    assert!(t.insert_with(f(3), s(59)).is_inserted());
+    let r: Vec<_> = t.drain_removals().collect();
+    assert!(r.is_empty());
+    assert_eq!(t.expire(Instant::from_millis(60_500), 100), 1);
+    assert_eq!(
+        t.drain_removals().map(|r| r.key).collect::<Vec<_>>(),
+        [k4(0, IpProto::Tcp)]
+    );
+    let late = Instant::from_millis(61_500);
+    assert_eq!(t.expire(late, 100), 0);
+    assert_eq!(
+        t.len(),
+        3,
+        "b is still counted, a second after its deadline"
+    );
+    // The sweep finds it where it is.
+    let expired = t.counters().expired;
+    assert_eq!(t.sweep(late, 64, 100), 1);
+    let r: Vec<_> = t.drain_removals().collect();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].key, k4(1, IpProto::Tcp));
+    assert_eq!(r[0].reason, RemovalReason::Expired);
+    assert_eq!(r[0].backend, BackendId(1));
+    assert_eq!(r[0].last_seen, s(1));
+    assert_eq!(t.counters().expired, expired + 1);
+    assert_eq!(t.len(), 2);
+    // The others are live: the sweep leaves them, and `expire` takes `d` at its deadline.
+    assert_eq!(t.sweep(late, 64, 100), 0);
+    assert!(t.get(&k4(2, IpProto::Tcp), late).is_some());
+    assert!(t.track(&k4(2, IpProto::Tcp), syn(), s(110)).is_some());
+    assert_eq!(t.expire(s(120), 100), 1);
+    assert_eq!(
+        t.drain_removals().map(|r| r.key).collect::<Vec<_>>(),
+        [k4(3, IpProto::Tcp)]
+    );
+}
+
+#[test]
+fn the_sweep_resumes_where_it_stopped_within_its_budget_and_the_ring() {
+    let cfg = Config {
+        removal_queue: 4,
+        ..Config::with_capacity(16)
+    };
+    let mut t = ConnTable::new(cfg, KEY).unwrap();
+    let s = Instant::from_secs;
+    // Ten flows in slots 0..10 (a fresh table hands out its slots in order), due at 60 s,
+    // and two more, due at 130 s.
+    for i in 0..12 {
+        let at = if i < 10 { s(0) } else { s(70) };
+        let flow = NewFlow::new(k4(i, IpProto::Tcp), BackendId(0)).with_first(syn());
+        assert!(t.insert_with(flow, at).is_inserted());
+    }
+    let now = s(100);
+    let slot = |t: &ConnTable, i: u32| t.slot_of(&k4(i, IpProto::Tcp));
+    assert_eq!(slot(&t, 0), Some(0));
+    assert_eq!(slot(&t, 9), Some(9));
+    // Budget 0: nothing looked at.
+    assert_eq!(t.sweep(now, 16, 0), 0);
+    assert_eq!(t.sweep_cursor(), 0);
+    // Three slots: three removed.
+    assert_eq!(t.sweep(now, 3, 100), 3);
+    assert_eq!(t.sweep_cursor(), 3);
+    // The ring holds four records: one more, then it is full and the sweep stops at once.
+    assert_eq!(t.sweep(now, 16, 100), 1);
+    assert_eq!(t.sweep_cursor(), 4);
+    assert_eq!(t.sweep(now, 16, 100), 0);
+    assert_eq!(t.sweep_cursor(), 4);
+    assert_eq!(t.drain_removals().count(), 4);
+    // A budget of 2 stops after the second removal, at the slot after it.
+    assert_eq!(t.sweep(now, 16, 2), 2);
+    assert_eq!(t.sweep_cursor(), 6);
+    assert_eq!(t.drain_removals().count(), 2);
+    // The rest: four, which fill the ring again, so the sweep stops after slot 9.
+    assert_eq!(t.sweep(now, 100, 100), 4);
+    assert_eq!(t.sweep_cursor(), 10);
+    assert_eq!(t.len(), 2);
+    assert_eq!(t.counters().expired, 10);
+    let keys: Vec<_> = t.drain_removals().map(|r| r.key).collect();
+    assert_eq!(
+        keys,
+        (6..10).map(|i| k4(i, IpProto::Tcp)).collect::<Vec<_>>()
+    );
+    // A whole turn from 10 (wrapping around) ends at 10; the two young flows stay.
+    assert_eq!(t.sweep(now, 100, 100), 0);
+    assert_eq!(t.sweep_cursor(), 10);
+    assert_eq!(t.len(), 2);
+}
+
+#[test]
 fn full_table_evicts_half_open_then_lru_or_refuses() {
     let mut t = table(4);
     let now = Instant::from_secs(1);
@@ -849,6 +953,7 @@ enum Op {
     Advance(u32),
     Expire(u8),
     Remove(u8),
+    Sweep(u8, u8),
 }
 
 fn key_of(i: u8) -> FlowKey {
@@ -870,6 +975,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u32..40_000).prop_map(Op::Advance),
         1 => (0u8..5).prop_map(Op::Expire),
         1 => (0u8..14).prop_map(Op::Remove),
+        1 => (0u8..40, 0u8..5).prop_map(|(s, b)| Op::Sweep(s, b)),
     ]
 }
 
@@ -940,6 +1046,12 @@ proptest! {
                     let key = key_of(k);
                     prop_assert_eq!(t.remove(&key, now), m.remove(&key));
                 }
+                Op::Sweep(slots, budget) => {
+                    let (slots, budget) = (usize::from(slots), usize::from(budget));
+                    let (n, cursor) = m.sweep(&t, cfg.capacity, slots, budget.min(ring));
+                    prop_assert_eq!(t.sweep(now, slots, budget), n);
+                    prop_assert_eq!(t.sweep_cursor(), cursor);
+                }
             }
             // Removals exactly the model's, in order; entries, index, counters and the next
             // deadline as the model has them.
@@ -994,6 +1106,9 @@ proptest! {
                 }
                 Op::Remove(k) => {
                     t.remove(&key_of(k), now);
+                }
+                Op::Sweep(slots, budget) => {
+                    t.sweep(now, usize::from(slots), usize::from(budget));
                 }
             }
             for r in t.drain_removals() {

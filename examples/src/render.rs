@@ -103,6 +103,7 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
             "evicted_half_open": t.evicted_half_open, "evicted_lru": t.evicted_lru,
             "evicted_snat_pressure": t.evicted_snat_pressure,
             "refused": t.refused,
+            "swept": t.swept,
             "sessions": {
                 "count": t.sessions.duration_ms.count(),
                 "duration_ms": summary(&t.sessions.duration_ms),
@@ -328,6 +329,8 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
         "lb_conntrack_evicted_snat_pressure_total {}",
         t.evicted_snat_pressure
     );
+    let _ = writeln!(o, "# HELP lb_conntrack_swept_total Timed-out flows the sweep removed (kept past their deadline behind younger flows in their list).\n# TYPE lb_conntrack_swept_total counter");
+    let _ = writeln!(o, "lb_conntrack_swept_total {}", t.swept);
     prometheus_histogram(
         &mut o,
         "session_duration_milliseconds",

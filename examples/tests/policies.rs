@@ -607,11 +607,13 @@ fn connections_drain() {
 
 /// An idle connection leaves the connection counts by its deadline, not up to a timeout later:
 /// the flow table's sweep (`Dataplane::housekeeping`) finds a flow that its class list keeps
-/// behind a younger one. Established flows time out after 6 s here; `a`, `x` and `b` are
-/// opened in that order at 0 s. `a` stays idle (due at 6 s); `b` is seen once more at 1 s (due
-/// at 7 s); `x` at 5 s (due at 11 s). At 6 s the balancer removes `a` and moves the seen `x`,
-/// then `b`, to the tail of their list: `b` now waits behind `x`, and without the sweep would
-/// stay counted until `x` leaves at 11 s. At 9 s only `x` may be counted.
+/// behind a younger one. Established flows time out after 6 s here. `a` is opened at 0 s and
+/// stays idle: once its last ACKs are in, it heads the list, unseen, until its deadline (6 s),
+/// and `expire` moves nothing behind it. `x` and `b` are opened at 0.5 s; `b` is seen again at
+/// 1 s (due at 7 s), `x` at 5 s (due at 11 s). At 6 s the balancer removes `a` and moves the
+/// seen `x`, then `b`, to the tail: `b` now waits behind `x`, and without the sweep would stay
+/// counted until `x` leaves at 11 s. At 9 s only `x` may be counted, and the sweep says it
+/// removed one flow.
 #[test]
 fn an_idle_connection_leaves_the_counts_by_its_deadline() {
     if !need_root() || !need_tool("curl") {
@@ -642,6 +644,7 @@ fn an_idle_connection_leaves_the_counts_by_its_deadline() {
         }
     };
     let _a = open("a");
+    at(0.5);
     let mut x = open("x");
     let mut b = open("b");
     assert_eq!(sum(&per_backend_u64(&lab, &t, "active_conns")), 3);
@@ -655,11 +658,18 @@ fn an_idle_connection_leaves_the_counts_by_its_deadline() {
         "at {:?}: active_conns {a:?} (a and b idle past their deadlines, x not)",
         t0.elapsed()
     );
+    let s = lab.balancer_stats(&t);
     assert_eq!(
         sum(&a),
         1,
         "at 9 s only x may be counted: {}",
-        lab.balancer_stats(&t)["backends"]
+        s["backends"]
+    );
+    assert_eq!(
+        s["conntrack"]["swept"].as_u64(),
+        Some(1),
+        "b removed by the sweep: {}",
+        s["conntrack"]
     );
 }
 

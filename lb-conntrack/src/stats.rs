@@ -60,9 +60,14 @@ pub struct Counters {
     pub inserts: u64,
     /// Insertions of a key already present (the existing entry was kept).
     pub exists: u64,
-    /// Entries removed by [`ConnTable::expire`](crate::ConnTable::expire) or to make room
-    /// because they had timed out.
+    /// Entries removed by [`ConnTable::expire`](crate::ConnTable::expire),
+    /// [`ConnTable::sweep`](crate::ConnTable::sweep) or to make room because they had timed
+    /// out.
     pub expired: u64,
+    /// Of `expired`, those the sweep removed: flows their class list kept behind younger
+    /// entries past their deadline (seen again, then idle), which would otherwise have left
+    /// late.
+    pub swept: u64,
     /// Entries evicted because they were half-open.
     pub evicted_half_open: u64,
     /// Entries evicted as least recently used.
@@ -114,6 +119,7 @@ impl Counters {
             inserts,
             exists,
             expired,
+            swept,
             evicted_half_open,
             evicted_lru,
             evicted_snat_pressure,
@@ -138,6 +144,7 @@ impl Counters {
         add(&mut self.inserts, inserts);
         add(&mut self.exists, exists);
         add(&mut self.expired, expired);
+        add(&mut self.swept, swept);
         add(&mut self.evicted_half_open, evicted_half_open);
         add(&mut self.evicted_lru, evicted_lru);
         add(&mut self.evicted_snat_pressure, evicted_snat_pressure);

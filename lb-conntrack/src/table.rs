@@ -1351,6 +1351,7 @@ impl<H: KeyedHash> ConnTable<H> {
                 && self.slot_expired(i as u32);
             if due {
                 self.counters.expired += 1;
+                self.counters.swept += 1;
                 self.remove_timed_out(i as u32);
                 n += 1;
             }

@@ -670,6 +670,7 @@ impl Dataplane {
                 + c6.refused_nat
                 + c4.refused_ports
                 + c6.refused_ports,
+            swept: c4.swept + c6.swept,
             persist_entries: (self.ct4.persist().len() + self.ct6.persist().len()) as u64,
             persist_capacity: (self.ct4.persist().capacity() + self.ct6.persist().capacity())
                 as u64,

@@ -128,6 +128,7 @@ fn an_idle_flow_leaves_its_backend_count_by_its_deadline() {
     r.later(1_000);
     r.dp.housekeeping(r.now, 1024);
     assert_eq!(r.conns(), (2, 0), "b left at 11.5 s, not at d's 19.9 s");
+    assert_eq!(r.dp.table_stats().swept, 1, "the sweep removed b");
 }
 
 #[test]

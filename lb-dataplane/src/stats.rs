@@ -223,6 +223,10 @@ pub struct TableStats {
     pub evicted_snat_pressure: u64,
     /// New flows refused.
     pub refused: u64,
+    /// Timed-out flows removed by the sweep ([`lb_conntrack::ConnTable::sweep`]): seen
+    /// again, then idle, and kept past their deadline behind younger flows in their class
+    /// list, which alone would have removed them up to a timeout late.
+    pub swept: u64,
     /// Persistence templates and SIP Call-ID bindings held now (both families).
     pub persist_entries: u64,
     /// Capacity of the persistence tables (both families).

@@ -241,6 +241,7 @@ fn a_flow_seen_then_idle_waits_in_its_list_and_the_sweep_removes_it() {
     assert_eq!(r[0].backend, BackendId(1));
     assert_eq!(r[0].last_seen, s(1));
     assert_eq!(t.counters().expired, expired + 1);
+    assert_eq!(t.counters().swept, 1);
     assert_eq!(t.len(), 2);
     // The others are live: the sweep leaves them, and `expire` takes `d` at its deadline.
     assert_eq!(t.sweep(late, 64, 100), 0);
@@ -292,7 +293,7 @@ fn the_sweep_resumes_where_it_stopped_within_its_budget_and_the_ring() {
     assert_eq!(t.sweep(now, 100, 100), 4);
     assert_eq!(t.sweep_cursor(), 10);
     assert_eq!(t.len(), 2);
-    assert_eq!(t.counters().expired, 10);
+    assert_eq!((t.counters().expired, t.counters().swept), (10, 10));
     let keys: Vec<_> = t.drain_removals().map(|r| r.key).collect();
     assert_eq!(
         keys,

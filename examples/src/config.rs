@@ -81,8 +81,9 @@
 //! mid_flow = "hash"          # tunnel / dr: a packet of a flow this balancer does not track
 //!                            # (ECMP moved it here) goes by the consistent hash; "drop": dropped
 //!                            # (nat / dnat always drop it: only sync knows its SNAT tuple)
-//! maglev_size = 65537        # maglev only: a prime in 3..=2^24, at least the backends (default:
-//!                            # the smallest prime >= max(65537, 100 x backends))
+//! maglev_size = 65537        # a prime in 3..=2^24, at least the backends (default: the smallest
+//!                            # prime >= max(65537, 100 x backends)); scheduler maglev, or a
+//!                            # policy whose mid-flow packets go by the hash (tunnel / dr)
 //! [service.splice]           # mode "splice" only; every key optional
 //! head_max = 1400            # bytes of the first request head held (<= 1400; larger: RST)
 //! head_timeout_ms = 5000     # the head must complete this soon after the handshake
@@ -2398,6 +2399,13 @@ addr = "[2001:db8:51::11]:53"
             "scheduler = \"rr\"\nmaglev_size = 65537",
         );
         fails_at(&t, "maglev_size", "service[0].maglev_size");
+        // A policy in tunnel mode places mid-flow packets by a Maglev table: its size may be set.
+        let t = GOOD.replace(
+            "mode = \"nat\"\nscheduler = \"maglev\"",
+            "mode = \"tunnel\"\nscheduler = \"rr\"\nmaglev_size = 251",
+        );
+        assert!(t.contains("maglev_size = 251"));
+        assert!(Config::parse(&t, "t.toml").is_ok());
         // A ring with weights 2 and 1000000 needs 160 x 500001 points: refused at start.
         let t = GOOD
             .replace("scheduler = \"maglev\"", "scheduler = \"ring\"")

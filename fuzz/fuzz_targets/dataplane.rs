@@ -143,7 +143,8 @@ fn svc(vip: &str, proto: Proto, mode: Mode, backends: &[&str]) -> ServiceSpec {
 
 fn policy(mut s: ServiceSpec, p: PolicyKind) -> ServiceSpec {
     s.scheduler = SchedulerKind::Policy(p);
-    s.maglev_size = None;
+    // A policy has a (small) Maglev table only to place mid-flow packets (tunnel, dr).
+    s.maglev_size = s.mid_flow.places(s.mode).then_some(251);
     s
 }
 

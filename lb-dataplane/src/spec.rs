@@ -322,7 +322,9 @@ pub struct ServiceSpec {
     /// Passive outlier ejection (`None`: off).
     pub outlier: Option<OutlierSpec>,
     /// Maglev table size (a prime); `None`: the smallest prime ≥ max(65537, 100 × backends),
-    /// as the Maglev paper advises for a disruption close to the ideal.
+    /// as the Maglev paper advises for a disruption close to the ideal. For scheduler `maglev`,
+    /// and for a policy whose mid-flow packets a Maglev table places ([`MidFlow`]); refused
+    /// with any other.
     pub maglev_size: Option<u64>,
     /// Packets that cannot start a flow, of flows not tracked here (modes `tunnel` and `dr`;
     /// `nat` and `dnat` always drop them): see [`MidFlow`].

@@ -593,11 +593,11 @@ impl ControlPlane {
                 .collect();
             set.sort_by_key(|b| b.id);
             // The scheduler's table, or (a policy placing mid-flow packets) the fallback's: a
-            // Maglev table at the default size, the one scheduler `maglev` would build.
+            // Maglev table of `maglev_size`, the one scheduler `maglev` would build.
             let hashed = match s.scheduler {
                 SchedulerKind::Hash(algo) => Some((algo, s.maglev_size)),
                 SchedulerKind::Policy(_) if s.mid_flow.places(s.mode) => {
-                    Some((HashAlgorithm::Maglev, None))
+                    Some((HashAlgorithm::Maglev, s.maglev_size))
                 }
                 SchedulerKind::Policy(_) => None,
             };
@@ -894,6 +894,16 @@ mod tests {
         }
         let (_, dr) = build(Mode::Dr, "p2c", MidFlow::Hash);
         assert!(dr.services[0].fallback.is_some());
+        // `maglev_size` sizes a policy's table as it does scheduler maglev's.
+        let mut s = spec(&["198.51.100.11:80", "198.51.100.12:80"]);
+        s.services[0].mode = Mode::Tunnel;
+        s.services[0].scheduler = "wlc".parse().unwrap();
+        s.services[0].maglev_size = Some(251);
+        let t = ControlPlane::new(s, key).unwrap().build().unwrap();
+        match t.services[0].fallback.as_deref() {
+            Some(AnyHash::Maglev(m)) => assert_eq!(m.size().get(), 251),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// The id space bounds the backends configured plus the retired ones not yet released,

@@ -107,8 +107,12 @@ pub enum SpecError {
         /// lb-sched's refusal.
         reason: SchedError,
     },
-    /// A `maglev_size` with a scheduler other than Maglev.
-    #[error("services[{service}].maglev_size: only with scheduler maglev, not {scheduler}")]
+    /// A `maglev_size` for a service without a Maglev table: a consistent hash other than
+    /// Maglev, or a policy that does not place mid-flow packets.
+    #[error(
+        "services[{service}].maglev_size: only with scheduler maglev, or a policy placing \
+         mid-flow packets (modes tunnel and dr), not {scheduler}"
+    )]
     MaglevSizeWithoutMaglev {
         /// The service.
         service: usize,
@@ -498,7 +502,8 @@ fn validate_scheduler(i: usize, s: &ServiceSpec) -> Result<(), SpecError> {
             }
         }
         SchedulerKind::Policy(_) => {
-            if s.maglev_size.is_some() {
+            // A policy has a Maglev table only to place mid-flow packets (modes tunnel, dr).
+            if s.maglev_size.is_some() && !s.mid_flow.places(s.mode) {
                 return Err(SpecError::MaglevSizeWithoutMaglev {
                     service: i,
                     scheduler: s.scheduler,
@@ -515,7 +520,7 @@ fn validate_scheduler(i: usize, s: &ServiceSpec) -> Result<(), SpecError> {
             Pool::new(cfg).map_err(|reason| SpecError::Pool { service: i, reason })?;
             // The Maglev table that places the service's mid-flow packets.
             if s.mid_flow.places(s.mode) {
-                validate_maglev(i, None, eligible.len(), weights)?;
+                validate_maglev(i, s.maglev_size, eligible.len(), weights)?;
             }
         }
     }
@@ -707,6 +712,24 @@ mod tests {
             s.validate(),
             Err(SpecError::MaglevSizeWithoutMaglev { service: 0, .. })
         ));
+        // A policy has a Maglev table (and a size for it) only where it places mid-flow
+        // packets; there its size is checked as scheduler maglev's.
+        let mut s = spec();
+        s.services[0].scheduler = SchedulerKind::Policy(PolicyKind::Wlc);
+        s.services[0].maglev_size = Some(251);
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::MaglevSizeWithoutMaglev { service: 0, .. })
+        ));
+        s.services[0].mode = Mode::Tunnel;
+        assert_eq!(s.validate(), Ok(()));
+        assert!(starts(&s));
+        s.services[0].maglev_size = Some(65_536);
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::MaglevSize { service: 0, .. })
+        ));
+        assert!(!starts(&s));
         let mut s = spec();
         s.services[0].persistence_netmask.v6 = 129;
         assert!(matches!(

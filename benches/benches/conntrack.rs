@@ -14,7 +14,10 @@ use std::time::Instant as StdInstant;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput};
 use lb_benches::ipv4_flows;
-use lb_conntrack::{Config, ConnTable, Hit, NewFlow, Packet, ShardedConnTable, TcpFlags, Timeouts};
+use lb_conntrack::{
+    Config, ConnTable, Hit, NewFlow, Packet, PersistTable, Service, ShardedConnTable, TcpFlags,
+    TemplateKey, Timeouts,
+};
 use lb_core::{
     BackendId, Duration, FastHash, FlowKey, HashKey, Instant, IpProto, KeyedHash, SipHash13,
 };
@@ -327,6 +330,21 @@ pub fn register(c: &mut Criterion) {
         let mut s = sip.borrow_mut();
         let t = s.get_or_insert_with(|| build::<SipHash13>(&keys));
         b.iter(|| black_box(t.sweep(now, 1024, 1024)))
+    });
+    // The same for a full persistence table of 64 Ki templates (the default per family): what
+    // housekeeping adds for each persistence table every call.
+    g.bench_function("sweep_1024_slots/persist_64k", |b| {
+        let mut p = PersistTable::new(1 << 16, HashKey::from_bytes([5; 16])).expect("capacity");
+        let svc = Service {
+            vip: "203.0.113.10".parse().expect("vip"),
+            port: 80,
+            proto: IpProto::Tcp,
+        };
+        for k in 0..1u64 << 16 {
+            let key = TemplateKey::affinity(svc, k);
+            p.insert(key, BackendId(1), Duration::from_secs(300), now);
+        }
+        b.iter(|| black_box(p.sweep(now, 1024, 1024)))
     });
     g.throughput(Throughput::Elements(1));
     *sip.borrow_mut() = None;

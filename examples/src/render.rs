@@ -89,7 +89,7 @@ pub fn to_json(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> String {
         "persist": {
             "entries": t.persist_entries, "capacity": t.persist_capacity,
             "established": t.persist_established, "shed": t.persist_shed,
-            "refused": t.persist_refused,
+            "refused": t.persist_refused, "swept": t.persist_swept,
         },
         // Ids are recycled: in use = configured + removed backends still holding flows.
         "backend_ids": {
@@ -272,6 +272,11 @@ pub fn to_prometheus(s: &Stats, t: &TableStats, labels: &[BackendLabel]) -> Stri
             "persist_refused_total",
             "New templates refused: every template live and established.",
             t.persist_refused,
+        ),
+        (
+            "persist_swept_total",
+            "Timed-out templates removed by the sweep: held past their deadline behind a longer-lived one.",
+            t.persist_swept,
         ),
     ] {
         counter(name, help, v);
@@ -688,6 +693,7 @@ mod tests {
         let t = TableStats {
             persist_shed: 11,
             persist_established: 2,
+            persist_swept: 6,
             ..TableStats::default()
         };
         let j: serde_json::Value = serde_json::from_str(&to_json(&a, &t, &labels)).unwrap();
@@ -695,6 +701,7 @@ mod tests {
         assert_eq!(j["fragments"]["forwarded"], 7);
         assert_eq!(j["persist"]["shed"], 11);
         assert_eq!(j["persist"]["established"], 2);
+        assert_eq!(j["persist"]["swept"], 6);
         assert_eq!(j["drops"]["icmp_rate_limited"], 7);
         assert_eq!(j["drops"]["icmp_not_unicast"], 2);
         assert_eq!(j["backend_ids"]["in_use"], 5);
@@ -717,6 +724,7 @@ mod tests {
         );
         assert!(p.contains("lb_fragments_forwarded_total 7"), "{p}");
         assert!(p.contains("lb_persist_shed_total 11"), "{p}");
+        assert!(p.contains("lb_persist_swept_total 6"), "{p}");
         assert!(p.contains("lb_dropped_packets_total{reason=\"icmp_rate_limited\"} 7"));
         assert!(p.contains("lb_dropped_packets_total{reason=\"icmp_not_unicast\"} 2"));
         assert!(p.contains(

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{connect_from, connect_in, enter_ns, need_root, need_tool, python, Lab, Topo};
+use common::{connect_from, connect_in, enter_ns, in_ns, need_root, need_tool, python, Lab, Topo};
 
 const VIP4: &str = "203.0.113.10";
 const ROUTES: [&str; 2] = ["203.0.113.10/32 dev lb0", "203.0.113.100/32 dev lb0"];
@@ -253,6 +253,13 @@ fn hold_many(lab: &Lab, t: &Topo, n: usize) -> Vec<(TcpStream, String)> {
             })
         })
         .collect()
+}
+
+/// Sleeps until `due` (at once if it has passed).
+fn sleep_until(due: Instant) {
+    if let Some(d) = due.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
 }
 
 fn tally(names: impl IntoIterator<Item = String>) -> HashMap<String, usize> {
@@ -637,12 +644,7 @@ fn an_idle_connection_leaves_the_counts_by_its_deadline() {
             .0
     };
     let t0 = Instant::now();
-    let at = |secs: f64| {
-        let due = t0 + Duration::from_secs_f64(secs);
-        if let Some(d) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(d);
-        }
-    };
+    let at = |secs: f64| sleep_until(t0 + Duration::from_secs_f64(secs));
     let _a = open("a");
     at(0.5);
     let mut x = open("x");
@@ -670,6 +672,70 @@ fn an_idle_connection_leaves_the_counts_by_its_deadline() {
         Some(1),
         "b removed by the sweep: {}",
         s["conntrack"]
+    );
+}
+
+/// A persistence template leaves by its deadline too: the persistence table's expiry stops at
+/// a live list head, and its sweep (`PersistTable::sweep`, from `Dataplane::housekeeping`)
+/// finds a timed-out template queued behind one with a longer timeout. Two services on the same
+/// backends: `:80` keeps a client's template 60 s, `:81` 2 s. One short connection to `:80` at
+/// 0 s, one to `:81` at 1 s; closed flows leave 1 s after their last packet, and each template's
+/// timeout starts when its flow leaves, so `:80`'s heads the list (due at ~61 s) and `:81`'s
+/// waits behind it (due at ~4 s). At 7 s only `:80`'s may be held, and the sweep says it
+/// removed one.
+#[test]
+fn a_short_lived_template_leaves_by_its_deadline_behind_a_longer_one() {
+    if !need_root() || !need_tool("curl") {
+        return;
+    }
+    let _g = serial();
+    let mut lab = Lab::new("psweep");
+    let t = topo(&mut lab, 2);
+    let o = Opts {
+        balancer: "[balancer.timeouts]\ntcp_fin = 1\ntcp_close = 1\n",
+        service: "persistence_timeout_s = 60\n",
+        ..Opts::default()
+    };
+    let mut cfg = config("wlc", 2, &o);
+    cfg.push_str(&format!(
+        "[[service]]\nvip = \"{VIP4}:81\"\nproto = \"tcp\"\nmode = \"nat\"\nscheduler = \"wlc\"\n\
+         persistence_timeout_s = 2\n[service.health]\n{HTTP_HEALTH}\
+         [[service.backend]]\naddr = \"198.51.100.11:8080\"\n\
+         [[service.backend]]\naddr = \"198.51.100.12:8080\"\n"
+    ));
+    start(&mut lab, &t, &cfg);
+    wait_health(&lab, &t, &[("b1", true), ("b2", true)], 10);
+    let t0 = Instant::now();
+    let at = |secs: f64| sleep_until(t0 + Duration::from_secs_f64(secs));
+    let get = |port: u16| {
+        let addr: SocketAddr = format!("{VIP4}:{port}").parse().unwrap();
+        in_ns(&t.client, move || get_id(addr, Duration::from_secs(2)))
+            .unwrap_or_else(|e| panic!("GET via :{port}: {e}\n{}", lab.log("balancer")))
+    };
+    get(80);
+    at(1.0);
+    get(81);
+    let s = lab.balancer_stats(&t);
+    assert_eq!(
+        s["persist"]["entries"].as_u64(),
+        Some(2),
+        "{}",
+        s["persist"]
+    );
+    at(7.0);
+    let s = lab.balancer_stats(&t);
+    println!("at {:?}: {}", t0.elapsed(), s["persist"]);
+    assert_eq!(
+        s["persist"]["entries"].as_u64(),
+        Some(1),
+        "at 7 s only :80's template may be held: {}",
+        s["persist"]
+    );
+    assert_eq!(
+        s["persist"]["swept"].as_u64(),
+        Some(1),
+        ":81's template removed by the sweep: {}",
+        s["persist"]
     );
 }
 

@@ -17,8 +17,11 @@
 //! made-up keys (random SIP Call-IDs, each seen once) only ever displaces other keys seen once:
 //! it can never evict a call with traffic inside its timeout, and it is the spray that is shed.
 //! Because timeouts may differ per template, expiry stops at the first live head of each list: a
-//! template with a shorter timeout behind it is reclaimed when it reaches the head or when it is
-//! looked up (lookups always check the deadline, so an expired template is never returned).
+//! template with a shorter timeout behind a longer one waits there (lookups always check the
+//! deadline, so an expired template is never returned). [`PersistTable::sweep`] bounds that wait:
+//! it reads the slots in address order, a slice per call, and removes what has timed out, so that
+//! a full table does not shed a live template, or refuse a new one, while timed-out ones it cannot
+//! see from the heads hold their places.
 //!
 //! State sync exports templates ([`PersistTable::export_chunk`], [`PersistTable::get`]) and
 //! installs them on the backup with their remaining time and their idle timeout (see
@@ -166,6 +169,8 @@ struct Template {
     next: u32,
     /// Used more than once: in the established list (else the new list).
     established: bool,
+    /// The index points at this slot (else it is free and keeps its last template).
+    held: bool,
 }
 
 /// The new list (templates used once) and the established list.
@@ -182,6 +187,9 @@ pub struct PersistCounters {
     pub refused: u64,
     /// Templates that became established (used a second time).
     pub established: u64,
+    /// Timed-out templates removed by [`PersistTable::sweep`]: ones the lists' heads, live
+    /// with a longer timeout, kept from [`PersistTable::expire`].
+    pub swept: u64,
 }
 
 /// Heap bytes per template of capacity: the slot and about its share of the index.
@@ -254,6 +262,8 @@ pub struct PersistTable<H: KeyedHash = SipHash13> {
     lists: [(u32, u32); 2],
     capacity: usize,
     counters: PersistCounters,
+    /// The slot [`PersistTable::sweep`] looks at next.
+    sweep_cursor: u32,
 }
 
 fn ms(t: Instant) -> u64 {
@@ -287,6 +297,7 @@ impl<H: KeyedHash> PersistTable<H> {
             lists: [(NIL, NIL); 2],
             capacity,
             counters: PersistCounters::default(),
+            sweep_cursor: 0,
         })
     }
 
@@ -404,12 +415,15 @@ impl<H: KeyedHash> PersistTable<H> {
     }
 
     fn remove_slot(&mut self, i: u32) -> Option<TemplateKey> {
-        let key = self.slots.get(i as usize)?.key;
+        let key = self.slots.get(i as usize).filter(|t| t.held)?.key;
         let h = self.hash(&key);
         if let Ok(e) = self.index.find_entry(h, |&x| x == i) {
             e.remove();
         }
         self.unlink(i);
+        if let Some(t) = self.slots.get_mut(i as usize) {
+            t.held = false;
+        }
         self.free.push(i);
         Some(key)
     }
@@ -468,8 +482,7 @@ impl<H: KeyedHash> PersistTable<H> {
 
     /// Snapshots up to `max` templates live at `now` from slot `cursor` on, appending them to
     /// `out`, and returns the cursor to continue from (`None` when done). Bounded work: at most
-    /// `max` templates and `4 × max` slots are visited per call (each costs a hash, which tells
-    /// a template's slot from a free one). Used for bulk sync, after
+    /// `max` templates and `4 × max` slots are visited per call. Used for bulk sync, after
     /// [`ConnTable::export_chunk`](crate::ConnTable::export_chunk).
     pub fn export_chunk(
         &self,
@@ -482,11 +495,10 @@ impl<H: KeyedHash> PersistTable<H> {
         let mut visited = 0;
         let mut taken = 0;
         while i < self.slots.len() && taken < max && visited < max.saturating_mul(4).max(1) {
-            let held = |t: &&Template| self.find(&t.key) == Some(i as u32);
             if let Some(t) = self
                 .slots
                 .get(i)
-                .filter(|t| !Self::expired(t, now) && held(t))
+                .filter(|t| t.held && !Self::expired(t, now))
             {
                 out.push(Self::info(t, now));
                 taken += 1;
@@ -650,6 +662,7 @@ impl<H: KeyedHash> PersistTable<H> {
             prev: NIL,
             next: NIL,
             established: false,
+            held: true,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -716,7 +729,7 @@ impl<H: KeyedHash> PersistTable<H> {
     /// Removes every template (pinned or not, live or expired) bound to a backend for which
     /// `gone` returns true, and returns how many. For a backend whose id is about to be reused:
     /// none of its templates may send a client to the id's next backend. Control path: visits
-    /// every slot once (a hash each), no allocation.
+    /// every slot once, no allocation.
     pub fn purge_backends(&mut self, mut gone: impl FnMut(BackendId) -> bool) -> usize {
         let mut removed = 0;
         for i in 0..self.slots.len() {
@@ -724,7 +737,7 @@ impl<H: KeyedHash> PersistTable<H> {
                 break;
             };
             // A free slot keeps its last template: only slots the index points at are held.
-            if gone(t.backend) && self.find(&t.key) == Some(i as u32) {
+            if t.held && gone(t.backend) {
                 self.remove_slot(i as u32);
                 removed += 1;
             }
@@ -760,6 +773,42 @@ impl<H: KeyedHash> PersistTable<H> {
             }
         }
         removed
+    }
+
+    /// Reads up to `slots` slots in address order from where the last call stopped
+    /// (wrapping), and removes the templates among them that have timed out, at most `budget`
+    /// (the call stops there, and the next one goes on from that slot). Returns the number
+    /// removed (counted as [`PersistCounters::swept`]).
+    ///
+    /// [`PersistTable::expire`] stops at a live head, so a template with a shorter timeout
+    /// queued behind one with a longer timeout (another service's, or a synced template's
+    /// remaining time) outlives its deadline until the head goes: called with a slice per
+    /// housekeeping round, the sweep removes it within capacity ÷ `slots` rounds instead.
+    /// A pinned template is never due (it has no deadline while flows hold it).
+    pub fn sweep(&mut self, now: Instant, slots: usize, budget: usize) -> usize {
+        let cap = self.slots.len();
+        if cap == 0 {
+            return 0;
+        }
+        let mut i = self.sweep_cursor as usize % cap;
+        let mut n = 0;
+        for _ in 0..slots.min(cap) {
+            if n >= budget {
+                break;
+            }
+            let due = self
+                .slots
+                .get(i)
+                .is_some_and(|t| t.held && Self::expired(t, now));
+            if due {
+                self.remove_slot(i as u32);
+                self.counters.swept += 1;
+                n += 1;
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+        }
+        self.sweep_cursor = i as u32;
+        n
     }
 }
 
@@ -1064,6 +1113,68 @@ mod tests {
         assert_ne!(r, PersistInsert::Full);
     }
 
+    /// Expiry stops at a live head: timed-out templates behind it hold their places, and a
+    /// full table refuses a new template (nothing new to shed, the head established and live)
+    /// until the sweep removes them.
+    #[test]
+    fn timed_out_templates_behind_a_live_head_wait_for_the_sweep() {
+        let mut p = PersistTable::new(4, HashKey::from_bytes([4; 16])).unwrap();
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        let t0 = Instant::ZERO;
+        p.insert(k(1), BackendId(1), Duration::from_secs(100), t0);
+        for n in 2..=4 {
+            p.insert(k(n), BackendId(2), Duration::from_secs(10), t0);
+        }
+        for n in 1..=4 {
+            assert!(p.lookup(&k(n), t0).is_some(), "template {n} established");
+        }
+        let t20 = Instant::from_secs(20);
+        assert_eq!(p.expire(t20, 16), 0, "the head (100 s) is live");
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.peek(&k(3), t20), None, "timed out, never returned");
+        assert_eq!(
+            p.insert(k(9), BackendId(3), Duration::from_secs(10), t20),
+            PersistInsert::Full
+        );
+        assert_eq!(p.sweep(t20, 4, 16), 3);
+        assert_eq!((p.len(), p.counters().swept), (1, 3));
+        assert_eq!(p.peek(&k(1), t20), Some(BackendId(1)));
+        assert_eq!(
+            p.insert(k(9), BackendId(3), Duration::from_secs(10), t20),
+            PersistInsert::New
+        );
+        // Freed slots keep their last template: the sweep does not take them for held ones.
+        assert_eq!(p.sweep(Instant::from_secs(25), 4, 16), 0);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn the_sweep_spares_pinned_templates_and_resumes_where_it_stopped() {
+        let mut p = PersistTable::new(8, HashKey::from_bytes([5; 16])).unwrap();
+        assert_eq!(p.sweep(Instant::ZERO, 8, 8), 0, "an empty table");
+        let k = |n: u64| TemplateKey::affinity(svc(), n);
+        let d = Duration::from_secs(10);
+        for n in 0..6 {
+            p.insert(k(n), BackendId(1), d, Instant::ZERO);
+        }
+        assert!(p.attach(&k(2)));
+        let late = Instant::from_secs(60);
+        // Budget 0: nothing; budget 2: the first two due, and the next call goes on from there.
+        assert_eq!(p.sweep(late, 6, 0), 0);
+        assert_eq!(p.sweep(late, 6, 2), 2);
+        assert_eq!((p.peek(&k(0), late), p.refs(&k(1))), (None, 0));
+        assert_eq!(p.len(), 4);
+        // Two slots from where it stopped (slot 2, pinned, and slot 3).
+        assert_eq!(p.sweep(late, 2, 8), 1);
+        assert_eq!(p.sweep(late, 6, 8), 2, "the rest, wrapping");
+        assert_eq!(p.len(), 1, "only the pinned one");
+        assert_eq!(p.refs(&k(2)), 1);
+        p.detach(&k(2), late);
+        assert_eq!(p.sweep(late + d, 6, 8), 1, "unpinned at 60 s, due at 70 s");
+        assert!(p.is_empty());
+        assert_eq!(p.counters().swept, 6);
+    }
+
     proptest! {
         #[test]
         fn never_exceeds_capacity_and_lookups_match_model(
@@ -1089,6 +1200,52 @@ mod tests {
                 p.expire(now, 3);
                 prop_assert!(p.len() <= cap);
             }
+        }
+
+        /// With timeouts that differ per template, uses, pins and time steps in any order, the
+        /// sweep removes only timed-out templates, and a sweep of every slot leaves exactly the
+        /// live ones (expiry alone may not).
+        #[test]
+        fn the_sweep_removes_exactly_the_timed_out(
+            ops in proptest::collection::vec((0u8..5, 0u64..10, 0u64..20), 1..200)
+        ) {
+            let cap = 8;
+            let mut p = PersistTable::new(cap, HashKey::from_bytes([9; 16])).unwrap();
+            let mut now = Instant::ZERO;
+            let key = |n: u64| TemplateKey::affinity(svc(), n);
+            for (op, k, x) in ops {
+                match op {
+                    0 => {
+                        let d = Duration::from_secs(1 + (k * 7 + x) % 30);
+                        p.insert(key(k), BackendId(1), d, now);
+                    }
+                    1 => {
+                        p.lookup(&key(k), now);
+                    }
+                    2 => {
+                        if p.refs(&key(k)) > 0 {
+                            p.detach(&key(k), now);
+                        } else {
+                            p.attach(&key(k));
+                        }
+                    }
+                    3 => now += Duration::from_secs(x),
+                    _ => {
+                        let live: Vec<_> = (0..10).map(|n| p.peek(&key(n), now)).collect();
+                        let before = p.len();
+                        let n = p.sweep(now, usize::try_from(x).unwrap(), 4);
+                        prop_assert!(n <= 4);
+                        prop_assert_eq!(p.len(), before - n);
+                        let after: Vec<_> = (0..10).map(|n| p.peek(&key(n), now)).collect();
+                        prop_assert_eq!(live, after, "a live template was swept");
+                    }
+                }
+                p.expire(now, 2);
+                prop_assert!(p.len() <= cap);
+            }
+            p.sweep(now, cap, cap);
+            let live = (0..10).filter(|&n| p.peek(&key(n), now).is_some()).count();
+            prop_assert_eq!(p.len(), live);
         }
 
         /// Whatever the order of uses, inserts and time steps, a live established template is

@@ -678,6 +678,7 @@ impl Dataplane {
                 + self.ct6.persist().established_len()) as u64,
             persist_shed: p4.shed + p6.shed,
             persist_refused: p4.refused + p6.refused,
+            persist_swept: p4.swept + p6.swept,
             sessions: *self.sessions.overall(),
             backend_sessions: (0..SESSION_STATS_BACKENDS as u32)
                 .map(|id| {
@@ -712,8 +713,10 @@ impl Dataplane {
     /// Expires idle flows and persistence templates, at most `budget` of each per table;
     /// returns ejected backends whose time is up to rotation and counts SYNs left unanswered.
     /// Returns the number of flows removed. Each call also sweeps [`SWEEP_SLOTS`] slots of
-    /// each flow table ([`lb_conntrack::ConnTable::sweep`]), so that every timed-out flow
-    /// leaves within a period of capacity / `SWEEP_SLOTS` calls.
+    /// each flow table ([`lb_conntrack::ConnTable::sweep`]) and of each persistence table
+    /// ([`lb_conntrack::PersistTable::sweep`]), so that every timed-out flow or template leaves
+    /// within a period of capacity / `SWEEP_SLOTS` calls (with budget left by the lists'
+    /// expiry).
     pub fn housekeeping(&mut self, now: Instant, budget: usize) -> usize {
         let mut n = 0;
         for ct in [&mut self.ct4, &mut self.ct6] {
@@ -723,7 +726,11 @@ impl Dataplane {
             // A slice of the table in slot order: a flow seen again and then idle may wait in
             // its class list well past its deadline; the sweep bounds that by its period.
             n += expired + ct.sweep(now, SWEEP_SLOTS, budget.saturating_sub(expired));
-            ct.persist_mut().expire(now, budget);
+            // Templates likewise: expiry stops at a live head, and one with a shorter timeout
+            // behind it waits for the sweep.
+            let p = ct.persist_mut();
+            let gone = p.expire(now, budget);
+            p.sweep(now, SWEEP_SLOTS, budget.saturating_sub(gone));
         }
         self.drain_removals();
         self.live.poll_outliers(now);

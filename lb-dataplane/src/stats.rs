@@ -238,6 +238,9 @@ pub struct TableStats {
     pub persist_shed: u64,
     /// New templates refused because every template was live and established.
     pub persist_refused: u64,
+    /// Timed-out templates removed by the sweep ([`lb_conntrack::PersistTable::sweep`]): held
+    /// past their deadline behind a live template with a longer timeout.
+    pub persist_swept: u64,
     /// Finished flows (both families): duration and packet-count histograms.
     pub sessions: SessionHistograms,
     /// The same per backend, by id (ids below [`SESSION_STATS_BACKENDS`]).

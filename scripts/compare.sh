@@ -12,6 +12,10 @@
 #        haproxy  HAProxy mode tcp, nbthread 1 (no UDP)
 #        nat dnat tunnel   tun-balancer in that mode (tunnel: IPIP, lb-decap or the kernel's ipip
 #                 on the backends; or GUE with TUNNEL=gue, lb-decap)
+#        dr       tun-balancer in mode dr on a TAP port of the backends' bridge (destination MAC
+#                 rewrite; the backends hold the VIP on lo and answer the client directly, so only
+#                 the client's direction crosses the balancer). No peer here: this kernel has no
+#                 IPVS. Not in the default set.
 #
 # Needs root (network namespaces). Every address is a documentation range inside namespaces this
 # script creates (cmp-<pid>-*) and removes on exit; nothing is sent outside them. Not run in CI.
@@ -95,11 +99,12 @@ need_tools ip iperf3 wrk python3 getconf
 for m in $MODES; do
   case $m in
     veth | nat | dnat | tunnel) ;;
+    dr) need_tools bridge ;;
     nft) need_tools nft ;;
     haproxy) need_tools haproxy ;;
-    *) echo "compare: unknown mode '$m' (veth nft haproxy nat dnat tunnel)" >&2; exit 1 ;;
+    *) echo "compare: unknown mode '$m' (veth nft haproxy nat dnat tunnel dr)" >&2; exit 1 ;;
   esac
-  case $m in nft | haproxy | nat | dnat | tunnel) need_tools nginx ;; esac
+  case $m in nft | haproxy | nat | dnat | tunnel | dr) need_tools nginx ;; esac
 done
 
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
@@ -120,6 +125,8 @@ C="$P-cli" L="$P-lb"
 B=("$P-b1" "$P-b2" "$P-b3")
 WORK=$(mktemp -d /tmp/cmp-work.XXXXXX)
 VIP=203.0.113.10 SNAT=203.0.113.100
+# Mode dr: the balancer's TAP address, reached through a static neighbour the VIP route uses.
+LB_MAC=02:00:5e:10:00:01
 PIDS=()
 
 ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
@@ -399,6 +406,7 @@ lb_config() { # mode: tun-balancer's configuration (iperf3 by source, UDP and HT
   local mode=$1 port
   printf '[balancer]\ndevice = "lb0"\nsnat_addrs = ["%s"]\nconntrack_capacity = 1000000\nstats = "127.0.0.1:9100"\nqueues = %s\nmtu = 1500\n%s\n' \
     "$SNAT" "$QUEUES" "$OFFLOAD_LINE"
+  if [ "$mode" = dr ]; then printf 'mac = "%s"\n' "$LB_MAC"; fi
   for svc in "tcp 5201 source" "udp 5300 none" "tcp 8081 none"; do
     set -- $svc
     printf '\n[[service]]\nvip = "%s:%s"\nproto = "%s"\nmode = "%s"\naffinity = "%s"\n' "$VIP" "$2" "$1" "$mode" "$3"
@@ -406,8 +414,9 @@ lb_config() { # mode: tun-balancer's configuration (iperf3 by source, UDP and HT
     printf '[service.health]\nkind = "none"\n'
     for i in 1 2 3; do
       port=$2
-      [ "$mode" = tunnel ] && port=0
+      [ "$mode" = tunnel ] || [ "$mode" = dr ] && port=0
       printf '[[service.backend]]\naddr = "198.51.100.1%s:%s"\n' "$i" "$port"
+      if [ "$mode" = dr ]; then printf 'mac = "02:00:00:00:00:1%s"\n' "$i"; fi
     done
   done
 }
@@ -437,6 +446,15 @@ start_lb() { # mode: starts tun-balancer, sets BAL_PID
       fi
     done
   fi
+  if [ "$mode" = dr ]; then
+    for i in 1 2 3; do
+      ns=${B[$((i - 1))]}
+      ip -n "$ns" link set e0 address "02:00:00:00:00:1$i"
+      ip -n "$ns" addr add "$VIP/32" dev lo
+      ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.lo.rp_filter=0 \
+        net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
+    done
+  fi
   lb_config "$mode" > "$WORK/lb.toml"
   spawn "$L" balancer "$LB_BIN" --config "$WORK/lb.toml"
   BAL_PID=$BG_PID
@@ -449,6 +467,15 @@ start_lb() { # mode: starts tun-balancer, sets BAL_PID
     for q in $(ip netns exec "$L" sh -c 'ls -d /sys/class/net/lb0/queues/rx-*'); do
       ip netns exec "$L" sh -c "echo $RPS > $q/rps_cpus"
     done
+  fi
+  if [ "$mode" = dr ]; then
+    # A TAP port of the backends' bridge: the VIP is routed to its MAC; the backends answer
+    # the client directly, through br0.
+    ip -n "$L" link set lb0 master br0
+    ip netns exec "$L" bridge fdb add "$LB_MAC" dev lb0 master static
+    ip -n "$L" neigh add 198.51.100.254 lladdr "$LB_MAC" dev br0 nud permanent
+    ip -n "$L" route add "$VIP/32" via 198.51.100.254 dev br0
+    return 0
   fi
   ip -n "$L" route add "$VIP/32" dev lb0
   ip -n "$L" route add "$SNAT/32" dev lb0
@@ -542,7 +569,7 @@ PY
   case $mode in
     nft) start_nft ;;
     haproxy) start_haproxy ;;
-    nat | dnat | tunnel) start_lb "$mode" ;;
+    nat | dnat | tunnel | dr) start_lb "$mode" ;;
   esac
   sleep 0.5
   bal_cpu() { if [ -n "$BAL_PID" ]; then proc_cpu "$BAL_PID"; else echo 0; fi; }
@@ -595,7 +622,7 @@ PY
   http_bal=$(ticks_to_s $((c1 - c0)))
   [ -n "$BAL_PID" ] || { http_bal=null; udp_bal=null; tcp1_bal=null; tcp8_bal=null; }
   local stats=null
-  if [ "$mode" = nat ] || [ "$mode" = dnat ] || [ "$mode" = tunnel ]; then
+  if [ "$mode" = nat ] || [ "$mode" = dnat ] || [ "$mode" = tunnel ] || [ "$mode" = dr ]; then
     stats=$(ip netns exec "$L" curl -s --max-time 3 http://127.0.0.1:9100/ 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({k: s[k] for k in ("rx_packets","tx_packets","drops") if k in s}))' 2>/dev/null || echo null)
   fi
   local tun_drops
@@ -625,6 +652,7 @@ names = {
     "nft": "kernel nftables full NAT",
     "haproxy": "HAProxy mode tcp, nbthread 1",
     "nat": "tun-balancer nat", "dnat": "tun-balancer dnat", "tunnel": f"tun-balancer tunnel ({sys.argv[2].upper()})",
+    "dr": "tun-balancer dr (TAP)",
 }
 def rng(vals, fmt):
     vals = [v for v in vals if v is not None]

@@ -26,10 +26,11 @@ use crate::sys::poll_readable;
 const BATCH: usize = 256;
 
 /// A read is attempted only while this many places are free: one super-packet of 64 KiB cut
-/// at an MSS of 536 bytes gives 123 segments. (A UDP super-packet of more datagrams, which
-/// the kernel hands a device with USO when a sender uses UDP GSO with small datagrams,
-/// cannot be cut into the places and is lost, counted as a read error: a limit of this
-/// comparison mode, not of the default path, which keeps super-packets whole.)
+/// at an MSS of 536 bytes gives 123 segments, and a UDP one holds at most 128 datagrams (the
+/// kernel's `UDP_MAX_SEGMENTS` for a sender's UDP GSO: 129 are refused with `EINVAL` on the
+/// kernel this was tested on; UDP GRO forwarding stops at 64). A kernel that made larger ones
+/// would have them refused by `recv_multiple`, counted as read errors: a limit of this
+/// comparison mode only, as the default path keeps super-packets whole.
 const PER_READ: usize = 128;
 
 /// Opens (creating if missing) TUN device `name` through `tun-rs`, with its offloads when

@@ -105,15 +105,20 @@ fn panic_in_data_path_aborts_and_forwards_nothing_after() {
     let vip: SocketAddr = format!("{VIP4}:53").parse().expect("vip");
     let mut bal = Balancer::start(&lab, &t, &udp_config(&t), &[("LB_TEST_PANIC_AFTER", "5")]);
     // One datagram every 50 ms, so that each batch holds one packet (the panic comes on the
-    // 6th at the latest: kernel chatter on lb0 would only bring it earlier), for 2 s: most of
-    // them are sent after the balancer died.
+    // 6th at the latest: kernel chatter on lb0 would only bring it earlier), and ten more
+    // once the process is seen gone: those are sent after the balancer died. How long the
+    // dying takes (the panic hook's backtrace in a debug build, 0.2-0.7 s on a loaded CI
+    // machine) is not what this test checks; 10 s bound the wait.
     let mut died_at = None;
-    for seq in 1..=40 {
+    for seq in 1..=200 {
         tx.send_to(format!("seq {seq}").as_bytes(), vip)
             .expect("send");
         std::thread::sleep(Duration::from_millis(50));
         if died_at.is_none() && matches!(bal.child.try_wait(), Ok(Some(_))) {
             died_at = Some(seq);
+        }
+        if died_at.is_some_and(|d| seq >= d + 10) {
+            break;
         }
     }
     let status = bal.wait(Duration::from_secs(5));
@@ -126,7 +131,6 @@ fn panic_in_data_path_aborts_and_forwards_nothing_after() {
     );
     assert!(log.contains("LB_TEST_PANIC_AFTER=5: panicking"), "{log}");
     let died_at = died_at.expect("death noticed while sending");
-    assert!(died_at <= 10, "died only after datagram {died_at}: {log}");
     // Its device went with it: the router (or an HA peer) no longer sends it anything.
     assert!(
         lab.try_sh(&t.balancer, "ip link show lb0").is_err(),

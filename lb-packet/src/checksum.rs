@@ -12,8 +12,38 @@ use lb_core::IpProto;
 
 /// One's-complement sum of `data` (as big-endian 16-bit words, an odd last byte padded with
 /// zero) added to `initial`. Returns an unfolded accumulator; finish with [`fold`].
+///
+/// From 16 bytes on, the bulk is summed eight bytes at a time, each word's two 32-bit halves
+/// into two 64-bit accumulators (no carries to propagate until the fold; the compiler keeps
+/// both in vector registers), as little-endian words, and the folded result byte-swapped:
+/// the one's-complement sum does not depend on byte order except for that swap (RFC 1071
+/// §2(B)). This runs at 6–7× the speed of the plain 16-bit loop on 1 448 bytes and on 64 KB
+/// (benches/results/packet.md), which is what segmenting a super-packet in user space and
+/// validating a segment before coalescing it cost per byte. Shorter inputs (pseudo-headers,
+/// IPv4 headers) take the plain loop, which the fold and swap would only slow down.
 #[inline]
 pub fn sum(data: &[u8], initial: u64) -> u64 {
+    if data.len() < WIDE_MIN {
+        return sum_words(data, initial);
+    }
+    let mut words = data.chunks_exact(8);
+    let (mut lo, mut hi) = (0u64, 0u64);
+    for w in &mut words {
+        let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        lo += w & 0xFFFF_FFFF;
+        hi += w >> 32;
+    }
+    // Each accumulator holds at most len / 8 × (2^32 - 1): no overflow below 2^32 words.
+    let le = fold(lo + hi);
+    sum_words(words.remainder(), initial + u64::from(le.swap_bytes()))
+}
+
+/// Below this many bytes [`sum`] adds 16-bit words one by one.
+const WIDE_MIN: usize = 16;
+
+/// [`sum`] one big-endian 16-bit word at a time (RFC 1071 as written).
+#[inline]
+fn sum_words(data: &[u8], initial: u64) -> u64 {
     let mut acc = initial;
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
@@ -400,6 +430,21 @@ mod tests {
     }
 
     proptest! {
+        /// The wide sum is the 16-bit word sum, for any length (odd ones included), any
+        /// starting alignment and any initial accumulator: equal after folding (a fold is 0
+        /// only for an all-zero input and accumulator, in both, so even the two forms of
+        /// one's-complement zero agree).
+        #[test]
+        fn wide_sum_is_the_word_sum(
+            data in proptest::collection::vec(any::<u8>(), 0..3000),
+            skip in 0usize..8,
+            initial in prop_oneof![Just(0u64), 0u64..0x1_0000, any::<u32>().prop_map(u64::from)],
+        ) {
+            let d = data.get(skip..).unwrap_or(&[]);
+            let (wide, words) = (fold(sum(d, initial)), fold(sum_words(d, initial)));
+            prop_assert_eq!(wide, words, "len {} initial {:#x}", d.len(), initial);
+        }
+
         /// Incremental update of any even-length field equals a full recompute, for data whose
         /// checksum was first made valid by a full computation.
         #[test]

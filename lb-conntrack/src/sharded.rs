@@ -11,6 +11,13 @@
 //! number of threads makes waiting rare. The uncontended cost is one atomic
 //! compare-and-swap to lock and one store to unlock per call. Capacity, eviction and expiry
 //! are per shard: a flood that fills one shard sheds that shard's half-open entries.
+//!
+//! Persistence (client affinity, SIP Call-ID bindings) is not sharded with the flows: each
+//! shard's [`ConnTable`] has its own [`crate::PersistTable`], reachable only through
+//! [`ShardedConnTable::with_shard`] by a *flow* key, so two connections of one client that hash
+//! to different shards see different templates; and [`ShardedConnTable::expire`] /
+//! [`ShardedConnTable::sweep`] do not touch them. An embedder that needs affinity keeps one
+//! [`ConnTable`] (as `lb-dataplane` does) or its own persistence table beside this one.
 
 use parking_lot::Mutex;
 

@@ -292,6 +292,18 @@ Content-Length: 142\r\n\r\n";
             })
         });
     }
+    // SCTP's CRC32c: ours (the `crc` crate's slicing-by-16 tables) against the same crate
+    // with one 256-entry table, a byte per step (what lb-packet computed before 2026-12-06).
+    const CRC_BYTEWISE: crc::Crc<u32, crc::Table<1>> =
+        crc::Crc::<u32, crc::Table<1>>::new(&crc::CRC_32_ISCSI);
+    let d = &data[1..=1448];
+    g.throughput(Throughput::Bytes(1448));
+    g.bench_function("crc32c/1448B", |b| {
+        b.iter(|| checksum::crc32c(black_box(d)))
+    });
+    g.bench_function("crc32c_bytewise/1448B", |b| {
+        b.iter(|| CRC_BYTEWISE.checksum(black_box(d)))
+    });
     g.finish();
 
     // A 64 000-byte IPv4 TCP super-packet (partial checksum, as a TUN with offloads hands it

@@ -263,35 +263,17 @@ pub(crate) fn apply_to(f: &mut [u8; 2], d: Delta, udp: bool) -> Delta {
     out
 }
 
-/// CRC32c (Castagnoli, reflected polynomial 0x82F63B78) table, used by SCTP (RFC 4960 App. B).
-const CRC32C_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
+/// CRC32c (Castagnoli, reflected polynomial 0x82F63B78), SCTP's checksum (RFC 4960 App. B),
+/// with the `crc` crate's slicing-by-16 tables (16 KiB, built at compile time): 5–6× the
+/// speed of a byte-at-a-time table on 1 448 bytes (benches/results/packet.md). A `static`,
+/// not a `const`, so that the tables exist once.
+static CASTAGNOLI: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 /// CRC32c of `data` (SCTP's checksum, RFC 4960 Appendix B). The result is stored in the SCTP
 /// header in little-endian byte order.
 pub fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c = CRC32C_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
+    CASTAGNOLI.checksum(data)
 }
 
 /// The SCTP checksum of a whole SCTP packet `sctp` (its checksum field, bytes 8–11, read as
@@ -299,11 +281,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
 pub fn sctp(sctp: &[u8]) -> Option<u32> {
     let head = sctp.get(..8)?;
     let tail = sctp.get(12..)?;
-    let mut c = !0u32;
-    for &b in head.iter().chain(&[0u8; 4]).chain(tail) {
-        c = CRC32C_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    Some(!c)
+    let mut d = CASTAGNOLI.digest();
+    d.update(head);
+    d.update(&[0u8; 4]);
+    d.update(tail);
+    Some(d.finalize())
 }
 
 /// Recomputes every checksum of a parsed packet from scratch (RFC 1071): the IPv4 header, the
@@ -422,6 +404,23 @@ mod tests {
         assert_eq!(checksum(&data), pnet_packet::util::checksum(&data, 99));
     }
 
+    /// CRC32c a byte at a time from its definition (the reflected polynomial): the reference
+    /// for the table-driven [`crc32c`].
+    fn crc32c_bitwise(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
     #[test]
     fn crc32c_known_vector() {
         // RFC 3720 B.4: 32 bytes of zeros → 0x8a9136aa.
@@ -430,6 +429,20 @@ mod tests {
     }
 
     proptest! {
+        /// The table-driven CRC32c is the bitwise definition, and `sctp` is it over the packet
+        /// with the checksum field read as zero.
+        #[test]
+        fn crc32c_is_the_definition(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            prop_assert_eq!(crc32c(&data), crc32c_bitwise(&data));
+            if data.len() >= 12 {
+                let mut zeroed = data.clone();
+                zeroed[8..12].fill(0);
+                prop_assert_eq!(sctp(&data), Some(crc32c_bitwise(&zeroed)));
+            } else {
+                prop_assert_eq!(sctp(&data), None);
+            }
+        }
+
         /// The wide sum is the 16-bit word sum, for any length (odd ones included), any
         /// starting alignment and any initial accumulator: equal after folding (a fold is 0
         /// only for an all-zero input and accumulator, in both, so even the two forms of

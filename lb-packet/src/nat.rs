@@ -316,7 +316,8 @@ fn rewrite_n<const N: usize>(
         return Ok(());
     }
     let mut pd = Delta::default();
-    let mut sctp_changed = false;
+    // The SCTP checksum of the packet as it came, when its ports change.
+    let mut sctp_before = None;
     let l4 = p.l4;
     // ICMP of the other family's flavour is opaque to the parser: leave its bytes alone.
     let proto = match (p.proto, p.family) {
@@ -328,9 +329,12 @@ fn rewrite_n<const N: usize>(
     match proto {
         IpProto::Tcp | IpProto::Udp | IpProto::Sctp => {
             // (A change 0xFFFF -> 0 adds nothing to a one's-complement delta, so SCTP's CRC
-            // needs its own flag.)
-            sctp_changed = (sport.is_some() && sport != get16(buf, l4))
+            // needs its own test.)
+            let changed = (sport.is_some() && sport != get16(buf, l4))
                 || (dport.is_some() && dport != get16(buf, l4 + 2));
+            if proto == IpProto::Sctp && changed && p.fragment == Fragment::None {
+                sctp_before = buf.get(l4..p.end).and_then(checksum::sctp);
+            }
             if let Some(port) = sport {
                 put_port(buf, l4, port, &mut [&mut pd])?;
             }
@@ -383,10 +387,20 @@ fn rewrite_n<const N: usize>(
             apply_at(buf, l4 + 2, pd, false);
         }
         IpProto::Sctp => {
-            if sctp_changed && p.fragment == Fragment::None {
-                let c = buf.get(l4..p.end).and_then(checksum::sctp).unwrap_or(0);
+            // CRC32c covers no pseudo-header and cannot be updated like a sum, so it is
+            // computed before and after the ports change, and the field moves by their
+            // difference (CRC is affine over GF(2): field ^ before ^ after). A correct
+            // checksum becomes the new packet's; a wrong one stays exactly as wrong, not
+            // laundered into a valid one (as a plain recompute would); a zero checksum of
+            // a packet whose CRC is not zero stays zero (RFC 9653's zero checksum).
+            if let (Some(before), Some(after)) =
+                (sctp_before, buf.get(l4..p.end).and_then(checksum::sctp))
+            {
                 if let Some(f) = buf.get_mut(l4 + 8..l4 + 12) {
-                    f.copy_from_slice(&c.to_le_bytes());
+                    let field = u32::from_le_bytes([f[0], f[1], f[2], f[3]]);
+                    if field != 0 || before == 0 {
+                        f.copy_from_slice(&(field ^ before ^ after).to_le_bytes());
+                    }
                 }
             }
         }

@@ -271,6 +271,56 @@ fn sctp_port_ffff_to_zero_recomputes_crc() {
     assert_checksums_full(&pkt).unwrap();
 }
 
+/// The SCTP checksum field of a built packet (little-endian) and the packet's actual CRC32c.
+fn sctp_field_and_crc(pkt: &[u8]) -> (u32, u32) {
+    let p = parse(pkt, Link::Ip).unwrap();
+    let f = &pkt[p.l4 + 8..p.l4 + 12];
+    (
+        u32::from_le_bytes([f[0], f[1], f[2], f[3]]),
+        checksum::sctp(&pkt[p.l4..p.end]).unwrap(),
+    )
+}
+
+proptest! {
+    /// A port rewrite moves an SCTP packet's checksum with its content: a correct one stays
+    /// correct, a wrong one stays wrong by exactly the same error (a corrupted packet is not
+    /// given a valid checksum), and a zero checksum stays zero (RFC 9653) unless it was the
+    /// packet's true CRC.
+    #[test]
+    fn sctp_rewrite_keeps_the_checksum_error(
+        v6 in any::<bool>(),
+        (sp, dp, nsp, ndp) in (any::<u16>(), any::<u16>(), any::<u16>(), any::<u16>()),
+        payload in proptest::collection::vec(any::<u8>(), 0..300),
+        error in prop_oneof![Just(0u32), any::<u32>()],
+        zero in any::<bool>(),
+    ) {
+        let mut s = Spec::simple(v6, 132);
+        (s.sp, s.dp, s.payload) = (sp, dp, payload);
+        let mut pkt = build(&s);
+        let p = parse(&pkt, Link::Ip).unwrap();
+        recompute(&mut pkt, &p).unwrap();
+        let (good, _) = sctp_field_and_crc(&pkt);
+        let field = if zero { 0 } else { good ^ error };
+        pkt[p.l4 + 8..p.l4 + 12].copy_from_slice(&field.to_le_bytes());
+        let (src, dst) = if v6 {
+            ("[2001:db8::7]:0", "[2001:db8::9]:0")
+        } else {
+            ("198.51.100.7:0", "10.0.0.9:0")
+        };
+        let mut src: SocketAddr = src.parse().unwrap();
+        let mut dst: SocketAddr = dst.parse().unwrap();
+        src.set_port(nsp);
+        dst.set_port(ndp);
+        rewrite(&mut pkt, &p, Some(src), Some(dst)).unwrap();
+        let (after, crc) = sctp_field_and_crc(&pkt);
+        if zero && good != 0 {
+            prop_assert_eq!(after, 0);
+        } else {
+            prop_assert_eq!(after ^ crc, field ^ good, "the error moved");
+        }
+    }
+}
+
 /// A rewritten copy of a packet and what the rewrite returned.
 type Outcome = (Vec<u8>, Result<(), PacketError>);
 

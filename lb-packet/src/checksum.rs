@@ -17,7 +17,7 @@ use lb_core::IpProto;
 /// into two 64-bit accumulators (no carries to propagate until the fold; the compiler keeps
 /// both in vector registers), as little-endian words, and the folded result byte-swapped:
 /// the one's-complement sum does not depend on byte order except for that swap (RFC 1071
-/// §2(B)). This runs at 6–7× the speed of the plain 16-bit loop on 1 448 bytes and on 64 KB
+/// §2(B)). This runs at 4–7× the speed of the plain 16-bit loop on 1 448 bytes and on 64 KB
 /// (benches/results/packet.md), which is what segmenting a super-packet in user space and
 /// validating a segment before coalescing it cost per byte. Shorter inputs (pseudo-headers,
 /// IPv4 headers) take the plain loop, which the fold and swap would only slow down.

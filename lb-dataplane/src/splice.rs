@@ -63,7 +63,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_conntrack::FlowState;
 use lb_core::{BackendId, Duration, FlowHasher, FlowKey, Instant, IpProto};
-use lb_packet::l5head::{parse_head, Head};
+use lb_packet::l5head::{head_complete, parse_head, Head};
 use lb_packet::offload::{L4Csum, VnetHdr};
 use lb_packet::splice::{translate, translate_partial, SeqShift};
 use lb_packet::syncookie::{CookieOpts, SynCookies, OPT_BITS};
@@ -1049,6 +1049,8 @@ impl Splicer {
             .spec
             .head_max
             .min(self.slots[s].head.len());
+        // The head's length before this segment: no blank line up to there.
+        let searched = usize::from(self.slots[s].head_len);
         {
             let x = &mut self.slots[s];
             if let Some((v, _)) = o.timestamps {
@@ -1085,11 +1087,8 @@ impl Splicer {
             }
         }
         let x = &self.slots[s];
-        let complete = !matches!(
-            parse_head(x.head.get(..usize::from(x.head_len)).unwrap_or(&[])),
-            Head::Incomplete
-        );
-        if !complete {
+        let held = x.head.get(..usize::from(x.head_len)).unwrap_or(&[]);
+        if !head_complete(held, searched) {
             if usize::from(x.head_len) >= head_max {
                 self.stats.head_too_large += 1;
                 let seq = x.l_isn.wrapping_add(1);

@@ -546,6 +546,44 @@ fn head_timeout_and_oversize_and_junk() {
     assert_eq!(r.dp.splice_stats().active, 0);
 }
 
+/// A head whose blank line arrives split over segments, a byte at the end of one and three in
+/// the next (and a lone byte between): each partial segment is ACKed, and the segment that
+/// completes the blank line starts the backend connection (only the new bytes and the three
+/// before them are searched on each arrival).
+#[test]
+fn a_blank_line_split_over_segments_completes_the_head() {
+    let mut r = Rig::new(Affinity::None, |_| {});
+    let client = sa("192.0.2.2:43100");
+    let vip = sa(VIP);
+    let (sa_, _) = r.send(&seg(client, vip, 10, 0, flags::SYN, b""));
+    let l = sa_.unwrap().h.seq.wrapping_add(1);
+    let head = get("api.example", "/");
+    let n = head.len();
+    // ..."t\r" | "\n" | "\r\n": the blank line ends in the third piece.
+    let pieces = [&head[..n - 3], &head[n - 3..n - 2], &head[n - 2..]];
+    let mut seq = 11u32;
+    for (i, piece) in pieces.iter().enumerate() {
+        let (out, _) = r.send(&seg(client, vip, seq, l, flags::ACK, piece));
+        let out = out.expect("an answer to every piece");
+        seq = seq.wrapping_add(piece.len() as u32);
+        if i + 1 < pieces.len() {
+            assert_eq!(
+                (out.dst, out.h.flags, out.h.ack),
+                (client, flags::ACK, seq),
+                "piece {i} held and ACKed"
+            );
+        } else {
+            assert_eq!(
+                out.h.flags,
+                flags::SYN,
+                "the complete head opens the backend"
+            );
+            assert_eq!(out.h.seq, 10, "the backend sees the client's ISN");
+        }
+    }
+    assert_eq!(r.dp.splice_stats().head_too_large, 0);
+}
+
 #[test]
 fn backend_gone_resets_the_client() {
     let mut r = Rig::new(Affinity::None, |_| {});
